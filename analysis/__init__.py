@@ -1,0 +1,1 @@
+"""Strata analyses: read the store, write results back into it."""

@@ -1,0 +1,1 @@
+"""Strata jobs: the `strata` command line, job specs and Ray job entry points."""

@@ -1,0 +1,94 @@
+"""The dataset manifest: identity, shape of the unit grid, hooks and free-form provenance."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+FORMAT = "strata.activations"
+FORMAT_VERSION = 1
+
+# Fields of `meta` that are part of a dataset's identity (DESIGN.md, "activation dataset").
+IDENTITY_META_KEYS = ("model", "revision", "tokenizer", "corpus_fingerprint", "packing", "prepend_bos")
+
+
+@dataclass(frozen=True)
+class HookInfo:
+    d: int
+    chunk_rows: int
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a dataset is. Written by the driver alone; workers and readers only read it."""
+
+    name: str
+    fingerprint: str
+    context_size: int
+    unit_contexts: int
+    num_units: int
+    dtype: str
+    hooks: dict[str, HookInfo]
+    meta: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def unit_rows(self) -> int:
+        return self.unit_contexts * self.context_size
+
+    @property
+    def capacity_rows(self) -> int:
+        return self.num_units * self.unit_rows
+
+    def __getattr__(self, key: str) -> Any:
+        # `ds.info.model`, `ds.info.revision`, ...: the identity fields live in `meta`.
+        meta = self.__dict__.get("meta", {})
+        if key in meta:
+            return meta[key]
+        raise AttributeError(key)
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        return json.dumps(d, indent=2, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> DatasetInfo:
+        d = json.loads(data)
+        if d.get("format") != FORMAT:
+            raise ValueError(f"not a Strata activation manifest (format={d.get('format')!r})")
+        if d.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(
+                f"manifest format_version {d['format_version']} is newer than this Strata reads ({FORMAT_VERSION}); upgrade strata"
+            )
+        d["hooks"] = {h: HookInfo(**v) for h, v in d["hooks"].items()}
+        return cls(**d)
+
+    def with_changes(self, **changes: Any) -> DatasetInfo:
+        return replace(self, **changes)
+
+    def summary(self) -> dict[str, Any]:
+        """Flat identity and shape fields, as the catalog and `strata show` print them."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "fingerprint": self.fingerprint,
+            **{k: self.meta.get(k) for k in IDENTITY_META_KEYS},
+            "context_size": self.context_size,
+            "dtype": self.dtype,
+            "unit_contexts": self.unit_contexts,
+            "num_units": self.num_units,
+            "hooks": sorted(self.hooks),
+            "created_at": self.created_at,
+        }
+        return out
+
+
+def fingerprint(*, context_size: int, dtype: str, meta: dict[str, Any]) -> str:
+    """Identity of a dataset: model + revision, tokenizer, corpus, context size, packing, BOS, dtype."""
+    ident = {"context_size": context_size, "dtype": dtype}
+    ident.update({k: meta.get(k) for k in IDENTITY_META_KEYS})
+    blob = json.dumps(ident, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

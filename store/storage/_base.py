@@ -1,0 +1,73 @@
+"""The narrow seam between dataset logic and where bytes live.
+
+A backend is a handful of byte operations on keys (``/``-separated paths relative to the
+store root) plus a Zarr store rooted at the same place. Everything above this module is
+written once for every backend.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+
+from typing import Union
+
+from zarr.abc.store import Store as ZarrStore
+
+# Data to write: one buffer, or several written one after the other (a shard's body and index).
+Buffers = Union[bytes, bytearray, memoryview, list]
+
+
+def as_parts(data: Buffers) -> list:
+    return list(data) if isinstance(data, list) else [data]
+
+
+class Storage(abc.ABC):
+    """Byte storage under one root URI."""
+
+    uri: str
+
+    @abc.abstractmethod
+    def read(self, key: str) -> bytes:
+        """The whole object; ``FileNotFoundError`` when missing."""
+
+    @abc.abstractmethod
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of an object."""
+
+    @abc.abstractmethod
+    def write(self, key: str, data: Buffers) -> None:
+        """Write an object atomically: readers see the old bytes or the new, never a part."""
+
+    @abc.abstractmethod
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Create an object only if none exists. True if this call created it."""
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    def size(self, key: str) -> int:
+        """Size in bytes; ``FileNotFoundError`` when missing."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str) -> list[str]:
+        """Every key under ``prefix`` (recursively), sorted, fresh (no cached listing)."""
+
+    @abc.abstractmethod
+    def list_dirs(self, prefix: str) -> list[str]:
+        """Names of the immediate sub-folders of ``prefix``."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove an object; no error when missing."""
+
+    @abc.abstractmethod
+    def zarr_store(self) -> ZarrStore:
+        """A Zarr v3 store rooted at the same place."""
+
+    def iter_list(self, prefix: str) -> Iterator[str]:
+        yield from self.list(prefix)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"

@@ -1,0 +1,100 @@
+"""A store on any fsspec file system; S3 (through s3fs) is the one Strata tests.
+
+Credentials, endpoint and options come from the usual AWS environment
+(``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ...) or ``storage_options``; none of them is
+ever written into the store.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import fsspec
+from zarr.storage import FsspecStore
+
+from store.errors import StorageError
+from store.storage._base import Buffers, Storage, as_parts
+
+
+class FsspecStorage(Storage):
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.uri = uri.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        protocol, _, rest = self.uri.partition("://")
+        self.protocol = protocol
+        self.fs = fsspec.filesystem(protocol, **self.storage_options)
+        self.root = rest.strip("/")
+        bucket = self.root.split("/", 1)[0]
+        if not bucket:
+            raise StorageError(f"store URI {uri!r} names no bucket; expected {protocol}://bucket/prefix")
+        try:
+            self.fs.ls(bucket, refresh=True)
+        except FileNotFoundError as e:
+            raise StorageError(f"bucket {bucket!r} of store {uri!r} does not exist") from e
+        except PermissionError as e:
+            raise StorageError(f"no access to bucket {bucket!r} of store {uri!r}: {e}") from e
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{key}" if key else self.root
+
+    def read(self, key: str) -> bytes:
+        return self.fs.cat_file(self._path(key))
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        return self.fs.cat_file(self._path(key), start=start, end=end)
+
+    def write(self, key: str, data: Buffers) -> None:
+        # A single PUT (or a completed multipart upload) is atomic on S3: readers see the old
+        # object or the new one.
+        parts = as_parts(data)
+        self.fs.pipe_file(self._path(key), parts[0] if len(parts) == 1 else b"".join(parts))
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        # `mode="create"` sends `If-None-Match: *`; S3 answers 412 when the key exists.
+        try:
+            self.fs.pipe_file(self._path(key), data, mode="create")
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if "PreconditionFailed" in str(e) or "412" in str(e):
+                return False
+            raise
+        return True
+
+    def exists(self, key: str) -> bool:
+        path = self._path(key)
+        self.fs.invalidate_cache(path)
+        return self.fs.exists(path)
+
+    def size(self, key: str) -> int:
+        path = self._path(key)
+        self.fs.invalidate_cache(path)
+        return int(self.fs.info(path)["size"])
+
+    def list(self, prefix: str) -> list[str]:
+        path = self._path(prefix).rstrip("/")
+        self.fs.invalidate_cache(path)
+        try:
+            found = self.fs.find(path)
+        except FileNotFoundError:
+            return []
+        n = len(self.root) + 1
+        return sorted(p[n:] for p in found)
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        path = self._path(prefix).rstrip("/")
+        self.fs.invalidate_cache(path)
+        try:
+            entries = self.fs.ls(path, detail=True, refresh=True)
+        except FileNotFoundError:
+            return []
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
+
+    def delete(self, key: str) -> None:
+        try:
+            self.fs.rm_file(self._path(key))
+        except FileNotFoundError:
+            pass
+
+    def zarr_store(self) -> FsspecStore:
+        return FsspecStore.from_url(self.uri, storage_options=self.storage_options)

@@ -1,0 +1,107 @@
+"""A store on a local (or network-mounted POSIX) file system."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from zarr.storage import LocalStore
+
+from store.errors import StorageError
+from store.storage._base import Buffers, Storage, as_parts
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().absolute()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"cannot create store root {str(self.root)!r}: {e.strerror}") from e
+        if not os.access(self.root, os.W_OK):
+            raise StorageError(f"store root {str(self.root)!r} is not writable")
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def read(self, key: str) -> bytearray:
+        # A writable buffer, so arrays viewed on it need no copy to become torch tensors.
+        with open(self._path(key), "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            buf = bytearray(size)
+            view = memoryview(buf)
+            got = 0
+            while got < size:
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+            return buf if got == size else buf[:got]
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        with open(self._path(key), "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+
+    def _tmp(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+
+    def write(self, key: str, data: Buffers) -> None:
+        path = self._path(key)
+        tmp = self._tmp(path)
+        try:
+            with open(tmp, "wb") as f:
+                for part in as_parts(data):
+                    f.write(part)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        # os.link fails if the target exists, atomically, on every POSIX file system;
+        # the temporary file means the record is whole before it becomes visible.
+        path = self._path(key)
+        tmp = self._tmp(path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def size(self, key: str) -> int:
+        return self._path(key).stat().st_size
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
+        if not base.is_dir():
+            return []
+        out = []
+        for dirpath, _dirs, files in os.walk(base):
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            out.extend(f"{rel}/{f}" for f in files if not f.endswith(".partial"))
+        return sorted(out)
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
+        if not base.is_dir():
+            return []
+        return sorted(e.name for e in os.scandir(base) if e.is_dir())
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def zarr_store(self) -> LocalStore:
+        return LocalStore(self.root)

@@ -1,0 +1,68 @@
+"""Token tables: one Parquet file per unit, row-aligned with every hook's activations."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from store.errors import CorruptionError, WriteMismatchError
+
+TOKEN_SCHEMA = pa.schema(
+    [
+        pa.field("context_id", pa.int64(), nullable=False),
+        pa.field("position", pa.int32(), nullable=False),
+        pa.field("doc_id", pa.int64(), nullable=False),
+        pa.field("doc_position", pa.int32(), nullable=False),
+        pa.field("token_id", pa.int32(), nullable=False),
+        pa.field("special", pa.bool_(), nullable=False),
+    ]
+)
+TOKEN_COLUMNS = tuple(TOKEN_SCHEMA.names)
+
+
+def check_tokens(table: pa.Table, *, unit: int, first_context: int, context_size: int, what: str) -> pa.Table:
+    """The unit's token table cast to the schema, after checking it is the unit's rows in order."""
+    if not isinstance(table, pa.Table):
+        raise WriteMismatchError(f"{what}: tokens must be a pyarrow.Table, got {type(table).__name__}")
+    missing = [c for c in TOKEN_COLUMNS if c not in table.column_names]
+    if missing:
+        raise WriteMismatchError(
+            f"{what}: token table lacks column(s) {missing}; required: {', '.join(TOKEN_COLUMNS)}"
+        )
+    try:
+        table = table.select(list(TOKEN_COLUMNS)).cast(TOKEN_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as e:
+        raise WriteMismatchError(f"{what}: token table does not cast to the token schema: {e}") from e
+    n = table.num_rows
+    r = np.arange(n, dtype=np.int64)
+    ctx = table.column("context_id").to_numpy()
+    pos = table.column("position").to_numpy()
+    if not (np.array_equal(ctx, first_context + r // context_size) and np.array_equal(pos, r % context_size)):
+        raise WriteMismatchError(
+            f"{what}: token rows are not contexts {first_context}.. of unit {unit} in order "
+            f"(row r must be position r % {context_size} of context {first_context} + r // {context_size})"
+        )
+    return table
+
+
+def encode_tokens(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", write_statistics=True)
+    return buf.getvalue()
+
+
+def decode_tokens(data: bytes, *, where: str) -> pa.Table:
+    try:
+        return pq.read_table(pa.BufferReader(data), schema=TOKEN_SCHEMA)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CorruptionError(f"{where}: token table is not readable Parquet: {e}") from e
+
+
+def rows_of_docs(table: pa.Table, docs: list[int] | np.ndarray) -> np.ndarray:
+    """Positions in ``table`` of every row belonging to one of ``docs``."""
+    mask = pc.is_in(table.column("doc_id"), value_set=pa.array(np.asarray(docs, dtype=np.int64)))
+    return np.flatnonzero(mask.to_numpy(zero_copy_only=False))
