@@ -41,6 +41,8 @@ class CommitRecord:
     nbytes: int  # size of that file
     writer: dict[str, Any]
     committed_at: str
+    special: int = 0  # token rows flagged special (BOS, padding): training skips them
+
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()

@@ -191,7 +191,8 @@ class DatasetWriter:
         data = encode_tokens(table)
         key = layout.tokens_key(self.name, unit, ident["attempt"])
         self.storage.write(key, data)
-        rec = CommitRecord(unit, None, rows, checksum(data), key, len(data), ident, utcnow())
+        n_special = int(table.column("special").to_numpy(zero_copy_only=False).sum())
+        rec = CommitRecord(unit, None, rows, checksum(data), key, len(data), ident, utcnow(), special=n_special)
         if self.storage.put_if_absent(layout.commit_key(self.name, None, unit), rec.to_json()):
             return "committed"
         # Lost a race with another writer of this unit: its table is the one that counts.
