@@ -1,0 +1,214 @@
+"""Corpus readers: JSON lines, Parquet, plain text and Hugging Face ``datasets``.
+
+A corpus is an ordered list of non-empty documents, each with a stable integer id, and a
+fingerprint of their ids and texts. Document ids are, by default, the ordinal of the record in
+the corpus (files in sorted order, records in file order, empty records counted), so appending
+documents never renumbers the ones before. With ``id_field``, integer ids are used as they are
+and string ids are hashed to a stable 63-bit integer.
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import xxhash
+
+from pipeline.errors import CorpusError
+
+log = logging.getLogger(__name__)
+
+CorpusFormat = Literal["jsonl", "parquet", "text", "hf"]
+_SUFFIXES = {"jsonl": (".jsonl", ".json", ".ndjson"), "parquet": (".parquet",), "text": (".txt", ".md", ".text")}
+
+
+@dataclass(frozen=True)
+class CorpusSource:
+    """Where a corpus is and how to read it (the ``corpus`` section of a spec, minus defaults)."""
+
+    path: str
+    format: CorpusFormat = "jsonl"
+    text_field: str = "text"
+    id_field: str | None = None
+    max_docs: int | None = None
+    text_unit: Literal["file", "line"] = "file"
+    hf_config: str | None = None
+    hf_split: str = "train"
+
+
+@dataclass
+class Corpus:
+    """Documents in order: ``texts[i]`` has id ``doc_ids[i]``."""
+
+    texts: list[str]
+    doc_ids: np.ndarray
+    skipped_empty: int = 0
+    files: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def fingerprint(self, n: int | None = None) -> str:
+        """Fingerprint of the first ``n`` documents (all by default): ids and texts, in order."""
+        n = len(self.texts) if n is None else n
+        if n > len(self.texts):
+            raise ValueError(f"the corpus has {len(self.texts)} documents, not {n}")
+        h = xxhash.xxh3_128()
+        for i in range(n):
+            b = self.texts[i].encode("utf-8")
+            h.update(int(self.doc_ids[i]).to_bytes(8, "little", signed=True))
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+        return f"xxh3_128:{h.hexdigest()}"
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        chars = sum(len(t) for t in self.texts)
+        return {"docs": len(self.texts), "skipped_empty": self.skipped_empty, "chars": chars, "files": len(self.files)}
+
+
+def _stable_id(value: Any) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise CorpusError(f"document id {value!r} is a boolean; ids must be integers or strings")
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, str):
+        return xxhash.xxh3_64_intdigest(value.encode("utf-8")) >> 1
+    raise CorpusError(f"document id {value!r} has type {type(value).__name__}; ids must be integers or strings")
+
+
+def _files(src: CorpusSource) -> list[str]:
+    p = src.path
+    if any(c in p for c in "*?["):
+        files = sorted(f for f in _glob.glob(p, recursive=True) if os.path.isfile(f))
+    elif os.path.isdir(p):
+        suffixes = _SUFFIXES[src.format]
+        files = sorted(str(f) for f in Path(p).rglob("*") if f.is_file() and f.name.endswith(suffixes))
+    elif os.path.isfile(p):
+        files = [p]
+    else:
+        raise CorpusError(f"corpus path {p!r} does not exist (expected a file, a glob or a folder)")
+    if not files:
+        raise CorpusError(f"corpus path {p!r} matches no {src.format} files")
+    return files
+
+
+def _records_jsonl(files: list[str], src: CorpusSource) -> Iterator[tuple[Any, Any, str]]:
+    for f in files:
+        with open(f, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise CorpusError(f"{f}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(rec, dict):
+                    raise CorpusError(f"{f}:{lineno}: expected a JSON object per line, got {type(rec).__name__}")
+                yield rec, rec.keys(), f"{f}:{lineno}"
+
+
+def _records_parquet(files: list[str], src: CorpusSource) -> Iterator[tuple[Any, Any, str]]:
+    import pyarrow.parquet as pq
+
+    for f in files:
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        _check_field(src.text_field, names, "text_field", f)
+        if src.id_field is not None:
+            _check_field(src.id_field, names, "id_field", f)
+        cols = [src.text_field] + ([src.id_field] if src.id_field else [])
+        for batch in pf.iter_batches(columns=cols, batch_size=8192):
+            for i, rec in enumerate(batch.to_pylist()):
+                yield rec, names, f
+
+
+def _records_text(files: list[str], src: CorpusSource) -> Iterator[tuple[Any, Any, str]]:
+    for f in files:
+        with open(f, encoding="utf-8") as fh:
+            if src.text_unit == "file":
+                yield {"text": fh.read(), "id": f}, ("text", "id"), f
+            else:
+                for lineno, line in enumerate(fh, 1):
+                    yield {"text": line.rstrip("\n")}, ("text",), f"{f}:{lineno}"
+
+
+def _records_hf(src: CorpusSource) -> Iterator[tuple[Any, Any, str]]:
+    import datasets
+
+    try:
+        if os.path.isdir(src.path):
+            ds = datasets.load_from_disk(src.path)
+            if isinstance(ds, datasets.DatasetDict):
+                if src.hf_split not in ds:
+                    raise CorpusError(f"`corpus.split` {src.hf_split!r} is not in {src.path}; it has: {', '.join(ds)}")
+                ds = ds[src.hf_split]
+        else:
+            ds = datasets.load_dataset(src.path, name=src.hf_config, split=src.hf_split)
+    except CorpusError:
+        raise
+    except Exception as e:  # datasets raises many types for a missing dataset or split
+        raise CorpusError(f"cannot load Hugging Face dataset {src.path!r} (config={src.hf_config!r}, split={src.hf_split!r}): {e}") from None
+    names = list(ds.column_names)
+    _check_field(src.text_field, names, "text_field", src.path)
+    if src.id_field is not None:
+        _check_field(src.id_field, names, "id_field", src.path)
+    cols = [src.text_field] + ([src.id_field] if src.id_field else [])
+    for batch in ds.select_columns(cols).iter(batch_size=8192):
+        for i in range(len(batch[src.text_field])):
+            yield {c: batch[c][i] for c in cols}, names, src.path
+
+
+def _check_field(name: str, fields: Any, key: str, where: str) -> None:
+    if name not in fields:
+        raise CorpusError(f"`corpus.{key}` {name!r} is not a field of {where}; its fields are: {', '.join(map(str, fields))}")
+
+
+def read_corpus(src: CorpusSource) -> Corpus:
+    """Read every document of a corpus into memory, in a deterministic order."""
+    if src.format == "hf":
+        files: list[str] = []
+        records = _records_hf(src)
+    else:
+        files = _files(src)
+        reader = {"jsonl": _records_jsonl, "parquet": _records_parquet, "text": _records_text}[src.format]
+        records = reader(files, src)
+    text_field = "text" if src.format == "text" else src.text_field
+    id_field = ("id" if src.text_unit == "file" else None) if src.format == "text" else src.id_field
+    texts: list[str] = []
+    ids: list[int] = []
+    skipped = 0
+    for ordinal, (rec, fields, where) in enumerate(records):
+        if src.max_docs is not None and len(texts) >= src.max_docs:
+            break
+        if text_field not in rec:
+            _check_field(text_field, fields, "text_field", where)
+        text = rec[text_field]
+        if text is None or (isinstance(text, str) and not text.strip()):
+            skipped += 1
+            continue
+        if not isinstance(text, str):
+            raise CorpusError(f"{where}: `corpus.text_field` {text_field!r} holds a {type(text).__name__}, not a string")
+        if id_field is not None:
+            if id_field not in rec:
+                _check_field(id_field, fields, "id_field", where)
+            ids.append(_stable_id(rec[id_field]))
+        else:
+            ids.append(ordinal)
+        texts.append(text)
+    if not texts:
+        what = f" ({skipped} empty documents skipped)" if skipped else ""
+        raise CorpusError(f"corpus {src.path!r} is empty: no documents with text in `{text_field}`{what}")
+    doc_ids = np.asarray(ids, dtype=np.int64)
+    if len(np.unique(doc_ids)) != len(doc_ids):
+        raise CorpusError(f"corpus {src.path!r}: document ids from `corpus.id_field` {id_field!r} are not unique")
+    if skipped:
+        log.info("corpus %s: skipped %d empty documents", src.path, skipped)
+    return Corpus(texts=texts, doc_ids=doc_ids, skipped_empty=skipped, files=files)
