@@ -168,6 +168,12 @@ class Store:
         return _catalog.read(self, rebuild=rebuild)
 
 
-def open(uri: str | os.PathLike[str] = "./acts", *, storage_options: dict[str, Any] | None = None) -> Store:  # noqa: A001
-    """Open a store, creating its root when missing: a local folder or ``s3://bucket/prefix``."""
-    return Store(open_storage(uri, storage_options))
+def open(  # noqa: A001
+    uri: str | os.PathLike[str] = "./acts", *, storage_options: dict[str, Any] | None = None, durable: bool = False
+) -> Store:
+    """Open a store, creating its root when missing: a local folder or ``s3://bucket/prefix``.
+
+    ``storage_options`` go to fsspec/s3fs (``endpoint_url``, ``key``, ``secret``, ...); by
+    default they come from the usual AWS environment. ``durable=True`` fsyncs local files
+    before committing them, so commits survive a power loss, at some write throughput."""
+    return Store(open_storage(uri, storage_options, durable=durable))

@@ -221,16 +221,34 @@ class ActivationDataset:
             )
         return rec
 
-    def _unit_values(self, hook: str, unit: int, lo: int = 0, hi: int | None = None, *, verify: bool = True) -> np.ndarray:
-        """Stored values of rows ``[lo, hi)`` of one unit, as ``[hi - lo, d]`` of storage dtype."""
+    def _unit_values(
+        self, hook: str, unit: int, lo: int = 0, hi: int | None = None, *, verify: bool = True, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Stored values of rows ``[lo, hi)`` of one unit, as ``[hi - lo, d]`` of storage dtype.
+        ``out`` (whole units only): a C-contiguous array of that shape to read into, no allocation."""
         rec = self._record(hook, unit, 0 if hi is None else hi)
         hi = rec.rows if hi is None else hi
         sl = self._layout(hook)
         sdt = storage_dtype(self.info.dtype)
         where = f"dataset {self.name!r} hook {hook!r} unit {unit} ({rec.file})"
+        if out is not None:
+            assert lo == 0 and hi == rec.rows and out.shape == (rec.rows, sl.d) and out.dtype == sdt
+            try:
+                size = self.storage.size(rec.file)
+                got = self.storage.read_into(rec.file, memoryview(out.reshape(-1)).cast("B"))
+            except FileNotFoundError:
+                raise CorruptionError(f"{where}: file is missing") from None
+            if size != rec.nbytes or got != out.nbytes:
+                raise CorruptionError(f"{where}: {size} bytes, the commit record says {rec.nbytes} (truncated?)")
+            tail = self.storage.read_range(rec.file, size - sl.index_bytes, size)
+            sl.check_contiguous(sl.decode_index(bytes(tail), where=where), rec.rows, size, where=where)
+            if verify and checksum(out) != rec.checksum:
+                raise CorruptionError(f"{where}: checksum mismatch (the file was modified after its commit)")
+            self._checked.add((hook, unit))
+            return out
         if lo == 0 and hi == rec.rows:
             try:
-                data = self.storage.read(rec.file)
+                data = self.storage.read_buffer(rec.file)
             except FileNotFoundError:
                 raise CorruptionError(f"{where}: file is missing") from None
             if len(data) != rec.nbytes:
@@ -339,6 +357,11 @@ class ActivationDataset:
         # Check every unit is committed before reading anything.
         for u, _lo, hi, _ in plan:
             self._record(hook, u, hi)
+        if len(plan) == 1 and plan[0][3] is None and out_name == self.info.dtype:
+            # One block in the stored dtype: hand over the buffer it was read into, no copy.
+            u, lo, hi, _ = plan[0]
+            vals = self._unit_values(hook, u, lo, hi, verify=False)
+            return to_torch(vals, out_name) if as_ == "torch" else vals
         out = np.empty((n, d), dtype=out_np)
         at = 0
         for i, (u, lo, hi, take) in enumerate(plan):
@@ -367,7 +390,7 @@ class ActivationDataset:
         buffer_rows: int = 1 << 18,
         drop_last: bool = False,
         dtype: torch.dtype = torch.float32,
-        prefetch: int = 2,
+        prefetch: int = 4,
     ) -> BatchIterator:
         """Training batches of ``hooks``: a ``[batch, d]`` tensor (a dict of aligned tensors for
         several hooks). See :class:`store.batches.BatchIterator`."""

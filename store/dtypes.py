@@ -68,6 +68,8 @@ def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
 def to_torch(stored: np.ndarray, dtype: str) -> torch.Tensor:
     """Stored values as a torch tensor of the logical dtype (bfloat16 exactly)."""
     arr = np.ascontiguousarray(stored)
+    if not arr.flags.writeable:  # torch refuses to share read-only memory (bytes from S3)
+        arr = arr.copy()
     if dtype == "bfloat16":
         return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(arr)

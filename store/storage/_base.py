@@ -31,6 +31,16 @@ class Storage(abc.ABC):
     def read(self, key: str) -> bytes:
         """The whole object; ``FileNotFoundError`` when missing."""
 
+    def read_buffer(self, key: str) -> bytearray:
+        """The whole object in a writable buffer (for large arrays handed to torch)."""
+        return bytearray(self.read(key))
+
+    def read_into(self, key: str, out: memoryview) -> int:
+        """Fill ``out`` with the object's first bytes; returns how many there were."""
+        data = self.read_range(key, 0, len(out))
+        out[: len(data)] = data
+        return len(data)
+
     @abc.abstractmethod
     def read_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of an object."""

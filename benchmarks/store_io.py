@@ -1,0 +1,228 @@
+"""Store I/O benchmark: every figure is a ratio against a baseline measured in the same run.
+
+    python benchmarks/store_io.py [--d 768] [--units 8] [--unit-contexts 256] [--repeats 3]
+
+1. committed write throughput of `write_unit` vs plain file writes of the same bytes;
+2. sequential `read` into torch float32 vs `numpy.memmap` over the same raw bytes;
+3. `iter_batches` shuffled float32 batches of 4096 rows vs sae-lens's `ActivationsStore`
+   reading the same activations from its own cached-activations format;
+4. bytes per token on disk per stored dtype.
+
+Reads run from the page cache (the data was just written): they measure the software path,
+which is what the store adds on top of the disk. Timings are medians of `--repeats` runs, the
+baseline and the store alternating so that both see the same machine state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+import store
+
+CTX = 128
+
+
+def token_table(unit: int, unit_contexts: int) -> pa.Table:
+    r = np.arange(unit_contexts * CTX, dtype=np.int64)
+    return pa.table(
+        {
+            "context_id": unit * unit_contexts + r // CTX,
+            "position": (r % CTX).astype(np.int32),
+            "doc_id": (unit * unit_contexts * CTX + r) // 1000,
+            "doc_position": ((unit * unit_contexts * CTX + r) % 1000).astype(np.int32),
+            "token_id": (r % 50000).astype(np.int32),
+            "special": np.zeros(r.size, dtype=bool),  # no special rows: both readers see every row
+        }
+    )
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        os.sync()  # start every timed run with no dirty pages left by the previous one
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def bench_write(root: Path, d: int, units: int, unit_contexts: int, dtype: str, repeats: int) -> tuple[float, float]:
+    rows = unit_contexts * CTX
+    np_dtype = {"float32": np.float32, "float16": np.float16}[dtype]
+    data = [np.random.default_rng(u).standard_normal((rows, d), dtype=np.float32).astype(np_dtype) for u in range(units)]
+    toks = [token_table(u, unit_contexts) for u in range(units)]
+    raw_dir = root / "raw"
+    run = [0]
+
+    def plain():
+        shutil.rmtree(raw_dir, ignore_errors=True)
+        raw_dir.mkdir(parents=True)
+        for u, x in enumerate(data):
+            with open(raw_dir / f"unit-{u}.bin", "wb") as f:
+                f.write(memoryview(x).cast("B"))
+
+    def strata(w):
+        # Only the unit writes are timed: creating the dataset (Zarr metadata) is a one-off.
+        for u, x in enumerate(data):
+            w.write_unit(u, tokens=toks[u], acts={"blocks.0.hook_resid_post": x})
+
+    t_plain, t_strata = [], []
+    for _ in range(repeats):
+        run[0] += 1
+        s = store.open(root / f"s{run[0]}")
+        w = s.create_dataset("w", hooks={"blocks.0.hook_resid_post": d}, context_size=CTX, dtype=dtype, num_units=units, unit_contexts=unit_contexts)
+        t_plain.append(median_time(plain, 1))
+        t_strata.append(median_time(lambda: strata(w), 1))
+        shutil.rmtree(root / f"s{run[0]}")
+    nbytes = sum(x.nbytes for x in data)
+    return nbytes / statistics.median(t_plain), nbytes / statistics.median(t_strata)
+
+
+def build(root: Path, d: int, units: int, unit_contexts: int, dtype: str) -> tuple[store.ActivationDataset, np.ndarray]:
+    rows = unit_contexts * CTX
+    s = store.open(root)
+    w = s.create_dataset(f"r-{dtype}", hooks={"blocks.0.hook_resid_post": d}, context_size=CTX, dtype=dtype, num_units=units, unit_contexts=unit_contexts)
+    parts = []
+    for u in range(units):
+        x = np.random.default_rng(100 + u).standard_normal((rows, d), dtype=np.float32)
+        w.write_unit(u, tokens=token_table(u, unit_contexts), acts={"blocks.0.hook_resid_post": x})
+        parts.append(x)
+    return s.dataset(f"r-{dtype}"), np.concatenate(parts)
+
+
+def bench_read(root: Path, ds: store.ActivationDataset, full: np.ndarray, repeats: int) -> tuple[float, float]:
+    hook = "blocks.0.hook_resid_post"
+    rows, d = full.shape
+    unit_rows = ds.info.unit_rows
+    raw = root / "raw-read.bin"
+    sdt = np.float16 if ds.info.dtype == "float16" else np.float32
+    full.astype(sdt).tofile(raw)
+    mm = np.memmap(raw, dtype=sdt, mode="r", shape=(rows, d))
+    step = unit_rows
+
+    def memmap_read():
+        for a in range(0, rows, step):
+            t = torch.from_numpy(np.array(mm[a : a + step], dtype=np.float32))  # a real copy out of the map
+            assert t.shape[0] == step
+
+    def strata_read():
+        for a in range(0, rows, step):
+            t = ds.read(hook, rows=slice(a, a + step), as_="torch", dtype=torch.float32)
+            assert t.shape[0] == step
+
+    memmap_read(), strata_read()  # warm the page cache for both
+    t_m, t_s = [], []
+    for _ in range(repeats):
+        t_m.append(median_time(memmap_read, 1))
+        t_s.append(median_time(strata_read, 1))
+    nrows = rows
+    return nrows / statistics.median(t_m), nrows / statistics.median(t_s)
+
+
+def bench_batches(root: Path, ds: store.ActivationDataset, full: np.ndarray, repeats: int, batch: int = 4096) -> tuple[float, float]:
+    import datasets
+    from datasets import Array2D, Dataset, Features, Sequence, Value
+    from sae_lens.training.activations_store import ActivationsStore
+
+    hook = "blocks.0.hook_resid_post"
+    rows, d = full.shape
+    n_ctx = rows // CTX
+    cache = root / "sae-lens-cache"
+    # sae-lens's cached-activations format, with the features its CacheActivationsRunner uses.
+    features = Features({hook: Array2D(shape=(CTX, d), dtype="float32"), "token_ids": Sequence(Value(dtype="int32"), length=CTX)})
+    datasets.disable_progress_bars()
+    Dataset.from_dict(
+        {hook: full.reshape(n_ctx, CTX, d), "token_ids": np.zeros((n_ctx, CTX), dtype=np.int32)}, features=features
+    ).save_to_disk(str(cache))
+    n_batches = rows // batch
+
+    def sae_lens_read():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            act_store = ActivationsStore(
+                model=None, dataset=None, streaming=False, hook_name=hook, hook_head_index=None, context_size=CTX, d_in=d,
+                n_batches_in_buffer=32, total_training_tokens=rows, store_batch_size_prompts=32, train_batch_size_tokens=batch,
+                prepend_bos=True, normalize_activations="none", device=torch.device("cpu"), dtype="float32",
+                cached_activations_path=str(cache),
+            )
+            for _ in range(n_batches):
+                b = next(act_store)
+                assert b.shape == (batch, d)
+
+    def strata_batches():
+        it = ds.iter_batches(hook, batch_size=batch, shuffle=True, seed=0, epochs=1, buffer_rows=1 << 17)
+        k = 0
+        for b in it:
+            k += 1
+            if k == n_batches:
+                break
+        it.close()
+        assert k == n_batches
+
+    sae_lens_read(), strata_batches()
+    t_l, t_s = [], []
+    for _ in range(repeats):
+        t_l.append(median_time(sae_lens_read, 1))
+        t_s.append(median_time(strata_batches, 1))
+    nrows = n_batches * batch
+    return nrows / statistics.median(t_l), nrows / statistics.median(t_s)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--d", type=int, default=768)
+    p.add_argument("--units", type=int, default=8)
+    p.add_argument("--unit-contexts", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dir", default=None, help="where to write (default: a temp folder)")
+    args = p.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="strata-bench-", dir=args.dir))
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows = args.units * args.unit_contexts * CTX
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, torch {torch.__version__}")
+    print(f"data: {args.units} units x {args.unit_contexts * CTX} rows x d={args.d} ({rows:,} tokens), repeats={args.repeats}")
+    try:
+        for dtype in ("float32", "float16"):
+            base, ours = bench_write(root / f"w-{dtype}", args.d, args.units, args.unit_contexts, dtype, args.repeats)
+            print(f"write {dtype}: write_unit {ours / 1e9:.2f} GB/s vs plain files {base / 1e9:.2f} GB/s  ratio {ours / base:.2f}  (target >= 0.6)")
+        for dtype in ("float32", "float16"):
+            ds, full = build(root / "r", args.d, args.units, args.unit_contexts, dtype)
+            base, ours = bench_read(root, ds, full, args.repeats)
+            print(f"read {dtype}->torch float32: {ours / 1e6:.2f} M rows/s vs memmap {base / 1e6:.2f} M rows/s  ratio {ours / base:.2f}  (target >= 0.6)")
+        ds, full = build(root / "b", args.d, args.units, args.unit_contexts, "float32")
+        base, ours = bench_batches(root, ds, full, args.repeats)
+        print(f"iter_batches shuffled float32 x4096: {ours / 1e6:.2f} M rows/s vs sae-lens ActivationsStore (cached) {base / 1e6:.2f} M rows/s  ratio {ours / base:.2f}  (target >= 2)")
+        for dtype in ("float32", "float16", "bfloat16"):
+            d_root = root / f"bytes-{dtype}"
+            s = store.open(d_root)
+            w = s.create_dataset("x", hooks={"blocks.0.hook_resid_post": args.d}, context_size=CTX, dtype=dtype, num_units=2, unit_contexts=args.unit_contexts)
+            for u in range(2):
+                x = np.random.default_rng(u).standard_normal((args.unit_contexts * CTX, args.d), dtype=np.float32)
+                w.write_unit(u, tokens=token_table(u, args.unit_contexts), acts={"blocks.0.hook_resid_post": x})
+            n = 2 * args.unit_contexts * CTX
+            total = du(d_root / "datasets" / "x")
+            acts = du(d_root / "datasets" / "x" / "acts")
+            print(f"bytes/token {dtype}: {total / n:.1f} on disk for one hook of d={args.d} "
+                  f"(activations {acts / n:.1f}, raw values {args.d * np.dtype(store.dtypes.storage_dtype(dtype)).itemsize}; tokens+commits {(total - acts) / n:.2f})")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
