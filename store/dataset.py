@@ -167,6 +167,17 @@ class ActivationDataset:
 
     # -- tokens ---------------------------------------------------------------------------
 
+    def _read_token_file(self, rec: CommitRecord, where: str, *, verify: bool = False) -> bytes:
+        try:
+            data = self.storage.read(rec.file)
+        except FileNotFoundError:
+            raise CorruptionError(f"{where}: file is missing") from None
+        if len(data) != rec.nbytes:
+            raise CorruptionError(f"{where}: {len(data)} bytes, the commit record says {rec.nbytes} (truncated?)")
+        if verify and checksum(data) != rec.checksum:
+            raise CorruptionError(f"{where}: checksum mismatch")
+        return data
+
     def _unit_tokens(self, unit: int) -> pa.Table:
         t = self._tokens.get(unit)
         if t is None:
@@ -174,13 +185,7 @@ class ActivationDataset:
             if rec is None:
                 raise NotCommittedError(f"dataset {self.name!r}: the token table of unit {unit} is not committed")
             where = f"dataset {self.name!r} unit {unit} tokens ({rec.file})"
-            try:
-                data = self.storage.read(rec.file)
-            except FileNotFoundError:
-                raise CorruptionError(f"{where}: file is missing") from None
-            if len(data) != rec.nbytes:
-                raise CorruptionError(f"{where}: {len(data)} bytes, the commit record says {rec.nbytes} (truncated?)")
-            t = decode_tokens(bytes(data), where=where)
+            t = decode_tokens(self._read_token_file(rec, where), where=where)
             if t.num_rows != rec.rows:
                 raise CorruptionError(f"{where}: {t.num_rows} rows, the commit record says {rec.rows}")
             self._tokens[unit] = t
@@ -225,14 +230,18 @@ class ActivationDataset:
         self, hook: str, unit: int, lo: int = 0, hi: int | None = None, *, verify: bool = True, out: np.ndarray | None = None
     ) -> np.ndarray:
         """Stored values of rows ``[lo, hi)`` of one unit, as ``[hi - lo, d]`` of storage dtype.
-        ``out`` (whole units only): a C-contiguous array of that shape to read into, no allocation."""
+        Whole units are read into ``out`` when given (a C-contiguous array of that shape), so a
+        caller can reuse one buffer instead of faulting in fresh memory for every unit."""
         rec = self._record(hook, unit, 0 if hi is None else hi)
         hi = rec.rows if hi is None else hi
         sl = self._layout(hook)
         sdt = storage_dtype(self.info.dtype)
         where = f"dataset {self.name!r} hook {hook!r} unit {unit} ({rec.file})"
-        if out is not None:
-            assert lo == 0 and hi == rec.rows and out.shape == (rec.rows, sl.d) and out.dtype == sdt
+        if lo == 0 and hi == rec.rows:
+            if out is None:
+                out = np.empty((rec.rows, sl.d), dtype=sdt)
+            elif out.shape != (rec.rows, sl.d) or out.dtype != sdt:
+                raise ValueError(f"out must be {(rec.rows, sl.d)} of {sdt}, got {out.shape} of {out.dtype}")
             try:
                 size = self.storage.size(rec.file)
                 got = self.storage.read_into(rec.file, memoryview(out.reshape(-1)).cast("B"))
@@ -246,20 +255,6 @@ class ActivationDataset:
                 raise CorruptionError(f"{where}: checksum mismatch (the file was modified after its commit)")
             self._checked.add((hook, unit))
             return out
-        if lo == 0 and hi == rec.rows:
-            try:
-                data = self.storage.read_buffer(rec.file)
-            except FileNotFoundError:
-                raise CorruptionError(f"{where}: file is missing") from None
-            if len(data) != rec.nbytes:
-                raise CorruptionError(f"{where}: {len(data)} bytes, the commit record says {rec.nbytes} (truncated?)")
-            index = sl.decode_index(bytes(data[-sl.index_bytes :]), where=where)
-            sl.check_contiguous(index, rec.rows, len(data), where=where)
-            arr = np.frombuffer(data, dtype=sdt, count=rec.rows * sl.d).reshape(rec.rows, sl.d)
-            if verify and checksum(arr) != rec.checksum:
-                raise CorruptionError(f"{where}: checksum mismatch (the file was modified after its commit)")
-            self._checked.add((hook, unit))
-            return arr
         if (hook, unit) not in self._checked:
             try:
                 size = self.storage.size(rec.file)
@@ -378,37 +373,14 @@ class ActivationDataset:
             return to_torch(out, out_name)
         return out
 
-    def iter_batches(
-        self,
-        hooks: str | Sequence[str],
-        *,
-        batch_size: int = 4096,
-        shuffle: bool = True,
-        seed: int = 0,
-        epochs: int | None = 1,
-        skip_special: bool = True,
-        buffer_rows: int = 1 << 18,
-        drop_last: bool = False,
-        dtype: torch.dtype = torch.float32,
-        prefetch: int = 4,
-    ) -> BatchIterator:
-        """Training batches of ``hooks``: a ``[batch, d]`` tensor (a dict of aligned tensors for
-        several hooks). See :class:`store.batches.BatchIterator`."""
+    def iter_batches(self, hooks: str | Sequence[str], **options: Any) -> BatchIterator:
+        """Shuffled training batches of ``hooks``: a ``[batch, d]`` tensor, or a dict of aligned
+        tensors for several hooks. Options (``batch_size=4096, shuffle=True, seed=0, epochs=1,
+        skip_special=True, buffer_rows=2**18, drop_last=False, dtype=torch.float32,
+        prefetch=4``) are those of :class:`store.batches.BatchIterator`."""
         from store.batches import BatchIterator
 
-        return BatchIterator(
-            self,
-            hooks,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            seed=seed,
-            epochs=epochs,
-            skip_special=skip_special,
-            buffer_rows=buffer_rows,
-            drop_last=drop_last,
-            dtype=dtype,
-            prefetch=prefetch,
-        )
+        return BatchIterator(self, hooks, **options)
 
     # -- verification ---------------------------------------------------------------------
 
@@ -422,16 +394,10 @@ class ActivationDataset:
         for unit, rec in sorted(self._commits[None].items()):
             self._tokens.pop(unit, None)
             try:
-                data = self.storage.read(rec.file)
-                if len(data) != rec.nbytes:
-                    raise CorruptionError(f"{len(data)} bytes, the commit record says {rec.nbytes} (truncated?)")
-                if checksum(data) != rec.checksum:
-                    raise CorruptionError("checksum mismatch")
+                report.bytes_checked += len(self._read_token_file(rec, "", verify=True))
                 self._unit_tokens(unit)
-                report.bytes_checked += len(data)
-            except (CorruptionError, FileNotFoundError, OSError) as e:
-                msg = "file is missing" if isinstance(e, FileNotFoundError) else str(e).split(": ", 1)[-1] if "dataset " in str(e) else str(e)
-                report.problems.append(Problem(None, unit, rec.file, msg))
+            except (CorruptionError, OSError) as e:
+                report.problems.append(Problem(None, unit, rec.file, str(e).rsplit("): ", 1)[-1].removeprefix(": ")))
             report.files_checked += 1
             units.add(unit)
         for hook in hooks:
