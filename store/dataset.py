@@ -43,7 +43,7 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        return f"unit {self.unit} {'tokens' if self.hook is None else self.hook}: {self.message}"
+        return f"unit {self.unit} {'tokens' if self.hook is None else self.hook} ({self.file}): {self.message}"
 
 
 @dataclass
@@ -215,7 +215,12 @@ class ActivationDataset:
 
     def _record(self, hook: str, unit: int, hi: int) -> CommitRecord:
         rec = self._commits[hook].get(unit)
-        if rec is None or hi > rec.rows:
+        if rec is not None and hi > rec.rows:
+            raise NotCommittedError(
+                f"dataset {self.name!r} hook {hook!r}: row {unit * self.info.unit_rows + hi - 1} is past the end of unit "
+                f"{unit}, which holds {rec.rows} rows (rows {unit * self.info.unit_rows}..{unit * self.info.unit_rows + rec.rows - 1})"
+            )
+        if rec is None:
             committed = self.committed_units(hook)
             have = f"{len(committed)} of {self.info.num_units} units committed" + (
                 f" (e.g. {committed[:8]})" if committed else ""
@@ -271,12 +276,12 @@ class ActivationDataset:
         base = c0 * sl.chunk_rows
         return arr[lo - base : hi - base]
 
-    def _end_row(self, hook: str) -> int:
-        units = self._commits[hook]
-        if not units:
-            return 0
-        last = max(units)
-        return last * self.info.unit_rows + units[last].rows
+    def _extent(self, hook: str) -> int:
+        """Rows of the dataset's row space: every unit full, but the last as committed (it
+        may be short). Slices are taken over this, so a slice into uncommitted rows raises."""
+        last = self.info.num_units - 1
+        rec = self._commits[hook].get(last)
+        return last * self.info.unit_rows + (rec.rows if rec is not None else self.info.unit_rows)
 
     def read(
         self,
@@ -289,7 +294,8 @@ class ActivationDataset:
     ) -> np.ndarray | torch.Tensor:
         """Activations ``[n, d]`` of ``hook`` at global token rows (a slice or an index array),
         or of every row of ``docs``; with neither, every committed row in order (aligned with
-        ``tokens(hook)``). NumPy output of bfloat16 data is widened to float32 exactly;
+        ``tokens(hook)``). Whole units are checked against their checksum as they are read.
+        NumPy output of bfloat16 data is widened to float32 exactly;
         ``as_="torch"`` returns bfloat16 as is. ``dtype`` converts (e.g. ``torch.float32``)."""
         self._check_hook(hook)
         if as_ not in ("numpy", "torch"):
@@ -312,7 +318,7 @@ class ActivationDataset:
                 toks = self.tokens(hook)
                 idx = toks.column("row").to_numpy()[rows_of_docs(toks, list(docs))]
             elif isinstance(rows, slice):
-                start, stop, step = rows.indices(self._end_row(hook))
+                start, stop, step = rows.indices(self._extent(hook))
                 if step == 1:
                     u = start // ur
                     while start < stop:
@@ -355,12 +361,12 @@ class ActivationDataset:
         if len(plan) == 1 and plan[0][3] is None and out_name == self.info.dtype:
             # One block in the stored dtype: hand over the buffer it was read into, no copy.
             u, lo, hi, _ = plan[0]
-            vals = self._unit_values(hook, u, lo, hi, verify=False)
+            vals = self._unit_values(hook, u, lo, hi)
             return to_torch(vals, out_name) if as_ == "torch" else vals
         out = np.empty((n, d), dtype=out_np)
         at = 0
         for i, (u, lo, hi, take) in enumerate(plan):
-            vals = self._unit_values(hook, u, lo, hi, verify=False)
+            vals = self._unit_values(hook, u, lo, hi)
             if take is None:
                 _copy_into(out[at : at + hi - lo], out_name, vals, self.info.dtype)
                 at += hi - lo

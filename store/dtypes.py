@@ -51,7 +51,8 @@ def to_storage(values: Any, dtype: str, *, what: str) -> np.ndarray:
     if dtype == "bfloat16":
         t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(torch.bfloat16)
         return t.view(torch.int16).numpy().view(np.uint16)
-    return np.ascontiguousarray(arr, dtype=_STORAGE[dtype])
+    with np.errstate(over="ignore"):  # values beyond float16's range round to inf, as in torch
+        return np.ascontiguousarray(arr, dtype=_STORAGE[dtype])
 
 
 def to_numpy(stored: np.ndarray, dtype: str) -> np.ndarray:

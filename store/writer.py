@@ -4,6 +4,7 @@ add hooks (driver)."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,6 @@ from store import layout
 from store.commits import CommitRecord, checksum, utcnow, writer_identity
 from store.dtypes import storage_dtype, to_storage
 from store.errors import (
-    CorruptionError,
     HookNotFoundError,
     UnitOutOfRangeError,
     WriteMismatchError,
@@ -73,6 +73,10 @@ def new_hook_info(info_unit_rows: int, d: int, dtype: str) -> HookInfo:
 class DatasetWriter:
     """Writes units of one dataset. Safe to use from many processes and machines at once, each
     writing different units; a unit written twice keeps its first commit."""
+
+    # A shard uncommitted for this long was left by a dead writer (a live one commits within
+    # milliseconds of its shard appearing).
+    orphan_after_s: float = 60.0
 
     def __init__(self, store: Store, name: str) -> None:
         self.store = store
@@ -202,22 +206,60 @@ class DatasetWriter:
         return self._check_existing(winner, rows, what)
 
     def _write_hook(self, unit: int, hook: str, arr: np.ndarray, ident: dict[str, Any], what: str) -> str:
+        """Write one hook's shard put-if-absent, then its commit record put-if-absent.
+
+        A shard is never overwritten while it may be committed or about to be: the shard key is
+        fixed (it is a Zarr array's), so two writers of one unit (a retried straggler, two jobs
+        on one dataset) would otherwise leave a commit whose checksum is of the other's bytes.
+        A shard already there with no commit is the other writer's, between its shard and its
+        commit (milliseconds: put-if-absent publishes a shard only when whole); identical bytes
+        are committed as they are, other bytes are waited on, and replaced only once they have
+        sat uncommitted for ``orphan_after_s`` (their writer died).
+        """
+        rows = arr.shape[0]
         existing = self.read_commit(unit, hook)
         if existing is not None:
-            # Never rewrite a committed shard: a reader may be reading it.
-            return self._check_existing(existing, arr.shape[0], what)
+            return self._check_existing(existing, rows, what)
         sl = shard_layout(self.info, hook)
         key = layout.shard_key(self.name, hook, unit)
-        parts = sl.encode(arr)
-        self.storage.write(key, parts if len(parts) > 1 else parts[0])
-        rec = CommitRecord(unit, hook, arr.shape[0], checksum(arr), key, sl.shard_nbytes(arr.shape[0]), ident, utcnow())
+        rec = CommitRecord(unit, hook, rows, checksum(arr), key, sl.shard_nbytes(rows), ident, utcnow())
+        while not self.storage.put_if_absent(key, sl.encode(arr)):
+            winner = self._await_commit_or_orphan(unit, hook, key, rec, what)
+            if winner is not None:
+                return self._check_existing(winner, rows, what)
+            if self._shard_matches(key, rec):
+                break  # the same bytes: commit them
+            log.warning("%s hook %r: replacing a shard left uncommitted by a dead writer", what, hook)
+            self.storage.delete(key)
         if self.storage.put_if_absent(layout.commit_key(self.name, hook, unit), rec.to_json()):
             return "committed"
         winner = self.read_commit(unit, hook)
         assert winner is not None
-        if winner.checksum != rec.checksum:
-            raise CorruptionError(
-                f"{what} hook {hook!r}: another writer committed this unit with different values while this one "
-                "was writing; two jobs wrote one dataset at once (take its lease: Store.lease)"
-            )
-        return self._check_existing(winner, arr.shape[0], what)
+        return self._check_existing(winner, rows, what)
+
+    def _shard_matches(self, key: str, rec: CommitRecord) -> bool:
+        try:
+            if self.storage.size(key) != rec.nbytes:
+                return False
+            itemsize = storage_dtype(self.info.dtype).itemsize
+            body = self.storage.read_range(key, 0, rec.rows * self.info.hooks[rec.hook].d * itemsize)
+        except FileNotFoundError:
+            return False
+        return checksum(body) == rec.checksum
+
+    def _await_commit_or_orphan(self, unit: int, hook: str, key: str, rec: CommitRecord, what: str) -> CommitRecord | None:
+        """Wait while another writer's shard may still be committed. Returns its commit, or
+        None when the shard is ours to commit (same bytes) or to replace (an orphan)."""
+        while True:
+            winner = self.read_commit(unit, hook)
+            if winner is not None:
+                return winner
+            if self._shard_matches(key, rec):
+                return None
+            try:
+                age = time.time() - self.storage.modified(key)
+            except FileNotFoundError:
+                return None  # deleted meanwhile: try to write ours
+            if age >= self.orphan_after_s:
+                return None
+            time.sleep(min(0.5, max(0.05, self.orphan_after_s - age)))

@@ -37,6 +37,8 @@ class Storage(abc.ABC):
 
     def read_into(self, key: str, out: memoryview) -> int:
         """Fill ``out`` with the object's first bytes; returns how many there were."""
+        if len(out) == 0:
+            return 0
         data = self.read_range(key, 0, len(out))
         out[: len(data)] = data
         return len(data)
@@ -50,8 +52,12 @@ class Storage(abc.ABC):
         """Write an object atomically: readers see the old bytes or the new, never a part."""
 
     @abc.abstractmethod
-    def put_if_absent(self, key: str, data: bytes) -> bool:
-        """Create an object only if none exists. True if this call created it."""
+    def put_if_absent(self, key: str, data: Buffers) -> bool:
+        """Create an object only if none exists, whole or not at all. True if this call created it."""
+
+    @abc.abstractmethod
+    def modified(self, key: str) -> float:
+        """When the object was last written (seconds since the epoch); ``FileNotFoundError`` when missing."""
 
     @abc.abstractmethod
     def exists(self, key: str) -> bool: ...

@@ -16,6 +16,14 @@ from store.errors import StorageError
 from store.storage._base import Buffers, Storage, as_parts
 
 
+def _join(data: Buffers) -> bytes:
+    # botocore takes bytes (not memoryviews), and one body per request.
+    parts = as_parts(data)
+    if len(parts) == 1 and isinstance(parts[0], bytes):
+        return parts[0]
+    return b"".join(bytes(p) if not isinstance(p, (bytes, bytearray)) else p for p in parts)
+
+
 class FsspecStorage(Storage):
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None) -> None:
         self.uri = uri.rstrip("/")
@@ -41,18 +49,19 @@ class FsspecStorage(Storage):
         return self.fs.cat_file(self._path(key))
 
     def read_range(self, key: str, start: int, end: int) -> bytes:
+        if end <= start:  # S3 answers an empty Range with the whole object
+            return b""
         return self.fs.cat_file(self._path(key), start=start, end=end)
 
     def write(self, key: str, data: Buffers) -> None:
         # A single PUT (or a completed multipart upload) is atomic on S3: readers see the old
         # object or the new one.
-        parts = as_parts(data)
-        self.fs.pipe_file(self._path(key), parts[0] if len(parts) == 1 else b"".join(parts))
+        self.fs.pipe_file(self._path(key), _join(data))
 
-    def put_if_absent(self, key: str, data: bytes) -> bool:
+    def put_if_absent(self, key: str, data: Buffers) -> bool:
         # `mode="create"` sends `If-None-Match: *`; S3 answers 412 when the key exists.
         try:
-            self.fs.pipe_file(self._path(key), data, mode="create")
+            self.fs.pipe_file(self._path(key), _join(data), mode="create")
         except FileExistsError:
             return False
         except OSError as e:
@@ -60,6 +69,11 @@ class FsspecStorage(Storage):
                 return False
             raise
         return True
+
+    def modified(self, key: str) -> float:
+        path = self._path(key)
+        self.fs.invalidate_cache(path)
+        return self.fs.info(path)["LastModified"].timestamp()
 
     def exists(self, key: str) -> bool:
         path = self._path(key)

@@ -86,14 +86,15 @@ class LocalStorage(Storage):
         finally:
             tmp.unlink(missing_ok=True)
 
-    def put_if_absent(self, key: str, data: bytes) -> bool:
+    def put_if_absent(self, key: str, data: Buffers) -> bool:
         # os.link fails if the target exists, atomically, on every POSIX file system;
         # the temporary file means the record is whole before it becomes visible.
         path = self._path(key)
         tmp = self._tmp(path)
         try:
             with open(tmp, "wb") as f:
-                f.write(data)
+                for part in as_parts(data):
+                    f.write(part)
                 if self.durable:
                     f.flush()
                     os.fsync(f.fileno())
@@ -108,6 +109,9 @@ class LocalStorage(Storage):
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
 
+    def modified(self, key: str) -> float:
+        return self._path(key).stat().st_mtime
+
     def size(self, key: str) -> int:
         return self._path(key).stat().st_size
 
@@ -118,7 +122,8 @@ class LocalStorage(Storage):
         out = []
         for dirpath, _dirs, files in os.walk(base):
             rel = Path(dirpath).relative_to(self.root).as_posix()
-            out.extend(f"{rel}/{f}" for f in files if not f.endswith(".partial"))
+            pre = "" if rel == "." else f"{rel}/"
+            out.extend(f"{pre}{f}" for f in files if not f.endswith(".partial"))
         return sorted(out)
 
     def list_dirs(self, prefix: str) -> list[str]:

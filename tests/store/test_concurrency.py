@@ -13,7 +13,7 @@ import pytest
 import store
 from store import layout
 
-from _data import CTX, HOOKS, UNIT_CONTEXTS, make_dataset, unit_values, write_units_in_process
+from _data import CTX, HOOKS, UNIT_CONTEXTS, make_dataset, token_table, unit_values, write_units_in_process
 
 NUM_UNITS = 8
 
@@ -102,3 +102,36 @@ def test_stale_heartbeat_is_taken_over(tmp_path):
     )
     with pytest.raises(store.LeaseHeldError, match="alive on other-host"):
         store.open(tmp_path).lease("ds").acquire()
+
+
+def _leave_orphan_shard(root, s, values, unit=0):
+    """What a writer killed between its shard and its commit leaves: a whole shard, no commit."""
+    w = s.writer("ds")
+    from store.writer import shard_layout
+
+    sl = shard_layout(w.info, "blocks.0.hook_resid_post")
+    arr = store.dtypes.to_storage(values, w.info.dtype, what="t")
+    assert s.storage.put_if_absent(layout.shard_key("ds", "blocks.0.hook_resid_post", unit), sl.encode(arr))
+
+
+def test_orphan_shard_with_the_same_values_is_committed_at_once(tmp_path):
+    s, data = make_dataset(tmp_path, num_units=2, write=False)
+    _leave_orphan_shard(tmp_path, s, data[0]["blocks.0.hook_resid_post"])
+    w = s.writer("ds")
+    w.orphan_after_s = 3600.0  # would block for an hour if it waited
+    t = time.time()
+    status = w.write_unit(0, tokens=token_table(0, UNIT_CONTEXTS), acts=data[0])
+    assert status["blocks.0.hook_resid_post"] == "committed" and time.time() - t < 30
+    assert s.dataset("ds").verify().ok
+
+
+def test_orphan_shard_with_other_values_is_replaced_once_stale(tmp_path):
+    s, data = make_dataset(tmp_path, num_units=2, write=False)
+    _leave_orphan_shard(tmp_path, s, data[0]["blocks.0.hook_resid_post"] + 1.0)
+    w = s.writer("ds")
+    w.orphan_after_s = 1.0
+    status = w.write_unit(0, tokens=token_table(0, UNIT_CONTEXTS), acts=data[0])
+    assert status["blocks.0.hook_resid_post"] == "committed"
+    ds = s.dataset("ds")
+    assert ds.verify().ok
+    np.testing.assert_array_equal(ds.read("blocks.0.hook_resid_post", rows=slice(0, 32)), data[0]["blocks.0.hook_resid_post"])

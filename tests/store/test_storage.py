@@ -76,13 +76,14 @@ class StorageTests:
     def test_write_list_of_buffers_concatenates(self, storage: Storage) -> None:
         storage.write("parts/x", [b"ab", bytearray(b"cd"), memoryview(b"ef"), b""])
         assert bytes(storage.read("parts/x")) == b"abcdef"
-        storage.write("parts/y", [memoryview(bytes(range(10))).cast("B")])
-        assert bytes(storage.read("parts/y")) == bytes(range(10))
 
     def test_write_single_memoryview(self, storage: Storage) -> None:
-        # `Buffers` allows one memoryview, as the shard writer hands over numpy memory.
+        # `Buffers` allows a memoryview (the shard writer hands over NumPy memory), alone or as
+        # the one part of a list.
         storage.write("mv/x", memoryview(b"abc"))
         assert bytes(storage.read("mv/x")) == b"abc"
+        storage.write("mv/y", [memoryview(bytes(range(10)))])
+        assert bytes(storage.read("mv/y")) == bytes(range(10))
 
     def test_write_empty_object(self, storage: Storage) -> None:
         storage.write("e/empty", b"")
@@ -102,14 +103,35 @@ class StorageTests:
         storage.write("r/x", bytes(range(256)))
         assert bytes(storage.read_range("r/x", 7, 7)) == b""
 
+    def test_read_buffer_is_writable_copy(self, storage: Storage) -> None:
+        data = bytes(range(200))
+        storage.write("buf/x", data)
+        buf = storage.read_buffer("buf/x")
+        view = memoryview(buf).cast("B")
+        assert bytes(view) == data and not view.readonly
+        view[0] = 255  # writing into it leaves the stored object alone
+        assert bytes(storage.read("buf/x")) == data
+
+    def test_read_into(self, storage: Storage) -> None:
+        data = bytes(range(100))
+        storage.write("into/x", data)
+        big = bytearray(b"\xee" * 150)
+        assert storage.read_into("into/x", memoryview(big)) == 100
+        assert bytes(big[:100]) == data and bytes(big[100:]) == b"\xee" * 50
+        small = bytearray(40)
+        assert storage.read_into("into/x", memoryview(small)) == 40
+        assert bytes(small) == data[:40]
+
     @pytest.mark.parametrize(
         "op",
         [
             lambda s: s.read("missing/key"),
             lambda s: s.read_range("missing/key", 0, 4),
             lambda s: s.size("missing/key"),
+            lambda s: s.read_buffer("missing/key"),
+            lambda s: s.read_into("missing/key", memoryview(bytearray(4))),
         ],
-        ids=["read", "read_range", "size"],
+        ids=["read", "read_range", "size", "read_buffer", "read_into"],
     )
     def test_missing_key_raises_file_not_found(self, storage: Storage, op: Callable[[Storage], object]) -> None:
         storage.write("missing/other", b"x")  # the folder exists; the key does not
@@ -286,15 +308,11 @@ class TestLocalStorage(StorageTests):
         s = open_storage(f"file://{tmp_path}/y")
         assert isinstance(s, LocalStorage) and s.root == tmp_path / "y"
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="store bug: LocalStorage.list('') names root-level keys './top' (os.walk's relative path of "
-        "the root is '.'); FsspecStorage gives 'top'",
-    )
     def test_list_root_level_keys(self, storage: Storage) -> None:
         super().test_list_root_level_keys(storage)
 
 
+@pytest.mark.s3
 class TestS3Storage(StorageTests):
     machine_examples = 15
 
@@ -313,18 +331,8 @@ class TestS3Storage(StorageTests):
         assert isinstance(storage, FsspecStorage)
         assert storage.uri.startswith("s3://")
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="store bug: FsspecStorage.write passes a lone memoryview to s3fs.pipe_file and botocore "
-        "refuses it (ParamValidationError: Body must be bytes, bytearray or file-like)",
-    )
     def test_write_single_memoryview(self, storage: Storage) -> None:
         super().test_write_single_memoryview(storage)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="store bug: FsspecStorage.read_range(k, s, s) returns the WHOLE object: s3fs sends "
-        "'Range: bytes=s-(s-1)', which S3 ignores as unsatisfiable-syntax and answers 200 with everything",
-    )
     def test_read_range_empty(self, storage: Storage) -> None:
         super().test_read_range_empty(storage)
