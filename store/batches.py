@@ -7,8 +7,9 @@ epoch's row stream is the windows one after another, and batch ``b`` is rows
 ``[b * batch_size, (b + 1) * batch_size)`` of that stream. Every kept row appears exactly once
 per epoch, and resuming at ``(epoch, batch)`` skips whole windows without reading them.
 
-A daemon thread reads windows and gathers batches ahead of the consumer (``prefetch`` batches),
-so storage reads overlap training.
+Two daemon threads work ahead of the consumer: one reads the next window while the other
+gathers batches (``prefetch`` of them) out of the current one, so storage reads, the shuffle
+and training overlap. Memory: two window buffers of ``buffer_rows x d`` in the stored dtype.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class BatchIterator:
         seed: int = 0,
         epochs: int | None = 1,
         skip_special: bool = True,
-        buffer_rows: int = 1 << 18,
+        buffer_rows: int = 1 << 17,
         drop_last: bool = False,
         dtype: torch.dtype = torch.float32,
         prefetch: int = 4,
@@ -169,21 +170,44 @@ class BatchIterator:
             epoch += 1
             skip = 0
 
-    def _loader(self, epoch: int, batch: int, stop: threading.Event, out: queue.Queue) -> None:
-        """Produce the exact batch sequence from (epoch, batch) on. Units are read into one
-        window buffer per hook, reused for every window (fresh 100s of MiB per window would
-        cost as much in page faults as the reads); batches are gathered out of it, so they
-        never alias it."""
+    @staticmethod
+    def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
-        def put(item: Any) -> bool:
-            while not stop.is_set():
-                try:
-                    out.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
+    @staticmethod
+    def _get(q: queue.Queue, stop: threading.Event) -> Any:
+        while not stop.is_set():
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return _END
 
+    def _reader(self, epoch: int, batch: int, stop: threading.Event, windows: queue.Queue, free: queue.Queue) -> None:
+        """Read windows into one of two reused buffers (fresh 100s of MiB per window would
+        cost as much in page faults as the reads), while the gatherer works on the other."""
+        try:
+            for e, wi, units, skip in self._plan(epoch, batch):
+                buffers = self._get(free, stop)
+                if buffers is _END:
+                    return
+                window = self._fill_window(units, buffers)
+                order = self._window_order(e, wi, units)[skip:]
+                if not self._put(windows, (e, order, window, buffers), stop):
+                    return
+            self._put(windows, _END, stop)
+        except BaseException as exc:
+            self._put(windows, _Failure(exc), stop)
+
+    def _gatherer(self, epoch: int, batch: int, stop: threading.Event, windows: queue.Queue, free: queue.Queue, out: queue.Queue) -> None:
+        """Produce the exact batch sequence from (epoch, batch) on, gathering rows out of the
+        window buffers (so batches never alias them) and handing the buffers back."""
         stored = self.ds.info.dtype
 
         def take(window: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
@@ -195,26 +219,24 @@ class BatchIterator:
             for h, a in parts.items():
                 t = to_torch(a, stored)
                 tensors[h] = t if t.dtype == self.dtype else t.to(self.dtype)
-            return put((e, b, tensors[self.hooks[0]] if self.single else tensors))
+            return self._put(out, (e, b, tensors[self.hooks[0]] if self.single else tensors), stop)
 
         try:
-            buffers: dict[str, np.ndarray] = {}
             bs = self.batch_size
             carry: dict[str, np.ndarray] | None = None
             cur_epoch, b = epoch, batch
-            for e, wi, units, skip in self._plan(epoch, batch):
-                if stop.is_set():
-                    return
+            while True:
+                item = self._get(windows, stop)
+                if item is _END or isinstance(item, _Failure):
+                    break
+                e, order, window, buffers = item
                 if e != cur_epoch:
                     if carry is not None and not self.drop_last and not emit(carry, cur_epoch, b):
                         return
                     carry, cur_epoch, b = None, e, 0
-                order = self._window_order(e, wi, units)[skip:]
-                window = self._fill_window(units, buffers)
                 at = 0
                 if carry is not None:
-                    need = bs - next(iter(carry.values())).shape[0]
-                    idx = order[:need]
+                    idx = order[: bs - next(iter(carry.values())).shape[0]]
                     got = take(window, idx)
                     carry = {h: np.concatenate([carry[h], got[h]]) for h in self.hooks}
                     at = idx.size
@@ -229,28 +251,39 @@ class BatchIterator:
                 if at < order.size:
                     rest = take(window, order[at:])
                     carry = rest if carry is None else {h: np.concatenate([carry[h], rest[h]]) for h in self.hooks}
-            if carry is not None and not self.drop_last and not emit(carry, cur_epoch, b):
+                free.put(buffers)
+            if isinstance(item, _Failure):
+                self._put(out, item, stop)
                 return
-            put(_END)
+            if item is _END and not stop.is_set():
+                if carry is not None and not self.drop_last and not emit(carry, cur_epoch, b):
+                    return
+                self._put(out, _END, stop)
         except BaseException as exc:  # surfaced in the consumer's thread
-            put(_Failure(exc))
+            self._put(out, _Failure(exc), stop)
 
     def _start(self) -> None:
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=self.prefetch)
-        self._thread = threading.Thread(
-            target=self._loader,
-            args=(self._epoch, self._batch, self._stop, self._queue),
-            name="strata-batches",
-            daemon=True,
-        )
-        self._thread.start()
+        windows: queue.Queue[Any] = queue.Queue(maxsize=1)
+        free: queue.Queue[Any] = queue.Queue()
+        for _ in range(2):
+            free.put({})
+        args = (self._epoch, self._batch, self._stop, windows, free)
+        self._threads = [
+            threading.Thread(target=self._reader, args=args, name="strata-batches-read", daemon=True),
+            threading.Thread(target=self._gatherer, args=(*args, self._queue), name="strata-batches-gather", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        self._thread = self._threads[1]
 
     def close(self) -> None:
         """Stop the loader thread (also done when the iterator is exhausted)."""
         if self._thread is not None:
             self._stop.set()
-            self._thread.join()
+            for t in self._threads:
+                t.join()
             self._thread = None
 
     def __del__(self) -> None:

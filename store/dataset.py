@@ -382,7 +382,7 @@ class ActivationDataset:
     def iter_batches(self, hooks: str | Sequence[str], **options: Any) -> BatchIterator:
         """Shuffled training batches of ``hooks``: a ``[batch, d]`` tensor, or a dict of aligned
         tensors for several hooks. Options (``batch_size=4096, shuffle=True, seed=0, epochs=1,
-        skip_special=True, buffer_rows=2**18, drop_last=False, dtype=torch.float32,
+        skip_special=True, buffer_rows=2**17, drop_last=False, dtype=torch.float32,
         prefetch=4``) are those of :class:`store.batches.BatchIterator`."""
         from store.batches import BatchIterator
 
