@@ -191,6 +191,7 @@ def main() -> None:
     p.add_argument("--unit-contexts", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dir", default=None, help="where to write (default: a temp folder)")
+    p.add_argument("--parts", default="write,read,batches,bytes", help="comma-separated subset of write,read,batches,bytes")
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="strata-bench-", dir=args.dir))
     torch.set_num_threads(os.cpu_count() or 1)
@@ -198,17 +199,19 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, torch {torch.__version__}")
     print(f"data: {args.units} units x {args.unit_contexts * CTX} rows x d={args.d} ({rows:,} tokens), repeats={args.repeats}")
     try:
-        for dtype in ("float32", "float16"):
+        parts = set(args.parts.split(","))
+        for dtype in ("float32", "float16") if "write" in parts else ():
             base, ours = bench_write(root / f"w-{dtype}", args.d, args.units, args.unit_contexts, dtype, args.repeats)
             print(f"write {dtype}: write_unit {ours / 1e9:.2f} GB/s vs plain files {base / 1e9:.2f} GB/s  ratio {ours / base:.2f}  (target >= 0.6)")
-        for dtype in ("float32", "float16"):
+        for dtype in ("float32", "float16") if "read" in parts else ():
             ds, full = build(root / "r", args.d, args.units, args.unit_contexts, dtype)
             base, ours = bench_read(root, ds, full, args.repeats)
             print(f"read {dtype}->torch float32: {ours / 1e6:.2f} M rows/s vs memmap {base / 1e6:.2f} M rows/s  ratio {ours / base:.2f}  (target >= 0.6)")
-        ds, full = build(root / "b", args.d, args.units, args.unit_contexts, "float32")
-        base, ours = bench_batches(root, ds, full, args.repeats)
-        print(f"iter_batches shuffled float32 x4096: {ours / 1e6:.2f} M rows/s vs sae-lens ActivationsStore (cached) {base / 1e6:.2f} M rows/s  ratio {ours / base:.2f}  (target >= 2)")
-        for dtype in ("float32", "float16", "bfloat16"):
+        if "batches" in parts:
+            ds, full = build(root / "b", args.d, args.units, args.unit_contexts, "float32")
+            base, ours = bench_batches(root, ds, full, args.repeats)
+            print(f"iter_batches shuffled float32 x4096: {ours / 1e6:.2f} M rows/s vs sae-lens ActivationsStore (cached) {base / 1e6:.2f} M rows/s  ratio {ours / base:.2f}  (target >= 2)")
+        for dtype in ("float32", "float16", "bfloat16") if "bytes" in parts else ():
             d_root = root / f"bytes-{dtype}"
             s = store.open(d_root)
             w = s.create_dataset("x", hooks={"blocks.0.hook_resid_post": args.d}, context_size=CTX, dtype=dtype, num_units=2, unit_contexts=args.unit_contexts)
