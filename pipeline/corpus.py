@@ -126,7 +126,7 @@ def _records_parquet(files: list[str], src: CorpusSource) -> Iterator[tuple[Any,
             _check_field(src.id_field, names, "id_field", f)
         cols = [src.text_field] + ([src.id_field] if src.id_field else [])
         for batch in pf.iter_batches(columns=cols, batch_size=8192):
-            for i, rec in enumerate(batch.to_pylist()):
+            for rec in batch.to_pylist():
                 yield rec, names, f
 
 

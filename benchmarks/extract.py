@@ -1,0 +1,201 @@
+"""Extraction throughput, as ratios measured in one run on this machine.
+
+    python benchmarks/extract.py                  # a few minutes on 2 CPU cores
+    python benchmarks/extract.py --layers 6 --d-model 512 --tokens 400000   # bigger
+
+Builds a seeded GPT-2-shaped model locally (no download) and a synthetic corpus, plans the
+contexts once, then times over exactly the same token batches:
+
+* the bound: a bare ``torch.no_grad()`` forward loop over the same batches on the same model;
+* the pipeline (``run_extract`` on an in-process Ray) saving one hook (the last block's
+  resid_post, so the whole model runs), and saving every block's resid_post, with bytes/s;
+* sae-lens's ``CacheActivationsRunner`` on the same local model folder and the same tokens
+  (one hook; it writes a Hugging Face ``datasets`` cache);
+* peak RSS of the driver and of a worker.
+
+Shared CPUs drift by up to 2x over minutes, so every contender runs once in each of
+``--rounds`` interleaved rounds and its best run is reported. Pipeline throughput is the steady rate (units after the first, once the worker has loaded the
+model); the end-to-end job time, which adds Ray tasks for tokenization and the model load,
+is printed beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.corpus import CorpusSource  # noqa: E402
+from pipeline.extract import ExtractJob, plan, prepare, run_extract, tokenize  # noqa: E402
+from pipeline.models import ModelRef  # noqa: E402
+from pipeline.tiny import build_tiny, synthetic_docs, write_jsonl  # noqa: E402
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bare_loop(folder: Path, token_id: np.ndarray, unit_contexts: int, per_batch: int, threads: int, warmup_s: float) -> float:
+    """tokens/s of a plain forward loop over the pipeline's batches (units cut into batches)."""
+    from transformers import AutoModel
+
+    torch.set_num_threads(threads)
+    model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.from_numpy(token_id.astype(np.int64))
+    batches = [ids[c0 : min(u0 + unit_contexts, c0 + per_batch, len(ids))] for u0 in range(0, len(ids), unit_contexts) for c0 in range(u0, min(u0 + unit_contexts, len(ids)), per_batch)]
+    with torch.no_grad():
+        # Warm up until the rate settles: on shared CPUs the first seconds run far slower.
+        t_warm = time.perf_counter()
+        while time.perf_counter() - t_warm < warmup_s:
+            for b in batches[:4]:
+                model(input_ids=b, use_cache=False)
+        t0 = time.perf_counter()
+        for b in batches:
+            model(input_ids=b, use_cache=False)
+        dt = time.perf_counter() - t0
+    del model
+    gc.collect()
+    return ids.numel() / dt
+
+
+def sae_lens_rate(folder: Path, token_id: np.ndarray, hook_layer: int, per_batch: int, d: int, out: Path) -> float:
+    """tokens/s of sae-lens's CacheActivationsRunner on the same model folder and tokens."""
+    import datasets
+    from sae_lens import CacheActivationsRunner, CacheActivationsRunnerConfig
+
+    # sae-lens caches whole buffers of `buffer_size_gb`: size one buffer to exactly our tokens
+    # (whole batches of contexts) so that both process the same tokens.
+    n_ctx = (len(token_id) // per_batch) * per_batch
+    token_id = token_id[:n_ctx]
+    ds = datasets.Dataset.from_dict({"input_ids": token_id.astype(np.int64).tolist()})
+    n_tokens = int(token_id.size)
+    cfg = CacheActivationsRunnerConfig(
+        dataset_path=str(out / "unused"), model_name=str(folder), model_class_name="AutoModelForCausalLM",
+        model_batch_size=per_batch, hook_name=f"transformer.h.{hook_layer}", d_in=d, training_tokens=n_tokens,
+        context_size=token_id.shape[1], new_cached_activations_path=str(out / "sae-lens-cache"), shuffle=False,
+        dtype="float32", device="cpu", prepend_bos=False, streaming=False, buffer_size_gb=(n_tokens * d * 4 + 1) / 1e9,
+    )
+    assert cfg.n_buffers == 1 and cfg.n_batches_in_buffer * cfg.n_tokens_in_batch == n_tokens, (cfg.n_buffers, cfg.n_batches_in_buffer)
+    import warnings
+
+    warnings.filterwarnings("ignore", module="sae_lens")
+    runner = CacheActivationsRunner(cfg, override_dataset=ds)
+    t0 = time.perf_counter()
+    runner.run()
+    return n_tokens / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=60_000, help="about this many tokens per measurement")
+    ap.add_argument("--context-size", type=int, default=128)
+    ap.add_argument("--batch-tokens", type=int, default=4096)
+    ap.add_argument("--unit-contexts", type=int, default=64)
+    ap.add_argument("--dtype", default="float16", help="stored dtype")
+    ap.add_argument("--work", help="working folder (default: a temporary one, removed after)")
+    ap.add_argument("--skip-sae-lens", action="store_true")
+    ap.add_argument("--warmup-s", type=float, default=15.0, help="seconds of warm-up before the first bare loop")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each contender's best run is reported")
+    a = ap.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    work = Path(a.work or tempfile.mkdtemp(prefix="strata-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    cpus = os.cpu_count() or 1
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+    folder = work / "model"
+    if not (folder / "config.json").exists():
+        build_tiny(folder, family="gpt2", layers=a.layers, d_model=a.d_model, heads=a.heads, max_positions=max(512, a.context_size), vocab_size=2048, seed=0)
+    n_docs = max(50, a.tokens // 40)
+    corpus = write_jsonl(work / "corpus.jsonl", synthetic_docs(n_docs, seed=1))
+
+    def job(name: str, hooks: tuple[str, ...]) -> ExtractJob:
+        return ExtractJob(
+            store=str(work / "acts"), name=name, model=ModelRef(str(folder)), corpus=CorpusSource(str(corpus)), hooks=hooks,
+            context_size=a.context_size, unit_contexts=a.unit_contexts, batch_tokens=a.batch_tokens, dtype=a.dtype, progress=False,
+        )
+
+    last = f"blocks.{a.layers - 1}.hook_resid_post"
+    p = prepare(job("plan", (last,)))
+    ctx = plan(p, tokenize(p.corpus, p.tokenizer, chunk_docs=4096, use_ray=False))
+    token_id = ctx.token_id
+    per_batch = max(1, a.batch_tokens // a.context_size)
+    n_tok = int(token_id.size)
+    params = sum(np.prod(s) for s in [(a.d_model, 3 * a.d_model), (a.d_model, a.d_model), (a.d_model, 4 * a.d_model), (4 * a.d_model, a.d_model)]) * a.layers
+    print(f"machine: {cpus} CPU cores, torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
+    print(f"model: GPT-2 shape, {a.layers} layers, d_model {a.d_model}, ~{params / 1e6:.1f}M block parameters; "
+          f"{n_tok:,} tokens = {len(token_id)} contexts x {a.context_size}, {a.batch_tokens} tokens per batch, {a.unit_contexts} contexts per unit")
+
+    # Shared CPUs drift by 2x over minutes: measure every contender in each of `rounds`
+    # interleaved rounds over the same tokens and keep each one's best run.
+    import ray
+
+    bare: list[float] = []
+    one: list = []
+    every: list = []
+    sl: list[float] = []
+    sl_error = None
+    ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        for rnd in range(a.rounds):
+            one.append(run_extract(job(f"one-hook-{rnd}", (last,))))
+            if rnd == 0:
+                driver_rss = rss_mb()  # the driver's own peak: planning, tokenization tasks, the pool
+            every.append(run_extract(job(f"all-resid-post-{rnd}", ("blocks.*.hook_resid_post",))))
+            bare.append(bare_loop(folder, token_id, a.unit_contexts, per_batch, cpus, a.warmup_s if rnd == 0 else 3.0))
+            if not a.skip_sae_lens and sl_error is None:
+                try:
+                    sl.append(sae_lens_rate(folder, token_id, a.layers - 1, per_batch, a.d_model, work / f"sl-{rnd}"))
+                except Exception as e:  # report, do not hide the other figures
+                    sl_error = f"{type(e).__name__}: {e}"
+            print(f"round {rnd}: bare {bare[-1]:,.0f}, pipeline 1 hook {one[-1].steady_tokens_per_s:,.0f}, "
+                  f"all resid_post {every[-1].steady_tokens_per_s:,.0f}" + (f", sae-lens {sl[-1]:,.0f}" if len(sl) > rnd else "") + " tokens/s", flush=True)
+    finally:
+        ray.shutdown()
+    base = max(bare)
+    print(f"\nbest of {a.rounds} interleaved rounds, same model, same {n_tok:,} tokens, same batches:")
+    print(f"{'bare torch.no_grad() forward loop:':45s}{base:10,.0f} tokens/s   (the bound)")
+    for label, runs in (("pipeline, 1 hook (" + last + ")", one), (f"pipeline, all {a.layers} resid_post", every)):
+        r = max(runs, key=lambda x: x.steady_tokens_per_s)
+        assert r.tokens == n_tok
+        bps = r.bytes_written * (r.steady_tokens / r.tokens) / r.steady_seconds
+        print(
+            f"{label + ':':45s}{r.steady_tokens_per_s:10,.0f} tokens/s   ratio {r.steady_tokens_per_s / base:.2f}   "
+            f"{bps / 2**20:7.1f} MiB/s written ({a.dtype})   [job end to end incl. Ray tokenization + model load: {r.seconds:.1f}s]"
+        )
+    best_one = max(r.steady_tokens_per_s for r in one)
+    if sl:
+        print(f"{'sae-lens CacheActivationsRunner, 1 hook:':45s}{max(sl):10,.0f} tokens/s   pipeline/sae-lens {best_one / max(sl):.2f}")
+    elif sl_error:
+        print(f"sae-lens CacheActivationsRunner: failed: {sl_error}")
+    print(f"peak RSS: driver {driver_rss:,.0f} MiB (after its first job, before the bare loop ran in it), "
+          f"worker {max(r.worker_peak_rss for r in one + every) / 2**20:,.0f} MiB")
+    if not a.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

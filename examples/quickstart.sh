@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Strata quickstart: set up, build a tiny seeded model (no download), extract activations of the
+# shipped corpus into ./acts, and show how to open them from a notebook. Runs offline.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x .venv/bin/python ]; then
+  bash .ci/setup
+fi
+. .venv/bin/activate
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+if [ ! -f models/tiny-gpt2/config.json ]; then
+  python -m pipeline.tiny models/tiny-gpt2 --family gpt2 --layers 4 --d-model 128 --heads 4 \
+    --max-positions 512 --vocab-size 1024 --seed 0 --corpus examples/corpus.jsonl
+fi
+
+strata extract examples/quickstart.yaml "$@"
+strata verify ./acts tiny-gpt2-quickstart
+cat <<'TXT'
+
+Open it from a notebook:
+
+    import store
+    ds = store.open("./acts").dataset("tiny-gpt2-quickstart")
+    ds.info                                   # model, revision, tokenizer, corpus fingerprint, hooks, units
+    x = ds.read("blocks.3.hook_resid_post", rows=slice(0, 4096), as_="torch")
+    toks = ds.tokens()                        # token_id, doc_id, special, ... row-aligned with x
+    for batch in ds.iter_batches("blocks.3.hook_resid_post", batch_size=4096, shuffle=True, seed=0):
+        ...
+
+Run it again: it is a no-op. Add a hook: strata extract examples/quickstart.yaml --set 'hooks=[blocks.*.hook_mlp_out]'
+TXT

@@ -1,0 +1,156 @@
+"""Models: a hub id at a revision, or a local folder; the exact revision resolved and recorded.
+
+For a hub id the revision (branch, tag or commit) is resolved to the commit hash of the
+snapshot that is loaded. For a local folder the revision is a hash of its weight and config
+files, so a changed checkpoint makes a new dataset. ``trust_remote_code`` stays off unless the
+spec sets it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from pipeline.errors import ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.py"]
+TORCH_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as a spec names it."""
+
+    id: str
+    revision: str | None = None
+    torch_dtype: str = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model pinned to an exact revision, loadable from ``folder`` on this machine."""
+
+    id: str
+    revision: str
+    folder: str
+    local: bool
+    torch_dtype: str
+    trust_remote_code: bool
+
+    def fetch(self) -> str:
+        """The local folder of this exact revision, downloading it when absent (workers on other
+        nodes call this; a local folder must be visible to them at the same path)."""
+        if self.local or os.path.isdir(self.folder):
+            return self.folder
+        return _snapshot(self.id, self.revision)
+
+
+def _looks_like_path(model_id: str) -> bool:
+    return model_id.startswith((".", "/", "~")) or os.sep in model_id and os.path.exists(model_id.split(os.sep)[0])
+
+
+def folder_revision(folder: str) -> str:
+    """A hash of a local model folder's weight and config files (names and contents)."""
+    h = xxhash.xxh3_128()
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and (p.suffix in _WEIGHTS or p.name == "config.json"))
+    if not any(p.suffix in _WEIGHTS for p in files):
+        raise ModelNotFoundError(f"model folder {folder!r} holds no weight files ({', '.join(_WEIGHTS)})")
+    for p in files:
+        h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return f"local-xxh3:{h.hexdigest()}"
+
+
+def _snapshot(model_id: str, revision: str | None) -> str:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        folder = snapshot_download(model_id, revision=revision, allow_patterns=_HUB_PATTERNS)
+        if not any(f.endswith(".safetensors") for f in os.listdir(folder)):
+            folder = snapshot_download(model_id, revision=revision, allow_patterns=[*_HUB_PATTERNS, "*.bin"])
+        return folder
+    except RevisionNotFoundError:
+        raise ModelNotFoundError(f"model {model_id!r} has no revision {revision!r} on the hub") from None
+    except (RepositoryNotFoundError, GatedRepoError, HFValidationError):
+        raise ModelNotFoundError(
+            f"unknown model {model_id!r}: not a local folder and not a hub model this machine can access"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise ModelNotFoundError(
+            f"model {model_id!r} (revision {revision or 'main'!r}) is not in the local hub cache and the hub is unreachable "
+            "(offline); use a local folder or a machine with hub access"
+        ) from None
+    except Exception as e:  # network errors of many kinds
+        raise ModelNotFoundError(f"cannot fetch model {model_id!r} (revision {revision or 'main'!r}): {e}") from None
+
+
+def resolve(ref: ModelRef) -> ResolvedModel:
+    """Pin a model to its exact revision (before anything runs)."""
+    mid = os.path.expanduser(ref.id)
+    if os.path.isdir(mid):
+        folder = os.path.abspath(mid)
+        rev = folder_revision(folder)
+        if ref.revision not in (None, "main", rev):
+            raise ModelNotFoundError(f"model folder {ref.id!r} has revision {rev!r}, not {ref.revision!r}")
+        return ResolvedModel(ref.id, rev, folder, True, ref.torch_dtype, ref.trust_remote_code)
+    if _looks_like_path(ref.id):
+        raise ModelNotFoundError(f"unknown model {ref.id!r}: no such folder")
+    folder = _snapshot(ref.id, ref.revision)
+    return ResolvedModel(ref.id, Path(folder).name, folder, False, ref.torch_dtype, ref.trust_remote_code)
+
+
+def load_config(m: ResolvedModel) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(m.folder, trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(f"cannot read the config of model {m.id!r}: {str(e).splitlines()[0]}") from None
+
+
+def load_tokenizer(m: ResolvedModel) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(m.folder, trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(f"cannot load the tokenizer of model {m.id!r}: {str(e).splitlines()[0]}") from None
+
+
+def max_context(config: Any) -> int | None:
+    """The longest context the model takes (position embeddings), or None when unbounded."""
+    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if n is None:
+        return None
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        n -= 2  # RoBERTa positions start after padding_idx + 1
+    return int(n)
+
+
+def load_model(m: ResolvedModel, *, device: str = "cpu") -> Any:
+    """The base model (``AutoModel``: no LM head, which no hook needs), in eval mode."""
+    import torch
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(
+        m.fetch(), dtype=getattr(torch, m.torch_dtype), trust_remote_code=m.trust_remote_code
+    )
+    return model.to(device).eval().requires_grad_(False)

@@ -1,0 +1,161 @@
+"""Tiny, seeded models of each supported family, with a tokenizer trained locally.
+
+Tests, the quickstart and the benchmarks use these so that nothing is downloaded:
+
+    python -m pipeline.tiny ./models/tiny-gpt2 --family gpt2
+    python -m pipeline.tiny ./models/bench --family gpt2 --layers 4 --d-model 384
+
+The same arguments always give the same weights and tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+FAMILIES = ("gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "bert")
+
+_SUBJECTS = "the river|a small robot|my neighbour|the old library|every student|the committee|a red fox|the server|our team|the orchestra|a quiet village|the telescope".split("|")
+_VERBS = "watched|built|described|painted|measured|ignored|discovered|repaired|counted|remembered|followed|questioned".split("|")
+_OBJECTS = "the northern lights|a broken bridge|seven green bottles|the last train|an ancient map|the morning news|a strange signal|the price of bread|a paper boat|the winter storm|two hundred birds|the first chapter".split("|")
+_TAILS = "before dawn|after the rain|without a word|with great care|in the cold|for the third time|near the harbour|during the festival|at midnight|under the bridge".split("|")
+
+
+def synthetic_docs(n: int, *, seed: int = 0) -> list[str]:
+    """``n`` short documents of simple English sentences, the same for the same seed."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        sents = []
+        for _ in range(rng.randint(1, 6)):
+            s = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_TAILS)}"
+            if rng.random() < 0.3:
+                s += f", and counted {rng.randint(2, 999)} of them"
+            sents.append(s[0].upper() + s[1:] + ".")
+        docs.append(" ".join(sents))
+    return docs
+
+
+def write_jsonl(path: str | Path, docs: Iterable[str]) -> Path:
+    """Write documents as JSON lines with a ``text`` field."""
+    path = Path(path)
+    with open(path, "w", encoding="utf-8") as fh:
+        for d in docs:
+            fh.write(json.dumps({"text": d}) + "\n")
+    return path
+
+
+def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 512, family: str = "gpt2"):
+    """A byte-level BPE tokenizer trained on ``texts``, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|pad|>", "<|bos|>"] if family != "bert" else ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tk.train_from_iterator(list(texts), trainer=trainer)
+    if family == "bert":
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+        )
+    if family == "gpt2":  # GPT-2 style: one token is BOS, EOS and separator
+        return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|pad|>")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|bos|>", eos_token="<|endoftext|>", pad_token="<|pad|>")
+
+
+def tiny_config(family: str, *, layers: int, d_model: int, heads: int, max_positions: int, vocab_size: int):
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size)
+    if family == "gpt2":
+        return tf.GPT2Config(n_layer=layers, n_embd=d_model, n_head=heads, n_positions=max_positions, bos_token_id=0, eos_token_id=0, **common)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(
+            num_hidden_layers=layers, hidden_size=d_model, num_attention_heads=heads, intermediate_size=4 * d_model,
+            max_position_embeddings=max_positions, rotary_pct=0.25, **common,
+        )
+    if family in ("llama", "qwen2"):
+        cls = tf.LlamaConfig if family == "llama" else tf.Qwen2Config
+        return cls(
+            num_hidden_layers=layers, hidden_size=d_model, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+            intermediate_size=3 * d_model, max_position_embeddings=max_positions, **common,
+        )
+    if family == "gemma2":
+        return tf.Gemma2Config(
+            num_hidden_layers=layers, hidden_size=d_model, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+            head_dim=d_model // heads, intermediate_size=3 * d_model, max_position_embeddings=max_positions,
+            sliding_window=max_positions, **common,
+        )
+    if family == "bert":
+        return tf.BertConfig(
+            num_hidden_layers=layers, hidden_size=d_model, num_attention_heads=heads, intermediate_size=4 * d_model,
+            max_position_embeddings=max_positions, **common,
+        )
+    raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
+
+
+def build_tiny(
+    folder: str | Path,
+    *,
+    family: str = "gpt2",
+    layers: int = 2,
+    d_model: int = 32,
+    heads: int = 4,
+    max_positions: int = 256,
+    vocab_size: int = 512,
+    seed: int = 0,
+    texts: Iterable[str] | None = None,
+) -> Path:
+    """Build a seeded model of ``family`` and a tokenizer trained on ``texts`` (synthetic
+    documents by default); save both to ``folder`` (Hugging Face layout) and return it."""
+    import torch
+    import transformers as tf
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(texts if texts is not None else synthetic_docs(2000, seed=seed), vocab_size=vocab_size, family=family)
+    cfg = tiny_config(family, layers=layers, d_model=d_model, heads=heads, max_positions=max_positions, vocab_size=len(tok))
+    cfg.pad_token_id = tok.pad_token_id
+    torch.manual_seed(seed)
+    model = tf.BertModel(cfg) if family == "bert" else tf.AutoModelForCausalLM.from_config(cfg)
+    model.eval()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (folder / "strata_tiny.json").write_text(json.dumps({"family": family, "layers": layers, "d_model": d_model, "seed": seed}))
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.tiny", description="Build a tiny seeded model with a locally trained tokenizer.")
+    p.add_argument("folder")
+    p.add_argument("--family", default="gpt2", choices=FAMILIES)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--max-positions", type=int, default=512)
+    p.add_argument("--vocab-size", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--corpus", help="a JSON-lines file whose `text` fields train the tokenizer (default: synthetic text)")
+    a = p.parse_args(argv)
+    texts = None
+    if a.corpus:
+        with open(a.corpus, encoding="utf-8") as fh:
+            texts = [json.loads(line)["text"] for line in fh if line.strip()]
+    out = build_tiny(
+        a.folder, family=a.family, layers=a.layers, d_model=a.d_model, heads=a.heads, max_positions=a.max_positions,
+        vocab_size=a.vocab_size, seed=a.seed, texts=texts,
+    )
+    print(f"built a tiny {a.family} model in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

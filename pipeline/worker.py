@@ -1,0 +1,164 @@
+"""The model replica: runs units through the model with hooks and writes them to the store.
+
+One :class:`UnitWorker` per GPU (or a CPU worker when there is none), wrapped as a Ray actor by
+:mod:`pipeline.extract`. It can also be used directly, in-process, which is how tests compare
+it with a plain forward pass.
+
+Each unit is computed in batches sized by tokens into one host buffer per hook (pinned memory
+on CUDA, filled by non-blocking copies on a separate stream, so device-to-host copies overlap
+the next layers' compute), then written and committed by :meth:`store.DatasetWriter.write_unit`.
+The actor runs two calls at once under a compute lock: while one unit is being written, the
+next one is already computing. Activations never pass through Ray's object store; a call
+returns a small status dict.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipeline.hooks import Capture, family_of, hook_sites
+from pipeline.models import ResolvedModel, load_model
+from pipeline.packing import Contexts
+
+log = logging.getLogger(__name__)
+
+# Test hooks: a worker process exits abruptly in the middle of a unit (after its forward pass,
+# before anything of it is written) once it has finished this many units. With the marker
+# variable set, only the first worker to get there crashes (it creates the marker file).
+CRASH_ENV = "STRATA_TEST_CRASH_AFTER_UNITS"
+CRASH_MARKER_ENV = "STRATA_TEST_CRASH_MARKER"
+
+_STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    store_uri: str
+    dataset: str
+    model: ResolvedModel
+    model_type: str
+    n_layers: int
+    d_model: int
+    dtype: str  # stored dtype
+    batch_tokens: int
+    threads: int | None = None
+    storage_options: dict[str, Any] | None = None
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class UnitWorker:
+    def __init__(self, cfg: WorkerConfig) -> None:
+        import store
+
+        try:
+            import transformers
+
+            transformers.utils.logging.set_verbosity_error()
+            transformers.utils.logging.disable_progress_bar()
+        except Exception:  # pragma: no cover - cosmetics only
+            pass
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.cfg = cfg
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.model = load_model(cfg.model, device=str(self.device))
+        self.sites = hook_sites(family_of(cfg.model_type), cfg.n_layers)
+        self.writer = store.open(cfg.store_uri, storage_options=cfg.storage_options).writer(cfg.dataset)
+        self.out_dtype = _STORE_DTYPES[cfg.dtype]
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._compute = threading.Lock()
+        self.units_done = 0
+        crash = os.environ.get(CRASH_ENV)
+        self.crash_after = int(crash) if crash else None
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "device": str(self.device), "threads": torch.get_num_threads()}
+
+    # -- compute --------------------------------------------------------------------------
+
+    def compute(self, contexts: Contexts, hooks: list[str]) -> dict[str, torch.Tensor]:
+        """Activations ``{hook: [rows, d]}`` of ``contexts`` on the host, in the stored dtype."""
+        n, s = contexts.token_id.shape
+        rows = n * s
+        pin = self.device.type == "cuda"
+        bufs = {h: torch.empty((rows, self.cfg.d_model), dtype=self.out_dtype, pin_memory=pin) for h in hooks}
+        per_batch = max(1, self.cfg.batch_tokens // s)
+        ids_all = torch.from_numpy(contexts.token_id.astype("int64", copy=False))
+        mask_all = torch.from_numpy(contexts.mask) if contexts.padded else None
+        state = {"r0": 0, "r1": 0}
+
+        def sink(hook: str, t: torch.Tensor) -> None:
+            if hook not in bufs:
+                return
+            dst = bufs[hook][state["r0"] : state["r1"]]
+            src = t.detach().reshape(-1, t.shape[-1])
+            if self.copy_stream is None:
+                dst.copy_(src)  # one pass: copy and cast to the stored dtype
+                return
+            # Copy on a side stream once the compute stream has produced `t`; compute goes on.
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.copy_stream):
+                dst.copy_(src.to(self.out_dtype), non_blocking=True)
+            src.record_stream(self.copy_stream)
+
+        with torch.inference_mode(), Capture(self.model, self.sites, hooks, sink) as cap:
+            for c0 in range(0, n, per_batch):
+                c1 = min(n, c0 + per_batch)
+                state["r0"], state["r1"] = c0 * s, c1 * s
+                inputs: dict[str, Any] = {"input_ids": ids_all[c0:c1].to(self.device, non_blocking=True), "use_cache": False}
+                if mask_all is not None:
+                    inputs["attention_mask"] = mask_all[c0:c1].to(self.device, dtype=torch.long, non_blocking=True)
+                cap.forward(**inputs)
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()
+        return bufs
+
+    # -- one unit -------------------------------------------------------------------------
+
+    def process(self, unit: int, contexts: Contexts, hooks: list[str]) -> dict[str, Any]:
+        """Compute and commit one unit for ``hooks``; returns a small status dict."""
+        t0 = time.perf_counter()
+        with self._compute:
+            acts = self.compute(contexts, hooks)
+            self._maybe_crash()
+        t1 = time.perf_counter()
+        first = unit * self.writer.info.unit_contexts
+        status = self.writer.write_unit(unit, tokens=contexts.token_table(first), acts=acts)
+        t2 = time.perf_counter()
+        self.units_done += 1
+        nbytes = sum(a.numel() * a.element_size() for a in acts.values())
+        return {
+            "unit": unit,
+            "rows": contexts.token_id.size,
+            "hooks": hooks,
+            "status": status,
+            "compute_s": t1 - t0,
+            "write_s": t2 - t1,
+            "bytes": nbytes,
+            "pid": os.getpid(),
+            "peak_rss": peak_rss_bytes(),
+        }
+
+    def _maybe_crash(self) -> None:
+        if self.crash_after is None or self.units_done < self.crash_after:
+            return
+        marker = os.environ.get(CRASH_MARKER_ENV)
+        if marker:
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.close(fd)
+            except FileExistsError:
+                return
+        log.error("%s: crashing on purpose in the middle of a unit", CRASH_ENV)
+        os._exit(17)
