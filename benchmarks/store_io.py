@@ -135,7 +135,9 @@ def bench_read(root: Path, ds: store.ActivationDataset, full: np.ndarray, repeat
     return nrows / statistics.median(t_m), nrows / statistics.median(t_s)
 
 
-def bench_batches(root: Path, ds: store.ActivationDataset, full: np.ndarray, repeats: int, batch: int = 4096) -> tuple[float, float]:
+def bench_batches(root: Path, ds: store.ActivationDataset, full: np.ndarray, repeats: int, batch: int = 4096, epochs: int = 4) -> tuple[float, float]:
+    """Both sides stream `epochs` passes over the data through one iterator, as training does
+    (a fresh iterator's one-off setup, buffers and metadata, is then amortised as in real use)."""
     import datasets
     from datasets import Array2D, Dataset, Features, Sequence, Value
     from sae_lens.training.activations_store import ActivationsStore
@@ -150,14 +152,14 @@ def bench_batches(root: Path, ds: store.ActivationDataset, full: np.ndarray, rep
     Dataset.from_dict(
         {hook: full.reshape(n_ctx, CTX, d), "token_ids": np.zeros((n_ctx, CTX), dtype=np.int32)}, features=features
     ).save_to_disk(str(cache))
-    n_batches = rows // batch
+    n_batches = epochs * (rows // batch)
 
     def sae_lens_read():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             act_store = ActivationsStore(
                 model=None, dataset=None, streaming=False, hook_name=hook, hook_head_index=None, context_size=CTX, d_in=d,
-                n_batches_in_buffer=32, total_training_tokens=rows, store_batch_size_prompts=32, train_batch_size_tokens=batch,
+                n_batches_in_buffer=32, total_training_tokens=epochs * rows, store_batch_size_prompts=32, train_batch_size_tokens=batch,
                 prepend_bos=True, normalize_activations="none", device=torch.device("cpu"), dtype="float32",
                 cached_activations_path=str(cache),
             )
@@ -166,7 +168,7 @@ def bench_batches(root: Path, ds: store.ActivationDataset, full: np.ndarray, rep
                 assert b.shape == (batch, d)
 
     def strata_batches():
-        it = ds.iter_batches(hook, batch_size=batch, shuffle=True, seed=0, epochs=1, buffer_rows=1 << 17)
+        it = ds.iter_batches(hook, batch_size=batch, shuffle=True, seed=0, epochs=epochs, buffer_rows=1 << 17)
         k = 0
         for b in it:
             k += 1
@@ -210,7 +212,7 @@ def main() -> None:
         if "batches" in parts:
             ds, full = build(root / "b", args.d, args.units, args.unit_contexts, "float32")
             base, ours = bench_batches(root, ds, full, args.repeats)
-            print(f"iter_batches shuffled float32 x4096: {ours / 1e6:.2f} M rows/s vs sae-lens ActivationsStore (cached) {base / 1e6:.2f} M rows/s  ratio {ours / base:.2f}  (target >= 2)")
+            print(f"iter_batches shuffled float32 x4096, 4 epochs: {ours / 1e6:.2f} M rows/s vs sae-lens ActivationsStore (cached) {base / 1e6:.2f} M rows/s  ratio {ours / base:.2f}  (target >= 2)")
         for dtype in ("float32", "float16", "bfloat16") if "bytes" in parts else ():
             d_root = root / f"bytes-{dtype}"
             s = store.open(d_root)

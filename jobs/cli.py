@@ -57,7 +57,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_extract(args: argparse.Namespace) -> int:
     from jobs.extract import main as extract_main
 
-    return extract_main([args.spec, *sum((["--set", kv] for kv in args.set or []), [])])
+    argv = [args.spec, *sum((["--set", kv] for kv in args.set or []), [])]
+    return extract_main(argv + (["--no-progress"] if args.no_progress else []))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("extract", help="run an extraction job spec (YAML)")
     q.add_argument("spec")
     q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key, e.g. compute.batch_tokens=4096")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_extract)
     return p
 

@@ -7,9 +7,10 @@ epoch's row stream is the windows one after another, and batch ``b`` is rows
 ``[b * batch_size, (b + 1) * batch_size)`` of that stream. Every kept row appears exactly once
 per epoch, and resuming at ``(epoch, batch)`` skips whole windows without reading them.
 
-Two daemon threads work ahead of the consumer: one reads the next window while the other
-gathers batches (``prefetch`` of them) out of the current one, so storage reads, the shuffle
-and training overlap. Memory: two window buffers of ``buffer_rows x d`` in the stored dtype.
+Two daemon threads work ahead of the consumer: one maps the next window's shard files (and
+checks each unit's checksum the first time), the other gathers batches (``prefetch`` of them)
+straight out of the mapped files, so reads, the shuffle and training overlap, and no window is
+ever copied whole. Rows within a batch come grouped by unit (see ``_gather``).
 """
 
 from __future__ import annotations
@@ -139,20 +140,9 @@ class BatchIterator:
             kept = kept[np.random.default_rng([self.seed, epoch, index]).permutation(kept.size)]
         return kept
 
-    def _fill_window(self, units: list[int], buffers: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Read the window's units into the reused window buffers (storage dtype)."""
-        ds, ur = self.ds, self.ds.info.unit_rows
-        out = {}
-        for h in self.hooks:
-            d = ds.info.hooks[h].d
-            buf = buffers.get(h)
-            if buf is None:
-                buf = buffers[h] = np.empty((self.units_per_window * ur, d), dtype=storage_dtype(ds.info.dtype))
-            for slot, u in enumerate(units):
-                rows = ds._commits[None][u].rows
-                ds._unit_values(h, u, verify=True, out=buf[slot * ur : slot * ur + rows])
-            out[h] = buf
-        return out
+    def _map_window(self, units: list[int]) -> dict[str, list[np.ndarray]]:
+        """The window's units as mapped ``[rows, d]`` arrays per hook (checked on first use)."""
+        return {h: [self.ds._mapped_unit(h, u) for u in units] for h in self.hooks}
 
     # -- the loader thread --------------------------------------------------------------------
 
@@ -189,30 +179,44 @@ class BatchIterator:
                 continue
         return _END
 
-    def _reader(self, epoch: int, batch: int, stop: threading.Event, windows: queue.Queue, free: queue.Queue) -> None:
-        """Read windows into one of two reused buffers (fresh 100s of MiB per window would
-        cost as much in page faults as the reads), while the gatherer works on the other."""
+    def _reader(self, epoch: int, batch: int, stop: threading.Event, windows: queue.Queue) -> None:
+        """Map the next windows (and check units the first time) while batches are gathered."""
         try:
             for e, wi, units, skip in self._plan(epoch, batch):
-                buffers = self._get(free, stop)
-                if buffers is _END:
-                    return
-                window = self._fill_window(units, buffers)
+                window = self._map_window(units)
                 order = self._window_order(e, wi, units)[skip:]
-                if not self._put(windows, (e, order, window, buffers), stop):
+                if not self._put(windows, (e, order, window), stop):
                     return
             self._put(windows, _END, stop)
         except BaseException as exc:
             self._put(windows, _Failure(exc), stop)
 
-    def _gatherer(self, epoch: int, batch: int, stop: threading.Event, windows: queue.Queue, free: queue.Queue, out: queue.Queue) -> None:
-        """Produce the exact batch sequence from (epoch, batch) on, gathering rows out of the
-        window buffers (so batches never alias them) and handing the buffers back."""
-        stored = self.ds.info.dtype
+    def _gather(self, window: dict[str, list[np.ndarray]], idx: np.ndarray, out: dict[str, np.ndarray], at: int) -> None:
+        """Rows ``idx`` (window positions) into ``out[h][at:]``, straight from the mapped units.
 
-        def take(window: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
-            # NumPy's take gathers rows ~10x faster than torch's index_select on CPU here.
-            return {h: np.take(window[h], idx, axis=0) for h in self.hooks}
+        Rows come grouped by unit within the batch (each group in shuffled order): one
+        contiguous ``take`` per unit, with no scatter and no intermediate copy. The batch is
+        still a uniform sample of the window, which is what training sees."""
+        ur = self.ds.info.unit_rows
+        slots = idx // ur
+        order = np.argsort(slots, kind="stable")
+        counts = np.bincount(slots, minlength=len(next(iter(window.values()))))
+        rows = (idx - slots * ur)[order]
+        pos = 0
+        for slot, k in enumerate(counts):
+            if k:
+                for h in self.hooks:
+                    # mode="clip" writes straight into `out` (mode="raise" buffers it); the
+                    # indices are in range by construction.
+                    np.take(window[h][slot], rows[pos : pos + k], axis=0, out=out[h][at + pos : at + pos + k], mode="clip")
+                pos += k
+
+    def _gatherer(self, epoch: int, batch: int, stop: threading.Event, windows: queue.Queue, out: queue.Queue) -> None:
+        """Produce the exact batch sequence from (epoch, batch) on. Batches are fresh arrays
+        (never views of the mapped files), converted to the requested dtype."""
+        stored = self.ds.info.dtype
+        sdt = storage_dtype(stored)
+        bs = self.batch_size
 
         def emit(parts: dict[str, np.ndarray], e: int, b: int) -> bool:
             tensors = {}
@@ -221,37 +225,48 @@ class BatchIterator:
                 tensors[h] = t if t.dtype == self.dtype else t.to(self.dtype)
             return self._put(out, (e, b, tensors[self.hooks[0]] if self.single else tensors), stop)
 
+        def new(n: int) -> dict[str, np.ndarray]:
+            return {h: np.empty((n, self.ds.info.hooks[h].d), dtype=sdt) for h in self.hooks}
+
         try:
-            bs = self.batch_size
-            carry: dict[str, np.ndarray] | None = None
+            carry: dict[str, np.ndarray] | None = None  # rows short of a batch, from the last window
             cur_epoch, b = epoch, batch
+            item: Any = None
             while True:
                 item = self._get(windows, stop)
                 if item is _END or isinstance(item, _Failure):
                     break
-                e, order, window, buffers = item
+                e, order, window = item
                 if e != cur_epoch:
                     if carry is not None and not self.drop_last and not emit(carry, cur_epoch, b):
                         return
                     carry, cur_epoch, b = None, e, 0
                 at = 0
                 if carry is not None:
-                    idx = order[: bs - next(iter(carry.values())).shape[0]]
-                    got = take(window, idx)
-                    carry = {h: np.concatenate([carry[h], got[h]]) for h in self.hooks}
-                    at = idx.size
-                    if next(iter(carry.values())).shape[0] == bs:
+                    c = next(iter(carry.values())).shape[0]
+                    idx = order[: bs - c]
+                    merged = new(c + idx.size)
+                    for h in self.hooks:
+                        merged[h][:c] = carry[h]
+                    self._gather(window, idx, merged, c)
+                    carry, at = merged, idx.size
+                    if c + idx.size == bs:
                         if not emit(carry, e, b):
                             return
                         carry, b = None, b + 1
                 while carry is None and at + bs <= order.size:
-                    if not emit(take(window, order[at : at + bs]), e, b):
+                    parts = new(bs)
+                    self._gather(window, order[at : at + bs], parts, 0)
+                    if not emit(parts, e, b):
                         return
                     at, b = at + bs, b + 1
                 if at < order.size:
-                    rest = take(window, order[at:])
-                    carry = rest if carry is None else {h: np.concatenate([carry[h], rest[h]]) for h in self.hooks}
-                free.put(buffers)
+                    rest = new(order.size - at)
+                    self._gather(window, order[at:], rest, 0)
+                    if carry is None:
+                        carry = rest
+                    else:
+                        carry = {h: np.concatenate([carry[h], rest[h]]) for h in self.hooks}
             if isinstance(item, _Failure):
                 self._put(out, item, stop)
                 return
@@ -266,10 +281,7 @@ class BatchIterator:
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=self.prefetch)
         windows: queue.Queue[Any] = queue.Queue(maxsize=1)
-        free: queue.Queue[Any] = queue.Queue()
-        for _ in range(2):
-            free.put({})
-        args = (self._epoch, self._batch, self._stop, windows, free)
+        args = (self._epoch, self._batch, self._stop, windows)
         self._threads = [
             threading.Thread(target=self._reader, args=args, name="strata-batches-read", daemon=True),
             threading.Thread(target=self._gatherer, args=(*args, self._queue), name="strata-batches-gather", daemon=True),

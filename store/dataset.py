@@ -104,7 +104,8 @@ class ActivationDataset:
         self.name = name
         self.info: DatasetInfo = store._load_info(name)
         self._commits: dict[str | None, dict[int, CommitRecord]] = {}
-        self._checked: set[tuple[str, int]] = set()
+        self._checked: set[tuple[str, int]] = set()  # size and shard index checked
+        self._verified: set[tuple[str, int]] = set()  # checksum checked
         self._tokens: dict[int, pa.Table] = {}
         self.refresh()
 
@@ -276,6 +277,29 @@ class ActivationDataset:
         base = c0 * sl.chunk_rows
         return arr[lo - base : hi - base]
 
+    def _mapped_unit(self, hook: str, unit: int) -> np.ndarray:
+        """A whole committed unit as a read-only ``[rows, d]`` view of the mapped shard file
+        (local stores; read into memory elsewhere). Checked against its commit record the first
+        time this dataset object maps it: size, shard index, then checksum."""
+        rec = self._record(hook, unit, 0)
+        sl = self._layout(hook)
+        where = f"dataset {self.name!r} hook {hook!r} unit {unit} ({rec.file})"
+        try:
+            data = np.frombuffer(self.storage.map(rec.file), dtype=np.uint8)
+        except FileNotFoundError:
+            raise CorruptionError(f"{where}: file is missing") from None
+        if data.size != rec.nbytes:
+            raise CorruptionError(f"{where}: {data.size} bytes, the commit record says {rec.nbytes} (truncated?)")
+        if (hook, unit) not in self._checked:
+            sl.check_contiguous(sl.decode_index(data[-sl.index_bytes :].tobytes(), where=where), rec.rows, data.size, where=where)
+            self._checked.add((hook, unit))
+        arr = data[: rec.rows * sl.d * sl.itemsize].view(storage_dtype(self.info.dtype)).reshape(rec.rows, sl.d)
+        if (hook, unit) not in self._verified:
+            if checksum(arr) != rec.checksum:
+                raise CorruptionError(f"{where}: checksum mismatch (the file was modified after its commit)")
+            self._verified.add((hook, unit))
+        return arr
+
     def _extent(self, hook: str) -> int:
         """Rows of the dataset's row space: every unit full, but the last as committed (it
         may be short). Slices are taken over this, so a slice into uncommitted rows raises."""
@@ -390,7 +414,7 @@ class ActivationDataset:
 
     # -- verification ---------------------------------------------------------------------
 
-    def verify(self, *, hooks: Sequence[str] | None = None) -> VerifyReport:
+    def verify(self, *, hooks: Sequence[str] | None = None) -> VerifyReport:  # noqa: C901
         """Check every committed unit's files against its commit record (size, shard index,
         checksum, row count). Returns a report; never raises for a bad file."""
         self.refresh()
@@ -409,6 +433,7 @@ class ActivationDataset:
         for hook in hooks:
             for unit, rec in sorted(self._commits[hook].items()):
                 self._checked.discard((hook, unit))
+                self._verified.discard((hook, unit))
                 try:
                     arr = self._unit_values(hook, unit, verify=True)
                     report.bytes_checked += arr.nbytes

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterator
 
-from typing import Union
+from typing import Any, Union
 
 from zarr.abc.store import Store as ZarrStore
 
@@ -34,6 +34,11 @@ class Storage(abc.ABC):
     def read_buffer(self, key: str) -> bytearray:
         """The whole object in a writable buffer (for large arrays handed to torch)."""
         return bytearray(self.read(key))
+
+    def map(self, key: str) -> Any:
+        """The whole object as a read-only buffer: memory-mapped where the backend can (no copy,
+        pages come from the OS cache as they are touched), else read."""
+        return self.read(key)
 
     def read_into(self, key: str, out: memoryview) -> int:
         """Fill ``out`` with the object's first bytes; returns how many there were."""

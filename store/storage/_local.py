@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import uuid
 from pathlib import Path
@@ -50,6 +51,12 @@ class LocalStorage(Storage):
                     break
                 got += n
             return buf if got == size else buf[:got]
+
+    def map(self, key: str) -> np.ndarray:
+        with open(self._path(key), "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return np.empty(0, dtype=np.uint8)
+            return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
 
     def read_into(self, key: str, out: memoryview) -> int:
         with open(self._path(key), "rb", buffering=0) as f:
