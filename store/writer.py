@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -176,11 +177,18 @@ class DatasetWriter:
                 raise WriteMismatchError(f"{what} hook {hook!r}: shape {tuple(arr.shape)}, expected {expect}")
             stored[hook] = arr
 
-        status: dict[str, str] = {}
         ident = writer_identity()
-        status["tokens"] = self._write_tokens(unit, tokens, rows, ident, what)
-        for hook, arr in stored.items():
-            status[hook] = self._write_hook(unit, hook, arr, ident, what)
+        # The token table (Parquet encoding) and the checksums run on a helper thread while this
+        # one writes the shards: all three release the GIL, and the write path stays near disk
+        # speed. The token table is committed before any hook, so a hook unit is never visible
+        # without its tokens.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="strata-write") as pool:
+            tokens_done = pool.submit(self._write_tokens, unit, tokens, rows, ident, what)
+            sums = {h: pool.submit(checksum, a) for h, a in stored.items()}
+            ready = {h: self._write_shard(unit, h, a, sums[h], ident, what) for h, a in stored.items()}
+            status = {"tokens": tokens_done.result()}
+        for hook, rec in ready.items():
+            status[hook] = rec if isinstance(rec, str) else self._commit_hook(rec, what)
         return status
 
     def _check_existing(self, rec: CommitRecord, rows: int, what: str) -> str:
@@ -194,7 +202,9 @@ class DatasetWriter:
             return self._check_existing(existing, rows, what)
         data = encode_tokens(table)
         key = layout.tokens_key(self.name, unit, ident["attempt"])
-        self.storage.write(key, data)
+        # The key is this attempt's own: put-if-absent (a link, on a local disk) publishes it
+        # whole, and avoids the rename that makes a local write much slower here.
+        self.storage.put_if_absent(key, data)
         n_special = int(table.column("special").to_numpy(zero_copy_only=False).sum())
         rec = CommitRecord(unit, None, rows, checksum(data), key, len(data), ident, utcnow(), special=n_special)
         if self.storage.put_if_absent(layout.commit_key(self.name, None, unit), rec.to_json()):
@@ -205,8 +215,9 @@ class DatasetWriter:
         assert winner is not None
         return self._check_existing(winner, rows, what)
 
-    def _write_hook(self, unit: int, hook: str, arr: np.ndarray, ident: dict[str, Any], what: str) -> str:
-        """Write one hook's shard put-if-absent, then its commit record put-if-absent.
+    def _write_shard(self, unit: int, hook: str, arr: np.ndarray, sum_: Future[str], ident: dict[str, Any], what: str) -> CommitRecord | str:
+        """Write one hook's shard put-if-absent; returns its commit record to put, or the
+        status when another writer's commit already covers the unit.
 
         A shard is never overwritten while it may be committed or about to be: the shard key is
         fixed (it is a Zarr array's), so two writers of one unit (a retried straggler, two jobs
@@ -222,8 +233,9 @@ class DatasetWriter:
             return self._check_existing(existing, rows, what)
         sl = shard_layout(self.info, hook)
         key = layout.shard_key(self.name, hook, unit)
-        rec = CommitRecord(unit, hook, rows, checksum(arr), key, sl.shard_nbytes(rows), ident, utcnow())
-        while not self.storage.put_if_absent(key, sl.encode(arr)):
+        written = self.storage.put_if_absent(key, sl.encode(arr))
+        rec = CommitRecord(unit, hook, rows, sum_.result(), key, sl.shard_nbytes(rows), ident, utcnow())
+        while not written:
             winner = self._await_commit_or_orphan(unit, hook, key, rec, what)
             if winner is not None:
                 return self._check_existing(winner, rows, what)
@@ -231,11 +243,16 @@ class DatasetWriter:
                 break  # the same bytes: commit them
             log.warning("%s hook %r: replacing a shard left uncommitted by a dead writer", what, hook)
             self.storage.delete(key)
-        if self.storage.put_if_absent(layout.commit_key(self.name, hook, unit), rec.to_json()):
+            written = self.storage.put_if_absent(key, sl.encode(arr))
+        return rec
+
+    def _commit_hook(self, rec: CommitRecord, what: str) -> str:
+        assert rec.hook is not None
+        if self.storage.put_if_absent(layout.commit_key(self.name, rec.hook, rec.unit), rec.to_json()):
             return "committed"
-        winner = self.read_commit(unit, hook)
+        winner = self.read_commit(rec.unit, rec.hook)
         assert winner is not None
-        return self._check_existing(winner, rows, what)
+        return self._check_existing(winner, rec.rows, what)
 
     def _shard_matches(self, key: str, rec: CommitRecord) -> bool:
         try:
