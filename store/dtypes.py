@@ -55,17 +55,6 @@ def to_storage(values: Any, dtype: str, *, what: str) -> np.ndarray:
         return np.ascontiguousarray(arr, dtype=_STORAGE[dtype])
 
 
-def to_numpy(stored: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored values as NumPy: float32 or float16 as they are, bfloat16 widened exactly to float32."""
-    if dtype == "bfloat16":
-        return bf16_bits_to_float32(stored)
-    return stored
-
-
-def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
 def to_torch(stored: np.ndarray, dtype: str) -> torch.Tensor:
     """Stored values as a torch tensor of the logical dtype (bfloat16 exactly)."""
     arr = np.ascontiguousarray(stored)
@@ -74,9 +63,3 @@ def to_torch(stored: np.ndarray, dtype: str) -> torch.Tensor:
     if dtype == "bfloat16":
         return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(arr)
-
-
-def to_float32(stored: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        return bf16_bits_to_float32(stored)
-    return stored.astype(np.float32, copy=False)

@@ -128,9 +128,6 @@ class DatasetWriter:
 
     # -- units --------------------------------------------------------------------------
 
-    def unit_rows_range(self, unit: int) -> tuple[int, int]:
-        return unit * self.info.unit_rows, (unit + 1) * self.info.unit_rows
-
     def is_committed(self, unit: int, hook: str | None = None) -> bool:
         return self.storage.exists(layout.commit_key(self.name, hook, unit))
 

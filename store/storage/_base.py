@@ -8,7 +8,6 @@ written once for every backend.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
 
 from typing import Any, Union
 
@@ -30,10 +29,6 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def read(self, key: str) -> bytes:
         """The whole object; ``FileNotFoundError`` when missing."""
-
-    def read_buffer(self, key: str) -> bytearray:
-        """The whole object in a writable buffer (for large arrays handed to torch)."""
-        return bytearray(self.read(key))
 
     def map(self, key: str) -> Any:
         """The whole object as a read-only buffer: memory-mapped where the backend can (no copy,
@@ -86,9 +81,6 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def zarr_store(self) -> ZarrStore:
         """A Zarr v3 store rooted at the same place."""
-
-    def iter_list(self, prefix: str) -> Iterator[str]:
-        yield from self.list(prefix)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"

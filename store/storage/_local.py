@@ -37,21 +37,6 @@ class LocalStorage(Storage):
     def read(self, key: str) -> bytes:
         return self._path(key).read_bytes()
 
-    def read_buffer(self, key: str) -> np.ndarray:
-        # Straight into uninitialised memory (a bytearray would be zero-filled first, an extra
-        # pass over every byte); writable, so arrays viewed on it become torch tensors as is.
-        with open(self._path(key), "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            buf = np.empty(size, dtype=np.uint8)
-            view = memoryview(buf)
-            got = 0
-            while got < size:
-                n = f.readinto(view[got:])
-                if not n:
-                    break
-                got += n
-            return buf if got == size else buf[:got]
-
     def map(self, key: str) -> np.ndarray:
         with open(self._path(key), "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
