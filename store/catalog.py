@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from store import layout
-from store.manifest import DatasetInfo
+from store.manifest import IDENTITY_META_KEYS, DatasetInfo
 
 if TYPE_CHECKING:
     from store.core import Store
@@ -38,8 +38,9 @@ SCHEMA = pa.schema(
 
 def _row(info: DatasetInfo) -> dict:
     s = info.summary()
-    for k in ("model", "revision", "tokenizer", "corpus_fingerprint", "packing"):
-        s[k] = None if s[k] is None else str(s[k])
+    for k in IDENTITY_META_KEYS:
+        if k != "prepend_bos":
+            s[k] = None if s[k] is None else str(s[k])
     s["prepend_bos"] = None if s["prepend_bos"] is None else bool(s["prepend_bos"])
     return s
 

@@ -17,7 +17,7 @@ from store.commits import utcnow
 from store.dtypes import check_dtype
 from store.errors import DatasetExistsError, DatasetNotFoundError
 from store.lease import DatasetLease
-from store.manifest import DatasetInfo, fingerprint
+from store.manifest import IDENTITY_META_KEYS, DatasetInfo, fingerprint
 from store.storage import Storage, open_storage
 from store.writer import DatasetWriter, create_hook_array, new_hook_info
 
@@ -124,20 +124,14 @@ class Store:
         if self.storage.exists(layout.manifest_key(name)):
             old = self._load_info(name)
             if old.fingerprint != fp or old.unit_contexts != unit_contexts:
-                diff = {
-                    k: (a, b)
-                    for k, a, b in [
-                        ("context_size", old.context_size, context_size),
-                        ("dtype", old.dtype, dtype),
-                        ("unit_contexts", old.unit_contexts, unit_contexts),
-                        *[(k, old.meta.get(k), meta.get(k)) for k in ("model", "revision", "tokenizer", "corpus_fingerprint", "packing", "prepend_bos")],
-                    ]
-                    if a != b
-                }
-                raise DatasetExistsError(
-                    f"dataset {name!r} already exists with a different identity ({', '.join(f'{k}: {a!r} -> {b!r}' for k, a, b in ((k, *v) for k, v in diff.items()))}); "
-                    "choose a new name"
-                )
+                pairs = [
+                    ("context_size", old.context_size, context_size),
+                    ("dtype", old.dtype, dtype),
+                    ("unit_contexts", old.unit_contexts, unit_contexts),
+                    *[(k, old.meta.get(k), meta.get(k)) for k in IDENTITY_META_KEYS],
+                ]
+                diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in pairs if a != b)
+                raise DatasetExistsError(f"dataset {name!r} already exists with a different identity ({diff}); choose a new name")
             if not exist_ok:
                 raise DatasetExistsError(f"dataset {name!r} already exists in {self.uri}; pass exist_ok=True to reopen it")
             w = DatasetWriter(self, name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -232,45 +232,47 @@ class ActivationDataset:
             )
         return rec
 
-    def _unit_values(
-        self, hook: str, unit: int, lo: int = 0, hi: int | None = None, *, verify: bool = True, out: np.ndarray | None = None
-    ) -> np.ndarray:
-        """Stored values of rows ``[lo, hi)`` of one unit, as ``[hi - lo, d]`` of storage dtype.
-        Whole units are read into ``out`` when given (a C-contiguous array of that shape), so a
-        caller can reuse one buffer instead of faulting in fresh memory for every unit."""
+    def _where(self, hook: str, unit: int, rec: CommitRecord) -> str:
+        return f"dataset {self.name!r} hook {hook!r} unit {unit} ({rec.file})"
+
+    def _check_shard(self, hook: str, unit: int, rec: CommitRecord, size: int, tail: Callable[[int, int], Any]) -> None:
+        """The unit's file against its commit record: its size always, its shard index once per
+        dataset object. ``tail(start, end)`` reads bytes of the file."""
+        where = self._where(hook, unit, rec)
+        if size != rec.nbytes:
+            raise CorruptionError(f"{where}: {size} bytes, the commit record says {rec.nbytes} (truncated?)")
+        if (hook, unit) not in self._checked:
+            sl = self._layout(hook)
+            index = sl.decode_index(bytes(tail(size - sl.index_bytes, size)), where=where)
+            sl.check_contiguous(index, rec.rows, size, where=where)
+            self._checked.add((hook, unit))
+
+    def _check_sum(self, hook: str, unit: int, rec: CommitRecord, values: np.ndarray) -> None:
+        if checksum(values) != rec.checksum:
+            raise CorruptionError(f"{self._where(hook, unit, rec)}: checksum mismatch (the file was modified after its commit)")
+
+    def _size(self, hook: str, unit: int, rec: CommitRecord) -> int:
+        try:
+            return self.storage.size(rec.file)
+        except FileNotFoundError:
+            raise CorruptionError(f"{self._where(hook, unit, rec)}: file is missing") from None
+
+    def _unit_values(self, hook: str, unit: int, lo: int = 0, hi: int | None = None, *, verify: bool = True) -> np.ndarray:
+        """Stored values of rows ``[lo, hi)`` of one unit, as ``[hi - lo, d]`` of storage dtype
+        in memory of its own. A whole unit is checked against its checksum when ``verify``."""
         rec = self._record(hook, unit, 0 if hi is None else hi)
         hi = rec.rows if hi is None else hi
         sl = self._layout(hook)
         sdt = storage_dtype(self.info.dtype)
-        where = f"dataset {self.name!r} hook {hook!r} unit {unit} ({rec.file})"
+        size = self._size(hook, unit, rec)
+        self._check_shard(hook, unit, rec, size, lambda a, b: self.storage.read_range(rec.file, a, b))
         if lo == 0 and hi == rec.rows:
-            if out is None:
-                out = np.empty((rec.rows, sl.d), dtype=sdt)
-            elif out.shape != (rec.rows, sl.d) or out.dtype != sdt:
-                raise ValueError(f"out must be {(rec.rows, sl.d)} of {sdt}, got {out.shape} of {out.dtype}")
-            try:
-                size = self.storage.size(rec.file)
-                got = self.storage.read_into(rec.file, memoryview(out.reshape(-1)).cast("B"))
-            except FileNotFoundError:
-                raise CorruptionError(f"{where}: file is missing") from None
-            if size != rec.nbytes or got != out.nbytes:
-                raise CorruptionError(f"{where}: {size} bytes, the commit record says {rec.nbytes} (truncated?)")
-            tail = self.storage.read_range(rec.file, size - sl.index_bytes, size)
-            sl.check_contiguous(sl.decode_index(bytes(tail), where=where), rec.rows, size, where=where)
-            if verify and checksum(out) != rec.checksum:
-                raise CorruptionError(f"{where}: checksum mismatch (the file was modified after its commit)")
-            self._checked.add((hook, unit))
+            out = np.empty((rec.rows, sl.d), dtype=sdt)
+            if self.storage.read_into(rec.file, memoryview(out.reshape(-1)).cast("B")) != out.nbytes:
+                raise CorruptionError(f"{self._where(hook, unit, rec)}: shorter than its commit record says (truncated?)")
+            if verify:
+                self._check_sum(hook, unit, rec, out)
             return out
-        if (hook, unit) not in self._checked:
-            try:
-                size = self.storage.size(rec.file)
-            except FileNotFoundError:
-                raise CorruptionError(f"{where}: file is missing") from None
-            if size != rec.nbytes:
-                raise CorruptionError(f"{where}: {size} bytes, the commit record says {rec.nbytes} (truncated?)")
-            tail = self.storage.read_range(rec.file, size - sl.index_bytes, size)
-            sl.check_contiguous(sl.decode_index(bytes(tail), where=where), rec.rows, size, where=where)
-            self._checked.add((hook, unit))
         c0, c1 = lo // sl.chunk_rows, -(-hi // sl.chunk_rows)
         data = self.storage.read_range(rec.file, c0 * sl.chunk_bytes, c1 * sl.chunk_bytes)
         arr = np.frombuffer(data, dtype=sdt).reshape(-1, sl.d)
@@ -283,20 +285,14 @@ class ActivationDataset:
         time this dataset object maps it: size, shard index, then checksum."""
         rec = self._record(hook, unit, 0)
         sl = self._layout(hook)
-        where = f"dataset {self.name!r} hook {hook!r} unit {unit} ({rec.file})"
         try:
             data = np.frombuffer(self.storage.map(rec.file), dtype=np.uint8)
         except FileNotFoundError:
-            raise CorruptionError(f"{where}: file is missing") from None
-        if data.size != rec.nbytes:
-            raise CorruptionError(f"{where}: {data.size} bytes, the commit record says {rec.nbytes} (truncated?)")
-        if (hook, unit) not in self._checked:
-            sl.check_contiguous(sl.decode_index(data[-sl.index_bytes :].tobytes(), where=where), rec.rows, data.size, where=where)
-            self._checked.add((hook, unit))
+            raise CorruptionError(f"{self._where(hook, unit, rec)}: file is missing") from None
+        self._check_shard(hook, unit, rec, data.size, lambda a, b: data[a:b])
         arr = data[: rec.rows * sl.d * sl.itemsize].view(storage_dtype(self.info.dtype)).reshape(rec.rows, sl.d)
         if (hook, unit) not in self._verified:
-            if checksum(arr) != rec.checksum:
-                raise CorruptionError(f"{where}: checksum mismatch (the file was modified after its commit)")
+            self._check_sum(hook, unit, rec, arr)
             self._verified.add((hook, unit))
         return arr
 

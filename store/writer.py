@@ -233,11 +233,15 @@ class DatasetWriter:
         written = self.storage.put_if_absent(key, sl.encode(arr))
         rec = CommitRecord(unit, hook, rows, sum_.result(), key, sl.shard_nbytes(rows), ident, utcnow())
         while not written:
-            winner = self._await_commit_or_orphan(unit, hook, key, rec, what)
+            winner = self.read_commit(unit, hook)
             if winner is not None:
                 return self._check_existing(winner, rows, what)
+            # Shards are never rewritten, only deleted once orphaned: one comparison per shard seen.
             if self._shard_matches(key, rec):
                 break  # the same bytes: commit them
+            winner = self._await_commit_or_orphan(unit, hook, key)
+            if winner is not None:
+                return self._check_existing(winner, rows, what)
             log.warning("%s hook %r: replacing a shard left uncommitted by a dead writer", what, hook)
             self.storage.delete(key)
             written = self.storage.put_if_absent(key, sl.encode(arr))
@@ -261,15 +265,13 @@ class DatasetWriter:
             return False
         return checksum(body) == rec.checksum
 
-    def _await_commit_or_orphan(self, unit: int, hook: str, key: str, rec: CommitRecord, what: str) -> CommitRecord | None:
+    def _await_commit_or_orphan(self, unit: int, hook: str, key: str) -> CommitRecord | None:
         """Wait while another writer's shard may still be committed. Returns its commit, or
-        None when the shard is ours to commit (same bytes) or to replace (an orphan)."""
+        None once the shard is an orphan (or gone) and may be replaced."""
         while True:
             winner = self.read_commit(unit, hook)
             if winner is not None:
                 return winner
-            if self._shard_matches(key, rec):
-                return None
             try:
                 age = time.time() - self.storage.modified(key)
             except FileNotFoundError:

@@ -56,14 +56,20 @@ def _hold_lease(root: str, name: str, ready, release) -> None:
         release.wait(30)
 
 
-def test_lease_refuses_a_second_live_job_and_takes_over_a_dead_one(tmp_path):
-    make_dataset(tmp_path, num_units=1)
+def _lease_holder(root):
+    """A child process holding the write lease of dataset 'ds' until `release` is set."""
+    make_dataset(root, num_units=1)
     ctx = mp.get_context("spawn")
     ready, release = ctx.Event(), ctx.Event()
-    child = ctx.Process(target=_hold_lease, args=(str(tmp_path), "ds", ready, release))
+    child = ctx.Process(target=_hold_lease, args=(str(root), "ds", ready, release))
     child.start()
+    assert ready.wait(60)
+    return child, release
+
+
+def test_lease_refuses_a_second_live_job_and_takes_over_a_dead_one(tmp_path):
+    child, release = _lease_holder(tmp_path)
     try:
-        assert ready.wait(60)
         s = store.open(tmp_path)
         with pytest.raises(store.LeaseHeldError, match=r"being written by another job \(child on .* pid \d+"):
             s.lease("ds").acquire()
@@ -77,12 +83,7 @@ def test_lease_refuses_a_second_live_job_and_takes_over_a_dead_one(tmp_path):
 
 
 def test_lease_of_a_killed_driver_is_taken_over(tmp_path):
-    make_dataset(tmp_path, num_units=1)
-    ctx = mp.get_context("spawn")
-    ready, release = ctx.Event(), ctx.Event()
-    child = ctx.Process(target=_hold_lease, args=(str(tmp_path), "ds", ready, release))
-    child.start()
-    assert ready.wait(60)
+    child, _ = _lease_holder(tmp_path)
     child.kill()
     child.join(30)
     assert (tmp_path / layout.lease_key("ds")).exists()  # left behind by the killed holder
