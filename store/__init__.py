@@ -7,42 +7,69 @@
 """
 
 from store.core import Store, open
-from store.dataset import ActivationDataset, VerifyReport
+from store.dataset import ActivationDataset
+from store.documents import DOC_COLUMNS, DOC_SCHEMA
 from store.errors import (
     CorruptionError,
     DatasetExistsError,
     DatasetNotFoundError,
+    FormatVersionError,
     HookNotFoundError,
     InvalidNameError,
     LeaseHeldError,
+    LeaseLostError,
     NotCommittedError,
+    RowOutOfRangeError,
     StorageError,
+    StoreNotFoundError,
     StrataError,
     UnitOutOfRangeError,
+    UnknownDocumentError,
     WriteMismatchError,
 )
+from store.lease import Lease
 from store.manifest import DatasetInfo
 from store.tokens import TOKEN_COLUMNS, TOKEN_SCHEMA
+from store.verify import RepairReport, VerifyReport
 from store.writer import DatasetWriter
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    # The batch iterator needs torch; importing it only when asked keeps `import store` light.
+    if name == "BatchIterator":
+        from store.batches import BatchIterator
+
+        return BatchIterator
+    raise AttributeError(f"module 'store' has no attribute {name!r}")
 
 __all__ = [
     "open",
     "Store",
     "ActivationDataset",
+    "BatchIterator",
     "DatasetWriter",
     "DatasetInfo",
+    "Lease",
     "VerifyReport",
+    "RepairReport",
     "TOKEN_COLUMNS",
     "TOKEN_SCHEMA",
+    "DOC_COLUMNS",
+    "DOC_SCHEMA",
     "StrataError",
     "CorruptionError",
     "DatasetExistsError",
     "DatasetNotFoundError",
+    "FormatVersionError",
     "HookNotFoundError",
     "InvalidNameError",
     "LeaseHeldError",
+    "LeaseLostError",
     "NotCommittedError",
+    "RowOutOfRangeError",
     "StorageError",
+    "StoreNotFoundError",
     "UnitOutOfRangeError",
+    "UnknownDocumentError",
     "WriteMismatchError",
 ]

@@ -1,25 +1,40 @@
 """Shuffled training batches from the store, deterministic and resumable.
 
-The order is a pure function of a few numbers: the seed, the epoch, and the snapshot of
-committed units taken when the iterator was made. Each epoch permutes the units, groups them
-into windows of about ``buffer_rows`` rows, and permutes the rows inside each window; the
-epoch's row stream is the windows one after another, and batch ``b`` is rows
-``[b * batch_size, (b + 1) * batch_size)`` of that stream. Every kept row appears exactly once
-per epoch, and resuming at ``(epoch, batch)`` skips whole windows without reading them.
+The order is a pure function of a few numbers: the seed, the epoch, and the set of units
+(committed when the iterator was made, or chosen with ``units=``). Each epoch permutes the
+units, groups them into windows of about ``buffer_rows`` rows, and permutes the rows inside
+each window; the epoch's row stream is the windows one after another. Every kept row appears
+exactly once per epoch.
+
+* ``epochs=N``: batch ``b`` of epoch ``e`` is rows ``[b * batch_size, (b + 1) * batch_size)``
+  of that epoch's stream; an epoch's last batch may be short (``drop_last`` drops it).
+* ``epochs=None`` (training): the epochs' streams are joined into one endless stream and
+  batch ``b`` is rows ``[b * batch_size, (b + 1) * batch_size)`` of it, so every batch is full
+  (a batch may straddle two epochs).
+
+The state is ``(epoch, batch)`` or, endless, the global batch index; resuming skips whole
+windows without reading them.
 
 Two daemon threads work ahead of the consumer: one maps the next window's shard files (and
-checks each unit's checksum the first time), the other gathers batches (``prefetch`` of them)
-straight out of the mapped files, so reads, the shuffle and training overlap, and no window is
-ever copied whole. Rows within a batch come grouped by unit (see ``_gather``).
+checks each unit the first time), the other gathers batches (``prefetch`` of them) straight
+out of the mapped files, so reads, the shuffle and training overlap, and no window is ever
+copied whole. Rows within a batch come grouped by unit (see ``_Loader._gather``).
+
+The threads never outlive the iterator: ``close()`` stops them, as do ``with``, exhausting
+it, garbage collection and interpreter exit (an ``atexit`` hook), so a script that takes one
+batch and exits ends cleanly.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import queue
 import threading
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,6 +48,15 @@ if TYPE_CHECKING:
 
 _END = object()
 _TORCH_OUT = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_LIVE: weakref.WeakSet[_Loader] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    # Daemon threads still running torch or NumPy code while the interpreter tears down abort
+    # the process ("terminate called without an active exception"); stop and join them first.
+    for loader in list(_LIVE):
+        loader.stop()
 
 
 class _Failure:
@@ -40,11 +64,216 @@ class _Failure:
         self.exc = exc
 
 
-class BatchIterator:
-    """Iterator of ``[batch, d]`` tensors (a dict ``{hook: tensor}`` for several hooks).
+@dataclass(frozen=True)
+class _Order:
+    """The row order: pure functions of (seed, epoch) over a fixed set of units."""
 
-    ``epochs=None`` never ends. ``state_dict()`` after consuming batch ``b`` resumes at ``b + 1``:
-    the next batch after ``load_state_dict`` equals the next batch of an uninterrupted run.
+    units: tuple[int, ...]
+    kept: dict[int, int]  # unit -> rows kept (special rows left out when skipping them)
+    unit_rows: int
+    seed: int
+    shuffle: bool
+    units_per_window: int
+
+    @property
+    def rows_per_epoch(self) -> int:
+        return sum(self.kept.values())
+
+    def windows(self, epoch: int) -> list[list[int]]:
+        units = list(self.units)
+        if self.shuffle:
+            units = [units[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(units))]
+        k = self.units_per_window
+        return [units[i : i + k] for i in range(0, len(units), k)]
+
+    def window_order(self, epoch: int, index: int, keep: list[np.ndarray]) -> np.ndarray:
+        """Positions (in the window, units laid out in order, ``unit_rows`` apart) of the
+        window's kept rows, in stream order. ``keep[i]``: kept rows of the window's unit i."""
+        kept = np.concatenate([slot * self.unit_rows + k for slot, k in enumerate(keep)])
+        if self.shuffle:
+            kept = kept[np.random.default_rng([self.seed, epoch, index]).permutation(kept.size)]
+        return kept
+
+    def plan(self, epoch: int, skip: int, epochs: int | None) -> Iterator[tuple[int, int, list[int], int]]:
+        """``(epoch, window index, units, rows to skip)`` from row ``skip`` of ``epoch`` on."""
+        while epochs is None or epoch < epochs:
+            for wi, units in enumerate(self.windows(epoch)):
+                n = sum(self.kept[u] for u in units)
+                if skip >= n:
+                    skip -= n
+                    continue
+                yield epoch, wi, units, skip
+                skip = 0
+            epoch += 1
+            skip = 0
+
+
+class _Loader:
+    """The two loader threads of one run of the iterator. They hold the dataset and the
+    order, never the iterator, so an iterator that is dropped is collected and stops them."""
+
+    def __init__(self, ds: ActivationDataset, hooks: list[str], order: _Order, *, batch_size: int, epochs: int | None,
+                 drop_last: bool, dtype: torch.dtype, prefetch: int, skip_special: bool, single: bool) -> None:
+        self.ds, self.hooks, self.order = ds, hooks, order
+        self.batch_size, self.epochs, self.drop_last = batch_size, epochs, drop_last
+        self.dtype, self.skip_special, self.single = dtype, skip_special, single
+        self.stop_event = threading.Event()
+        self.out: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
+        self.threads: list[threading.Thread] = []
+
+    def start(self, epoch: int, skip: int) -> None:
+        windows: queue.Queue[Any] = queue.Queue(maxsize=1)
+        self.threads = [
+            threading.Thread(target=self._reader, args=(epoch, skip, windows), name="strata-batches-read", daemon=True),
+            threading.Thread(target=self._gatherer, args=(epoch, windows), name="strata-batches-gather", daemon=True),
+        ]
+        _LIVE.add(self)
+        for t in self.threads:
+            t.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for t in self.threads:
+            if t is not threading.current_thread():
+                t.join()
+        self.threads = []
+        _LIVE.discard(self)
+
+    def _put(self, q: queue.Queue, item: Any) -> bool:
+        while not self.stop_event.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _get(self, q: queue.Queue) -> Any:
+        while not self.stop_event.is_set():
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return _END
+
+    def _keep(self, unit: int) -> np.ndarray:
+        rec = self.ds.record(None, unit)
+        if self.skip_special and rec.special:
+            return np.flatnonzero(~self.ds.special_mask(unit))
+        return np.arange(rec.rows)
+
+    def _reader(self, epoch: int, skip: int, windows: queue.Queue) -> None:
+        """Map the next windows (checking units the first time) while batches are gathered."""
+        try:
+            for e, wi, units, skip_rows in self.order.plan(epoch, skip, self.epochs):
+                mapped = {h: [self.ds.unit_array(h, u) for u in units] for h in self.hooks}
+                order = self.order.window_order(e, wi, [self._keep(u) for u in units])[skip_rows:]
+                if not self._put(windows, (e, order, mapped)):
+                    return
+            self._put(windows, _END)
+        except BaseException as exc:  # surfaced in the consumer's thread
+            self._put(windows, _Failure(exc))
+
+    def _gather(self, window: dict[str, list[np.ndarray]], idx: np.ndarray, out: dict[str, np.ndarray], at: int) -> None:
+        """Rows ``idx`` (window positions) into ``out[h][at:]``, straight from the mapped units.
+
+        Rows come grouped by unit within the batch (each group in shuffled order): one
+        contiguous ``take`` per unit, with no scatter and no intermediate copy. The batch is
+        still a uniform sample of the window, which is what training sees."""
+        ur = self.order.unit_rows
+        slots = idx // ur
+        order = np.argsort(slots, kind="stable")
+        counts = np.bincount(slots, minlength=len(next(iter(window.values()))))
+        rows = (idx - slots * ur)[order]
+        pos = 0
+        for slot, k in enumerate(counts):
+            if k:
+                for h in self.hooks:
+                    # mode="clip" writes straight into `out` (mode="raise" buffers it); the
+                    # indices are in range by construction.
+                    np.take(window[h][slot], rows[pos : pos + k], axis=0, out=out[h][at + pos : at + pos + k], mode="clip")
+                pos += k
+
+    def _emit(self, parts: dict[str, np.ndarray], e: int) -> bool:
+        stored = self.ds.info.dtype
+        tensors = {}
+        for h, a in parts.items():
+            t = to_torch(a, stored)
+            tensors[h] = t if t.dtype == self.dtype else t.to(self.dtype)
+        return self._put(self.out, (e, tensors[self.hooks[0]] if self.single else tensors))
+
+    def _new(self, n: int) -> dict[str, np.ndarray]:
+        sdt = storage_dtype(self.ds.info.dtype)
+        return {h: np.empty((n, self.ds.info.hooks[h].d), dtype=sdt) for h in self.hooks}
+
+    def _gatherer(self, epoch: int, windows: queue.Queue) -> None:
+        """Produce the batch sequence. Batches are fresh arrays (never views of the mapped
+        files). With finite epochs, rows short of a batch at an epoch's end form its last
+        batch; endless, they carry over into the next epoch's first batch."""
+        bs = self.batch_size
+        carry: dict[str, np.ndarray] | None = None
+        cur = epoch
+        item: Any = None
+        try:
+            while True:
+                item = self._get(windows)
+                if item is _END or isinstance(item, _Failure):
+                    break
+                e, order, window = item
+                if e != cur:
+                    if carry is not None and self.epochs is not None:
+                        if not self.drop_last and not self._emit(carry, cur):
+                            return
+                        carry = None
+                    cur = e
+                at = 0
+                if carry is not None:
+                    c = next(iter(carry.values())).shape[0]
+                    take = order[: bs - c]
+                    merged = self._new(c + take.size)
+                    for h in self.hooks:
+                        merged[h][:c] = carry[h]
+                    self._gather(window, take, merged, c)
+                    carry, at = merged, take.size
+                    if c + take.size == bs:
+                        if not self._emit(carry, e):
+                            return
+                        carry = None
+                while carry is None and at + bs <= order.size:
+                    parts = self._new(bs)
+                    self._gather(window, order[at : at + bs], parts, 0)
+                    if not self._emit(parts, e):
+                        return
+                    at += bs
+                if at < order.size:
+                    rest = self._new(order.size - at)
+                    self._gather(window, order[at:], rest, 0)
+                    carry = rest if carry is None else {h: np.concatenate([carry[h], rest[h]]) for h in self.hooks}
+            if isinstance(item, _Failure):
+                self._put(self.out, item)
+                return
+            if item is _END and not self.stop_event.is_set():
+                if carry is not None and not self.drop_last and not self._emit(carry, cur):
+                    return
+                self._put(self.out, _END)
+        except BaseException as exc:
+            self._put(self.out, _Failure(exc))
+
+
+def _check_int(key: str, val: Any, *, minimum: int) -> int:
+    if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"`{key}` must be {what}, got {val!r}")
+    return int(val)
+
+
+class BatchIterator:
+    """Iterator of ``[batch, d]`` tensors (a dict ``{hook: tensor}`` of row-aligned batches
+    for several hooks). See the module docstring for the order and the endless mode.
+
+    ``state_dict()`` after consuming a batch resumes right after it: the next batch after
+    ``load_state_dict`` equals the next batch of an uninterrupted run. Use as a context
+    manager, or call :meth:`close`, to stop the loader threads promptly.
     """
 
     def __init__(
@@ -61,51 +290,67 @@ class BatchIterator:
         drop_last: bool = False,
         dtype: torch.dtype = torch.float32,
         prefetch: int = 4,
+        units: Sequence[int] | None = None,
     ) -> None:
         self.single = isinstance(hooks, str)
         self.hooks = [hooks] if isinstance(hooks, str) else list(hooks)
         if not self.hooks:
             raise ValueError("`hooks` must name at least one hook")
+        if len(set(self.hooks)) != len(self.hooks):
+            raise ValueError(f"`hooks` names a hook twice: {self.hooks}")
         for h in self.hooks:
-            ds._check_hook(h)
-        for key, val in (("batch_size", batch_size), ("buffer_rows", buffer_rows), ("prefetch", prefetch)):
-            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-                raise ValueError(f"`{key}` must be a positive int, got {val!r}")
-        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0):
-            raise ValueError(f"`epochs` must be a positive int or None (endless), got {epochs!r}")
+            ds.check_hook(h)
+        batch_size = _check_int("batch_size", batch_size, minimum=1)
+        buffer_rows = _check_int("buffer_rows", buffer_rows, minimum=1)
+        prefetch = _check_int("prefetch", prefetch, minimum=1)
+        seed = _check_int("seed", seed, minimum=0)
+        if epochs is not None:
+            epochs = _check_int("epochs", epochs, minimum=1)
         if dtype not in _TORCH_OUT:
             raise ValueError(f"`dtype` must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
         self.ds = ds
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = int(seed)
-        self.epochs = epochs
-        self.skip_special = skip_special
-        self.buffer_rows = buffer_rows
-        self.drop_last = drop_last
-        self.dtype = dtype
-        self.prefetch = prefetch
+        self.batch_size, self.shuffle, self.seed, self.epochs = batch_size, bool(shuffle), seed, epochs
+        self.skip_special, self.buffer_rows, self.drop_last = bool(skip_special), buffer_rows, bool(drop_last)
+        self.dtype, self.prefetch = dtype, prefetch
 
-        units = set(ds.committed_units(None))
+        committed = set(ds.committed_units(None))
         for h in self.hooks:
-            units &= set(ds.committed_units(h))
-        self.units = sorted(units)
-        if not self.units:
+            committed &= set(ds.committed_units(h))
+        if units is not None:
+            wanted = sorted({_check_int("units[]", u, minimum=0) for u in units})
+            missing = [u for u in wanted if u not in committed]
+            if missing:
+                raise NotCommittedError(f"dataset {ds.name!r}: unit(s) {missing[:8]} are not committed for all of {self.hooks}")
+            committed = set(wanted)
+        if not committed:
             raise NotCommittedError(f"dataset {ds.name!r} has no unit committed for all of {self.hooks}")
-        toks = ds._commits[None]
-        self.kept = {u: toks[u].rows - (toks[u].special if skip_special else 0) for u in self.units}
-        self.rows_per_epoch = sum(self.kept.values())
-        if self.rows_per_epoch == 0:
+        kept = {}
+        for u in sorted(committed):
+            rec = ds.record(None, u)
+            kept[u] = rec.rows - (rec.special if skip_special else 0)
+        self._order = _Order(
+            units=tuple(sorted(committed)), kept=kept, unit_rows=ds.info.unit_rows, seed=seed, shuffle=self.shuffle,
+            units_per_window=max(1, -(-buffer_rows // ds.info.unit_rows)) if shuffle else 1,
+        )
+        if self._order.rows_per_epoch == 0:
             raise NotCommittedError(f"dataset {ds.name!r}: every committed row is a special token")
-        self.units_per_window = max(1, -(-buffer_rows // ds.info.unit_rows)) if shuffle else 1
-
+        if epochs is None and self._order.rows_per_epoch < batch_size:
+            raise ValueError(
+                f"`batch_size` {batch_size} is larger than an epoch ({self._order.rows_per_epoch} rows); "
+                "an endless iterator would repeat rows within a batch"
+            )
         self._epoch = 0
         self._batch = 0
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._queue: queue.Queue[Any] = queue.Queue()
+        self._loader: _Loader | None = None
+        self._finalizer: weakref.finalize | None = None
 
-    # -- the order: pure functions of (seed, epoch) -------------------------------------------
+    @property
+    def units(self) -> list[int]:
+        return list(self._order.units)
+
+    @property
+    def rows_per_epoch(self) -> int:
+        return self._order.rows_per_epoch
 
     @property
     def batches_per_epoch(self) -> int:
@@ -117,204 +362,46 @@ class BatchIterator:
             raise TypeError("an endless iterator (epochs=None) has no length")
         return self.batches_per_epoch * self.epochs
 
-    def _windows_of(self, epoch: int) -> list[list[int]]:
-        units = list(self.units)
-        if self.shuffle:
-            units = [units[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(units))]
-        k = self.units_per_window
-        return [units[i : i + k] for i in range(0, len(units), k)]
-
-    def _window_order(self, epoch: int, index: int, units: list[int]) -> np.ndarray:
-        """Positions (in the window buffer, units laid out in order) of the window's kept
-        rows, in stream order."""
-        ds, ur = self.ds, self.ds.info.unit_rows
-        parts = []
-        for slot, u in enumerate(units):
-            if self.skip_special and ds._commits[None][u].special:
-                keep = np.flatnonzero(~ds._unit_tokens(u).column("special").to_numpy(zero_copy_only=False))
-            else:
-                keep = np.arange(ds._commits[None][u].rows)
-            parts.append(slot * ur + keep)
-        kept = np.concatenate(parts)
-        if self.shuffle:
-            kept = kept[np.random.default_rng([self.seed, epoch, index]).permutation(kept.size)]
-        return kept
-
-    def _map_window(self, units: list[int]) -> dict[str, list[np.ndarray]]:
-        """The window's units as mapped ``[rows, d]`` arrays per hook (checked on first use)."""
-        return {h: [self.ds._mapped_unit(h, u) for u in units] for h in self.hooks}
-
-    # -- the loader thread --------------------------------------------------------------------
-
-    def _plan(self, epoch: int, batch: int):
-        """(epoch, window index, units, rows to skip) from a position, endlessly or to the end."""
-        skip = batch * self.batch_size
-        while self.epochs is None or epoch < self.epochs:
-            for wi, units in enumerate(self._windows_of(epoch)):
-                n = sum(self.kept[u] for u in units)
-                if skip >= n:
-                    skip -= n
-                    continue
-                yield epoch, wi, units, skip
-                skip = 0
-            epoch += 1
-            skip = 0
-
-    @staticmethod
-    def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    @staticmethod
-    def _get(q: queue.Queue, stop: threading.Event) -> Any:
-        while not stop.is_set():
-            try:
-                return q.get(timeout=0.1)
-            except queue.Empty:
-                continue
-        return _END
-
-    def _reader(self, epoch: int, batch: int, stop: threading.Event, windows: queue.Queue) -> None:
-        """Map the next windows (and check units the first time) while batches are gathered."""
-        try:
-            for e, wi, units, skip in self._plan(epoch, batch):
-                window = self._map_window(units)
-                order = self._window_order(e, wi, units)[skip:]
-                if not self._put(windows, (e, order, window), stop):
-                    return
-            self._put(windows, _END, stop)
-        except BaseException as exc:
-            self._put(windows, _Failure(exc), stop)
-
-    def _gather(self, window: dict[str, list[np.ndarray]], idx: np.ndarray, out: dict[str, np.ndarray], at: int) -> None:
-        """Rows ``idx`` (window positions) into ``out[h][at:]``, straight from the mapped units.
-
-        Rows come grouped by unit within the batch (each group in shuffled order): one
-        contiguous ``take`` per unit, with no scatter and no intermediate copy. The batch is
-        still a uniform sample of the window, which is what training sees."""
-        ur = self.ds.info.unit_rows
-        slots = idx // ur
-        order = np.argsort(slots, kind="stable")
-        counts = np.bincount(slots, minlength=len(next(iter(window.values()))))
-        rows = (idx - slots * ur)[order]
-        pos = 0
-        for slot, k in enumerate(counts):
-            if k:
-                for h in self.hooks:
-                    # mode="clip" writes straight into `out` (mode="raise" buffers it); the
-                    # indices are in range by construction.
-                    np.take(window[h][slot], rows[pos : pos + k], axis=0, out=out[h][at + pos : at + pos + k], mode="clip")
-                pos += k
-
-    def _gatherer(self, epoch: int, batch: int, stop: threading.Event, windows: queue.Queue, out: queue.Queue) -> None:
-        """Produce the exact batch sequence from (epoch, batch) on. Batches are fresh arrays
-        (never views of the mapped files), converted to the requested dtype."""
-        stored = self.ds.info.dtype
-        sdt = storage_dtype(stored)
-        bs = self.batch_size
-
-        def emit(parts: dict[str, np.ndarray], e: int, b: int) -> bool:
-            tensors = {}
-            for h, a in parts.items():
-                t = to_torch(a, stored)
-                tensors[h] = t if t.dtype == self.dtype else t.to(self.dtype)
-            return self._put(out, (e, b, tensors[self.hooks[0]] if self.single else tensors), stop)
-
-        def new(n: int) -> dict[str, np.ndarray]:
-            return {h: np.empty((n, self.ds.info.hooks[h].d), dtype=sdt) for h in self.hooks}
-
-        try:
-            carry: dict[str, np.ndarray] | None = None  # rows short of a batch, from the last window
-            cur_epoch, b = epoch, batch
-            item: Any = None
-            while True:
-                item = self._get(windows, stop)
-                if item is _END or isinstance(item, _Failure):
-                    break
-                e, order, window = item
-                if e != cur_epoch:
-                    if carry is not None and not self.drop_last and not emit(carry, cur_epoch, b):
-                        return
-                    carry, cur_epoch, b = None, e, 0
-                at = 0
-                if carry is not None:
-                    c = next(iter(carry.values())).shape[0]
-                    idx = order[: bs - c]
-                    merged = new(c + idx.size)
-                    for h in self.hooks:
-                        merged[h][:c] = carry[h]
-                    self._gather(window, idx, merged, c)
-                    carry, at = merged, idx.size
-                    if c + idx.size == bs:
-                        if not emit(carry, e, b):
-                            return
-                        carry, b = None, b + 1
-                while carry is None and at + bs <= order.size:
-                    parts = new(bs)
-                    self._gather(window, order[at : at + bs], parts, 0)
-                    if not emit(parts, e, b):
-                        return
-                    at, b = at + bs, b + 1
-                if at < order.size:
-                    rest = new(order.size - at)
-                    self._gather(window, order[at:], rest, 0)
-                    if carry is None:
-                        carry = rest
-                    else:
-                        carry = {h: np.concatenate([carry[h], rest[h]]) for h in self.hooks}
-            if isinstance(item, _Failure):
-                self._put(out, item, stop)
-                return
-            if item is _END and not stop.is_set():
-                if carry is not None and not self.drop_last and not emit(carry, cur_epoch, b):
-                    return
-                self._put(out, _END, stop)
-        except BaseException as exc:  # surfaced in the consumer's thread
-            self._put(out, _Failure(exc), stop)
+    # -- running ------------------------------------------------------------------------------
 
     def _start(self) -> None:
-        self._stop = threading.Event()
-        self._queue = queue.Queue(maxsize=self.prefetch)
-        windows: queue.Queue[Any] = queue.Queue(maxsize=1)
-        args = (self._epoch, self._batch, self._stop, windows)
-        self._threads = [
-            threading.Thread(target=self._reader, args=args, name="strata-batches-read", daemon=True),
-            threading.Thread(target=self._gatherer, args=(*args, self._queue), name="strata-batches-gather", daemon=True),
-        ]
-        for t in self._threads:
-            t.start()
-        self._thread = self._threads[1]
+        if self.epochs is None:
+            start = self._batch * self.batch_size  # `_batch` counts batches of the endless stream
+            epoch, skip = divmod(start, self.rows_per_epoch)
+        else:
+            epoch, skip = self._epoch, self._batch * self.batch_size
+        loader = _Loader(
+            self.ds, self.hooks, self._order, batch_size=self.batch_size, epochs=self.epochs, drop_last=self.drop_last,
+            dtype=self.dtype, prefetch=self.prefetch, skip_special=self.skip_special, single=self.single,
+        )
+        loader.start(epoch, skip)
+        self._loader = loader
+        self._finalizer = weakref.finalize(self, loader.stop)
 
     def close(self) -> None:
-        """Stop the loader thread (also done when the iterator is exhausted)."""
-        if self._thread is not None:
-            self._stop.set()
-            for t in self._threads:
-                t.join()
-            self._thread = None
+        """Stop the loader threads (also done when the iterator is exhausted, collected, or
+        the interpreter exits)."""
+        if self._finalizer is not None:
+            self._finalizer()  # runs loader.stop once
+            self._finalizer = None
+        self._loader = None
 
-    def __del__(self) -> None:
-        try:
-            self._stop.set()
-        except Exception:
-            pass
+    def __enter__(self) -> BatchIterator:
+        return self
 
-    # -- consuming ----------------------------------------------------------------------------
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __iter__(self) -> BatchIterator:
         return self
 
     def __next__(self) -> Any:
-        if self._thread is None:
+        if self._loader is None:
             if self.epochs is not None and self._epoch >= self.epochs:
                 raise StopIteration
             self._start()
-        item = self._queue.get()
+        assert self._loader is not None
+        item = self._loader.out.get()
         if item is _END:
             self.close()
             self._epoch, self._batch = self.epochs or 0, 0
@@ -322,18 +409,21 @@ class BatchIterator:
         if isinstance(item, _Failure):
             self.close()
             raise item.exc
-        e, b, batch = item
-        self._epoch, self._batch = e, b + 1
-        if self._batch >= self.batches_per_epoch:
-            self._epoch, self._batch = e + 1, 0
+        e, batch = item
+        self._batch += 1
+        if self.epochs is not None:
+            self._epoch = e
+            if self._batch >= self.batches_per_epoch:
+                self._epoch, self._batch = e + 1, 0
         return batch
 
     # -- resuming -----------------------------------------------------------------------------
 
     def _config(self) -> dict[str, Any]:
-        digest = hashlib.sha256(json.dumps([[u, self.kept[u]] for u in self.units]).encode()).hexdigest()[:16]
+        digest = hashlib.sha256(json.dumps([[u, self._order.kept[u]] for u in self._order.units]).encode()).hexdigest()[:16]
         return {
             "dataset": self.ds.name,
+            "fingerprint": self.ds.info.fingerprint,
             "hooks": self.hooks,
             "seed": self.seed,
             "batch_size": self.batch_size,
@@ -341,6 +431,7 @@ class BatchIterator:
             "skip_special": self.skip_special,
             "buffer_rows": self.buffer_rows,
             "drop_last": self.drop_last,
+            "endless": self.epochs is None,
             "units_digest": digest,
         }
 

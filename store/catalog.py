@@ -1,26 +1,34 @@
-"""The catalog: a Parquet file per dataset with its identity fields. Derived data: rebuilt from
-the manifests whenever an entry is missing or out of date."""
+"""The catalog: a Parquet file per dataset (``catalog/NAME.parquet``), queryable without
+Strata (``SELECT * FROM 'STORE/catalog/*.parquet'`` in DuckDB).
+
+Entries are written by drivers (when a job creates, grows or finishes a dataset, after a
+repair) and removed with their dataset. Reading the catalog never writes: entries of datasets
+that no longer exist are left out, and ``live=True`` recounts committed units from the commit
+records instead of trusting the counts of the last entry written.
+"""
 
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from store import layout
-from store.manifest import IDENTITY_META_KEYS, DatasetInfo
+from store.errors import StrataError
+from store.manifest import IDENTITY_META_KEYS
 
 if TYPE_CHECKING:
     from store.core import Store
-    from store.storage import Storage
+    from store.dataset import ActivationDataset
 
 SCHEMA = pa.schema(
     [
         ("name", pa.string()),
         ("fingerprint", pa.string()),
         ("model", pa.string()),
+        ("model_path", pa.string()),
         ("revision", pa.string()),
         ("tokenizer", pa.string()),
         ("corpus_fingerprint", pa.string()),
@@ -31,39 +39,63 @@ SCHEMA = pa.schema(
         ("unit_contexts", pa.int64()),
         ("num_units", pa.int64()),
         ("hooks", pa.list_(pa.string())),
+        ("committed_units", pa.int64()),  # units committed for every hook and the token table
+        ("rows", pa.int64()),  # token rows of those units
+        ("complete", pa.bool_()),
         ("created_at", pa.string()),
+        ("updated_at", pa.string()),
     ]
 )
 
 
-def _row(info: DatasetInfo) -> dict:
-    s = info.summary()
+def entry(ds: ActivationDataset) -> dict[str, Any]:
+    """The catalog row of an open dataset, counted from its commit records."""
+    from store.protocol import utcnow
+
+    s = ds.info.summary()
+    row: dict[str, Any] = {k: s.get(k) for k in SCHEMA.names if k in s}
     for k in IDENTITY_META_KEYS:
         if k != "prepend_bos":
-            s[k] = None if s[k] is None else str(s[k])
-    s["prepend_bos"] = None if s["prepend_bos"] is None else bool(s["prepend_bos"])
-    return s
+            row[k] = None if s.get(k) is None else str(s[k])
+    row["prepend_bos"] = None if s.get("prepend_bos") is None else bool(s["prepend_bos"])
+    row["model_path"] = ds.info.meta.get("model_path")
+    units = set(ds.committed_units(None))
+    for h in ds.info.hooks:
+        units &= set(ds.committed_units(h))
+    row["committed_units"] = len(units)
+    row["rows"] = sum(ds.record(None, u).rows for u in units)
+    row["complete"] = len(units) == ds.info.num_units
+    row["updated_at"] = utcnow()
+    return row
 
 
-def write_entry(storage: Storage, info: DatasetInfo) -> None:
+def write_entry(ds: ActivationDataset) -> None:
+    """Write (replace) the dataset's catalog entry: drivers only."""
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist([_row(info)], schema=SCHEMA), buf)
-    storage.write(layout.catalog_key(info.name), buf.getvalue())
+    pq.write_table(pa.Table.from_pylist([entry(ds)], schema=SCHEMA), buf)
+    ds.storage.write(layout.catalog_key(ds.name), buf.getvalue())
 
 
-def read(store: Store, *, rebuild: bool = False) -> pa.Table:
+def delete_entry(store: Store, name: str) -> None:
+    store.storage.delete(layout.catalog_key(name))
+
+
+def read(store: Store, *, live: bool = False) -> pa.Table:
+    """One row per dataset that exists. Entries are read as written; a dataset without an
+    entry (or every dataset, with ``live``) is counted from its commit records. Never writes."""
     rows = []
     for name in store.datasets():
-        info = store._load_info(name)
         row = None
-        if not rebuild:
+        if not live:
             try:
-                t = pq.read_table(pa.BufferReader(store.storage.read(layout.catalog_key(name))), schema=SCHEMA)
-                row = t.to_pylist()[0] if t.num_rows == 1 else None
-            except (FileNotFoundError, pa.ArrowInvalid, OSError):
+                t = pq.read_table(pa.BufferReader(store.storage.read(layout.catalog_key(name))))
+                row = t.cast(SCHEMA).to_pylist()[0] if t.num_rows == 1 and set(t.column_names) == set(SCHEMA.names) else None
+            except (FileNotFoundError, pa.ArrowInvalid, OSError, ValueError):
                 row = None
-        if row is None or row != _row(info):
-            write_entry(store.storage, info)
-            row = _row(info)
+        if row is None:
+            try:
+                row = entry(store.dataset(name))
+            except StrataError:
+                continue  # damaged or deleted meanwhile: `strata verify` reports it
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=SCHEMA)

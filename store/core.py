@@ -3,6 +3,7 @@ analysis results)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -13,13 +14,14 @@ import pyarrow as pa
 
 from store import catalog as _catalog
 from store import layout
-from store.commits import utcnow
 from store.dtypes import check_dtype
-from store.errors import DatasetExistsError, DatasetNotFoundError
-from store.lease import DatasetLease
-from store.manifest import IDENTITY_META_KEYS, DatasetInfo, fingerprint
+from store.errors import DatasetExistsError, DatasetNotFoundError, StorageError, StoreNotFoundError
+from store.lease import Lease
+from store.manifest import IDENTITY_META_KEYS, DatasetInfo, fingerprint, load_manifest, write_manifest
+from store.protocol import utcnow
+from store.shards import create_hook_array
 from store.storage import Storage, open_storage
-from store.writer import DatasetWriter, create_hook_array, new_hook_info
+from store.writer import DatasetWriter, new_hook_info
 
 if TYPE_CHECKING:
     from zarr.abc.store import Store as ZarrStore
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_UNIT_CONTEXTS = 256
+STORE_FORMAT = "strata.store"
+STORE_VERSION = 2
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -49,26 +53,10 @@ class Store:
 
     @cached_property
     def zarr_store(self) -> ZarrStore:
+        """A Zarr v3 store rooted at the store's root (any Zarr reader opens the arrays)."""
         return self.storage.zarr_store()
 
-    # -- manifests ------------------------------------------------------------------------
-
-    def _load_info(self, name: str) -> DatasetInfo:
-        key = layout.manifest_key(name)
-        try:
-            return DatasetInfo.from_json(self.storage.read(key))
-        except FileNotFoundError:
-            names = self.datasets()
-            raise DatasetNotFoundError(
-                f"no dataset {name!r} in store {self.uri}; it holds: {', '.join(names) if names else 'no datasets'}"
-            ) from None
-
-    def _write_info(self, info: DatasetInfo) -> None:
-        # The manifest is written last: a dataset exists for readers once it does.
-        self.storage.write(layout.manifest_key(info.name), info.to_json())
-        _catalog.write_entry(self.storage, info)
-
-    # -- public API -----------------------------------------------------------------------
+    # -- datasets -------------------------------------------------------------------------
 
     def datasets(self) -> list[str]:
         """Names of the datasets whose manifest is committed."""
@@ -77,17 +65,31 @@ class Store:
     def dataset(self, name: str) -> ActivationDataset:
         from store.dataset import ActivationDataset
 
-        return ActivationDataset(self, name)
+        try:
+            return ActivationDataset(self, name)
+        except DatasetNotFoundError:
+            names = self.datasets()
+            raise DatasetNotFoundError(
+                f"no dataset {name!r} in store {self.uri}; it holds: {', '.join(names) if names else 'no datasets'}"
+            ) from None
 
-    def writer(self, name: str) -> DatasetWriter:
-        """A writer for an existing dataset (workers open one each)."""
-        layout.check_name(name)
-        return DatasetWriter(self, name)
+    def manifest(self, name: str) -> DatasetInfo:
+        """The committed manifest of a dataset."""
+        return load_manifest(self.storage, layout.check_name(name))
 
-    def lease(self, name: str, *, owner: str = "", stale_after_s: float = 60.0) -> DatasetLease:
-        """A write lease on a dataset, for a job's driver: ``with store.lease(name): ...``."""
+    def writer(self, name: str, *, fence: int | None = None) -> DatasetWriter:
+        """A writer for an existing dataset (workers open one each). ``fence`` is the lease
+        generation of the job it works for (see :class:`DatasetWriter`)."""
+        return DatasetWriter(self, layout.check_name(name), fence=fence)
+
+    def lease(self, name: str, *, owner: str = "", stale_after_s: float = 60.0) -> Lease:
+        """A write lease on a dataset, for a job's driver: ``with store.lease(name) as lease:``;
+        ``lease.token`` is the job's fencing token."""
         layout.check_name(name)
-        return DatasetLease(self.storage, name, owner=owner, stale_after_s=stale_after_s, heartbeat_s=min(10.0, stale_after_s / 4))
+        return Lease(
+            self.storage, layout.dataset_dir(name), what=f"dataset {name!r}", owner=owner,
+            stale_after_s=stale_after_s, heartbeat_s=min(10.0, stale_after_s / 4),
+        )
 
     def create_dataset(
         self,
@@ -100,12 +102,13 @@ class Store:
         unit_contexts: int = DEFAULT_UNIT_CONTEXTS,
         meta: Mapping[str, Any] | None = None,
         exist_ok: bool = False,
+        fence: int | None = None,
     ) -> DatasetWriter:
         """Create an activation dataset (driver only) and return its writer.
 
         With ``exist_ok``, a dataset of the same identity (fingerprint) is reopened, grown to
         ``num_units`` and given any new hooks; a different identity is always refused, never
-        overwritten.
+        overwritten. ``fence``: the creating job's lease generation.
         """
         layout.check_name(name)
         check_dtype(dtype)
@@ -122,7 +125,7 @@ class Store:
         unit_rows = unit_contexts * context_size
 
         if self.storage.exists(layout.manifest_key(name)):
-            old = self._load_info(name)
+            old = self.manifest(name)
             if old.fingerprint != fp or old.unit_contexts != unit_contexts:
                 pairs = [
                     ("context_size", old.context_size, context_size),
@@ -134,7 +137,7 @@ class Store:
                 raise DatasetExistsError(f"dataset {name!r} already exists with a different identity ({diff}); choose a new name")
             if not exist_ok:
                 raise DatasetExistsError(f"dataset {name!r} already exists in {self.uri}; pass exist_ok=True to reopen it")
-            w = DatasetWriter(self, name)
+            w = DatasetWriter(self, name, fence=fence)
             w.add_hooks(hooks)
             w.grow(max(num_units, w.info.num_units))
             return w
@@ -151,23 +154,71 @@ class Store:
             created_at=utcnow(),
         )
         for hook in info.hooks:
-            create_hook_array(self, info, hook)
-        self._write_info(info)
-        return DatasetWriter(self, name)
+            create_hook_array(self.storage, info, hook)
+        # The manifest is written last: a dataset exists for readers once it does.
+        write_manifest(self.storage, info)
+        w = DatasetWriter(self, name, fence=fence)
+        self.update_catalog(name)
+        return w
 
-    def catalog(self, *, rebuild: bool = False) -> pa.Table:
-        """One row per dataset with its identity fields (Parquet under ``catalog/``, also
-        queryable with DuckDB: ``SELECT * FROM 'STORE/catalog/*.parquet'``). Entries lost or
-        stale are rebuilt from the manifests."""
-        return _catalog.read(self, rebuild=rebuild)
+    def delete_dataset(self, name: str) -> None:
+        """Delete a dataset and its catalog entry, holding its write lease. The manifest goes
+        first, so readers never see a half-deleted dataset."""
+        with self.lease(name, owner="delete") as lease:
+            self.manifest(name)
+            lease.check()
+            self.storage.delete(layout.manifest_key(name))
+            _catalog.delete_entry(self, name)
+            for key in self.storage.list(layout.dataset_dir(name)):
+                if not key.startswith(f"{layout.lease_dir(layout.dataset_dir(name))}/"):
+                    self.storage.delete(key)
+
+    def update_catalog(self, name: str) -> None:
+        """Rewrite a dataset's catalog entry from its commit records (drivers do this)."""
+        _catalog.write_entry(self.dataset(name))
+
+    def catalog(self, *, live: bool = False) -> pa.Table:
+        """One row per dataset: identity, shape, committed units, rows and completeness (as of
+        the last job; ``live=True`` recounts now). Also queryable with DuckDB:
+        ``SELECT * FROM 'STORE/catalog/*.parquet'``. Never writes."""
+        return _catalog.read(self, live=live)
+
+
+def _check_marker(storage: Storage, *, create: bool) -> None:
+    try:
+        raw = storage.read(layout.MARKER)
+    except FileNotFoundError:
+        raw = None
+    if raw is None:
+        if not create:
+            legacy = " (it holds datasets of an older Strata: extract them again)" if storage.list_dirs(layout.DATASETS) else ""
+            raise StoreNotFoundError(f"no Strata store at {storage.uri}{legacy}; create one with store.open(uri) or `strata extract`")
+        storage.put_if_absent(layout.MARKER, json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION}).encode())
+        return
+    try:
+        marker = json.loads(raw)
+        version = int(marker["version"])
+    except (ValueError, KeyError, TypeError):
+        raise StorageError(f"{storage.uri}/{layout.MARKER} is damaged; it should say {{'format': '{STORE_FORMAT}', ...}}") from None
+    if version > STORE_VERSION:
+        raise StorageError(f"store {storage.uri} has format version {version}, newer than this Strata ({STORE_VERSION}); upgrade strata")
 
 
 def open(  # noqa: A001
-    uri: str | os.PathLike[str] = "./acts", *, storage_options: dict[str, Any] | None = None, durable: bool = False
+    uri: str | os.PathLike[str] = "./acts",
+    *,
+    storage_options: dict[str, Any] | None = None,
+    durable: bool = False,
+    create: bool = True,
 ) -> Store:
-    """Open a store, creating its root when missing: a local folder or ``s3://bucket/prefix``.
+    """Open a store: a local folder or ``s3://bucket/prefix``.
 
-    ``storage_options`` go to fsspec/s3fs (``endpoint_url``, ``key``, ``secret``, ...); by
-    default they come from the usual AWS environment. ``durable=True`` fsyncs local files
-    before committing them, so commits survive a power loss, at some write throughput."""
-    return Store(open_storage(uri, storage_options, durable=durable))
+    By default the root is created when missing (``strata.json`` marks it as a store). Readers
+    pass ``create=False``: a missing root, or one that holds no store, is then an error and
+    nothing is created. ``storage_options`` go to fsspec/s3fs (``endpoint_url``, ``key``,
+    ``secret``, ...); by default they come from the usual AWS environment, and they are never
+    written into the store. ``durable=True`` fsyncs local files before committing them, so
+    commits survive a power loss, at some write throughput."""
+    storage = open_storage(uri, storage_options, durable=durable, create=create)
+    _check_marker(storage, create=create)
+    return Store(storage)

@@ -1,79 +1,48 @@
-"""Reading an activation dataset: committed units only, consistent while jobs still write."""
+"""Reading an activation dataset: committed units only, every byte checked, consistent while
+jobs still write."""
 
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import torch
 
-from store import layout
-from store.commits import CommitRecord, checksum
+from store import layout, protocol
+from store.documents import as_doc_ids, decode_documents, spans_of
 from store.dtypes import storage_dtype, to_torch
-from store.errors import CorruptionError, HookNotFoundError, NotCommittedError
-from store.manifest import DatasetInfo
-from store.shards import ShardLayout
-from store.tokens import decode_tokens, rows_of_docs
-from store.writer import shard_layout
+from store.errors import CorruptionError, HookNotFoundError, NotCommittedError, RowOutOfRangeError, UnknownDocumentError
+from store.manifest import DatasetInfo, load_manifest
+from store.protocol import CommitRecord, FileEntry
+from store.shards import ShardLayout, shard_layout
+from store.tokens import STORED_TOKEN_SCHEMA, decode_tokens, rows_of_docs
 
 if TYPE_CHECKING:
+    import torch
+
     from store.batches import BatchIterator
     from store.core import Store
+    from store.verify import RepairReport, VerifyReport
 
 log = logging.getLogger(__name__)
 
 _IO_THREADS = 16
 
 
-def natural_key(s: str) -> list[Any]:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
-
-
-@dataclass
-class Problem:
-    hook: str | None
-    unit: int
-    file: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"unit {self.unit} {'tokens' if self.hook is None else self.hook} ({self.file}): {self.message}"
-
-
-@dataclass
-class VerifyReport:
-    dataset: str
-    units_checked: int = 0
-    files_checked: int = 0
-    bytes_checked: int = 0
-    problems: list[Problem] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def __str__(self) -> str:
-        head = (
-            f"{self.dataset}: {'OK' if self.ok else f'{len(self.problems)} problem(s)'} "
-            f"({self.files_checked} files, {self.bytes_checked / 2**20:.1f} MiB checked)"
-        )
-        return "\n".join([head, *(f"  {p}" for p in self.problems)])
-
-
 def _resolve_out_dtype(stored: str, as_: str, dtype: Any) -> tuple[str, np.dtype]:
     """(logical output dtype name, NumPy dtype of the output buffer)."""
     if dtype is None:
         name = stored if (as_ == "torch" or stored != "bfloat16") else "float32"
-    elif isinstance(dtype, torch.dtype):
+    elif str(dtype).startswith("torch."):  # a torch.dtype (torch imported only when used)
         name = str(dtype).removeprefix("torch.")
     else:
-        name = np.dtype(dtype).name if dtype != "bfloat16" else "bfloat16"
+        try:
+            name = np.dtype(dtype).name if dtype != "bfloat16" else "bfloat16"
+        except TypeError:
+            name = repr(dtype)
     if name not in ("float32", "float16", "bfloat16") or (name == "bfloat16" and as_ != "torch"):
         raise ValueError(f"cannot read as dtype {dtype!r}; valid: float32, float16, and bfloat16 with as_='torch'")
     return name, storage_dtype(name)
@@ -89,24 +58,40 @@ def _copy_into(out: np.ndarray, out_name: str, src: np.ndarray, src_name: str) -
         if wide is not out:
             out[...] = wide
     elif out_name == "bfloat16":
+        import torch
+
         out[...] = torch.from_numpy(np.ascontiguousarray(src, np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     else:
         out[...] = src
 
 
+def _runs(sorted_unique: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal runs ``[a, b)`` of consecutive integers in a sorted, unique array."""
+    if sorted_unique.size == 0:
+        return []
+    cuts = np.flatnonzero(np.diff(sorted_unique) != 1) + 1
+    return [(int(g[0]), int(g[-1]) + 1) for g in np.split(sorted_unique, cuts)]
+
+
 class ActivationDataset:
     """A dataset opened for reading. It sees the units committed when it was opened (or last
-    :meth:`refresh`-ed), so a notebook gets a consistent view while a job keeps writing."""
+    :meth:`refresh`-ed), so a notebook gets a consistent view while a job keeps writing.
+
+    Every read checks what it returns against the commit records: a partial read checks the
+    chunks it touches, a whole read all of them. A damaged commit record makes its unit
+    unreadable (:class:`CorruptionError`) and is reported by :meth:`verify`; other units stay
+    readable."""
 
     def __init__(self, store: Store, name: str) -> None:
         self.store = store
         self.storage = store.storage
-        self.name = name
-        self.info: DatasetInfo = store._load_info(name)
+        self.name = layout.check_name(name)
+        self.info: DatasetInfo = load_manifest(self.storage, name)
         self._commits: dict[str | None, dict[int, CommitRecord]] = {}
-        self._checked: set[tuple[str, int]] = set()  # size and shard index checked
-        self._verified: set[tuple[str, int]] = set()  # checksum checked
+        self.damaged: dict[tuple[str | None, int], str] = {}  # (hook or None, unit) -> what is wrong with its record
+        self._mapped: dict[tuple[str, int], np.ndarray] = {}
         self._tokens: dict[int, pa.Table] = {}
+        self._docs: tuple[str, pa.Table] | None = None
         self.refresh()
 
     def __repr__(self) -> str:
@@ -116,192 +101,245 @@ class ActivationDataset:
     # -- commit state ---------------------------------------------------------------------
 
     def refresh(self) -> ActivationDataset:
-        """Pick up units (and hooks, and growth) committed since the dataset was opened."""
-        self.info = self.store._load_info(self.name)
-        groups: list[str | None] = [None, *self.info.hooks]
-        todo: list[tuple[str | None, str]] = []
-        for hook in groups:
+        """Pick up units (and hooks, and growth) committed since the dataset was opened, and
+        forget units whose records were removed (by a repair)."""
+        self.info = load_manifest(self.storage, self.name)
+        todo: list[tuple[str | None, int, str]] = []
+        for hook in [None, *self.info.hooks]:
             have = self._commits.setdefault(hook, {})
+            present: dict[int, str] = {}
             for key in self.storage.list(layout.commits_dir(self.name, hook)):
-                if key.endswith(".json") and layout.unit_of_commit_key(key) not in have:
-                    todo.append((hook, key))
+                u = layout.unit_of_commit_key(key)
+                if u is not None and key == layout.commit_key(self.name, hook, u):
+                    present[u] = key
+            for u in [u for u in have if u not in present]:
+                del have[u]
+                self._forget(hook, u)
+            for hu in [hu for hu in self.damaged if hu[0] == hook and hu[1] not in present]:
+                del self.damaged[hu]
+            todo += [(hook, u, k) for u, k in present.items() if u not in have and (hook, u) not in self.damaged]
         with ThreadPoolExecutor(_IO_THREADS) as pool:
-            recs = list(pool.map(lambda t: CommitRecord.from_json(self.storage.read(t[1])), todo))
-        for (hook, _), rec in zip(todo, recs):
-            self._commits[hook][rec.unit] = rec
-        # A hook's unit counts only with its token table (always committed first by the writer).
-        for hook in self.info.hooks:
-            toks = self._commits[None]
-            for u in [u for u in self._commits[hook] if u not in toks]:
-                del self._commits[hook][u]
+            results = list(pool.map(lambda t: self._load_record(*t), todo))
+        for (hook, u, _), res in zip(todo, results):
+            if isinstance(res, CommitRecord):
+                self._commits[hook][u] = res
+            else:
+                self.damaged[(hook, u)] = res
         return self
+
+    def _forget(self, hook: str | None, unit: int) -> None:
+        if hook is None:
+            self._tokens.pop(unit, None)
+        else:
+            self._mapped.pop((hook, unit), None)
+
+    def _load_record(self, hook: str | None, unit: int, key: str) -> CommitRecord | str:
+        """A commit record, validated against what a record of (hook, unit) may say; the
+        problem as text when it is damaged."""
+        try:
+            data = self.storage.read(key)
+        except FileNotFoundError:
+            return "commit record disappeared while reading (a repair?)"
+        try:
+            rec = CommitRecord.from_json(data, where=key)
+            info = self.info
+            if rec.unit != unit or rec.hook != hook or len(rec.files) != 1:
+                raise CorruptionError(f"{key}: damaged commit record (it describes unit {rec.unit} of {rec.hook or 'tokens'})")
+            if rec.rows <= 0 or rec.rows > info.unit_rows or rec.rows % info.context_size:
+                raise CorruptionError(f"{key}: damaged commit record ({rec.rows} rows for a unit of {info.unit_rows})")
+            if hook is None:
+                protocol.check_key(rec.file.key, layout.tokens_key_pattern(self.name, unit), where=key)
+            else:
+                protocol.check_key(rec.file.key, layout.shard_key(self.name, hook, unit), where=key)
+                sl = shard_layout(info, hook)
+                if rec.file.nbytes != sl.shard_nbytes(rec.rows) or rec.file.block_size != sl.chunk_bytes:
+                    raise CorruptionError(f"{key}: damaged commit record (file size or block size does not match {rec.rows} rows)")
+            return rec
+        except CorruptionError as e:
+            return str(e)
 
     @property
     def hooks(self) -> list[str]:
-        return sorted(self.info.hooks, key=natural_key)
+        """Hook points in model order: embed, blocks 0..L-1, final norm."""
+        return sorted(self.info.hooks, key=layout.hook_order)
 
-    def _check_hook(self, hook: str) -> str:
+    def check_hook(self, hook: str) -> str:
         if hook not in self.info.hooks:
             raise HookNotFoundError(f"dataset {self.name!r} has no hook {hook!r}; it has: {', '.join(self.hooks)}")
         return hook
 
     def committed_units(self, hook: str | None = None) -> list[int]:
-        """Units committed for ``hook`` (or whose token table is committed, for ``None``)."""
-        if hook is not None:
-            self._check_hook(hook)
-        return sorted(self._commits.get(hook, {}))
+        """Units committed for ``hook`` (or whose token table is committed, for ``None``). A
+        hook's unit counts only with its token table (the writer commits that first)."""
+        if hook is None:
+            return sorted(self._commits.get(None, {}))
+        self.check_hook(hook)
+        toks = self._commits.get(None, {})
+        return sorted(u for u in self._commits.get(hook, {}) if u in toks)
 
     def num_rows(self, hook: str | None = None) -> int:
         """Committed token rows of ``hook`` (of the token table, for ``None``)."""
-        if hook is not None:
-            self._check_hook(hook)
-        return sum(r.rows for r in self._commits.get(hook, {}).values())
-
-    def unit_rows(self, unit: int) -> int:
-        """Committed rows of a unit (its token table's)."""
-        rec = self._commits[None].get(unit)
-        return 0 if rec is None else rec.rows
+        return sum(self.record(hook, u).rows for u in self.committed_units(hook))
 
     @property
     def is_complete(self) -> bool:
-        return all(len(self._commits.get(h, {})) == self.info.num_units for h in [None, *self.info.hooks])
+        return all(len(self.committed_units(h)) == self.info.num_units for h in [None, *self.info.hooks])
 
-    # -- tokens ---------------------------------------------------------------------------
+    def record(self, hook: str | None, unit: int) -> CommitRecord:
+        """The commit record of one unit of ``hook`` (``None``: its token table)."""
+        for part in {hook, None}:
+            if (part, unit) in self.damaged:
+                raise CorruptionError(
+                    f"dataset {self.name!r} unit {unit}: {self.damaged[(part, unit)]} (run `strata verify --repair`)"
+                )
+        rec = self._commits.get(hook, {}).get(unit)
+        if rec is None or (hook is not None and unit not in self._commits.get(None, {})):
+            if hook is not None:
+                self.check_hook(hook)
+            committed = self.committed_units(hook)
+            have = f"{len(committed)} of {self.info.num_units} units committed" + (f", e.g. {committed[:8]}" if committed else "")
+            ur = self.info.unit_rows
+            raise NotCommittedError(
+                f"dataset {self.name!r} {'tokens' if hook is None else f'hook {hook!r}'}: unit {unit} (rows {unit * ur}.."
+                f"{(unit + 1) * ur - 1}) is not committed ({have}); call refresh() to see newer commits"
+            )
+        return rec
 
-    def _read_token_file(self, rec: CommitRecord, where: str, *, verify: bool = False) -> bytes:
-        try:
-            data = self.storage.read(rec.file)
-        except FileNotFoundError:
-            raise CorruptionError(f"{where}: file is missing") from None
-        if len(data) != rec.nbytes:
-            raise CorruptionError(f"{where}: {len(data)} bytes, the commit record says {rec.nbytes} (truncated?)")
-        if verify and checksum(data) != rec.checksum:
-            raise CorruptionError(f"{where}: checksum mismatch")
-        return data
+    def _where(self, hook: str | None, unit: int, rec: CommitRecord) -> str:
+        return f"dataset {self.name!r} {'tokens' if hook is None else f'hook {hook!r}'} unit {unit} ({rec.file.key})"
 
-    def _unit_tokens(self, unit: int) -> pa.Table:
+    # -- tokens and documents ---------------------------------------------------------------
+
+    def unit_tokens(self, unit: int) -> pa.Table:
+        """One committed unit's token table (with ``row``), checked against its commit record
+        the first time this dataset object reads it."""
         t = self._tokens.get(unit)
         if t is None:
-            rec = self._commits[None].get(unit)
-            if rec is None:
-                raise NotCommittedError(f"dataset {self.name!r}: the token table of unit {unit} is not committed")
-            where = f"dataset {self.name!r} unit {unit} tokens ({rec.file})"
-            t = decode_tokens(self._read_token_file(rec, where), where=where)
+            rec = self.record(None, unit)
+            where = self._where(None, unit, rec)
+            t = decode_tokens(protocol.read_whole(self.storage, rec.file, where=where), where=where)
             if t.num_rows != rec.rows:
                 raise CorruptionError(f"{where}: {t.num_rows} rows, the commit record says {rec.rows}")
             self._tokens[unit] = t
         return t
 
+    def special_mask(self, unit: int) -> np.ndarray:
+        """Which rows of a committed unit are special (BOS, separators, padding)."""
+        return self.unit_tokens(unit).column("special").to_numpy(zero_copy_only=False)
+
     def tokens(self, hook: str | None = None, *, units: Iterable[int] | None = None) -> pa.Table:
         """The token table of committed units, in row order, with a ``row`` column (the global
         row index that :meth:`read` takes). With ``hook``, only units committed for that hook, so
         the table is row-aligned with ``read(hook)``."""
-        chosen = self.committed_units(hook) if units is None else sorted(units)
+        chosen = self.committed_units(hook) if units is None else sorted(int(u) for u in units)
         with ThreadPoolExecutor(_IO_THREADS) as pool:
-            tables = list(pool.map(self._unit_tokens, chosen))
-        ur = self.info.unit_rows
-        out = []
-        for u, t in zip(chosen, tables):
-            out.append(t.append_column("row", pa.array(np.arange(u * ur, u * ur + t.num_rows, dtype=np.int64))))
-        if not out:
-            from store.tokens import TOKEN_SCHEMA
+            tables = list(pool.map(self.unit_tokens, chosen))
+        return pa.concat_tables(tables) if tables else STORED_TOKEN_SCHEMA.empty_table()
 
-            return TOKEN_SCHEMA.append(pa.field("row", pa.int64(), nullable=False)).empty_table()
-        return pa.concat_tables(out)
+    def docs(self) -> pa.Table | None:
+        """The document index (``doc_id, row_start, row_end, dropped_tokens``: every row of a
+        document lies in ``[row_start, row_end)``), or None for a dataset written without one."""
+        entry = self.info.documents
+        if entry is None:
+            return None
+        if self._docs is None or self._docs[0] != entry["key"]:
+            fe = FileEntry.from_dict(entry)
+            protocol.check_key(fe.key, lambda k: k.startswith(f"{layout.dataset_dir(self.name)}/documents/"), where="manifest")
+            where = f"dataset {self.name!r} document index ({fe.key})"
+            self._docs = (fe.key, decode_documents(protocol.read_whole(self.storage, fe, where=where), where=where))
+        return self._docs[1]
+
+    def _rows_of_docs(self, hook: str, docs: Any) -> np.ndarray:
+        ids = as_doc_ids(docs)
+        if ids.size == 0:
+            return np.zeros(0, np.int64)
+        index = self.docs()
+        ur = self.info.unit_rows
+        if index is None:
+            # Without an index only a fully committed hook can say a document is whole.
+            committed = self.committed_units(hook)
+            if len(committed) < self.info.num_units:
+                raise NotCommittedError(
+                    f"dataset {self.name!r} has no document index, so documents are found by scanning committed units, "
+                    f"and {len(committed)} of {self.info.num_units} units of {hook!r} are committed: a document could "
+                    "continue in one that is not. Read by rows, or wait until every unit is committed"
+                )
+            toks = self.tokens(hook)
+            rows = toks.column("row").to_numpy()[rows_of_docs(toks, ids)]
+            found = np.isin(ids, toks.column("doc_id").to_numpy())
+            if not found.all():
+                raise UnknownDocumentError(f"dataset {self.name!r} has no document(s) {[int(d) for d in ids[~found]][:10]}")
+            return rows
+        spans = sorted(spans_of(index, ids, dataset=self.name), key=lambda s: s[1])
+        committed = set(self.committed_units(hook))
+        for doc, a, b in spans:
+            units = range(a // ur, (b - 1) // ur + 1)
+            missing = [u for u in units if u not in committed]
+            if missing:
+                held = " (held back until the corpus fills a unit)" if missing[0] >= self.info.num_units else ""
+                raise NotCommittedError(
+                    f"dataset {self.name!r} hook {hook!r}: document {doc} has rows {a}..{b - 1} in unit(s) "
+                    f"{list(units)}, of which {missing} {'is' if len(missing) == 1 else 'are'} not committed{held}; "
+                    "call refresh() to see newer commits"
+                )
+        return np.concatenate([np.arange(a, b, dtype=np.int64) for _, a, b in spans])
 
     # -- activations ----------------------------------------------------------------------
 
     def _layout(self, hook: str) -> ShardLayout:
         return shard_layout(self.info, hook)
 
-    def _record(self, hook: str, unit: int, hi: int) -> CommitRecord:
-        rec = self._commits[hook].get(unit)
-        if rec is not None and hi > rec.rows:
-            raise NotCommittedError(
-                f"dataset {self.name!r} hook {hook!r}: row {unit * self.info.unit_rows + hi - 1} is past the end of unit "
-                f"{unit}, which holds {rec.rows} rows (rows {unit * self.info.unit_rows}..{unit * self.info.unit_rows + rec.rows - 1})"
-            )
-        if rec is None:
-            committed = self.committed_units(hook)
-            have = f"{len(committed)} of {self.info.num_units} units committed" + (
-                f" (e.g. {committed[:8]})" if committed else ""
-            )
-            raise NotCommittedError(
-                f"dataset {self.name!r} hook {hook!r}: rows {unit * self.info.unit_rows}..{unit * self.info.unit_rows + hi - 1} "
-                f"lie in unit {unit}, which is not committed ({have}); call refresh() to see newer commits"
-            )
-        return rec
+    def _extent(self, hook: str) -> int:
+        """Rows of the dataset's row space: every unit full but the last, as committed (it may
+        be short; taken as full while uncommitted)."""
+        last = self.info.num_units - 1
+        rec = self._commits.get(hook, {}).get(last)
+        return last * self.info.unit_rows + (rec.rows if rec is not None else self.info.unit_rows)
 
-    def _where(self, hook: str, unit: int, rec: CommitRecord) -> str:
-        return f"dataset {self.name!r} hook {hook!r} unit {unit} ({rec.file})"
-
-    def _check_shard(self, hook: str, unit: int, rec: CommitRecord, size: int, tail: Callable[[int, int], Any]) -> None:
-        """The unit's file against its commit record: its size always, its shard index once per
-        dataset object. ``tail(start, end)`` reads bytes of the file."""
-        where = self._where(hook, unit, rec)
-        if size != rec.nbytes:
-            raise CorruptionError(f"{where}: {size} bytes, the commit record says {rec.nbytes} (truncated?)")
-        if (hook, unit) not in self._checked:
-            sl = self._layout(hook)
-            index = sl.decode_index(bytes(tail(size - sl.index_bytes, size)), where=where)
-            sl.check_contiguous(index, rec.rows, size, where=where)
-            self._checked.add((hook, unit))
-
-    def _check_sum(self, hook: str, unit: int, rec: CommitRecord, values: np.ndarray) -> None:
-        if checksum(values) != rec.checksum:
-            raise CorruptionError(f"{self._where(hook, unit, rec)}: checksum mismatch (the file was modified after its commit)")
-
-    def _size(self, hook: str, unit: int, rec: CommitRecord) -> int:
-        try:
-            return self.storage.size(rec.file)
-        except FileNotFoundError:
-            raise CorruptionError(f"{self._where(hook, unit, rec)}: file is missing") from None
-
-    def _unit_values(self, hook: str, unit: int, lo: int = 0, hi: int | None = None, *, verify: bool = True) -> np.ndarray:
-        """Stored values of rows ``[lo, hi)`` of one unit, as ``[hi - lo, d]`` of storage dtype
-        in memory of its own. A whole unit is checked against its checksum when ``verify``."""
-        rec = self._record(hook, unit, 0 if hi is None else hi)
+    def _unit_rows(self, hook: str, unit: int, local: np.ndarray | None, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """Stored values ``[n, d]`` of one unit's rows: ``local`` (sorted unique indices within
+        the unit), or the range ``[lo, hi)``; only the chunks they touch are read and checked."""
+        rec = self.record(hook, unit)
         hi = rec.rows if hi is None else hi
+        last = hi - 1 if local is None else int(local[-1])
+        if last >= rec.rows:
+            raise RowOutOfRangeError(
+                f"dataset {self.name!r} hook {hook!r}: row {unit * self.info.unit_rows + last} is past the end of unit {unit}, "
+                f"which holds {rec.rows} rows"
+            )
         sl = self._layout(hook)
         sdt = storage_dtype(self.info.dtype)
-        size = self._size(hook, unit, rec)
-        self._check_shard(hook, unit, rec, size, lambda a, b: self.storage.read_range(rec.file, a, b))
-        if lo == 0 and hi == rec.rows:
-            out = np.empty((rec.rows, sl.d), dtype=sdt)
-            if self.storage.read_into(rec.file, memoryview(out.reshape(-1)).cast("B")) != out.nbytes:
-                raise CorruptionError(f"{self._where(hook, unit, rec)}: shorter than its commit record says (truncated?)")
-            if verify:
-                self._check_sum(hook, unit, rec, out)
-            return out
-        c0, c1 = lo // sl.chunk_rows, -(-hi // sl.chunk_rows)
-        data = self.storage.read_range(rec.file, c0 * sl.chunk_bytes, c1 * sl.chunk_bytes)
-        arr = np.frombuffer(data, dtype=sdt).reshape(-1, sl.d)
-        base = c0 * sl.chunk_rows
-        return arr[lo - base : hi - base]
+        where = self._where(hook, unit, rec)
+        if local is None:
+            chunks = np.arange(lo // sl.chunk_rows, -(-hi // sl.chunk_rows))
+        else:
+            chunks = np.unique(local // sl.chunk_rows)
+        parts = []
+        for c0, c1 in _runs(chunks):
+            # Chunks are whole blocks of the file's checksums: exactly the bytes returned are checked.
+            buf = protocol.read_checked(self.storage, rec.file, c0 * sl.chunk_bytes, c1 * sl.chunk_bytes, where=where)
+            block = buf.view(sdt).reshape(-1, sl.d)
+            base = c0 * sl.chunk_rows
+            if local is None:
+                a, b = max(lo, base), min(hi, base + block.shape[0])
+                parts.append(block[a - base : b - base])
+            else:
+                sel = local[(local >= base) & (local < base + block.shape[0])]
+                parts.append(block[sel - base])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _mapped_unit(self, hook: str, unit: int) -> np.ndarray:
-        """A whole committed unit as a read-only ``[rows, d]`` view of the mapped shard file
-        (local stores; read into memory elsewhere). Checked against its commit record the first
-        time this dataset object maps it: size, shard index, then checksum."""
-        rec = self._record(hook, unit, 0)
-        sl = self._layout(hook)
-        try:
-            data = np.frombuffer(self.storage.map(rec.file), dtype=np.uint8)
-        except FileNotFoundError:
-            raise CorruptionError(f"{self._where(hook, unit, rec)}: file is missing") from None
-        self._check_shard(hook, unit, rec, data.size, lambda a, b: data[a:b])
-        arr = data[: rec.rows * sl.d * sl.itemsize].view(storage_dtype(self.info.dtype)).reshape(rec.rows, sl.d)
-        if (hook, unit) not in self._verified:
-            self._check_sum(hook, unit, rec, arr)
-            self._verified.add((hook, unit))
+    def unit_array(self, hook: str, unit: int) -> np.ndarray:
+        """A whole committed unit as a read-only ``[rows, d]`` array of the stored dtype,
+        memory-mapped where the backend can; checked in full the first time this dataset object
+        maps it (the batch iterator's path)."""
+        arr = self._mapped.get((hook, unit))
+        if arr is None:
+            rec = self.record(hook, unit)
+            data = protocol.map_checked(self.storage, rec.file, where=self._where(hook, unit, rec))
+            sl = self._layout(hook)
+            arr = data[: rec.rows * sl.row_bytes].view(storage_dtype(self.info.dtype)).reshape(rec.rows, sl.d)
+            self._mapped[(hook, unit)] = arr
         return arr
-
-    def _extent(self, hook: str) -> int:
-        """Rows of the dataset's row space: every unit full, but the last as committed (it
-        may be short). Slices are taken over this, so a slice into uncommitted rows raises."""
-        last = self.info.num_units - 1
-        rec = self._commits[hook].get(last)
-        return last * self.info.unit_rows + (rec.rows if rec is not None else self.info.unit_rows)
 
     def read(
         self,
@@ -313,129 +351,132 @@ class ActivationDataset:
         dtype: Any = None,
     ) -> np.ndarray | torch.Tensor:
         """Activations ``[n, d]`` of ``hook`` at global token rows (a slice or an index array),
-        or of every row of ``docs``; with neither, every committed row in order (aligned with
-        ``tokens(hook)``). Whole units are checked against their checksum as they are read.
-        NumPy output of bfloat16 data is widened to float32 exactly;
-        ``as_="torch"`` returns bfloat16 as is. ``dtype`` converts (e.g. ``torch.float32``)."""
-        self._check_hook(hook)
+        or of every row of ``docs`` (in dataset order); with neither, every committed row in
+        order (aligned with ``tokens(hook)``). Only committed rows are read, and every byte read
+        is checked. NumPy output of bfloat16 data is widened to float32 exactly;
+        ``as_="torch"`` returns bfloat16 as is. ``dtype`` converts (e.g. ``torch.float32``).
+
+        Rows past the dataset's end raise :class:`RowOutOfRangeError` (slices and indices
+        alike); rows of a unit that is not committed raise :class:`NotCommittedError`; unknown
+        documents raise :class:`UnknownDocumentError`."""
+        self.check_hook(hook)
         if as_ not in ("numpy", "torch"):
             raise ValueError(f"as_ must be 'numpy' or 'torch', got {as_!r}")
+        if rows is not None and docs is not None:
+            raise ValueError("pass `rows` or `docs`, not both")
         out_name, out_np = _resolve_out_dtype(self.info.dtype, as_, dtype)
         d = self.info.hooks[hook].d
         ur = self.info.unit_rows
-        if rows is not None and docs is not None:
-            raise ValueError("pass `rows` or `docs`, not both")
 
-        # Plan: a list of (unit, lo, hi, take) where take indexes into the unit's [lo, hi) block.
-        plan: list[tuple[int, int, int, np.ndarray | None]] = []
+        # Plan: (unit, lo, hi) blocks for contiguous rows, or an index array.
+        blocks: list[tuple[int, int, int]] = []
+        idx: np.ndarray | None = None
         if rows is None and docs is None:
-            for u in self.committed_units(hook):
-                plan.append((u, 0, self._commits[hook][u].rows, None))
-            n = sum(hi - lo for _, lo, hi, _ in plan)
-            positions = None
+            blocks = [(u, 0, self.record(hook, u).rows) for u in self.committed_units(hook)]
+        elif docs is not None:
+            idx = self._rows_of_docs(hook, docs)
+        elif isinstance(rows, slice):
+            idx = self._slice_plan(hook, rows, blocks)
         else:
-            if docs is not None:
-                toks = self.tokens(hook)
-                idx = toks.column("row").to_numpy()[rows_of_docs(toks, list(docs))]
-            elif isinstance(rows, slice):
-                start, stop, step = rows.indices(self._extent(hook))
-                if step == 1:
-                    u = start // ur
-                    while start < stop:
-                        hi_global = min(stop, (u + 1) * ur)
-                        plan.append((u, start - u * ur, hi_global - u * ur, None))
-                        start = hi_global
-                        u += 1
-                    idx = None
-                else:
-                    idx = np.arange(start, stop, step, dtype=np.int64)
-            else:
-                idx = np.asarray(rows)
-                if idx.dtype.kind not in "iu" or idx.ndim != 1:
-                    raise ValueError(f"rows must be a slice or a 1-d integer array, got dtype {idx.dtype} ndim {idx.ndim}")
-                idx = idx.astype(np.int64)
-                if idx.size and idx.min() < 0:
-                    raise IndexError(f"row indices must be non-negative, got {int(idx.min())}")
-            if idx is not None:
-                n = idx.size
-                units = idx // ur
-                order = np.argsort(units, kind="stable")
-                su = units[order]
-                cuts = np.flatnonzero(np.diff(su)) + 1
-                positions = []
-                for grp in np.split(order, cuts):
-                    if grp.size == 0:
-                        continue
-                    u = int(units[grp[0]])
-                    local = idx[grp] - u * ur
-                    lo, hi = int(local.min()), int(local.max()) + 1
-                    plan.append((u, lo, hi, local - lo))
-                    positions.append(grp)
-            else:
-                n = sum(hi - lo for _, lo, hi, _ in plan)
-                positions = None
+            idx = self._index_array(hook, rows)
 
-        # Check every unit is committed before reading anything.
-        for u, _lo, hi, _ in plan:
-            self._record(hook, u, hi)
-        if len(plan) == 1 and plan[0][3] is None and out_name == self.info.dtype:
+        if idx is not None:
+            return self._gather(hook, idx, out_name, out_np, as_)
+        for u, _lo, _hi in blocks:  # every unit committed before anything is read
+            self.record(hook, u)
+        if len(blocks) == 1 and out_name == self.info.dtype:
             # One block in the stored dtype: hand over the buffer it was read into, no copy.
-            u, lo, hi, _ = plan[0]
-            vals = self._unit_values(hook, u, lo, hi)
+            u, lo, hi = blocks[0]
+            vals = self._unit_rows(hook, u, None, lo, hi)
             return to_torch(vals, out_name) if as_ == "torch" else vals
+        n = sum(hi - lo for _, lo, hi in blocks)
         out = np.empty((n, d), dtype=out_np)
         at = 0
-        for i, (u, lo, hi, take) in enumerate(plan):
-            vals = self._unit_values(hook, u, lo, hi)
-            if take is None:
-                _copy_into(out[at : at + hi - lo], out_name, vals, self.info.dtype)
-                at += hi - lo
-            else:
-                assert positions is not None
-                tmp = np.empty((take.size, d), dtype=out_np)
-                _copy_into(tmp, out_name, vals[take], self.info.dtype)
-                out[positions[i]] = tmp
-        if as_ == "torch":
-            return to_torch(out, out_name)
-        return out
+        for u, lo, hi in blocks:
+            _copy_into(out[at : at + hi - lo], out_name, self._unit_rows(hook, u, None, lo, hi), self.info.dtype)
+            at += hi - lo
+        return to_torch(out, out_name) if as_ == "torch" else out
+
+    def _past_end(self, hook: str, row: int, extent: int) -> RowOutOfRangeError:
+        return RowOutOfRangeError(
+            f"dataset {self.name!r} hook {hook!r}: row {row} is past the end; the dataset has {extent:,} rows "
+            f"(0..{extent - 1}) in {self.info.num_units} units, {self.num_rows(hook):,} of them committed"
+        )
+
+    def _slice_plan(self, hook: str, rows: slice, blocks: list[tuple[int, int, int]]) -> np.ndarray | None:
+        extent, ur = self._extent(hook), self.info.unit_rows
+        for bound in (rows.start, rows.stop):
+            if bound is not None and not isinstance(bound, (int, np.integer)):
+                raise TypeError(f"row slice bounds must be integers, got {bound!r}")
+            if bound is not None and bound > extent:
+                raise self._past_end(hook, int(bound) - 1, extent)
+        start, stop, step = rows.indices(extent)
+        if step != 1:
+            return np.arange(start, stop, step, dtype=np.int64)
+        u = start // ur
+        while start < stop:
+            hi = min(stop, (u + 1) * ur)
+            blocks.append((u, start - u * ur, hi - u * ur))
+            start, u = hi, u + 1
+        return None
+
+    def _index_array(self, hook: str, rows: Any) -> np.ndarray:
+        idx = np.asarray(rows)
+        if idx.size == 0:
+            return np.zeros(0, np.int64)
+        if idx.ndim != 1 or idx.dtype.kind not in "iu":
+            raise TypeError(f"rows must be a slice or a 1-d array of integer row indices, got dtype {idx.dtype} with {idx.ndim} dimension(s)")
+        idx = idx.astype(np.int64)
+        if idx.min() < 0:
+            raise RowOutOfRangeError(f"row indices must be non-negative, got {int(idx.min())}")
+        extent = self._extent(hook)
+        if idx.max() >= extent:
+            raise self._past_end(hook, int(idx.max()), extent)
+        return idx
+
+    def _gather(self, hook: str, idx: np.ndarray, out_name: str, out_np: np.dtype, as_: str) -> np.ndarray | torch.Tensor:
+        """Rows ``idx`` in the order given (repeats allowed): each distinct row read once,
+        unit by unit, touching only the chunks that hold them."""
+        d, ur = self.info.hooks[hook].d, self.info.unit_rows
+        if idx.size == 0:
+            empty = np.empty((0, d), dtype=out_np)
+            return to_torch(empty, out_name) if as_ == "torch" else empty
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        units = uniq // ur
+        bounds = np.flatnonzero(np.diff(units)) + 1
+        starts, ends = np.r_[0, bounds], np.r_[bounds, uniq.size]
+        for a in starts:  # every unit committed before anything is read
+            self.record(hook, int(units[a]))
+        vals = np.empty((uniq.size, d), dtype=out_np)
+        for a, b in zip(starts, ends):
+            u = int(units[a])
+            _copy_into(vals[a:b], out_name, self._unit_rows(hook, u, uniq[a:b] - u * ur), self.info.dtype)
+        in_order = uniq.size == idx.size and (idx.size < 2 or bool((np.diff(idx) > 0).all()))
+        out = vals if in_order else vals[inverse.reshape(-1)]
+        return to_torch(out, out_name) if as_ == "torch" else out
 
     def iter_batches(self, hooks: str | Sequence[str], **options: Any) -> BatchIterator:
         """Shuffled training batches of ``hooks``: a ``[batch, d]`` tensor, or a dict of aligned
         tensors for several hooks. Options (``batch_size=4096, shuffle=True, seed=0, epochs=1,
         skip_special=True, buffer_rows=2**17, drop_last=False, dtype=torch.float32,
-        prefetch=4``) are those of :class:`store.batches.BatchIterator`."""
+        prefetch=4, units=None``) are those of :class:`store.batches.BatchIterator`. Use it as
+        a context manager (or call ``close()``) to stop its loader threads promptly."""
         from store.batches import BatchIterator
 
         return BatchIterator(self, hooks, **options)
 
     # -- verification ---------------------------------------------------------------------
 
-    def verify(self, *, hooks: Sequence[str] | None = None) -> VerifyReport:  # noqa: C901
-        """Check every committed unit's files against its commit record (size, shard index,
-        checksum, row count). Returns a report; never raises for a bad file."""
-        self.refresh()
-        report = VerifyReport(self.name)
-        hooks = self.hooks if hooks is None else [self._check_hook(h) for h in hooks]
-        units: set[int] = set()
-        for unit, rec in sorted(self._commits[None].items()):
-            self._tokens.pop(unit, None)
-            try:
-                report.bytes_checked += len(self._read_token_file(rec, "", verify=True))
-                self._unit_tokens(unit)
-            except (CorruptionError, OSError) as e:
-                report.problems.append(Problem(None, unit, rec.file, str(e).rsplit("): ", 1)[-1].removeprefix(": ")))
-            report.files_checked += 1
-            units.add(unit)
-        for hook in hooks:
-            for unit, rec in sorted(self._commits[hook].items()):
-                self._checked.discard((hook, unit))
-                self._verified.discard((hook, unit))
-                try:
-                    arr = self._unit_values(hook, unit, verify=True)
-                    report.bytes_checked += arr.nbytes
-                except (CorruptionError, OSError) as e:
-                    report.problems.append(Problem(hook, unit, rec.file, str(e).rsplit("): ", 1)[-1]))
-                report.files_checked += 1
-                units.add(unit)
-        report.units_checked = len(units)
-        return report
+    def verify(self, *, hooks: Sequence[str] | None = None, committed_only: bool = False) -> VerifyReport:
+        """Check every committed unit against its commit record, and count what is committed.
+        ``ok`` needs no problem and, unless ``committed_only``, every unit committed."""
+        from store.verify import verify
+
+        return verify(self, hooks=hooks, committed_only=committed_only)
+
+    def repair(self, report: VerifyReport | None = None) -> RepairReport:
+        """Remove the commit records (and files) of units that fail their check, so the next
+        extraction recomputes exactly those. Takes the dataset's write lease."""
+        from store.verify import repair
+
+        return repair(self, report)

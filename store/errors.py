@@ -43,9 +43,29 @@ class CorruptionError(StrataError, OSError):
     """A stored file whose checksum, size or structure does not match its commit record."""
 
 
+class FormatVersionError(StrataError, ValueError):
+    """Data written in a store format this version of Strata does not read."""
+
+
 class LeaseHeldError(StrataError, RuntimeError):
     """Another live job holds the write lease of a dataset."""
 
 
 class StorageError(StrataError, OSError):
     """A store root that cannot be opened or written."""
+
+
+class StoreNotFoundError(StrataError, FileNotFoundError):
+    """A store root that does not exist (or holds no Strata store), opened with ``create=False``."""
+
+
+class LeaseLostError(StrataError, RuntimeError):
+    """This job's write lease was taken over by another job: it must stop writing."""
+
+
+class UnknownDocumentError(StrataError, LookupError):
+    """Document ids that the dataset does not hold."""
+
+
+class RowOutOfRangeError(StrataError, IndexError):
+    """Row indices past the dataset's rows."""

@@ -1,4 +1,15 @@
-"""Where everything lives under a store root, and the names users may give."""
+"""Where everything lives under a store root, and the names users may give.
+
+    strata.json                                  the store's marker and format version
+    datasets/NAME/manifest.json                  identity, unit grid, hooks, provenance (driver)
+    datasets/NAME/documents/docs-*.parquet       document index: row span of every document (driver)
+    datasets/NAME/acts/HOOK/                     a Zarr v3 array [rows, d]: one shard per unit
+    datasets/NAME/tokens/unit-K.ATTEMPT.parquet  the unit's token table (one file per attempt)
+    datasets/NAME/commits/{tokens,acts/HOOK}/K.json   commit records
+    datasets/NAME/lease/GEN.json                 write-lease generations (fencing tokens)
+    datasets/NAME/verify.json                    the outcome of the last verify
+    catalog/NAME.parquet                         one row per dataset
+"""
 
 from __future__ import annotations
 
@@ -6,6 +17,7 @@ import re
 
 from store.errors import InvalidNameError
 
+MARKER = "strata.json"
 DATASETS = "datasets"
 CATALOG = "catalog"
 
@@ -13,13 +25,13 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+=-]{0,199}$")
 _HOOK = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,199}$")
 
 
-def check_name(name: object) -> str:
-    """A dataset name is one path component: letters, digits and ``_ . @ + = -``, not starting with a dot."""
+def check_name(name: object, *, what: str = "dataset") -> str:
+    """A name is one path component: letters, digits and ``_ . @ + = -``, not starting with a dot."""
     if not isinstance(name, str) or not name:
-        raise InvalidNameError(f"dataset name must be a non-empty string, got {name!r}")
+        raise InvalidNameError(f"{what} name must be a non-empty string, got {name!r}")
     if not _NAME.match(name) or ".." in name:
         raise InvalidNameError(
-            f"invalid dataset name {name!r}: use 1-200 letters, digits or '_.@+=-', starting with a letter "
+            f"invalid {what} name {name!r}: use 1-200 letters, digits or '_.@+=-', starting with a letter "
             "or digit, no '..' and no '/' (names never become paths outside the store root)"
         )
     return name
@@ -33,6 +45,26 @@ def check_hook(hook: object) -> str:
     return hook
 
 
+_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+# Where each kind of block hook fires within a block (TransformerLens order).
+_KIND_ORDER = {"hook_resid_pre": 0, "ln1.hook_normalized": 1, "hook_attn_out": 2, "hook_resid_mid": 3,
+               "ln2.hook_normalized": 4, "hook_mlp_out": 5, "hook_resid_post": 6}
+
+
+def hook_order(hook: str) -> tuple:
+    """Sort key putting hooks in model order: ``hook_embed`` (and other pre-block hooks), then
+    blocks 0..L-1 (each in firing order: resid_pre, attn_out, mlp_out, resid_post), then
+    ``ln_final`` hooks; anything unknown after, by name."""
+    m = _BLOCK_HOOK.match(hook)
+    if m:
+        return (1, int(m.group(1)), _KIND_ORDER.get(m.group(2), 50), m.group(2))
+    if hook.startswith("hook_"):
+        return (0, 0, 0, hook)
+    if hook.startswith("ln_final"):
+        return (2, 0, 0, hook)
+    return (3, 0, 0, hook)
+
+
 def dataset_dir(name: str) -> str:
     return f"{DATASETS}/{check_name(name)}"
 
@@ -41,8 +73,16 @@ def manifest_key(name: str) -> str:
     return f"{dataset_dir(name)}/manifest.json"
 
 
-def lease_key(name: str) -> str:
-    return f"{dataset_dir(name)}/lease.json"
+def lease_dir(prefix: str) -> str:
+    return f"{prefix}/lease"
+
+
+def verify_key(name: str) -> str:
+    return f"{dataset_dir(name)}/verify.json"
+
+
+def documents_key(name: str, tag: str) -> str:
+    return f"{dataset_dir(name)}/documents/docs-{tag}.parquet"
 
 
 def array_path(name: str, hook: str) -> str:
@@ -54,10 +94,19 @@ def shard_key(name: str, hook: str, unit: int) -> str:
     return f"{array_path(name, hook)}/c/{unit}/0"
 
 
+def tokens_dir(name: str) -> str:
+    return f"{dataset_dir(name)}/tokens"
+
+
 def tokens_key(name: str, unit: int, attempt: str) -> str:
     # One file per write attempt: racing writers never overwrite each other's table; the
     # commit record names the file that won.
-    return f"{dataset_dir(name)}/tokens/unit-{unit:08d}.{attempt}.parquet"
+    return f"{tokens_dir(name)}/unit-{unit:08d}.{attempt}.parquet"
+
+
+def tokens_key_pattern(name: str, unit: int) -> re.Pattern[str]:
+    """The keys a token-table commit record of ``unit`` may name."""
+    return re.compile(re.escape(f"{tokens_dir(name)}/unit-{unit:08d}.") + r"[0-9a-f]{12}\.parquet")
 
 
 def commits_dir(name: str, hook: str | None) -> str:
@@ -69,8 +118,13 @@ def commit_key(name: str, hook: str | None, unit: int) -> str:
     return f"{commits_dir(name, hook)}/{unit:08d}.json"
 
 
-def unit_of_commit_key(key: str) -> int:
-    return int(key.rsplit("/", 1)[-1].split(".", 1)[0])
+_COMMIT_FILE = re.compile(r"^(\d{8})\.json$")
+
+
+def unit_of_commit_key(key: str) -> int | None:
+    """The unit a commit record key is for, or None for a file that is not a record."""
+    m = _COMMIT_FILE.match(key.rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else None
 
 
 def catalog_key(name: str) -> str:

@@ -7,8 +7,14 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from store.errors import CorruptionError, DatasetNotFoundError, FormatVersionError
+from store.layout import hook_order, manifest_key
+from store.storage import Storage
+
 FORMAT = "strata.activations"
-FORMAT_VERSION = 1
+# 2: block checksums in commit records (every partial read checked), token files with `row`,
+# a document index, hooks in model order, write-lease generations.
+FORMAT_VERSION = 2
 
 # Fields of `meta` that are part of a dataset's identity (DESIGN.md, "activation dataset").
 IDENTITY_META_KEYS = ("model", "revision", "tokenizer", "corpus_fingerprint", "packing", "prepend_bos")
@@ -33,6 +39,7 @@ class DatasetInfo:
     hooks: dict[str, HookInfo]
     meta: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
+    documents: dict[str, Any] | None = None  # the document index's file entry (key, size, block checksums)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -56,16 +63,29 @@ class DatasetInfo:
         return json.dumps(d, indent=2, sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> DatasetInfo:
-        d = json.loads(data)
-        if d.get("format") != FORMAT:
-            raise ValueError(f"not a Strata activation manifest (format={d.get('format')!r})")
-        if d.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(
-                f"manifest format_version {d['format_version']} is newer than this Strata reads ({FORMAT_VERSION}); upgrade strata"
+    def from_json(cls, data: bytes, *, where: str) -> DatasetInfo:
+        """Parse a manifest; anything malformed is a :class:`CorruptionError` naming ``where``."""
+        try:
+            d = json.loads(data)
+            if not isinstance(d, dict) or d.get("format") != FORMAT:
+                raise ValueError(f"not a Strata activation manifest (format={d.get('format') if isinstance(d, dict) else None!r})")
+        except ValueError as e:
+            raise CorruptionError(f"{where}: damaged manifest ({e})") from None
+        version = d.get("format_version", 0)
+        if version > FORMAT_VERSION:
+            raise FormatVersionError(
+                f"{where}: manifest format_version {version} is newer than this Strata reads ({FORMAT_VERSION}); upgrade strata"
             )
-        d["hooks"] = {h: HookInfo(**v) for h, v in d["hooks"].items()}
-        return cls(**d)
+        if version < FORMAT_VERSION:
+            raise FormatVersionError(
+                f"{where}: dataset written in store format {version}, whose partial reads cannot be checked; "
+                f"this Strata reads format {FORMAT_VERSION}: extract it again (a new store or name)"
+            )
+        try:
+            d["hooks"] = {h: HookInfo(**v) for h, v in d["hooks"].items()}
+            return cls(**d)
+        except (TypeError, KeyError, AttributeError) as e:
+            raise CorruptionError(f"{where}: damaged manifest ({e})") from None
 
     def with_changes(self, **changes: Any) -> DatasetInfo:
         return replace(self, **changes)
@@ -80,7 +100,7 @@ class DatasetInfo:
             "dtype": self.dtype,
             "unit_contexts": self.unit_contexts,
             "num_units": self.num_units,
-            "hooks": sorted(self.hooks),
+            "hooks": sorted(self.hooks, key=hook_order),
             "created_at": self.created_at,
         }
         return out
@@ -92,3 +112,18 @@ def fingerprint(*, context_size: int, dtype: str, meta: dict[str, Any]) -> str:
     ident.update({k: meta.get(k) for k in IDENTITY_META_KEYS})
     blob = json.dumps(ident, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_manifest(storage: Storage, name: str) -> DatasetInfo:
+    """The committed manifest of dataset ``name``."""
+    key = manifest_key(name)
+    try:
+        data = storage.read(key)
+    except FileNotFoundError:
+        raise DatasetNotFoundError(f"no dataset {name!r} in store {storage.uri}") from None
+    return DatasetInfo.from_json(data, where=f"{storage.uri}/{key}")
+
+
+def write_manifest(storage: Storage, info: DatasetInfo) -> None:
+    """Write (replace, atomically) a manifest: driver only, holding the dataset's lease."""
+    storage.write(manifest_key(info.name), info.to_json())

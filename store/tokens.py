@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +23,9 @@ TOKEN_SCHEMA = pa.schema(
     ]
 )
 TOKEN_COLUMNS = tuple(TOKEN_SCHEMA.names)
+# What a token file holds: the columns above plus `row`, the global row index (unit * unit_rows
+# + position in the unit), so the files join with the activation arrays without Strata.
+STORED_TOKEN_SCHEMA = TOKEN_SCHEMA.append(pa.field("row", pa.int64(), nullable=False))
 
 
 def check_tokens(table: pa.Table, *, unit: int, first_context: int, context_size: int, what: str) -> pa.Table:
@@ -49,20 +53,22 @@ def check_tokens(table: pa.Table, *, unit: int, first_context: int, context_size
     return table
 
 
-def encode_tokens(table: pa.Table) -> bytes:
+def encode_tokens(table: pa.Table, *, first_row: int) -> bytes:
+    """The unit's token file: the checked table plus its global ``row`` column."""
+    rows = pa.array(np.arange(first_row, first_row + table.num_rows, dtype=np.int64))
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", write_statistics=True)
+    pq.write_table(table.append_column(STORED_TOKEN_SCHEMA.field("row"), rows), buf, compression="zstd", write_statistics=True)
     return buf.getvalue()
 
 
-def decode_tokens(data: bytes, *, where: str) -> pa.Table:
+def decode_tokens(data: Any, *, where: str) -> pa.Table:
     try:
-        return pq.read_table(pa.BufferReader(data), schema=TOKEN_SCHEMA)
+        return pq.read_table(pa.BufferReader(data), schema=STORED_TOKEN_SCHEMA)
     except (pa.ArrowInvalid, OSError) as e:
         raise CorruptionError(f"{where}: token table is not readable Parquet: {e}") from e
 
 
-def rows_of_docs(table: pa.Table, docs: list[int] | np.ndarray) -> np.ndarray:
+def rows_of_docs(table: pa.Table, docs: np.ndarray) -> np.ndarray:
     """Positions in ``table`` of every row belonging to one of ``docs``."""
     mask = pc.is_in(table.column("doc_id"), value_set=pa.array(np.asarray(docs, dtype=np.int64)))
     return np.flatnonzero(mask.to_numpy(zero_copy_only=False))

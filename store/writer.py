@@ -1,28 +1,25 @@
-"""The one writer of activation datasets: create (driver), write units (any worker), grow and
-add hooks (driver)."""
+"""The one writer of activation datasets: write units (any worker), and the driver-only
+metadata changes (grow, add hooks, the document index, provenance)."""
 
 from __future__ import annotations
 
 import logging
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import zarr
+import xxhash
 
-from store import layout
-from store.commits import CommitRecord, checksum, utcnow, writer_identity
+from store import layout, protocol
+from store.documents import check_documents, encode_documents
 from store.dtypes import storage_dtype, to_storage
-from store.errors import (
-    HookNotFoundError,
-    UnitOutOfRangeError,
-    WriteMismatchError,
-)
-from store.manifest import DatasetInfo, HookInfo
-from store.shards import ShardLayout, codec_config, pick_chunk_rows
+from store.errors import HookNotFoundError, LeaseLostError, UnitOutOfRangeError, WriteMismatchError
+from store.lease import current_generation
+from store.manifest import DatasetInfo, HookInfo, load_manifest, write_manifest
+from store.protocol import CommitRecord, FileEntry
+from store.shards import create_hook_array, pick_chunk_rows, resize_hook_array, shard_layout
 from store.tokens import check_tokens, encode_tokens
 
 if TYPE_CHECKING:
@@ -31,62 +28,34 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def shard_layout(info: DatasetInfo, hook: str) -> ShardLayout:
-    h = info.hooks[hook]
-    return ShardLayout(info.unit_rows, h.chunk_rows, h.d, storage_dtype(info.dtype).itemsize)
-
-
-def create_hook_array(store: Store, info: DatasetInfo, hook: str) -> None:
-    """Create the Zarr v3 array of one hook: ``[capacity_rows, d]``, one shard per unit."""
-    h = info.hooks[hook]
-    arr = zarr.create_array(
-        store=store.zarr_store,
-        name=layout.array_path(info.name, hook),
-        shape=(info.capacity_rows, h.d),
-        shards=(info.unit_rows, h.d),
-        chunks=(h.chunk_rows, h.d),
-        dtype=storage_dtype(info.dtype),
-        compressors=None,
-        fill_value=0,
-        attributes={"strata": {"dtype": info.dtype, "hook": hook, "dataset": info.name, "unit_rows": info.unit_rows}},
-        overwrite=True,
-    )
-    codecs = arr.metadata.to_dict()["codecs"]
-    expect = codec_config(h.chunk_rows, h.d)
-    if _normalize(codecs[0]) != _normalize(expect):
-        raise RuntimeError(f"zarr wrote an unexpected codec configuration for {hook}: {codecs}")
-
-
-def _normalize(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _normalize(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_normalize(v) for v in x]
-    return x
-
-
-def new_hook_info(info_unit_rows: int, d: int, dtype: str) -> HookInfo:
-    if not isinstance(d, (int, np.integer)) or d <= 0:
+def new_hook_info(unit_rows: int, d: int, dtype: str) -> HookInfo:
+    if not isinstance(d, (int, np.integer)) or isinstance(d, bool) or d <= 0:
         raise ValueError(f"hook width must be a positive int, got {d!r}")
-    return HookInfo(d=int(d), chunk_rows=pick_chunk_rows(info_unit_rows, int(d), storage_dtype(dtype).itemsize))
+    return HookInfo(d=int(d), chunk_rows=pick_chunk_rows(unit_rows, int(d), storage_dtype(dtype).itemsize))
 
 
 class DatasetWriter:
     """Writes units of one dataset. Safe to use from many processes and machines at once, each
-    writing different units; a unit written twice keeps its first commit."""
+    writing different units; a unit written twice keeps its first commit.
 
-    # A shard uncommitted for this long was left by a dead writer (a live one commits within
-    # milliseconds of its shard appearing).
+    ``fence`` is the fencing token (lease generation) of the job this writer works for: every
+    commit record carries it, and a writer refuses to commit once the dataset's lease has a
+    newer generation (the job lost its lease).
+    """
+
+    # A data file uncommitted for this long was left by a dead writer (a live one commits
+    # within milliseconds of its file appearing).
     orphan_after_s: float = 60.0
 
-    def __init__(self, store: Store, name: str) -> None:
+    def __init__(self, store: Store, name: str, *, fence: int | None = None) -> None:
         self.store = store
-        self.name = name
+        self.name = layout.check_name(name)
         self.storage = store.storage
-        self.info = store._load_info(name)
+        self.fence = fence
+        self.info = load_manifest(self.storage, name)
 
     def refresh(self) -> DatasetInfo:
-        self.info = self.store._load_info(self.name)
+        self.info = load_manifest(self.storage, self.name)
         return self.info
 
     # -- driver-only metadata changes ---------------------------------------------------
@@ -100,11 +69,8 @@ class DatasetWriter:
             return info
         new = info.with_changes(num_units=int(num_units))
         for hook in new.hooks:
-            arr = zarr.open_array(store=self.store.zarr_store, path=layout.array_path(self.name, hook), mode="r+")
-            arr.resize((new.capacity_rows, new.hooks[hook].d))
-        self.store._write_info(new)
-        self.info = new
-        return new
+            resize_hook_array(self.storage, new, hook)
+        return self._publish(new)
 
     def add_hooks(self, hooks: Mapping[str, int]) -> DatasetInfo:
         """Add hook points (driver only). Hooks already present must keep their width."""
@@ -121,21 +87,54 @@ class DatasetWriter:
             return info
         new = info.with_changes(hooks={**info.hooks, **added})
         for hook in added:
-            create_hook_array(self.store, new, hook)
-        self.store._write_info(new)
+            create_hook_array(self.storage, new, hook)
+        return self._publish(new)
+
+    def write_documents(self, table: pa.Table) -> DatasetInfo:
+        """Record the document index (driver only): ``doc_id, row_start, row_end,
+        dropped_tokens`` per document (see :mod:`store.documents`). The file is named by its
+        content and written put-if-absent, then the manifest points at it, so a reader always
+        sees an index that matches its manifest."""
+        table = check_documents(table)
+        data = encode_documents(table)
+        key = layout.documents_key(self.name, xxhash.xxh3_64_hexdigest(data))
+        self.storage.put_if_absent(key, data)
+        info = self.refresh()
+        entry = FileEntry.of(key, data)
+        if info.documents == entry.to_dict():
+            return info
+        return self._publish(info.with_changes(documents=entry.to_dict()))
+
+    def update_meta(self, **meta: Any) -> DatasetInfo:
+        """Update provenance fields of the manifest (driver only); identity fields are refused."""
+        from store.manifest import IDENTITY_META_KEYS
+
+        bad = [k for k in meta if k in IDENTITY_META_KEYS]
+        if bad:
+            raise ValueError(f"cannot change identity field(s) {bad} of dataset {self.name!r}; a new identity is a new dataset")
+        info = self.refresh()
+        return self._publish(info.with_changes(meta={**info.meta, **meta}))
+
+    def _publish(self, new: DatasetInfo) -> DatasetInfo:
+        self._check_fence()
+        write_manifest(self.storage, new)
         self.info = new
         return new
 
+    def _check_fence(self) -> None:
+        if self.fence is None:
+            return
+        cur = current_generation(self.storage, layout.dataset_dir(self.name))
+        if cur != self.fence:
+            raise LeaseLostError(
+                f"dataset {self.name!r}: this writer works for the job holding lease generation {self.fence}, "
+                f"but the lease is now at generation {cur}: another job took it over, so nothing more is committed"
+            )
+
     # -- units --------------------------------------------------------------------------
 
-    def is_committed(self, unit: int, hook: str | None = None) -> bool:
-        return self.storage.exists(layout.commit_key(self.name, hook, unit))
-
     def read_commit(self, unit: int, hook: str | None) -> CommitRecord | None:
-        try:
-            return CommitRecord.from_json(self.storage.read(layout.commit_key(self.name, hook, unit)))
-        except FileNotFoundError:
-            return None
+        return protocol.read_record(self.storage, layout.commit_key(self.name, hook, unit))
 
     def write_unit(self, unit: int, *, tokens: pa.Table, acts: Mapping[str, Any]) -> dict[str, str]:
         """Write one unit's token table and activations, then commit them.
@@ -149,16 +148,16 @@ class DatasetWriter:
         what = f"dataset {self.name!r} unit {unit}"
         if not isinstance(unit, (int, np.integer)) or isinstance(unit, bool):
             raise UnitOutOfRangeError(f"{what}: unit index must be an int")
+        unit = int(unit)
         if not 0 <= unit < info.num_units:
             info = self.refresh()  # the driver may have grown the dataset since this writer opened
             if not 0 <= unit < info.num_units:
                 raise UnitOutOfRangeError(f"{what}: out of range; the dataset has units 0..{info.num_units - 1}")
-        unknown = [h for h in acts if h not in info.hooks]
-        if unknown:
+        if any(h not in info.hooks for h in acts):
             info = self.refresh()
             unknown = [h for h in acts if h not in info.hooks]
             if unknown:
-                raise HookNotFoundError(f"{what}: unknown hook(s) {unknown}; the dataset has {sorted(info.hooks)}")
+                raise HookNotFoundError(f"{what}: unknown hook(s) {unknown}; the dataset has {sorted(info.hooks, key=layout.hook_order)}")
         rows = tokens.num_rows if isinstance(tokens, pa.Table) else -1
         if rows <= 0 or rows % info.context_size or rows > info.unit_rows:
             raise WriteMismatchError(
@@ -174,18 +173,23 @@ class DatasetWriter:
                 raise WriteMismatchError(f"{what} hook {hook!r}: shape {tuple(arr.shape)}, expected {expect}")
             stored[hook] = arr
 
-        ident = writer_identity()
-        # The token table (Parquet encoding) and the checksums run on a helper thread while this
-        # one writes the shards: all three release the GIL, and the write path stays near disk
-        # speed. The token table is committed before any hook, so a hook unit is never visible
-        # without its tokens.
+        ident = protocol.writer_identity()
+        # The token table (Parquet encoding) and the block checksums run on a helper thread
+        # while this one writes the shards: all of them release the GIL, so the write path
+        # stays near disk speed. The token table is committed before any hook, so a hook's
+        # unit is never visible without its tokens.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="strata-write") as pool:
             tokens_done = pool.submit(self._write_tokens, unit, tokens, rows, ident, what)
-            sums = {h: pool.submit(checksum, a) for h, a in stored.items()}
-            ready = {h: self._write_shard(unit, h, a, sums[h], ident, what) for h, a in stored.items()}
+            layouts = {h: shard_layout(info, h) for h in stored}
+            parts = {h: layouts[h].encode(a) for h, a in stored.items()}
+            entries = {
+                h: pool.submit(FileEntry.of, layout.shard_key(self.name, h, unit), p, block_size=layouts[h].chunk_bytes)
+                for h, p in parts.items()
+            }
+            ready = {h: self._write_shard(unit, h, parts[h], entries[h].result, rows, ident, what) for h in stored}
             status = {"tokens": tokens_done.result()}
         for hook, rec in ready.items():
-            status[hook] = rec if isinstance(rec, str) else self._commit_hook(rec, what)
+            status[hook] = rec if isinstance(rec, str) else self._commit(rec, what)
         return status
 
     def _check_existing(self, rec: CommitRecord, rows: int, what: str) -> str:
@@ -193,89 +197,42 @@ class DatasetWriter:
             raise WriteMismatchError(f"{what}: already committed with {rec.rows} rows, this write has {rows}")
         return "already committed"
 
+    def _record(self, unit: int, hook: str | None, rows: int, entry: FileEntry, ident: dict[str, Any], **kw: Any) -> CommitRecord:
+        return CommitRecord(unit, hook, rows, (entry,), ident, protocol.utcnow(), fence=self.fence, **kw)
+
+    def _commit(self, rec: CommitRecord, what: str) -> str:
+        assert rec.unit is not None
+        self._check_fence()
+        won, winner = protocol.commit(self.storage, layout.commit_key(self.name, rec.hook, rec.unit), rec)
+        return "committed" if won else self._check_existing(winner, rec.rows, what)
+
     def _write_tokens(self, unit: int, table: pa.Table, rows: int, ident: dict[str, Any], what: str) -> str:
         existing = self.read_commit(unit, None)
         if existing is not None:
             return self._check_existing(existing, rows, what)
-        data = encode_tokens(table)
-        key = layout.tokens_key(self.name, unit, ident["attempt"])
+        data = encode_tokens(table, first_row=unit * self.info.unit_rows)
         # The key is this attempt's own: put-if-absent (a link, on a local disk) publishes it
         # whole, and avoids the rename that makes a local write much slower here.
+        key = layout.tokens_key(self.name, unit, ident["attempt"])
         self.storage.put_if_absent(key, data)
         n_special = int(table.column("special").to_numpy(zero_copy_only=False).sum())
-        rec = CommitRecord(unit, None, rows, checksum(data), key, len(data), ident, utcnow(), special=n_special)
-        if self.storage.put_if_absent(layout.commit_key(self.name, None, unit), rec.to_json()):
-            return "committed"
-        # Lost a race with another writer of this unit: its table is the one that counts.
-        self.storage.delete(key)
-        winner = self.read_commit(unit, None)
-        assert winner is not None
-        return self._check_existing(winner, rows, what)
+        rec = self._record(unit, None, rows, FileEntry.of(key, data), ident, special=n_special)
+        status = self._commit(rec, what)
+        if status != "committed":
+            self.storage.delete(key)  # lost the race: the winner's table is the one that counts
+        return status
 
-    def _write_shard(self, unit: int, hook: str, arr: np.ndarray, sum_: Future[str], ident: dict[str, Any], what: str) -> CommitRecord | str:
-        """Write one hook's shard put-if-absent; returns its commit record to put, or the
-        status when another writer's commit already covers the unit.
-
-        A shard is never overwritten while it may be committed or about to be: the shard key is
-        fixed (it is a Zarr array's), so two writers of one unit (a retried straggler, two jobs
-        on one dataset) would otherwise leave a commit whose checksum is of the other's bytes.
-        A shard already there with no commit is the other writer's, between its shard and its
-        commit (milliseconds: put-if-absent publishes a shard only when whole); identical bytes
-        are committed as they are, other bytes are waited on, and replaced only once they have
-        sat uncommitted for ``orphan_after_s`` (their writer died).
-        """
-        rows = arr.shape[0]
+    def _write_shard(self, unit: int, hook: str, parts: list[Any], entry: Any, rows: int, ident: dict[str, Any], what: str) -> CommitRecord | str:
+        """Publish one hook's shard; returns its commit record to write, or the status when
+        another writer's commit already covers the unit. ``entry()`` gives its file entry."""
         existing = self.read_commit(unit, hook)
         if existing is not None:
             return self._check_existing(existing, rows, what)
-        sl = shard_layout(self.info, hook)
         key = layout.shard_key(self.name, hook, unit)
-        written = self.storage.put_if_absent(key, sl.encode(arr))
-        rec = CommitRecord(unit, hook, rows, sum_.result(), key, sl.shard_nbytes(rows), ident, utcnow())
-        while not written:
-            winner = self.read_commit(unit, hook)
-            if winner is not None:
-                return self._check_existing(winner, rows, what)
-            # Shards are never rewritten, only deleted once orphaned: one comparison per shard seen.
-            if self._shard_matches(key, rec):
-                break  # the same bytes: commit them
-            winner = self._await_commit_or_orphan(unit, hook, key)
-            if winner is not None:
-                return self._check_existing(winner, rows, what)
-            log.warning("%s hook %r: replacing a shard left uncommitted by a dead writer", what, hook)
-            self.storage.delete(key)
-            written = self.storage.put_if_absent(key, sl.encode(arr))
-        return rec
-
-    def _commit_hook(self, rec: CommitRecord, what: str) -> str:
-        assert rec.hook is not None
-        if self.storage.put_if_absent(layout.commit_key(self.name, rec.hook, rec.unit), rec.to_json()):
-            return "committed"
-        winner = self.read_commit(rec.unit, rec.hook)
-        assert winner is not None
-        return self._check_existing(winner, rec.rows, what)
-
-    def _shard_matches(self, key: str, rec: CommitRecord) -> bool:
-        try:
-            if self.storage.size(key) != rec.nbytes:
-                return False
-            itemsize = storage_dtype(self.info.dtype).itemsize
-            body = self.storage.read_range(key, 0, rec.rows * self.info.hooks[rec.hook].d * itemsize)
-        except FileNotFoundError:
-            return False
-        return checksum(body) == rec.checksum
-
-    def _await_commit_or_orphan(self, unit: int, hook: str, key: str) -> CommitRecord | None:
-        """Wait while another writer's shard may still be committed. Returns its commit, or
-        None once the shard is an orphan (or gone) and may be replaced."""
-        while True:
-            winner = self.read_commit(unit, hook)
-            if winner is not None:
-                return winner
-            try:
-                age = time.time() - self.storage.modified(key)
-            except FileNotFoundError:
-                return None  # deleted meanwhile: try to write ours
-            if age >= self.orphan_after_s:
-                return None
-            time.sleep(min(0.5, max(0.05, self.orphan_after_s - age)))
+        winner = protocol.publish(
+            self.storage, key, parts, entry, record_key=layout.commit_key(self.name, hook, unit),
+            orphan_after_s=self.orphan_after_s, what=f"{what} hook {hook!r}",
+        )
+        if winner is not None:
+            return self._check_existing(winner, rows, what)
+        return self._record(unit, hook, rows, entry(), ident)

@@ -11,18 +11,23 @@ import numpy as np
 
 from zarr.storage import LocalStore
 
-from store.errors import StorageError
+from store.errors import StorageError, StoreNotFoundError
 from store.storage._base import Buffers, Storage, as_parts
 
 
 class LocalStorage(Storage):
-    def __init__(self, root: str | os.PathLike[str], *, durable: bool = False) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, durable: bool = False, create: bool = True) -> None:
         # durable=True fsyncs every file before it becomes visible, so a commit survives a
         # power loss. Off by default: a process crash (the common case: a killed worker) loses
         # nothing either way, the page cache outlives the process, and on ext4 each fsync also
         # flushes the shard written just before, which halves write throughput.
         self.durable = durable
         self.root = Path(root).expanduser().absolute()
+        if not create:
+            if not self.root.is_dir():
+                raise StoreNotFoundError(f"no store at {str(self.root)!r}: the folder does not exist")
+            self.uri = str(self.root)
+            return
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:

@@ -100,16 +100,29 @@ def test_resume_mid_epoch_equals_uninterrupted(ds, epochs):
         nxt = next(it)
         assert torch.equal(nxt["a"], ref[k + 1]), f"batch after resuming at {k} differs"
         it.close()
-    assert states[ref_it.batches_per_epoch - 1]["epoch"] == 1 and states[ref_it.batches_per_epoch - 1]["batch"] == 0
+    end_of_first = states[ref_it.batches_per_epoch - 1]
+    if epochs is None:  # the endless stream counts batches across epochs
+        assert (end_of_first["epoch"], end_of_first["batch"]) == (0, ref_it.batches_per_epoch)
+    else:
+        assert (end_of_first["epoch"], end_of_first["batch"]) == (1, 0)
 
 
-def test_endless_iterator_runs_past_one_epoch(ds):
-    it = ds.iter_batches("a", batch_size=64, epochs=None)
-    seen = [next(it) for _ in range(3 * it.batches_per_epoch)]
-    it.close()
-    assert len(seen) == 3 * it.batches_per_epoch
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch_size=st.integers(1, 70), seed=st.integers(0, 2**31))
+def test_endless_batches_are_always_full_and_cover_each_epoch_once(ds, batch_size, seed):
+    """Endless (training) mode never yields a short batch: the epochs' streams are joined, so
+    a batch may straddle two epochs, and k epochs' worth of rows hold every row k times."""
+    n = len(all_rows())
+    with ds.iter_batches("a", batch_size=batch_size, seed=seed, epochs=None, buffer_rows=64) as it:
+        k = 3
+        needed = -(-k * n // batch_size)
+        batches = ids(next(it) for _ in range(needed))
+    assert all(len(b) == batch_size for b in batches)
+    stream = [r for b in batches for r in b]
+    for e in range(k):
+        assert sorted(stream[e * n : (e + 1) * n]) == all_rows()
     with pytest.raises(TypeError):
-        len(it)
+        len(ds.iter_batches("a", batch_size=8, epochs=None))
 
 
 def test_resume_refuses_a_different_configuration(ds):
@@ -125,13 +138,27 @@ def test_resume_refuses_a_different_configuration(ds):
     [
         (dict(hooks="zz"), store.HookNotFoundError, "no hook 'zz'"),
         (dict(hooks="a", batch_size=0), ValueError, "`batch_size` must be a positive int"),
-        (dict(hooks="a", epochs=0), ValueError, "`epochs` must be a positive int or None"),
+        (dict(hooks="a", epochs=0), ValueError, "`epochs` must be a positive int, got 0"),
         (dict(hooks="a", dtype=torch.int32), ValueError, "`dtype` must be"),
+        (dict(hooks="a", seed=-1), ValueError, "`seed` must be an int >= 0, got -1"),
+        (dict(hooks="a", seed="x"), ValueError, "`seed` must be an int >= 0, got 'x'"),
+        (dict(hooks="a", seed=1.5), ValueError, "`seed` must be an int >= 0, got 1.5"),
+        (dict(hooks=["a", "a"]), ValueError, "names a hook twice"),
+        (dict(hooks="a", units=[99]), store.NotCommittedError, r"unit\(s\) \[99\] are not committed"),
+        (dict(hooks="a", epochs=None, batch_size=10_000), ValueError, "larger than an epoch"),
     ],
 )
 def test_bad_arguments(ds, kw, exc, pattern):
+    # Refused when the iterator is built, before any batch (and before any thread starts).
     with pytest.raises(exc, match=pattern):
         ds.iter_batches(**kw)
+
+
+def test_units_restricts_the_rows(ds):
+    it = ds.iter_batches("a", batch_size=16, seed=3, units=[1, 4])
+    got = sorted(r for b in ids(it) for r in b)
+    assert got == [r for r in all_rows() if r // ROWS in (1, 4)]
+    assert it.units == [1, 4]
 
 
 def test_nothing_committed(tmp_path):

@@ -144,8 +144,10 @@ def test_bucket_root_store_and_short_last_unit(s3_bucket: str) -> None:
     want = torch.from_numpy(np.concatenate([unit_acts(0), unit_acts(1, rows=8)])).half().numpy()
     assert np.array_equal(ds.read(HOOK), want)
     assert np.array_equal(ds.read(HOOK, rows=[UNIT_ROWS + 7, 2]), want[[UNIT_ROWS + 7, 2]])
-    with pytest.raises(store.NotCommittedError):
+    with pytest.raises(store.RowOutOfRangeError, match="the dataset has 24 rows"):
         ds.read(HOOK, rows=[UNIT_ROWS + 8])  # past the short unit's rows
+    with pytest.raises(store.RowOutOfRangeError, match="the dataset has 24 rows"):
+        ds.read(HOOK, rows=slice(0, UNIT_ROWS + 9))  # a slice past the end behaves alike
     assert ds.verify().ok
     assert store.open(s3_bucket).datasets() == ["short"]
 
@@ -256,7 +258,7 @@ def test_two_processes_racing_on_one_unit(processes_wrote, s3_env: str) -> None:
     # The loser's token table is gone; the winner's is the one the record names.
     tables = [t for t in _keys(uri, s3_env, "datasets/mp/tokens") if t.startswith("unit-00000006.")]
     assert len(tables) == 1
-    assert _commit(uri, s3_env, "mp", None, 6)["file"] == f"datasets/mp/tokens/{tables[0]}"
+    assert _commit(uri, s3_env, "mp", None, 6)["files"][0]["key"] == f"datasets/mp/tokens/{tables[0]}"
     ds = store.open(uri).dataset("mp")
     assert np.array_equal(ds.read(HOOK, rows=slice(6 * UNIT_ROWS, 7 * UNIT_ROWS)), _expected([6]))
     assert ds.tokens(HOOK, units=[6]).column("token_id").to_pylist() == token_table(6).column("token_id").to_pylist()
@@ -342,9 +344,9 @@ def test_truncated_shard_found(written) -> None:
 def test_corrupted_token_table_found(written) -> None:
     uri, client = written
     rec = _commit(uri, client.meta.endpoint_url, "bad", None, 1)
-    _rewrite(uri, client, rec["file"], lambda b: b[:10] + bytes(len(b) - 10))
+    _rewrite(uri, client, rec["files"][0]["key"], lambda b: b[:10] + bytes(len(b) - 10))
 
-    _only_problem(store.open(uri).dataset("bad").verify(), unit=1, hook=None, file=rec["file"])
+    _only_problem(store.open(uri).dataset("bad").verify(), unit=1, hook=None, file=rec["files"][0]["key"])
     with pytest.raises(store.CorruptionError, match="unit 1"):
         store.open(uri).dataset("bad").tokens()
 
@@ -381,7 +383,8 @@ def test_reader_opened_mid_write_sees_committed_units_only(s3_bucket: str, s3_en
     for rows in ([2 * UNIT_ROWS + 3], [0, 40], np.arange(20, 2 * UNIT_ROWS + 1)):
         with pytest.raises(store.NotCommittedError, match="unit 2"):
             ds.read(HOOK, rows=rows)
-    assert ds.verify().ok  # uncommitted files are not the reader's business
+    assert ds.verify(committed_only=True).ok  # uncommitted files are not the reader's business
+    assert not ds.verify().ok  # but the dataset is incomplete
 
     # The worker now finishes unit 2: the open reader keeps its consistent view until refresh().
     assert w.write_unit(2, tokens=token_table(2), acts={HOOK: unit_acts(2)})[HOOK] == "committed"

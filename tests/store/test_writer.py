@@ -6,8 +6,10 @@ import json
 import os
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
+import xxhash
 import zarr
 
 import store
@@ -87,10 +89,20 @@ def test_commit_record_contents(tmp_path):
     s, data = make_dataset(tmp_path, num_units=2, last_contexts=1)
     rec = json.loads((tmp_path / layout.commit_key("ds", "blocks.1.hook_mlp_out", 1)).read_text())
     assert rec["rows"] == CTX and rec["unit"] == 1 and rec["hook"] == "blocks.1.hook_mlp_out"
-    assert rec["checksum"].startswith("xxh3_64:") and rec["writer"]["pid"] == os.getpid()
-    assert rec["nbytes"] == (tmp_path / rec["file"]).stat().st_size
+    assert rec["writer"]["pid"] == os.getpid() and rec["fence"] is None
+    (f,) = rec["files"]
+    assert f["key"] == layout.shard_key("ds", "blocks.1.hook_mlp_out", 1)
+    body = (tmp_path / f["key"]).read_bytes()
+    assert f["nbytes"] == len(body) and f["algo"] == "xxh3_64"
+    # One checksum per Zarr chunk: a partial read checks only the chunks it touches.
+    chunk_bytes = s.manifest("ds").hooks["blocks.1.hook_mlp_out"].chunk_rows * 8 * 4
+    assert f["block_size"] == chunk_bytes
+    assert f["blocks"] == [xxhash.xxh3_64_hexdigest(body[i : i + chunk_bytes]) for i in range(0, len(body), chunk_bytes)]
     tok = json.loads((tmp_path / layout.commit_key("ds", None, 1)).read_text())
     assert tok["special"] == 1  # one BOS per context
+    # The token file carries the global `row` column, so it joins with the arrays without Strata.
+    t = pq.read_table(tmp_path / tok["files"][0]["key"])
+    assert t.column("row").to_pylist() == list(range(ROWS, ROWS + CTX))
 
 
 def test_grow_and_add_hook(tmp_path):
@@ -171,7 +183,7 @@ def test_bad_dataset_names(tmp_path, name):
         s.create_dataset(name, hooks={"h": 4}, context_size=8, num_units=1)
     with pytest.raises(store.InvalidNameError):
         s.dataset(name)
-    assert files(tmp_path / "root") == set()
+    assert files(tmp_path / "root") == {"strata.json"}
     assert not (tmp_path / "escape").exists()
 
 

@@ -1,0 +1,369 @@
+"""The commit protocol: how every artifact of the store (activation units, token tables, and
+later feature-table units, SAEs and analysis results) becomes visible, and how every read is
+checked.
+
+1. **Data first, put-if-absent.** A data file is published whole or not at all
+   (``Storage.put_if_absent``: a link on a local disk, ``If-None-Match: *`` on S3). A file that
+   is already there and has no commit record belongs to another writer, between its data and
+   its commit: identical bytes are committed as they are; other bytes are waited on, and
+   replaced only once they have sat uncommitted for ``orphan_after_s`` (their writer died).
+2. **Then the commit record, put-if-absent.** A small JSON record names the file(s) it makes
+   visible, their sizes and block checksums, the row count, who wrote it and when, and the
+   fencing token of the job's lease. The first record wins; a writer that loses the race reads
+   the winner's record (a lost race is harmless: same inputs, same rows).
+3. **Every read is checked.** A file is checksummed in fixed blocks (``xxh3_64`` per block; for
+   activation shards a block is one Zarr chunk), so a partial read checks just the blocks it
+   touches and a whole read checks them all. Damaged bytes raise :class:`CorruptionError`;
+   they are never handed back.
+4. **Records are untrusted input.** A record may only name files at the keys its kind allows
+   (inside its own folder, no ``..``); anything else is a damaged record, refused before any
+   file is touched.
+
+Verify and repair (:func:`verify_file`, used by the dataset's ``verify``/``repair``) and the
+write lease with fencing (:mod:`store.lease`) complete the protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from store.errors import CorruptionError
+from store.storage import Storage
+from store.storage._base import Buffers, as_parts
+
+log = logging.getLogger(__name__)
+
+ALGO = "xxh3_64"
+#: Block size of small files (token tables, JSON): one block for the whole file up to this.
+DEFAULT_BLOCK = 4 << 20
+RECORD_VERSION = 2
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def writer_identity() -> dict[str, Any]:
+    """Who writes: host, pid and a random attempt id (also used to name attempt files)."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "attempt": uuid.uuid4().hex[:12]}
+
+
+# -- block checksums ------------------------------------------------------------------------
+
+
+def _flat(part: Any) -> memoryview:
+    mv = memoryview(part)
+    return mv if mv.ndim == 1 and mv.format == "B" else mv.cast("B")
+
+
+def block_digests(data: Buffers, block_size: int) -> tuple[int, tuple[str, ...]]:
+    """``(nbytes, digests)`` of the bytes of ``data`` (one buffer or several written one after
+    the other), hashed in blocks of ``block_size`` bytes (the last block may be short)."""
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    out: list[str] = []
+    h = xxhash.xxh3_64()
+    filled = 0
+    total = 0
+    for part in as_parts(data):
+        mv = _flat(part)
+        total += len(mv)
+        at = 0
+        while at < len(mv):
+            take = min(block_size - filled, len(mv) - at)
+            h.update(mv[at : at + take])
+            filled += take
+            at += take
+            if filled == block_size:
+                out.append(h.hexdigest())
+                h = xxhash.xxh3_64()
+                filled = 0
+    if filled or not out:
+        out.append(h.hexdigest())
+    return total, tuple(out)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file a commit record makes visible: its key, size and block checksums."""
+
+    key: str
+    nbytes: int
+    block_size: int
+    blocks: tuple[str, ...]
+
+    @classmethod
+    def of(cls, key: str, data: Buffers, *, block_size: int | None = None) -> FileEntry:
+        parts = as_parts(data)
+        size = sum(len(_flat(p)) for p in parts)
+        bs = block_size or max(1, min(size, DEFAULT_BLOCK))
+        n, blocks = block_digests(parts, bs)
+        return cls(key, n, bs, blocks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "nbytes": self.nbytes, "block_size": self.block_size, "algo": ALGO, "blocks": list(self.blocks)}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> FileEntry:
+        if not isinstance(d, dict) or d.get("algo") != ALGO:
+            raise ValueError(f"not a file entry with {ALGO} block checksums")
+        key, nbytes, bs, blocks = d["key"], d["nbytes"], d["block_size"], d["blocks"]
+        if not isinstance(key, str) or not all(isinstance(x, int) and not isinstance(x, bool) for x in (nbytes, bs)):
+            raise ValueError("file entry fields have the wrong types")
+        if nbytes < 0 or bs <= 0 or not isinstance(blocks, list) or len(blocks) != max(1, -(-nbytes // bs)):
+            raise ValueError(f"file entry of {key!r} lists {len(blocks) if isinstance(blocks, list) else '?'} blocks for {nbytes} bytes")
+        return cls(key, nbytes, bs, tuple(str(b) for b in blocks))
+
+    def blocks_of(self, start: int, end: int) -> tuple[int, int]:
+        """Block indices ``[b0, b1)`` covering bytes ``[start, end)``."""
+        return start // self.block_size, -(-end // self.block_size)
+
+
+# -- commit records -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    """Makes one unit of one part (a hook, the token table, ...) or one whole artifact visible."""
+
+    unit: int | None
+    hook: str | None  # the part: a hook name; None for a unit's token table
+    rows: int
+    files: tuple[FileEntry, ...]
+    writer: dict[str, Any]
+    committed_at: str
+    special: int = 0  # token rows flagged special (BOS, padding): training skips them
+    fence: int | None = None  # generation of the write lease of the job that wrote it
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def file(self) -> FileEntry:
+        return self.files[0]
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        d["files"] = [f.to_dict() for f in self.files]
+        d["version"] = RECORD_VERSION
+        return json.dumps(d, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, *, where: str) -> CommitRecord:
+        """Parse a record; anything malformed is a :class:`CorruptionError` naming ``where``."""
+        try:
+            d = json.loads(data)
+            if not isinstance(d, dict):
+                raise ValueError("not a JSON object")
+            if d.get("version") != RECORD_VERSION:
+                raise ValueError(f"record version {d.get('version')!r}, this Strata reads {RECORD_VERSION}")
+            files = tuple(FileEntry.from_dict(f) for f in d["files"])
+            unit, rows = d["unit"], d["rows"]
+            if unit is not None and (not isinstance(unit, int) or isinstance(unit, bool) or unit < 0):
+                raise ValueError(f"bad unit {unit!r}")
+            if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0 or not files:
+                raise ValueError("bad row count or no files")
+            return cls(
+                unit=unit, hook=d["hook"], rows=rows, files=files, writer=dict(d.get("writer") or {}),
+                committed_at=str(d.get("committed_at", "")), special=int(d.get("special", 0)),
+                fence=d.get("fence"), extra=dict(d.get("extra") or {}),
+            )
+        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+            raise CorruptionError(f"{where}: damaged commit record ({e})") from None
+
+
+def read_record(storage: Storage, key: str) -> CommitRecord | None:
+    """The record at ``key``, or None when there is none; a damaged one raises."""
+    try:
+        data = storage.read(key)
+    except FileNotFoundError:
+        return None
+    return CommitRecord.from_json(data, where=key)
+
+
+def commit(storage: Storage, key: str, record: CommitRecord) -> tuple[bool, CommitRecord]:
+    """Write ``record`` at ``key`` if no record is there. Returns ``(won, record that counts)``."""
+    if storage.put_if_absent(key, record.to_json()):
+        return True, record
+    winner = read_record(storage, key)
+    if winner is None:  # deleted between our attempt and the read (a repair): try once more
+        if storage.put_if_absent(key, record.to_json()):
+            return True, record
+        winner = read_record(storage, key)
+        if winner is None:
+            raise CorruptionError(f"{key}: commit record keeps disappearing (is a repair running?)")
+    return False, winner
+
+
+def publish(
+    storage: Storage,
+    key: str,
+    data: Buffers,
+    entry: FileEntry | Callable[[], FileEntry],
+    *,
+    record_key: str,
+    orphan_after_s: float,
+    what: str,
+) -> CommitRecord | None:
+    """Publish a data file put-if-absent at a key that other writers of the same unit share
+    (a Zarr shard's key is fixed by the array). Returns None once our bytes (or identical
+    ones) are in place, ready to commit; or the record of another writer that committed first.
+
+    A file found with no commit belongs to another writer, between its data and its commit
+    (milliseconds). Identical bytes are committed as they are; other bytes are waited on and
+    replaced only once uncommitted for ``orphan_after_s`` seconds (their writer died). One
+    comparison per file seen: files are never rewritten, only deleted once orphaned.
+    ``entry`` may be a callable (block checksums still being computed on another thread).
+    """
+    written = storage.put_if_absent(key, data)
+    while not written:
+        winner = read_record(storage, record_key)
+        if winner is not None:
+            return winner
+        if _same_file(storage, entry() if callable(entry) else entry):
+            return None
+        winner = _await_commit_or_orphan(storage, key, record_key, orphan_after_s)
+        if winner is not None:
+            return winner
+        log.warning("%s: replacing %s, left uncommitted by a dead writer", what, key)
+        storage.delete(key)
+        written = storage.put_if_absent(key, data)
+    return None
+
+
+def _same_file(storage: Storage, entry: FileEntry) -> bool:
+    try:
+        if storage.size(entry.key) != entry.nbytes:
+            return False
+        read_checked(storage, entry, 0, entry.nbytes, where=entry.key)
+        return True
+    except (FileNotFoundError, CorruptionError):
+        return False
+
+
+def _await_commit_or_orphan(storage: Storage, key: str, record_key: str, orphan_after_s: float) -> CommitRecord | None:
+    while True:
+        winner = read_record(storage, record_key)
+        if winner is not None:
+            return winner
+        try:
+            age = time.time() - storage.modified(key)
+        except FileNotFoundError:
+            return None  # deleted meanwhile: try to write ours
+        if age >= orphan_after_s:
+            return None
+        time.sleep(min(0.5, max(0.05, orphan_after_s - age)))
+
+
+# -- checked reads --------------------------------------------------------------------------
+
+
+def _check_blocks(entry: FileEntry, buf: Any, b0: int, b1: int, *, where: str) -> None:
+    mv = _flat(buf)
+    for b in range(b0, b1):
+        lo = (b - b0) * entry.block_size
+        hi = min(lo + entry.block_size, len(mv))
+        if xxhash.xxh3_64_hexdigest(mv[lo:hi]) != entry.blocks[b]:
+            start = b * entry.block_size
+            raise CorruptionError(
+                f"{where}: checksum mismatch in bytes {start}..{start + hi - lo - 1} (block {b}); "
+                "the file changed after its commit (run `strata verify --repair`)"
+            )
+
+
+def read_checked(storage: Storage, entry: FileEntry, start: int, end: int, *, where: str) -> np.ndarray:
+    """Bytes ``[start, end)`` of a committed file, after checking every block they touch."""
+    if not 0 <= start <= end <= entry.nbytes:
+        raise ValueError(f"{where}: byte range {start}..{end} outside the file's {entry.nbytes} bytes")
+    b0, b1 = entry.blocks_of(start, end)
+    lo, hi = b0 * entry.block_size, min(b1 * entry.block_size, entry.nbytes)
+    buf = _read(storage, entry, lo, hi, where=where)
+    _check_blocks(entry, buf, b0, b1, where=where)
+    return buf[start - lo : end - lo]
+
+
+def read_whole(storage: Storage, entry: FileEntry, *, where: str) -> np.ndarray:
+    """The whole committed file, checked."""
+    return read_checked(storage, entry, 0, entry.nbytes, where=where)
+
+
+def map_checked(storage: Storage, entry: FileEntry, *, where: str) -> np.ndarray:
+    """The whole committed file memory-mapped where the backend can (read otherwise), checked."""
+    try:
+        data = np.frombuffer(storage.map(entry.key), dtype=np.uint8)
+    except FileNotFoundError:
+        raise CorruptionError(f"{where}: file is missing") from None
+    if data.size != entry.nbytes:
+        raise CorruptionError(f"{where}: {data.size} bytes, the commit record says {entry.nbytes} (truncated?)")
+    _check_blocks(entry, data, 0, len(entry.blocks), where=where)
+    return data
+
+
+def _read(storage: Storage, entry: FileEntry, lo: int, hi: int, *, where: str) -> np.ndarray:
+    try:
+        raw = storage.read_range(entry.key, lo, hi)
+    except FileNotFoundError:
+        raise CorruptionError(f"{where}: file is missing") from None
+    buf = raw if isinstance(raw, np.ndarray) else np.frombuffer(raw, dtype=np.uint8)
+    if buf.size != hi - lo:
+        raise CorruptionError(f"{where}: file is shorter than its commit record says ({entry.nbytes} bytes; truncated?)")
+    return buf
+
+
+def verify_file(storage: Storage, entry: FileEntry) -> str | None:
+    """What is wrong with a committed file (size, any block), or None when it is intact."""
+    try:
+        size = storage.size(entry.key)
+    except FileNotFoundError:
+        return "file is missing"
+    if size != entry.nbytes:
+        return f"{size} bytes, the commit record says {entry.nbytes} (truncated or overwritten)"
+    try:
+        for b0 in range(0, len(entry.blocks), 64):  # 64 blocks per read keeps memory bounded
+            b1 = min(len(entry.blocks), b0 + 64)
+            read_checked(storage, entry, b0 * entry.block_size, min(b1 * entry.block_size, entry.nbytes), where="")
+    except CorruptionError as e:
+        return str(e).removeprefix(": ")
+    return None
+
+
+# -- what records may name --------------------------------------------------------------------
+
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9_.@+=-]+(/[A-Za-z0-9_.@+=-]+)*$")
+
+
+def check_key(key: str, allowed: str | re.Pattern[str] | Callable[[str], bool], *, where: str) -> None:
+    """A record's file key must be exactly what its kind allows: no absolute paths, no ``..``,
+    nothing outside the artifact's folder. Checked before any file is opened, so a forged
+    record cannot make a read touch (or an error reveal) anything else."""
+    ok = isinstance(key, str) and bool(_SAFE_KEY.match(key)) and ".." not in key.split("/")
+    if ok:
+        if isinstance(allowed, str):
+            ok = key == allowed
+        elif isinstance(allowed, re.Pattern):
+            ok = bool(allowed.fullmatch(key))
+        else:
+            ok = allowed(key)
+    if not ok:
+        raise CorruptionError(f"{where}: the commit record names a file outside what it may name ({key!r}); the record is damaged or forged")
+
+
+def check_inside(prefix: str) -> Callable[[str], bool]:
+    """An ``allowed`` predicate: any safe key under the folder ``prefix``."""
+    return lambda key: key.startswith(prefix.rstrip("/") + "/")
+
+
+def delete_all(storage: Storage, keys: Sequence[str]) -> None:
+    for k in keys:
+        storage.delete(k)
