@@ -36,9 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.corpus import CorpusSource  # noqa: E402
-from pipeline.extract import ExtractJob, plan, prepare, run_extract, tokenize  # noqa: E402
-from pipeline.models import ModelRef  # noqa: E402
+import store  # noqa: E402
+from pipeline.config import ExtractSpec  # noqa: E402
+from pipeline.extract import plan, prepare, run_extract, tokenize  # noqa: E402
 from pipeline.tiny import build_tiny, synthetic_docs, write_jsonl  # noqa: E402
 
 
@@ -131,15 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     n_docs = max(50, a.tokens // 40)
     corpus = write_jsonl(work / "corpus.jsonl", synthetic_docs(n_docs, seed=1))
 
-    def job(name: str, hooks: tuple[str, ...]) -> ExtractJob:
-        return ExtractJob(
-            store=str(work / "acts"), name=name, model=ModelRef(str(folder)), corpus=CorpusSource(str(corpus)), hooks=hooks,
-            context_size=a.context_size, unit_contexts=a.unit_contexts, batch_tokens=a.batch_tokens, dtype=a.dtype, progress=False,
+    def job(name: str, hooks: tuple[str, ...]) -> ExtractSpec:
+        return ExtractSpec(
+            store=str(work / "acts"), name=name, model={"id": str(folder)}, corpus={"path": str(corpus)}, hooks=list(hooks),
+            tokenize={"context_size": a.context_size}, dtype=a.dtype,
+            compute={"unit_contexts": a.unit_contexts, "batch_tokens": a.batch_tokens},
         )
 
     last = f"blocks.{a.layers - 1}.hook_resid_post"
-    p = prepare(job("plan", (last,)))
-    ctx = plan(p, tokenize(p.corpus, p.tokenizer, chunk_docs=4096, use_ray=False))
+    spec = job("plan", (last,))
+    p = prepare(spec, store.open(spec.store))
+    ctx = plan(p, tokenize(p.corpus, p.tokenizer, chunk_docs=4096, use_ray=False)).contexts
     token_id = ctx.token_id
     per_batch = max(1, a.batch_tokens // a.context_size)
     n_tok = int(token_id.size)
@@ -160,10 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         for rnd in range(a.rounds):
-            one.append(run_extract(job(f"one-hook-{rnd}", (last,))))
+            one.append(run_extract(job(f"one-hook-{rnd}", (last,)), progress=False))
             if rnd == 0:
                 driver_rss = rss_mb()  # the driver's own peak: planning, tokenization tasks, the pool
-            every.append(run_extract(job(f"all-resid-post-{rnd}", ("blocks.*.hook_resid_post",))))
+            every.append(run_extract(job(f"all-resid-post-{rnd}", ("blocks.*.hook_resid_post",)), progress=False))
             bare.append(bare_loop(folder, token_id, a.unit_contexts, per_batch, cpus, a.warmup_s if rnd == 0 else 3.0))
             if not a.skip_sae_lens and sl_error is None:
                 try:

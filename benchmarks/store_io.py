@@ -4,9 +4,12 @@
 
 1. committed write throughput of `write_unit` vs plain file writes of the same bytes;
 2. sequential `read` into torch float32 vs `numpy.memmap` over the same raw bytes;
-3. `iter_batches` shuffled float32 batches of 4096 rows vs sae-lens's `ActivationsStore`
+3. checked partial reads (`rows=` slices and scattered index arrays, `docs=`) vs the same
+   reads of the same chunks without the block checksums (what the store did before every read
+   was checked);
+4. `iter_batches` shuffled float32 batches of 4096 rows vs sae-lens's `ActivationsStore`
    reading the same activations from its own cached-activations format;
-4. bytes per token on disk per stored dtype.
+5. bytes per token on disk per stored dtype.
 
 Reads run from the page cache (the data was just written): they measure the software path,
 which is what the store adds on top of the disk. Timings are medians of `--repeats` runs, the
@@ -103,6 +106,10 @@ def build(root: Path, d: int, units: int, unit_contexts: int, dtype: str) -> tup
         x = np.random.default_rng(100 + u).standard_normal((rows, d), dtype=np.float32)
         w.write_unit(u, tokens=token_table(u, unit_contexts), acts={"blocks.0.hook_resid_post": x})
         parts.append(x)
+    n = units * rows  # documents of 1000 rows (see token_table), so `docs=` finds them in the index
+    ids = np.arange(-(-n // 1000))
+    w.write_documents(pa.table({"doc_id": ids, "row_start": ids * 1000, "row_end": np.minimum(ids * 1000 + 1000, n),
+                                "dropped_tokens": np.zeros(ids.size, np.int64)}))
     return s.dataset(f"r-{dtype}"), np.concatenate(parts)
 
 
@@ -133,6 +140,41 @@ def bench_read(root: Path, ds: store.ActivationDataset, full: np.ndarray, repeat
         t_s.append(median_time(strata_read, 1))
     nrows = rows
     return nrows / statistics.median(t_m), nrows / statistics.median(t_s)
+
+
+def bench_partial(ds: store.ActivationDataset, repeats: int, queries: int = 400) -> dict[str, tuple[float, float]]:
+    """Rows/s of partial reads with every block checked vs the very same reads with the block
+    checks switched off (``store.protocol._CHECK_READS``): what checking costs, nothing else."""
+    from store import protocol
+
+    hook = "blocks.0.hook_resid_post"
+    n = ds.num_rows(hook)
+    rng = np.random.default_rng(0)
+    starts = rng.integers(0, n - 512, queries)
+    index_sets = [np.sort(rng.choice(n, 64, replace=False)) for _ in range(queries)]
+    docs = [int(a) // 1000 for a in starts]
+    shapes = {
+        "slice of 512 rows": (lambda: [ds.read(hook, rows=slice(int(a), int(a) + 512)) for a in starts], 512 * queries),
+        "64 scattered rows": (lambda: [ds.read(hook, rows=q) for q in index_sets], 64 * queries),
+        "one document (docs=, 1000 rows)": (lambda: [ds.read(hook, docs=[d]) for d in docs], 1000 * queries),
+    }
+    out = {}
+    for label, (run, rows) in shapes.items():
+
+        def unchecked() -> None:
+            protocol._CHECK_READS = False
+            try:
+                run()
+            finally:
+                protocol._CHECK_READS = True
+
+        run(), unchecked()  # warm the page cache for both
+        t_u, t_c = [], []
+        for _ in range(repeats):
+            t_u.append(median_time(unchecked, 1))
+            t_c.append(median_time(run, 1))
+        out[label] = (rows / statistics.median(t_u), rows / statistics.median(t_c))
+    return out
 
 
 def bench_batches(root: Path, ds: store.ActivationDataset, full: np.ndarray, repeats: int, batch: int = 4096, epochs: int = 4) -> tuple[float, float]:
@@ -193,7 +235,7 @@ def main() -> None:
     p.add_argument("--unit-contexts", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dir", default=None, help="where to write (default: a temp folder)")
-    p.add_argument("--parts", default="write,read,batches,bytes", help="comma-separated subset of write,read,batches,bytes")
+    p.add_argument("--parts", default="write,read,partial,batches,bytes", help="comma-separated subset of write,read,partial,batches,bytes")
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="strata-bench-", dir=args.dir))
     torch.set_num_threads(os.cpu_count() or 1)
@@ -209,6 +251,10 @@ def main() -> None:
             ds, full = build(root / "r", args.d, args.units, args.unit_contexts, dtype)
             base, ours = bench_read(root, ds, full, args.repeats)
             print(f"read {dtype}->torch float32: {ours / 1e6:.2f} M rows/s vs memmap {base / 1e6:.2f} M rows/s  ratio {ours / base:.2f}  (target >= 0.6)")
+        if "partial" in parts:
+            ds, _ = build(root / "p", args.d, args.units, args.unit_contexts, "float32")
+            for label, (base, ours) in bench_partial(ds, args.repeats).items():
+                print(f"partial read, {label}: checked {ours / 1e6:.2f} M rows/s vs unchecked {base / 1e6:.2f} M rows/s  ratio {ours / base:.2f}  (target >= 0.9)")
         if "batches" in parts:
             ds, full = build(root / "b", args.d, args.units, args.unit_contexts, "float32")
             base, ours = bench_batches(root, ds, full, args.repeats)

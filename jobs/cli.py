@@ -9,47 +9,80 @@ import sys
 from collections.abc import Sequence
 
 
-def _cmd_ls(args: argparse.Namespace) -> int:
+def _open(uri: str):  # noqa: ANN202
     import store
 
-    s = store.open(args.store)
-    cat = s.catalog()
-    if cat.num_rows == 0:
+    return store.open(uri, create=False)  # reading never creates a store
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    from store.errors import CorruptionError, FormatVersionError
+
+    s = _open(args.store)
+    names = s.datasets()
+    if not names:
         print(f"{s.uri}: no datasets")
         return 0
-    for row in cat.to_pylist():
-        ds = s.dataset(row["name"])
-        done = len(ds.committed_units())
+    bad = 0
+    for name in names:
+        try:
+            ds = s.dataset(name)
+        except (CorruptionError, FormatVersionError) as e:
+            print(f"{name}\tDAMAGED: {e}")
+            bad += 1
+            continue
+        meta = ds.info.meta
+        model = meta.get("model") or "-"
+        if model == "local" and meta.get("model_path"):
+            model = f"local:{str(meta['model_path']).rstrip('/').rsplit('/', 1)[-1]}"
+        units = set(ds.committed_units())
+        for h in ds.hooks:
+            units &= set(ds.committed_units(h))
+        problems = f"\tdamaged records={len(ds.damaged)}" if ds.damaged else ""
         print(
-            f"{row['name']}\t{row['model'] or '-'}\t{row['dtype']}\tctx={row['context_size']}\t"
-            f"hooks={len(row['hooks'])}\tunits={done}/{row['num_units']}\trows={ds.num_rows():,}"
+            f"{name}\t{model}\t{ds.info.dtype}\tctx={ds.info.context_size}\thooks={len(ds.hooks)}\t"
+            f"units={len(units)}/{ds.info.num_units}\trows={sum(ds.record(None, u).rows for u in units):,}{problems}"
         )
-    return 0
+    return 1 if bad else 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    import store
-
-    ds = store.open(args.store).dataset(args.name)
+    ds = _open(args.store).dataset(args.name)
     info = ds.info.summary()
     info["unit_rows"] = ds.info.unit_rows
     info["committed_units"] = len(ds.committed_units())
     info["token_rows"] = ds.num_rows()
     info["hooks"] = {h: {"d": ds.info.hooks[h].d, "rows": ds.num_rows(h), "units": len(ds.committed_units(h))} for h in ds.hooks}
-    info["meta"] = ds.info.meta
+    info["damaged_records"] = [f"unit {u} {h or 'tokens'}: {m}" for (h, u), m in sorted(ds.damaged.items(), key=lambda x: x[0][1])]
+    info["meta"] = ds.info.meta  # recorded without secrets (see ExtractSpec.recorded)
     print(json.dumps(info, indent=2, default=str))
     return 0
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    import store
+    from store.errors import CorruptionError, FormatVersionError
 
-    s = store.open(args.store)
+    s = _open(args.store)
     names = [args.name] if args.name else s.datasets()
+    if not names:
+        print(f"{s.uri}: no datasets to verify")
+        return 0
     bad = 0
     for name in names:
-        report = s.dataset(name).verify()
+        try:
+            ds = s.dataset(name)
+        except (CorruptionError, FormatVersionError) as e:  # a found problem; an unknown name is an error (exit 2)
+            print(f"{name}: DAMAGED: {e}")
+            bad += 1
+            continue
+        report = ds.verify(committed_only=args.committed_only)
         print(report)
+        if args.repair and report.problems:
+            print(ds.repair(report))
+        elif report.problems:
+            print(f"  run `strata verify {args.store} {name} --repair` to remove the damaged units, then extract again")
+        elif not report.complete and not args.committed_only:
+            print("  not every unit is committed: run its extraction again to finish it (or pass --committed-only)")
         bad += not report.ok
     return 1 if bad else 0
 
@@ -75,9 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name")
     q.set_defaults(func=_cmd_show)
 
-    q = sub.add_parser("verify", help="check every committed unit's checksum; exit 1 on any problem")
+    q = sub.add_parser("verify", help="check every committed unit and count what is committed; exit 1 on a problem or a missing unit")
     q.add_argument("store")
     q.add_argument("name", nargs="?")
+    q.add_argument("--repair", action="store_true", help="remove the commit records of damaged units so the next extraction recomputes them")
+    q.add_argument("--committed-only", action="store_true", help="check the committed units only: missing units are not a failure")
     q.set_defaults(func=_cmd_verify)
 
     q = sub.add_parser("extract", help="run an extraction job spec (YAML)")

@@ -1,6 +1,8 @@
-"""``strata extract SPEC.yaml [--set key=value ...]``, also the entrypoint of a Ray job:
+"""``strata extract SPEC.yaml [--set key=value ...]``, also the entrypoint of a Ray job (the
+store must then be an absolute path every node sees, or S3):
 
-    ray job submit --working-dir . -- python -m jobs.extract examples/quickstart.yaml
+    ray job submit --working-dir . -- python -m jobs.extract examples/quickstart.yaml \
+        --set store=$PWD/acts --set model.id=$PWD/models/tiny-gpt2
 """
 
 from __future__ import annotations
@@ -10,44 +12,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from jobs.spec import ExtractSpec, load_extract_spec
+from jobs.spec import load_extract_spec
 
 log = logging.getLogger(__name__)
-
-
-def job_from_spec(spec: ExtractSpec, *, progress: bool = True):
-    """The pipeline's job value for a validated spec."""
-    from pipeline.corpus import CorpusSource
-    from pipeline.extract import ExtractJob
-    from pipeline.models import ModelRef
-
-    c, t, k = spec.corpus, spec.tokenize, spec.compute
-    return ExtractJob(
-        store=spec.store,
-        name=spec.name,
-        model=ModelRef(spec.model.id, spec.model.revision, spec.model.torch_dtype, spec.model.trust_remote_code),
-        corpus=CorpusSource(
-            path=c.path, format=c.format, text_field=c.text_field, id_field=c.id_field, max_docs=c.max_docs,
-            text_unit=c.text_unit, hf_config=c.config, hf_split=c.split,
-        ),
-        hooks=tuple(spec.hooks),
-        context_size=t.context_size,
-        packing=t.packing,
-        prepend_bos=t.prepend_bos,
-        split_long=t.split_long,
-        growing=c.growing,
-        dtype=spec.dtype,
-        batch_tokens=k.batch_tokens,
-        unit_contexts=k.unit_contexts,
-        address=k.address,
-        num_workers=k.num_workers,
-        cpus_per_worker=k.cpus_per_worker,
-        max_restarts=k.max_restarts,
-        tokenize_chunk_docs=t.chunk_docs,
-        storage_options=spec.storage_options,
-        progress=progress,
-        spec=spec.model_dump(mode="json"),
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         spec = load_extract_spec(args.spec, args.set)
-        result = run_extract(job_from_spec(spec, progress=not args.no_progress))
+        result = run_extract(spec, progress=not args.no_progress)
     except StrataError as e:
         print(f"strata: error: {e}", file=sys.stderr)
         return 2

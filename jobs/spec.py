@@ -1,150 +1,54 @@
-"""Job specs: YAML files validated when loaded, with errors that name the bad key.
-
-An extraction spec (``strata extract SPEC.yaml``)::
-
-    store: ./acts
-    name: gpt2-small-docs
-    model: {id: gpt2, revision: main, torch_dtype: float32}
-    corpus: {path: examples/corpus.jsonl, format: jsonl, text_field: text}
-    tokenize: {context_size: 128, packing: concat, prepend_bos: true}
-    hooks: ["blocks.*.hook_resid_post"]
-    dtype: float16
-    compute: {address: null, batch_tokens: 8192, unit_contexts: 256}
-"""
+"""Loading job specs: YAML files validated into the job's one config type, with errors that
+name the bad key. The spec types live with the code that runs them (``pipeline.config``,
+``analysis.sae.config``); this module only reads files and ``--set`` overrides."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ValidationError
 
+from pipeline.config import ExtractSpec
 from pipeline.errors import SpecError
 
+S = TypeVar("S", bound=BaseModel)
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-
-class ModelSpec(_Section):
-    id: str
-    """A Hugging Face hub id (``gpt2``, ``EleutherAI/pythia-70m``) or a local model folder."""
-    revision: str | None = None
-    """Hub branch, tag or commit (default: the default branch). It is resolved to the exact
-    commit hash, which is recorded; for a local folder, a hash of its weight files."""
-    torch_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    """The dtype the model computes in."""
-    trust_remote_code: bool = False
-    """Run code shipped with a hub model. Off unless you trust the model's authors."""
+# Values under these keys are never echoed in an error message: they may be credentials.
+_SECRET_SECTIONS = ("storage_options",)
 
 
-class CorpusSpec(_Section):
-    path: str
-    """A file, a glob or a folder; for ``format: hf`` a hub dataset name or a folder saved by
-    ``datasets.save_to_disk``."""
-    format: Literal["jsonl", "parquet", "text", "hf"] = "jsonl"
-    """How to read ``path``."""
-    text_field: str = "text"
-    """The field (column) holding each document's text."""
-    id_field: str | None = None
-    """A field holding stable document ids (integers, or strings hashed to integers); default:
-    the record's ordinal in the corpus."""
-    max_docs: int | None = Field(default=None, gt=0)
-    """Read at most this many (non-empty) documents."""
-    growing: bool = False
-    """The corpus will get more documents at its end: hold back a last, partial unit until
-    later documents fill it (without this, the partial unit is committed, and later growth of
-    the corpus is refused rather than changing it)."""
-    text_unit: Literal["file", "line"] = "file"
-    """For ``format: text``: one document per file, or per line."""
-    config: str | None = None
-    """For ``format: hf``: the dataset configuration name."""
-    split: str = "train"
-    """For ``format: hf``: the split to read."""
+def _section_of(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    section: Any = model
+    for part in loc:
+        field = section.model_fields.get(str(part)) if isinstance(section, type) and issubclass(section, BaseModel) else None
+        if field is None:
+            return None
+        section = field.annotation
+    return section if isinstance(section, type) and issubclass(section, BaseModel) else None
 
 
-class TokenizeSpec(_Section):
-    context_size: int = Field(default=128, gt=1)
-    """Tokens per context (one row of the model's input)."""
-    packing: Literal["concat", "truncate"] = "concat"
-    """``concat``: documents joined by the tokenizer's separator (EOS) into full contexts;
-    ``truncate``: one document per context, padded and masked."""
-    prepend_bos: bool = True
-    """Start every context with the BOS (or CLS) token."""
-    split_long: bool = True
-    """With ``truncate``: continue a long document in further contexts instead of cutting it."""
-    chunk_docs: int = Field(default=4096, gt=0)
-    """Documents per tokenization task."""
-
-
-class ComputeSpec(_Section):
-    address: str | None = None
-    """An existing Ray cluster (``auto``, ``ray://host:10001``); null starts Ray in-process (or
-    joins the cluster of a Ray job)."""
-    batch_tokens: int = Field(default=8192, gt=0)
-    """Tokens per forward pass (rounded down to whole contexts, at least one)."""
-    unit_contexts: int = Field(default=256, gt=0)
-    """Contexts per unit: the unit of work, write, commit and retry. Fixed when a dataset is
-    created."""
-    num_workers: int | None = Field(default=None, gt=0)
-    """Model replicas: default one per GPU of the cluster, or one CPU worker without GPUs."""
-    cpus_per_worker: int | None = Field(default=None, gt=0)
-    """CPUs per worker (and torch threads of a CPU worker); default all CPUs shared evenly."""
-    max_restarts: int = Field(default=3, ge=0)
-    """How often a dead worker is restarted (its in-flight units retried) before the job fails."""
-
-
-class ExtractSpec(_Section):
-    store: str = "./acts"
-    """The store: a local folder or ``s3://bucket/prefix``."""
-    name: str
-    """The dataset's name in the store."""
-    model: ModelSpec
-    corpus: CorpusSpec
-    tokenize: TokenizeSpec = TokenizeSpec()
-    hooks: list[str] = Field(min_length=1)
-    """Hook points, TransformerLens style, globs allowed: ``blocks.*.hook_resid_post``."""
-    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
-    """The dtype activations are stored in."""
-    compute: ComputeSpec = ComputeSpec()
-    storage_options: dict[str, Any] | None = None
-    """fsspec options for an S3 store (endpoint, credentials profile, ...)."""
-
-    @field_validator("hooks", mode="before")
-    @classmethod
-    def _one_hook(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        from store.layout import check_name
-
-        check_name(v)
-        return v
-
-
-def _fmt_error(err: dict[str, Any], model: type[BaseModel]) -> str:
+def format_error(err: dict[str, Any], model: type[BaseModel]) -> str:
+    """One pydantic error as ``\\`key\\`: what is wrong``, naming the valid keys of a section."""
     loc = ".".join(str(x) for x in err["loc"])
     if err["type"] == "extra_forbidden":
-        section: Any = model
-        for part in err["loc"][:-1]:
-            section = section.model_fields[str(part)].annotation if isinstance(section, type) else None
-            if section is None:
-                break
-        valid = ", ".join(section.model_fields) if isinstance(section, type) and issubclass(section, BaseModel) else ""
+        section = _section_of(model, err["loc"][:-1])
+        valid = ", ".join(section.model_fields) if section is not None else ""
         return f"`{loc}` is not a spec key" + (f" (valid keys here: {valid})" if valid else "")
     if err["type"] == "missing":
         return f"`{loc}` is required"
     msg = err["msg"]
-    if err.get("input") is not None and err["type"] != "value_error":
+    secret = any(str(x) in _SECRET_SECTIONS for x in err["loc"])
+    if err.get("input") is not None and err["type"] != "value_error" and not secret:
         msg += f" (got {err['input']!r})"
     return f"`{loc}`: {msg}"
 
 
 def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
+    if not all(parts):
+        raise SpecError(f"--set {dotted}=...: the key has an empty part; expected e.g. compute.batch_tokens=4096")
     for part in parts[:-1]:
         nxt = d.setdefault(part, {})
         if not isinstance(nxt, dict):
@@ -153,13 +57,22 @@ def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
     d[parts[-1]] = value
 
 
-def load_extract_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExtractSpec:
-    """Load and validate an extraction spec; ``overrides`` are ``key.sub=value`` strings
-    (values parsed as YAML: numbers, booleans, lists)."""
+def read_raw(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """A spec file's mapping of keys, with ``key.sub=value`` overrides applied (values parsed
+    as YAML: numbers, booleans, lists). Every problem with the file is a one-line SpecError."""
+    p = Path(path)
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError(f"spec file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise SpecError(f"spec path {str(path)!r} is a folder; give a YAML spec file") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"spec file {str(path)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    except OSError as e:
+        raise SpecError(f"spec file {str(path)!r} cannot be read: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise SpecError(f"spec file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
     if raw is None:
@@ -170,9 +83,23 @@ def load_extract_spec(path: str | Path, overrides: list[str] | tuple[str, ...] =
         if "=" not in kv:
             raise SpecError(f"--set {kv!r}: expected key=value, e.g. compute.batch_tokens=4096")
         k, v = kv.split("=", 1)
-        _set(raw, k.strip(), yaml.safe_load(v))
+        try:
+            value = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            shown = "<hidden>" if k.strip().split(".")[0] in _SECRET_SECTIONS else repr(v)
+            raise SpecError(f"--set {k.strip()}={shown}: the value is not valid YAML ({str(e).splitlines()[0]}); quote strings, e.g. 'a: b'") from None
+        _set(raw, k.strip(), value)
+    return raw
+
+
+def load_spec(spec_type: type[S], path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> S:
+    """Load and validate a spec file into ``spec_type``."""
+    raw = read_raw(path, overrides)
     try:
-        return ExtractSpec.model_validate(raw)
+        return spec_type.model_validate(raw)
     except ValidationError as e:
-        errs = [_fmt_error(x, ExtractSpec) for x in e.errors()]
-        raise SpecError(f"{path}: " + "; ".join(errs)) from None
+        raise SpecError(f"{path}: " + "; ".join(format_error(x, spec_type) for x in e.errors())) from None
+
+
+def load_extract_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExtractSpec:
+    return load_spec(ExtractSpec, path, overrides)

@@ -16,31 +16,19 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xxhash
 
 from pipeline.errors import CorpusError
 
+if TYPE_CHECKING:
+    from pipeline.config import CorpusSpec
+
 log = logging.getLogger(__name__)
 
-CorpusFormat = Literal["jsonl", "parquet", "text", "hf"]
 _SUFFIXES = {"jsonl": (".jsonl", ".json", ".ndjson"), "parquet": (".parquet",), "text": (".txt", ".md", ".text")}
-
-
-@dataclass(frozen=True)
-class CorpusSource:
-    """Where a corpus is and how to read it (the ``corpus`` section of a spec, minus defaults)."""
-
-    path: str
-    format: CorpusFormat = "jsonl"
-    text_field: str = "text"
-    id_field: str | None = None
-    max_docs: int | None = None
-    text_unit: Literal["file", "line"] = "file"
-    hf_config: str | None = None
-    hf_split: str = "train"
 
 
 @dataclass
@@ -84,7 +72,7 @@ def _stable_id(value: Any) -> int:
     raise CorpusError(f"document id {value!r} has type {type(value).__name__}; ids must be integers or strings")
 
 
-def _files(src: CorpusSource) -> list[str]:
+def _files(src: CorpusSpec) -> list[str]:
     p = src.path
     if any(c in p for c in "*?["):
         files = sorted(f for f in _glob.glob(p, recursive=True) if os.path.isfile(f))
@@ -100,26 +88,49 @@ def _files(src: CorpusSource) -> list[str]:
     return files
 
 
-def _records_jsonl(files: list[str], src: CorpusSource) -> Iterator[tuple[Any, Any, str]]:
+def _lines(f: str) -> Iterator[tuple[int, str]]:
+    """The lines of a UTF-8 text file; bytes that are not UTF-8 are a one-line error naming
+    the file, line and byte offset."""
+    with open(f, "rb") as fh:
+        offset = 0
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CorpusError(
+                    f"{f}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {offset + e.start}); "
+                    "re-encode the corpus as UTF-8"
+                ) from None
+            offset += len(raw)
+
+
+def _records_jsonl(files: list[str], src: CorpusSpec) -> Iterator[tuple[Any, Any, str]]:
     for f in files:
-        with open(f, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CorpusError(f"{f}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise CorpusError(f"{f}:{lineno}: expected a JSON object per line, got {type(rec).__name__}")
-                yield rec, rec.keys(), f"{f}:{lineno}"
+        for lineno, line in _lines(f):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                hint = " (is it a Parquet file? set `corpus.format: parquet`)" if line.startswith("PAR1") else ""
+                raise CorpusError(f"{f}:{lineno}: not valid JSON ({e.msg}){hint}") from None
+            if not isinstance(rec, dict):
+                raise CorpusError(f"{f}:{lineno}: expected a JSON object per line, got {type(rec).__name__}")
+            yield rec, rec.keys(), f"{f}:{lineno}"
 
 
-def _records_parquet(files: list[str], src: CorpusSource) -> Iterator[tuple[Any, Any, str]]:
+def _records_parquet(files: list[str], src: CorpusSpec) -> Iterator[tuple[Any, Any, str]]:
     import pyarrow.parquet as pq
 
+    import pyarrow as pa
+
     for f in files:
-        pf = pq.ParquetFile(f)
+        try:
+            pf = pq.ParquetFile(f)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise CorpusError(
+                f"{f}: not a Parquet file ({str(e).splitlines()[0]}); `corpus.format` is parquet: is it jsonl or text?"
+            ) from None
         names = pf.schema_arrow.names
         _check_field(src.text_field, names, "text_field", f)
         if src.id_field is not None:
@@ -130,32 +141,31 @@ def _records_parquet(files: list[str], src: CorpusSource) -> Iterator[tuple[Any,
                 yield rec, names, f
 
 
-def _records_text(files: list[str], src: CorpusSource) -> Iterator[tuple[Any, Any, str]]:
+def _records_text(files: list[str], src: CorpusSpec) -> Iterator[tuple[Any, Any, str]]:
     for f in files:
-        with open(f, encoding="utf-8") as fh:
-            if src.text_unit == "file":
-                yield {"text": fh.read(), "id": f}, ("text", "id"), f
-            else:
-                for lineno, line in enumerate(fh, 1):
-                    yield {"text": line.rstrip("\n")}, ("text",), f"{f}:{lineno}"
+        if src.text_unit == "file":
+            yield {"text": "".join(line for _, line in _lines(f)), "id": f}, ("text", "id"), f
+        else:
+            for lineno, line in _lines(f):
+                yield {"text": line.rstrip("\n")}, ("text",), f"{f}:{lineno}"
 
 
-def _records_hf(src: CorpusSource) -> Iterator[tuple[Any, Any, str]]:
+def _records_hf(src: CorpusSpec) -> Iterator[tuple[Any, Any, str]]:
     import datasets
 
     try:
         if os.path.isdir(src.path):
             ds = datasets.load_from_disk(src.path)
             if isinstance(ds, datasets.DatasetDict):
-                if src.hf_split not in ds:
-                    raise CorpusError(f"`corpus.split` {src.hf_split!r} is not in {src.path}; it has: {', '.join(ds)}")
-                ds = ds[src.hf_split]
+                if src.split not in ds:
+                    raise CorpusError(f"`corpus.split` {src.split!r} is not in {src.path}; it has: {', '.join(ds)}")
+                ds = ds[src.split]
         else:
-            ds = datasets.load_dataset(src.path, name=src.hf_config, split=src.hf_split)
+            ds = datasets.load_dataset(src.path, name=src.config, split=src.split)
     except CorpusError:
         raise
     except Exception as e:  # datasets raises many types for a missing dataset or split
-        raise CorpusError(f"cannot load Hugging Face dataset {src.path!r} (config={src.hf_config!r}, split={src.hf_split!r}): {e}") from None
+        raise CorpusError(f"cannot load Hugging Face dataset {src.path!r} (config={src.config!r}, split={src.split!r}): {e}") from None
     names = list(ds.column_names)
     _check_field(src.text_field, names, "text_field", src.path)
     if src.id_field is not None:
@@ -171,7 +181,7 @@ def _check_field(name: str, fields: Any, key: str, where: str) -> None:
         raise CorpusError(f"`corpus.{key}` {name!r} is not a field of {where}; its fields are: {', '.join(map(str, fields))}")
 
 
-def read_corpus(src: CorpusSource) -> Corpus:
+def read_corpus(src: CorpusSpec) -> Corpus:
     """Read every document of a corpus into memory, in a deterministic order."""
     if src.format == "hf":
         files: list[str] = []

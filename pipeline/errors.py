@@ -32,3 +32,7 @@ class UnsupportedModelError(PipelineError, ValueError):
 
 class WorkerError(PipelineError, RuntimeError):
     """A unit that failed in a worker after all retries."""
+
+
+class ClusterError(PipelineError, ConnectionError):
+    """A Ray cluster that cannot be reached or joined."""

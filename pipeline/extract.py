@@ -1,22 +1,28 @@
-"""The extraction driver: plan, then run units on a Ray actor pool, exactly once and resumable.
+"""The extraction job: plan, then run units on the Ray unit pool, exactly once and resumable.
 
-    job = ExtractJob(store="./acts", name="tiny", model=ModelRef("./models/tiny"), corpus=CorpusSource("corpus.jsonl"),
-                     hooks=["blocks.*.hook_resid_post"])
-    result = run_extract(job)
+    spec = ExtractSpec(name="tiny", model={"id": "./models/tiny"}, corpus={"path": "corpus.jsonl"},
+                       hooks=["blocks.*.hook_resid_post"])
+    result = run_extract(spec)
 
-Order of work (everything that can be wrong with the input fails before any model runs and
-before anything is written):
+Order of work. Everything that can be wrong with the input fails before any model runs, before
+Ray starts and before anything is written:
 
-1. the store is writable; the model and its exact revision resolve; the hooks exist; the
-   context fits the model; the corpus reads and is not empty; the dataset name is free or holds
-   the same identity;
-2. a quick no-op check: the same corpus and every requested hook of every unit committed;
-3. tokenization as CPU Ray tasks, packing into contexts and units (a pure function of the
-   corpus and the tokenizer, so unit ``k`` always covers the same contexts);
-4. under the dataset's write lease, the driver creates or grows the dataset and adds hooks,
-   then hands each missing (unit, hooks) to the actor pool. Workers write and commit; the
-   driver commits nothing. A worker that dies is restarted by Ray and its in-flight units are
-   retried; a unit is only visible once committed, so a retry cannot duplicate it.
+1. the store path (a relative local path inside a Ray job is refused: it would land in Ray's
+   temporary copy of the working directory), the store is writable, and no other job holds the
+   dataset's write lease (a read-only check: a second job fails in a second, not after
+   starting Ray);
+2. the model and its exact revision resolve, the hooks exist, the context fits the model, the
+   corpus reads and is not empty, the dataset name is free or holds the same identity;
+3. a quick no-op check: the same corpus and every requested hook of every unit committed
+   (the message says whether the dataset was ever verified);
+4. tokenization as CPU Ray tasks, packing into contexts and units (a pure function of the
+   corpus and the tokenizer, so unit ``k`` always covers the same contexts), and the document
+   index (which rows each document has, and what the concat tail dropped);
+5. under the dataset's write lease, the driver creates or grows the dataset, adds hooks and
+   records the document index, then hands each missing (unit, hooks) to the unit pool. Workers
+   write and commit, fenced with the lease's token; the driver commits nothing. When another
+   job takes the lease over (this one was paused past its stale time), the pool stops, the
+   workers are killed, and the job fails with :class:`store.LeaseLostError`.
 
 Corpus growth. The identity of a dataset includes ``corpus_fingerprint``, a fingerprint of the
 first ``corpus_docs`` documents, recorded when the dataset was created. A later run whose
@@ -33,64 +39,32 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 import store
 from pipeline import models
-from pipeline.corpus import Corpus, CorpusSource, read_corpus
+from pipeline.cluster import connect, in_ray_job
+from pipeline.config import ExtractSpec
+from pipeline.corpus import Corpus, read_corpus
 from pipeline.errors import CorpusError, SpecError, WorkerError
 from pipeline.hooks import expand_hooks, family_of, hook_sites
-from pipeline.packing import Contexts, Packing, TokenizerInfo, encode_texts, num_units, pack, tokenizer_info
-from pipeline.worker import CRASH_ENV, CRASH_MARKER_ENV, UnitWorker, WorkerConfig, peak_rss_bytes
-from store.errors import DatasetExistsError, StorageError
-from store.layout import check_name
+from pipeline.packing import Contexts, TokenizerInfo, encode_texts, num_units, pack, tokenizer_info
+from pipeline.pool import Task, UnitPool, pool_shape
+from pipeline.worker import UnitWorker, WorkerConfig, peak_rss_bytes
+from store.errors import DatasetExistsError, LeaseHeldError, StorageError
+from store.manifest import IDENTITY_META_KEYS
 from store.manifest import fingerprint as dataset_fingerprint
+from store.storage import public_options
+from store.verify import last_outcome
 
 log = logging.getLogger(__name__)
-
-# Test hook: the driver exits abruptly (as if killed) once this many units are committed.
-DRIVER_EXIT_ENV = "STRATA_TEST_DRIVER_EXIT_AFTER_UNITS"
-_FORWARD_ENV = (CRASH_ENV, CRASH_MARKER_ENV, "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_ENDPOINT")
-# Store credentials reach workers of a Ray started on this machine (same user, same trust);
-# on a remote cluster the workers use their own (instance roles, the cluster's environment).
-_FORWARD_ENV_LOCAL = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-)
-
-
-@dataclass(frozen=True)
-class ExtractJob:
-    """Everything an extraction needs (jobs/spec.py builds it from a YAML spec)."""
-
-    store: str
-    name: str
-    model: models.ModelRef
-    corpus: CorpusSource
-    hooks: tuple[str, ...]
-    context_size: int = 128
-    packing: Packing = "concat"
-    prepend_bos: bool = True
-    split_long: bool = True
-    growing: bool = False
-    dtype: str = "float16"
-    batch_tokens: int = 8192
-    unit_contexts: int = 256
-    address: str | None = None
-    num_workers: int | None = None
-    cpus_per_worker: int | None = None
-    max_restarts: int = 3
-    tokenize_chunk_docs: int = 4096
-    storage_options: dict[str, Any] | None = None
-    progress: bool = True
-    spec: dict[str, Any] = field(default_factory=dict)  # the validated spec, recorded in the manifest
 
 
 @dataclass
@@ -101,11 +75,16 @@ class ExtractResult:
     units_run: int = 0
     units_skipped: int = 0
     held_back_contexts: int = 0
+    dropped_tokens: int = 0  # corpus tokens no context holds (the concat tail; cut documents)
+    dropped_docs: int = 0  # documents with no token in any context
+    partial_docs: int = 0  # documents with some tokens dropped
     tokens: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
     noop: bool = False
     hooks: list[str] = field(default_factory=list)
+    private_cluster: bool = False
+    cluster_address: str = ""
     driver_peak_rss: int = 0
     worker_peak_rss: int = 0
     pool_seconds: float = 0.0  # from starting the actors to the last unit committed
@@ -127,13 +106,12 @@ class ExtractResult:
 class Prepared:
     """Everything checked and resolved before any model runs."""
 
-    job: ExtractJob
+    spec: ExtractSpec
     store: store.Store
     model: models.ResolvedModel
     config: Any
     tokenizer: TokenizerInfo
     hooks: list[str]
-    hook_map: dict[str, str]
     corpus: Corpus
     corpus_fp: str  # identity fingerprint (a prefix of the corpus when it grew)
     corpus_docs: int  # documents covered by corpus_fp
@@ -142,94 +120,134 @@ class Prepared:
     unit_contexts: int
 
 
+@dataclass
+class Plan:
+    contexts: Contexts
+    units: int
+    held_back_contexts: int
+    documents: pa.Table  # the store's document index
+    dropped_tokens: int
+    dropped_docs: int
+    partial_docs: int
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "contexts": len(self.contexts), "tokens": int(self.contexts.token_id.size), "units": self.units,
+            "held_back_contexts": self.held_back_contexts, "dropped_tokens": self.dropped_tokens,
+            "dropped_docs": self.dropped_docs, "partial_docs": self.partial_docs,
+        }
+
+
 # -- 1. checks --------------------------------------------------------------------------------
 
 
-def _check_writable(s: store.Store) -> None:
+def check_store_path(spec: ExtractSpec) -> None:
+    """A relative local store path inside a Ray job resolves in Ray's temporary copy of the
+    working directory, which Ray deletes: the job would report success and the data be gone."""
+    if "://" in spec.store or os.path.isabs(os.path.expanduser(spec.store)) or not in_ray_job():
+        return
+    raise SpecError(
+        f"`store` {spec.store!r} is a relative local path, and this is a Ray job: it would resolve inside Ray's "
+        f"temporary copy of the working directory ({os.getcwd()}), deleted when the job ends. Give an absolute path "
+        "on a file system every node sees (e.g. `--set store=$PWD/acts` on a one-machine cluster) or s3://bucket/prefix"
+    )
+
+
+def open_store(spec: ExtractSpec) -> store.Store:
+    try:
+        s = store.open(spec.store, storage_options=spec.storage_options)
+    except StorageError:
+        raise
+    except Exception as e:
+        raise StorageError(f"store {spec.store!r} cannot be opened: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     key = f"tmp/.strata-probe-{uuid.uuid4().hex}"
     try:
         s.storage.write(key, b"")
         s.storage.delete(key)
     except Exception as e:
         raise StorageError(f"store {s.uri} cannot be written: {e}") from None
+    return s
 
 
-def prepare(job: ExtractJob) -> Prepared:
-    """Resolve and check everything; raise a one-line error for any bad input. Writes nothing
-    but a probe file to check the store is writable."""
-    try:
-        s = store.open(job.store, storage_options=job.storage_options)
-    except StorageError:
-        raise
-    except Exception as e:
-        raise StorageError(f"store {job.store!r} cannot be opened: {e}") from None
-    _check_writable(s)
-    check_name(job.name)
-
-    m = models.resolve(job.model)
+def prepare(spec: ExtractSpec, s: store.Store) -> Prepared:
+    """Resolve and check everything; raise a one-line error for any bad input. Writes nothing."""
+    m = models.resolve(spec.model)
     config = models.load_config(m)
     model_type = getattr(config, "model_type", "?")
     fam = family_of(model_type)
     n_layers = int(config.num_hidden_layers)
     sites = hook_sites(fam, n_layers)
-    hooks = expand_hooks(list(job.hooks), sites, model=f"model {job.model.id!r} ({model_type}, {n_layers} layers)")
+    hooks = expand_hooks(list(spec.hooks), sites, model=f"model {spec.model.id!r} ({model_type}, {n_layers} layers)")
     limit = models.max_context(config)
-    if limit is not None and job.context_size > limit:
-        raise SpecError(f"`tokenize.context_size` {job.context_size} is beyond the maximum of model {job.model.id!r} ({limit})")
-    tok = tokenizer_info(models.load_tokenizer(m), job.model.id)
-    if job.prepend_bos and tok.bos_id is None:
-        raise SpecError(f"`tokenize.prepend_bos` is true but the tokenizer of {job.model.id!r} has no BOS or CLS token")
+    ctx_size = spec.tokenize.context_size
+    if limit is not None and ctx_size > limit:
+        raise SpecError(f"`tokenize.context_size` {ctx_size} is beyond the maximum of model {spec.model.id!r} ({limit})")
+    tok = tokenizer_info(models.load_tokenizer(m), spec.model.id)
+    if spec.tokenize.prepend_bos and tok.bos_id is None:
+        raise SpecError(f"`tokenize.prepend_bos` is true but the tokenizer of {spec.model.id!r} has no BOS or CLS token")
 
-    corpus = read_corpus(job.corpus)
-    existing = s.dataset(job.name) if job.name in s.datasets() else None
+    corpus = read_corpus(spec.corpus)
+    existing = s.dataset(spec.name) if spec.name in s.datasets() else None
     corpus_fp, corpus_docs = corpus.fingerprint(), len(corpus)
-    unit_contexts = job.unit_contexts
+    unit_contexts = spec.compute.unit_contexts
     if existing is not None:
         old = existing.info.meta
         n_old = int(old.get("corpus_docs", -1))
         if 0 < n_old <= len(corpus) and corpus.fingerprint(n_old) == old.get("corpus_fingerprint"):
             corpus_fp, corpus_docs = old["corpus_fingerprint"], n_old
         if existing.info.unit_contexts != unit_contexts:
-            log.info("dataset %r keeps its %d contexts per unit (spec asks %d)", job.name, existing.info.unit_contexts, unit_contexts)
+            log.info("dataset %r keeps its %d contexts per unit (spec asks %d)", spec.name, existing.info.unit_contexts, unit_contexts)
             unit_contexts = existing.info.unit_contexts
 
-    hook_map = {h: sites[h].describe() for h in sites}
+    t = spec.tokenize
     meta = {
-        "model": job.model.id,
+        "model": m.identity,
         "revision": m.revision,
         "tokenizer": tok.fingerprint,
         "corpus_fingerprint": corpus_fp,
-        "packing": job.packing + ("" if job.packing == "concat" or job.split_long else "-nosplit"),
-        "prepend_bos": job.prepend_bos,
+        "packing": t.packing + ("" if t.packing == "concat" or t.split_long else "-nosplit"),
+        "prepend_bos": t.prepend_bos,
         "corpus_docs": corpus_docs,
-        "corpus": {"path": job.corpus.path, "format": job.corpus.format, "text_field": job.corpus.text_field, **corpus.stats},
+        "model_path": m.folder if m.local else None,
+        "corpus": {"path": spec.corpus.path, "format": spec.corpus.format, "text_field": spec.corpus.text_field, **corpus.stats},
         "model_type": model_type,
         "family": fam.name,
         "n_layers": n_layers,
         "d_model": int(config.hidden_size),
-        "torch_dtype": job.model.torch_dtype,
-        "hook_modules": hook_map,
+        "torch_dtype": spec.model.torch_dtype,
+        "hook_modules": {h: site.describe() for h, site in sites.items()},
         "tokenizer_name": tok.name,
         "special_tokens": {"bos": tok.bos_id, "sep": tok.sep_id, "pad": tok.pad_id},
-        "growing": job.growing,
-        "spec": job.spec,
+        "growing": spec.corpus.growing,
+        "spec": spec.recorded(),
     }
     if existing is not None:
-        fp = dataset_fingerprint(context_size=job.context_size, dtype=job.dtype, meta=meta)
+        fp = dataset_fingerprint(context_size=ctx_size, dtype=spec.dtype, meta=meta)
         if fp != existing.info.fingerprint:
-            keys = ("model", "revision", "tokenizer", "corpus_fingerprint", "packing", "prepend_bos")
-            diff = [f"{k}: {existing.info.meta.get(k)!r} -> {meta[k]!r}" for k in keys if existing.info.meta.get(k) != meta[k]]
-            diff += [f"{k}: {a!r} -> {b!r}" for k, a, b in (("context_size", existing.info.context_size, job.context_size), ("dtype", existing.info.dtype, job.dtype)) if a != b]
+            old = existing.info
+            diff = [f"{k}: {old.meta.get(k)!r} -> {meta[k]!r}" for k in IDENTITY_META_KEYS if old.meta.get(k) != meta[k]]
+            diff += [f"{k}: {a!r} -> {b!r}" for k, a, b in (("context_size", old.context_size, ctx_size), ("dtype", old.dtype, spec.dtype)) if a != b]
             raise DatasetExistsError(
-                f"dataset {job.name!r} already exists in {s.uri} with a different identity ({'; '.join(diff)}); "
+                f"dataset {spec.name!r} already exists in {s.uri} with a different identity ({'; '.join(diff)}); "
                 "a changed model, tokenizer, corpus, context, packing or dtype makes a new dataset: choose a new `name`"
             )
-    return Prepared(job, s, m, config, tok, hooks, {h: hook_map[h] for h in hooks}, corpus, corpus_fp, corpus_docs, meta, existing, unit_contexts)
+    return Prepared(spec, s, m, config, tok, hooks, corpus, corpus_fp, corpus_docs, meta, existing, unit_contexts)
 
 
 def _complete(ds: store.ActivationDataset, hooks: list[str]) -> bool:
     n = ds.info.num_units
     return all(h in ds.info.hooks and len(ds.committed_units(h)) == n for h in hooks) and len(ds.committed_units()) == n
+
+
+def _verify_hint(ds: store.ActivationDataset, uri: str) -> str:
+    """What the last verify said, for a job that finds nothing to do."""
+    last = last_outcome(ds)
+    cmd = f"strata verify {uri} {ds.name}"
+    if last is None:
+        return f"; it has never been verified: `{cmd}` checks every byte"
+    if not last.get("ok"):
+        return f"; the last verify ({last.get('at', '?')}) found problems: run `{cmd} --repair`, then extract again"
+    return f" (verified OK at {last.get('at', '?')})"
 
 
 # -- 2. planning ------------------------------------------------------------------------------
@@ -250,86 +268,111 @@ def tokenize(corpus: Corpus, tok: TokenizerInfo, *, chunk_docs: int, use_ray: bo
     return out
 
 
-def plan(p: Prepared, tokens: list[np.ndarray]) -> Contexts:
-    j = p.job
-    return pack(tokens, p.corpus.doc_ids, tok=p.tokenizer, context_size=j.context_size, packing=j.packing, prepend_bos=j.prepend_bos, split_long=j.split_long)
+def document_index(tokens: list[np.ndarray], doc_ids: np.ndarray, ctx: Contexts) -> tuple[pa.Table, int, int, int]:
+    """The store's document index of a plan, and ``(dropped tokens, dropped docs, partial
+    docs)``. Both packings keep a document's rows together, so a span per document says it all."""
+    lens = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=len(tokens))
+    flat_doc, flat_pos = ctx.doc_id.reshape(-1), ctx.doc_position.reshape(-1)
+    rows = np.flatnonzero(flat_doc >= 0)
+    order = np.argsort(doc_ids, kind="stable")
+    ci = order[np.searchsorted(doc_ids[order], flat_doc[rows])]  # each row's document, as a corpus index
+    start = np.full(len(tokens), -1, np.int64)
+    end = np.full(len(tokens), -1, np.int64)
+    if rows.size:
+        if np.any(np.diff(ci) < 0):  # pragma: no cover - packing keeps documents in order
+            raise AssertionError("packing put documents out of order")
+        cut = np.flatnonzero(np.diff(ci)) + 1
+        first, last = np.r_[0, cut], np.r_[cut, ci.size] - 1
+        start[ci[first]] = rows[first]
+        end[ci[last]] = rows[last] + 1
+    body = (flat_pos[rows] >= 0) & (flat_pos[rows] < lens[ci])  # the document's own tokens (not BOS, separators)
+    present = np.bincount(ci[body], minlength=len(tokens))
+    dropped = lens - present
+    table = pa.table({"doc_id": doc_ids.astype(np.int64), "row_start": start, "row_end": end, "dropped_tokens": dropped})
+    return table, int(dropped.sum()), int(((present == 0) & (lens > 0)).sum()), int(((present > 0) & (dropped > 0)).sum())
 
 
-def _first_context_of_doc(tokens: list[np.ndarray], n: int, job: ExtractJob) -> int:
-    body = job.context_size - (1 if job.prepend_bos else 0)
-    if job.packing == "concat":
-        return sum(len(t) + 1 for t in tokens[:n]) // body
-    return sum((max(1, -(-len(t) // body)) if job.split_long else 1) for t in tokens[:n])
+def plan(p: Prepared, tokens: list[np.ndarray]) -> Plan:
+    t = p.spec.tokenize
+    ctx = pack(tokens, p.corpus.doc_ids, tok=p.tokenizer, context_size=t.context_size, packing=t.packing,
+               prepend_bos=t.prepend_bos, split_long=t.split_long)
+    units = num_units(len(ctx), p.unit_contexts, full_only=p.spec.corpus.growing)
+    docs, dropped, dropped_docs, partial = document_index(tokens, p.corpus.doc_ids, ctx)
+    return Plan(ctx, units, len(ctx) - min(len(ctx), units * p.unit_contexts), docs, dropped, dropped_docs, partial)
 
 
-def _check_committed(p: Prepared, ctx: Contexts, tokens: list[np.ndarray]) -> None:
+def _first_context_of_doc(tokens: list[np.ndarray], n: int, spec: ExtractSpec) -> int:
+    t = spec.tokenize
+    body = t.context_size - (1 if t.prepend_bos else 0)
+    if t.packing == "concat":
+        return sum(len(x) + 1 for x in tokens[:n]) // body
+    return sum((max(1, -(-len(x) // body)) if t.split_long else 1) for x in tokens[:n])
+
+
+def _check_committed(p: Prepared, pl: Plan, tokens: list[np.ndarray]) -> None:
     """Committed units must be exactly what the current plan puts there."""
     ds = p.existing
     if ds is None:
         return
-    uc = p.unit_contexts
+    uc, ctx = p.unit_contexts, pl.contexts
     committed = ds.committed_units()
     for u in committed:
-        have = ds.unit_rows(u)
-        want = max(0, min(len(ctx), (u + 1) * uc) - u * uc) * p.job.context_size
+        have = ds.record(None, u).rows
+        want = max(0, min(len(ctx), (u + 1) * uc) - u * uc) * p.spec.tokenize.context_size
         if have != want:
             raise CorpusError(
-                f"dataset {p.job.name!r}: unit {u} was committed with {have} token rows but the corpus now puts {want} there; "
+                f"dataset {p.spec.name!r}: unit {u} was committed with {have} token rows but the corpus now puts {want} there; "
                 "it was the partial last unit of a smaller corpus, which appended documents would change. "
                 "Extract the grown corpus under a new `name`, and set `corpus.growing: true` for corpora that grow"
             )
     if len(p.corpus) == p.corpus_docs:
         return  # the identity fingerprint covers every document
     # Documents after the fingerprinted prefix were extracted by earlier appends: compare tokens.
-    first = _first_context_of_doc(tokens, p.corpus_docs, p.job) // uc
+    first = _first_context_of_doc(tokens, p.corpus_docs, p.spec) // uc
     for u in [u for u in committed if u >= first]:
-        t = ds.tokens(units=[u])
-        part = ctx.slice(u * uc, u * uc + t.num_rows // p.job.context_size)
-        if not (np.array_equal(t.column("token_id").to_numpy(), part.token_id.reshape(-1)) and np.array_equal(t.column("doc_id").to_numpy(), part.doc_id.reshape(-1))):
+        t = ds.unit_tokens(u)
+        part = ctx.slice(u * uc, u * uc + t.num_rows // p.spec.tokenize.context_size)
+        if not (np.array_equal(t.column("token_id").to_numpy(), part.token_id.reshape(-1))
+                and np.array_equal(t.column("doc_id").to_numpy(), part.doc_id.reshape(-1))):
             raise CorpusError(
-                f"dataset {p.job.name!r}: documents in unit {u} changed since it was extracted (the corpus must only grow at its end); "
+                f"dataset {p.spec.name!r}: documents in unit {u} changed since it was extracted (the corpus must only grow at its end); "
                 "extract the changed corpus under a new `name`"
             )
+
+
+def _dropped_note(pl: Plan, spec: ExtractSpec) -> str:
+    if not pl.dropped_tokens:
+        return ""
+    why = ("the corpus tail shorter than one context (it joins a context once more documents are appended)"
+           if spec.corpus.growing and spec.tokenize.packing == "concat" else
+           "the concat tail shorter than one context" if spec.tokenize.packing == "concat" else
+           "documents cut at one context (`tokenize.split_long: false`)")
+    return (f"; {pl.dropped_tokens:,} corpus tokens are in no context ({pl.dropped_docs} document(s) wholly, "
+            f"{pl.partial_docs} in part): {why}")
 
 
 # -- 3. running -------------------------------------------------------------------------------
 
 
-def _ray_init(address: str | None) -> bool:
-    """Connect to (or start) Ray; True when this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    kw: dict[str, Any] = {"include_dashboard": False, "configure_logging": False}
-    if address is None and not os.environ.get("RAY_ADDRESS"):
-        kw["runtime_env"] = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
-    ray.init(address=address, **kw)
-    return True
-
-
-def _pool_shape(job: ExtractJob, todo: int) -> tuple[int, dict[str, Any], int | None]:
-    """(number of actors, Ray resource options, torch threads). One actor per GPU when the
-    cluster has GPUs; CPU actors otherwise (never a GPU request that cannot be met)."""
-    import ray
-
-    res = ray.cluster_resources()
-    gpus = int(res.get("GPU", 0))
-    cpus = max(1, int(res.get("CPU", 1)))
-    if gpus > 0:
-        n = min(job.num_workers or gpus, gpus)
-        return max(1, min(n, todo)), {"num_gpus": 1, "num_cpus": job.cpus_per_worker or 1}, None
-    n = max(1, min(job.num_workers or 1, todo))
-    node_cpus = max([int(nd["Resources"].get("CPU", 0)) for nd in ray.nodes() if nd.get("Alive")] or [1])
-    per = job.cpus_per_worker or max(1, min(cpus // n, node_cpus))  # an actor must fit on one node
-    return n, {"num_cpus": per}, per
-
-
-def run_extract(job: ExtractJob) -> ExtractResult:
-    """Run an extraction job end to end (see the module docstring)."""
+def run_extract(
+    spec: ExtractSpec,
+    *,
+    progress: bool = True,
+    worker_cls: type[UnitWorker] = UnitWorker,
+    on_unit: Callable[[dict[str, Any]], None] | None = None,
+) -> ExtractResult:
+    """Run an extraction job end to end (see the module docstring). ``worker_cls`` (a subclass
+    of :class:`UnitWorker`) and ``on_unit`` (called with each finished unit's status) are
+    seams for tests and tools."""
     t_start = time.perf_counter()
-    p = prepare(job)
-    result = ExtractResult(job.name, p.store.uri, num_units=0, hooks=p.hooks)
+    check_store_path(spec)
+    s = open_store(spec)
+    lease = s.lease(spec.name, owner="strata extract", stale_after_s=spec.compute.lease_stale_s)
+    holder = lease.holder()
+    if holder is not None:
+        raise LeaseHeldError(lease.held_message(holder))
+    p = prepare(spec, s)
+    result = ExtractResult(spec.name, s.uri, num_units=0, hooks=p.hooks)
 
     ds = p.existing
     if ds is not None and len(p.corpus) == p.corpus_docs and _complete(ds, p.hooks):
@@ -337,159 +380,93 @@ def run_extract(job: ExtractJob) -> ExtractResult:
         result.noop = True
         result.units_skipped = ds.info.num_units
         result.message = (
-            f"nothing to do: dataset {job.name!r} in {p.store.uri} already has all {ds.info.num_units} units "
-            f"of {len(p.hooks)} hook(s) committed"
+            f"nothing to do: dataset {spec.name!r} in {s.uri} already has all {ds.info.num_units} units "
+            f"of {len(p.hooks)} hook(s) committed" + _verify_hint(ds, spec.store)
         )
         result.seconds = time.perf_counter() - t_start
-        log.debug(result.message)
         return result
 
-    started = _ray_init(job.address)
-    try:
-        return _run(p, result, t_start)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-
-
-def _run(p: Prepared, result: ExtractResult, t_start: float) -> ExtractResult:
-    import ray
-
-    job = p.job
-    tokens = tokenize(p.corpus, p.tokenizer, chunk_docs=job.tokenize_chunk_docs)
-    ctx = plan(p, tokens)
-    uc = p.unit_contexts
-    units = num_units(len(ctx), uc, full_only=job.growing)
-    result.held_back_contexts = len(ctx) - min(len(ctx), units * uc)
-    result.num_units = units
-    if units == 0:
-        result.message = (
-            f"nothing to extract yet: the corpus packs into {len(ctx)} contexts, fewer than one unit of {uc}"
-            + (" (`corpus.growing` holds back partial units)" if job.growing else "")
-        )
-        log.warning(result.message)
-        return result
-    p.meta["plan"] = {"contexts": len(ctx), "tokens": int(ctx.token_id.size), "units": units}
-    _check_committed(p, ctx, tokens)
-
-    d_model = int(p.config.hidden_size)
-    with p.store.lease(job.name, owner=f"strata extract pid {os.getpid()} on {socket.gethostname()}"):
-        w = p.store.create_dataset(
-            job.name, hooks={h: d_model for h in p.hooks}, context_size=job.context_size, dtype=job.dtype,
-            num_units=units, unit_contexts=uc, meta=p.meta, exist_ok=True,
-        )
-        ds = p.store.dataset(job.name)
-        done = {h: set(ds.committed_units(h)) for h in p.hooks}
-        todo = []
-        for u in range(units):
-            missing = [h for h in p.hooks if u not in done[h]]
-            if missing:
-                todo.append((u, missing))
-        result.units_skipped = units - len(todo)
-        if not todo:
-            result.noop = True
-            result.message = f"nothing to do: dataset {job.name!r} already has all {units} units of {len(p.hooks)} hook(s) committed"
-            log.debug(result.message)
-            result.seconds = time.perf_counter() - t_start
+    with connect(spec.compute.address) as cluster:
+        result.private_cluster, result.cluster_address = cluster.private, cluster.address
+        tokens = tokenize(p.corpus, p.tokenizer, chunk_docs=spec.tokenize.chunk_docs)
+        pl = plan(p, tokens)
+        result.num_units, result.held_back_contexts = pl.units, pl.held_back_contexts
+        result.dropped_tokens, result.dropped_docs, result.partial_docs = pl.dropped_tokens, pl.dropped_docs, pl.partial_docs
+        if pl.units == 0:
+            result.message = (
+                f"nothing to extract yet: the corpus packs into {len(pl.contexts)} contexts, fewer than one unit of {p.unit_contexts}"
+                + (" (`corpus.growing` holds back partial units)" if spec.corpus.growing else "")
+            )
+            log.warning(result.message)
             return result
-        log.info(
-            "dataset %r: %d of %d units to compute for %d hook(s) (%s)%s", job.name, len(todo), units, len(p.hooks),
-            ", ".join(p.hooks[:4]) + ("..." if len(p.hooks) > 4 else ""),
-            f"; {result.held_back_contexts} contexts held back until the corpus fills a unit" if result.held_back_contexts and job.growing else "",
-        )
-        _run_pool(p, w, ctx, todo, result)
-    ds = p.store.dataset(job.name)
-    missing = [h for h in p.hooks if len(ds.committed_units(h)) < units]
-    if missing:  # pragma: no cover - the pool raises first
-        raise WorkerError(f"dataset {job.name!r}: units of {missing} are still missing after the run")
+        _check_committed(p, pl, tokens)
+        with lease:  # taken for real now (refused if a job started since the check above)
+            _run(p, pl, lease, cluster, result, worker_cls=worker_cls, on_unit=on_unit, progress=progress)
     result.seconds = time.perf_counter() - t_start
     result.driver_peak_rss = peak_rss_bytes()
-    result.message = (
-        f"dataset {job.name!r}: computed {result.units_run} unit(s) ({result.tokens:,} tokens, {result.bytes_written / 2**20:.1f} MiB) "
-        f"in {result.seconds:.1f}s; {result.units_skipped} unit(s) were already committed"
-    )
-    log.debug(result.message)
+    if not result.noop:
+        result.message = (
+            f"dataset {spec.name!r}: computed {result.units_run} unit(s) ({result.tokens:,} tokens, {result.bytes_written / 2**20:.1f} MiB) "
+            f"in {result.seconds:.1f}s; {result.units_skipped} unit(s) were already committed" + _dropped_note(pl, spec)
+        )
     return result
 
 
-def _run_pool(p: Prepared, w: store.DatasetWriter, ctx: Contexts, todo: list[tuple[int, list[str]]], result: ExtractResult) -> None:
-    import ray
-    from tqdm.auto import tqdm
-
-    job = p.job
-    uc = p.unit_contexts
-    n_actors, resources, threads = _pool_shape(job, len(todo))
-    local = not job.address and not os.environ.get("RAY_ADDRESS")
-    env = {k: os.environ[k] for k in (*_FORWARD_ENV, *(_FORWARD_ENV_LOCAL if local else ())) if k in os.environ}
+def _run(p: Prepared, pl: Plan, lease: store.Lease, cluster: Any, result: ExtractResult, *,
+         worker_cls: type[UnitWorker], on_unit: Callable[[dict[str, Any]], None] | None, progress: bool) -> None:
+    spec, s = p.spec, p.store
+    d_model = int(p.config.hidden_size)
+    meta = {**p.meta, "plan": pl.summary()}
+    w = s.create_dataset(
+        spec.name, hooks={h: d_model for h in p.hooks}, context_size=spec.tokenize.context_size, dtype=spec.dtype,
+        num_units=pl.units, unit_contexts=p.unit_contexts, meta=meta, exist_ok=True, fence=lease.token,
+    )
+    w.write_documents(pl.documents)
+    w.update_meta(**{k: v for k, v in meta.items() if k not in IDENTITY_META_KEYS})
+    ds = s.dataset(spec.name)
+    done = {h: set(ds.committed_units(h)) for h in p.hooks}
+    todo = [(u, [h for h in p.hooks if u not in done[h]]) for u in range(pl.units)]
+    todo = [(u, hooks) for u, hooks in todo if hooks]
+    result.units_skipped = pl.units - len(todo)
+    if not todo:
+        result.noop = True
+        result.message = f"nothing to do: dataset {spec.name!r} already has all {pl.units} units of {len(p.hooks)} hook(s) committed"
+        s.update_catalog(spec.name)
+        return
+    log.info(
+        "dataset %r: %d of %d units to compute for %d hook(s) (%s)%s", spec.name, len(todo), pl.units, len(p.hooks),
+        ", ".join(p.hooks[:4]) + ("..." if len(p.hooks) > 4 else ""),
+        f"; {pl.held_back_contexts} contexts held back until the corpus fills a unit" if pl.held_back_contexts else "",
+    )
+    shape = pool_shape(cluster.shape, num_workers=spec.compute.num_workers, cpus_per_worker=spec.compute.cpus_per_worker)
     cfg = WorkerConfig(
-        store_uri=p.store.uri, dataset=job.name, model=p.model, model_type=p.meta["model_type"], n_layers=p.meta["n_layers"],
-        d_model=p.meta["d_model"], dtype=job.dtype, batch_tokens=job.batch_tokens, threads=threads, storage_options=job.storage_options,
+        store_uri=s.uri, dataset=spec.name, model=p.model, model_type=p.meta["model_type"], n_layers=p.meta["n_layers"],
+        d_model=d_model, dtype=spec.dtype, batch_tokens=spec.compute.batch_tokens, threads=shape.threads,
+        # A cluster this job did not start gets no credentials: its workers use their own.
+        storage_options=spec.storage_options if cluster.private else public_options(spec.storage_options),
+        fence=lease.token,
     )
-    actor_cls = ray.remote(UnitWorker).options(
-        **resources, max_restarts=job.max_restarts, max_task_retries=job.max_restarts, max_concurrency=2,
-        runtime_env={"env_vars": env} if env else None,
-    )
-    actors = [actor_cls.remote(cfg) for _ in range(n_actors)]
-    exit_after = int(os.environ.get(DRIVER_EXIT_ENV, "0") or 0)
-    total_tokens = sum(min(len(ctx), (u + 1) * uc) - u * uc for u, _ in todo) * job.context_size
-    queue = list(reversed(todo))
-    inflight: dict[Any, tuple[int, int]] = {}  # ref -> (unit, actor index)
-    per_actor = [0] * n_actors
-    # In a Ray job's log (no terminal) the bar refreshes every 30 s rather than filling the log.
-    tty = sys.stderr.isatty()
-    bar = tqdm(
-        total=total_tokens, unit="tok", unit_scale=True, desc=f"extract {job.name}", disable=not job.progress,
-        smoothing=0.1, mininterval=0.5 if tty else 30.0, file=sys.stderr,
-    )
-    t0 = t_first = time.perf_counter()
+    uc, ctx, cs = p.unit_contexts, pl.contexts, spec.tokenize.context_size
+    tasks = [Task(f"unit {u}", (u, ctx.slice(u * uc, min(len(ctx), (u + 1) * uc)), hooks), (min(len(ctx), (u + 1) * uc) - u * uc) * cs)
+             for u, hooks in todo]
 
-    def submit(i: int) -> None:
-        u, hooks = queue.pop()
-        part = ctx.slice(u * uc, min(len(ctx), (u + 1) * uc))
-        ref = actors[i].process.remote(u, part, hooks)
-        inflight[ref] = (u, i)
-        per_actor[i] += 1
+    def finished(task: Task, st: dict[str, Any]) -> None:
+        if on_unit is not None:
+            on_unit(st)
 
+    pool = UnitPool(worker_cls, cfg, shape, max_restarts=spec.compute.max_restarts, desc=f"extract {spec.name}", progress=progress)
     try:
-        for _ in range(2):  # two calls per actor: one computes while the other writes
-            for i in range(n_actors):
-                if queue:
-                    submit(i)
-        while inflight:
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            for ref in ready:
-                u, i = inflight.pop(ref)
-                per_actor[i] -= 1
-                try:
-                    st = ray.get(ref)
-                except ray.exceptions.RayActorError as e:
-                    raise WorkerError(f"unit {u}: its worker died {job.max_restarts + 1} times; last: {str(e).splitlines()[0]}") from None
-                except ray.exceptions.RayTaskError as e:
-                    cause = e.cause if getattr(e, "cause", None) is not None else e
-                    raise WorkerError(f"unit {u} failed in a worker: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}") from None
-                now = time.perf_counter()
-                if result.units_run == 0:
-                    t_first = now
-                else:
-                    result.steady_tokens += st["rows"]
-                    result.steady_seconds = now - t_first
-                result.pool_seconds = now - t0
-                result.units_run += 1
-                result.tokens += st["rows"]
-                result.bytes_written += st["bytes"]
-                result.worker_peak_rss = max(result.worker_peak_rss, st["peak_rss"])
-                bar.update(st["rows"])
-                el = time.perf_counter() - t0
-                bar.set_postfix_str(f"units {result.units_run}/{len(todo)}, {result.bytes_written / max(el, 1e-9) / 2**20:.0f} MiB/s")
-                if exit_after and result.units_run >= exit_after:
-                    os._exit(3)  # test hook: a driver killed mid-job
-                if queue:
-                    submit(i)
+        stats = pool.run(tasks, on_result=finished, check=lease.check)
     finally:
-        bar.close()
-        for ref in inflight:
-            ray.cancel(ref, force=False)
-        for a in actors:
-            ray.kill(a, no_restart=True)
+        if not lease.lost:  # a job that lost its lease writes nothing more, not even the catalog
+            try:
+                s.update_catalog(spec.name)
+            except Exception as e:  # pragma: no cover - the catalog is derived data
+                log.warning("could not update the catalog entry of %r: %s", spec.name, e)
+    result.units_run, result.tokens, result.bytes_written = stats.tasks_done, stats.weight_done, stats.bytes_written
+    result.pool_seconds, result.steady_tokens, result.steady_seconds = stats.seconds, stats.steady_weight, stats.steady_seconds
+    result.worker_peak_rss = stats.worker_peak_rss
+    ds.refresh()
+    missing = [h for h in p.hooks if len(ds.committed_units(h)) < pl.units]
+    if missing:  # pragma: no cover - the pool raises first
+        raise WorkerError(f"dataset {spec.name!r}: units of {missing} are still missing after the run")

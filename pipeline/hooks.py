@@ -25,7 +25,6 @@ import torch
 
 from pipeline.errors import UnknownHookError, UnsupportedModelError
 
-KINDS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(hook_\w+)$")
 
 

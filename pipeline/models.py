@@ -1,8 +1,10 @@
 """Models: a hub id at a revision, or a local folder; the exact revision resolved and recorded.
 
 For a hub id the revision (branch, tag or commit) is resolved to the commit hash of the
-snapshot that is loaded. For a local folder the revision is a hash of its weight and config
-files, so a changed checkpoint makes a new dataset. ``trust_remote_code`` stays off unless the
+snapshot that is loaded. A local folder is identified by its content alone: its identity is
+``local`` at the revision ``local-xxh3:...`` (a hash of its weight and config files), so
+``./models/x`` and its absolute path are the same model, and a changed checkpoint is a new
+dataset; the path is recorded as provenance only. ``trust_remote_code`` stays off unless the
 spec sets it.
 """
 
@@ -12,39 +14,38 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import xxhash
 
 from pipeline.errors import ModelNotFoundError
 
+if TYPE_CHECKING:
+    from pipeline.config import ModelSpec
+
 log = logging.getLogger(__name__)
 
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.py"]
-TORCH_DTYPES = ("float32", "float16", "bfloat16")
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A model as a spec names it."""
-
-    id: str
-    revision: str | None = None
-    torch_dtype: str = "float32"
-    trust_remote_code: bool = False
+LOCAL_IDENTITY = "local"
 
 
 @dataclass(frozen=True)
 class ResolvedModel:
     """A model pinned to an exact revision, loadable from ``folder`` on this machine."""
 
-    id: str
+    id: str  # as the spec names it (a hub id or a path)
     revision: str
     folder: str
     local: bool
     torch_dtype: str
     trust_remote_code: bool
+
+    @property
+    def identity(self) -> str:
+        """The model's part of a dataset's identity: the hub id, or ``local`` for a folder
+        (whose revision is a hash of its content)."""
+        return LOCAL_IDENTITY if self.local else self.id
 
     def fetch(self) -> str:
         """The local folder of this exact revision, downloading it when absent (workers on other
@@ -102,7 +103,7 @@ def _snapshot(model_id: str, revision: str | None) -> str:
         raise ModelNotFoundError(f"cannot fetch model {model_id!r} (revision {revision or 'main'!r}): {e}") from None
 
 
-def resolve(ref: ModelRef) -> ResolvedModel:
+def resolve(ref: ModelSpec) -> ResolvedModel:
     """Pin a model to its exact revision (before anything runs)."""
     mid = os.path.expanduser(ref.id)
     if os.path.isdir(mid):

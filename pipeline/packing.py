@@ -35,7 +35,6 @@ class TokenizerInfo:
     sep_id: int | None
     pad_id: int
     special_ids: tuple[int, ...]
-    vocab_size: int
 
     @property
     def fingerprint(self) -> str:
@@ -67,7 +66,6 @@ def tokenizer_info(tok, name: str) -> TokenizerInfo:
         sep_id=sep,
         pad_id=0 if pad is None else pad,
         special_ids=tuple(sorted({int(i) for i in tok.all_special_ids})),
-        vocab_size=len(tok),
     )
 
 

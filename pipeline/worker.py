@@ -10,6 +10,13 @@ the next layers' compute), then written and committed by :meth:`store.DatasetWri
 The actor runs two calls at once under a compute lock: while one unit is being written, the
 next one is already computing. Activations never pass through Ray's object store; a call
 returns a small status dict.
+
+Determinism: a unit's batches are a function of the unit alone (never of its neighbours), and
+the torch thread count is set in the thread that computes (Ray runs calls on a thread pool,
+and OpenMP's thread count is per thread), so a unit recomputed on the same machine and
+software is bit-identical.
+
+Tests inject faults by subclassing (``process`` or ``compute``), not through the environment.
 """
 
 from __future__ import annotations
@@ -30,12 +37,6 @@ from pipeline.packing import Contexts
 
 log = logging.getLogger(__name__)
 
-# Test hooks: a worker process exits abruptly in the middle of a unit (after its forward pass,
-# before anything of it is written) once it has finished this many units. With the marker
-# variable set, only the first worker to get there crashes (it creates the marker file).
-CRASH_ENV = "STRATA_TEST_CRASH_AFTER_UNITS"
-CRASH_MARKER_ENV = "STRATA_TEST_CRASH_MARKER"
-
 _STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -50,7 +51,8 @@ class WorkerConfig:
     dtype: str  # stored dtype
     batch_tokens: int
     threads: int | None = None
-    storage_options: dict[str, Any] | None = None
+    storage_options: dict[str, Any] | None = None  # what the driver lets this worker have
+    fence: int | None = None  # the job's lease generation: commits stop once it is not current
 
 
 def peak_rss_bytes() -> int:
@@ -68,27 +70,22 @@ class UnitWorker:
             transformers.utils.logging.disable_progress_bar()
         except Exception:  # pragma: no cover - cosmetics only
             pass
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
         self.cfg = cfg
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.model = load_model(cfg.model, device=str(self.device))
         self.sites = hook_sites(family_of(cfg.model_type), cfg.n_layers)
-        self.writer = store.open(cfg.store_uri, storage_options=cfg.storage_options).writer(cfg.dataset)
+        self.writer = store.open(cfg.store_uri, storage_options=cfg.storage_options, create=False).writer(cfg.dataset, fence=cfg.fence)
         self.out_dtype = _STORE_DTYPES[cfg.dtype]
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._compute = threading.Lock()
         self.units_done = 0
-        crash = os.environ.get(CRASH_ENV)
-        self.crash_after = int(crash) if crash else None
-
-    def info(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "device": str(self.device), "threads": torch.get_num_threads()}
 
     # -- compute --------------------------------------------------------------------------
 
     def compute(self, contexts: Contexts, hooks: list[str]) -> dict[str, torch.Tensor]:
         """Activations ``{hook: [rows, d]}`` of ``contexts`` on the host, in the stored dtype."""
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)  # in this thread: OpenMP's count is per thread
         n, s = contexts.token_id.shape
         rows = n * s
         pin = self.device.type == "cuda"
@@ -131,7 +128,6 @@ class UnitWorker:
         t0 = time.perf_counter()
         with self._compute:
             acts = self.compute(contexts, hooks)
-            self._maybe_crash()
         t1 = time.perf_counter()
         first = unit * self.writer.info.unit_contexts
         status = self.writer.write_unit(unit, tokens=contexts.token_table(first), acts=acts)
@@ -149,16 +145,3 @@ class UnitWorker:
             "pid": os.getpid(),
             "peak_rss": peak_rss_bytes(),
         }
-
-    def _maybe_crash(self) -> None:
-        if self.crash_after is None or self.units_done < self.crash_after:
-            return
-        marker = os.environ.get(CRASH_MARKER_ENV)
-        if marker:
-            try:
-                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.close(fd)
-            except FileExistsError:
-                return
-        log.error("%s: crashing on purpose in the middle of a unit", CRASH_ENV)
-        os._exit(17)

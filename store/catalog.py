@@ -81,8 +81,11 @@ def delete_entry(store: Store, name: str) -> None:
 
 
 def read(store: Store, *, live: bool = False) -> pa.Table:
-    """One row per dataset that exists. Entries are read as written; a dataset without an
-    entry (or every dataset, with ``live``) is counted from its commit records. Never writes."""
+    """One row per dataset that exists. Entries are read as written; a dataset whose entry is
+    missing, damaged or older than its manifest (or every dataset, with ``live``) is counted
+    from its commit records. Never writes."""
+    from store.manifest import load_manifest
+
     rows = []
     for name in store.datasets():
         row = None
@@ -90,7 +93,12 @@ def read(store: Store, *, live: bool = False) -> pa.Table:
             try:
                 t = pq.read_table(pa.BufferReader(store.storage.read(layout.catalog_key(name))))
                 row = t.cast(SCHEMA).to_pylist()[0] if t.num_rows == 1 and set(t.column_names) == set(SCHEMA.names) else None
-            except (FileNotFoundError, pa.ArrowInvalid, OSError, ValueError):
+                info = load_manifest(store.storage, name)
+                if row is not None and (row["fingerprint"], row["num_units"], sorted(row["hooks"] or [])) != (
+                    info.fingerprint, info.num_units, sorted(info.hooks)
+                ):
+                    row = None  # written before the dataset last changed: count it now
+            except (FileNotFoundError, pa.ArrowInvalid, OSError, ValueError, StrataError):
                 row = None
         if row is None:
             try:

@@ -65,14 +65,6 @@ def _copy_into(out: np.ndarray, out_name: str, src: np.ndarray, src_name: str) -
         out[...] = src
 
 
-def _runs(sorted_unique: np.ndarray) -> list[tuple[int, int]]:
-    """Maximal runs ``[a, b)`` of consecutive integers in a sorted, unique array."""
-    if sorted_unique.size == 0:
-        return []
-    cuts = np.flatnonzero(np.diff(sorted_unique) != 1) + 1
-    return [(int(g[0]), int(g[-1]) + 1) for g in np.split(sorted_unique, cuts)]
-
-
 class ActivationDataset:
     """A dataset opened for reading. It sees the units committed when it was opened (or last
     :meth:`refresh`-ed), so a notebook gets a consistent view while a job keeps writing.
@@ -152,8 +144,8 @@ class ActivationDataset:
             else:
                 protocol.check_key(rec.file.key, layout.shard_key(self.name, hook, unit), where=key)
                 sl = shard_layout(info, hook)
-                if rec.file.nbytes != sl.shard_nbytes(rec.rows) or rec.file.block_size != sl.chunk_bytes:
-                    raise CorruptionError(f"{key}: damaged commit record (file size or block size does not match {rec.rows} rows)")
+                if rec.file.nbytes != sl.shard_nbytes(rec.rows) or rec.file.body_bytes != sl.body_nbytes(rec.rows):
+                    raise CorruptionError(f"{key}: damaged commit record (file sizes do not match {rec.rows} rows)")
             return rec
         except CorruptionError as e:
             return str(e)
@@ -249,7 +241,8 @@ class ActivationDataset:
             self._docs = (fe.key, decode_documents(protocol.read_whole(self.storage, fe, where=where), where=where))
         return self._docs[1]
 
-    def _rows_of_docs(self, hook: str, docs: Any) -> np.ndarray:
+    def _rows_of_docs(self, hook: str, docs: Any) -> np.ndarray | list[tuple[int, int]]:
+        """Rows of documents: an index array, or (with the document index) their spans."""
         ids = as_doc_ids(docs)
         if ids.size == 0:
             return np.zeros(0, np.int64)
@@ -282,7 +275,7 @@ class ActivationDataset:
                     f"{list(units)}, of which {missing} {'is' if len(missing) == 1 else 'are'} not committed{held}; "
                     "call refresh() to see newer commits"
                 )
-        return np.concatenate([np.arange(a, b, dtype=np.int64) for _, a, b in spans])
+        return [(a, b) for _, a, b in spans]
 
     # -- activations ----------------------------------------------------------------------
 
@@ -298,7 +291,8 @@ class ActivationDataset:
 
     def _unit_rows(self, hook: str, unit: int, local: np.ndarray | None, lo: int = 0, hi: int | None = None) -> np.ndarray:
         """Stored values ``[n, d]`` of one unit's rows: ``local`` (sorted unique indices within
-        the unit), or the range ``[lo, hi)``; only the chunks they touch are read and checked."""
+        the unit), or the range ``[lo, hi)``. Only the checksum blocks holding those rows are
+        read and checked (nearby rows share one read). Read-only: callers copy."""
         rec = self.record(hook, unit)
         hi = rec.rows if hi is None else hi
         last = hi - 1 if local is None else int(local[-1])
@@ -309,23 +303,22 @@ class ActivationDataset:
             )
         sl = self._layout(hook)
         sdt = storage_dtype(self.info.dtype)
-        where = self._where(hook, unit, rec)
+        rb, where = sl.row_bytes, self._where(hook, unit, rec)
+
+        def rows_of(a: int, b: int) -> np.ndarray:
+            return protocol.read_checked(self.storage, rec.file, a * rb, b * rb, where=where).view(sdt).reshape(b - a, sl.d)
+
         if local is None:
-            chunks = np.arange(lo // sl.chunk_rows, -(-hi // sl.chunk_rows))
-        else:
-            chunks = np.unique(local // sl.chunk_rows)
+            return rows_of(lo, hi)
+        # Rows whose checksum blocks touch or adjoin share one read.
+        bs = rec.file.block_size
+        first_block, last_block = local * rb // bs, ((local + 1) * rb - 1) // bs
+        cuts = np.flatnonzero(first_block[1:] > last_block[:-1] + 1) + 1
         parts = []
-        for c0, c1 in _runs(chunks):
-            # Chunks are whole blocks of the file's checksums: exactly the bytes returned are checked.
-            buf = protocol.read_checked(self.storage, rec.file, c0 * sl.chunk_bytes, c1 * sl.chunk_bytes, where=where)
-            block = buf.view(sdt).reshape(-1, sl.d)
-            base = c0 * sl.chunk_rows
-            if local is None:
-                a, b = max(lo, base), min(hi, base + block.shape[0])
-                parts.append(block[a - base : b - base])
-            else:
-                sel = local[(local >= base) & (local < base + block.shape[0])]
-                parts.append(block[sel - base])
+        for grp in np.split(local, cuts):
+            a, b = int(grp[0]), int(grp[-1]) + 1
+            block = rows_of(a, b)
+            parts.append(block if grp.size == b - a else block[grp - a])
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def unit_array(self, hook: str, unit: int) -> np.ndarray:
@@ -374,7 +367,12 @@ class ActivationDataset:
         if rows is None and docs is None:
             blocks = [(u, 0, self.record(hook, u).rows) for u in self.committed_units(hook)]
         elif docs is not None:
-            idx = self._rows_of_docs(hook, docs)
+            found = self._rows_of_docs(hook, docs)
+            if isinstance(found, np.ndarray):
+                idx = found
+            else:  # contiguous spans: read as blocks, like slices
+                for a, b in found:
+                    self._blocks_of(a, b, blocks)
         elif isinstance(rows, slice):
             idx = self._slice_plan(hook, rows, blocks)
         else:
@@ -384,11 +382,7 @@ class ActivationDataset:
             return self._gather(hook, idx, out_name, out_np, as_)
         for u, _lo, _hi in blocks:  # every unit committed before anything is read
             self.record(hook, u)
-        if len(blocks) == 1 and out_name == self.info.dtype:
-            # One block in the stored dtype: hand over the buffer it was read into, no copy.
-            u, lo, hi = blocks[0]
-            vals = self._unit_rows(hook, u, None, lo, hi)
-            return to_torch(vals, out_name) if as_ == "torch" else vals
+        # One copy, out of the (mapped, checked) file into memory of the caller's own.
         n = sum(hi - lo for _, lo, hi in blocks)
         out = np.empty((n, d), dtype=out_np)
         at = 0
@@ -404,7 +398,7 @@ class ActivationDataset:
         )
 
     def _slice_plan(self, hook: str, rows: slice, blocks: list[tuple[int, int, int]]) -> np.ndarray | None:
-        extent, ur = self._extent(hook), self.info.unit_rows
+        extent = self._extent(hook)
         for bound in (rows.start, rows.stop):
             if bound is not None and not isinstance(bound, (int, np.integer)):
                 raise TypeError(f"row slice bounds must be integers, got {bound!r}")
@@ -413,12 +407,17 @@ class ActivationDataset:
         start, stop, step = rows.indices(extent)
         if step != 1:
             return np.arange(start, stop, step, dtype=np.int64)
+        self._blocks_of(start, stop, blocks)
+        return None
+
+    def _blocks_of(self, start: int, stop: int, blocks: list[tuple[int, int, int]]) -> None:
+        """Global rows ``[start, stop)`` as ``(unit, lo, hi)`` blocks, appended to ``blocks``."""
+        ur = self.info.unit_rows
         u = start // ur
         while start < stop:
             hi = min(stop, (u + 1) * ur)
             blocks.append((u, start - u * ur, hi - u * ur))
             start, u = hi, u + 1
-        return None
 
     def _index_array(self, hook: str, rows: Any) -> np.ndarray:
         idx = np.asarray(rows)

@@ -32,6 +32,7 @@ import re
 import socket
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -50,6 +51,9 @@ ALGO = "xxh3_64"
 #: Block size of small files (token tables, JSON): one block for the whole file up to this.
 DEFAULT_BLOCK = 4 << 20
 RECORD_VERSION = 2
+#: Benchmarks only (benchmarks/store_io.py measures what checking costs): False skips the block
+#: checksums of reads. Nothing else may turn it off.
+_CHECK_READS = True
 
 
 def utcnow() -> str:
@@ -69,12 +73,12 @@ def _flat(part: Any) -> memoryview:
     return mv if mv.ndim == 1 and mv.format == "B" else mv.cast("B")
 
 
-def block_digests(data: Buffers, block_size: int) -> tuple[int, tuple[str, ...]]:
-    """``(nbytes, digests)`` of the bytes of ``data`` (one buffer or several written one after
-    the other), hashed in blocks of ``block_size`` bytes (the last block may be short)."""
+def block_digests(data: Buffers, block_size: int) -> tuple[int, np.ndarray]:
+    """``(nbytes, digests)``: the ``xxh3_64`` of each ``block_size`` bytes of ``data`` (one
+    buffer, or several written one after the other; the last block may be short), as uint64."""
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
-    out: list[str] = []
+    out: list[int] = []
     h = xxhash.xxh3_64()
     filled = 0
     total = 0
@@ -84,51 +88,109 @@ def block_digests(data: Buffers, block_size: int) -> tuple[int, tuple[str, ...]]
         at = 0
         while at < len(mv):
             take = min(block_size - filled, len(mv) - at)
-            h.update(mv[at : at + take])
-            filled += take
+            if filled == 0 and take == block_size:  # a whole block in one buffer: one call
+                out.append(xxhash.xxh3_64_intdigest(mv[at : at + take]))
+            else:
+                h.update(mv[at : at + take])
+                filled += take
+                if filled == block_size:
+                    out.append(h.intdigest())
+                    h = xxhash.xxh3_64()
+                    filled = 0
             at += take
-            if filled == block_size:
-                out.append(h.hexdigest())
-                h = xxhash.xxh3_64()
-                filled = 0
     if filled or not out:
-        out.append(h.hexdigest())
-    return total, tuple(out)
+        out.append(h.intdigest())
+    return total, np.asarray(out, dtype="<u8")
+
+
+def _hex(d: int) -> str:
+    return f"{d:016x}"
+
+
+@dataclass(frozen=True)
+class Region:
+    """A byte range of a file checked whole by one digest."""
+
+    offset: int
+    length: int
+    digest: str
+
+    def to_list(self) -> list[Any]:
+        return [self.offset, self.length, self.digest]
 
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One file a commit record makes visible: its key, size and block checksums."""
+    """One file a commit record makes visible: its key, size and how its bytes are checked.
+
+    Two forms. *Inline*: ``blocks`` lists the digest of each ``block_size`` bytes of the whole
+    file (small files: one block). *Table*: the file holds its own table of block digests
+    (``table``: little-endian uint64 ``xxh3_64`` of each ``block_size`` bytes of
+    ``[0, table.offset)``), the record holds the table's digest, and ``tail`` covers whatever
+    follows the table. Activation shards use the table form: a commit record stays a few
+    hundred bytes while a read of a few rows checks just the 64 KiB blocks holding them.
+    """
 
     key: str
     nbytes: int
     block_size: int
-    blocks: tuple[str, ...]
+    blocks: tuple[str, ...] = ()
+    table: Region | None = None
+    tail: Region | None = None
 
     @classmethod
     def of(cls, key: str, data: Buffers, *, block_size: int | None = None) -> FileEntry:
+        """The inline entry of a file's bytes."""
         parts = as_parts(data)
         size = sum(len(_flat(p)) for p in parts)
         bs = block_size or max(1, min(size, DEFAULT_BLOCK))
-        n, blocks = block_digests(parts, bs)
-        return cls(key, n, bs, blocks)
+        n, digests = block_digests(parts, bs)
+        return cls(key, n, bs, tuple(_hex(int(d)) for d in digests))
+
+    @classmethod
+    def with_table(cls, key: str, body: Buffers, tail: bytes, *, block_size: int) -> tuple[FileEntry, list[Any]]:
+        """A file laid out as ``body, digest table of the body, tail``: its entry, and the
+        buffers to write."""
+        body_parts = as_parts(body)
+        n, digests = block_digests(body_parts, block_size)
+        table = digests.tobytes()
+        t = Region(n, len(table), xxhash.xxh3_64_hexdigest(table))
+        tl = Region(n + len(table), len(tail), xxhash.xxh3_64_hexdigest(tail))
+        return cls(key, n + len(table) + len(tail), block_size, (), t, tl), [*body_parts, table, tail]
+
+    @property
+    def body_bytes(self) -> int:
+        """Bytes checked block by block: the whole file inline, the part before the table."""
+        return self.table.offset if self.table is not None else self.nbytes
 
     def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "nbytes": self.nbytes, "block_size": self.block_size, "algo": ALGO, "blocks": list(self.blocks)}
+        d: dict[str, Any] = {"key": self.key, "nbytes": self.nbytes, "algo": ALGO, "block_size": self.block_size}
+        if self.table is not None and self.tail is not None:
+            d["table"], d["tail"] = self.table.to_list(), self.tail.to_list()
+        else:
+            d["blocks"] = list(self.blocks)
+        return d
 
     @classmethod
     def from_dict(cls, d: Any) -> FileEntry:
         if not isinstance(d, dict) or d.get("algo") != ALGO:
             raise ValueError(f"not a file entry with {ALGO} block checksums")
-        key, nbytes, bs, blocks = d["key"], d["nbytes"], d["block_size"], d["blocks"]
-        if not isinstance(key, str) or not all(isinstance(x, int) and not isinstance(x, bool) for x in (nbytes, bs)):
+        key, nbytes, bs = d["key"], d["nbytes"], d["block_size"]
+        if not isinstance(key, str) or not all(isinstance(x, int) and not isinstance(x, bool) for x in (nbytes, bs)) or nbytes < 0 or bs <= 0:
             raise ValueError("file entry fields have the wrong types")
-        if nbytes < 0 or bs <= 0 or not isinstance(blocks, list) or len(blocks) != max(1, -(-nbytes // bs)):
+        if "table" in d:
+            (to, tn, td), (lo, ln, ld) = d["table"], d["tail"]
+            table, tail = Region(int(to), int(tn), str(td)), Region(int(lo), int(ln), str(ld))
+            if tn != 8 * max(1, -(-to // bs)) or lo != to + tn or lo + ln != nbytes:
+                raise ValueError(f"file entry of {key!r}: its table and tail do not fit its {nbytes} bytes")
+            return cls(key, nbytes, bs, (), table, tail)
+        blocks = d["blocks"]
+        if not isinstance(blocks, list) or len(blocks) != max(1, -(-nbytes // bs)):
             raise ValueError(f"file entry of {key!r} lists {len(blocks) if isinstance(blocks, list) else '?'} blocks for {nbytes} bytes")
         return cls(key, nbytes, bs, tuple(str(b) for b in blocks))
 
     def blocks_of(self, start: int, end: int) -> tuple[int, int]:
-        """Block indices ``[b0, b1)`` covering bytes ``[start, end)``."""
+        """Block indices ``[b0, b1)`` covering bytes ``[start, end)`` of the body."""
         return start // self.block_size, -(-end // self.block_size)
 
 
@@ -268,28 +330,79 @@ def _await_commit_or_orphan(storage: Storage, key: str, record_key: str, orphan_
 
 # -- checked reads --------------------------------------------------------------------------
 
+# Verified digest tables, by (store, key, table digest): a table is checked when first loaded;
+# the data blocks it describes are checked on every read.
+_TABLES: OrderedDict[tuple[str, str, str], np.ndarray] = OrderedDict()
+_TABLES_MAX = 1024
 
-def _check_blocks(entry: FileEntry, buf: Any, b0: int, b1: int, *, where: str) -> None:
+
+def _table(storage: Storage, entry: FileEntry, *, where: str) -> np.ndarray:
+    assert entry.table is not None
+    k = (storage.uri, entry.key, entry.table.digest)
+    got = _TABLES.get(k)
+    if got is None:
+        raw = _read(storage, entry, entry.table.offset, entry.table.offset + entry.table.length, where=where)
+        if xxhash.xxh3_64_hexdigest(_flat(raw)) != entry.table.digest:
+            raise CorruptionError(f"{where}: the file's table of block checksums is damaged (run `strata verify --repair`)")
+        got = np.frombuffer(bytes(raw), dtype="<u8")
+        _TABLES[k] = got
+        if len(_TABLES) > _TABLES_MAX:
+            _TABLES.popitem(last=False)
+    return got
+
+
+def _mismatch(where: str, start: int, length: int, what: str) -> CorruptionError:
+    return CorruptionError(
+        f"{where}: checksum mismatch in bytes {start}..{start + length - 1} ({what}); "
+        "the file changed after its commit (run `strata verify --repair`)"
+    )
+
+
+def _check_body(storage: Storage, entry: FileEntry, buf: Any, b0: int, b1: int, *, where: str) -> None:
     mv = _flat(buf)
-    for b in range(b0, b1):
-        lo = (b - b0) * entry.block_size
-        hi = min(lo + entry.block_size, len(mv))
-        if xxhash.xxh3_64_hexdigest(mv[lo:hi]) != entry.blocks[b]:
-            start = b * entry.block_size
-            raise CorruptionError(
-                f"{where}: checksum mismatch in bytes {start}..{start + hi - lo - 1} (block {b}); "
-                "the file changed after its commit (run `strata verify --repair`)"
-            )
+    if entry.table is None:
+        for b in range(b0, b1):
+            lo = (b - b0) * entry.block_size
+            hi = min(lo + entry.block_size, len(mv))
+            if xxhash.xxh3_64_hexdigest(mv[lo:hi]) != entry.blocks[b]:
+                raise _mismatch(where, b * entry.block_size, hi - lo, f"block {b}")
+        return
+    table = _table(storage, entry, where=where)
+    bs, h = entry.block_size, xxhash.xxh3_64_intdigest
+    got = np.fromiter((h(mv[i : i + bs]) for i in range(0, len(mv), bs)), dtype=np.uint64, count=b1 - b0)
+    bad = np.flatnonzero(got != table[b0:b1])
+    if bad.size:
+        b = b0 + int(bad[0])
+        raise _mismatch(where, b * bs, min(bs, len(mv) - int(bad[0]) * bs), f"block {b}")
 
 
 def read_checked(storage: Storage, entry: FileEntry, start: int, end: int, *, where: str) -> np.ndarray:
-    """Bytes ``[start, end)`` of a committed file, after checking every block they touch."""
+    """Bytes ``[start, end)`` of a committed file, after checking every block they touch (a
+    read reaching into the table or tail region checks that region whole). Read-only: copy
+    what is handed on."""
     if not 0 <= start <= end <= entry.nbytes:
         raise ValueError(f"{where}: byte range {start}..{end} outside the file's {entry.nbytes} bytes")
-    b0, b1 = entry.blocks_of(start, end)
-    lo, hi = b0 * entry.block_size, min(b1 * entry.block_size, entry.nbytes)
+    body, bs = entry.body_bytes, entry.block_size
+    # Widen the range to what can be checked: whole body blocks, whole table, whole tail.
+    tail_at = entry.tail.offset if entry.tail is not None else entry.nbytes
+    if start < body:
+        lo = (start // bs) * bs
+    else:
+        lo = body if start < tail_at else tail_at
+    if end <= body:
+        hi = min(-(-end // bs) * bs, body)
+    else:
+        hi = tail_at if end <= tail_at else entry.nbytes
     buf = _read(storage, entry, lo, hi, where=where)
-    _check_blocks(entry, buf, b0, b1, where=where)
+    if _CHECK_READS:
+        if lo < body:
+            b0, b1 = entry.blocks_of(lo, min(hi, body))
+            _check_body(storage, entry, buf[: min(hi, body) - lo], b0, b1, where=where)
+        for region in (entry.table, entry.tail):
+            if region is not None and region.length and lo <= region.offset and region.offset + region.length <= hi:
+                part = buf[region.offset - lo : region.offset - lo + region.length]
+                if xxhash.xxh3_64_hexdigest(_flat(part)) != region.digest:
+                    raise _mismatch(where, region.offset, region.length, "table" if region is entry.table else "tail")
     return buf[start - lo : end - lo]
 
 
@@ -306,7 +419,10 @@ def map_checked(storage: Storage, entry: FileEntry, *, where: str) -> np.ndarray
         raise CorruptionError(f"{where}: file is missing") from None
     if data.size != entry.nbytes:
         raise CorruptionError(f"{where}: {data.size} bytes, the commit record says {entry.nbytes} (truncated?)")
-    _check_blocks(entry, data, 0, len(entry.blocks), where=where)
+    _check_body(storage, entry, data[: entry.body_bytes], 0, max(1, -(-entry.body_bytes // entry.block_size)), where=where)
+    for region in (entry.table, entry.tail):
+        if region is not None and xxhash.xxh3_64_hexdigest(_flat(data[region.offset : region.offset + region.length])) != region.digest:
+            raise _mismatch(where, region.offset, region.length, "table" if region is entry.table else "tail")
     return data
 
 
@@ -330,9 +446,11 @@ def verify_file(storage: Storage, entry: FileEntry) -> str | None:
     if size != entry.nbytes:
         return f"{size} bytes, the commit record says {entry.nbytes} (truncated or overwritten)"
     try:
-        for b0 in range(0, len(entry.blocks), 64):  # 64 blocks per read keeps memory bounded
-            b1 = min(len(entry.blocks), b0 + 64)
-            read_checked(storage, entry, b0 * entry.block_size, min(b1 * entry.block_size, entry.nbytes), where="")
+        step = 64 * entry.block_size  # 64 blocks per read keeps memory bounded
+        for at in range(0, entry.body_bytes, step):
+            read_checked(storage, entry, at, min(at + step, entry.body_bytes), where="")
+        if entry.table is not None:
+            read_checked(storage, entry, entry.body_bytes, entry.nbytes, where="")
     except CorruptionError as e:
         return str(e).removeprefix(": ")
     return None

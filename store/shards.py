@@ -8,9 +8,14 @@ index. Writing and reading it directly is ten times faster than going through za
 asyncio codec pipeline, and the files are exactly what zarr writes (tests check that zarr reads
 them back).
 
-Integrity: a shard's commit record checksums it in blocks of exactly one chunk
-(:mod:`store.protocol`), so a read of a few rows checks just the chunks it touches, and the
-shard bytes stay one contiguous ``[rows, d]`` array that can be memory-mapped without a copy.
+Integrity: between the chunks and the index, a shard holds a table of ``xxh3_64`` digests of
+every 64 KiB block of its chunks (Zarr readers never look there: the index points at the
+chunks); its commit record holds the digests of that table and of the index
+(:mod:`store.protocol`). A read of a few rows checks just the blocks holding them, the commit
+record stays small, and the chunks stay one contiguous ``[rows, d]`` array at the start of the
+file that can be memory-mapped without a copy:
+
+    [chunk 0 | chunk 1 | ... ]  [block digests]  [zarr index + crc32c]
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import zarr
 from store import layout
 from store.dtypes import storage_dtype
 from store.manifest import DatasetInfo
+from store.protocol import FileEntry
 from store.storage import Storage
 
 
@@ -37,6 +43,9 @@ def dimension_names(d: int) -> tuple[str, str]:
     return ("row", f"d_{d}")
 
 EMPTY = np.uint64(2**64 - 1)
+#: Bytes per checked block of a shard's chunks: small, so a read of a few rows hashes little
+#: more than it returns.
+BLOCK_BYTES = 64 << 10
 
 
 def codec_config(chunk_rows: int, d: int) -> dict[str, Any]:
@@ -71,8 +80,12 @@ class ShardLayout:
     def index_bytes(self) -> int:
         return 16 * self.n_chunks + 4
 
+    def body_nbytes(self, rows: int) -> int:
+        return self.chunks_for(rows) * self.chunk_bytes
+
     def shard_nbytes(self, rows: int) -> int:
-        return self.chunks_for(rows) * self.chunk_bytes + self.index_bytes
+        body = self.body_nbytes(rows)
+        return body + 8 * max(1, -(-body // BLOCK_BYTES)) + self.index_bytes
 
     def chunks_for(self, rows: int) -> int:
         return -(-rows // self.chunk_rows)
@@ -81,8 +94,13 @@ class ShardLayout:
     def row_bytes(self) -> int:
         return self.d * self.itemsize
 
-    def encode(self, data: np.ndarray) -> list[memoryview | bytes]:
-        """Buffers that, written one after the other, form the shard of ``data`` (``rows <= unit_rows``)."""
+    def encode(self, data: np.ndarray, key: str) -> tuple[FileEntry, list[Any]]:
+        """The shard of ``data`` (``rows <= unit_rows``): its file entry (sizes and checksums,
+        for the commit record) and the buffers that, written one after the other, form it."""
+        body, index = self._encode(data)
+        return FileEntry.with_table(key, body, index, block_size=BLOCK_BYTES)
+
+    def _encode(self, data: np.ndarray) -> tuple[list[memoryview | bytes], bytes]:
         rows = data.shape[0]
         n = self.chunks_for(rows)
         body = memoryview(np.ascontiguousarray(data)).cast("B")
@@ -97,8 +115,7 @@ class ShardLayout:
             # The last chunk is partly outside the unit's rows: zarr stores whole chunks,
             # so the rows past the end hold the fill value (zero).
             parts.append(bytes(pad * self.d * self.itemsize))
-        parts.append(tail)
-        return parts
+        return parts, tail
 
 
 def shard_layout(info: DatasetInfo, hook: str) -> ShardLayout:

@@ -174,19 +174,16 @@ class DatasetWriter:
             stored[hook] = arr
 
         ident = protocol.writer_identity()
-        # The token table (Parquet encoding) and the block checksums run on a helper thread
-        # while this one writes the shards: all of them release the GIL, so the write path
-        # stays near disk speed. The token table is committed before any hook, so a hook's
-        # unit is never visible without its tokens.
+        # The token table (Parquet encoding) is written on a helper thread while this one
+        # hashes and writes the shards: both release the GIL, so the write path stays near
+        # disk speed. The token table is committed before any hook, so a hook's unit is never
+        # visible without its tokens.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="strata-write") as pool:
             tokens_done = pool.submit(self._write_tokens, unit, tokens, rows, ident, what)
-            layouts = {h: shard_layout(info, h) for h in stored}
-            parts = {h: layouts[h].encode(a) for h, a in stored.items()}
-            entries = {
-                h: pool.submit(FileEntry.of, layout.shard_key(self.name, h, unit), p, block_size=layouts[h].chunk_bytes)
-                for h, p in parts.items()
-            }
-            ready = {h: self._write_shard(unit, h, parts[h], entries[h].result, rows, ident, what) for h in stored}
+            ready = {}
+            for h, a in stored.items():
+                entry, parts = shard_layout(info, h).encode(a, layout.shard_key(self.name, h, unit))
+                ready[h] = self._write_shard(unit, h, parts, entry, rows, ident, what)
             status = {"tokens": tokens_done.result()}
         for hook, rec in ready.items():
             status[hook] = rec if isinstance(rec, str) else self._commit(rec, what)
@@ -222,9 +219,9 @@ class DatasetWriter:
             self.storage.delete(key)  # lost the race: the winner's table is the one that counts
         return status
 
-    def _write_shard(self, unit: int, hook: str, parts: list[Any], entry: Any, rows: int, ident: dict[str, Any], what: str) -> CommitRecord | str:
+    def _write_shard(self, unit: int, hook: str, parts: list[Any], entry: FileEntry, rows: int, ident: dict[str, Any], what: str) -> CommitRecord | str:
         """Publish one hook's shard; returns its commit record to write, or the status when
-        another writer's commit already covers the unit. ``entry()`` gives its file entry."""
+        another writer's commit already covers the unit."""
         existing = self.read_commit(unit, hook)
         if existing is not None:
             return self._check_existing(existing, rows, what)
@@ -235,4 +232,4 @@ class DatasetWriter:
         )
         if winner is not None:
             return self._check_existing(winner, rows, what)
-        return self._record(unit, hook, rows, entry(), ident)
+        return self._record(unit, hook, rows, entry, ident)

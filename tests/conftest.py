@@ -17,15 +17,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray instance for the whole session (a cold start costs 5-15 s and ~1 GB)."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, configure_logging=False)
-    yield ray
-    ray.shutdown()
+def _aws_env(endpoint: str) -> dict[str, str]:
+    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
 
 
 @pytest.fixture(scope="session")
@@ -41,13 +34,29 @@ def s3_server():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    """One local Ray instance for the whole session (a cold start costs 5-15 s and ~1 GB),
+    started in this process, so it is private to the session. Its workers inherit this
+    process's environment when Ray starts, as a user's private Ray does: the AWS settings of
+    the S3 server are set first, since jobs hand no environment to workers."""
+    import ray
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in _aws_env(s3_server).items():
+            mp.setenv(k, v)
+        mp.delenv("AWS_PROFILE", raising=False)
+        if not ray.is_initialized():
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, configure_logging=False)
+        yield ray
+        ray.shutdown()
+
+
 @pytest.fixture
 def s3_env(s3_server, monkeypatch):
     """AWS environment pointing at the moto server, as a user's would point at S3."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    for k, v in _aws_env(s3_server).items():
+        monkeypatch.setenv(k, v)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     return s3_server
 

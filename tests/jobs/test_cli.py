@@ -74,14 +74,25 @@ def test_ls_lists_datasets_with_units_and_rows(root: str, capsys) -> None:
     lines = capsys.readouterr().out.strip().splitlines()
     assert [ln.split("\t")[0] for ln in lines] == ["alpha", "beta"]
     alpha, beta = (dict(f.split("=", 1) for f in ln.split("\t") if "=" in f) for ln in lines)
-    assert alpha["units"] == "3/4" and alpha["rows"] == "48" and alpha["ctx"] == "8" and alpha["hooks"] == "2"
+    # units committed for every hook (and the token table): alpha's second hook has 2 of 4
+    assert alpha["units"] == "2/4" and alpha["rows"] == "32" and alpha["ctx"] == "8" and alpha["hooks"] == "2"
     assert beta["units"] == "2/2" and beta["rows"] == "24" and beta["ctx"] == "4" and beta["hooks"] == "1"
     assert "tiny" in lines[0] and "float16" in lines[0] and "float32" in lines[1]
 
 
 def test_ls_empty_store(tmp_path: Path, capsys) -> None:
+    store.open(tmp_path / "empty")
     assert main(["ls", str(tmp_path / "empty")]) == 0
     assert "no datasets" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cmd", [["ls"], ["show", "x"], ["verify"], ["verify", "x"]])
+def test_readers_on_a_missing_store_fail_and_create_nothing(tmp_path: Path, capsys, cmd: list[str]) -> None:
+    missing = tmp_path / "nope"
+    assert main([cmd[0], str(missing), *cmd[1:]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("strata: error: no store at") and err.count("\n") == 1
+    assert not missing.exists()
 
 
 def test_show_prints_json_with_hooks_and_counts(root: str, capsys) -> None:
@@ -95,13 +106,54 @@ def test_show_prints_json_with_hooks_and_counts(root: str, capsys) -> None:
     assert info["fingerprint"] == store.open(root).dataset("alpha").info.fingerprint
 
 
-def test_verify_clean_store_exits_0(root: str, capsys) -> None:
-    assert main(["verify", root]) == 0
+def test_verify_counts_units_and_fails_an_incomplete_dataset(root: str, capsys) -> None:
+    # alpha has 3 of 4 units of one hook and 2 of 4 of the other: incomplete, so not OK.
+    assert main(["verify", root]) == 1
     out = capsys.readouterr().out
-    assert out.count(" OK ") == 2 and "alpha" in out and "beta" in out
+    assert "alpha: INCOMPLETE: 2 of 4 units committed" in out and "beta: OK: 2 of 2 units committed" in out
+    assert "not every unit is committed" in out
+    assert main(["verify", root, "--committed-only"]) == 0
+    out = capsys.readouterr().out
+    assert "alpha: OK so far (committed units only)" in out
     assert main(["verify", root, "beta"]) == 0
     out = capsys.readouterr().out
     assert "beta: OK" in out and "alpha" not in out
+
+
+def test_verify_of_a_dataset_with_nothing_committed_fails(tmp_path: Path, capsys) -> None:
+    s = store.open(tmp_path / "s")
+    s.create_dataset("empty", hooks={HOOK: 4}, context_size=4, num_units=5, unit_contexts=1)
+    assert main(["verify", str(tmp_path / "s")]) == 1
+    assert "empty: INCOMPLETE: 0 of 5 units committed" in capsys.readouterr().out
+
+
+def test_verify_repair_then_the_units_are_missing_not_damaged(root: str, capsys) -> None:
+    key = _corrupt_value(root, "beta", HOOK, 1)
+    assert main(["verify", root, "beta"]) == 1
+    assert "--repair" in capsys.readouterr().out
+    assert main(["verify", root, "beta", "--repair"]) == 1
+    out = capsys.readouterr().out
+    assert "removed the commit records of 1 damaged part(s) of unit(s) [1]" in out and key in out
+    assert not (Path(root) / key).exists()
+    assert main(["verify", root, "beta"]) == 1  # incomplete now, and nothing damaged
+    out = capsys.readouterr().out
+    assert "beta: INCOMPLETE: 1 of 2 units committed" in out and "problem" not in out
+
+
+def test_damaged_manifest_and_record_are_reported_not_tracebacks(root: str, capsys) -> None:
+    (Path(root) / "datasets/alpha/manifest.json").write_text('{"format": "strata.act')
+    rec = Path(root) / f"datasets/beta/commits/acts/{HOOK}/00000001.json"
+    rec.write_bytes(rec.read_bytes()[:50])
+    assert main(["ls", root]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("alpha\tDAMAGED: ") and "damaged manifest" in out[0]
+    assert out[1].startswith("beta\t") and "damaged records=1" in out[1]
+    assert main(["verify", root]) == 1
+    out = capsys.readouterr().out
+    assert "alpha: DAMAGED:" in out and f"unit 1 {HOOK} (datasets/beta/commits/acts/{HOOK}/00000001.json): damaged commit record" in out
+    assert main(["show", root, "alpha"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "damaged manifest" in err and "Traceback" not in err
 
 
 def test_verify_corrupt_shard_exits_1(root: str, capsys) -> None:
@@ -109,7 +161,7 @@ def test_verify_corrupt_shard_exits_1(root: str, capsys) -> None:
     assert main(["verify", root]) == 1
     out = capsys.readouterr().out
     assert "beta: OK" in out
-    bad = [ln for ln in out.splitlines() if "unit" in ln]
+    bad = [ln for ln in out.splitlines() if ln.startswith("  unit ")]
     assert len(bad) == 1 and "unit 1" in bad[0] and HOOK in bad[0] and "checksum" in bad[0]
     assert main(["verify", root, "beta"]) == 0  # the other dataset alone is clean
 
@@ -146,7 +198,8 @@ def test_ls_and_show_on_s3(s3_bucket: str, capsys) -> None:
     assert line.startswith("gamma\t") and "units=1/3" in line and "rows=12" in line and "bfloat16" in line
     assert main(["show", uri, "gamma"]) == 0
     assert json.loads(capsys.readouterr().out)["hooks"] == {HOOK: {"d": 4, "rows": 12, "units": 1}}
-    assert main(["verify", uri]) == 0
+    assert main(["verify", uri, "--committed-only"]) == 0
+    assert main(["ls", f"{s3_bucket}/no-store-here"]) == 2
 
 
 def test_real_processes(root: str) -> None:
@@ -173,13 +226,16 @@ def test_duckdb_reads_the_catalog(root: str) -> None:
     assert hooks == [([HOOK, HOOK2],)]
 
 
-def test_catalog_rebuilt_when_lost(root: str) -> None:
+def test_catalog_read_without_its_files_and_rewritten_by_drivers(root: str) -> None:
     shutil.rmtree(Path(root) / "catalog")
-    cat = store.open(root).catalog()
-    assert sorted(cat.column("name").to_pylist()) == ["alpha", "beta"]
-    assert sorted(p.name for p in (Path(root) / "catalog").iterdir()) == ["alpha.parquet", "beta.parquet"]
-    rows = duckdb.sql(f"SELECT name, context_size FROM '{root}/catalog/*.parquet' ORDER BY name").fetchall()
-    assert rows == [("alpha", 8), ("beta", 4)]
+    s = store.open(root)
+    cat = {r["name"]: r for r in s.catalog().to_pylist()}  # counted from the commit records ...
+    assert cat["alpha"]["committed_units"] == 2 and cat["beta"]["complete"] is True
+    assert not (Path(root) / "catalog").exists()  # ... and nothing written
+    for name in ("alpha", "beta"):
+        s.update_catalog(name)
+    rows = duckdb.sql(f"SELECT name, context_size, committed_units FROM '{root}/catalog/*.parquet' ORDER BY name").fetchall()
+    assert rows == [("alpha", 8, 2), ("beta", 4, 2)]
 
 
 def test_catalog_entry_stale_or_garbled_is_rewritten(root: str) -> None:
@@ -190,6 +246,5 @@ def test_catalog_entry_stale_or_garbled_is_rewritten(root: str) -> None:
     s.create_dataset("alpha", hooks={HOOK: 16}, context_size=8, dtype="float16", num_units=6, unit_contexts=2, meta={"model": "tiny"}, exist_ok=True)
     (Path(root) / "catalog" / "alpha.parquet").write_bytes(old)
     cat = {r["name"]: r for r in s.catalog().to_pylist()}
-    assert cat["alpha"]["num_units"] == 6 and cat["beta"]["num_units"] == 2
-    rows = duckdb.sql(f"SELECT name, num_units FROM '{root}/catalog/*.parquet' ORDER BY name").fetchall()
-    assert rows == [("alpha", 6), ("beta", 2)]
+    assert cat["alpha"]["num_units"] == 6 and cat["beta"]["num_units"] == 2  # counted, not trusted
+    assert (Path(root) / "catalog" / "alpha.parquet").read_bytes() == old  # and never rewritten by a read

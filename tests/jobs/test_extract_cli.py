@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 import store
-from jobs.extract import job_from_spec, main
+from jobs.extract import main
 from jobs.spec import load_extract_spec
 from pipeline.errors import SpecError
 from pipeline.tiny import build_tiny, synthetic_docs, write_jsonl
@@ -39,11 +39,11 @@ def test_spec_defaults_overrides_and_docs():
     s = load_extract_spec(ROOT / "examples" / "quickstart.yaml", ["compute.batch_tokens=4096", "tokenize.prepend_bos=false"])
     assert s.compute.batch_tokens == 4096 and s.tokenize.prepend_bos is False
     assert s.tokenize.packing == "concat" and s.model.trust_remote_code is False
-    from jobs.spec import CorpusSpec
+    from pipeline.config import CorpusSpec
 
     assert "grow" in CorpusSpec.model_fields["growing"].description  # field docstrings become descriptions
     real = load_extract_spec(ROOT / "examples" / "gpt2.yaml")
-    assert real.model.id == "gpt2" and job_from_spec(real).hooks == tuple(real.hooks)
+    assert real.model.id == "gpt2" and real.hooks == ["blocks.*.hook_resid_post"]
 
 
 @pytest.mark.parametrize(
@@ -61,6 +61,24 @@ def test_spec_defaults_overrides_and_docs():
 def test_bad_specs_name_the_key(spec, overrides, pattern):
     with pytest.raises(SpecError, match=pattern):
         load_extract_spec(spec, overrides)
+
+
+def test_unreadable_spec_paths_and_bad_set_values(tmp_path, spec):
+    with pytest.raises(SpecError, match=r"is a folder; give a YAML spec file"):
+        load_extract_spec(tmp_path)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(SpecError, match=r"is not UTF-8 text \(byte 0xe9 at offset 9\)"):
+        load_extract_spec(latin)
+    with pytest.raises(SpecError, match=r"--set hooks='\[a': the value is not valid YAML"):
+        load_extract_spec(spec, ["hooks=[a"])
+    with pytest.raises(SpecError, match=r"--set storage_options.secret=<hidden>: the value is not valid YAML"):
+        load_extract_spec(spec, ["storage_options.secret=[x"])
+    with pytest.raises(SpecError, match=r"empty part"):
+        load_extract_spec(spec, ["compute..batch_tokens=1"])
+    with pytest.raises(SpecError) as info:  # a bad secret's value is never echoed
+        load_extract_spec(spec, ["storage_options=not-a-mapping-s3cr3t"])
+    assert "s3cr3t" not in str(info.value)
 
 
 def _run(spec, capsys, *sets):
@@ -91,6 +109,23 @@ def test_bad_input_is_one_line_before_anything_runs(spec, capsys, sets, pattern)
     assert re.search(pattern, err), err
     root = Path(yaml.safe_load(spec.read_text())["store"])
     assert not (root / "datasets").exists() or store.open(root).datasets() == []
+
+
+def test_cli_failures_are_one_line_with_exit_2(spec, tmp_path, capsys, monkeypatch):
+    # A folder as the spec, a malformed --set value, a corpus that is not UTF-8, a dead address.
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "caf\xe9"}\n')
+    for argv in ([str(tmp_path)], [str(spec), "--set", "hooks=[a"], [str(spec), "--set", f"corpus.path={latin}"],
+                 [str(spec), "--set", "compute.address=127.0.0.1:1"], [str(spec), "--set", "corpus.format=parquet"]):
+        rc = main([*argv, "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("strata: error: ") and err.count("\n") == 1, (argv, err)
+    # A relative store inside a Ray job would land in Ray's temporary working directory.
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    rc = main([str(spec), "--set", "store=./acts", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "relative local path, and this is a Ray job" in err and "$PWD/acts" in err
+    assert not (Path.cwd() / "acts" / "datasets" / "cli").exists()
 
 
 def test_empty_corpus_and_unwritable_store(spec, tmp_path, capsys):

@@ -7,7 +7,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.corpus import CorpusSource, read_corpus
+from pipeline.config import CorpusSpec
+from pipeline.corpus import read_corpus
+
+
+def CorpusSource(path, **kw) -> CorpusSpec:  # noqa: N802 - reads like the spec section it builds
+    return CorpusSpec(path=str(path), **kw)
 from pipeline.errors import CorpusError
 
 
@@ -94,3 +99,22 @@ def test_hf_dataset_saved_to_disk(tmp_path):
     assert c.texts == ["x y", "z"] and c.doc_ids.tolist() == [0, 2]
     with pytest.raises(CorpusError, match="fields are: text, meta"):
         read_corpus(CorpusSource(str(tmp_path / "hf"), format="hf", text_field="body"))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "text"])
+def test_bytes_that_are_not_utf8_are_one_line_errors(tmp_path, fmt):
+    p = tmp_path / ("c.jsonl" if fmt == "jsonl" else "c.txt")
+    p.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9 au lait"}\n')
+    with pytest.raises(CorpusError, match=r"c\.(jsonl|txt):2: not UTF-8 text \(byte 0xe9 at offset 30\)") as info:
+        read_corpus(CorpusSource(p, format=fmt))
+    assert "\n" not in str(info.value)
+
+
+def test_a_format_that_does_not_match_the_file_is_one_line(tmp_path):
+    p = _jsonl(tmp_path / "c.jsonl", [{"text": "a"}])
+    with pytest.raises(CorpusError, match=r"c\.jsonl: not a Parquet file .*is it jsonl or text\?") as info:
+        read_corpus(CorpusSource(p, format="parquet"))
+    assert "\n" not in str(info.value)
+    pq.write_table(pa.table({"text": ["a"]}), tmp_path / "t.parquet")
+    with pytest.raises(CorpusError, match=r"t\.parquet:1: not (valid JSON|UTF-8 text)"):
+        read_corpus(CorpusSource(tmp_path / "t.parquet", format="jsonl"))

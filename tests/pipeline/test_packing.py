@@ -6,7 +6,7 @@ import pytest
 from pipeline.packing import TokenizerInfo, encode_texts, num_units, pack, tokenizer_info
 from store.tokens import check_tokens
 
-TOK = TokenizerInfo(name="t", backend_json="{}", bos_id=1, sep_id=2, pad_id=0, special_ids=(0, 1, 2), vocab_size=100)
+TOK = TokenizerInfo(name="t", backend_json="{}", bos_id=1, sep_id=2, pad_id=0, special_ids=(0, 1, 2))
 
 
 def _docs(*lens, start=10):
@@ -88,6 +88,6 @@ def test_bos_required_and_real_tokenizer_roundtrip(tiny_gpt2):
     # a special token inside a document's text is flagged too
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
     assert ctx.special[ctx.token_id == eot].all()
-    nobos = TokenizerInfo("n", "{}", None, 2, 0, (0, 2), 10)
+    nobos = TokenizerInfo("n", "{}", None, 2, 0, (0, 2))
     with pytest.raises(ValueError, match="no BOS"):
         pack(ids, np.array([0, 1]), tok=nobos, context_size=4, packing="concat", prepend_bos=True)

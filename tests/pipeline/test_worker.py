@@ -9,7 +9,8 @@ from transformers import AutoModel, AutoTokenizer
 
 import store
 from pipeline.hooks import family_of, hook_sites
-from pipeline.models import ModelRef, resolve
+from pipeline.config import ModelSpec
+from pipeline.models import resolve
 from pipeline.packing import encode_texts, pack, tokenizer_info
 from pipeline.tiny import synthetic_docs
 from pipeline.worker import UnitWorker, WorkerConfig
@@ -45,7 +46,7 @@ def test_stored_activations_equal_a_direct_forward(tmp_path, tiny_gpt2, packing,
     contexts = _contexts(tiny_gpt2, packing)
     n = len(contexts)
     uc = n  # one unit holding every context, one batch: the reference sees the same batch
-    m = resolve(ModelRef(str(tiny_gpt2)))
+    m = resolve(ModelSpec(id=str(tiny_gpt2)))
     s = store.open(tmp_path / "acts")
     s.create_dataset("t", hooks={h: 32 for h in HOOKS}, context_size=16, dtype=dtype, num_units=1, unit_contexts=uc, meta={"model": "tiny"})
     w = UnitWorker(WorkerConfig(str(tmp_path / "acts"), "t", m, "gpt2", 2, 32, dtype, batch_tokens=uc * 16))
@@ -66,7 +67,7 @@ def test_stored_activations_equal_a_direct_forward(tmp_path, tiny_gpt2, packing,
 
 def test_batches_split_by_tokens_and_a_hook_subset(tmp_path, tiny_gpt2):
     contexts = _contexts(tiny_gpt2, "concat")
-    m = resolve(ModelRef(str(tiny_gpt2)))
+    m = resolve(ModelSpec(id=str(tiny_gpt2)))
     s = store.open(tmp_path / "acts")
     s.create_dataset("t", hooks={h: 32 for h in HOOKS}, context_size=16, dtype="float32", num_units=2, unit_contexts=8, meta={})
     w = UnitWorker(WorkerConfig(str(tmp_path / "acts"), "t", m, "gpt2", 2, 32, "float32", batch_tokens=40))  # 2 contexts per batch
@@ -85,7 +86,7 @@ def test_every_family_through_the_worker(tmp_path, tiny_models, family, packing)
     folder = tiny_models(family)
     contexts = _contexts(folder, packing, n_docs=6)
     n = len(contexts)
-    m = resolve(ModelRef(str(folder)))
+    m = resolve(ModelSpec(id=str(folder)))
     model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
     s = store.open(tmp_path / "acts")
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"]

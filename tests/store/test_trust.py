@@ -56,22 +56,25 @@ def test_partial_reads_of_a_damaged_chunk_raise(wide, how):
     ds = s.dataset("ds")
     sel = {"slice": dict(rows=slice(2 * ROWS + 4, 2 * ROWS + 6)), "index": dict(rows=[3, 2 * ROWS + 5]),
            "docs": dict(docs=[(2 * ROWS + 5) // 11])}[how]  # _data's documents are 11 rows long
-    with pytest.raises(store.CorruptionError, match=r"hook 'blocks\.0\.hook_resid_post' unit 2 .*checksum mismatch in bytes 0\.\."):
+    # Row 5 is 64 KiB, exactly checksum block 5 of its shard.
+    with pytest.raises(store.CorruptionError, match=r"hook 'blocks\.0\.hook_resid_post' unit 2 .*checksum mismatch in bytes 327680\.\.393215 \(block 5\)"):
         ds.read(H, **sel)
-    # Rows of other chunks of the same unit are intact and read (each chunk checked on its own).
+    # Rows of other blocks of the same unit are intact and read (each block checked on its own).
     far = 2 * ROWS + chunk_rows + 1
     np.testing.assert_array_equal(ds.read(H, rows=[far, 0]), ref[[far, 0]])
     np.testing.assert_array_equal(ds.read(H, rows=slice(far, far + 2)), ref[far : far + 2])
 
 
-def test_a_truncated_shard_fails_partial_reads_past_the_cut(wide):
+def test_a_truncated_shard_fails_partial_reads(wide):
     root, s, ref, chunk_rows = wide
     p = root / layout.shard_key("ds", H, 1)
     p.write_bytes(p.read_bytes()[: chunk_rows * D * 4 + 100])
     ds = s.dataset("ds")
-    np.testing.assert_array_equal(ds.read(H, rows=[ROWS + 1]), ref[[ROWS + 1]])  # first chunk intact
-    with pytest.raises(store.CorruptionError, match="truncated"):
-        ds.read(H, rows=[2 * ROWS - 1])
+    # Its table of block checksums (after the chunks) is cut off: no row of it can be checked.
+    for row in (ROWS + 1, 2 * ROWS - 1):
+        with pytest.raises(store.CorruptionError, match="truncated"):
+            ds.read(H, rows=[row])
+    np.testing.assert_array_equal(ds.read(H, rows=[0, 2 * ROWS]), ref[[0, 2 * ROWS]])  # other units read
 
 
 # -- finding 5: token tables are checked ------------------------------------------------------------

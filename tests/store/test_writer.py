@@ -92,12 +92,17 @@ def test_commit_record_contents(tmp_path):
     assert rec["writer"]["pid"] == os.getpid() and rec["fence"] is None
     (f,) = rec["files"]
     assert f["key"] == layout.shard_key("ds", "blocks.1.hook_mlp_out", 1)
-    body = (tmp_path / f["key"]).read_bytes()
-    assert f["nbytes"] == len(body) and f["algo"] == "xxh3_64"
-    # One checksum per Zarr chunk: a partial read checks only the chunks it touches.
+    raw = (tmp_path / f["key"]).read_bytes()
+    assert f["nbytes"] == len(raw) and f["algo"] == "xxh3_64" and f["block_size"] == 64 << 10
+    # The shard: its chunks (one here: 8 rows of 8 float32), then the table of 64 KiB block
+    # checksums of the chunks, then the Zarr index; the record checksums the table and the index.
     chunk_bytes = s.manifest("ds").hooks["blocks.1.hook_mlp_out"].chunk_rows * 8 * 4
-    assert f["block_size"] == chunk_bytes
-    assert f["blocks"] == [xxhash.xxh3_64_hexdigest(body[i : i + chunk_bytes]) for i in range(0, len(body), chunk_bytes)]
+    (t_off, t_len, t_digest), (i_off, i_len, i_digest) = f["table"], f["tail"]
+    assert t_off == chunk_bytes and t_len == 8 and i_off == t_off + t_len and i_off + i_len == len(raw)
+    table = np.frombuffer(raw[t_off : t_off + t_len], "<u8")
+    assert table.tolist() == [xxhash.xxh3_64_intdigest(raw[:chunk_bytes])]
+    assert t_digest == xxhash.xxh3_64_hexdigest(raw[t_off:i_off]) and i_digest == xxhash.xxh3_64_hexdigest(raw[i_off:])
+    assert len(json.dumps(rec)) < 600  # small, whatever the size of the shard
     tok = json.loads((tmp_path / layout.commit_key("ds", None, 1)).read_text())
     assert tok["special"] == 1  # one BOS per context
     # The token file carries the global `row` column, so it joins with the arrays without Strata.

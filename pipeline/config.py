@@ -1,0 +1,137 @@
+"""The extraction spec: the one config type of an extraction job, validated once when loaded
+(``jobs.spec`` reads YAML into it; tests and notebooks build it directly) and read as is by
+the pipeline.
+
+    store: ./acts
+    name: gpt2-small-docs
+    model: {id: gpt2, revision: main, torch_dtype: float32}
+    corpus: {path: examples/corpus.jsonl, format: jsonl, text_field: text}
+    tokenize: {context_size: 128, packing: concat, prepend_bos: true}
+    hooks: ["blocks.*.hook_resid_post"]
+    dtype: float16
+    compute: {address: null, batch_tokens: 8192, unit_contexts: 256}
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from store.storage import public_options
+
+
+class Section(BaseModel):
+    """A frozen spec section: unknown keys are errors, field docstrings are descriptions."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ModelSpec(Section):
+    id: str = Field(min_length=1)
+    """A Hugging Face hub id (``gpt2``, ``EleutherAI/pythia-70m``) or a local model folder."""
+    revision: str | None = None
+    """Hub branch, tag or commit (default: the default branch). It is resolved to the exact
+    commit hash, which is recorded; for a local folder, a hash of its weights and config."""
+    torch_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """The dtype the model computes in."""
+    trust_remote_code: bool = False
+    """Run code shipped with a hub model. Off unless you trust the model's authors."""
+
+
+class CorpusSpec(Section):
+    path: str = Field(min_length=1)
+    """A file, a glob or a folder; for ``format: hf`` a hub dataset name or a folder saved by
+    ``datasets.save_to_disk``."""
+    format: Literal["jsonl", "parquet", "text", "hf"] = "jsonl"
+    """How to read ``path``."""
+    text_field: str = "text"
+    """The field (column) holding each document's text."""
+    id_field: str | None = None
+    """A field holding stable document ids (integers, or strings hashed to integers); default:
+    the record's ordinal in the corpus."""
+    max_docs: int | None = Field(default=None, gt=0)
+    """Read at most this many (non-empty) documents."""
+    growing: bool = False
+    """The corpus will get more documents at its end: hold back a last, partial unit until
+    later documents fill it (without this, the partial unit is committed, and later growth of
+    the corpus is refused rather than changing it)."""
+    text_unit: Literal["file", "line"] = "file"
+    """For ``format: text``: one document per file, or per line."""
+    config: str | None = None
+    """For ``format: hf``: the dataset configuration name."""
+    split: str = "train"
+    """For ``format: hf``: the split to read."""
+
+
+class TokenizeSpec(Section):
+    context_size: int = Field(default=128, gt=1)
+    """Tokens per context (one row of the model's input)."""
+    packing: Literal["concat", "truncate"] = "concat"
+    """``concat``: documents joined by the tokenizer's separator (EOS) into full contexts (the
+    tail shorter than one context is dropped, and reported); ``truncate``: one document per
+    context, padded and masked."""
+    prepend_bos: bool = True
+    """Start every context with the BOS (or CLS) token."""
+    split_long: bool = True
+    """With ``truncate``: continue a long document in further contexts instead of cutting it."""
+    chunk_docs: int = Field(default=4096, gt=0)
+    """Documents per tokenization task."""
+
+
+class ComputeSpec(Section):
+    address: str | None = None
+    """An existing Ray cluster to join (``auto``, ``HOST:6379``, ``ray://HOST:10001``), which gets
+    no credentials from this job. ``null`` always starts a private Ray in this process (the
+    entrypoint of a Ray job joins its own cluster instead)."""
+    batch_tokens: int = Field(default=8192, gt=0)
+    """Tokens per forward pass (rounded down to whole contexts, at least one)."""
+    unit_contexts: int = Field(default=256, gt=0)
+    """Contexts per unit: the unit of work, write, commit and retry. Fixed when a dataset is
+    created."""
+    num_workers: int | None = Field(default=None, gt=0)
+    """Model replicas: default one per GPU of the cluster, or one CPU worker without GPUs."""
+    cpus_per_worker: int | None = Field(default=None, gt=0)
+    """CPUs per worker (and torch threads of a CPU worker); default all CPUs shared evenly."""
+    max_restarts: int = Field(default=3, ge=0)
+    """How often a dead worker is restarted (its in-flight units retried) before the job fails."""
+    lease_stale_s: float = Field(default=60.0, gt=0)
+    """How long after its driver's last heartbeat a job's write lease may be taken over by
+    another job (the driver is then presumed dead; if it was only paused, it stops)."""
+
+
+class ExtractSpec(Section):
+    store: str = Field(default="./acts", min_length=1)
+    """The store: a local folder or ``s3://bucket/prefix``."""
+    name: str
+    """The dataset's name in the store."""
+    model: ModelSpec
+    corpus: CorpusSpec
+    tokenize: TokenizeSpec = TokenizeSpec()
+    hooks: list[str] = Field(min_length=1)
+    """Hook points, TransformerLens style, globs allowed: ``blocks.*.hook_resid_post``."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    """The dtype activations are stored in."""
+    compute: ComputeSpec = ComputeSpec()
+    storage_options: dict[str, Any] | None = None
+    """fsspec options for an S3 store (endpoint, region, credentials, ...). Credentials are used,
+    never recorded: the manifest keeps only the non-secret options."""
+
+    @field_validator("hooks", mode="before")
+    @classmethod
+    def _one_hook(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        from store.layout import check_name
+
+        check_name(v)
+        return v
+
+    def recorded(self) -> dict[str, Any]:
+        """The spec as the manifest records it: every key, but only non-secret storage options."""
+        d = self.model_dump(mode="json")
+        d["storage_options"] = public_options(self.storage_options)
+        return d
