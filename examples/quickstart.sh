@@ -22,12 +22,13 @@ cat <<'TXT'
 Open it from a notebook:
 
     import store
-    ds = store.open("./acts").dataset("tiny-gpt2-quickstart")
+    ds = store.open("./acts", create=False).dataset("tiny-gpt2-quickstart")
     ds.info                                   # model, revision, tokenizer, corpus fingerprint, hooks, units
     x = ds.read("blocks.3.hook_resid_post", rows=slice(0, 4096), as_="torch")
     toks = ds.tokens()                        # token_id, doc_id, special, ... row-aligned with x
-    for batch in ds.iter_batches("blocks.3.hook_resid_post", batch_size=4096, shuffle=True, seed=0):
-        ...
+    with ds.iter_batches("blocks.3.hook_resid_post", batch_size=4096, shuffle=True, seed=0) as batches:
+        for batch in batches:
+            ...
 
 Run it again: it is a no-op. Add a hook: strata extract examples/quickstart.yaml --set 'hooks=[blocks.*.hook_mlp_out]'
 TXT

@@ -84,7 +84,7 @@ class UnitWorker:
 
     def compute(self, contexts: Contexts, hooks: list[str]) -> dict[str, torch.Tensor]:
         """Activations ``{hook: [rows, d]}`` of ``contexts`` on the host, in the stored dtype."""
-        if self.cfg.threads:
+        if self.cfg.threads and torch.get_num_threads() != self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)  # in this thread: OpenMP's count is per thread
         n, s = contexts.token_id.shape
         rows = n * s

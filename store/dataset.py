@@ -305,19 +305,19 @@ class ActivationDataset:
         sdt = storage_dtype(self.info.dtype)
         rb, where = sl.row_bytes, self._where(hook, unit, rec)
 
-        def rows_of(a: int, b: int) -> np.ndarray:
-            return protocol.read_checked(self.storage, rec.file, a * rb, b * rb, where=where).view(sdt).reshape(b - a, sl.d)
-
         if local is None:
-            return rows_of(lo, hi)
-        # Rows whose checksum blocks touch or adjoin share one read.
+            buf = protocol.read_checked(self.storage, rec.file, lo * rb, hi * rb, where=where)
+            return buf.view(sdt).reshape(hi - lo, sl.d)
+        # Rows whose checksum blocks touch or adjoin share one range; all ranges in one read.
         bs = rec.file.block_size
         first_block, last_block = local * rb // bs, ((local + 1) * rb - 1) // bs
         cuts = np.flatnonzero(first_block[1:] > last_block[:-1] + 1) + 1
+        groups = np.split(local, cuts)
+        spans = [(int(g[0]), int(g[-1]) + 1) for g in groups]
+        bufs = protocol.read_checked_many(self.storage, rec.file, [(a * rb, b * rb) for a, b in spans], where=where)
         parts = []
-        for grp in np.split(local, cuts):
-            a, b = int(grp[0]), int(grp[-1]) + 1
-            block = rows_of(a, b)
+        for grp, (a, b), buf in zip(groups, spans, bufs):
+            block = buf.view(sdt).reshape(b - a, sl.d)
             parts.append(block if grp.size == b - a else block[grp - a])
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 

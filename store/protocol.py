@@ -148,15 +148,14 @@ class FileEntry:
         return cls(key, n, bs, tuple(_hex(int(d)) for d in digests))
 
     @classmethod
-    def with_table(cls, key: str, body: Buffers, tail: bytes, *, block_size: int) -> tuple[FileEntry, list[Any]]:
-        """A file laid out as ``body, digest table of the body, tail``: its entry, and the
-        buffers to write."""
-        body_parts = as_parts(body)
-        n, digests = block_digests(body_parts, block_size)
-        table = digests.tobytes()
-        t = Region(n, len(table), xxhash.xxh3_64_hexdigest(table))
-        tl = Region(n + len(table), len(tail), xxhash.xxh3_64_hexdigest(tail))
-        return cls(key, n + len(table) + len(tail), block_size, (), t, tl), [*body_parts, table, tail]
+    def with_table(cls, key: str, body_bytes: int, digests: np.ndarray, tail: bytes, *, block_size: int) -> FileEntry:
+        """The entry of a file laid out as ``body, digest table of the body, tail``, given the
+        body's block digests (see :func:`block_digests`); the table's bytes are
+        ``digests.tobytes()``."""
+        table = digests.astype("<u8").tobytes()
+        t = Region(body_bytes, len(table), xxhash.xxh3_64_hexdigest(table))
+        tl = Region(body_bytes + len(table), len(tail), xxhash.xxh3_64_hexdigest(tail))
+        return cls(key, body_bytes + len(table) + len(tail), block_size, (), t, tl)
 
     @property
     def body_bytes(self) -> int:
@@ -376,34 +375,76 @@ def _check_body(storage: Storage, entry: FileEntry, buf: Any, b0: int, b1: int, 
         raise _mismatch(where, b * bs, min(bs, len(mv) - int(bad[0]) * bs), f"block {b}")
 
 
-def read_checked(storage: Storage, entry: FileEntry, start: int, end: int, *, where: str) -> np.ndarray:
-    """Bytes ``[start, end)`` of a committed file, after checking every block they touch (a
-    read reaching into the table or tail region checks that region whole). Read-only: copy
-    what is handed on."""
+def _widen(entry: FileEntry, start: int, end: int) -> tuple[int, int]:
+    """The range to read for bytes ``[start, end)`` so they can be checked: whole body blocks,
+    the whole table, the whole tail."""
     if not 0 <= start <= end <= entry.nbytes:
-        raise ValueError(f"{where}: byte range {start}..{end} outside the file's {entry.nbytes} bytes")
+        raise ValueError(f"byte range {start}..{end} outside the file's {entry.nbytes} bytes")
     body, bs = entry.body_bytes, entry.block_size
-    # Widen the range to what can be checked: whole body blocks, whole table, whole tail.
     tail_at = entry.tail.offset if entry.tail is not None else entry.nbytes
-    if start < body:
-        lo = (start // bs) * bs
-    else:
-        lo = body if start < tail_at else tail_at
-    if end <= body:
-        hi = min(-(-end // bs) * bs, body)
-    else:
-        hi = tail_at if end <= tail_at else entry.nbytes
-    buf = _read(storage, entry, lo, hi, where=where)
-    if _CHECK_READS:
+    lo = (start // bs) * bs if start < body else (body if start < tail_at else tail_at)
+    hi = min(-(-end // bs) * bs, body) if end <= body else (tail_at if end <= tail_at else entry.nbytes)
+    return lo, hi
+
+
+def _check_ranges(storage: Storage, entry: FileEntry, spans: list[tuple[int, int, np.ndarray]], *, where: str) -> None:
+    """Check widened reads ``(lo, hi, buf)``: their body blocks in one pass, and any table or
+    tail region they hold whole."""
+    body, bs = entry.body_bytes, entry.block_size
+    pieces: list[Any] = []
+    index: list[int] = []
+    for lo, hi, buf in spans:
         if lo < body:
-            b0, b1 = entry.blocks_of(lo, min(hi, body))
-            _check_body(storage, entry, buf[: min(hi, body) - lo], b0, b1, where=where)
+            mv = _flat(buf)
+            for at in range(lo, min(hi, body), bs):
+                pieces.append(mv[at - lo : min(at + bs, body, hi) - lo])
+                index.append(at // bs)
         for region in (entry.table, entry.tail):
             if region is not None and region.length and lo <= region.offset and region.offset + region.length <= hi:
                 part = buf[region.offset - lo : region.offset - lo + region.length]
                 if xxhash.xxh3_64_hexdigest(_flat(part)) != region.digest:
                     raise _mismatch(where, region.offset, region.length, "table" if region is entry.table else "tail")
-    return buf[start - lo : end - lo]
+    if not pieces:
+        return
+    idx = np.asarray(index)
+    if entry.table is not None:
+        want = _table(storage, entry, where=where)[idx]
+        got = np.fromiter((xxhash.xxh3_64_intdigest(p) for p in pieces), dtype=np.uint64, count=len(pieces))
+        bad = np.flatnonzero(got != want)
+    else:
+        bad = np.asarray([i for i, p in enumerate(pieces) if xxhash.xxh3_64_hexdigest(p) != entry.blocks[index[i]]], dtype=np.int64)
+    if bad.size:
+        b = int(idx[bad[0]])
+        raise _mismatch(where, b * bs, len(pieces[int(bad[0])]), f"block {b}")
+
+
+def read_checked_many(storage: Storage, entry: FileEntry, ranges: list[tuple[int, int]], *, where: str) -> list[np.ndarray]:
+    """Several byte ranges of one committed file (one batched read), each checked: every block
+    it touches. Read-only results: copy what is handed on."""
+    try:
+        wide = [_widen(entry, a, b) for a, b in ranges]
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    try:
+        raws = storage.read_ranges(entry.key, wide)
+    except FileNotFoundError:
+        raise CorruptionError(f"{where}: file is missing") from None
+    bufs = []
+    for (lo, hi), raw in zip(wide, raws):
+        buf = raw if isinstance(raw, np.ndarray) else np.frombuffer(raw, dtype=np.uint8)
+        if buf.size != hi - lo:
+            raise CorruptionError(f"{where}: file is shorter than its commit record says ({entry.nbytes} bytes; truncated?)")
+        bufs.append(buf)
+    if _CHECK_READS:
+        _check_ranges(storage, entry, [(lo, hi, buf) for (lo, hi), buf in zip(wide, bufs)], where=where)
+    return [buf[a - lo : b - lo] for (a, b), (lo, _), buf in zip(ranges, wide, bufs)]
+
+
+def read_checked(storage: Storage, entry: FileEntry, start: int, end: int, *, where: str) -> np.ndarray:
+    """Bytes ``[start, end)`` of a committed file, after checking every block they touch (a
+    read reaching into the table or tail region checks that region whole). Read-only: copy
+    what is handed on."""
+    return read_checked_many(storage, entry, [(start, end)], where=where)[0]
 
 
 def read_whole(storage: Storage, entry: FileEntry, *, where: str) -> np.ndarray:

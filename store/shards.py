@@ -21,6 +21,8 @@ file that can be memory-mapped without a copy:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +34,7 @@ import zarr
 from store import layout
 from store.dtypes import storage_dtype
 from store.manifest import DatasetInfo
-from store.protocol import FileEntry
+from store.protocol import FileEntry, block_digests
 from store.storage import Storage
 
 
@@ -94,11 +96,23 @@ class ShardLayout:
     def row_bytes(self) -> int:
         return self.d * self.itemsize
 
-    def encode(self, data: np.ndarray, key: str) -> tuple[FileEntry, list[Any]]:
-        """The shard of ``data`` (``rows <= unit_rows``): its file entry (sizes and checksums,
-        for the commit record) and the buffers that, written one after the other, form it."""
+    def encode(self, data: np.ndarray, key: str, *, digest: Callable[..., Future] | None = None) -> tuple[Callable[[], FileEntry], list[Any]]:
+        """The shard of ``data`` (``rows <= unit_rows``): a function giving its file entry
+        (sizes and checksums, for the commit record) and the buffers that, written one after
+        the other, form it. With ``digest`` (an executor's ``submit``), the block checksums are
+        computed on another thread while the body is written; the table after the body waits
+        for them."""
         body, index = self._encode(data)
-        return FileEntry.with_table(key, body, index, block_size=BLOCK_BYTES)
+        n = sum(len(memoryview(p).cast("B")) for p in body)
+        if digest is None:
+            done: Future = Future()
+            done.set_result(block_digests(body, BLOCK_BYTES)[1])
+        else:
+            done = digest(lambda: block_digests(body, BLOCK_BYTES)[1])
+        return (
+            lambda: FileEntry.with_table(key, n, done.result(), index, block_size=BLOCK_BYTES),
+            [*body, lambda: done.result().tobytes(), index],
+        )
 
     def _encode(self, data: np.ndarray) -> tuple[list[memoryview | bytes], bytes]:
         rows = data.shape[0]

@@ -174,15 +174,15 @@ class DatasetWriter:
             stored[hook] = arr
 
         ident = protocol.writer_identity()
-        # The token table (Parquet encoding) is written on a helper thread while this one
-        # hashes and writes the shards: both release the GIL, so the write path stays near
-        # disk speed. The token table is committed before any hook, so a hook's unit is never
-        # visible without its tokens.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="strata-write") as pool:
+        # The token table (Parquet encoding) and each shard's block checksums run on helper
+        # threads while this one writes the shards: all release the GIL, so the write path
+        # stays near disk speed. The token table is committed before any hook, so a hook's
+        # unit is never visible without its tokens.
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="strata-write") as pool:
             tokens_done = pool.submit(self._write_tokens, unit, tokens, rows, ident, what)
             ready = {}
             for h, a in stored.items():
-                entry, parts = shard_layout(info, h).encode(a, layout.shard_key(self.name, h, unit))
+                entry, parts = shard_layout(info, h).encode(a, layout.shard_key(self.name, h, unit), digest=pool.submit)
                 ready[h] = self._write_shard(unit, h, parts, entry, rows, ident, what)
             status = {"tokens": tokens_done.result()}
         for hook, rec in ready.items():
@@ -219,9 +219,9 @@ class DatasetWriter:
             self.storage.delete(key)  # lost the race: the winner's table is the one that counts
         return status
 
-    def _write_shard(self, unit: int, hook: str, parts: list[Any], entry: FileEntry, rows: int, ident: dict[str, Any], what: str) -> CommitRecord | str:
+    def _write_shard(self, unit: int, hook: str, parts: list[Any], entry: Any, rows: int, ident: dict[str, Any], what: str) -> CommitRecord | str:
         """Publish one hook's shard; returns its commit record to write, or the status when
-        another writer's commit already covers the unit."""
+        another writer's commit already covers the unit. ``entry()`` gives its file entry."""
         existing = self.read_commit(unit, hook)
         if existing is not None:
             return self._check_existing(existing, rows, what)
@@ -232,4 +232,4 @@ class DatasetWriter:
         )
         if winner is not None:
             return self._check_existing(winner, rows, what)
-        return self._record(unit, hook, rows, entry, ident)
+        return self._record(unit, hook, rows, entry(), ident)

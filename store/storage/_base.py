@@ -13,12 +13,18 @@ from typing import Any, Union
 
 from zarr.abc.store import Store as ZarrStore
 
-# Data to write: one buffer, or several written one after the other (a shard's body and index).
+# Data to write: one buffer, or several written one after the other (a shard's body, its table
+# of checksums and its index). A part may be a callable returning the buffer: it is called when
+# the writer gets to it, so a part can still be computed while the parts before it are written.
 Buffers = Union[bytes, bytearray, memoryview, list]
 
 
 def as_parts(data: Buffers) -> list:
     return list(data) if isinstance(data, list) else [data]
+
+
+def resolved(part: object) -> object:
+    return part() if callable(part) else part
 
 
 class Storage(abc.ABC):
@@ -46,6 +52,10 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def read_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of an object."""
+
+    def read_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[Any]:
+        """Several byte ranges of one object (backends batch them: one map, one request)."""
+        return [self.read_range(key, a, b) for a, b in ranges]
 
     @abc.abstractmethod
     def write(self, key: str, data: Buffers) -> None:

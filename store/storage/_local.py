@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import numpy as np
 from zarr.storage import LocalStore
 
 from store.errors import StorageError, StoreNotFoundError
-from store.storage._base import Buffers, Storage, as_parts
+from store.storage._base import Buffers, Storage, as_parts, resolved
 
 
 class LocalStorage(Storage):
@@ -39,14 +40,34 @@ class LocalStorage(Storage):
     def _path(self, key: str) -> Path:
         return self.root / key
 
+    def _os_path(self, key: str) -> str:
+        return os.path.join(self.uri, key)  # a plain string: no pathlib parsing on hot paths
+
     def read(self, key: str) -> bytes:
         return self._path(key).read_bytes()
 
+    _MAPS_MAX = 64
+
     def map(self, key: str) -> np.ndarray:
-        with open(self._path(key), "rb") as f:
+        """The file memory-mapped (read-only). Recent maps are kept and reused while the file
+        is the same one (inode, size, change time): reads of many rows of one shard then cost
+        one map, and a file replaced since (a repair) is mapped afresh."""
+        path = self._os_path(key)
+        st = os.stat(path)
+        ident = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        maps = self.__dict__.setdefault("_maps", OrderedDict())
+        hit = maps.get(key)
+        if hit is not None and hit[0] == ident:
+            maps.move_to_end(key)
+            return hit[1]
+        with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
                 return np.empty(0, dtype=np.uint8)
-            return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
+            arr = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
+        maps[key] = (ident, arr)
+        if len(maps) > self._MAPS_MAX:
+            maps.popitem(last=False)
+        return arr
 
     def read_into(self, key: str, out: memoryview) -> int:
         with open(self._path(key), "rb", buffering=0) as f:
@@ -66,6 +87,10 @@ class LocalStorage(Storage):
             return np.empty(0, dtype=np.uint8)
         return self.map(key)[start:end]
 
+    def read_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[np.ndarray]:
+        m = self.map(key)
+        return [m[a:b] for a, b in ranges]
+
     def _tmp(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
@@ -76,7 +101,7 @@ class LocalStorage(Storage):
         try:
             with open(tmp, "wb") as f:
                 for part in as_parts(data):
-                    f.write(part)
+                    f.write(resolved(part))
                 if self.durable:
                     f.flush()
                     os.fsync(f.fileno())
@@ -92,7 +117,7 @@ class LocalStorage(Storage):
         try:
             with open(tmp, "wb") as f:
                 for part in as_parts(data):
-                    f.write(part)
+                    f.write(resolved(part))
                 if self.durable:
                     f.flush()
                     os.fsync(f.fileno())

@@ -116,10 +116,17 @@ def test_cli_failures_are_one_line_with_exit_2(spec, tmp_path, capsys, monkeypat
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes(b'{"text": "caf\xe9"}\n')
     for argv in ([str(tmp_path)], [str(spec), "--set", "hooks=[a"], [str(spec), "--set", f"corpus.path={latin}"],
-                 [str(spec), "--set", "compute.address=127.0.0.1:1"], [str(spec), "--set", "corpus.format=parquet"]):
+                 [str(spec), "--set", "corpus.format=parquet"]):
         rc = main([*argv, "--no-progress"])
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith("strata: error: ") and err.count("\n") == 1, (argv, err)
+    # A dead cluster address, in a fresh process (a Ray already running in this one is used as is).
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "jobs.cli", "extract", str(spec), "--set", "compute.address=127.0.0.1:1", "--no-progress"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot reach the Ray cluster at '127.0.0.1:1'" in r.stderr, r.stderr[-2000:]
     # A relative store inside a Ray job would land in Ray's temporary working directory.
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
     rc = main([str(spec), "--set", "store=./acts", "--no-progress"])

@@ -58,7 +58,7 @@ def _leave_orphan_shard(root, s, values, unit=0):
     sl = shard_layout(w.info, "blocks.0.hook_resid_post")
     arr = store.dtypes.to_storage(values, w.info.dtype, what="t")
     key = layout.shard_key("ds", "blocks.0.hook_resid_post", unit)
-    assert s.storage.put_if_absent(key, sl.encode(arr, key)[1])
+    assert s.storage.put_if_absent(key, sl.encode(arr, key)[1])  # the parts; the table is computed inline
 
 
 def test_orphan_shard_with_the_same_values_is_committed_at_once(tmp_path):
