@@ -62,6 +62,21 @@ class CorpusSpec(Section):
     """For ``format: hf``: the dataset configuration name."""
     split: str = "train"
     """For ``format: hf``: the split to read."""
+    keep_fields: list[str] = []
+    """Document fields to keep (``label``, ``lang``, ...): recorded per document in the
+    dataset's document table, ``ds.docs()`` (jsonl, parquet and hf corpora)."""
+
+    @field_validator("keep_fields")
+    @classmethod
+    def _keep(cls, v: list[str]) -> list[str]:
+        from store.documents import DOC_COLUMNS
+
+        clash = [f for f in v if f in DOC_COLUMNS]
+        if clash:
+            raise ValueError(f"{clash} are columns of the document table itself ({', '.join(DOC_COLUMNS)}); keep other fields")
+        if len(set(v)) != len(v):
+            raise ValueError("a field is listed twice")
+        return v
 
 
 class TokenizeSpec(Section):

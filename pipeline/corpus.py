@@ -39,6 +39,7 @@ class Corpus:
     doc_ids: np.ndarray
     skipped_empty: int = 0
     files: list[str] = field(default_factory=list)
+    fields: dict[str, list[Any]] = field(default_factory=dict)  # kept document fields (`corpus.keep_fields`), per document
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -135,7 +136,9 @@ def _records_parquet(files: list[str], src: CorpusSpec) -> Iterator[tuple[Any, A
         _check_field(src.text_field, names, "text_field", f)
         if src.id_field is not None:
             _check_field(src.id_field, names, "id_field", f)
-        cols = [src.text_field] + ([src.id_field] if src.id_field else [])
+        for keep in src.keep_fields:
+            _check_field(keep, names, "keep_fields", f)
+        cols = list(dict.fromkeys([src.text_field] + ([src.id_field] if src.id_field else []) + list(src.keep_fields)))
         for batch in pf.iter_batches(columns=cols, batch_size=8192):
             for rec in batch.to_pylist():
                 yield rec, names, f
@@ -170,7 +173,9 @@ def _records_hf(src: CorpusSpec) -> Iterator[tuple[Any, Any, str]]:
     _check_field(src.text_field, names, "text_field", src.path)
     if src.id_field is not None:
         _check_field(src.id_field, names, "id_field", src.path)
-    cols = [src.text_field] + ([src.id_field] if src.id_field else [])
+    for keep in src.keep_fields:
+        _check_field(keep, names, "keep_fields", src.path)
+    cols = list(dict.fromkeys([src.text_field] + ([src.id_field] if src.id_field else []) + list(src.keep_fields)))
     for batch in ds.select_columns(cols).iter(batch_size=8192):
         for i in range(len(batch[src.text_field])):
             yield {c: batch[c][i] for c in cols}, names, src.path
@@ -183,6 +188,8 @@ def _check_field(name: str, fields: Any, key: str, where: str) -> None:
 
 def read_corpus(src: CorpusSpec) -> Corpus:
     """Read every document of a corpus into memory, in a deterministic order."""
+    if src.keep_fields and src.format == "text":
+        raise CorpusError("`corpus.keep_fields` needs records with fields: a jsonl, parquet or hf corpus, not text files")
     if src.format == "hf":
         files: list[str] = []
         records = _records_hf(src)
@@ -194,6 +201,8 @@ def read_corpus(src: CorpusSpec) -> Corpus:
     id_field = ("id" if src.text_unit == "file" else None) if src.format == "text" else src.id_field
     texts: list[str] = []
     ids: list[int] = []
+    kept: dict[str, list[Any]] = {f: [] for f in src.keep_fields}
+    seen_fields: set[str] = set()
     skipped = 0
     for ordinal, (rec, fields, where) in enumerate(records):
         if src.max_docs is not None and len(texts) >= src.max_docs:
@@ -213,12 +222,19 @@ def read_corpus(src: CorpusSpec) -> Corpus:
         else:
             ids.append(ordinal)
         texts.append(text)
+        for f, values in kept.items():
+            if f in rec:
+                seen_fields.add(f)
+            values.append(rec.get(f))
     if not texts:
         what = f" ({skipped} empty documents skipped)" if skipped else ""
         raise CorpusError(f"corpus {src.path!r} is empty: no documents with text in `{text_field}`{what}")
+    never = [f for f in src.keep_fields if f not in seen_fields]
+    if never:
+        raise CorpusError(f"`corpus.keep_fields` {never} appear in no document of {src.path!r}")
     doc_ids = np.asarray(ids, dtype=np.int64)
     if len(np.unique(doc_ids)) != len(doc_ids):
         raise CorpusError(f"corpus {src.path!r}: document ids from `corpus.id_field` {id_field!r} are not unique")
     if skipped:
         log.info("corpus %s: skipped %d empty documents", src.path, skipped)
-    return Corpus(texts=texts, doc_ids=doc_ids, skipped_empty=skipped, files=files)
+    return Corpus(texts=texts, doc_ids=doc_ids, skipped_empty=skipped, files=files, fields=kept)

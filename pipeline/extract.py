@@ -55,7 +55,7 @@ from pipeline.config import ExtractSpec
 from pipeline.corpus import Corpus, read_corpus
 from pipeline.errors import CorpusError, SpecError, WorkerError
 from pipeline.hooks import expand_hooks, family_of, hook_sites
-from pipeline.packing import Contexts, TokenizerInfo, encode_texts, num_units, pack, tokenizer_info
+from pipeline.packing import Contexts, Encoded, TokenizerInfo, encode_texts, num_units, pack, tokenizer_info
 from pipeline.pool import Task, UnitPool, pool_shape
 from pipeline.worker import UnitWorker, WorkerConfig, peak_rss_bytes
 from store.errors import DatasetExistsError, LeaseHeldError, StorageError
@@ -219,6 +219,7 @@ def prepare(spec: ExtractSpec, s: store.Store) -> Prepared:
         "tokenizer_name": tok.name,
         "special_tokens": {"bos": tok.bos_id, "sep": tok.sep_id, "pad": tok.pad_id},
         "growing": spec.corpus.growing,
+        "keep_fields": list(spec.corpus.keep_fields),
         "spec": spec.recorded(),
     }
     if existing is not None:
@@ -253,8 +254,8 @@ def _verify_hint(ds: store.ActivationDataset, uri: str) -> str:
 # -- 2. planning ------------------------------------------------------------------------------
 
 
-def tokenize(corpus: Corpus, tok: TokenizerInfo, *, chunk_docs: int, use_ray: bool = True) -> list[np.ndarray]:
-    """Token ids of every document, as CPU Ray tasks over chunks of documents."""
+def tokenize(corpus: Corpus, tok: TokenizerInfo, *, chunk_docs: int, use_ray: bool = True) -> list[Encoded]:
+    """Tokens (and their character spans) of every document, as CPU Ray tasks over chunks of documents."""
     chunks = [corpus.texts[i : i + chunk_docs] for i in range(0, len(corpus), chunk_docs)]
     if not use_ray:
         return [ids for c in chunks for ids in encode_texts(tok.backend_json, c)]
@@ -262,13 +263,13 @@ def tokenize(corpus: Corpus, tok: TokenizerInfo, *, chunk_docs: int, use_ray: bo
 
     task = ray.remote(num_cpus=1, max_retries=3)(encode_texts)
     tj = ray.put(tok.backend_json)
-    out: list[np.ndarray] = []
+    out: list[Encoded] = []
     for part in ray.get([task.remote(tj, c) for c in chunks]):
         out.extend(part)
     return out
 
 
-def document_index(tokens: list[np.ndarray], doc_ids: np.ndarray, ctx: Contexts) -> tuple[pa.Table, int, int, int]:
+def document_index(tokens: list[Encoded], doc_ids: np.ndarray, ctx: Contexts, fields: dict[str, list[Any]] | None = None) -> tuple[pa.Table, int, int, int]:
     """The store's document index of a plan, and ``(dropped tokens, dropped docs, partial
     docs)``. Both packings keep a document's rows together, so a span per document says it all."""
     lens = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=len(tokens))
@@ -289,19 +290,24 @@ def document_index(tokens: list[np.ndarray], doc_ids: np.ndarray, ctx: Contexts)
     present = np.bincount(ci[body], minlength=len(tokens))
     dropped = lens - present
     table = pa.table({"doc_id": doc_ids.astype(np.int64), "row_start": start, "row_end": end, "dropped_tokens": dropped})
+    for name, values in (fields or {}).items():
+        try:
+            table = table.append_column(name, pa.array(values))
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise CorpusError(f"`corpus.keep_fields` {name!r}: its values do not form one column type ({e})") from None
     return table, int(dropped.sum()), int(((present == 0) & (lens > 0)).sum()), int(((present > 0) & (dropped > 0)).sum())
 
 
-def plan(p: Prepared, tokens: list[np.ndarray]) -> Plan:
+def plan(p: Prepared, tokens: list[Encoded]) -> Plan:
     t = p.spec.tokenize
     ctx = pack(tokens, p.corpus.doc_ids, tok=p.tokenizer, context_size=t.context_size, packing=t.packing,
                prepend_bos=t.prepend_bos, split_long=t.split_long)
     units = num_units(len(ctx), p.unit_contexts, full_only=p.spec.corpus.growing)
-    docs, dropped, dropped_docs, partial = document_index(tokens, p.corpus.doc_ids, ctx)
+    docs, dropped, dropped_docs, partial = document_index(tokens, p.corpus.doc_ids, ctx, p.corpus.fields)
     return Plan(ctx, units, len(ctx) - min(len(ctx), units * p.unit_contexts), docs, dropped, dropped_docs, partial)
 
 
-def _first_context_of_doc(tokens: list[np.ndarray], n: int, spec: ExtractSpec) -> int:
+def _first_context_of_doc(tokens: list[Encoded], n: int, spec: ExtractSpec) -> int:
     t = spec.tokenize
     body = t.context_size - (1 if t.prepend_bos else 0)
     if t.packing == "concat":
@@ -309,7 +315,7 @@ def _first_context_of_doc(tokens: list[np.ndarray], n: int, spec: ExtractSpec) -
     return sum((max(1, -(-len(x) // body)) if t.split_long else 1) for x in tokens[:n])
 
 
-def _check_committed(p: Prepared, pl: Plan, tokens: list[np.ndarray]) -> None:
+def _check_committed(p: Prepared, pl: Plan, tokens: list[Encoded]) -> None:
     """Committed units must be exactly what the current plan puts there."""
     ds = p.existing
     if ds is None:
@@ -375,7 +381,8 @@ def run_extract(
     result = ExtractResult(spec.name, s.uri, num_units=0, hooks=p.hooks)
 
     ds = p.existing
-    if ds is not None and len(p.corpus) == p.corpus_docs and _complete(ds, p.hooks):
+    same_docs = ds is not None and ds.info.meta.get("keep_fields", []) == list(spec.corpus.keep_fields) and "tokenizer" in ds.info.aux
+    if ds is not None and same_docs and len(p.corpus) == p.corpus_docs and _complete(ds, p.hooks):
         result.num_units = ds.info.num_units
         result.noop = True
         result.units_skipped = ds.info.num_units
@@ -422,6 +429,7 @@ def _run(p: Prepared, pl: Plan, lease: store.Lease, cluster: Any, result: Extrac
         num_units=pl.units, unit_contexts=p.unit_contexts, meta=meta, exist_ok=True, fence=lease.token,
     )
     w.write_documents(pl.documents)
+    w.write_tokenizer(p.tokenizer.backend_json)
     w.update_meta(**{k: v for k, v in meta.items() if k not in IDENTITY_META_KEYS})
     ds = s.dataset(spec.name)
     done = {h: set(ds.committed_units(h)) for h in p.hooks}

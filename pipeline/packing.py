@@ -69,14 +69,31 @@ def tokenizer_info(tok, name: str) -> TokenizerInfo:
     )
 
 
-def encode_texts(backend_json: str, texts: list[str]) -> list[np.ndarray]:
-    """Token ids of each text, without special tokens (runs in a CPU task)."""
+@dataclass
+class Encoded:
+    """One document's tokens: ids, and each token's character span ``[start, end)`` in its text."""
+
+    ids: np.ndarray  # int32
+    start: np.ndarray  # int32
+    end: np.ndarray  # int32
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def encode_texts(backend_json: str, texts: list[str]) -> list[Encoded]:
+    """Tokens of each text, without special tokens, with their character offsets (runs in a
+    CPU task)."""
     from tokenizers import Tokenizer
 
     tk = Tokenizer.from_str(backend_json)
     tk.no_truncation()
     tk.no_padding()
-    return [np.asarray(e.ids, dtype=np.int32) for e in tk.encode_batch(texts, add_special_tokens=False)]
+    out = []
+    for e in tk.encode_batch(texts, add_special_tokens=False):
+        off = np.asarray(e.offsets, dtype=np.int32).reshape(-1, 2)
+        out.append(Encoded(np.asarray(e.ids, dtype=np.int32), off[:, 0].copy(), off[:, 1].copy()))
+    return out
 
 
 @dataclass
@@ -88,6 +105,8 @@ class Contexts:
     doc_position: np.ndarray  # int32; -1 for BOS and padding
     special: np.ndarray  # bool: BOS, separators, padding, special tokens
     mask: np.ndarray  # bool: attention mask (False for padding)
+    char_start: np.ndarray  # int32: the token's character span in its document; -1 for BOS, separators, padding
+    char_end: np.ndarray  # int32
 
     def __len__(self) -> int:
         return self.token_id.shape[0]
@@ -101,7 +120,8 @@ class Contexts:
         return not bool(self.mask.all())
 
     def slice(self, lo: int, hi: int) -> Contexts:
-        return Contexts(*(a[lo:hi] for a in (self.token_id, self.doc_id, self.doc_position, self.special, self.mask)))
+        return Contexts(*(a[lo:hi] for a in (self.token_id, self.doc_id, self.doc_position, self.special, self.mask,
+                                              self.char_start, self.char_end)))
 
     def token_table(self, first_context: int) -> pa.Table:
         """The store's token table of these contexts (row-major), numbered from ``first_context``."""
@@ -116,12 +136,14 @@ class Contexts:
                 "doc_position": self.doc_position.reshape(-1),
                 "token_id": self.token_id.reshape(-1),
                 "special": self.special.reshape(-1),
+                "char_start": self.char_start.reshape(-1),
+                "char_end": self.char_end.reshape(-1),
             }
         )
 
 
 def pack(
-    tokens: list[np.ndarray],
+    tokens: list[Encoded],
     doc_ids: np.ndarray,
     *,
     tok: TokenizerInfo,
@@ -143,17 +165,19 @@ def pack(
         out = _pack_truncate(tokens, doc_ids, tok, body, split_long)
     else:
         raise ValueError(f"unknown packing {packing!r}; valid: concat, truncate")
-    tid, did, dpos, spec, mask = out
+    tid, did, dpos, spec, mask, cs, ce = out
     spec |= np.isin(tid, special_ids)
     if prepend_bos:
         n = tid.shape[0]
         first_doc = did[:, :1].copy() if n else np.zeros((0, 1), np.int64)
+        minus = np.full((n, 1), -1, np.int32)
         tid = np.concatenate([np.full((n, 1), tok.bos_id, np.int32), tid], axis=1)
         did = np.concatenate([first_doc, did], axis=1)
-        dpos = np.concatenate([np.full((n, 1), -1, np.int32), dpos], axis=1)
+        dpos = np.concatenate([minus, dpos], axis=1)
         spec = np.concatenate([np.ones((n, 1), bool), spec], axis=1)
         mask = np.concatenate([np.ones((n, 1), bool), mask], axis=1)
-    return Contexts(np.ascontiguousarray(tid), np.ascontiguousarray(did), np.ascontiguousarray(dpos), np.ascontiguousarray(spec), np.ascontiguousarray(mask))
+        cs, ce = np.concatenate([minus, cs], axis=1), np.concatenate([minus, ce], axis=1)
+    return Contexts(*(np.ascontiguousarray(a) for a in (tid, did, dpos, spec, mask, cs, ce)))
 
 
 def _pack_concat(tokens, doc_ids, tok, body):
@@ -168,8 +192,12 @@ def _pack_concat(tokens, doc_ids, tok, body):
     pos = (np.arange(total, dtype=np.int64) - np.repeat(starts, seg)).astype(np.int32)
     is_sep = pos == np.repeat(lens, seg)
     stream = np.full(total, sep, dtype=np.int32)
+    cs = np.full(total, -1, dtype=np.int32)
+    ce = np.full(total, -1, dtype=np.int32)
     if len(tokens):
-        stream[~is_sep] = np.concatenate(tokens).astype(np.int32, copy=False)
+        stream[~is_sep] = np.concatenate([t.ids for t in tokens]).astype(np.int32, copy=False)
+        cs[~is_sep] = np.concatenate([t.start for t in tokens])
+        ce[~is_sep] = np.concatenate([t.end for t in tokens])
     shape = (n_ctx, body)
     return (
         stream[:keep].reshape(shape),
@@ -177,6 +205,8 @@ def _pack_concat(tokens, doc_ids, tok, body):
         pos[:keep].reshape(shape),
         is_sep[:keep].reshape(shape).copy(),
         np.ones(shape, bool),
+        cs[:keep].reshape(shape),
+        ce[:keep].reshape(shape),
     )
 
 
@@ -187,17 +217,20 @@ def _pack_truncate(tokens, doc_ids, tok, body, split_long):
     did = np.full((n_ctx, body), -1, np.int64)
     dpos = np.full((n_ctx, body), -1, np.int32)
     mask = np.zeros((n_ctx, body), bool)
+    cs = np.full((n_ctx, body), -1, np.int32)
+    ce = np.full((n_ctx, body), -1, np.int32)
     c = 0
     for t, d, k in zip(tokens, doc_ids, counts):
         for j in range(k):
-            piece = t[j * body : (j + 1) * body]
-            m = len(piece)
-            tid[c, :m] = piece
+            sl = slice(j * body, (j + 1) * body)
+            m = len(t.ids[sl])
+            tid[c, :m] = t.ids[sl]
             did[c, :m] = d
             dpos[c, :m] = np.arange(j * body, j * body + m, dtype=np.int32)
             mask[c, :m] = True
+            cs[c, :m], ce[c, :m] = t.start[sl], t.end[sl]
             c += 1
-    return tid, did, dpos, ~mask, mask
+    return tid, did, dpos, ~mask, mask, cs, ce
 
 
 def num_units(n_contexts: int, unit_contexts: int, *, full_only: bool = False) -> int:

@@ -27,6 +27,8 @@ from store.errors import (
     UnknownDocumentError,
     WriteMismatchError,
 )
+from store.artifacts import Artifact, ArtifactExistsError, ArtifactNotFoundError
+from store.handles import AnalysisHandle, SAEHandle
 from store.lease import Lease
 from store.manifest import DatasetInfo
 from store.tokens import TOKEN_COLUMNS, TOKEN_SCHEMA
@@ -50,6 +52,11 @@ __all__ = [
     "DatasetWriter",
     "DatasetInfo",
     "Lease",
+    "Artifact",
+    "ArtifactExistsError",
+    "ArtifactNotFoundError",
+    "SAEHandle",
+    "AnalysisHandle",
     "VerifyReport",
     "RepairReport",
     "TOKEN_COLUMNS",

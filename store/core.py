@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from zarr.abc.store import Store as ZarrStore
 
     from store.dataset import ActivationDataset
+    from store.handles import AnalysisHandle, SAEHandle
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,40 @@ class Store:
             for key in self.storage.list(layout.dataset_dir(name)):
                 if not key.startswith(f"{layout.lease_dir(layout.dataset_dir(name))}/"):
                     self.storage.delete(key)
+
+    # -- other artifacts -------------------------------------------------------------------
+
+    def saes(self) -> list[str]:
+        """Names of the committed SAEs."""
+        from store import artifacts
+        from store.handles import SAES
+
+        return artifacts.names(self.storage, SAES)
+
+    def sae(self, name: str) -> SAEHandle:
+        """A committed SAE (``.load()``, ``.lineage``, ``.metrics``, ``.path``)."""
+        from store.handles import SAEHandle
+
+        return SAEHandle(self, name)
+
+    def analyses(self) -> list[str]:
+        """Names of the committed analysis results."""
+        from store import artifacts
+        from store.handles import ANALYSES
+
+        return artifacts.names(self.storage, ANALYSES)
+
+    def analysis(self, name: str) -> AnalysisHandle:
+        """A committed analysis result (``.table()``, ``.meta``)."""
+        from store.handles import AnalysisHandle
+
+        return AnalysisHandle(self, name)
+
+    def artifact_lease(self, kind: str, name: str, *, owner: str = "", stale_after_s: float = 60.0) -> Lease:
+        """The write lease of an artifact folder (``saes``/``analyses``/... and a name)."""
+        from store import artifacts
+
+        return artifacts.lease(self.storage, kind, name, owner=owner, stale_after_s=stale_after_s)
 
     def update_catalog(self, name: str) -> None:
         """Rewrite a dataset's catalog entry from its commit records (drivers do this)."""

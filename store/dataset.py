@@ -226,20 +226,47 @@ class ActivationDataset:
         chosen = self.committed_units(hook) if units is None else sorted(int(u) for u in units)
         with ThreadPoolExecutor(_IO_THREADS) as pool:
             tables = list(pool.map(self.unit_tokens, chosen))
-        return pa.concat_tables(tables) if tables else STORED_TOKEN_SCHEMA.empty_table()
+        if not tables:
+            return STORED_TOKEN_SCHEMA.empty_table()
+        common = [c for c in tables[0].column_names if all(c in t.column_names for t in tables)]
+        return pa.concat_tables([t.select(common) for t in tables])
 
-    def docs(self) -> pa.Table | None:
-        """The document index (``doc_id, row_start, row_end, dropped_tokens``: every row of a
-        document lies in ``[row_start, row_end)``), or None for a dataset written without one."""
-        entry = self.info.documents
+    def aux_file(self, kind: str) -> tuple[str, bytes] | None:
+        """A driver-written file (``documents``, ``tokenizer``), checked: (key, bytes)."""
+        entry = self.info.aux.get(kind)
         if entry is None:
             return None
-        if self._docs is None or self._docs[0] != entry["key"]:
+        try:
             fe = FileEntry.from_dict(entry)
-            protocol.check_key(fe.key, lambda k: k.startswith(f"{layout.dataset_dir(self.name)}/documents/"), where="manifest")
-            where = f"dataset {self.name!r} document index ({fe.key})"
-            self._docs = (fe.key, decode_documents(protocol.read_whole(self.storage, fe, where=where), where=where))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptionError(f"dataset {self.name!r}: the manifest's entry for its {kind} file is damaged ({e})") from None
+        protocol.check_key(fe.key, protocol.check_inside(layout.aux_dir(self.name)), where=f"dataset {self.name!r} manifest")
+        return fe.key, bytes(protocol.read_whole(self.storage, fe, where=f"dataset {self.name!r} {kind} ({fe.key})"))
+
+    def docs(self) -> pa.Table | None:
+        """The document table: ``doc_id, row_start, row_end, dropped_tokens`` (every row of a
+        document lies in ``[row_start, row_end)``) and the document fields the extraction kept
+        (``corpus.keep_fields``); None for a dataset written without one."""
+        key = (self.info.aux.get("documents") or {}).get("key")
+        if key is None:
+            return None
+        if self._docs is None or self._docs[0] != key:
+            k, data = self.aux_file("documents")  # type: ignore[misc]
+            self._docs = (k, decode_documents(data, where=f"dataset {self.name!r} document index ({k})"))
         return self._docs[1]
+
+    def tokenizer(self) -> Any:
+        """The dataset's tokenizer (a ``tokenizers.Tokenizer``), to decode token ids to text;
+        None for a dataset written without it."""
+        got = self.aux_file("tokenizer")
+        if got is None:
+            return None
+        from tokenizers import Tokenizer
+
+        try:
+            return Tokenizer.from_str(got[1].decode("utf-8"))
+        except Exception as e:  # tokenizers raises its own exception types
+            raise CorruptionError(f"dataset {self.name!r}: the stored tokenizer does not load ({e})") from None
 
     def _rows_of_docs(self, hook: str, docs: Any) -> np.ndarray | list[tuple[int, int]]:
         """Rows of documents: an index array, or (with the document index) their spans."""

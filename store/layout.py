@@ -2,7 +2,8 @@
 
     strata.json                                  the store's marker and format version
     datasets/NAME/manifest.json                  identity, unit grid, hooks, provenance (driver)
-    datasets/NAME/documents/docs-*.parquet       document index: row span of every document (driver)
+    datasets/NAME/aux/documents-*.parquet        document index: row span of every document (driver)
+    datasets/NAME/aux/tokenizer-*.json           the tokenizer, to decode tokens to text (driver)
     datasets/NAME/acts/HOOK/                     a Zarr v3 array [rows, d]: one shard per unit
     datasets/NAME/tokens/unit-K.ATTEMPT.parquet  the unit's token table (one file per attempt)
     datasets/NAME/commits/{tokens,acts/HOOK}/K.json   commit records
@@ -81,8 +82,13 @@ def verify_key(name: str) -> str:
     return f"{dataset_dir(name)}/verify.json"
 
 
-def documents_key(name: str, tag: str) -> str:
-    return f"{dataset_dir(name)}/documents/docs-{tag}.parquet"
+def aux_dir(name: str) -> str:
+    return f"{dataset_dir(name)}/aux"
+
+
+def aux_key(name: str, kind: str, tag: str, suffix: str) -> str:
+    # Named by content: a manifest always points at the very file it was written with.
+    return f"{aux_dir(name)}/{kind}-{tag}.{suffix}"
 
 
 def array_path(name: str, hook: str) -> str:

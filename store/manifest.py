@@ -39,7 +39,7 @@ class DatasetInfo:
     hooks: dict[str, HookInfo]
     meta: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
-    documents: dict[str, Any] | None = None  # the document index's file entry (key, size, block checksums)
+    aux: dict[str, dict[str, Any]] = field(default_factory=dict)  # driver-written files (documents, tokenizer): file entries
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 

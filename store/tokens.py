@@ -23,10 +23,15 @@ TOKEN_SCHEMA = pa.schema(
     ]
 )
 TOKEN_COLUMNS = tuple(TOKEN_SCHEMA.names)
-# What a token file holds: the columns above plus `row`, the global row index (unit * unit_rows
-# + position in the unit), so the files join with the activation arrays without Strata.
-STORED_TOKEN_SCHEMA = TOKEN_SCHEMA.append(pa.field("row", pa.int64(), nullable=False))
-_DELTA_COLUMNS = ("row", "context_id", "position", "doc_id", "doc_position")
+# Optional: each token's character span in its document's text ([char_start, char_end), -1 for
+# BOS, separators and padding); extraction writes them, cross-tokenizer alignment needs them.
+OPTIONAL_TOKEN_FIELDS = (pa.field("char_start", pa.int32(), nullable=False), pa.field("char_end", pa.int32(), nullable=False))
+# What a token file holds: the columns above (the optional ones when written) plus `row`, the
+# global row index (unit * unit_rows + position in the unit), so the files join with the
+# activation arrays without Strata.
+ROW_FIELD = pa.field("row", pa.int64(), nullable=False)
+STORED_TOKEN_SCHEMA = pa.schema([*TOKEN_SCHEMA, *OPTIONAL_TOKEN_FIELDS, ROW_FIELD])
+_DELTA_COLUMNS = ("row", "context_id", "position", "doc_id", "doc_position", "char_start", "char_end")
 
 
 def check_tokens(table: pa.Table, *, unit: int, first_context: int, context_size: int, what: str) -> pa.Table:
@@ -38,8 +43,12 @@ def check_tokens(table: pa.Table, *, unit: int, first_context: int, context_size
         raise WriteMismatchError(
             f"{what}: token table lacks column(s) {missing}; required: {', '.join(TOKEN_COLUMNS)}"
         )
+    optional = [f for f in OPTIONAL_TOKEN_FIELDS if f.name in table.column_names]
+    if 0 < len(optional) < len(OPTIONAL_TOKEN_FIELDS):
+        raise WriteMismatchError(f"{what}: token table has {optional[0].name} without the other character-span column")
+    schema = pa.schema([*TOKEN_SCHEMA, *optional])
     try:
-        table = table.select(list(TOKEN_COLUMNS)).cast(TOKEN_SCHEMA)
+        table = table.select(schema.names).cast(schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as e:
         raise WriteMismatchError(f"{what}: token table does not cast to the token schema: {e}") from e
     n = table.num_rows
@@ -61,16 +70,22 @@ def encode_tokens(table: pa.Table, *, first_row: int) -> bytes:
     # Delta encoding suits the mostly increasing integer columns (a third the bytes, three
     # times faster than dictionaries, which such columns defeat); every Parquet reader takes it.
     pq.write_table(
-        table.append_column(STORED_TOKEN_SCHEMA.field("row"), rows), buf, compression="zstd", use_dictionary=False,
-        column_encoding=dict.fromkeys(_DELTA_COLUMNS, "DELTA_BINARY_PACKED"), write_statistics=True,
+        table.append_column(ROW_FIELD, rows), buf, compression="zstd", use_dictionary=False,
+        column_encoding={c: "DELTA_BINARY_PACKED" for c in _DELTA_COLUMNS if c in table.column_names or c == "row"},
+        write_statistics=True,
     )
     return buf.getvalue()
 
 
 def decode_tokens(data: Any, *, where: str) -> pa.Table:
     try:
-        return pq.read_table(pa.BufferReader(data), schema=STORED_TOKEN_SCHEMA)
-    except (pa.ArrowInvalid, OSError) as e:
+        t = pq.read_table(pa.BufferReader(data))
+        names = [f.name for f in STORED_TOKEN_SCHEMA if f.name in t.column_names]
+        want = pa.schema([f for f in STORED_TOKEN_SCHEMA if f.name in names])
+        if any(c not in names for c in (*TOKEN_COLUMNS, "row")):
+            raise pa.ArrowInvalid(f"columns {t.column_names} lack some of {[*TOKEN_COLUMNS, 'row']}")
+        return t.select(names).cast(want)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
         raise CorruptionError(f"{where}: token table is not readable Parquet: {e}") from e
 
 

@@ -121,11 +121,11 @@ def verify(ds: ActivationDataset, *, hooks: list[str] | None = None, committed_o
             report.files_checked += 1
             report.bytes_checked += rec.file.nbytes
             units.add(unit)
-    if ds.info.documents is not None:
+    for kind, entry in ds.info.aux.items():
         try:
-            ds.docs()
+            ds.aux_file(kind)
         except CorruptionError as e:
-            report.problems.append(Problem(None, -1, ds.info.documents.get("key", "?"), str(e).split(": ", 1)[-1]))
+            report.problems.append(Problem(None, -1, str(entry.get("key", kind)), str(e).split(": ", 1)[-1]))
     report.units_checked = len(units)
     _record_outcome(ds, report.to_dict())
     return report

@@ -92,18 +92,25 @@ class DatasetWriter:
 
     def write_documents(self, table: pa.Table) -> DatasetInfo:
         """Record the document index (driver only): ``doc_id, row_start, row_end,
-        dropped_tokens`` per document (see :mod:`store.documents`). The file is named by its
-        content and written put-if-absent, then the manifest points at it, so a reader always
-        sees an index that matches its manifest."""
-        table = check_documents(table)
-        data = encode_documents(table)
-        key = layout.documents_key(self.name, xxhash.xxh3_64_hexdigest(data))
+        dropped_tokens`` per document, plus any document fields kept from the corpus (see
+        :mod:`store.documents`)."""
+        return self._write_aux("documents", encode_documents(check_documents(table)), "parquet")
+
+    def write_tokenizer(self, tokenizer_json: str) -> DatasetInfo:
+        """Record the tokenizer (driver only; a ``tokenizers`` JSON serialization), so readers
+        can decode tokens to text without the model."""
+        return self._write_aux("tokenizer", tokenizer_json.encode("utf-8"), "json")
+
+    def _write_aux(self, kind: str, data: bytes, suffix: str) -> DatasetInfo:
+        # Named by content and written put-if-absent, then the manifest points at it: a reader
+        # always sees the file its manifest describes.
+        key = layout.aux_key(self.name, kind, xxhash.xxh3_64_hexdigest(data), suffix)
         self.storage.put_if_absent(key, data)
         info = self.refresh()
-        entry = FileEntry.of(key, data)
-        if info.documents == entry.to_dict():
+        entry = FileEntry.of(key, data).to_dict()
+        if info.aux.get(kind) == entry:
             return info
-        return self._publish(info.with_changes(documents=entry.to_dict()))
+        return self._publish(info.with_changes(aux={**info.aux, kind: entry}))
 
     def update_meta(self, **meta: Any) -> DatasetInfo:
         """Update provenance fields of the manifest (driver only); identity fields are refused."""

@@ -386,3 +386,26 @@ def test_units_are_bit_identical_whatever_the_batch_or_thread_count(ray_session,
             # the digest of the shard's table of block checksums, and of its index: every byte
             a, b = again[part][f]["files"][0], first[part][f]["files"][0]
             assert (a["table"], a["tail"], a["nbytes"]) == (b["table"], b["tail"], b["nbytes"]), (part, u)
+
+
+def test_tokenizer_character_spans_and_kept_document_fields(ray_session, tmp_path, tiny_gpt2):
+    texts = synthetic_docs(30, seed=9)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t, "label": i % 3, "lang": "en" if i % 2 else "fr"}) + "\n" for i, t in enumerate(texts)))
+    spec = _spec(tmp_path, tiny_gpt2, corpus).model_copy(update={"corpus": ExtractSpec.model_fields["corpus"].annotation(
+        path=str(corpus), keep_fields=["label", "lang"])})
+    run_extract(spec)
+    ds = store.open(tmp_path / "acts").dataset("tiny")
+    docs = ds.docs()
+    assert docs.column("label").to_pylist() == [i % 3 for i in range(30)]
+    assert docs.column("lang").to_pylist()[:2] == ["fr", "en"]
+    tok, toks = ds.tokenizer(), ds.tokens()
+    ids, doc, start, end = (toks.column(c).to_numpy() for c in ("token_id", "doc_id", "char_start", "char_end"))
+    body = start >= 0
+    assert body.sum() > 100 and (~body == toks.column("special").to_numpy()).all()
+    for r in np.flatnonzero(body)[:200]:  # each token is exactly the text its span covers
+        assert tok.decode([int(ids[r])]) == texts[doc[r]][start[r] : end[r]], r
+    # Changing the kept fields later rewrites the document table (no unit is recomputed).
+    again = run_extract(spec.model_copy(update={"corpus": spec.corpus.model_copy(update={"keep_fields": ["label"]})}))
+    assert again.units_run == 0
+    assert store.open(tmp_path / "acts").dataset("tiny").docs().column_names[-2:] == ["dropped_tokens", "label"]

@@ -1,0 +1,129 @@
+"""What the store holds besides activation datasets, as seen from a notebook: SAEs (in
+sae-lens's own layout) and analysis results, each a committed artifact folder
+(:mod:`store.artifacts`)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from store import artifacts
+from store.artifacts import Artifact, ArtifactNotFoundError
+from store.errors import CorruptionError
+
+if TYPE_CHECKING:
+    from store.core import Store
+
+SAES = "saes"
+ANALYSES = "analyses"
+
+
+def _get(store: Store, kind: str, name: str, what: str) -> Artifact:
+    art = artifacts.get(store.storage, kind, name)
+    if art is None:
+        have = artifacts.names(store.storage, kind)
+        raise ArtifactNotFoundError(f"no {what} {name!r} in store {store.uri}; it holds: {', '.join(have) if have else f'no {what}s'}")
+    return art
+
+
+class SAEHandle:
+    """A committed SAE: ``.load()`` (a sae-lens SAE), ``.lineage``, ``.metrics``, ``.path``
+    (a folder ``sae_lens.SAE.load_from_disk`` accepts; S3 stores download to a local cache),
+    ``.curves()``, ``.unseen_units()``."""
+
+    def __init__(self, store: Store, name: str) -> None:
+        self.store = store
+        self.name = name
+        self.artifact = _get(store, SAES, name, "SAE")
+
+    def __repr__(self) -> str:
+        lin = self.lineage
+        return f"SAEHandle({self.name!r}, dataset={lin.get('dataset')!r}, hook={lin.get('hook')!r})"
+
+    @property
+    def lineage(self) -> dict[str, Any]:
+        """Which data the SAE saw and how it was trained (``lineage.json``)."""
+        return self.artifact.read_json("lineage.json")
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """Its evaluation on the held-out units (``metrics.json``; empty when none was run)."""
+        return self.artifact.read_json("metrics.json") if "metrics.json" in self.artifact.files else {}
+
+    @property
+    def cfg(self) -> dict[str, Any]:
+        return self.artifact.read_json("cfg.json")
+
+    @property
+    def path(self) -> Path:
+        return self.artifact.local_path()
+
+    def load(self, device: str = "cpu") -> Any:
+        """The SAE, through sae-lens (``SAE.load_from_disk``), after checking every file."""
+        from sae_lens import SAE
+
+        return SAE.load_from_disk(str(self.path), device=device)
+
+    def curves(self) -> pa.Table:
+        """Training curves, one row per logged step (``curves.parquet``)."""
+        try:
+            return pq.read_table(pa.BufferReader(self.artifact.read("curves.parquet")))
+        except pa.ArrowInvalid as e:
+            raise CorruptionError(f"SAE {self.name!r}: curves.parquet is not Parquet ({e})") from None
+
+    def unseen_units(self) -> list[int]:
+        """Units of its dataset committed for its hook that it was neither trained nor
+        evaluated on (the dataset grew since)."""
+        lin = self.lineage
+        ds = self.store.dataset(lin["dataset"])
+        seen = set(lin.get("units", [])) | set(lin.get("holdout_units", []))
+        return [u for u in ds.committed_units(lin["hook"]) if u not in seen]
+
+
+class AnalysisHandle:
+    """A committed analysis result: ``.table()`` (its results), ``.meta`` (provenance),
+    ``.files`` and ``.read(name)``."""
+
+    def __init__(self, store: Store, name: str) -> None:
+        self.store = store
+        self.name = name
+        self.artifact = _get(store, ANALYSES, name, "analysis")
+
+    def __repr__(self) -> str:
+        return f"AnalysisHandle({self.name!r}, files={self.artifact.files})"
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.artifact.meta
+
+    @property
+    def files(self) -> list[str]:
+        return self.artifact.files
+
+    def read(self, rel: str) -> bytes:
+        return self.artifact.read(rel)
+
+    def table(self, rel: str = "results.parquet") -> pa.Table:
+        try:
+            return pq.read_table(pa.BufferReader(self.artifact.read(rel)))
+        except pa.ArrowInvalid as e:
+            raise CorruptionError(f"analysis {self.name!r}: {rel} is not Parquet ({e})") from None
+
+    @property
+    def path(self) -> Path:
+        return self.artifact.local_path()
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
