@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
 from collections.abc import Sequence
+
+# Modules adding subcommands: each has `register(subparsers)`; a handler returns the exit code
+# and raises StrataError for a one-line error (exit 2).
+COMMAND_MODULES = ("jobs.sae", "jobs.features", "jobs.analyze")
 
 
 def _open(uri: str):  # noqa: ANN202
@@ -120,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key, e.g. compute.batch_tokens=4096")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_extract)
+
+    # Each job kind's commands live in its own module, which adds them here.
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return p
 
 

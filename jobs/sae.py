@@ -1,0 +1,9 @@
+"""`strata sae ...`: SAE training, listing and inspection (being built)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argparse's own type
+    """Add this module's subcommands to the `strata` parser."""
