@@ -29,7 +29,7 @@ from store.errors import (
 )
 from store.artifacts import Artifact, ArtifactExistsError, ArtifactNotFoundError
 from store.handles import AnalysisHandle, SAEHandle
-from store.lease import Lease
+from store.lease import Fence, Lease
 from store.manifest import DatasetInfo
 from store.tokens import TOKEN_COLUMNS, TOKEN_SCHEMA
 from store.verify import RepairReport, VerifyReport
@@ -52,6 +52,7 @@ __all__ = [
     "DatasetWriter",
     "DatasetInfo",
     "Lease",
+    "Fence",
     "Artifact",
     "ArtifactExistsError",
     "ArtifactNotFoundError",

@@ -31,7 +31,7 @@ import numpy as np
 from store import protocol
 from store.errors import CorruptionError, StrataError
 from store.layout import check_name
-from store.lease import Lease
+from store.lease import Fence, Lease
 from store.protocol import CommitRecord, FileEntry
 
 if TYPE_CHECKING:
@@ -165,10 +165,11 @@ def put(
     files: Mapping[str, bytes | bytearray | memoryview | np.ndarray | os.PathLike[str]],
     *,
     meta: Mapping[str, Any] | None = None,
-    lease: Lease,
+    lease: Lease | Fence,
     writer: Mapping[str, Any] | None = None,
 ) -> Artifact:
-    """Write the files of an artifact and commit them (the caller holds the folder's ``lease``).
+    """Write the files of an artifact and commit them: the caller holds the folder's ``lease``,
+    or works for its holder with its :class:`~store.lease.Fence` (a Ray task, say).
     ``files`` maps names (relative, ``/`` allowed) to bytes or to local files to copy. If the
     artifact is committed already, nothing is written: its record is returned when its files and
     ``meta`` are the same, else :class:`ArtifactExistsError`."""
@@ -198,7 +199,7 @@ def put(
     return Artifact(storage, kind, name, winner)
 
 
-def delete(storage: Storage, kind: str, name: str, *, lease: Lease) -> None:
+def delete(storage: Storage, kind: str, name: str, *, lease: Lease | Fence) -> None:
     """Remove an artifact: its commit record first (it vanishes for readers at once), then its files."""
     prefix = folder(kind, name)
     lease.check()

@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,26 @@ def current_generation(storage: Storage, prefix: str) -> int:
     """The fencing token of the current lease holder (0 when nobody ever held it)."""
     gens = generations(storage, prefix)
     return gens[-1] if gens else 0
+
+
+@dataclass(frozen=True)
+class Fence:
+    """A lease holder's fencing token, for work done in other processes (Ray tasks) on its
+    behalf: ``check()`` raises :class:`LeaseLostError` once the lease is at a newer
+    generation. Picklable: pass it to the task."""
+
+    storage: Storage
+    prefix: str
+    token: int
+    what: str
+
+    def check(self) -> None:
+        cur = current_generation(self.storage, self.prefix)
+        if cur != self.token:
+            raise LeaseLostError(
+                f"{self.what}: this work is fenced with lease generation {self.token}, but the lease is now at "
+                f"generation {cur}: another job took it over, so nothing more is committed"
+            )
 
 
 class Lease:
@@ -183,6 +204,12 @@ class Lease:
         self._thread = threading.Thread(target=self._beat, name=f"strata-lease-{self.prefix}", daemon=True)
         self._thread.start()
         return self
+
+    def fence(self) -> Fence:
+        """The picklable fencing token of this (acquired) lease."""
+        if not self.token:
+            raise RuntimeError("fence() of a lease that was never acquired")
+        return Fence(self.storage, self.prefix, self.token, self.what)
 
     def on_lost(self, fn: Callable[[], None]) -> None:
         """Call ``fn`` (from the heartbeat thread) when the lease is found lost."""

@@ -94,3 +94,22 @@ def test_s3_artifacts_download_checked_into_a_cache(s3_bucket, tmp_path, monkeyp
     path = artifacts.get(s.storage, "saes", "a").local_path()
     assert path.is_relative_to(tmp_path / "cache") and (path / "weights.bin").read_bytes() == FILES["weights.bin"]
     assert artifacts.get(s.storage, "saes", "a").local_path() == path  # reused
+
+
+def test_a_fence_lets_another_process_commit_for_the_holder_until_a_takeover(tmp_path):
+    import pickle
+
+    s = store.open(tmp_path)
+    for name, taken_over in (("f", False), ("g", True)):
+        lease = s.artifact_lease("saes", name, stale_after_s=60).acquire()
+        try:
+            fence = pickle.loads(pickle.dumps(lease.fence()))  # as a Ray task receives it
+            if taken_over:  # another job's generation appears before the task commits
+                (tmp_path / "saes" / name / "lease" / f"{lease.token + 1:012d}.json").write_text("{}")
+                with pytest.raises(store.LeaseLostError, match="now at generation"):
+                    artifacts.put(s.storage, "saes", name, FILES, meta={}, lease=fence)
+            else:
+                artifacts.put(s.storage, "saes", name, FILES, meta={}, lease=fence)
+        finally:
+            lease.release()
+    assert s.saes() == ["f"]
