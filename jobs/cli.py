@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 # Modules adding subcommands: each has `register(subparsers)`; a handler returns the exit code
 # and raises StrataError for a one-line error (exit 2).
-COMMAND_MODULES = ("jobs.sae", "jobs.features", "jobs.analyze")
+COMMAND_MODULES = ("jobs.sae", "jobs.features", "jobs.analyze", "jobs.admin", "jobs.submit")
 
 
 def _open(uri: str):  # noqa: ANN202

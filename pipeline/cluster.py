@@ -60,6 +60,19 @@ class Cluster:
     address: str
 
 
+def check_reachable(url: str, *, timeout_s: float = 10.0, what: str = "the Ray cluster") -> None:
+    """Fail fast (one line) when nothing answers at ``url`` (``HOST:PORT`` or ``SCHEME://HOST:PORT``)."""
+    hostport = url.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"{what} address {url!r} is not HOST:PORT or SCHEME://HOST:PORT")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ClusterError(f"cannot reach {what} at {url!r} ({e.strerror or type(e).__name__}); is it running?") from None
+
+
 def _probe(address: str, timeout_s: float) -> None:
     """Fail fast (one line) when nothing answers at ``address``, instead of hanging in Ray."""
     import ray

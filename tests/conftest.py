@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -47,7 +53,9 @@ def ray_session(s3_server):
             mp.setenv(k, v)
         mp.delenv("AWS_PROFILE", raising=False)
         if not ray.is_initialized():
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, configure_logging=False)
+            # "local": our own instance, never the `ray start` head of another test (Ray's
+            # discovery file may point at one).
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True, configure_logging=False)
         yield ray
         ray.shutdown()
 
@@ -78,3 +86,42 @@ def _no_leaked_threads():
     yield
     leaked = [t for t in threading.enumerate() if t.ident not in before and t.is_alive() and not t.daemon]
     assert not leaked, f"test leaked threads: {[t.name for t in leaked]}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A real Ray cluster started with `ray start --head --block` (stopped at the end), as a
+    colleague's cluster on this machine or a team's head node would be: a custom resource
+    `stranger` tells it apart, Ray's discovery file points at it while it runs, its
+    environment has no AWS credentials, and its job server answers on `dashboard`."""
+    port, dash = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    # As from an activated virtual environment: a Ray job's `python` is this one.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    log = tmp_path_factory.mktemp("head") / "head.log"
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
+         "--resources", '{"stranger": 1}', "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+         "--dashboard-port", str(dash), "--disable-usage-stats"],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    current = Path("/tmp/ray/ray_current_cluster")
+    try:
+        deadline = time.time() + 120
+        while "This command will now block" not in log.read_text() and time.time() < deadline:
+            assert head.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+        address = current.read_text().strip()
+        assert address.endswith(f":{port}")
+        yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}"}
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(60)
+        if current.exists() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()

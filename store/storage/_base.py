@@ -80,6 +80,11 @@ class Storage(abc.ABC):
     def list(self, prefix: str) -> list[str]:
         """Every key under ``prefix`` (recursively), sorted, fresh (no cached listing)."""
 
+    def list_temporary(self, prefix: str) -> list[str]:
+        """Temporary files under ``prefix`` that writers left (none on backends whose writes are
+        atomic requests, such as S3)."""
+        return []
+
     @abc.abstractmethod
     def list_dirs(self, prefix: str) -> list[str]:
         """Names of the immediate sub-folders of ``prefix``."""

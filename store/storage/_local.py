@@ -149,6 +149,16 @@ class LocalStorage(Storage):
             out.extend(f"{pre}{f}" for f in files if not f.endswith(".partial"))
         return sorted(out)
 
+    def list_temporary(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
+        if not base.is_dir():
+            return []
+        out = []
+        for dirpath, _dirs, files in os.walk(base):
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            out.extend(f"{rel}/{f}" for f in files if f.endswith(".partial"))
+        return sorted(out)
+
     def list_dirs(self, prefix: str) -> list[str]:
         base = self._path(prefix)
         if not base.is_dir():

@@ -6,8 +6,6 @@ head with `ray start --head --block` (stopped by the test)."""
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -43,7 +41,7 @@ def test_pool_shape_cpu_and_gpu_clusters():
 
 def test_an_unreachable_address_fails_at_once():
     """In a fresh process (a Ray already running in this one would simply be used)."""
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     script = textwrap.dedent(f"""
         from pipeline.cluster import connect
         from pipeline.errors import ClusterError
@@ -63,42 +61,18 @@ def test_an_unreachable_address_fails_at_once():
 # -- a stranger's cluster on this machine ----------------------------------------------------------
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    import socket
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def stranger(tmp_path_factory):
-    """A cluster someone else started on this machine with `ray start --head` (a custom resource
-    tells it apart); Ray's discovery file points at it while it runs. Its environment has no
-    AWS credentials."""
-    port, dash = _free_port(), _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    # As from an activated virtual environment: the job's `python` is this one.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    log = tmp_path_factory.mktemp("head") / "head.log"
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", "--port", str(port), "--num-cpus", "2", "--resources", '{"stranger": 1}',
-         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats"],
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 120
-        while "This command will now block" not in log.read_text() and time.time() < deadline:
-            assert head.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.5)
-        address = Path("/tmp/ray/ray_current_cluster").read_text().strip()
-        assert address.endswith(f":{port}")
-        yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}"}
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(60)
-        current = Path("/tmp/ray/ray_current_cluster")
-        if current.exists() and current.read_text().strip().endswith(f":{port}"):
-            current.unlink()
+@pytest.fixture
+def stranger(ray_head):
+    """Someone else's cluster on this machine (tests/conftest.py)."""
+    return ray_head
 
 
 def _driver(tmp_path: Path, model: Path, corpus: Path, address: str | None) -> dict:

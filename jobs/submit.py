@@ -1,0 +1,178 @@
+"""`strata submit SPEC.yaml` runs any job kind as a Ray Job; `strata jobs ls|status|logs|stop`.
+
+A submission ships the project's packages (``py_modules``) and the resolved spec (relative
+local paths made absolute, secret storage options removed: the cluster's workers use their own
+credentials) in a temporary working directory; nothing else of the submitter's environment.
+The submission id is derived from the spec's content (``strata-KIND-NAME-DIGEST``): submitting a
+spec whose job is still running reports that job instead of starting a second one, and a later
+resubmission of a finished one gets the next free suffix.
+
+Ray 2.60+ clusters use token authentication: ``strata`` sends the token from
+``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token`` (which ``ray start``
+writes); nothing to set on a machine where ``ray start`` ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ACTIVE = ("PENDING", "RUNNING")
+
+
+def _auth_headers() -> dict[str, str]:
+    """The cluster's token as an HTTP header, from where Ray keeps it (``RAY_AUTH_TOKEN``,
+    ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``); passed explicitly because Ray reads its
+    own auth mode once per process. Never printed or logged."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        try:
+            token = path.read_text().strip()
+        except OSError:
+            return {}
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def client(address: str | None) -> Any:
+    """A Ray Jobs client for ``address`` (or ``RAY_API_SERVER_ADDRESS``), checked to answer."""
+    from ray.job_submission import JobSubmissionClient
+
+    from pipeline.cluster import check_reachable
+    from pipeline.errors import ClusterError, SpecError
+
+    addr = address or os.environ.get("RAY_API_SERVER_ADDRESS") or ""
+    if not addr and os.environ.get("RAY_ADDRESS", "").startswith("http"):
+        addr = os.environ["RAY_ADDRESS"]
+    if not addr:
+        raise SpecError("no cluster to talk to: pass --address http://HEAD:8265 (the Ray dashboard) or set RAY_API_SERVER_ADDRESS")
+    if "://" not in addr:
+        addr = f"http://{addr}"
+    check_reachable(addr, what="the Ray job server")
+    try:
+        return JobSubmissionClient(addr, headers=_auth_headers())
+    except Exception as e:  # ConnectionError, RuntimeError, AuthenticationError, ...
+        raise ClusterError(f"cannot use the Ray job server at {addr!r}: {str(e).splitlines()[0]}") from None
+
+
+def _packages() -> list[str]:
+    import analysis
+    import jobs
+    import pipeline
+    import store
+
+    return [str(Path(m.__file__).parent) for m in (store, pipeline, analysis, jobs)]
+
+
+def prepare(spec_path: str, overrides: list[str]) -> tuple[Any, dict[str, Any], str, str]:
+    """(kind, resolved spec mapping, submission id base, spec YAML), validated, with no secret."""
+    from jobs.kinds import detect, localize
+    from store.storage import public_options
+
+    kind, _, raw = detect(spec_path, overrides)
+    raw = localize(kind, raw)
+    if raw.get("storage_options"):
+        raw["storage_options"] = public_options(raw["storage_options"])  # the cluster uses its own credentials
+    kind.spec_type().model_validate(raw)  # still valid after resolving
+    text = yaml.safe_dump(raw, sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", str(raw.get("name") or raw.get("dataset") or kind.name))
+    return kind, raw, f"strata-{kind.name}-{name}-{digest}", text
+
+
+def submit(spec_path: str, overrides: list[str], *, address: str | None, wait: bool) -> int:
+    kind, _raw, base, text = prepare(spec_path, overrides)
+    c = client(address)
+    mine = [j for j in c.list_jobs() if (j.submission_id or "").startswith(base)]
+    running = [j for j in mine if str(j.status) in ACTIVE or getattr(j.status, "value", "") in ACTIVE]
+    if running:
+        job_id = running[0].submission_id
+        print(f"already running: {job_id} (the same spec, submitted before); not starting a second one")
+    else:
+        taken = {j.submission_id for j in mine}
+        job_id = base if base not in taken else next(f"{base}-{n}" for n in range(2, 10_000) if f"{base}-{n}" not in taken)
+        with tempfile.TemporaryDirectory(prefix="strata-submit-") as work:
+            Path(work, "spec.yaml").write_text(text)
+            c.submit_job(
+                entrypoint=f"python -m {kind.entry} spec.yaml --no-progress",
+                submission_id=job_id,
+                runtime_env={"working_dir": work, "py_modules": _packages(), "env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+                metadata={"strata_kind": kind.name, "strata_spec": base},
+            )
+        print(f"submitted {job_id} ({kind.name} job)")
+    if not wait:
+        return 0
+    return follow(c, job_id)
+
+
+def follow(c: Any, job_id: str) -> int:
+    """Stream a job's logs until it ends; 0 when it succeeded."""
+
+    async def tail() -> None:
+        async for lines in c.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    asyncio.run(tail())
+    status = str(getattr(c.get_job_status(job_id), "value", c.get_job_status(job_id)))
+    print(f"job {job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    return submit(args.spec, args.set or [], address=args.address, wait=args.wait)
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    c = client(args.address)
+    if args.action == "ls":
+        rows = [j for j in c.list_jobs() if args.all or (j.submission_id or "").startswith("strata-")]
+        for j in sorted(rows, key=lambda j: j.start_time or 0):
+            status = getattr(j.status, "value", j.status)
+            print(f"{j.submission_id}\t{status}\t{j.entrypoint}")
+        if not rows:
+            print("no Strata jobs on this cluster" + ("" if args.all else " (--all lists every job)"))
+        return 0
+    if not args.job:
+        from pipeline.errors import SpecError
+
+        raise SpecError(f"`strata jobs {args.action}` needs a job id (see `strata jobs ls`)")
+    if args.action == "status":
+        info = c.get_job_info(args.job)
+        print(f"{args.job}\t{getattr(info.status, 'value', info.status)}\t{info.message or ''}")
+        return 0
+    if args.action == "logs":
+        if args.follow:
+            return follow(c, args.job)
+        print(c.get_job_logs(args.job), end="")
+        return 0
+    stopped = c.stop_job(args.job)
+    print(f"{args.job}: {'stop requested' if stopped else 'not running'}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argparse's own type
+    q = sub.add_parser("submit", help="run a job spec (any kind) as a Ray Job on a cluster")
+    q.add_argument("spec")
+    q.add_argument("--address", help="the cluster's job server, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS)")
+    q.add_argument("--wait", action="store_true", help="stream the job's logs and exit with its status")
+    q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key")
+    q.set_defaults(func=_cmd_submit)
+
+    q = sub.add_parser("jobs", help="Strata's Ray Jobs on a cluster: ls, status, logs, stop")
+    q.add_argument("action", choices=("ls", "status", "logs", "stop"))
+    q.add_argument("job", nargs="?", help="a submission id (status, logs, stop)")
+    q.add_argument("--address", help="the cluster's job server, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS)")
+    q.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    q.add_argument("--all", action="store_true", help="ls: every job, not only Strata's")
+    q.set_defaults(func=_cmd_jobs)
