@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,8 @@ def submit(spec_path: str, overrides: list[str], *, address: str | None, wait: b
         job_id = base if base not in taken else next(f"{base}-{n}" for n in range(2, 10_000) if f"{base}-{n}" not in taken)
         with tempfile.TemporaryDirectory(prefix="strata-submit-") as work:
             Path(work, "spec.yaml").write_text(text)
-            c.submit_job(
+            _submit_when_ready(
+                c,
                 entrypoint=f"python -m {kind.entry} spec.yaml --no-progress",
                 submission_id=job_id,
                 runtime_env={"working_dir": work, "py_modules": _packages(), "env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
@@ -114,6 +116,28 @@ def submit(spec_path: str, overrides: list[str], *, address: str | None, wait: b
     if not wait:
         return 0
     return follow(c, job_id)
+
+
+AGENT_WAIT_S = 120.0
+
+
+def _submit_when_ready(c: Any, **job: Any) -> None:
+    """Submit, waiting while the head's job agent comes up: a cluster started moments ago (a
+    KubeRay RayJob, a scheduled run) answers "No available agent" for a while."""
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            c.submit_job(**job)
+            return
+        except RuntimeError as e:
+            if "No available agent" not in str(e):
+                raise
+            if time.monotonic() > deadline:
+                raise SystemExit(
+                    f"error: the cluster's job agent did not answer within {AGENT_WAIT_S:.0f} s; "
+                    "check the head node's dashboard agent (its log: /tmp/ray/session_latest/logs/dashboard_agent.log)"
+                ) from None
+            time.sleep(2)
 
 
 def follow(c: Any, job_id: str) -> int:

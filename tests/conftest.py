@@ -108,7 +108,11 @@ def ray_head(tmp_path_factory):
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
          "--resources", '{"stranger": 1}', "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(dash), "--disable-usage-stats"],
+         "--dashboard-port", str(dash), "--disable-usage-stats",
+         # Ports of its own: the session's private Ray already holds the agent's default 52365,
+         # and a head whose job agent cannot bind answers every submission "No available agent".
+         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+         "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())],
         stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
     current = Path("/tmp/ray/ray_current_cluster")
