@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import store  # noqa: E402
 from pipeline.config import ExtractSpec  # noqa: E402
-from pipeline.extract import plan, prepare, run_extract, tokenize  # noqa: E402
+from pipeline.extract import plan, prepare, run_extract  # noqa: E402
 from pipeline.tiny import build_tiny, synthetic_docs, write_jsonl  # noqa: E402
 
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     last = f"blocks.{a.layers - 1}.hook_resid_post"
     spec = job("plan", (last,))
     p = prepare(spec, store.open(spec.store))
-    ctx = plan(p, tokenize(p.corpus, p.tokenizer, chunk_docs=4096, use_ray=False)).contexts
+    ctx = plan(p, use_ray=False).all_contexts()
     token_id = ctx.token_id
     per_batch = max(1, a.batch_tokens // a.context_size)
     n_tok = int(token_id.size)

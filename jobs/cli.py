@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 # Modules adding subcommands: each has `register(subparsers)`; a handler returns the exit code
 # and raises StrataError for a one-line error (exit 2).
-COMMAND_MODULES = ("jobs.sae", "jobs.features", "jobs.analyze", "jobs.admin", "jobs.submit")
+COMMAND_MODULES = ("jobs.sae", "jobs.features", "jobs.analyze", "jobs.admin", "jobs.submit", "jobs.reprocess")
 
 
 def _open(uri: str):  # noqa: ANN202
@@ -46,7 +46,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         problems = f"\tdamaged records={len(ds.damaged)}" if ds.damaged else ""
         print(
             f"{name}\t{model}\t{ds.info.dtype}\tctx={ds.info.context_size}\thooks={len(ds.hooks)}\t"
-            f"units={len(units)}/{ds.info.num_units}\trows={sum(ds.record(None, u).rows for u in units):,}{problems}"
+            f"units={len(units)}/{ds.info.num_units}\trows={sum(ds.unit_counts(None, u)[0] for u in units):,}{problems}"
         )
     return 1 if bad else 0
 

@@ -51,10 +51,7 @@ class Corpus:
             raise ValueError(f"the corpus has {len(self.texts)} documents, not {n}")
         h = xxhash.xxh3_128()
         for i in range(n):
-            b = self.texts[i].encode("utf-8")
-            h.update(int(self.doc_ids[i]).to_bytes(8, "little", signed=True))
-            h.update(len(b).to_bytes(8, "little"))
-            h.update(b)
+            _hash_doc(h, int(self.doc_ids[i]), self.texts[i])
         return f"xxh3_128:{h.hexdigest()}"
 
     @property
@@ -186,32 +183,76 @@ def _check_field(name: str, fields: Any, key: str, where: str) -> None:
         raise CorpusError(f"`corpus.{key}` {name!r} is not a field of {where}; its fields are: {', '.join(map(str, fields))}")
 
 
-def read_corpus(src: CorpusSpec) -> Corpus:
-    """Read every document of a corpus into memory, in a deterministic order."""
+@dataclass
+class CorpusBatch:
+    """Consecutive documents of a corpus: texts, ids and kept fields."""
+
+    texts: list[str]
+    doc_ids: np.ndarray
+    fields: dict[str, list[Any]]
+
+
+@dataclass
+class CorpusScan:
+    """What one pass over a corpus learns without keeping its texts: its size, its
+    fingerprints, its document ids (8 bytes a document)."""
+
+    docs: int = 0
+    skipped_empty: int = 0
+    chars: int = 0
+    files: list[str] = field(default_factory=list)
+    fingerprint: str = ""  # of every document
+    prefix_fingerprint: str | None = None  # of the first `prefix_docs` documents, when asked
+    doc_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return {"docs": self.docs, "skipped_empty": self.skipped_empty, "chars": self.chars, "files": len(self.files)}
+
+
+def _hash_doc(h: Any, doc_id: int, text: str) -> None:
+    b = text.encode("utf-8")
+    h.update(int(doc_id).to_bytes(8, "little", signed=True))
+    h.update(len(b).to_bytes(8, "little"))
+    h.update(b)
+
+
+def iter_corpus(src: CorpusSpec, *, batch_docs: int = 4096, scan: CorpusScan | None = None) -> Iterator[CorpusBatch]:
+    """The corpus's non-empty documents, in a deterministic order, ``batch_docs`` at a time
+    (memory: one batch). Every problem with the corpus is a one-line :class:`CorpusError`;
+    an empty corpus and ids that repeat are errors at the end of the pass. ``scan``, when
+    given, is filled in as the pass goes (sizes, files)."""
+    scan = scan if scan is not None else CorpusScan()
     if src.keep_fields and src.format == "text":
         raise CorpusError("`corpus.keep_fields` needs records with fields: a jsonl, parquet or hf corpus, not text files")
     if src.format == "hf":
-        files: list[str] = []
         records = _records_hf(src)
     else:
-        files = _files(src)
+        scan.files = _files(src)
         reader = {"jsonl": _records_jsonl, "parquet": _records_parquet, "text": _records_text}[src.format]
-        records = reader(files, src)
+        records = reader(scan.files, src)
     text_field = "text" if src.format == "text" else src.text_field
     id_field = ("id" if src.text_unit == "file" else None) if src.format == "text" else src.id_field
-    texts: list[str] = []
-    ids: list[int] = []
-    kept: dict[str, list[Any]] = {f: [] for f in src.keep_fields}
     seen_fields: set[str] = set()
-    skipped = 0
+    all_ids: list[np.ndarray] = []
+    batch = CorpusBatch([], np.zeros(0, np.int64), {f: [] for f in src.keep_fields})
+    ids: list[int] = []
+
+    def flush() -> CorpusBatch:
+        nonlocal batch, ids
+        batch.doc_ids = np.asarray(ids, dtype=np.int64)
+        all_ids.append(batch.doc_ids)
+        done, batch, ids = batch, CorpusBatch([], np.zeros(0, np.int64), {f: [] for f in src.keep_fields}), []
+        return done
+
     for ordinal, (rec, fields, where) in enumerate(records):
-        if src.max_docs is not None and len(texts) >= src.max_docs:
+        if src.max_docs is not None and scan.docs >= src.max_docs:
             break
         if text_field not in rec:
             _check_field(text_field, fields, "text_field", where)
         text = rec[text_field]
         if text is None or (isinstance(text, str) and not text.strip()):
-            skipped += 1
+            scan.skipped_empty += 1
             continue
         if not isinstance(text, str):
             raise CorpusError(f"{where}: `corpus.text_field` {text_field!r} holds a {type(text).__name__}, not a string")
@@ -221,20 +262,55 @@ def read_corpus(src: CorpusSpec) -> Corpus:
             ids.append(_stable_id(rec[id_field]))
         else:
             ids.append(ordinal)
-        texts.append(text)
-        for f, values in kept.items():
+        batch.texts.append(text)
+        for f, values in batch.fields.items():
             if f in rec:
                 seen_fields.add(f)
             values.append(rec.get(f))
-    if not texts:
-        what = f" ({skipped} empty documents skipped)" if skipped else ""
+        scan.docs += 1
+        scan.chars += len(text)
+        if len(batch.texts) >= batch_docs:
+            yield flush()
+    if batch.texts:
+        yield flush()
+    if not scan.docs:
+        what = f" ({scan.skipped_empty} empty documents skipped)" if scan.skipped_empty else ""
         raise CorpusError(f"corpus {src.path!r} is empty: no documents with text in `{text_field}`{what}")
     never = [f for f in src.keep_fields if f not in seen_fields]
     if never:
         raise CorpusError(f"`corpus.keep_fields` {never} appear in no document of {src.path!r}")
-    doc_ids = np.asarray(ids, dtype=np.int64)
-    if len(np.unique(doc_ids)) != len(doc_ids):
+    scan.doc_ids = np.concatenate(all_ids)
+    if len(np.unique(scan.doc_ids)) != len(scan.doc_ids):
         raise CorpusError(f"corpus {src.path!r}: document ids from `corpus.id_field` {id_field!r} are not unique")
-    if skipped:
-        log.info("corpus %s: skipped %d empty documents", src.path, skipped)
-    return Corpus(texts=texts, doc_ids=doc_ids, skipped_empty=skipped, files=files, fields=kept)
+    if scan.skipped_empty:
+        log.info("corpus %s: skipped %d empty documents", src.path, scan.skipped_empty)
+
+
+def scan_corpus(src: CorpusSpec, *, prefix_docs: int | None = None) -> CorpusScan:
+    """One streaming pass: sizes, ids, the fingerprint of every document and, with
+    ``prefix_docs``, of the first ones (the part an existing dataset was made from)."""
+    scan = CorpusScan()
+    h = xxhash.xxh3_128()
+    seen = 0
+    for b in iter_corpus(src, scan=scan):
+        for doc_id, text in zip(b.doc_ids, b.texts):
+            if prefix_docs is not None and seen == prefix_docs:
+                scan.prefix_fingerprint = f"xxh3_128:{h.copy().hexdigest()}"
+            _hash_doc(h, int(doc_id), text)
+            seen += 1
+    if prefix_docs is not None and seen == prefix_docs:
+        scan.prefix_fingerprint = f"xxh3_128:{h.copy().hexdigest()}"
+    scan.fingerprint = f"xxh3_128:{h.hexdigest()}"
+    return scan
+
+
+def read_corpus(src: CorpusSpec) -> Corpus:
+    """Read every document of a corpus into memory (small corpora, tests; jobs stream it)."""
+    scan = CorpusScan()
+    texts: list[str] = []
+    fields: dict[str, list[Any]] = {f: [] for f in src.keep_fields}
+    for b in iter_corpus(src, scan=scan):
+        texts.extend(b.texts)
+        for f, v in b.fields.items():
+            fields[f].extend(v)
+    return Corpus(texts=texts, doc_ids=scan.doc_ids, skipped_empty=scan.skipped_empty, files=scan.files, fields=fields)

@@ -15,9 +15,11 @@ Ray starts and before anything is written:
    corpus reads and is not empty, the dataset name is free or holds the same identity;
 3. a quick no-op check: the same corpus and every requested hook of every unit committed
    (the message says whether the dataset was ever verified);
-4. tokenization as CPU Ray tasks, packing into contexts and units (a pure function of the
-   corpus and the tokenizer, so unit ``k`` always covers the same contexts), and the document
-   index (which rows each document has, and what the concat tail dropped);
+4. tokenization as CPU Ray tasks, streamed in order to local files (the driver keeps 16 bytes
+   a document, whatever the size of the corpus), and the plan: contexts and units (a pure
+   function of the corpus and the tokenizer, so unit ``k`` always covers the same contexts),
+   and the document index (which rows each document has, and what the concat tail dropped),
+   both from per-document token counts (:mod:`pipeline.plan`);
 5. under the dataset's write lease, the driver creates or grows the dataset, adds hooks and
    records the document index, then hands each missing (unit, hooks) to the unit pool. Workers
    write and commit, fenced with the lease's token; the driver commits nothing. When another
@@ -52,10 +54,11 @@ import store
 from pipeline import models
 from pipeline.cluster import connect, in_ray_job
 from pipeline.config import ExtractSpec
-from pipeline.corpus import Corpus, read_corpus
+from pipeline.corpus import CorpusScan, iter_corpus, scan_corpus
 from pipeline.errors import CorpusError, SpecError, WorkerError
 from pipeline.hooks import expand_hooks, family_of, hook_sites
-from pipeline.packing import Contexts, Encoded, TokenizerInfo, encode_texts, num_units, pack, tokenizer_info
+from pipeline.packing import Contexts, TokenizerInfo, encode_batch, num_units, tokenizer_info
+from pipeline.plan import FileSource, Packer, TokenSource
 from pipeline.pool import Task, UnitPool, pool_shape
 from pipeline.worker import UnitWorker, WorkerConfig, peak_rss_bytes
 from store.errors import DatasetExistsError, LeaseHeldError, StorageError
@@ -112,7 +115,7 @@ class Prepared:
     config: Any
     tokenizer: TokenizerInfo
     hooks: list[str]
-    corpus: Corpus
+    scan: CorpusScan  # one pass over the corpus: sizes, ids, fingerprints (no texts kept)
     corpus_fp: str  # identity fingerprint (a prefix of the corpus when it grew)
     corpus_docs: int  # documents covered by corpus_fp
     meta: dict[str, Any]
@@ -122,17 +125,30 @@ class Prepared:
 
 @dataclass
 class Plan:
-    contexts: Contexts
+    packer: Packer  # builds any unit's contexts from tokens kept out of memory
     units: int
+    unit_contexts: int
     held_back_contexts: int
     documents: pa.Table  # the store's document index
     dropped_tokens: int
     dropped_docs: int
     partial_docs: int
 
+    @property
+    def n_contexts(self) -> int:
+        return len(self.packer)
+
+    def unit(self, u: int) -> Contexts:
+        """The contexts of unit ``u``."""
+        return self.packer.contexts(u * self.unit_contexts, (u + 1) * self.unit_contexts)
+
+    def all_contexts(self) -> Contexts:
+        """Every planned context at once (small corpora, tests)."""
+        return self.packer.contexts(0, len(self.packer))
+
     def summary(self) -> dict[str, int]:
         return {
-            "contexts": len(self.contexts), "tokens": int(self.contexts.token_id.size), "units": self.units,
+            "contexts": self.n_contexts, "tokens": self.n_contexts * self.packer.context_size, "units": self.units,
             "held_back_contexts": self.held_back_contexts, "dropped_tokens": self.dropped_tokens,
             "dropped_docs": self.dropped_docs, "partial_docs": self.partial_docs,
         }
@@ -186,14 +202,16 @@ def prepare(spec: ExtractSpec, s: store.Store) -> Prepared:
     if spec.tokenize.prepend_bos and tok.bos_id is None:
         raise SpecError(f"`tokenize.prepend_bos` is true but the tokenizer of {spec.model.id!r} has no BOS or CLS token")
 
-    corpus = read_corpus(spec.corpus)
     existing = s.dataset(spec.name) if spec.name in s.datasets() else None
-    corpus_fp, corpus_docs = corpus.fingerprint(), len(corpus)
+    n_old = int(existing.info.meta.get("corpus_docs", -1)) if existing is not None else -1
+    # One streaming pass (no tokenizer, no Ray): every corpus error surfaces here, and the
+    # fingerprints tell whether an existing dataset is this corpus, or a prefix of it.
+    scan = scan_corpus(spec.corpus, prefix_docs=n_old if n_old > 0 else None)
+    corpus_fp, corpus_docs = scan.fingerprint, scan.docs
     unit_contexts = spec.compute.unit_contexts
     if existing is not None:
         old = existing.info.meta
-        n_old = int(old.get("corpus_docs", -1))
-        if 0 < n_old <= len(corpus) and corpus.fingerprint(n_old) == old.get("corpus_fingerprint"):
+        if 0 < n_old <= scan.docs and scan.prefix_fingerprint == old.get("corpus_fingerprint"):
             corpus_fp, corpus_docs = old["corpus_fingerprint"], n_old
         if existing.info.unit_contexts != unit_contexts:
             log.info("dataset %r keeps its %d contexts per unit (spec asks %d)", spec.name, existing.info.unit_contexts, unit_contexts)
@@ -209,7 +227,7 @@ def prepare(spec: ExtractSpec, s: store.Store) -> Prepared:
         "prepend_bos": t.prepend_bos,
         "corpus_docs": corpus_docs,
         "model_path": m.folder if m.local else None,
-        "corpus": {"path": spec.corpus.path, "format": spec.corpus.format, "text_field": spec.corpus.text_field, **corpus.stats},
+        "corpus": {"path": spec.corpus.path, "format": spec.corpus.format, "text_field": spec.corpus.text_field, **scan.stats},
         "model_type": model_type,
         "family": fam.name,
         "n_layers": n_layers,
@@ -232,7 +250,7 @@ def prepare(spec: ExtractSpec, s: store.Store) -> Prepared:
                 f"dataset {spec.name!r} already exists in {s.uri} with a different identity ({'; '.join(diff)}); "
                 "a changed model, tokenizer, corpus, context, packing or dtype makes a new dataset: choose a new `name`"
             )
-    return Prepared(spec, s, m, config, tok, hooks, corpus, corpus_fp, corpus_docs, meta, existing, unit_contexts)
+    return Prepared(spec, s, m, config, tok, hooks, scan, corpus_fp, corpus_docs, meta, existing, unit_contexts)
 
 
 def _complete(ds: store.ActivationDataset, hooks: list[str]) -> bool:
@@ -254,90 +272,89 @@ def _verify_hint(ds: store.ActivationDataset, uri: str) -> str:
 # -- 2. planning ------------------------------------------------------------------------------
 
 
-def tokenize(corpus: Corpus, tok: TokenizerInfo, *, chunk_docs: int, use_ray: bool = True) -> list[Encoded]:
-    """Tokens (and their character spans) of every document, as CPU Ray tasks over chunks of documents."""
-    chunks = [corpus.texts[i : i + chunk_docs] for i in range(0, len(corpus), chunk_docs)]
-    if not use_ray:
-        return [ids for c in chunks for ids in encode_texts(tok.backend_json, c)]
-    import ray
+def tokenize_into(spec: ExtractSpec, tok: TokenizerInfo, sink: Any, *, use_ray: bool = True, window: int = 4) -> tuple[np.ndarray, dict[str, pa.Array]]:
+    """Tokenize the corpus in order, batch by batch (CPU Ray tasks, ``window`` in flight), into
+    ``sink.append(EncodedBatch)``; returns the document ids and the kept fields. Memory: a
+    few batches of texts, whatever the size of the corpus."""
+    import collections
 
-    task = ray.remote(num_cpus=1, max_retries=3)(encode_texts)
-    tj = ray.put(tok.backend_json)
-    out: list[Encoded] = []
-    for part in ray.get([task.remote(tj, c) for c in chunks]):
-        out.extend(part)
-    return out
+    ids: list[np.ndarray] = []
+    fields: dict[str, list[pa.Array]] = {f: [] for f in spec.corpus.keep_fields}
+    if use_ray:
+        import ray
 
+        task = ray.remote(num_cpus=1, max_retries=3)(encode_batch)
+        tj = ray.put(tok.backend_json)
+    inflight: collections.deque[Any] = collections.deque()
 
-def document_index(tokens: list[Encoded], doc_ids: np.ndarray, ctx: Contexts, fields: dict[str, list[Any]] | None = None) -> tuple[pa.Table, int, int, int]:
-    """The store's document index of a plan, and ``(dropped tokens, dropped docs, partial
-    docs)``. Both packings keep a document's rows together, so a span per document says it all."""
-    lens = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=len(tokens))
-    flat_doc, flat_pos = ctx.doc_id.reshape(-1), ctx.doc_position.reshape(-1)
-    rows = np.flatnonzero(flat_doc >= 0)
-    order = np.argsort(doc_ids, kind="stable")
-    ci = order[np.searchsorted(doc_ids[order], flat_doc[rows])]  # each row's document, as a corpus index
-    start = np.full(len(tokens), -1, np.int64)
-    end = np.full(len(tokens), -1, np.int64)
-    if rows.size:
-        if np.any(np.diff(ci) < 0):  # pragma: no cover - packing keeps documents in order
-            raise AssertionError("packing put documents out of order")
-        cut = np.flatnonzero(np.diff(ci)) + 1
-        first, last = np.r_[0, cut], np.r_[cut, ci.size] - 1
-        start[ci[first]] = rows[first]
-        end[ci[last]] = rows[last] + 1
-    body = (flat_pos[rows] >= 0) & (flat_pos[rows] < lens[ci])  # the document's own tokens (not BOS, separators)
-    present = np.bincount(ci[body], minlength=len(tokens))
-    dropped = lens - present
-    table = pa.table({"doc_id": doc_ids.astype(np.int64), "row_start": start, "row_end": end, "dropped_tokens": dropped})
-    for name, values in (fields or {}).items():
+    def drain(limit: int) -> None:
+        while len(inflight) > limit:
+            got = inflight.popleft()
+            sink.append(ray.get(got) if use_ray else got)
+
+    for batch in iter_corpus(spec.corpus, batch_docs=spec.tokenize.chunk_docs):
+        ids.append(batch.doc_ids)
+        for f, values in batch.fields.items():
+            try:
+                fields[f].append(pa.array(values))
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+                raise CorpusError(f"`corpus.keep_fields` {f!r}: its values do not form one column type ({e})") from None
+        inflight.append(task.remote(tj, batch.texts) if use_ray else encode_batch(tok.backend_json, batch.texts))
+        drain(window)
+    drain(0)
+    kept = {}
+    for f, chunks in fields.items():
         try:
-            table = table.append_column(name, pa.array(values))
+            kept[f] = pa.chunked_array(chunks).combine_chunks() if chunks else pa.array([])
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-            raise CorpusError(f"`corpus.keep_fields` {name!r}: its values do not form one column type ({e})") from None
-    return table, int(dropped.sum()), int(((present == 0) & (lens > 0)).sum()), int(((present > 0) & (dropped > 0)).sum())
+            raise CorpusError(f"`corpus.keep_fields` {f!r}: its values do not form one column type ({e})") from None
+    return np.concatenate(ids) if ids else np.zeros(0, np.int64), kept
 
 
-def plan(p: Prepared, tokens: list[Encoded]) -> Plan:
+def plan(p: Prepared, *, use_ray: bool = True, source: TokenSource | None = None) -> Plan:
+    """Tokenize (streaming the tokens to local files unless ``source`` is given) and plan: the
+    contexts, units and document index, from per-document token counts."""
     t = p.spec.tokenize
-    ctx = pack(tokens, p.corpus.doc_ids, tok=p.tokenizer, context_size=t.context_size, packing=t.packing,
-               prepend_bos=t.prepend_bos, split_long=t.split_long)
-    units = num_units(len(ctx), p.unit_contexts, full_only=p.spec.corpus.growing)
-    docs, dropped, dropped_docs, partial = document_index(tokens, p.corpus.doc_ids, ctx, p.corpus.fields)
-    return Plan(ctx, units, len(ctx) - min(len(ctx), units * p.unit_contexts), docs, dropped, dropped_docs, partial)
+    if source is None:
+        source = FileSource()
+        doc_ids, fields = tokenize_into(p.spec, p.tokenizer, source, use_ray=use_ray)
+        source.close()
+    else:
+        doc_ids, fields = p.scan.doc_ids, {}
+    packer = Packer(source, doc_ids, p.tokenizer, t.context_size, t.packing, t.prepend_bos, t.split_long)
+    units = num_units(len(packer), p.unit_contexts, full_only=p.spec.corpus.growing)
+    docs, dropped, dropped_docs, partial = packer.document_index(fields)
+    return Plan(packer, units, p.unit_contexts, len(packer) - min(len(packer), units * p.unit_contexts), docs, dropped, dropped_docs, partial)
 
 
-def _first_context_of_doc(tokens: list[Encoded], n: int, spec: ExtractSpec) -> int:
-    t = spec.tokenize
-    body = t.context_size - (1 if t.prepend_bos else 0)
-    if t.packing == "concat":
-        return sum(len(x) + 1 for x in tokens[:n]) // body
-    return sum((max(1, -(-len(x) // body)) if t.split_long else 1) for x in tokens[:n])
+def _first_context_of_doc(packer: Packer, n: int) -> int:
+    """The context holding document ``n``'s first token."""
+    return int(packer.seg[n] // packer.body) if packer.packing == "concat" else int(packer.first[n])
 
 
-def _check_committed(p: Prepared, pl: Plan, tokens: list[Encoded]) -> None:
+def _check_committed(p: Prepared, pl: Plan) -> None:
     """Committed units must be exactly what the current plan puts there."""
     ds = p.existing
     if ds is None:
         return
-    uc, ctx = p.unit_contexts, pl.contexts
+    uc, n_ctx = p.unit_contexts, pl.n_contexts
     committed = ds.committed_units()
     for u in committed:
-        have = ds.record(None, u).rows
-        want = max(0, min(len(ctx), (u + 1) * uc) - u * uc) * p.spec.tokenize.context_size
+        have = ds.unit_counts(None, u)[0]
+        want = max(0, min(n_ctx, (u + 1) * uc) - u * uc) * p.spec.tokenize.context_size
         if have != want:
             raise CorpusError(
                 f"dataset {p.spec.name!r}: unit {u} was committed with {have} token rows but the corpus now puts {want} there; "
                 "it was the partial last unit of a smaller corpus, which appended documents would change. "
                 "Extract the grown corpus under a new `name`, and set `corpus.growing: true` for corpora that grow"
             )
-    if len(p.corpus) == p.corpus_docs:
+    if p.scan.docs == p.corpus_docs:
         return  # the identity fingerprint covers every document
     # Documents after the fingerprinted prefix were extracted by earlier appends: compare tokens.
-    first = _first_context_of_doc(tokens, p.corpus_docs, p.spec) // uc
+    first = _first_context_of_doc(pl.packer, p.corpus_docs) // uc
     for u in [u for u in committed if u >= first]:
         t = ds.unit_tokens(u)
-        part = ctx.slice(u * uc, u * uc + t.num_rows // p.spec.tokenize.context_size)
+        part = pl.packer.contexts(u * uc, u * uc + t.num_rows // p.spec.tokenize.context_size)
         if not (np.array_equal(t.column("token_id").to_numpy(), part.token_id.reshape(-1))
                 and np.array_equal(t.column("doc_id").to_numpy(), part.doc_id.reshape(-1))):
             raise CorpusError(
@@ -382,7 +399,7 @@ def run_extract(
 
     ds = p.existing
     same_docs = ds is not None and ds.info.meta.get("keep_fields", []) == list(spec.corpus.keep_fields) and "tokenizer" in ds.info.aux
-    if ds is not None and same_docs and len(p.corpus) == p.corpus_docs and _complete(ds, p.hooks):
+    if ds is not None and same_docs and p.scan.docs == p.corpus_docs and _complete(ds, p.hooks):
         result.num_units = ds.info.num_units
         result.noop = True
         result.units_skipped = ds.info.num_units
@@ -395,28 +412,37 @@ def run_extract(
 
     with connect(spec.compute.address) as cluster:
         result.private_cluster, result.cluster_address = cluster.private, cluster.address
-        tokens = tokenize(p.corpus, p.tokenizer, chunk_docs=spec.tokenize.chunk_docs)
-        pl = plan(p, tokens)
-        result.num_units, result.held_back_contexts = pl.units, pl.held_back_contexts
-        result.dropped_tokens, result.dropped_docs, result.partial_docs = pl.dropped_tokens, pl.dropped_docs, pl.partial_docs
-        if pl.units == 0:
-            result.message = (
-                f"nothing to extract yet: the corpus packs into {len(pl.contexts)} contexts, fewer than one unit of {p.unit_contexts}"
-                + (" (`corpus.growing` holds back partial units)" if spec.corpus.growing else "")
-            )
-            log.warning(result.message)
-            return result
-        _check_committed(p, pl, tokens)
-        with lease:  # taken for real now (refused if a job started since the check above)
-            _run(p, pl, lease, cluster, result, worker_cls=worker_cls, on_unit=on_unit, progress=progress)
+        pl = plan(p)
+        try:
+            _execute(p, pl, lease, cluster, result, t_start, worker_cls=worker_cls, on_unit=on_unit, progress=progress)
+        finally:
+            pl.packer.source.remove()  # type: ignore[attr-defined]
     result.seconds = time.perf_counter() - t_start
     result.driver_peak_rss = peak_rss_bytes()
+    return result
+
+
+def _execute(p: Prepared, pl: Plan, lease: store.Lease, cluster: Any, result: ExtractResult, t_start: float, *,
+             worker_cls: type[UnitWorker], on_unit: Callable[[dict[str, Any]], None] | None, progress: bool) -> None:
+    spec = p.spec
+    result.num_units, result.held_back_contexts = pl.units, pl.held_back_contexts
+    result.dropped_tokens, result.dropped_docs, result.partial_docs = pl.dropped_tokens, pl.dropped_docs, pl.partial_docs
+    if pl.units == 0:
+        result.message = (
+            f"nothing to extract yet: the corpus packs into {pl.n_contexts} contexts, fewer than one unit of {p.unit_contexts}"
+            + (" (`corpus.growing` holds back partial units)" if spec.corpus.growing else "")
+        )
+        log.warning(result.message)
+        return
+    _check_committed(p, pl)
+    with lease:  # taken for real now (refused if a job started since the check above)
+        _run(p, pl, lease, cluster, result, worker_cls=worker_cls, on_unit=on_unit, progress=progress)
     if not result.noop:
+        seconds = time.perf_counter() - t_start
         result.message = (
             f"dataset {spec.name!r}: computed {result.units_run} unit(s) ({result.tokens:,} tokens, {result.bytes_written / 2**20:.1f} MiB) "
-            f"in {result.seconds:.1f}s; {result.units_skipped} unit(s) were already committed" + _dropped_note(pl, spec)
+            f"in {seconds:.1f}s; {result.units_skipped} unit(s) were already committed" + _dropped_note(pl, spec)
         )
-    return result
 
 
 def _run(p: Prepared, pl: Plan, lease: store.Lease, cluster: Any, result: ExtractResult, *,
@@ -454,9 +480,10 @@ def _run(p: Prepared, pl: Plan, lease: store.Lease, cluster: Any, result: Extrac
         storage_options=spec.storage_options if cluster.private else public_options(spec.storage_options),
         fence=lease.token,
     )
-    uc, ctx, cs = p.unit_contexts, pl.contexts, spec.tokenize.context_size
-    tasks = [Task(f"unit {u}", (u, ctx.slice(u * uc, min(len(ctx), (u + 1) * uc)), hooks), (min(len(ctx), (u + 1) * uc) - u * uc) * cs)
-             for u, hooks in todo]
+    uc, n_ctx, cs = p.unit_contexts, pl.n_contexts, spec.tokenize.context_size
+    # Built lazily, as workers free up: only units in flight have their contexts in memory.
+    tasks = (Task(f"unit {u}", (u, pl.unit(u), hooks), (min(n_ctx, (u + 1) * uc) - u * uc) * cs) for u, hooks in todo)
+    total = sum((min(n_ctx, (u + 1) * uc) - u * uc) * cs for u, _ in todo)
 
     def finished(task: Task, st: dict[str, Any]) -> None:
         if on_unit is not None:
@@ -464,13 +491,14 @@ def _run(p: Prepared, pl: Plan, lease: store.Lease, cluster: Any, result: Extrac
 
     pool = UnitPool(worker_cls, cfg, shape, max_restarts=spec.compute.max_restarts, desc=f"extract {spec.name}", progress=progress)
     try:
-        stats = pool.run(tasks, on_result=finished, check=lease.check)
+        stats = pool.run(tasks, count=len(todo), total_weight=total, on_result=finished, check=lease.check)
     finally:
         if not lease.lost:  # a job that lost its lease writes nothing more, not even the catalog
             try:
+                w.compact_commits()  # the next open reads one index instead of every record
                 s.update_catalog(spec.name)
-            except Exception as e:  # pragma: no cover - the catalog is derived data
-                log.warning("could not update the catalog entry of %r: %s", spec.name, e)
+            except Exception as e:  # pragma: no cover - derived data: readers fall back to the records
+                log.warning("could not update the commit index or catalog of %r: %s", spec.name, e)
     result.units_run, result.tokens, result.bytes_written = stats.tasks_done, stats.weight_done, stats.bytes_written
     result.pool_seconds, result.steady_tokens, result.steady_seconds = stats.seconds, stats.steady_weight, stats.steady_seconds
     result.worker_peak_rss = stats.worker_peak_rss

@@ -81,19 +81,42 @@ class Encoded:
         return len(self.ids)
 
 
-def encode_texts(backend_json: str, texts: list[str]) -> list[Encoded]:
-    """Tokens of each text, without special tokens, with their character offsets (runs in a
-    CPU task)."""
+@dataclass
+class EncodedBatch:
+    """Many documents' tokens, flat: what a tokenization task returns (three arrays and the
+    lengths, cheap to ship and to append to a plan's files)."""
+
+    ids: np.ndarray  # int32, every document's tokens one after the other
+    start: np.ndarray  # int32
+    end: np.ndarray  # int32
+    lens: np.ndarray  # int64, tokens per document
+
+    def split(self) -> list[Encoded]:
+        cut = np.cumsum(self.lens)[:-1]
+        return [Encoded(i, s, e) for i, s, e in zip(np.split(self.ids, cut), np.split(self.start, cut), np.split(self.end, cut))]
+
+
+def encode_batch(backend_json: str, texts: list[str]) -> EncodedBatch:
+    """Tokens of each text, without special tokens, with their character offsets, flat (runs
+    in a CPU task)."""
+    import itertools
+
     from tokenizers import Tokenizer
 
     tk = Tokenizer.from_str(backend_json)
     tk.no_truncation()
     tk.no_padding()
-    out = []
-    for e in tk.encode_batch(texts, add_special_tokens=False):
-        off = np.asarray(e.offsets, dtype=np.int32).reshape(-1, 2)
-        out.append(Encoded(np.asarray(e.ids, dtype=np.int32), off[:, 0].copy(), off[:, 1].copy()))
-    return out
+    enc = tk.encode_batch(texts, add_special_tokens=False)
+    lens = np.fromiter((len(e.ids) for e in enc), dtype=np.int64, count=len(enc))
+    n = int(lens.sum())
+    ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in enc), dtype=np.int32, count=n)
+    off = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(e.offsets for e in enc)), dtype=np.int32, count=2 * n)
+    return EncodedBatch(ids, off[0::2].copy(), off[1::2].copy(), lens)
+
+
+def encode_texts(backend_json: str, texts: list[str]) -> list[Encoded]:
+    """Tokens of each text, without special tokens, with their character offsets."""
+    return encode_batch(backend_json, texts).split()
 
 
 @dataclass
@@ -152,85 +175,12 @@ def pack(
     prepend_bos: bool,
     split_long: bool = True,
 ) -> Contexts:
-    """Pack tokenized documents into contexts (see the module docstring)."""
-    if prepend_bos and tok.bos_id is None:
-        raise ValueError(f"`tokenize.prepend_bos` is set but tokenizer {tok.name!r} has no BOS (or CLS) token")
-    body = context_size - (1 if prepend_bos else 0)
-    if body <= 0:
-        raise ValueError("`tokenize.context_size` must leave room for at least one token after BOS")
-    special_ids = np.asarray(tok.special_ids, dtype=np.int64)
-    if packing == "concat":
-        out = _pack_concat(tokens, doc_ids, tok, body)
-    elif packing == "truncate":
-        out = _pack_truncate(tokens, doc_ids, tok, body, split_long)
-    else:
-        raise ValueError(f"unknown packing {packing!r}; valid: concat, truncate")
-    tid, did, dpos, spec, mask, cs, ce = out
-    spec |= np.isin(tid, special_ids)
-    if prepend_bos:
-        n = tid.shape[0]
-        first_doc = did[:, :1].copy() if n else np.zeros((0, 1), np.int64)
-        minus = np.full((n, 1), -1, np.int32)
-        tid = np.concatenate([np.full((n, 1), tok.bos_id, np.int32), tid], axis=1)
-        did = np.concatenate([first_doc, did], axis=1)
-        dpos = np.concatenate([minus, dpos], axis=1)
-        spec = np.concatenate([np.ones((n, 1), bool), spec], axis=1)
-        mask = np.concatenate([np.ones((n, 1), bool), mask], axis=1)
-        cs, ce = np.concatenate([minus, cs], axis=1), np.concatenate([minus, ce], axis=1)
-    return Contexts(*(np.ascontiguousarray(a) for a in (tid, did, dpos, spec, mask, cs, ce)))
+    """Pack tokenized documents into contexts, all of them, in memory (see the module docstring;
+    :class:`pipeline.plan.Packer` builds any range of them from tokens kept out of memory)."""
+    from pipeline.plan import MemorySource, Packer
 
-
-def _pack_concat(tokens, doc_ids, tok, body):
-    sep = tok.sep_id if tok.sep_id is not None else tok.pad_id
-    lens = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=len(tokens))
-    seg = lens + 1  # every document is followed by the separator
-    total = int(seg.sum())
-    n_ctx = total // body
-    keep = n_ctx * body
-    starts = np.cumsum(seg) - seg
-    doc = np.repeat(np.asarray(doc_ids, np.int64), seg)
-    pos = (np.arange(total, dtype=np.int64) - np.repeat(starts, seg)).astype(np.int32)
-    is_sep = pos == np.repeat(lens, seg)
-    stream = np.full(total, sep, dtype=np.int32)
-    cs = np.full(total, -1, dtype=np.int32)
-    ce = np.full(total, -1, dtype=np.int32)
-    if len(tokens):
-        stream[~is_sep] = np.concatenate([t.ids for t in tokens]).astype(np.int32, copy=False)
-        cs[~is_sep] = np.concatenate([t.start for t in tokens])
-        ce[~is_sep] = np.concatenate([t.end for t in tokens])
-    shape = (n_ctx, body)
-    return (
-        stream[:keep].reshape(shape),
-        doc[:keep].reshape(shape),
-        pos[:keep].reshape(shape),
-        is_sep[:keep].reshape(shape).copy(),
-        np.ones(shape, bool),
-        cs[:keep].reshape(shape),
-        ce[:keep].reshape(shape),
-    )
-
-
-def _pack_truncate(tokens, doc_ids, tok, body, split_long):
-    counts = [max(1, -(-len(t) // body)) if split_long else 1 for t in tokens]
-    n_ctx = int(sum(counts))
-    tid = np.full((n_ctx, body), tok.pad_id, np.int32)
-    did = np.full((n_ctx, body), -1, np.int64)
-    dpos = np.full((n_ctx, body), -1, np.int32)
-    mask = np.zeros((n_ctx, body), bool)
-    cs = np.full((n_ctx, body), -1, np.int32)
-    ce = np.full((n_ctx, body), -1, np.int32)
-    c = 0
-    for t, d, k in zip(tokens, doc_ids, counts):
-        for j in range(k):
-            sl = slice(j * body, (j + 1) * body)
-            m = len(t.ids[sl])
-            tid[c, :m] = t.ids[sl]
-            did[c, :m] = d
-            dpos[c, :m] = np.arange(j * body, j * body + m, dtype=np.int32)
-            mask[c, :m] = True
-            cs[c, :m], ce[c, :m] = t.start[sl], t.end[sl]
-            c += 1
-    return tid, did, dpos, ~mask, mask, cs, ce
+    p = Packer(MemorySource(tokens), np.asarray(doc_ids), tok, context_size, packing, prepend_bos, split_long)
+    return p.contexts(0, len(p))
 
 
 def num_units(n_contexts: int, unit_contexts: int, *, full_only: bool = False) -> int:

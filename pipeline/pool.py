@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,43 +101,52 @@ class UnitPool:
 
     def run(
         self,
-        tasks: Sequence[Task],
+        tasks: Iterable[Task],
         *,
+        count: int | None = None,
+        total_weight: int | None = None,
         on_result: Callable[[Task, dict[str, Any]], None] | None = None,
         check: Callable[[], None] | None = None,
     ) -> PoolStats:
-        """Run every task once (retrying those of dead workers). ``check()`` is called at least
-        once a second; whatever it raises stops the pool (in-flight tasks cancelled, actors
-        killed) and propagates."""
+        """Run every task once (retrying those of dead workers). ``tasks`` is consumed lazily,
+        as actors free up (so a task's arguments, a unit's contexts, exist only while it is in
+        flight); give its ``count`` and ``total_weight`` when it is not a sequence. ``check()``
+        is called at least once a second; whatever it raises stops the pool (in-flight tasks
+        cancelled, actors killed) and propagates."""
         import ray
         from tqdm.auto import tqdm
 
         stats = PoolStats()
-        if not tasks:
+        if isinstance(tasks, Sequence):
+            count = len(tasks) if count is None else count
+            total_weight = sum(t.weight for t in tasks) if total_weight is None else total_weight
+        if count == 0:
             return stats
-        n = min(self.shape.workers, len(tasks))
+        n = min(self.shape.workers, count) if count is not None else self.shape.workers
         actor_cls = ray.remote(self.worker_cls).options(
             **self.shape.resources, max_restarts=self.max_restarts, max_task_retries=self.max_restarts, max_concurrency=2,
         )
         actors = [actor_cls.remote(self.config) for _ in range(n)]
-        queue = list(reversed(tasks))
+        pending = iter(tasks)
         inflight: dict[Any, tuple[Task, int]] = {}
         tty = sys.stderr.isatty()
         # In a Ray job's log (no terminal) the bar refreshes every 30 s rather than filling the log.
-        bar = tqdm(total=sum(t.weight for t in tasks), unit=self.unit, unit_scale=True, desc=self.desc, disable=not self.progress,
+        bar = tqdm(total=total_weight, unit=self.unit, unit_scale=True, desc=self.desc, disable=not self.progress,
                    smoothing=0.1, mininterval=0.5 if tty else 30.0, file=sys.stderr)
         t0 = time.perf_counter()
         t_first = t0
 
-        def submit(i: int) -> None:
-            task = queue.pop()
+        def submit(i: int) -> bool:
+            task = next(pending, None)
+            if task is None:
+                return False
             inflight[actors[i].process.remote(*task.args)] = (task, i)
+            return True
 
         try:
             for _ in range(2):  # two calls per actor: one computes while the other writes
                 for i in range(n):
-                    if queue:
-                        submit(i)
+                    submit(i)
             while inflight:
                 if check is not None:
                     check()
@@ -171,11 +180,11 @@ class UnitPool:
                     stats.worker_peak_rss = max(stats.worker_peak_rss, int(res.get("peak_rss", 0)))
                     stats.results.append(res)
                     bar.update(int(res.get("rows", task.weight)))
-                    bar.set_postfix_str(f"units {stats.tasks_done}/{len(tasks)}, {stats.bytes_written / max(now - t0, 1e-9) / 2**20:.0f} MiB/s")
+                    bar.set_postfix_str(f"units {stats.tasks_done}/{count if count is not None else '?'}, "
+                                        f"{stats.bytes_written / max(now - t0, 1e-9) / 2**20:.0f} MiB/s")
                     if on_result is not None:
                         on_result(task, res)
-                    if queue:
-                        submit(i)
+                    submit(i)
         finally:
             bar.close()
             for ref in inflight:

@@ -157,10 +157,10 @@ class _Loader:
         return _END
 
     def _keep(self, unit: int) -> np.ndarray:
-        rec = self.ds.record(None, unit)
-        if self.skip_special and rec.special:
+        rows, special = self.ds.unit_counts(None, unit)
+        if self.skip_special and special:
             return np.flatnonzero(~self.ds.special_mask(unit))
-        return np.arange(rec.rows)
+        return np.arange(rows)
 
     def _reader(self, epoch: int, skip: int, windows: queue.Queue) -> None:
         """Map the next windows (checking units the first time) while batches are gathered."""
@@ -328,8 +328,8 @@ class BatchIterator:
             raise NotCommittedError(f"dataset {ds.name!r} has no unit committed for all of {self.hooks}")
         kept = {}
         for u in sorted(committed):
-            rec = ds.record(None, u)
-            kept[u] = rec.rows - (rec.special if skip_special else 0)
+            rows, special = ds.unit_counts(None, u)
+            kept[u] = rows - (special if skip_special else 0)
         self._order = _Order(
             units=tuple(sorted(committed)), kept=kept, unit_rows=ds.info.unit_rows, seed=seed, shuffle=self.shuffle,
             units_per_window=max(1, -(-buffer_rows // ds.info.unit_rows)) if shuffle else 1,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -65,6 +66,55 @@ def _copy_into(out: np.ndarray, out_name: str, src: np.ndarray, src_name: str) -
         out[...] = src
 
 
+@dataclass(frozen=True)
+class _Indexed:
+    """A commit record as the commit index holds it: its counts, and its JSON, parsed when used."""
+
+    rows: int
+    special: int
+    key: str
+    raw: bytes
+
+
+INDEX_SCHEMA = pa.schema([("part", pa.string()), ("unit", pa.int64()), ("rows", pa.int64()), ("special", pa.int64()),
+                          ("key", pa.string()), ("record", pa.binary())])
+
+
+def decode_commit_index(data: bytes, *, where: str) -> dict[str | None, dict[int, _Indexed]]:
+    import pyarrow.parquet as pq
+
+    try:
+        t = pq.read_table(pa.BufferReader(data)).cast(INDEX_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, ValueError) as e:
+        raise CorruptionError(f"{where}: not a commit index ({e})") from None
+    out: dict[str | None, dict[int, _Indexed]] = {}
+    for part, unit, rows, special, key, raw in zip(*(t.column(c).to_pylist() for c in INDEX_SCHEMA.names)):
+        out.setdefault(part or None, {})[unit] = _Indexed(rows, special, key, raw)
+    return out
+
+
+def encode_commit_index(ds: ActivationDataset) -> bytes:
+    """Every valid commit record of a dataset, as the driver compacts them (see ``refresh``)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    cols: dict[str, list[Any]] = {c: [] for c in INDEX_SCHEMA.names}
+    for hook in [None, *ds.info.hooks]:
+        for unit in sorted(ds._commits.get(hook, {})):  # noqa: SLF001 - the reader's own state
+            try:
+                rec = ds.record(hook, unit) if hook is None or unit in ds._commits.get(None, {}) else None  # noqa: SLF001
+            except CorruptionError:
+                continue
+            if rec is None:  # a hook's record whose token record is missing: keep it listed, not indexed
+                continue
+            for c, v in zip(INDEX_SCHEMA.names, (hook or "", unit, rec.rows, rec.special, layout.commit_key(ds.name, hook, unit), rec.to_json())):
+                cols[c].append(v)
+    buf = io.BytesIO()
+    pq.write_table(pa.table(cols, schema=INDEX_SCHEMA), buf, compression="zstd")
+    return buf.getvalue()
+
+
 class ActivationDataset:
     """A dataset opened for reading. It sees the units committed when it was opened (or last
     :meth:`refresh`-ed), so a notebook gets a consistent view while a job keeps writing.
@@ -74,12 +124,14 @@ class ActivationDataset:
     unreadable (:class:`CorruptionError`) and is reported by :meth:`verify`; other units stay
     readable."""
 
-    def __init__(self, store: Store, name: str) -> None:
+    def __init__(self, store: Store, name: str, *, use_index: bool = True) -> None:
         self.store = store
+        self._use_index = use_index  # False: list every record (what compacting the index needs)
         self.storage = store.storage
         self.name = layout.check_name(name)
         self.info: DatasetInfo = load_manifest(self.storage, name)
-        self._commits: dict[str | None, dict[int, CommitRecord]] = {}
+        self._commits: dict[str | None, dict[int, CommitRecord | _Indexed]] = {}
+        self._index: tuple[str, dict[str | None, dict[int, _Indexed]]] | None = None
         self.damaged: dict[tuple[str | None, int], str] = {}  # (hook or None, unit) -> what is wrong with its record
         self._mapped: dict[tuple[str, int], np.ndarray] = {}
         self._tokens: dict[int, pa.Table] = {}
@@ -94,22 +146,33 @@ class ActivationDataset:
 
     def refresh(self) -> ActivationDataset:
         """Pick up units (and hooks, and growth) committed since the dataset was opened, and
-        forget units whose records were removed (by a repair)."""
+        forget units whose records were removed (by a repair). Records come from the dataset's
+        commit index (one read) and from listing only the record folders it does not cover."""
         self.info = load_manifest(self.storage, self.name)
+        index = self._load_index()
+        n, group = self.info.num_units, layout.COMMIT_GROUP
         todo: list[tuple[str | None, int, str]] = []
         for hook in [None, *self.info.hooks]:
             have = self._commits.setdefault(hook, {})
-            present: dict[int, str] = {}
-            for key in self.storage.list(layout.commits_dir(self.name, hook)):
-                u = layout.unit_of_commit_key(key)
-                if u is not None and key == layout.commit_key(self.name, hook, u):
-                    present[u] = key
+            indexed = index.get(hook, {})
+            listed: dict[int, str] = {}
+            for g in range(-(-n // group)):
+                if all(u in indexed for u in range(g * group, min(n, (g + 1) * group))):
+                    continue  # the index holds every unit of this folder: no listing
+                for key in self.storage.list(layout.commit_group_dir(self.name, hook, g)):
+                    u = layout.unit_of_commit_key(key)
+                    if u is not None and key == layout.commit_key(self.name, hook, u):
+                        listed[u] = key
+            present = set(indexed) | set(listed)
             for u in [u for u in have if u not in present]:
                 del have[u]
                 self._forget(hook, u)
             for hu in [hu for hu in self.damaged if hu[0] == hook and hu[1] not in present]:
                 del self.damaged[hu]
-            todo += [(hook, u, k) for u, k in present.items() if u not in have and (hook, u) not in self.damaged]
+            for u, entry in indexed.items():
+                if u not in have and (hook, u) not in self.damaged:
+                    have[u] = entry
+            todo += [(hook, u, k) for u, k in listed.items() if u not in have and (hook, u) not in self.damaged]
         with ThreadPoolExecutor(_IO_THREADS) as pool:
             results = list(pool.map(lambda t: self._load_record(*t), todo))
         for (hook, u, _), res in zip(todo, results):
@@ -118,6 +181,28 @@ class ActivationDataset:
             else:
                 self.damaged[(hook, u)] = res
         return self
+
+    def _load_index(self) -> dict[str | None, dict[int, _Indexed]]:
+        key = (self.info.aux.get("commit_index") or {}).get("key")
+        if key is None or not self._use_index:
+            return {}
+        if self._index is None or self._index[0] != key:
+            try:
+                _, data = self.aux_file("commit_index")  # type: ignore[misc]
+                self._index = (key, decode_commit_index(data, where=f"dataset {self.name!r} commit index ({key})"))
+            except CorruptionError as e:  # derived data: list every record instead (verify reports it)
+                log.warning("%s; reading the commit records themselves", e)
+                self._index = (key, {})
+        return self._index[1]
+
+    def unit_counts(self, hook: str | None, unit: int) -> tuple[int, int]:
+        """``(rows, special rows)`` of a committed unit, without parsing its record."""
+        entry = self._commits.get(hook, {}).get(unit)
+        damaged = (hook, unit) in self.damaged or (None, unit) in self.damaged
+        if entry is None or damaged or (hook is not None and unit not in self._commits.get(None, {})):
+            self.record(hook, unit)  # raises the error that says why
+        assert entry is not None
+        return entry.rows, entry.special
 
     def _forget(self, hook: str | None, unit: int) -> None:
         if hook is None:
@@ -132,6 +217,9 @@ class ActivationDataset:
             data = self.storage.read(key)
         except FileNotFoundError:
             return "commit record disappeared while reading (a repair?)"
+        return self._parse_record(hook, unit, key, data)
+
+    def _parse_record(self, hook: str | None, unit: int, key: str, data: bytes) -> CommitRecord | str:
         try:
             rec = CommitRecord.from_json(data, where=key)
             info = self.info
@@ -171,7 +259,8 @@ class ActivationDataset:
 
     def num_rows(self, hook: str | None = None) -> int:
         """Committed token rows of ``hook`` (of the token table, for ``None``)."""
-        return sum(self.record(hook, u).rows for u in self.committed_units(hook))
+        part = self._commits.get(hook, {})
+        return sum(part[u].rows for u in self.committed_units(hook))
 
     @property
     def is_complete(self) -> bool:
@@ -185,6 +274,13 @@ class ActivationDataset:
                     f"dataset {self.name!r} unit {unit}: {self.damaged[(part, unit)]} (run `strata verify --repair`)"
                 )
         rec = self._commits.get(hook, {}).get(unit)
+        if isinstance(rec, _Indexed):  # from the commit index: parsed (and checked) when first used
+            parsed = self._parse_record(hook, unit, rec.key, rec.raw)
+            if isinstance(parsed, str):
+                self.damaged[(hook, unit)] = parsed
+                del self._commits[hook][unit]
+                return self.record(hook, unit)
+            self._commits[hook][unit] = rec = parsed
         if rec is None or (hook is not None and unit not in self._commits.get(None, {})):
             if hook is not None:
                 self.check_hook(hook)
@@ -392,7 +488,7 @@ class ActivationDataset:
         blocks: list[tuple[int, int, int]] = []
         idx: np.ndarray | None = None
         if rows is None and docs is None:
-            blocks = [(u, 0, self.record(hook, u).rows) for u in self.committed_units(hook)]
+            blocks = [(u, 0, self.unit_counts(hook, u)[0]) for u in self.committed_units(hook)]
         elif docs is not None:
             found = self._rows_of_docs(hook, docs)
             if isinstance(found, np.ndarray):

@@ -6,7 +6,8 @@
     datasets/NAME/aux/tokenizer-*.json           the tokenizer, to decode tokens to text (driver)
     datasets/NAME/acts/HOOK/                     a Zarr v3 array [rows, d]: one shard per unit
     datasets/NAME/tokens/unit-K.ATTEMPT.parquet  the unit's token table (one file per attempt)
-    datasets/NAME/commits/{tokens,acts/HOOK}/K.json   commit records
+    datasets/NAME/commits/{tokens,acts/HOOK}/GGGGGG/K.json   commit records, 1000 units a folder
+    datasets/NAME/aux/commit_index-*.parquet     every record, compacted by the driver
     datasets/NAME/lease/GEN.json                 write-lease generations (fencing tokens)
     datasets/NAME/verify.json                    the outcome of the last verify
     catalog/NAME.parquet                         one row per dataset
@@ -115,13 +116,22 @@ def tokens_key_pattern(name: str, unit: int) -> re.Pattern[str]:
     return re.compile(re.escape(f"{tokens_dir(name)}/unit-{unit:08d}.") + r"[0-9a-f]{12}\.parquet")
 
 
+#: Commit records are kept in folders of this many units: a reader lists only the folders the
+#: dataset's commit index does not cover whole (a finished dataset: none).
+COMMIT_GROUP = 1000
+
+
 def commits_dir(name: str, hook: str | None) -> str:
     sub = "tokens" if hook is None else f"acts/{hook}"
     return f"{dataset_dir(name)}/commits/{sub}"
 
 
+def commit_group_dir(name: str, hook: str | None, group: int) -> str:
+    return f"{commits_dir(name, hook)}/{group:06d}"
+
+
 def commit_key(name: str, hook: str | None, unit: int) -> str:
-    return f"{commits_dir(name, hook)}/{unit:08d}.json"
+    return f"{commit_group_dir(name, hook, unit // COMMIT_GROUP)}/{unit:08d}.json"
 
 
 _COMMIT_FILE = re.compile(r"^(\d{8})\.json$")

@@ -167,5 +167,8 @@ def repair(ds: ActivationDataset, report: VerifyReport | None = None) -> RepairR
                 ds.storage.delete(layout.shard_key(ds.name, p.hook, p.unit))
             out.removed.append(p)
         ds.refresh()
+        if out.removed:  # the commit index must not name the removed records
+            ds.store.writer(ds.name, fence=lease.token).compact_commits(full=True)
+            ds.refresh()
         _record_outcome(ds, {**report.to_dict(), "repaired_units": out.units, "ok": False if out.removed else report.ok})
     return out

@@ -112,6 +112,17 @@ class DatasetWriter:
             return info
         return self._publish(info.with_changes(aux={**info.aux, kind: entry}))
 
+    def compact_commits(self, *, full: bool = False) -> DatasetInfo:
+        """Compact every commit record into the dataset's commit index (driver only, when no
+        worker writes: at the end of a job, after a repair). Readers then open and refresh the
+        dataset with one read instead of one per record. Incremental by default (the old index
+        for the record folders it covers, the records themselves for the rest); ``full``
+        rereads every record (after a repair: the old index may name removed records)."""
+        from store.dataset import ActivationDataset, encode_commit_index
+
+        ds = ActivationDataset(self.store, self.name, use_index=not full)
+        return self._write_aux("commit_index", encode_commit_index(ds), "parquet")
+
     def update_meta(self, **meta: Any) -> DatasetInfo:
         """Update provenance fields of the manifest (driver only); identity fields are refused."""
         from store.manifest import IDENTITY_META_KEYS

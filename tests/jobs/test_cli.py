@@ -142,7 +142,7 @@ def test_verify_repair_then_the_units_are_missing_not_damaged(root: str, capsys)
 
 def test_damaged_manifest_and_record_are_reported_not_tracebacks(root: str, capsys) -> None:
     (Path(root) / "datasets/alpha/manifest.json").write_text('{"format": "strata.act')
-    rec = Path(root) / f"datasets/beta/commits/acts/{HOOK}/00000001.json"
+    rec = Path(root) / f"datasets/beta/commits/acts/{HOOK}/000000/00000001.json"
     rec.write_bytes(rec.read_bytes()[:50])
     assert main(["ls", root]) == 1
     out = capsys.readouterr().out.splitlines()
@@ -150,7 +150,7 @@ def test_damaged_manifest_and_record_are_reported_not_tracebacks(root: str, caps
     assert out[1].startswith("beta\t") and "damaged records=1" in out[1]
     assert main(["verify", root]) == 1
     out = capsys.readouterr().out
-    assert "alpha: DAMAGED:" in out and f"unit 1 {HOOK} (datasets/beta/commits/acts/{HOOK}/00000001.json): damaged commit record" in out
+    assert "alpha: DAMAGED:" in out and f"unit 1 {HOOK} (datasets/beta/commits/acts/{HOOK}/000000/00000001.json): damaged commit record" in out
     assert main(["show", root, "alpha"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "damaged manifest" in err and "Traceback" not in err

@@ -187,7 +187,7 @@ def _run_writers(uri: str, name: str, plan: list[list[int]], *, barrier: bool = 
 
 def _commit(uri: str, endpoint: str, name: str, hook: str | None, unit: int) -> dict:
     sub = "tokens" if hook is None else f"acts/{hook}"
-    bucket, key = _bucket_and_key(uri, f"datasets/{name}/commits/{sub}/{unit:08d}.json")
+    bucket, key = _bucket_and_key(uri, f"datasets/{name}/commits/{sub}/{unit // 1000:06d}/{unit:08d}.json")
     return json.loads(_s3(endpoint).get_object(Bucket=bucket, Key=key)["Body"].read())
 
 
@@ -230,8 +230,8 @@ def test_writer_processes_commit_every_unit_once(processes_wrote, s3_env: str) -
     # Exactly one commit record per unit and hook, each naming the process that wrote it, and
     # exactly one token table per unit.
     units = list(range(7))
-    assert _keys(uri, s3_env, "datasets/mp/commits/tokens") == [f"{u:08d}.json" for u in units]
-    assert _keys(uri, s3_env, f"datasets/mp/commits/acts/{HOOK}") == [f"{u:08d}.json" for u in units]
+    assert _keys(uri, s3_env, "datasets/mp/commits/tokens") == [f"000000/{u:08d}.json" for u in units]
+    assert _keys(uri, s3_env, f"datasets/mp/commits/acts/{HOOK}") == [f"000000/{u:08d}.json" for u in units]
     tables = _keys(uri, s3_env, "datasets/mp/tokens")
     assert [t.split(".")[0] for t in tables] == [f"unit-{u:08d}" for u in units]
     for u in range(6):
