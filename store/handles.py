@@ -57,7 +57,18 @@ class SAEHandle:
 
     @property
     def cfg(self) -> dict[str, Any]:
+        """sae-lens's ``cfg.json`` (architecture, d_in, d_sae, ...)."""
         return self.artifact.read_json("cfg.json")
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What the training job committed with it: ``config_hash`` and the resolved ``config``
+        (how a rerun tells a finished SAE from the same name with another config)."""
+        return self.artifact.meta
+
+    @property
+    def files(self) -> list[str]:
+        return self.artifact.files
 
     @property
     def path(self) -> Path:
