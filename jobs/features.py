@@ -1,9 +1,157 @@
-"""`strata features ...`: feature tables of SAE latents (being built)."""
+"""`strata features ...`: feature tables of SAE latents.
+
+    strata features encode SPEC.yaml [--set k=v] [--no-progress]   encode a dataset with a stored SAE
+    strata features ls STORE                                       list feature tables
+    strata features show STORE NAME                                one table as JSON: identity, units, generation
+    strata features top STORE NAME FEATURE [-k 20] [--json]        a feature's top contexts
+    strata features html STORE NAME --out DIR [--features ...]     static HTML feature pages
+
+Reading commands never create a store. Bad input (an unknown store, table or SAE, a feature out
+of range) is one line on stderr and exit code 2, with nothing written.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from typing import Any
+
+
+def _open(uri: str) -> Any:
+    import store
+
+    return store.open(uri, create=False)
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return n
+
+
+def _nonneg(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return n
+
+
+def parse_features(items: list[str] | None) -> list[int] | None:
+    """``["3", "10-12,40"]`` -> ``[3, 10, 11, 12, 40]``."""
+    if not items:
+        return None
+    out: list[int] = []
+    for item in items:
+        for part in filter(None, item.split(",")):
+            a, sep, b = part.partition("-")
+            try:
+                out.extend(range(int(a), int(b) + 1) if sep else [int(a)])
+            except ValueError:
+                raise SystemExit(f"strata features: error: --features takes indices and ranges such as 3 10-12,40, not {part!r}") from None
+    return out
+
+
+def _cmd_encode(args: argparse.Namespace) -> int:
+    from jobs.features_encode import main as encode_main
+
+    argv = [args.spec, *sum((["--set", kv] for kv in args.set or []), [])]
+    return encode_main(argv + (["--no-progress"] if args.no_progress else []))
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    s = _open(args.store)
+    names = s.feature_tables()
+    if not names:
+        print(f"{s.uri}: no feature tables")
+        return 0
+    for name in names:
+        fs = s.features(name)
+        i = fs.info
+        print(f"{name}\tsae={i.sae}\t{i.dataset}:{i.hook}\td_sae={i.d_sae}\tunits={len(fs.units)}\tmerged={len(fs.merged_units)}"
+              + ("\tSTALE (rerun encode)" if fs.stale else ""))
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    fs = _open(args.store).features(args.name)
+    out = asdict(fs.info)
+    out["units"] = fs.units
+    out["merged_units"] = fs.merged_units
+    out["stale"] = fs.stale
+    if fs.merged_units:
+        out["encoded_rows"] = fs.encoded_rows
+    out["damaged_records"] = {str(u): m for u, m in fs.damaged.items()}
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+def _cmd_top(args: argparse.Namespace) -> int:
+    fs = _open(args.store).features(args.name)
+    f = fs.check_feature(args.feature)
+    t = fs.top(f, k=min(args.k, fs.info.top_k), before=args.before, after=args.after)
+    if args.json:
+        print(json.dumps(t.to_pylist(), indent=1))
+        return 0
+    st = fs.stats().slice(f, 1).to_pylist()[0]
+    print(f"feature {f} of {fs.name!r} (SAE {fs.info.sae!r}, {fs.info.dataset}:{fs.info.hook}): count {st['count']:,}, "
+          f"density {st['density']:.4g}, mean {st['mean_activation']:.4g}, max {st['max_activation']:.4g}")
+    print(f"{'#':>3} {'activation':>10} {'row':>10} {'doc':>8} {'pos':>4}  context")
+    for i, r in enumerate(t.to_pylist(), 1):
+        ctx = r["context"].replace("\n", "\\n").replace("\t", "\\t")
+        print(f"{i:>3} {r['activation']:>10.4g} {r['row']:>10} {r['doc_id']:>8} {r['position']:>4}  {ctx}")
+    if fs.stale:
+        print(f"(statistics cover {len(fs.merged_units)} of {len(fs.units)} encoded units: rerun `strata features encode`)", file=sys.stderr)
+    return 0
+
+
+def _cmd_html(args: argparse.Namespace) -> int:
+    from analysis.features import write_pages
+
+    fs = _open(args.store).features(args.name)
+    index = write_pages(fs, args.out, features=parse_features(args.features), k=args.k, max_pages=args.max_pages)
+    print(f"wrote {index} (open it in a browser)")
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argparse's own type
     """Add this module's subcommands to the `strata` parser."""
+    p = sub.add_parser("features", help="feature tables of SAE latents: encode, ls, show, top, html")
+    fsub = p.add_subparsers(dest="features_command", required=True)
+
+    q = fsub.add_parser("encode", help="encode a dataset with a stored SAE into a feature table (spec YAML)")
+    q.add_argument("spec")
+    q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key, e.g. top_k=32")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.set_defaults(func=_cmd_encode)
+
+    q = fsub.add_parser("ls", help="list the feature tables of a store")
+    q.add_argument("store")
+    q.set_defaults(func=_cmd_ls)
+
+    q = fsub.add_parser("show", help="one feature table as JSON")
+    q.add_argument("store")
+    q.add_argument("name")
+    q.set_defaults(func=_cmd_show)
+
+    q = fsub.add_parser("top", help="a feature's top activating contexts")
+    q.add_argument("store")
+    q.add_argument("name")
+    q.add_argument("feature", type=int)
+    q.add_argument("-k", type=_positive, default=20, help="how many (at most the table's top_k)")
+    q.add_argument("--before", type=_nonneg, default=8, help="tokens of context before the token")
+    q.add_argument("--after", type=_nonneg, default=4, help="tokens of context after the token")
+    q.add_argument("--json", action="store_true", help="print JSON records")
+    q.set_defaults(func=_cmd_top)
+
+    q = fsub.add_parser("html", help="write static HTML feature pages")
+    q.add_argument("store")
+    q.add_argument("name")
+    q.add_argument("--out", required=True, help="folder to write index.html and feature-F.html into")
+    q.add_argument("--features", nargs="+", metavar="F", help="features to write pages for: indices and ranges (3 10-12,40)")
+    q.add_argument("-k", type=_positive, default=20, help="top contexts per page")
+    q.add_argument("--max-pages", type=_positive, default=1000, help="without --features: pages for this many of the densest features")
+    q.set_defaults(func=_cmd_html)

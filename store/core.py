@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from zarr.abc.store import Store as ZarrStore
 
     from store.dataset import ActivationDataset
+    from store.features import FeatureTable
     from store.handles import AnalysisHandle, SAEHandle
 
 log = logging.getLogger(__name__)
@@ -201,6 +202,18 @@ class Store:
         from store.handles import AnalysisHandle
 
         return AnalysisHandle(self, name)
+
+    def features(self, name: str) -> FeatureTable:
+        """A feature table of SAE latents (``.stats()``, ``.top(f, k)``, ``.activations(f)``, ``.latents(rows=...)``)."""
+        from store.features import FeatureTable
+
+        return FeatureTable(self, name)
+
+    def feature_tables(self) -> list[str]:
+        """Names of the feature tables."""
+        from store.features import table_names
+
+        return table_names(self)
 
     def artifact_lease(self, kind: str, name: str, *, owner: str = "", stale_after_s: float = 60.0) -> Lease:
         """The write lease of an artifact folder (``saes``/``analyses``/... and a name)."""
