@@ -35,8 +35,8 @@ class JobKind:
 KINDS = (
     JobKind("extract", "pipeline.config:ExtractSpec", "jobs.extract", ("store", "corpus.path", "model.id"), ("model", "corpus")),
     JobKind("sae", "analysis.sae.config:SAETrainSpec", "jobs.sae_train", ("store",), ("architecture",)),
-    JobKind("features", "pipeline.encode:FeaturesSpec", "jobs.features_encode", ("store",), ("sae", "top_k")),
-    JobKind("analysis", "analysis.spec:AnalysisSpec", "jobs.analyze_run", ("store",), ("analysis", "metrics")),
+    JobKind("features", "pipeline.encode:EncodeSpec", "jobs.features_encode", ("store",), ("sae",)),
+    JobKind("analysis", "analysis.similarity.spec:AnalyzeSpec", "jobs.analyze_run", ("store",), ("analyses",)),
 )
 
 

@@ -27,6 +27,7 @@ from store.errors import (
     UnknownDocumentError,
     WriteMismatchError,
 )
+from store.aligned import AlignmentError, align_tokens, iter_aligned
 from store.artifacts import Artifact, ArtifactExistsError, ArtifactNotFoundError
 from store.handles import AnalysisHandle, SAEHandle
 from store.lease import Fence, Lease
@@ -47,6 +48,9 @@ def __getattr__(name: str):  # noqa: ANN202
 __all__ = [
     "open",
     "Store",
+    "iter_aligned",
+    "align_tokens",
+    "AlignmentError",
     "ActivationDataset",
     "BatchIterator",
     "DatasetWriter",

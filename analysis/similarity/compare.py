@@ -1,0 +1,360 @@
+"""``compare``: similarity metrics between two (dataset, hook) sides of the store.
+
+Rows are paired by :func:`store.aligned.align_tokens` (``align="tokens"``) or pooled per
+document (``align="docs"``: the mean over each document's non-special tokens, documents present
+on both sides). Then:
+
+* **streaming metrics** (``linear_cka``, ``debiased_cka``, ``cca``, ``svcca``, ``pwcca``,
+  ``procrustes``, ``r2``, ``cosine``) come from one pass of float64 co-moments
+  (:class:`Moments`): the pairs are cut into ranges of whole side-A units, each range is one
+  task (a Ray task when Ray runs in this process) that reads its rows from the store in chunks
+  of ``chunk_rows`` and returns its partial moments (``O(d^2)`` floats: ~14 MB at d = 768), and
+  the parts are merged exactly. The values do not depend on the number of tasks or the chunk
+  size beyond float64 rounding. ``r2`` fits on the training units and scores on held-out units
+  (``holdout``: a seeded fraction of side A's units), both directions;
+* **sampled metrics** (``rbf_cka``, ``minibatch_cka``, ``mutual_knn``, ``rsa``) hold ``n x n``
+  matrices, so they run on a seeded uniform sample of ``sample_rows`` pairs (``n_sample`` in the
+  result).
+
+``max_rows`` keeps the first pairs in side-A row order (the fewest units read). With
+``align="docs"`` the pooled matrices (``documents x d``) are held in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from ._moments import Moments
+from ._ridge import r2_from_moments
+from ._sampled import minibatch_cka, mutual_knn, rbf_cka, rsa
+from ._streaming import from_moments
+from ._tasks import Executor, StoreRef, split_ranges
+from .errors import AnalysisError
+
+if TYPE_CHECKING:
+    from store import ActivationDataset
+    from store.aligned import Alignment
+
+log = logging.getLogger(__name__)
+
+__all__ = ["METRICS", "STREAM", "SAMPLED", "CompareOptions", "ComparePlan", "compare", "plan_compare", "run_compare", "min_rows"]
+
+STREAM: tuple[str, ...] = ("linear_cka", "debiased_cka", "cca", "svcca", "pwcca", "procrustes", "r2", "cosine")
+SAMPLED: tuple[str, ...] = ("rbf_cka", "minibatch_cka", "mutual_knn", "rsa")
+METRICS: tuple[str, ...] = STREAM + SAMPLED
+DEFAULT_METRICS: tuple[str, ...] = ("linear_cka", "debiased_cka", "svcca", "procrustes")
+Side = tuple["ActivationDataset", str]
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """Settings of the metrics (recorded with every result)."""
+
+    keep: float = 0.99  # SVCCA: variance fraction kept per side
+    ridge: float = 1e-3  # r2: relative ridge (see analysis.similarity._ridge)
+    holdout: float = 0.2  # r2: fraction of side-A units (documents, with align="docs") held out
+    sample_rows: int = 2048  # sampled metrics: rows in the seeded sample
+    seed: int = 0  # the sample, the held-out units, minibatch shuffles
+    sigma_frac: float = 0.8  # rbf_cka: bandwidth as a fraction of the median distance
+    knn_k: int = 10  # mutual_knn: neighbours
+    minibatch_size: int = 256  # minibatch_cka: rows per batch
+    rsa_metric: str = "correlation"  # rsa: dissimilarity of two rows
+    chunk_rows: int = 16384  # rows per read (and per co-moment update) in a task
+    tasks: int | None = None  # partial-moment tasks; default: the cluster's CPUs (1 without Ray)
+
+
+def min_rows(metric: str, opts: CompareOptions) -> int:
+    """Fewest aligned rows ``metric`` is defined on."""
+    return {"debiased_cka": 4, "cosine": 1, "rbf_cka": 3, "rsa": 3, "r2": 4,
+            "minibatch_cka": opts.minibatch_size, "mutual_knn": opts.knn_k + 1}.get(metric, 2)
+
+
+@dataclass
+class ComparePlan:
+    """What :func:`run_compare` will do, checked before anything is read (``plan_compare``)."""
+
+    a: Side
+    b: Side
+    metrics: list[str]
+    align: str
+    opts: CompareOptions
+    alignment: Alignment | None = None  # align="tokens"
+    docs: dict[str, Any] = field(default_factory=dict)  # align="docs": ids, rows and doc index per side
+    n: int = 0
+    test_units: list[int] = field(default_factory=list)
+
+    @property
+    def n_sample(self) -> int:
+        return min(self.opts.sample_rows, self.n) if any(m in SAMPLED for m in self.metrics) else 0
+
+    def provenance(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"align": self.align, "n": self.n, "n_sample": self.n_sample, "metrics": self.metrics,
+                               "options": asdict(self.opts), "holdout_units": self.test_units}
+        if self.alignment is not None:
+            out["alignment"] = self.alignment.summary()
+            out["units_a"], out["units_b"] = list(self.alignment.units[0]), list(self.alignment.units[1])
+        else:
+            out["alignment"] = {"method": "docs", "documents": self.n, "candidates": self.docs.get("candidates")}
+        return out
+
+
+def _label(side: Side) -> str:
+    return f"{side[0].name}:{side[1]}"
+
+
+def _check_metrics(metrics: Sequence[str] | str | None) -> list[str]:
+    names = list(DEFAULT_METRICS if metrics is None else ([metrics] if isinstance(metrics, str) else metrics))
+    bad = [m for m in names if m not in METRICS]
+    if bad:
+        raise AnalysisError(f"unknown metric {bad[0]!r}; valid metrics are: {', '.join(METRICS)}")
+    if not names:
+        raise AnalysisError("no metric asked for; valid metrics are: " + ", ".join(METRICS))
+    return list(dict.fromkeys(names))
+
+
+def plan_compare(a: Side, b: Side, metrics: Sequence[str] | None = None, *, align: Literal["tokens", "docs"] = "tokens",
+                 max_rows: int | None = None, opts: CompareOptions | None = None) -> ComparePlan:
+    """Check the inputs and pair the rows; raises :class:`AnalysisError` (or the store's
+    ``AlignmentError``/``HookNotFoundError``) with a one-line message before any activation is read."""
+    from store.aligned import align_tokens
+
+    opts = opts or CompareOptions()
+    names = _check_metrics(metrics)
+    for ds, hook in (a, b):
+        ds.check_hook(hook)
+    da, db = a[0].info.hooks[a[1]].d, b[0].info.hooks[b[1]].d
+    if "cosine" in names and da != db:
+        raise AnalysisError(f"cosine needs the same width on both sides, but {_label(a)} has d={da} and {_label(b)} d={db}")
+    if max_rows is not None and max_rows < 1:
+        raise AnalysisError(f"`max_rows` must be >= 1, got {max_rows}")
+    plan = ComparePlan(a, b, names, align, opts)
+    if align == "tokens":
+        al = align_tokens([a, b])
+        if max_rows is not None and max_rows < len(al):
+            al = al.subset(slice(0, max_rows))
+        plan.alignment, plan.n = al, len(al)
+    elif align == "docs":
+        plan.docs = _doc_pairs(a, b)
+        ids = plan.docs["ids"][: max_rows or None]
+        plan.docs["ids"], plan.n = ids, int(ids.size)
+    else:
+        raise AnalysisError(f"`align` must be 'tokens' or 'docs', got {align!r}")
+    for m in names:
+        need = min_rows(m, opts)
+        n = plan.n_sample if m in SAMPLED else plan.n
+        if n < need:
+            what = "documents" if align == "docs" else "aligned rows"
+            raise AnalysisError(f"{m} needs at least {need} {what}, but {_label(a)} and {_label(b)} have {n}")
+    if "r2" in names:
+        plan.test_units = _holdout(plan)
+    return plan
+
+
+def _holdout(plan: ComparePlan) -> list[int]:
+    """Held-out side-A units (or document ids, with align="docs") for r2: a seeded fraction, at least one."""
+    groups = np.unique(plan.alignment.rows[0] // plan.a[0].info.unit_rows) if plan.alignment is not None else plan.docs["ids"]
+    if groups.size < 2:
+        what = "units" if plan.alignment is not None else "documents"
+        raise AnalysisError(f"r2 fits on some {what} and scores on others, but {_label(plan.a)} has only {groups.size} {what[:-1]}")
+    k = min(groups.size - 1, max(1, int(round(plan.opts.holdout * groups.size))))
+    pick = np.random.default_rng([plan.opts.seed, 2]).permutation(groups.size)[:k]
+    return sorted(int(g) for g in groups[pick])
+
+
+# -- align="docs" ----------------------------------------------------------------------------------
+
+
+def _side_doc_rows(ds: ActivationDataset, hook: str) -> tuple[np.ndarray, np.ndarray, set[int]]:
+    """(rows, their doc ids) of the non-special committed tokens of ``hook``, and the documents
+    known to be whole (every row in a committed unit)."""
+    import pyarrow.compute as pc
+
+    t = ds.tokens(hook)
+    t = t.filter(pc.and_(pc.invert(t.column("special")), pc.greater_equal(t.column("doc_id"), 0)))
+    rows, docs = t.column("row").to_numpy(), t.column("doc_id").to_numpy()
+    index = ds.docs()
+    if index is None:
+        whole = set(np.unique(docs).tolist())
+    else:
+        ur = ds.info.unit_rows
+        committed = set(ds.committed_units(hook))
+        whole = {int(d) for d, s, e in zip(index.column("doc_id").to_numpy(), index.column("row_start").to_numpy(),
+                                          index.column("row_end").to_numpy())
+                 if s >= 0 and all(u in committed for u in range(s // ur, (e - 1) // ur + 1))}
+    return rows, docs, whole
+
+
+def _doc_pairs(a: Side, b: Side) -> dict[str, Any]:
+    from store.aligned import AlignmentError, _check_documents
+
+    _check_documents([a, b])
+    ra, da, wa = _side_doc_rows(*a)
+    rb, db, wb = _side_doc_rows(*b)
+    ids = np.array(sorted(wa & wb & set(np.unique(da).tolist()) & set(np.unique(db).tolist())), dtype=np.int64)
+    if ids.size == 0:
+        raise AlignmentError(f"cannot align {_label(a)} with {_label(b)} by documents: no document is wholly committed on both sides")
+    return {"ids": ids, "a": (ra, da), "b": (rb, db), "candidates": [len(wa), len(wb)]}
+
+
+def _pool_task(ref: StoreRef, name: str, hook: str, rows: np.ndarray, slot: np.ndarray, n_docs: int, chunk_rows: int) -> dict[str, np.ndarray]:
+    """Sums and counts of ``rows`` per document slot (``slot[i]`` of row ``i``)."""
+    import scipy.sparse as sp
+
+    ds = ref.dataset(name)
+    sums = np.zeros((n_docs, ds.info.hooks[hook].d))
+    for s in range(0, rows.size, chunk_rows):
+        x = np.asarray(ds.read(hook, rows=rows[s : s + chunk_rows]), dtype=np.float64)
+        k = x.shape[0]
+        onehot = sp.csr_matrix((np.ones(k), (slot[s : s + k], np.arange(k))), shape=(n_docs, k))
+        sums += onehot @ x
+    return {"sums": sums, "counts": np.bincount(slot, minlength=n_docs).astype(np.int64)}
+
+
+def _pooled(plan: ComparePlan, ex: Executor) -> tuple[np.ndarray, np.ndarray]:
+    ids = plan.docs["ids"]
+    parts = max(1, plan.opts.tasks or ex.default_tasks())
+    groups = np.array_split(np.arange(ids.size), min(parts, ids.size))
+    out = []
+    for key, (ds, hook) in (("a", plan.a), ("b", plan.b)):
+        rows, docs = plan.docs[key]
+        pos = np.searchsorted(ids, docs)
+        inside = (pos < ids.size) & (ids[np.minimum(pos, ids.size - 1)] == docs)
+        rows, pos = rows[inside], pos[inside]
+        tasks = []
+        for g in groups:
+            sel = (pos >= g[0]) & (pos <= g[-1])
+            tasks.append((ex.ref(ds), ds.name, hook, rows[sel], pos[sel] - g[0], g.size, plan.opts.chunk_rows))
+        res = ex.map(_pool_task, tasks)
+        sums = np.concatenate([r["sums"] for r in res])
+        counts = np.concatenate([r["counts"] for r in res])
+        out.append(sums / counts[:, None])
+    return out[0], out[1]
+
+
+# -- align="tokens": partial moments per range of units -------------------------------------------
+
+
+def _moments_task(ref_a: StoreRef, name_a: str, hook_a: str, ref_b: StoreRef, name_b: str, hook_b: str,
+                  rows_a: np.ndarray, rows_b: np.ndarray, test: np.ndarray | None, chunk_rows: int) -> dict[str, Any]:
+    """Co-moments of the pairs ``(rows_a[i], rows_b[i])``; with ``test`` (a mask), separate
+    moments of the training and held-out pairs."""
+    ds_a = ref_a.dataset(name_a)
+    ds_b = ds_a if (ref_a, name_a) == (ref_b, name_b) else ref_b.dataset(name_b)
+    da, db = ds_a.info.hooks[hook_a].d, ds_b.info.hooks[hook_b].d
+    parts = {"train": Moments(da, db), "test": Moments(da, db)} if test is not None else {"all": Moments(da, db)}
+    for s in range(0, rows_a.size, chunk_rows):
+        x = ds_a.read(hook_a, rows=rows_a[s : s + chunk_rows])
+        y = ds_b.read(hook_b, rows=rows_b[s : s + chunk_rows])
+        if test is None:
+            parts["all"].update(x, y)
+        else:
+            t = test[s : s + chunk_rows]
+            parts["train"].update(x[~t], y[~t])
+            parts["test"].update(x[t], y[t])
+    return {k: m.to_dict() for k, m in parts.items()}
+
+
+def _streamed(plan: ComparePlan, ex: Executor) -> dict[str, Moments]:
+    al = plan.alignment
+    ur = plan.a[0].info.unit_rows
+    units = al.rows[0] // ur
+    test = np.isin(units, plan.test_units) if plan.test_units else None
+    ranges = split_ranges(units, plan.opts.tasks or ex.default_tasks())
+    (ds_a, hook_a), (ds_b, hook_b) = plan.a, plan.b
+    ra, rb = ex.ref(ds_a), ex.ref(ds_b)
+    tasks = [(ra, ds_a.name, hook_a, rb, ds_b.name, hook_b, al.rows[0][r], al.rows[1][r],
+              None if test is None else test[r], plan.opts.chunk_rows) for r in ranges]
+    log.info("compare %s vs %s: %d pairs in %d task(s)", _label(plan.a), _label(plan.b), len(al), len(tasks))
+    results = ex.map(_moments_task, tasks)
+    keys = results[0].keys()
+    return {k: Moments.sum(Moments.from_dict(r[k]) for r in results) for k in keys}
+
+
+# -- running -----------------------------------------------------------------------------------------
+
+
+def _sample_index(plan: ComparePlan) -> np.ndarray:
+    rng = np.random.default_rng([plan.opts.seed, 1])
+    return np.sort(rng.choice(plan.n, size=plan.n_sample, replace=False))
+
+
+def _sampled_values(plan: ComparePlan, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    o = plan.opts
+    fns = {
+        "rbf_cka": lambda: rbf_cka(x, y, sigma_frac=o.sigma_frac),
+        "minibatch_cka": lambda: minibatch_cka(x, y, batch_size=o.minibatch_size, seed=o.seed),
+        "mutual_knn": lambda: mutual_knn(x, y, k=o.knn_k),
+        "rsa": lambda: rsa(x, y, metric=o.rsa_metric),  # type: ignore[arg-type]
+    }
+    return {m: float(fns[m]()) for m in plan.metrics if m in SAMPLED}
+
+
+def _linear_values(plan: ComparePlan, parts: dict[str, Moments]) -> dict[str, float]:
+    whole = parts["all"] if "all" in parts else parts["train"].copy().merge(parts["test"])
+    names = [m for m in plan.metrics if m in STREAM and m != "r2"]
+    out: dict[str, float] = {}
+    try:
+        out.update(from_moments(whole, names, keep=plan.opts.keep) if names else {})
+        if "r2" in plan.metrics:
+            r2 = r2_from_moments(parts["train"], parts["test"], ridge=plan.opts.ridge)
+            out["r2_a_to_b"], out["r2_b_to_a"] = r2["x_to_y"], r2["y_to_x"]
+    except ValueError as e:  # undefined on this data (zero variance, ...): one line, named
+        raise AnalysisError(f"{_label(plan.a)} vs {_label(plan.b)}: {e}") from None
+    return out
+
+
+def run_compare(plan: ComparePlan, executor: Executor | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+    """The metrics of a plan and its provenance (alignment, rows, sample, settings)."""
+    ex = executor or Executor()
+    values: dict[str, float] = {}
+    if plan.align == "docs":
+        x, y = _pooled(plan, ex)
+        ids = plan.docs["ids"]
+        test = np.isin(ids, plan.test_units)
+        parts = {"all": Moments.from_arrays(x, y)}
+        if plan.test_units:
+            parts = {"train": Moments.from_arrays(x[~test], y[~test]), "test": Moments.from_arrays(x[test], y[test])}
+        values.update(_linear_values(plan, parts) if any(m in STREAM for m in plan.metrics) else {})
+        if plan.n_sample:
+            idx = _sample_index(plan)
+            values.update(_sampled_values(plan, x[idx], y[idx]))
+    else:
+        if any(m in STREAM for m in plan.metrics):
+            values.update(_linear_values(plan, _streamed(plan, ex)))
+        if plan.n_sample:
+            idx = _sample_index(plan)
+            al = plan.alignment
+            x = np.asarray(plan.a[0].read(plan.a[1], rows=al.rows[0][idx]), dtype=np.float64)
+            y = np.asarray(plan.b[0].read(plan.b[1], rows=al.rows[1][idx]), dtype=np.float64)
+            try:
+                values.update(_sampled_values(plan, x, y))
+            except ValueError as e:
+                raise AnalysisError(f"{_label(plan.a)} vs {_label(plan.b)}: {e}") from None
+    values["n"] = float(plan.n)
+    if plan.n_sample:
+        values["n_sample"] = float(plan.n_sample)
+    return values, plan.provenance()
+
+
+def compare(a: Side, b: Side, metrics: Sequence[str] | None = None, *, align: Literal["tokens", "docs"] = "tokens",
+            max_rows: int | None = None, use_ray: bool | None = None, **options: Any) -> dict[str, float]:
+    """Similarity of ``a = (dsA, hookA)`` and ``b = (dsB, hookB)`` over their aligned rows.
+
+    ``metrics``: names from :data:`METRICS` (default ``linear_cka, debiased_cka, svcca,
+    procrustes``); ``options``: fields of :class:`CompareOptions` (``sample_rows``, ``seed``,
+    ``ridge``, ``holdout``, ``tasks``, ...). Returns ``{metric: value}`` (``r2`` as ``r2_a_to_b``
+    and ``r2_b_to_a``) plus ``n`` (rows or documents of the streaming metrics) and, with a
+    sampled metric, ``n_sample``. Partial moments run as Ray tasks when Ray is running in this
+    process (``use_ray``), else here.
+    """
+    try:
+        opts = CompareOptions(**options)
+    except TypeError as e:
+        raise AnalysisError(f"compare: {e}; options are: {', '.join(CompareOptions.__dataclass_fields__)}") from None
+    plan = plan_compare(a, b, metrics, align=align, max_rows=max_rows, opts=opts)
+    return run_compare(plan, Executor(use_ray))[0]

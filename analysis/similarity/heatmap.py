@@ -1,0 +1,319 @@
+"""Layer heatmaps: one metric for every pair of hooks of one dataset, or every (hook of A, hook of B)
+pair of two datasets, with each unit read once per pass.
+
+**Exact method.** The hooks' rows are accumulated jointly in one :class:`BlockMoments` (a
+``D x D`` co-moment matrix, ``D`` the sum of the widths) by tasks per range of units, merged
+exactly; every pair's metric comes from its blocks. Memory per task is about
+``8 (3 D^2 + 2 chunk_rows D)`` bytes (the accumulator, a chunk's product, the copy a task
+returns, and the chunk). When that exceeds ``memory_budget_mb``, the hooks are split into
+groups whose pairwise union fits, and one pass runs per pair of groups (``m (m - 1) / 2`` passes
+for ``m`` groups of one dataset, ``m_A m_B`` for two); every value is still exact.
+
+**Sample method** (when even one pair of hooks does not fit the budget, when asked for with
+``method: sample``, and always for the sampled metrics ``rbf_cka``, ``minibatch_cka``,
+``mutual_knn``, ``rsa``): the metric computed in memory on a seeded uniform sample of
+``sample_rows`` aligned rows, the same rows for every hook (``n`` in the results says how many).
+Its error is the metric's sampling error at that ``n``; biased linear CKA is biased upwards at
+small ``n`` (see ``debiased_cka``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from . import _cca, _cka, _sampled
+from ._blocks import BlockMoments
+from ._cca import Spectra
+from ._linalg import eigh_desc
+from ._streaming import from_moments
+from ._tasks import Executor, StoreRef, split_ranges
+from .compare import SAMPLED
+from .errors import AnalysisError
+
+if TYPE_CHECKING:
+    from store import ActivationDataset
+
+log = logging.getLogger(__name__)
+
+__all__ = ["HEATMAP_METRICS", "HeatmapOptions", "HeatmapPlan", "HeatmapResult", "layer_heatmap", "match_hooks", "plan_heatmap", "run_heatmap"]
+
+HEATMAP_METRICS = ("linear_cka", "debiased_cka", "cca", "svcca", "pwcca", "procrustes", "cosine", *SAMPLED)
+_SYMMETRIC = {"linear_cka", "debiased_cka", "cca", "svcca", "procrustes", "cosine", "rbf_cka", "mutual_knn", "rsa", "minibatch_cka"}
+
+
+@dataclass(frozen=True)
+class HeatmapOptions:
+    metric: str = "linear_cka"
+    method: Literal["auto", "exact", "sample"] = "auto"
+    memory_budget_mb: float = 4096.0  # per task
+    sample_rows: int = 4096
+    seed: int = 0
+    keep: float = 0.99  # svcca
+    chunk_rows: int | None = None  # default: from the budget, at most 16384
+    tasks: int | None = None
+    max_rows: int | None = None
+
+
+@dataclass
+class HeatmapResult:
+    hooks_a: list[str]
+    hooks_b: list[str]
+    values: np.ndarray  # [len(hooks_a), len(hooks_b)]
+    method: str  # "exact" | "sample"
+    n: int
+    passes: int
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def table(self) -> Any:
+        import pyarrow as pa
+
+        ia, ib = np.meshgrid(np.arange(len(self.hooks_a)), np.arange(len(self.hooks_b)), indexing="ij")
+        return pa.table({
+            "hook_a": [self.hooks_a[i] for i in ia.ravel()], "hook_b": [self.hooks_b[j] for j in ib.ravel()],
+            "metric": [self.provenance.get("metric", "")] * ia.size, "value": self.values.ravel(),
+            "n": np.full(ia.size, self.n, dtype=np.int64), "method": [self.method] * ia.size,
+        })
+
+
+def match_hooks(ds: ActivationDataset, patterns: Sequence[str]) -> list[str]:
+    """Hooks of ``ds`` matching names or globs, in model order; an unmatched pattern is an error."""
+    from store.errors import HookNotFoundError
+
+    out: list[str] = []
+    for p in patterns:
+        hits = [h for h in ds.hooks if fnmatch.fnmatchcase(h, p)]
+        if not hits:
+            raise HookNotFoundError(f"dataset {ds.name!r} has no hook matching {p!r}; it has: {', '.join(ds.hooks)}")
+        out += [h for h in hits if h not in out]
+    order = {h: i for i, h in enumerate(ds.hooks)}
+    return sorted(out, key=order.__getitem__)
+
+
+def _bytes(dims: int, chunk: int) -> float:
+    return 8.0 * (3.0 * dims * dims + 2.0 * chunk * dims)
+
+
+def _groups(widths: list[int], limit: int) -> list[list[int]]:
+    """Consecutive block indices packed into groups of total width <= limit."""
+    groups: list[list[int]] = [[]]
+    total = 0
+    for i, w in enumerate(widths):
+        if groups[-1] and total + w > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += w
+    return groups
+
+
+def _plan_passes(wa: list[int], wb: list[int] | None, budget: float, chunk: int) -> list[tuple[list[int], list[int]]] | None:
+    """Passes as (A blocks, B blocks); one dataset: B is None and a pass is a set of A blocks
+    (second list empty). None when one pair of hooks does not fit."""
+    all_w = wa + (wb or [])
+    if _bytes(sum(all_w), chunk) <= budget:
+        return [(list(range(len(wa))), list(range(len(wb))) if wb else [])]
+    # Largest D with 24 D^2 + 16 chunk D <= budget, split evenly between the two groups of a pass.
+    dmax = int((-16 * chunk + math.sqrt((16 * chunk) ** 2 + 96 * budget)) / 48)
+    half = dmax // 2
+    if wb is None:
+        if max(wa) * 2 > dmax:
+            return None
+        g = _groups(wa, half)
+        return [(g[i] + g[j], []) for i in range(len(g)) for j in range(i + 1, len(g))] or [(g[0], [])]
+    if max(wa) + max(wb) > dmax:
+        return None
+    ga, gb = _groups(wa, half), _groups(wb, half)
+    return [(x, y) for x in ga for y in gb]
+
+
+def _block_task(refs: list[tuple[StoreRef, str, list[str], np.ndarray]], chunk_rows: int) -> dict[str, Any]:
+    """Joint moments of every listed hook over aligned rows: ``refs`` holds per dataset
+    ``(store, name, hooks, rows)``; blocks are the hooks in that order."""
+    sides = [(ref.dataset(name), hooks, rows) for ref, name, hooks, rows in refs]
+    dims = [ds.info.hooks[h].d for ds, hooks, _ in sides for h in hooks]
+    bm = BlockMoments(dims)
+    n = sides[0][2].size
+    for s in range(0, n, chunk_rows):
+        bm.update([ds.read(h, rows=rows[s : s + chunk_rows]) for ds, hooks, rows in sides for h in hooks])
+    return bm.to_dict()
+
+
+def _pair_value(bm: BlockMoments, i: int, j: int, metric: str, eig: dict[int, Any], keep: float) -> float:
+    m = bm.pair(i, j)
+    if metric in ("cca", "svcca", "pwcca"):
+        sp = Spectra(m)
+        for side, blk in (("X", i), ("Y", j)):  # one eigendecomposition per hook, not per pair
+            if blk not in eig:
+                eig[blk] = eigh_desc(bm.c[bm.sl(blk), bm.sl(blk)])
+            sp._eig[side] = eig[blk]
+        if metric == "cca":
+            return _cca.cca_from_moments(m, spectra=sp)
+        if metric == "svcca":
+            return _cca.svcca_from_moments(m, keep=keep, spectra=sp)
+        return _cca.pwcca_from_moments(m, spectra=sp)
+    if metric == "cosine" and bm.dims[i] != bm.dims[j]:
+        return math.nan
+    return from_moments(m, [metric], keep=keep)[metric]
+
+
+def _aligned_rows(a: tuple[ActivationDataset, list[str]], b: tuple[ActivationDataset, list[str]] | None) -> tuple[list[np.ndarray], Any]:
+    from store.aligned import align_tokens
+
+    ds_a, ha = a
+    if b is None:
+        al = align_tokens([(ds_a, h) for h in ha] if len(ha) > 1 else [(ds_a, ha[0]), (ds_a, ha[0])])
+        return [al.rows[0]], al
+    ds_b, hb = b
+    al = align_tokens([(ds_a, ha[0]), (ds_b, hb[0])])
+    keep = np.ones(len(al), bool)
+    for ds, hooks, rows in ((ds_a, ha, al.rows[0]), (ds_b, hb, al.rows[1])):
+        common = set(ds.committed_units(hooks[0]))
+        for h in hooks[1:]:
+            common &= set(ds.committed_units(h))
+        keep &= np.isin(rows // ds.info.unit_rows, sorted(common))
+    al = al.subset(np.flatnonzero(keep))
+    return [al.rows[0], al.rows[1]], al
+
+
+@dataclass
+class HeatmapPlan:
+    """A heatmap's hooks, aligned rows and passes, checked before anything is read."""
+
+    ds_a: ActivationDataset
+    hooks_a: list[str]
+    side_b: tuple[ActivationDataset, list[str]] | None
+    rows: list[np.ndarray]
+    alignment: Any
+    opts: HeatmapOptions
+    passes: list[tuple[list[int], list[int]]] | None  # None: the sample method
+    chunk: int
+
+    @property
+    def hooks_b(self) -> list[str]:
+        return self.hooks_a if self.side_b is None else self.side_b[1]
+
+    @property
+    def n(self) -> int:
+        return int(self.rows[0].size)
+
+
+def plan_heatmap(a: tuple[ActivationDataset, Sequence[str]], b: tuple[ActivationDataset, Sequence[str]] | None = None,
+                 *, opts: HeatmapOptions | None = None) -> HeatmapPlan:
+    """Match the hooks, align the rows and choose the method (see the module docstring); raises
+    a one-line error for a bad metric, hook, alignment or too few rows."""
+    opts = opts or HeatmapOptions()
+    if opts.metric not in HEATMAP_METRICS:
+        raise AnalysisError(f"unknown heatmap metric {opts.metric!r}; valid: {', '.join(HEATMAP_METRICS)}")
+    ds_a, ha = a[0], match_hooks(a[0], a[1])
+    side_b = None if b is None else (b[0], match_hooks(b[0], b[1]))
+    rows, al = _aligned_rows((ds_a, ha), side_b)
+    if opts.max_rows is not None:
+        rows = [r[: opts.max_rows] for r in rows]
+    n = int(rows[0].size)
+    need = 4 if opts.metric == "debiased_cka" else 3 if opts.metric in ("rbf_cka", "rsa") else 2
+    if n < need:
+        raise AnalysisError(f"{opts.metric} needs at least {need} aligned rows, but the heatmap's hooks have {n} in common")
+    wa = [ds_a.info.hooks[h].d for h in ha]
+    wb = None if side_b is None else [side_b[0].info.hooks[h].d for h in side_b[1]]
+    total = sum(wa + (wb or []))
+    budget = opts.memory_budget_mb * 2**20
+    chunk = opts.chunk_rows or int(max(256, min(16384, (budget - 24.0 * total**2) / (16.0 * total))))
+    passes = None if (opts.method == "sample" or opts.metric in SAMPLED) else _plan_passes(wa, wb, budget, chunk)
+    if passes is None and opts.method == "exact":
+        raise AnalysisError(
+            f"`memory_budget_mb` {opts.memory_budget_mb:g} is too small for the exact co-moments of one pair of hooks "
+            f"(widths {max(wa)} and {max(wb or wa)}); raise it or use `method: sample`"
+        )
+    return HeatmapPlan(ds_a, ha, side_b, rows, al, opts, passes, chunk)
+
+
+def run_heatmap(plan: HeatmapPlan, executor: Executor | None = None) -> HeatmapResult:
+    """The heatmap of a plan (see the module docstring)."""
+    ex = executor or Executor()
+    opts = plan.opts
+    values = np.full((len(plan.hooks_a), len(plan.hooks_b)), np.nan)
+    if plan.passes is None:
+        method, n_used = "sample", _sampled_heatmap(plan.ds_a, plan.hooks_a, plan.side_b, plan.rows, opts, values)
+    else:
+        method, n_used = "exact", plan.n
+        _exact_heatmap(plan.ds_a, plan.hooks_a, plan.side_b, plan.rows, plan.passes, plan.chunk, opts, ex, values)
+    al = plan.alignment
+    prov = {"metric": opts.metric, "method": method, "n": n_used, "passes": len(plan.passes or [1]), "options": asdict(opts),
+            "alignment": al.summary(), "units_a": list(al.units[0]), "chunk_rows": plan.chunk}
+    if plan.side_b is not None:
+        prov["units_b"] = list(al.units[1])
+    return HeatmapResult(plan.hooks_a, plan.hooks_b, values, method, n_used, len(plan.passes or [1]), prov)
+
+
+def layer_heatmap(a: tuple[ActivationDataset, Sequence[str]], b: tuple[ActivationDataset, Sequence[str]] | None = None,
+                  *, opts: HeatmapOptions | None = None, executor: Executor | None = None) -> HeatmapResult:
+    """``opts.metric`` for every hook pair (see the module docstring). ``a``/``b``: a dataset and
+    hook names or globs; without ``b``, every pair of ``a``'s hooks."""
+    return run_heatmap(plan_heatmap(a, b, opts=opts), executor)
+
+
+def _exact_heatmap(ds_a: ActivationDataset, ha: list[str], side_b: tuple[ActivationDataset, list[str]] | None,
+                   rows: list[np.ndarray], passes: list[tuple[list[int], list[int]]], chunk: int, opts: HeatmapOptions,
+                   ex: Executor, values: np.ndarray) -> None:
+    units = rows[0] // ds_a.info.unit_rows
+    ranges = split_ranges(units, opts.tasks or ex.default_tasks())
+    for p, (ia, ib) in enumerate(passes):
+        log.info("heatmap pass %d/%d: %d + %d hooks over %d rows in %d task(s)", p + 1, len(passes), len(ia), len(ib), rows[0].size, len(ranges))
+        tasks = []
+        for r in ranges:
+            refs = [(ex.ref(ds_a), ds_a.name, [ha[i] for i in ia], rows[0][r])]
+            if side_b is not None:
+                refs.append((ex.ref(side_b[0]), side_b[0].name, [side_b[1][j] for j in ib], rows[1][r]))
+            tasks.append((refs, chunk))
+        bm = BlockMoments.sum(BlockMoments.from_dict(d) for d in ex.map(_block_task, tasks))
+        eig: dict[int, Any] = {}
+        for x, i in enumerate(ia):
+            if side_b is None:
+                for y, j in enumerate(ia):
+                    if np.isnan(values[i, j]) and (opts.metric not in _SYMMETRIC or y >= x):
+                        values[i, j] = _value(bm, x, y, opts, eig, ha[i], ha[j])
+                        if opts.metric in _SYMMETRIC:
+                            values[j, i] = values[i, j]
+            else:
+                for y, j in enumerate(ib):
+                    values[i, j] = _value(bm, x, len(ia) + y, opts, eig, ha[i], side_b[1][j])
+
+
+def _value(bm: BlockMoments, x: int, y: int, opts: HeatmapOptions, eig: dict[int, Any], ha: str, hb: str) -> float:
+    try:
+        return float(_pair_value(bm, x, y, opts.metric, eig, opts.keep))
+    except ValueError as e:
+        raise AnalysisError(f"{opts.metric} of {ha} vs {hb}: {e}") from None
+
+
+def _sampled_heatmap(ds_a: ActivationDataset, ha: list[str], side_b: tuple[ActivationDataset, list[str]] | None,
+                     rows: list[np.ndarray], opts: HeatmapOptions, values: np.ndarray) -> int:
+    n = rows[0].size
+    k = min(opts.sample_rows, n)
+    idx = np.sort(np.random.default_rng([opts.seed, 3]).choice(n, size=k, replace=False))
+    xa = [np.asarray(ds_a.read(h, rows=rows[0][idx]), dtype=np.float64) for h in ha]
+    xb = xa if side_b is None else [np.asarray(side_b[0].read(h, rows=rows[1][idx]), dtype=np.float64) for h in side_b[1]]
+    fns = {"linear_cka": _cka.linear_cka, "debiased_cka": _cka.debiased_cka, "cca": _cca.cca, "procrustes": _cka.procrustes,
+           "svcca": lambda x, y: _cca.svcca(x, y, keep=opts.keep), "pwcca": _cca.pwcca, "cosine": _cka.cosine,
+           "rbf_cka": _sampled.rbf_cka, "mutual_knn": _sampled.mutual_knn, "rsa": _sampled.rsa,
+           "minibatch_cka": lambda x, y: _sampled.minibatch_cka(x, y, batch_size=min(256, k), seed=opts.seed)}
+    f = fns[opts.metric]
+    for i, x in enumerate(xa):
+        for j, y in enumerate(xb):
+            if side_b is None and opts.metric in _SYMMETRIC and j < i:
+                values[i, j] = values[j, i]
+            elif opts.metric == "cosine" and x.shape[1] != y.shape[1]:
+                continue
+            else:
+                try:
+                    values[i, j] = float(f(x, y))
+                except ValueError as e:
+                    raise AnalysisError(f"{opts.metric} of hook {i} vs {j} on {k} sampled rows: {e}") from None
+    return k

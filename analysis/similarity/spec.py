@@ -1,0 +1,209 @@
+"""The analysis spec: the one config type of ``strata analyze``, validated once when loaded.
+
+    store: ./acts
+    compute: {address: null, tasks: null, memory_budget_mb: 4096}
+    analyses:
+      - {kind: compare, name: cka-0-3, a: {dataset: D, hook: blocks.0.hook_resid_post},
+         b: {dataset: D, hook: blocks.3.hook_resid_post}, metrics: [linear_cka, svcca, rbf_cka]}
+      - {kind: heatmap, name: layer-cka, a: {dataset: D, hooks: ["blocks.*.hook_resid_post"]}}
+      - {kind: layers, name: geometry, dataset: D, metrics: [norm, anisotropy, logit_lens]}
+      - {kind: probe, name: lang-probe, dataset: D, label: lang}
+      - {kind: sae_match, name: universal, a: {sae: saeA}, b: {sae: saeB}}
+
+Each analysis is committed to the store as ``analyses/NAME``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.config import Section
+
+from .compare import METRICS
+from .heatmap import HEATMAP_METRICS
+
+Metric = Literal[METRICS]  # type: ignore[valid-type]
+HeatmapMetric = Literal[HEATMAP_METRICS]  # type: ignore[valid-type]
+LayerMetric = Literal["norm", "write_ratio", "anisotropy", "cos_next", "linearity_next", "intrinsic_dim",
+                      "prompt_entropy", "curvature", "logit_lens"]
+
+
+def _name(v: str) -> str:
+    from store.layout import check_name
+
+    check_name(v, what="analysis")
+    return v
+
+
+class SideSpec(Section):
+    dataset: str = Field(min_length=1)
+    """A dataset of the store."""
+    hook: str = Field(min_length=1)
+    """One of its hooks."""
+
+
+class HooksSpec(Section):
+    dataset: str = Field(min_length=1)
+    """A dataset of the store."""
+    hooks: list[str] = Field(default=["*"], min_length=1)
+    """Hook names or globs (``blocks.*.hook_resid_post``); default every hook, in model order."""
+
+
+class SAERefSpec(Section):
+    sae: str = Field(min_length=1)
+    """A committed SAE of the store (its lineage names its dataset and hook)."""
+
+
+class Analysis(Section):
+    name: str
+    """The result's name in the store (``analyses/NAME``)."""
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str) -> str:
+        return _name(v)
+
+
+class CompareSpec(Analysis):
+    kind: Literal["compare"]
+    a: SideSpec
+    b: SideSpec
+    metrics: list[Metric] = Field(default=["linear_cka", "debiased_cka", "svcca", "procrustes"], min_length=1)  # type: ignore[valid-type]
+    """Streaming: linear_cka, debiased_cka, cca, svcca, pwcca, procrustes, r2, cosine; sampled:
+    rbf_cka, minibatch_cka, mutual_knn, rsa."""
+    align: Literal["tokens", "docs"] = "tokens"
+    """``tokens``: pair token rows (same dataset, same tokenizer by document position, or by
+    character span ends across tokenizers); ``docs``: the mean of each document's tokens."""
+    max_rows: int | None = Field(default=None, gt=0)
+    """Use only the first aligned rows (in side-A order)."""
+    sample_rows: int = Field(default=2048, gt=0)
+    """Rows in the seeded sample of the sampled metrics."""
+    seed: int = Field(default=0, ge=0)
+    """Seeds the sample, r2's held-out units and minibatch shuffles."""
+    ridge: float = Field(default=1e-3, ge=0)
+    """r2: relative ridge, in units of the mean feature variance."""
+    holdout: float = Field(default=0.2, gt=0, lt=1)
+    """r2: fraction of side A's units held out for scoring."""
+    keep: float = Field(default=0.99, gt=0, le=1)
+    """SVCCA: fraction of variance (squared singular values) kept per side."""
+    sigma_frac: float = Field(default=0.8, gt=0)
+    """rbf_cka: kernel bandwidth as a fraction of the median pairwise distance."""
+    knn_k: int = Field(default=10, gt=0)
+    """mutual_knn: neighbours per row."""
+    minibatch_size: int = Field(default=256, ge=4)
+    """minibatch_cka: rows per batch."""
+    rsa_metric: Literal["correlation", "cosine", "euclidean"] = "correlation"
+    """rsa: dissimilarity between two rows."""
+
+
+class HeatmapSpec(Analysis):
+    kind: Literal["heatmap"]
+    a: HooksSpec
+    b: HooksSpec | None = None
+    """Another dataset's hooks: the heatmap is then every (hook of a, hook of b) pair."""
+    metric: HeatmapMetric = "linear_cka"  # type: ignore[valid-type]
+    """One metric (cosine needs equal widths; others are blank)."""
+    method: Literal["auto", "exact", "sample"] = "auto"
+    """``exact``: streamed co-moments (in several passes when the budget requires); ``sample``:
+    in memory on ``sample_rows`` rows; ``auto``: exact when one pair of hooks fits the budget."""
+    sample_rows: int = Field(default=4096, gt=0)
+    """Rows of the sample method."""
+    max_rows: int | None = Field(default=None, gt=0)
+    """Use only the first aligned rows."""
+    seed: int = Field(default=0, ge=0)
+    """Seeds the sample method."""
+    keep: float = Field(default=0.99, gt=0, le=1)
+    """SVCCA's variance fraction."""
+
+
+class LayersSpec(Analysis):
+    kind: Literal["layers"]
+    dataset: str = Field(min_length=1)
+    """The dataset."""
+    hooks: list[str] = Field(default=["*"], min_length=1)
+    """Hook names or globs, in model order (consecutive-layer metrics pair neighbours in it)."""
+    metrics: list[LayerMetric] = Field(default=["norm", "write_ratio", "anisotropy", "cos_next", "linearity_next",
+                                                "intrinsic_dim", "prompt_entropy", "curvature"], min_length=1)
+    """Geometry metrics, and ``logit_lens`` (needs the dataset's causal LM on this machine)."""
+    sample_rows: int = Field(default=2048, gt=2)
+    """intrinsic_dim: rows in the seeded sample."""
+    sample_contexts: int = Field(default=64, gt=0)
+    """prompt_entropy, curvature: contexts in the seeded sample."""
+    lens_contexts: int = Field(default=32, gt=0)
+    """logit_lens: contexts in the seeded sample."""
+    seed: int = Field(default=0, ge=0)
+    """Seeds the samples."""
+
+
+class ProbeSpec(Analysis):
+    kind: Literal["probe"]
+    dataset: str = Field(min_length=1)
+    """The dataset."""
+    hooks: list[str] = Field(default=["*"], min_length=1)
+    """Hook names or globs: one probe per hook."""
+    label: str = Field(min_length=1)
+    """A document field of ``ds.docs()`` (``corpus.keep_fields``), or at token level a token column
+    (token_id, position, doc_position)."""
+    level: Literal["document", "token"] = "document"
+    """``document``: one example per document (its mean token); ``token``: one per token."""
+    test_fraction: float = Field(default=0.3, gt=0, lt=1)
+    """Fraction of documents held out."""
+    l2: float = Field(default=1e-3, ge=0)
+    """L2 penalty of the probe."""
+    max_examples: int = Field(default=20000, gt=0)
+    """Token level: at most this many tokens per split (a seeded sample)."""
+    seed: int = Field(default=0, ge=0)
+    """Seeds the document split, the control's shuffle and the samples."""
+
+
+class MatchSpec(Analysis):
+    kind: Literal["sae_match"]
+    a: SAERefSpec
+    b: SAERefSpec
+    max_rows: int | None = Field(default=None, gt=0)
+    """Use only the first aligned rows."""
+    min_corr: float = Field(default=0.0, ge=-1, le=1)
+    """Pairs below this correlation are left out of the decoder SVCCA."""
+    one_to_one: bool = False
+    """Keep only the best A latent of each B latent for the decoder SVCCA."""
+    keep: float = Field(default=0.99, gt=0, le=1)
+    """SVCCA's variance fraction."""
+    random_pairings: int = Field(default=100, ge=0)
+    """Random pairings of the baseline."""
+    seed: int = Field(default=0, ge=0)
+    """Seeds the random pairings."""
+
+
+AnalysisSpec = Annotated[CompareSpec | HeatmapSpec | LayersSpec | ProbeSpec | MatchSpec, Field(discriminator="kind")]
+
+
+class ComputeSpec(Section):
+    address: str | None = None
+    """An existing Ray cluster to join; ``null`` starts a private Ray in this process (a Ray job's
+    entrypoint joins its own cluster)."""
+    tasks: int | None = Field(default=None, gt=0)
+    """Partial-moment tasks per pass (ranges of units); default: the cluster's CPUs."""
+    chunk_rows: int = Field(default=16384, gt=0)
+    """Rows per read and co-moment update inside a task."""
+    memory_budget_mb: float = Field(default=4096.0, gt=0)
+    """Memory one heatmap task may use for its co-moments; larger heatmaps take several passes."""
+
+
+class AnalyzeSpec(Section):
+    store: str = Field(default="./acts", min_length=1)
+    """The store: a local folder or ``s3://bucket/prefix``."""
+    analyses: list[AnalysisSpec] = Field(min_length=1)  # type: ignore[valid-type]
+    """The analyses to run, in order; each becomes ``analyses/NAME`` in the store."""
+    compute: ComputeSpec = ComputeSpec()
+    storage_options: dict[str, Any] | None = None
+    """fsspec options for an S3 store; credentials are used, never recorded."""
+
+    @model_validator(mode="after")
+    def _unique(self) -> AnalyzeSpec:
+        names = [a.name for a in self.analyses]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"analysis name(s) {dup} are used twice; every analysis needs its own `name`")
+        return self

@@ -1,0 +1,106 @@
+"""``strata analyze SPEC.yaml [--set key=value ...]``, also the entrypoint of a Ray job (the store
+must then be an absolute path every node sees, or S3):
+
+    ray job submit --working-dir . -- python -m jobs.analyze_run examples/analyze.yaml --set store=$PWD/acts
+
+1. Every analysis is checked against the store before anything is computed or written (datasets,
+   hooks, metrics, alignment, rows per metric, labels, SAEs, the model of a logit lens); the
+   first problem is a one-line error, exit 2.
+2. An analysis whose result is committed with the same identity (spec and inputs: datasets,
+   fingerprints, committed units, SAEs) is unchanged: a no-op. One committed with another
+   identity is refused (choose a new name), before anything runs.
+3. The rest are computed (partial moments as Ray tasks on the job's cluster: a private Ray
+   unless ``compute.address`` names one) and committed one by one, each under its folder's lease.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    name: str
+    kind: str
+    status: str  # "written" | "unchanged"
+    files: tuple[str, ...]
+
+
+def run_analyze(spec: object) -> list[Outcome]:
+    """Run an :class:`~analysis.similarity.spec.AnalyzeSpec` (see the module docstring)."""
+    import store
+    from analysis.similarity._tasks import Executor
+    from analysis.similarity.runner import prepare
+    from pipeline.cluster import connect
+    from pipeline.extract import check_store_path
+    from store import artifacts
+    from store.artifacts import ArtifactExistsError
+    from store.handles import ANALYSES
+
+    check_store_path(spec)  # type: ignore[arg-type]
+    s = store.open(spec.store, storage_options=spec.storage_options, create=False)  # type: ignore[attr-defined]
+    prepared = prepare(spec, s)  # type: ignore[arg-type]
+    todo, out = [], []
+    for p in prepared:
+        art = artifacts.get(s.storage, ANALYSES, p.name)
+        if art is None:
+            todo.append(p)
+            continue
+        old = {k: art.meta.get(k) for k in ("kind", "spec", "inputs")}
+        if old != p.identity:
+            what = "spec" if old.get("spec") != p.identity["spec"] else "inputs (datasets, their committed units or SAEs)"
+            raise ArtifactExistsError(
+                f"analysis {p.name!r} is committed already with another {what}; choose a new `name` "
+                f"(or inspect it: strata analyze show {s.uri} {p.name})"
+            )
+        out.append(Outcome(p.name, p.spec.kind, "unchanged", tuple(art.files)))
+    if not todo:
+        return out
+    with connect(spec.compute.address):  # type: ignore[attr-defined]
+        ex = Executor(use_ray=True)
+        for p in todo:
+            log.info("analysis %r (%s): computing", p.name, p.spec.kind)
+            with s.artifact_lease(ANALYSES, p.name, owner=f"strata analyze {p.name}") as lease:
+                files, meta = p.compute(ex)
+                art = artifacts.put(s.storage, ANALYSES, p.name, files, meta=meta, lease=lease)
+            out.append(Outcome(p.name, p.spec.kind, "written", tuple(art.files)))
+    order = {p.name: i for i, p in enumerate(prepared)}
+    return sorted(out, key=lambda o: order[o.name])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="strata analyze", description="Run the analyses of a spec and commit their results to the store.")
+    p.add_argument("spec", help="an analysis spec (YAML)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key, e.g. compute.tasks=4")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (as `strata submit` runs it)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from analysis.similarity.spec import AnalyzeSpec
+    from jobs.spec import load_spec
+    from store.errors import StrataError
+
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        spec = load_spec(AnalyzeSpec, args.spec, args.set)
+        outcomes = run_analyze(spec)
+    except StrataError as e:
+        print(f"strata: error: {e}", file=sys.stderr)
+        return 2
+    for o in outcomes:
+        what = "unchanged (committed with the same inputs)" if o.status == "unchanged" else "written"
+        print(f"analysis {o.name} ({o.kind}): {what}: {', '.join(o.files)}")
+    print(f"read them with: store.open({spec.store!r}).analysis(NAME).table(), or `strata analyze show {spec.store} NAME`")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    sys.exit(main())
