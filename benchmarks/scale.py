@@ -82,20 +82,85 @@ def bench_open(root: Path, units: int) -> None:
           f"(x{base / t_open:.0f} faster); refresh {t_refresh:.2f}s; compacting the index took {t_compact:.1f}s (target open < 2 s)")
 
 
-def bench_open_s3(root: Path, units: int) -> None:
-    import logging
+class _MotoProcess:
+    """moto's S3 server in a process of its own (in this process it would share the GIL with
+    the reader it serves), stopped with ``stop()``."""
 
-    from moto.server import ThreadedMotoServer
+    def __init__(self) -> None:
+        import socket
+        import subprocess
+        import urllib.request
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.update({"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_ENDPOINT_URL": f"http://{host}:{port}"})
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        exe = Path(sys.executable).parent / "moto_server"
+        self.proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/moto-api/", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def _moto():  # noqa: ANN202
+    """moto's S3 server on loopback (its own process), the AWS environment pointing at it, a
+    bucket `bench`."""
     import boto3
 
-    boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="bench")
+    server = _MotoProcess()
+    url = f"http://127.0.0.1:{server.port}"
+    os.environ.update({"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": url})
+    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="bench")
+    return server
+
+
+def bench_s3_batches(root: Path, units: int, rounds: int = 2) -> None:
+    """Shuffled ``iter_batches`` over the same dataset (d=768 float16, ``units`` units of 8,192
+    rows) on S3 (moto on loopback) and on local disk, one epoch each, interleaved rounds, best."""
+    d, ctx, unit_contexts = 768, 128, 64
+    server = _moto()
+    try:
+        rng = np.random.default_rng(0)
+        sides = {"local": store.open(root / "batches"), "s3": store.open("s3://bench/batches")}
+        for s in sides.values():
+            w = s.create_dataset("b", hooks={HOOK: d}, context_size=ctx, dtype="float16", num_units=units, unit_contexts=unit_contexts)
+            for u in range(units):
+                rng_u = np.random.default_rng([0, u])
+                tok = pa.concat_tables([_token_table(u * unit_contexts + c, ctx) for c in range(unit_contexts)])
+                w.write_unit(u, tokens=tok, acts={HOOK: rng_u.standard_normal((unit_contexts * ctx, d), dtype=np.float32).astype(np.float16)})
+            w.compact_commits()
+        del rng
+        best: dict[str, float] = {}
+        for r in range(rounds):
+            for name, s in (sides.items() if r % 2 == 0 else reversed(list(sides.items()))):
+                ds = store.open(s.uri, create=False).dataset("b")
+                t = time.perf_counter()
+                n = 0
+                with ds.iter_batches(HOOK, batch_size=4096, shuffle=True, seed=r, epochs=1) as it:
+                    for b in it:
+                        n += b.shape[0]
+                rate = n / (time.perf_counter() - t)
+                best[name] = max(best.get(name, 0.0), rate)
+                print(f"  round {r + 1}: {name:5s} {rate:,.0f} rows/s ({n:,} rows)")
+        print(f"iter_batches, shuffled, 4096-row float32 batches from float16 d={d}, {units} units: "
+              f"S3 (moto on loopback) {best['s3']:,.0f} rows/s vs local disk {best['local']:,.0f} rows/s: ratio {best['s3'] / best['local']:.2f}")
+    finally:
+        server.stop()
+
+
+def bench_open_s3(root: Path, units: int) -> None:
+    server = _moto()
     counts = {"n": 0}
 
     def count(**_kw) -> None:
@@ -198,6 +263,7 @@ def main() -> None:
     p.add_argument("--units", type=int, default=100_000)
     p.add_argument("--s3-units", type=int, default=3_000)
     p.add_argument("--plan-tokens", type=int, default=200_000_000)
+    p.add_argument("--batch-units", type=int, default=8, help="units of 8,192 rows (d=768) for s3batches")
     p.add_argument("--dir", default=None)
     a = p.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
@@ -210,6 +276,8 @@ def main() -> None:
             bench_open_s3(root, a.s3_units)
         if "plan" in parts:
             bench_plan(root, a.plan_tokens)
+        if "s3batches" in parts:
+            bench_s3_batches(root, a.batch_units)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -16,7 +16,21 @@ if [ ! -f models/tiny-gpt2/config.json ]; then
 fi
 
 strata extract examples/quickstart.yaml "$@"
-strata verify ./acts tiny-gpt2-quickstart
+# Verify what the job wrote: the spec's store and name, with any --set overrides applied.
+read -r STORE NAME < <(python - "$@" <<'PY'
+import sys
+from jobs.spec import read_raw
+args, sets = sys.argv[1:], []
+for i, a in enumerate(args):
+    if a == "--set" and i + 1 < len(args):
+        sets.append(args[i + 1])
+    elif a.startswith("--set="):
+        sets.append(a[len("--set="):])
+raw = read_raw("examples/quickstart.yaml", sets)
+print(raw.get("store", "./acts"), raw["name"])
+PY
+)
+strata verify "$STORE" "$NAME"
 cat <<'TXT'
 
 Open it from a notebook:

@@ -33,7 +33,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         try:
             ds = s.dataset(name)
         except (CorruptionError, FormatVersionError) as e:
-            print(f"{name}\tDAMAGED: {e}")
+            print(f"{name}\t{'DAMAGED' if isinstance(e, CorruptionError) else 'UNREADABLE'}: {e}")
             bad += 1
             continue
         meta = ds.info.meta
@@ -77,7 +77,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         try:
             ds = s.dataset(name)
         except (CorruptionError, FormatVersionError) as e:  # a found problem; an unknown name is an error (exit 2)
-            print(f"{name}: DAMAGED: {e}")
+            print(f"{name}: {'DAMAGED' if isinstance(e, CorruptionError) else 'UNREADABLE'}: {e}")
             bad += 1
             continue
         report = ds.verify(committed_only=args.committed_only)

@@ -226,6 +226,9 @@ def prepare(spec: ExtractSpec, s: store.Store) -> Prepared:
         "packing": t.packing + ("" if t.packing == "concat" or t.split_long else "-nosplit"),
         "prepend_bos": t.prepend_bos,
         "corpus_docs": corpus_docs,
+        # The whole corpus as last planned (after appends, more than the identity covers): a
+        # rerun over the same corpus is a quick no-op.
+        "corpus_scan": {"docs": scan.docs, "fingerprint": scan.fingerprint},
         "model_path": m.folder if m.local else None,
         "corpus": {"path": spec.corpus.path, "format": spec.corpus.format, "text_field": spec.corpus.text_field, **scan.stats},
         "model_type": model_type,
@@ -399,7 +402,9 @@ def run_extract(
 
     ds = p.existing
     same_docs = ds is not None and ds.info.meta.get("keep_fields", []) == list(spec.corpus.keep_fields) and "tokenizer" in ds.info.aux
-    if ds is not None and same_docs and p.scan.docs == p.corpus_docs and _complete(ds, p.hooks):
+    same_corpus = p.scan.docs == p.corpus_docs or (
+        ds is not None and ds.info.meta.get("corpus_scan") == {"docs": p.scan.docs, "fingerprint": p.scan.fingerprint})
+    if ds is not None and same_docs and same_corpus and _complete(ds, p.hooks):
         result.num_units = ds.info.num_units
         result.noop = True
         result.units_skipped = ds.info.num_units

@@ -14,7 +14,9 @@ from store.storage import Storage
 FORMAT = "strata.activations"
 # 2: block checksums in commit records (every partial read checked), token files with `row`,
 # a document index, hooks in model order, write-lease generations.
-FORMAT_VERSION = 2
+# 3: commit records grouped by 1000 units (commits/PART/GGGGGG/UUUUUUUU.json) with a compacted
+# commit index; the tokenizer and document table as driver-written files (`aux`).
+FORMAT_VERSION = 3
 
 # Fields of `meta` that are part of a dataset's identity (DESIGN.md, "activation dataset").
 IDENTITY_META_KEYS = ("model", "revision", "tokenizer", "corpus_fingerprint", "packing", "prepend_bos")
@@ -78,8 +80,9 @@ class DatasetInfo:
             )
         if version < FORMAT_VERSION:
             raise FormatVersionError(
-                f"{where}: dataset written in store format {version}, whose partial reads cannot be checked; "
-                f"this Strata reads format {FORMAT_VERSION}: extract it again (a new store or name)"
+                f"{where}: dataset written in store format {version} (commit records laid out differently"
+                f"{', partial reads unchecked' if version < 2 else ''}); this Strata reads format {FORMAT_VERSION}: "
+                "extract it again (a new store or name)"
             )
         try:
             d["hooks"] = {h: HookInfo(**v) for h, v in d["hooks"].items()}

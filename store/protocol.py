@@ -455,7 +455,7 @@ def read_whole(storage: Storage, entry: FileEntry, *, where: str) -> np.ndarray:
 def map_checked(storage: Storage, entry: FileEntry, *, where: str) -> np.ndarray:
     """The whole committed file memory-mapped where the backend can (read otherwise), checked."""
     try:
-        data = np.frombuffer(storage.map(entry.key), dtype=np.uint8)
+        data = np.frombuffer(storage.fetch(entry.key, entry.nbytes), dtype=np.uint8)
     except FileNotFoundError:
         raise CorruptionError(f"{where}: file is missing") from None
     if data.size != entry.nbytes:

@@ -131,6 +131,8 @@ class DatasetWriter:
         if bad:
             raise ValueError(f"cannot change identity field(s) {bad} of dataset {self.name!r}; a new identity is a new dataset")
         info = self.refresh()
+        if {**info.meta, **meta} == info.meta:  # nothing new: a rerun writes nothing
+            return info
         return self._publish(info.with_changes(meta={**info.meta, **meta}))
 
     def _publish(self, new: DatasetInfo) -> DatasetInfo:

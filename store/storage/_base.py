@@ -41,6 +41,11 @@ class Storage(abc.ABC):
         pages come from the OS cache as they are touched), else read."""
         return self.read(key)
 
+    def fetch(self, key: str, nbytes: int) -> Any:
+        """The first ``nbytes`` of an object whose size is known (a committed file), as
+        :meth:`map` gives it; remote backends fetch it as parallel ranged reads."""
+        return self.map(key)
+
     def read_into(self, key: str, out: memoryview) -> int:
         """Fill ``out`` with the object's first bytes; returns how many there were."""
         if len(out) == 0:

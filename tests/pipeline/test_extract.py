@@ -287,6 +287,11 @@ def test_growing_corpus_adds_units_and_keeps_committed_ones(ray_session, tmp_pat
     _assert_exactly_once(root, r2.num_units, [H0, H1])
     rows = np.flatnonzero(big.doc_id.reshape(-1) == last_doc)
     assert torch.equal(ds.read(H0, docs=[last_doc], as_="torch"), ds.read(H0, rows=rows, as_="torch"))
+    # The grown corpus again: a quick no-op that writes nothing (not even the manifest).
+    manifest = (root / "datasets/tiny/manifest.json").read_bytes()
+    r3 = run_extract(spec)
+    assert r3.noop and r3.units_run == 0 and "nothing to do" in r3.message
+    assert (root / "datasets/tiny/manifest.json").read_bytes() == manifest
 
     # A document changed in the middle: a different corpus, refused before anything runs.
     write_jsonl(corpus, docs[:10] + ["A changed document."] + docs[11:])

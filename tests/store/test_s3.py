@@ -471,3 +471,34 @@ def test_rerun_with_different_values_keeps_committed_unit_intact(s3_bucket: str)
     ds = store.open(uri).dataset("rerun")
     assert ds.verify().ok, str(ds.verify())
     assert np.array_equal(ds.read(HOOK), torch.from_numpy(first).half().numpy())
+
+
+@pytest.mark.parametrize("damage", ["none", "flip", "truncate"])
+def test_batches_fetch_shards_in_ranged_parts_and_check_them(written, monkeypatch, damage) -> None:
+    """With parts smaller than a shard, the iterator fetches each unit as several ranged GETs;
+    what it hands back is exact, and a flipped or truncated shard is refused, not returned."""
+    uri, client = written
+    key = _shard_key("bad", HOOK, 1)
+    if damage == "flip":
+        _rewrite(uri, client, key, lambda b: b[:10] + bytes([b[10] ^ 0x40]) + b[11:])
+    elif damage == "truncate":
+        _rewrite(uri, client, key, lambda b: b[:-40])
+    monkeypatch.setattr(FsspecStorage, "FETCH_PART", 100)  # a shard here is ~600 bytes: several parts
+    parts: list[int] = []
+    real = FsspecStorage.read_ranges
+
+    def spy(self, k, ranges):
+        parts.append(len(ranges))
+        return real(self, k, ranges)
+
+    monkeypatch.setattr(FsspecStorage, "read_ranges", spy)
+    ds = store.open(uri).dataset("bad")
+    if damage != "none":
+        with pytest.raises(store.CorruptionError, match="unit 1"):
+            with ds.iter_batches(HOOK, batch_size=8, shuffle=False, epochs=1, skip_special=False) as it:
+                list(it)
+        return
+    with ds.iter_batches(HOOK, batch_size=8, shuffle=False, epochs=1, skip_special=False) as it:
+        got = torch.cat([b.float() for b in it]).numpy()
+    assert np.array_equal(got, _expected([0, 1]).astype(np.float32))
+    assert len(parts) == 2 and min(parts) > 1  # each unit: one call, several ranged GETs
