@@ -129,6 +129,7 @@ class UnitPool:
         actors = [actor_cls.remote(self.config) for _ in range(n)]
         pending = iter(tasks)
         inflight: dict[Any, tuple[Task, int]] = {}
+        unavailable: dict[str, int] = {}  # task key -> times its worker was unavailable
         tty = sys.stderr.isatty()
         # In a Ray job's log (no terminal) the bar refreshes every 30 s rather than filling the log.
         bar = tqdm(total=total_weight, unit=self.unit, unit_scale=True, desc=self.desc, disable=not self.progress,
@@ -155,6 +156,20 @@ class UnitPool:
                     task, i = inflight.pop(ref)
                     try:
                         res = ray.get(ref)
+                    except ray.exceptions.ActorUnavailableError as e:
+                        # Its node was lost (or the actor is restarting): the call may or may not
+                        # have run. Committing is put-if-absent and a recomputed unit is
+                        # bit-identical, so run it again, on the restarted actor.
+                        tries = unavailable.get(task.key, 0) + 1
+                        if tries > self.max_restarts + 1:
+                            raise WorkerError(
+                                f"{task.key}: its worker was unavailable {tries} times; last: {str(e).splitlines()[0]}"
+                            ) from None
+                        unavailable[task.key] = tries
+                        log.warning("%s: its worker is unavailable (%s); running it again (%d)", task.key, str(e).splitlines()[0], tries)
+                        time.sleep(min(float(tries), 5.0))
+                        inflight[actors[i].process.remote(*task.args)] = (task, i)
+                        continue
                     except ray.exceptions.RayActorError as e:
                         raise WorkerError(
                             f"{task.key}: its worker died {self.max_restarts + 1} times; last: {str(e).splitlines()[0]}"
