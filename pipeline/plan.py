@@ -69,7 +69,9 @@ class FileSource(TokenSource):
             tokens = EncodedBatch(*(np.concatenate([getattr(t, a) for t in tokens]) if tokens else empty for a in ("ids", "start", "end")), lens)
         for k in ("ids", "start", "end"):
             self._files[k].write(np.ascontiguousarray(getattr(tokens, k), np.int32).tobytes())
-        self._lens.append(np.asarray(tokens.lens, dtype=np.int64))
+        # A copy: a batch from a Ray task is a view into its object, which a view would pin (the
+        # whole batch's tokens, for as long as the plan lives).
+        self._lens.append(np.array(tokens.lens, dtype=np.int64, copy=True))
 
     def close(self) -> None:
         for f in self._files.values():
