@@ -275,7 +275,8 @@ def _verify_hint(ds: store.ActivationDataset, uri: str) -> str:
 # -- 2. planning ------------------------------------------------------------------------------
 
 
-def tokenize_into(spec: ExtractSpec, tok: TokenizerInfo, sink: Any, *, use_ray: bool = True, window: int = 4) -> tuple[np.ndarray, dict[str, pa.Array]]:
+def tokenize_into(spec: ExtractSpec, tok: TokenizerInfo, sink: Any, *, use_ray: bool = True, window: int = 4,
+                  keep_ids: bool = True) -> tuple[np.ndarray, dict[str, pa.Array]]:
     """Tokenize the corpus in order, batch by batch (CPU Ray tasks, ``window`` in flight), into
     ``sink.append(EncodedBatch)``; returns the document ids and the kept fields. Memory: a
     few batches of texts, whatever the size of the corpus."""
@@ -296,7 +297,8 @@ def tokenize_into(spec: ExtractSpec, tok: TokenizerInfo, sink: Any, *, use_ray: 
             sink.append(ray.get(got) if use_ray else got)
 
     for batch in iter_corpus(spec.corpus, batch_docs=spec.tokenize.chunk_docs):
-        ids.append(batch.doc_ids)
+        if keep_ids:  # else the caller has them from the corpus scan
+            ids.append(batch.doc_ids)
         for f, values in batch.fields.items():
             try:
                 fields[f].append(pa.array(values))
@@ -320,8 +322,13 @@ def plan(p: Prepared, *, use_ray: bool = True, source: TokenSource | None = None
     t = p.spec.tokenize
     if source is None:
         source = FileSource()
-        doc_ids, fields = tokenize_into(p.spec, p.tokenizer, source, use_ray=use_ray)
+        # The scan already holds the document ids, in this order: not a second copy (memory).
+        _, fields = tokenize_into(p.spec, p.tokenizer, source, use_ray=use_ray, keep_ids=False)
         source.close()
+        doc_ids = p.scan.doc_ids
+        if len(source.lens) != len(doc_ids):
+            raise CorpusError(f"corpus {p.spec.corpus.path!r} changed while it was read: {len(doc_ids)} documents "
+                              f"when scanned, {len(source.lens)} when tokenized")
     else:
         doc_ids, fields = p.scan.doc_ids, {}
     packer = Packer(source, doc_ids, p.tokenizer, t.context_size, t.packing, t.prepend_bos, t.split_long)
