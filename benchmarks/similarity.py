@@ -8,8 +8,10 @@ Writes synthetic datasets into a temporary store with the store's own writer
 unit), then measures:
 
 1. **Streaming compare** (``linear_cka, debiased_cka, svcca, procrustes`` on one pair of stored
-   hooks of width ``--d``): the whole ``similarity.compare`` call (row alignment, checked reads,
-   float64 co-moments, the metrics), each run in a **fresh child process**: its peak RSS
+   hooks of width ``--d``): what ``similarity.compare`` does (row alignment, checked reads,
+   float64 co-moments, the metrics from them: its steps are called one by one to time each; the
+   metrics step is timed again with torch on one thread, outside the total), each run in a
+   **fresh child process**: its peak RSS
    (``VmHWM``) and its peak private (anonymous) memory must not grow with ``n``. RSS also counts
    the touched pages of the store's memory-mapped shards (page cache, reclaimable), which is
    why both are printed. Throughput (rows/s) is compared with the issue's bound, a bare float32
@@ -27,8 +29,10 @@ unit), then measures:
 Without Ray (``compare`` and ``layer_heatmap`` run their partial-moment tasks in-process when no
 Ray is running: ``use_ray`` defaults to ``ray.is_initialized()``), so a child's peak RSS is the
 whole computation's memory and both sides use the same BLAS threads (all cores). Reads come from
-the page cache (the data was just written). Shared CPUs drift, so repeats are interleaved
-(``--rounds``: Strata, then its baseline, in each round) and the best and median are printed.
+the page cache (the data was just written). Shared CPUs change speed over minutes, so each
+Strata run is bracketed by its baseline (timed right before and right after; the ratio uses
+their mean), ``--rounds`` rounds are interleaved, and the best and median ratios are printed
+with the range of speeds the baseline saw (the machine's noise).
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ import pytest
 # Tests never reach a hub: everything they load is built locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# transformers 5 loads weights on a thread pool it shuts down without waiting; the leaked-thread
+# check below would catch its thread now and then in tests that load a model in this process.
+os.environ.setdefault("HF_DEACTIVATE_ASYNC_LOAD", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
