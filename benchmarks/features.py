@@ -38,6 +38,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _machine import cpu_model, memory_gib  # noqa: E402
 
 import store  # noqa: E402
 from analysis.features.external import put_sae  # noqa: E402
@@ -48,12 +51,7 @@ HOOK = "blocks.0.hook_resid_post"
 
 
 def machine() -> str:
-    cpu = "?"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    cpu, mem = cpu_model(), memory_gib()
     import duckdb
     import pyarrow
     import sae_lens

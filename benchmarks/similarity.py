@@ -53,6 +53,9 @@ import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _machine import cpu_model, memory_gib  # noqa: E402
 
 CTX = 128
 UNIT_CONTEXTS = 256
@@ -104,18 +107,7 @@ class MemoryWatch:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError):
-        mem = float("nan")
+    cpu, mem = cpu_model(), memory_gib()
     blas = ""
     try:
         cfg = np.show_config(mode="dicts")

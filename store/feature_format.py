@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from store import protocol
 from store.errors import CorruptionError, FormatVersionError, StrataError
-from store.layout import check_name
+from store.layout import attempt_key, attempt_key_pattern, check_name
 from store.protocol import FileEntry
 from store.storage import Storage
 
@@ -77,12 +77,11 @@ def units_dir(name: str) -> str:
 
 
 def unit_key(name: str, unit: int, attempt: str) -> str:
-    # One file per attempt, as for token tables: racing writers never touch each other's file.
-    return f"{units_dir(name)}/unit-{unit:08d}.{attempt}.parquet"
+    return attempt_key(units_dir(name), unit, attempt)  # one file per attempt, as for token tables
 
 
 def unit_key_pattern(name: str, unit: int) -> re.Pattern[str]:
-    return re.compile(re.escape(f"{units_dir(name)}/unit-{unit:08d}.") + r"[0-9a-f]{12}\.parquet")
+    return attempt_key_pattern(units_dir(name), unit)
 
 
 def commits_dir(name: str) -> str:

@@ -105,15 +105,24 @@ def tokens_dir(name: str) -> str:
     return f"{dataset_dir(name)}/tokens"
 
 
+def attempt_key(folder: str, unit: int, attempt: str) -> str:
+    """A unit's Parquet file of one write attempt: racing writers never overwrite each other's
+    file; the commit record names the file that won."""
+    return f"{folder}/unit-{unit:08d}.{attempt}.parquet"
+
+
+def attempt_key_pattern(folder: str, unit: int) -> re.Pattern[str]:
+    """The keys a commit record of ``unit`` may name in ``folder`` (any attempt)."""
+    return re.compile(re.escape(f"{folder}/unit-{unit:08d}.") + r"[0-9a-f]{12}\.parquet")
+
+
 def tokens_key(name: str, unit: int, attempt: str) -> str:
-    # One file per write attempt: racing writers never overwrite each other's table; the
-    # commit record names the file that won.
-    return f"{tokens_dir(name)}/unit-{unit:08d}.{attempt}.parquet"
+    return attempt_key(tokens_dir(name), unit, attempt)
 
 
 def tokens_key_pattern(name: str, unit: int) -> re.Pattern[str]:
     """The keys a token-table commit record of ``unit`` may name."""
-    return re.compile(re.escape(f"{tokens_dir(name)}/unit-{unit:08d}.") + r"[0-9a-f]{12}\.parquet")
+    return attempt_key_pattern(tokens_dir(name), unit)
 
 
 #: Commit records are kept in folders of this many units: a reader lists only the folders the

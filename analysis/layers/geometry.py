@@ -167,15 +167,22 @@ def curvature(z: np.ndarray) -> float:
     return float(np.degrees(np.arccos(cos)).mean())
 
 
-def _sampled_contexts(ds: ActivationDataset, hooks: Sequence[str], n: int, seed: int) -> list[np.ndarray]:
-    """Non-special rows of each of ``n`` seeded contexts of committed units (common to ``hooks``)."""
+def pick_contexts(ds: ActivationDataset, hooks: Sequence[str], n: int, seed: Sequence[int]) -> tuple[pa.Table, int, np.ndarray]:
+    """The token table of the units committed for every one of ``hooks``, its number of
+    contexts, and ``n`` of them chosen with ``seed`` (sorted)."""
     units = set(ds.committed_units(None))
     for h in hooks:
         units &= set(ds.committed_units(h))
     toks = ds.tokens(units=sorted(units))
+    ctx = toks.num_rows // ds.info.context_size
+    pick = np.sort(np.random.default_rng(list(seed)).choice(ctx, size=min(n, ctx), replace=False))
+    return toks, ctx, pick
+
+
+def _sampled_contexts(ds: ActivationDataset, hooks: Sequence[str], n: int, seed: int) -> list[np.ndarray]:
+    """Non-special rows of each of ``n`` seeded contexts of committed units (common to ``hooks``)."""
+    toks, ctx, pick = pick_contexts(ds, hooks, n, (seed, 4))
     cs = ds.info.context_size
-    ctx = toks.num_rows // cs
-    pick = np.sort(np.random.default_rng([seed, 4]).choice(ctx, size=min(n, ctx), replace=False))
     special = toks.column("special").to_numpy(zero_copy_only=False).reshape(ctx, cs)
     rows = toks.column("row").to_numpy().reshape(ctx, cs)
     return [rows[c][~special[c]] for c in pick if (~special[c]).sum() >= 3]

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from analysis.layers.geometry import pick_contexts
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
@@ -77,13 +79,8 @@ def logit_lens(ds: ActivationDataset, hooks: Sequence[str], *, contexts: int = 3
         if model is None:
             raise AnalysisError(f"logit lens of dataset {ds.name!r} needs its model: {why}")
     norm, unembed, cap = _unembed(model)
-    units = set(ds.committed_units(None))
-    for h in chosen:
-        units &= set(ds.committed_units(h))
-    toks = ds.tokens(units=sorted(units))
+    toks, n_ctx, pick = pick_contexts(ds, chosen, contexts, (seed, 6))
     cs = ds.info.context_size
-    n_ctx = toks.num_rows // cs
-    pick = np.sort(np.random.default_rng([seed, 6]).choice(n_ctx, size=min(contexts, n_ctx), replace=False))
     ids = torch.from_numpy(toks.column("token_id").to_numpy().astype(np.int64).reshape(n_ctx, cs)[pick])
     special = torch.from_numpy(toks.column("special").to_numpy(zero_copy_only=False).astype(bool).reshape(n_ctx, cs)[pick])
     doc = toks.column("doc_id").to_numpy().reshape(n_ctx, cs)[pick]
