@@ -16,7 +16,9 @@ Two sides align when their rows are the same tokens of the same documents:
 Special rows (BOS, separators, padding) never pair. Only units committed for a side's hook are
 used. "The same documents" is checked where the manifests say: datasets whose
 ``corpus_fingerprint`` differs hold different documents under the same ids and are refused,
-as are sides that have no token in common.
+as are sides that have no token in common. (Pooled per document, an image corpus and its
+captions pair by their set hashes instead; see :func:`_check_documents` and
+:mod:`store.pairing`. Their tokens never pair.)
 
 ``iter_aligned(sides, ...)`` yields tuples of row-aligned float32 tensors, one per side, for
 cross-model training (crosscoders, linear maps). The order is a pure function of ``(seed,
@@ -110,20 +112,34 @@ def _tokens(ds: ActivationDataset, hook: str, units: Sequence[int] | None, *, bo
     return t.filter(keep), tuple(chosen)
 
 
-def _check_documents(sides: Sequence[SideRef]) -> None:
-    seen: dict[str, str] = {}
+def _paired_by_captions(a: ActivationDataset, b: ActivationDataset) -> bool:
+    """Whether one side is an image corpus and the other its captions: one side's
+    ``caption_set_hash`` equals the other side's ``doc_set_hash`` (see :mod:`store.pairing`)."""
+    ma, mb = a.info.meta, b.info.meta
+    return any(cap is not None and cap == docs
+               for cap, docs in ((ma.get("caption_set_hash"), mb.get("doc_set_hash")),
+                                 (mb.get("caption_set_hash"), ma.get("doc_set_hash"))))
+
+
+def _check_documents(sides: Sequence[SideRef], *, by_docs: bool = False) -> None:
+    """Refuse sides extracted from different corpora. With ``by_docs`` (documents pooled, not
+    tokens paired), an image corpus and its captions pair although their fingerprints differ,
+    when the caption set hash of one equals the document set hash of the other."""
+    seen: dict[str, tuple[ActivationDataset, str]] = {}
     for ds, hook in sides:
         fp = ds.info.meta.get("corpus_fingerprint")
         if fp is None:
             continue
-        for other, ofp in seen.items():
-            if ofp != fp:
+        for other, (ods, ofp) in seen.items():
+            if ofp != fp and not (by_docs and _paired_by_captions(ods, ds)):
+                hint = (" (for an image corpus and its captions, extract the captions from the same records: "
+                        "the caption set hashes must match)") if by_docs else ""
                 raise AlignmentError(
                     f"cannot align {other} with {ds.name}:{hook}: they were extracted from different corpora "
                     f"(corpus fingerprints {ofp[:16]}... and {fp[:16]}...), so a document id names different texts; "
-                    "extract both from the same corpus"
+                    f"extract both from the same corpus{hint}"
                 )
-        seen[f"{ds.name}:{hook}"] = fp
+        seen[f"{ds.name}:{hook}"] = (ds, fp)
 
 
 def _method(sides: Sequence[SideRef]) -> str:

@@ -1,8 +1,12 @@
 """``compare``: similarity metrics between two (dataset, hook) sides of the store.
 
 Rows are paired by :func:`store.aligned.align_tokens` (``align="tokens"``) or pooled per
-document (``align="docs"``: the mean over each document's non-special tokens, documents present
-on both sides). Then:
+document (``align="docs"``, documents present on both sides), each side as its ``pool`` says:
+``mean`` over the document's non-special tokens (the default), its ``cls`` token (vision
+encoders with a CLS token), or its ``last`` non-special token (largest ``doc_position``: the
+sentence embedding of a causal LM). ``pool`` is one name for both sides or a pair ``(a, b)``,
+e.g. ``("cls", "last")`` for images through a ViT against their captions through a causal LM;
+the pools used are recorded in the provenance (``alignment.pool``). Then:
 
 * **streaming metrics** (``linear_cka``, ``debiased_cka``, ``cca``, ``svcca``, ``pwcca``,
   ``procrustes``, ``r2``, ``cosine``) come from one pass of float64 co-moments
@@ -25,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
@@ -42,12 +46,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["METRICS", "STREAM", "SAMPLED", "CompareOptions", "ComparePlan", "compare", "plan_compare", "run_compare", "min_rows"]
+__all__ = ["METRICS", "STREAM", "SAMPLED", "POOLS", "CompareOptions", "ComparePlan", "compare", "plan_compare", "run_compare", "min_rows"]
 
 STREAM: tuple[str, ...] = ("linear_cka", "debiased_cka", "cca", "svcca", "pwcca", "procrustes", "r2", "cosine")
 SAMPLED: tuple[str, ...] = ("rbf_cka", "minibatch_cka", "mutual_knn", "rsa")
 METRICS: tuple[str, ...] = STREAM + SAMPLED
 DEFAULT_METRICS: tuple[str, ...] = ("linear_cka", "debiased_cka", "svcca", "procrustes")
+Pool = Literal["mean", "cls", "last"]
+POOLS: tuple[str, ...] = get_args(Pool)
 Side = tuple["ActivationDataset", str]
 
 
@@ -85,6 +91,7 @@ class ComparePlan:
     opts: CompareOptions
     alignment: Alignment | None = None  # align="tokens"
     docs: dict[str, Any] = field(default_factory=dict)  # align="docs": ids, rows and doc index per side
+    pool: tuple[str, str] = ("mean", "mean")  # align="docs": how each side's document becomes one row
     n: int = 0
     test_units: list[int] = field(default_factory=list)
 
@@ -99,7 +106,8 @@ class ComparePlan:
             out["alignment"] = self.alignment.summary()
             out["units_a"], out["units_b"] = list(self.alignment.units[0]), list(self.alignment.units[1])
         else:
-            out["alignment"] = {"method": "docs", "documents": self.n, "candidates": self.docs.get("candidates")}
+            out["alignment"] = {"method": "docs", "documents": self.n, "candidates": self.docs.get("candidates"),
+                                "pool": list(self.pool)}
         return out
 
 
@@ -117,14 +125,27 @@ def _check_metrics(metrics: Sequence[str] | str | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _check_pool(pool: Any, align: str) -> tuple[str, str]:
+    """``pool`` as a (side a, side b) pair of valid names; a pool other than ``mean`` needs ``align="docs"``."""
+    pair = (pool, pool) if isinstance(pool, str) else tuple(pool) if isinstance(pool, (tuple, list)) else None
+    if pair is None or len(pair) != 2 or any(not isinstance(p, str) or p not in POOLS for p in pair):
+        raise AnalysisError(f"`pool` must be one of {', '.join(map(repr, POOLS))} or a pair of them (side a, side b), got {pool!r}")
+    if align != "docs" and pair != ("mean", "mean"):
+        raise AnalysisError(f"`pool` {pool!r} pools documents; it needs `align` 'docs' (align 'tokens' pairs token rows, unpooled)")
+    return pair  # type: ignore[return-value]
+
+
 def plan_compare(a: Side, b: Side, metrics: Sequence[str] | None = None, *, align: Literal["tokens", "docs"] = "tokens",
-                 max_rows: int | None = None, opts: CompareOptions | None = None) -> ComparePlan:
+                 max_rows: int | None = None, opts: CompareOptions | None = None,
+                 pool: Pool | tuple[Pool, Pool] = "mean") -> ComparePlan:
     """Check the inputs and pair the rows; raises :class:`AnalysisError` (or the store's
-    ``AlignmentError``/``HookNotFoundError``) with a one-line message before any activation is read."""
+    ``AlignmentError``/``HookNotFoundError``) with a one-line message before any activation is read.
+    ``pool`` (``align="docs"``): see the module docstring."""
     from store.aligned import align_tokens
 
     opts = opts or CompareOptions()
     names = _check_metrics(metrics)
+    pools = _check_pool(pool, align)
     for ds, hook in (a, b):
         ds.check_hook(hook)
     da, db = a[0].info.hooks[a[1]].d, b[0].info.hooks[b[1]].d
@@ -132,14 +153,14 @@ def plan_compare(a: Side, b: Side, metrics: Sequence[str] | None = None, *, alig
         raise AnalysisError(f"cosine needs the same width on both sides, but {_label(a)} has d={da} and {_label(b)} d={db}")
     if max_rows is not None and max_rows < 1:
         raise AnalysisError(f"`max_rows` must be >= 1, got {max_rows}")
-    plan = ComparePlan(a, b, names, align, opts)
+    plan = ComparePlan(a, b, names, align, opts, pool=pools)
     if align == "tokens":
         al = align_tokens([a, b])
         if max_rows is not None and max_rows < len(al):
             al = al.subset(slice(0, max_rows))
         plan.alignment, plan.n = al, len(al)
     elif align == "docs":
-        plan.docs = _doc_pairs(a, b)
+        plan.docs = _doc_pairs(a, b, pools)
         ids = plan.docs["ids"][: max_rows or None]
         plan.docs["ids"], plan.n = ids, int(ids.size)
     else:
@@ -169,14 +190,33 @@ def _holdout(plan: ComparePlan) -> list[int]:
 # -- align="docs" ----------------------------------------------------------------------------------
 
 
-def _side_doc_rows(ds: ActivationDataset, hook: str) -> tuple[np.ndarray, np.ndarray, set[int]]:
-    """(rows, their doc ids) of the non-special committed tokens of ``hook``, and the documents
-    known to be whole (every row in a committed unit)."""
+_CLS_TOKEN = -1  # token_id of a vision encoder's CLS row (registers are -2, -3, ...; patches 0..P-1)
+
+
+def _side_doc_rows(ds: ActivationDataset, hook: str, pool: str = "mean") -> tuple[np.ndarray, np.ndarray, set[int]]:
+    """(rows, their doc ids) of ``hook``'s committed tokens that ``pool`` reads (``mean``: every
+    non-special token; ``cls``: the CLS row; ``last``: the non-special token of largest
+    ``doc_position``; one row per document but for ``mean``), and the documents known to be
+    whole (every row in a committed unit)."""
     import pyarrow.compute as pc
 
     t = ds.tokens(hook)
-    t = t.filter(pc.and_(pc.invert(t.column("special")), pc.greater_equal(t.column("doc_id"), 0)))
+    if pool == "cls":
+        cls = pc.and_(t.column("special"), pc.equal(t.column("token_id"), _CLS_TOKEN))
+        t = t.filter(pc.and_(cls, pc.greater_equal(t.column("doc_id"), 0)))
+        if t.num_rows == 0:
+            raise AnalysisError(f"dataset {ds.name!r} (hook {hook!r}) has no CLS token rows (token_id -1, special): "
+                                "pool='cls' needs a dataset with a CLS token (ViT, CLIP, DINOv2); use pool='mean'")
+    else:
+        t = t.filter(pc.and_(pc.invert(t.column("special")), pc.greater_equal(t.column("doc_id"), 0)))
     rows, docs = t.column("row").to_numpy(), t.column("doc_id").to_numpy()
+    if pool != "mean" and rows.size:
+        # One row per document: the first CLS row (an image has one), or the last token. Sorted by
+        # (doc, key, row), the wanted row is the first (cls) or the last (last) of each document's run.
+        key = -rows if pool == "cls" else t.column("doc_position").to_numpy()
+        order = np.lexsort((rows, key, docs))
+        ends = np.r_[np.flatnonzero(np.diff(docs[order])), order.size - 1]
+        rows, docs = rows[order[ends]], docs[order[ends]]
     index = ds.docs()
     if index is None:
         whole = set(np.unique(docs).tolist())
@@ -186,15 +226,20 @@ def _side_doc_rows(ds: ActivationDataset, hook: str) -> tuple[np.ndarray, np.nda
         whole = {int(d) for d, s, e in zip(index.column("doc_id").to_numpy(), index.column("row_start").to_numpy(),
                                           index.column("row_end").to_numpy())
                  if s >= 0 and all(u in committed for u in range(s // ur, (e - 1) // ur + 1))}
+        if pool == "last" and "dropped_tokens" in index.column_names:
+            cut = int(np.count_nonzero(index.column("dropped_tokens").to_numpy() > 0))
+            if cut:
+                log.warning("dataset %s: %d document(s) lost their tail to truncation; pool='last' takes their last kept token",
+                            ds.name, cut)
     return rows, docs, whole
 
 
-def _doc_pairs(a: Side, b: Side) -> dict[str, Any]:
+def _doc_pairs(a: Side, b: Side, pool: tuple[str, str] = ("mean", "mean")) -> dict[str, Any]:
     from store.aligned import AlignmentError, _check_documents
 
-    _check_documents([a, b])
-    ra, da, wa = _side_doc_rows(*a)
-    rb, db, wb = _side_doc_rows(*b)
+    _check_documents([a, b], by_docs=True)
+    ra, da, wa = _side_doc_rows(*a, pool[0])
+    rb, db, wb = _side_doc_rows(*b, pool[1])
     ids = np.array(sorted(wa & wb & set(np.unique(da).tolist()) & set(np.unique(db).tolist())), dtype=np.int64)
     if ids.size == 0:
         raise AlignmentError(f"cannot align {_label(a)} with {_label(b)} by documents: no document is wholly committed on both sides")
@@ -342,12 +387,14 @@ def run_compare(plan: ComparePlan, executor: Executor | None = None) -> tuple[di
 
 
 def compare(a: Side, b: Side, metrics: Sequence[str] | None = None, *, align: Literal["tokens", "docs"] = "tokens",
-            max_rows: int | None = None, use_ray: bool | None = None, **options: Any) -> dict[str, float]:
+            pool: Pool | tuple[Pool, Pool] = "mean", max_rows: int | None = None, use_ray: bool | None = None,
+            **options: Any) -> dict[str, float]:
     """Similarity of ``a = (dsA, hookA)`` and ``b = (dsB, hookB)`` over their aligned rows.
 
     ``metrics``: names from :data:`METRICS` (default ``linear_cka, debiased_cka, svcca,
-    procrustes``); ``options``: fields of :class:`CompareOptions` (``sample_rows``, ``seed``,
-    ``ridge``, ``holdout``, ``tasks``, ...). Returns ``{metric: value}`` (``r2`` as ``r2_a_to_b``
+    procrustes``); ``pool`` (``align="docs"``): ``mean``, ``cls`` or ``last``, or a pair of them
+    (side a, side b), see the module docstring; ``options``: fields of :class:`CompareOptions`
+    (``sample_rows``, ``seed``, ``ridge``, ``holdout``, ``tasks``, ...). Returns ``{metric: value}`` (``r2`` as ``r2_a_to_b``
     and ``r2_b_to_a``) plus ``n`` (rows or documents of the streaming metrics) and, with a
     sampled metric, ``n_sample``. Partial moments run as Ray tasks when Ray is running in this
     process (``use_ray``), else here.
@@ -356,5 +403,5 @@ def compare(a: Side, b: Side, metrics: Sequence[str] | None = None, *, align: Li
         opts = CompareOptions(**options)
     except TypeError as e:
         raise AnalysisError(f"compare: {e}; options are: {', '.join(CompareOptions.__dataclass_fields__)}") from None
-    plan = plan_compare(a, b, metrics, align=align, max_rows=max_rows, opts=opts)
+    plan = plan_compare(a, b, metrics, align=align, max_rows=max_rows, opts=opts, pool=pool)
     return run_compare(plan, Executor(use_ray))[0]

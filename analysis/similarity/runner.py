@@ -121,7 +121,8 @@ def _prep_compare(a: CompareSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
     opts = CompareOptions(keep=a.keep, ridge=a.ridge, holdout=a.holdout, sample_rows=a.sample_rows, seed=a.seed,
                           sigma_frac=a.sigma_frac, knn_k=a.knn_k, minibatch_size=a.minibatch_size, rsa_metric=a.rsa_metric,
                           chunk_rows=spec.compute.chunk_rows, tasks=spec.compute.tasks)
-    plan = plan_compare((da, a.a.hook), (db, a.b.hook), list(a.metrics), align=a.align, max_rows=a.max_rows, opts=opts)
+    plan = plan_compare((da, a.a.hook), (db, a.b.hook), list(a.metrics), align=a.align, max_rows=a.max_rows, opts=opts,
+                        pool=a.pool)
     if plan.alignment is not None:
         ua, ub = plan.alignment.units
     else:

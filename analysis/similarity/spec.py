@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 
 from pipeline.config import Section
 
-from .compare import METRICS
+from .compare import METRICS, POOLS, Pool
 from .heatmap import HEATMAP_METRICS
 
 Metric = Literal[METRICS]  # type: ignore[valid-type]
@@ -75,7 +75,12 @@ class CompareSpec(Analysis):
     rbf_cka, minibatch_cka, mutual_knn, rsa."""
     align: Literal["tokens", "docs"] = "tokens"
     """``tokens``: pair token rows (same dataset, same tokenizer by document position, or by
-    character span ends across tokenizers); ``docs``: the mean of each document's tokens."""
+    character span ends across tokenizers); ``docs``: one row per document, pooled as ``pool`` says."""
+    pool: Pool | tuple[Pool, Pool] = "mean"
+    """``align: docs`` only: how a document becomes one row, for both sides or as ``[a, b]``:
+    ``mean`` of its non-special tokens, its ``cls`` token (ViT, CLIP, DINOv2), or its ``last``
+    non-special token (a causal LM's caption embedding); e.g. ``[cls, last]`` for images against
+    their captions."""
     max_rows: int | None = Field(default=None, gt=0)
     """Use only the first aligned rows (in side-A order)."""
     sample_rows: int = Field(default=2048, gt=0)
@@ -96,6 +101,31 @@ class CompareSpec(Analysis):
     """minibatch_cka: rows per batch."""
     rsa_metric: Literal["correlation", "cosine", "euclidean"] = "correlation"
     """rsa: dissimilarity between two rows."""
+
+    @field_validator("pool", mode="before")
+    @classmethod
+    def _check_pool(cls, v: Any) -> Any:
+        # One message for both forms (a name, or a pair), rather than one per branch of the union.
+        ok = v in POOLS if isinstance(v, str) else (isinstance(v, (list, tuple)) and len(v) == 2
+                                                     and all(isinstance(p, str) and p in POOLS for p in v))
+        if not ok:
+            raise ValueError(f"`pool` must be one of {', '.join(POOLS)} or a pair [a, b] of them, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _pool_needs_docs(self) -> CompareSpec:
+        if self.align != "docs" and self.pool not in ("mean", ("mean", "mean")):
+            raise ValueError(f"`pool` {self.pool!r} pools documents; it needs `align: docs`")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        # A committed result's identity holds its dumped spec; results committed before `pool`
+        # existed have none, so the default is left out and rerunning their spec stays a no-op.
+        out = handler(self)
+        if self.pool in ("mean", ("mean", "mean")):
+            out.pop("pool", None)
+        return out
 
 
 class HeatmapSpec(Analysis):

@@ -38,7 +38,7 @@ def write_dataset(s: store.Store, name: str, flat: dict[str, np.ndarray], acts: 
                   meta: dict | None = None, char_spans: bool = True, docs: pa.Table | None = None,
                   unit_contexts: int = UNIT_CONTEXTS, dtype: str = "float32") -> store.ActivationDataset:
     """Write rows (``flat`` token columns, ``acts`` per hook, row-aligned) as a dataset; the last
-    unit may be short."""
+    unit may be short. ``flat["token_id"]`` is optional (default: row % 97)."""
     n = flat["doc_id"].size
     ur = unit_contexts * CTX
     units = -(-n // ur)
@@ -48,7 +48,8 @@ def write_dataset(s: store.Store, name: str, flat: dict[str, np.ndarray], acts: 
     for u in range(units):
         r = np.arange(u * ur, min(n, (u + 1) * ur))
         cols = {"context_id": r // CTX, "position": (r % CTX).astype(np.int32), "doc_id": flat["doc_id"][r],
-                "doc_position": flat["doc_position"][r].astype(np.int32), "token_id": (r % 97).astype(np.int32),
+                "doc_position": flat["doc_position"][r].astype(np.int32),
+                "token_id": (flat["token_id"][r] if "token_id" in flat else r % 97).astype(np.int32),
                 "special": flat["special"][r].astype(bool)}
         if char_spans:
             cols["char_start"] = flat["char_start"][r].astype(np.int32)
