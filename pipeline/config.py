@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from store.storage import public_options
 
@@ -42,11 +42,20 @@ class ModelSpec(Section):
 class CorpusSpec(Section):
     path: str = Field(min_length=1)
     """A file, a glob or a folder; for ``format: hf`` a hub dataset name or a folder saved by
-    ``datasets.save_to_disk``."""
-    format: Literal["jsonl", "parquet", "text", "hf"] = "jsonl"
-    """How to read ``path``."""
+    ``datasets.save_to_disk``; for ``format: images`` a folder (or glob) of image files."""
+    format: Literal["jsonl", "parquet", "text", "hf", "images"] = "jsonl"
+    """How to read ``path``. ``images``: a folder of image files, one document per image, in
+    sorted path order (an optional ``metadata.jsonl`` beside them, keyed by ``file_name``, gives
+    ids, captions and kept fields)."""
     text_field: str = "text"
     """The field (column) holding each document's text."""
+    image_field: str | None = None
+    """For ``parquet`` and ``hf`` corpora of images: the column holding each image (encoded
+    bytes, a ``{bytes, path}`` struct, or a ``datasets.Image`` feature). Setting it makes the
+    corpus an image corpus (``text_field`` is then unused)."""
+    caption_field: str | None = None
+    """For image corpora: a field holding each image's caption, kept in ``ds.docs()`` (and
+    hashed so that a text dataset of the same captions pairs with this one, ``align: docs``)."""
     id_field: str | None = None
     """A field holding stable document ids (integers, or strings hashed to integers); default:
     the record's ordinal in the corpus."""
@@ -65,6 +74,19 @@ class CorpusSpec(Section):
     keep_fields: list[str] = []
     """Document fields to keep (``label``, ``lang``, ...): recorded per document in the
     dataset's document table, ``ds.docs()`` (jsonl, parquet and hf corpora)."""
+
+    @property
+    def is_images(self) -> bool:
+        """An image corpus: a folder of images, or a Parquet / HF corpus with an image column."""
+        return self.format == "images" or self.image_field is not None
+
+    @model_validator(mode="after")
+    def _images(self) -> CorpusSpec:
+        if self.image_field is not None and self.format not in ("parquet", "hf"):
+            raise ValueError(f"`image_field` is for parquet and hf corpora; a folder of image files is `format: images` (got format {self.format!r})")
+        if self.caption_field is not None and not self.is_images:
+            raise ValueError("`caption_field` is for image corpora (`format: images`, or `image_field`); a text corpus's text is `text_field`")
+        return self
 
     @field_validator("keep_fields")
     @classmethod
@@ -92,6 +114,13 @@ class TokenizeSpec(Section):
     """With ``truncate``: continue a long document in further contexts instead of cutting it."""
     chunk_docs: int = Field(default=4096, gt=0)
     """Documents per tokenization task."""
+
+
+class ImageSpec(Section):
+    size: int | None = Field(default=None, gt=0)
+    """Image side in pixels after preprocessing (a square ``size x size`` input): default, the
+    model's image processor settings. Must be a multiple of the model's patch size; a size
+    other than the model's training size interpolates its position embeddings."""
 
 
 class ComputeSpec(Section):
@@ -123,6 +152,9 @@ class ExtractSpec(Section):
     model: ModelSpec
     corpus: CorpusSpec
     tokenize: TokenizeSpec = TokenizeSpec()
+    """Text models only: how documents become contexts (an image is always one context)."""
+    image: ImageSpec = ImageSpec()
+    """Image models only: preprocessing settings beyond the model's image processor."""
     hooks: list[str] = Field(min_length=1)
     """Hook points, TransformerLens style, globs allowed: ``blocks.*.hook_resid_post``."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"

@@ -204,6 +204,7 @@ class CorpusScan:
     fingerprint: str = ""  # of every document
     prefix_fingerprint: str | None = None  # of the first `prefix_docs` documents, when asked
     doc_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    doc_set_hash: str | None = None  # order-independent hash of (id, content) pairs: see store.pairing
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -289,18 +290,23 @@ def iter_corpus(src: CorpusSpec, *, batch_docs: int = 4096, scan: CorpusScan | N
 def scan_corpus(src: CorpusSpec, *, prefix_docs: int | None = None) -> CorpusScan:
     """One streaming pass: sizes, ids, the fingerprint of every document and, with
     ``prefix_docs``, of the first ones (the part an existing dataset was made from)."""
+    from store.pairing import SetHash
+
     scan = CorpusScan()
     h = xxhash.xxh3_128()
+    pairs = SetHash()
     seen = 0
     for b in iter_corpus(src, scan=scan):
         for doc_id, text in zip(b.doc_ids, b.texts):
             if prefix_docs is not None and seen == prefix_docs:
                 scan.prefix_fingerprint = f"xxh3_128:{h.copy().hexdigest()}"
             _hash_doc(h, int(doc_id), text)
+            pairs.add(int(doc_id), text.encode("utf-8"))
             seen += 1
     if prefix_docs is not None and seen == prefix_docs:
         scan.prefix_fingerprint = f"xxh3_128:{h.copy().hexdigest()}"
     scan.fingerprint = f"xxh3_128:{h.hexdigest()}"
+    scan.doc_set_hash = pairs.hexdigest()
     return scan
 
 

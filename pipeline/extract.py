@@ -53,13 +53,15 @@ import pyarrow as pa
 import store
 from pipeline import models
 from pipeline.cluster import connect, in_ray_job
-from pipeline.config import ExtractSpec
+from pipeline.config import ExtractSpec, ImageSpec
 from pipeline.corpus import CorpusScan, iter_corpus, scan_corpus
 from pipeline.errors import CorpusError, SpecError, WorkerError
 from pipeline.hooks import expand_hooks, family_of, hook_sites
+from pipeline.images import ImageScan, ImageSource, iter_images, scan_images
 from pipeline.packing import Contexts, TokenizerInfo, encode_batch, num_units, tokenizer_info
 from pipeline.plan import FileSource, Packer, TokenSource
 from pipeline.pool import Task, UnitPool, pool_shape
+from pipeline.vision import CLS_TOKEN, ImagePacker, ImagePrep, check_images, prepare_images, vision_config
 from pipeline.worker import UnitWorker, WorkerConfig, peak_rss_bytes
 from store.errors import DatasetExistsError, LeaseHeldError, StorageError
 from store.manifest import IDENTITY_META_KEYS
@@ -81,6 +83,7 @@ class ExtractResult:
     dropped_tokens: int = 0  # corpus tokens no context holds (the concat tail; cut documents)
     dropped_docs: int = 0  # documents with no token in any context
     partial_docs: int = 0  # documents with some tokens dropped
+    bad_images: list[dict[str, Any]] = field(default_factory=list)  # images that do not decode: {doc_id, where, error}
     tokens: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
@@ -93,6 +96,8 @@ class ExtractResult:
     pool_seconds: float = 0.0  # from starting the actors to the last unit committed
     steady_tokens: int = 0  # tokens of the units committed after the first one ...
     steady_seconds: float = 0.0  # ... and the time they took (leaves out model loading)
+    prepare_seconds: float = 0.0  # workers' time decoding and preprocessing images (overlaps compute)
+    compute_seconds: float = 0.0  # workers' time in the model (including waits for the model)
     message: str = ""
 
     @property
@@ -113,7 +118,7 @@ class Prepared:
     store: store.Store
     model: models.ResolvedModel
     config: Any
-    tokenizer: TokenizerInfo
+    tokenizer: TokenizerInfo | None  # text models
     hooks: list[str]
     scan: CorpusScan  # one pass over the corpus: sizes, ids, fingerprints (no texts kept)
     corpus_fp: str  # identity fingerprint (a prefix of the corpus when it grew)
@@ -121,6 +126,8 @@ class Prepared:
     meta: dict[str, Any]
     existing: store.ActivationDataset | None
     unit_contexts: int
+    context_size: int  # tokens per context: the spec's for text, the model's sequence for an image
+    image: ImagePrep | None = None  # image models: preprocessing and token layout
 
 
 @dataclass
@@ -133,6 +140,7 @@ class Plan:
     dropped_tokens: int
     dropped_docs: int
     partial_docs: int
+    bad_images: list[dict[str, Any]] = field(default_factory=list)  # image corpora: images that do not decode
 
     @property
     def n_contexts(self) -> int:
@@ -191,22 +199,40 @@ def prepare(spec: ExtractSpec, s: store.Store) -> Prepared:
     config = models.load_config(m)
     model_type = getattr(config, "model_type", "?")
     fam = family_of(model_type)
-    n_layers = int(config.num_hidden_layers)
+    image = fam.modality == "image"
+    if image != spec.corpus.is_images:
+        raise SpecError(
+            f"model {spec.model.id!r} ({model_type}) is an image model and `corpus` is a text corpus: give an image corpus "
+            "(`corpus.format: images` for a folder, or `corpus.image_field` for parquet / hf)" if image else
+            f"model {spec.model.id!r} ({model_type}) is a text model and `corpus` is an image corpus: give a text corpus, "
+            "or an image model (vit, clip, siglip, dinov2)"
+        )
+    if not image and spec.image != ImageSpec():
+        raise SpecError(f"`image` settings are for image models; model {spec.model.id!r} ({model_type}) reads text")
+    vc = vision_config(config) if image else config
+    n_layers = int(vc.num_hidden_layers)
     sites = hook_sites(fam, n_layers)
     hooks = expand_hooks(list(spec.hooks), sites, model=f"model {spec.model.id!r} ({model_type}, {n_layers} layers)")
-    limit = models.max_context(config)
-    ctx_size = spec.tokenize.context_size
-    if limit is not None and ctx_size > limit:
-        raise SpecError(f"`tokenize.context_size` {ctx_size} is beyond the maximum of model {spec.model.id!r} ({limit})")
-    tok = tokenizer_info(models.load_tokenizer(m), spec.model.id)
-    if spec.tokenize.prepend_bos and tok.bos_id is None:
-        raise SpecError(f"`tokenize.prepend_bos` is true but the tokenizer of {spec.model.id!r} has no BOS or CLS token")
+    tok: TokenizerInfo | None = None
+    img: ImagePrep | None = None
+    if image:
+        img = prepare_images(m.fetch(), config, size=spec.image.size, model=spec.model.id, trust_remote_code=m.trust_remote_code)
+        ctx_size = img.layout.tokens
+    else:
+        limit = models.max_context(config)
+        ctx_size = spec.tokenize.context_size
+        if limit is not None and ctx_size > limit:
+            raise SpecError(f"`tokenize.context_size` {ctx_size} is beyond the maximum of model {spec.model.id!r} ({limit})")
+        tok = tokenizer_info(models.load_tokenizer(m), spec.model.id)
+        if spec.tokenize.prepend_bos and tok.bos_id is None:
+            raise SpecError(f"`tokenize.prepend_bos` is true but the tokenizer of {spec.model.id!r} has no BOS or CLS token")
 
     existing = s.dataset(spec.name) if spec.name in s.datasets() else None
     n_old = int(existing.info.meta.get("corpus_docs", -1)) if existing is not None else -1
     # One streaming pass (no tokenizer, no Ray): every corpus error surfaces here, and the
     # fingerprints tell whether an existing dataset is this corpus, or a prefix of it.
-    scan = scan_corpus(spec.corpus, prefix_docs=n_old if n_old > 0 else None)
+    scan_fn = scan_images if image else scan_corpus
+    scan = scan_fn(spec.corpus, prefix_docs=n_old if n_old > 0 else None)
     corpus_fp, corpus_docs = scan.fingerprint, scan.docs
     unit_contexts = spec.compute.unit_contexts
     if existing is not None:
@@ -218,31 +244,41 @@ def prepare(spec: ExtractSpec, s: store.Store) -> Prepared:
             unit_contexts = existing.info.unit_contexts
 
     t = spec.tokenize
+    c = spec.corpus
+    corpus_meta: dict[str, Any] = {"path": c.path, "format": c.format, **scan.stats}
+    corpus_meta.update({"image_field": c.image_field, "caption_field": c.caption_field} if image else {"text_field": c.text_field})
     meta = {
         "model": m.identity,
         "revision": m.revision,
-        "tokenizer": tok.fingerprint,
+        # For an image model, the fingerprint of its preprocessing: what the tokenizer is to text.
+        "tokenizer": img.fingerprint if img is not None else tok.fingerprint,  # type: ignore[union-attr]
         "corpus_fingerprint": corpus_fp,
-        "packing": t.packing + ("" if t.packing == "concat" or t.split_long else "-nosplit"),
-        "prepend_bos": t.prepend_bos,
+        "packing": "image" if image else t.packing + ("" if t.packing == "concat" or t.split_long else "-nosplit"),
+        "prepend_bos": False if image else t.prepend_bos,
         "corpus_docs": corpus_docs,
         # The whole corpus as last planned (after appends, more than the identity covers): a
         # rerun over the same corpus is a quick no-op.
         "corpus_scan": {"docs": scan.docs, "fingerprint": scan.fingerprint},
         "model_path": m.folder if m.local else None,
-        "corpus": {"path": spec.corpus.path, "format": spec.corpus.format, "text_field": spec.corpus.text_field, **scan.stats},
+        "corpus": corpus_meta,
+        "modality": fam.modality,
         "model_type": model_type,
         "family": fam.name,
         "n_layers": n_layers,
-        "d_model": int(config.hidden_size),
+        "d_model": int(vc.hidden_size),
         "torch_dtype": spec.model.torch_dtype,
         "hook_modules": {h: site.describe() for h, site in sites.items()},
-        "tokenizer_name": tok.name,
-        "special_tokens": {"bos": tok.bos_id, "sep": tok.sep_id, "pad": tok.pad_id},
+        "tokenizer_name": None if image else tok.name,  # type: ignore[union-attr]
+        "special_tokens": ({"cls": CLS_TOKEN if img.layout.cls else None, "registers": img.layout.registers} if img is not None  # type: ignore[union-attr]
+                           else {"bos": tok.bos_id, "sep": tok.sep_id, "pad": tok.pad_id}),  # type: ignore[union-attr]
         "growing": spec.corpus.growing,
         "keep_fields": list(spec.corpus.keep_fields),
+        "doc_set_hash": scan.doc_set_hash,
         "spec": spec.recorded(),
     }
+    if img is not None:
+        meta["image"] = img.to_dict()
+        meta["caption_set_hash"] = scan.caption_set_hash  # type: ignore[attr-defined]
     if existing is not None:
         fp = dataset_fingerprint(context_size=ctx_size, dtype=spec.dtype, meta=meta)
         if fp != existing.info.fingerprint:
@@ -253,7 +289,7 @@ def prepare(spec: ExtractSpec, s: store.Store) -> Prepared:
                 f"dataset {spec.name!r} already exists in {s.uri} with a different identity ({'; '.join(diff)}); "
                 "a changed model, tokenizer, corpus, context, packing or dtype makes a new dataset: choose a new `name`"
             )
-    return Prepared(spec, s, m, config, tok, hooks, scan, corpus_fp, corpus_docs, meta, existing, unit_contexts)
+    return Prepared(spec, s, m, config, tok, hooks, scan, corpus_fp, corpus_docs, meta, existing, unit_contexts, ctx_size, img)
 
 
 def _complete(ds: store.ActivationDataset, hooks: list[str]) -> bool:
@@ -319,6 +355,9 @@ def tokenize_into(spec: ExtractSpec, tok: TokenizerInfo, sink: Any, *, use_ray: 
 def plan(p: Prepared, *, use_ray: bool = True, source: TokenSource | None = None) -> Plan:
     """Tokenize (streaming the tokens to local files unless ``source`` is given) and plan: the
     contexts, units and document index, from per-document token counts."""
+    if p.image is not None:
+        return plan_images(p, use_ray=use_ray)
+    assert p.tokenizer is not None
     t = p.spec.tokenize
     if source is None:
         source = FileSource()
@@ -337,8 +376,67 @@ def plan(p: Prepared, *, use_ray: bool = True, source: TokenSource | None = None
     return Plan(packer, units, p.unit_contexts, len(packer) - min(len(packer), units * p.unit_contexts), docs, dropped, dropped_docs, partial)
 
 
-def _first_context_of_doc(packer: Packer, n: int) -> int:
+def plan_images(p: Prepared, *, use_ray: bool = True, window: int = 4) -> Plan:
+    """Decode every image once (CPU Ray tasks, ``window`` batches in flight) to find those that
+    do not decode, and plan one context per image that does. The document table gets each
+    image's ``width``, ``height``, ``source`` (file, or file#row), ``error`` (why it was left out),
+    its ``caption`` and the kept fields."""
+    import collections
+
+    assert p.image is not None
+    src = p.spec.corpus
+    scan = ImageScan()
+    checked: list[tuple[int, int, str | None]] = []
+    cols: dict[str, list[Any]] = {"source": [], **({"caption": []} if src.caption_field else {}), **{f: [] for f in src.keep_fields}}
+    if use_ray:
+        import ray
+
+        task = ray.remote(num_cpus=1, max_retries=3)(check_images)
+    inflight: collections.deque[Any] = collections.deque()
+
+    def drain(limit: int) -> None:
+        while len(inflight) > limit:
+            got = inflight.popleft()
+            checked.extend(ray.get(got) if use_ray else got)
+
+    for b in iter_images(src, scan=scan):
+        cols["source"].extend(b.where)
+        if src.caption_field:
+            cols["caption"].extend(b.captions)
+        for f, v in b.fields.items():
+            cols[f].extend(v)
+        inflight.append(task.remote(b.payloads, b.errors) if use_ray else check_images(b.payloads, b.errors))
+        drain(window)
+    drain(0)
+    if scan.fingerprint != p.scan.fingerprint:
+        raise CorpusError(f"corpus {src.path!r} changed while it was read (its images differ between two passes)")
+    ok = np.array([err is None for _, _, err in checked], dtype=bool)
+    kept = np.flatnonzero(ok)
+    bad = [{"doc_id": int(scan.doc_ids[i]), "where": cols["source"][i], "error": checked[i][2]} for i in np.flatnonzero(~ok)]
+    if bad:
+        log.warning("corpus %s: %d of %d images could not be read and are left out, e.g. %s", src.path, len(bad), len(ok),
+                    "; ".join(f"id {b['doc_id']} ({b['where']}): {b['error']}" for b in bad[:3]))
+    fields: dict[str, pa.Array] = {
+        "width": pa.array([w if w >= 0 else None for w, _, _ in checked], pa.int32()),
+        "height": pa.array([h if h >= 0 else None for _, h, _ in checked], pa.int32()),
+        "error": pa.array([e for _, _, e in checked], pa.string()),
+    }
+    for f, values in cols.items():
+        try:
+            fields[f] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise CorpusError(f"`corpus` field {f!r}: its values do not form one column type ({e})") from None
+    packer = ImagePacker(ImageSource(src, scan.files, scan.locators), scan.doc_ids, kept, p.image.layout)
+    units = num_units(len(packer), p.unit_contexts, full_only=src.growing)
+    docs, dropped, dropped_docs, partial = packer.document_index(fields)
+    held = len(packer) - min(len(packer), units * p.unit_contexts)
+    return Plan(packer, units, p.unit_contexts, held, docs, dropped, dropped_docs, partial, bad)  # type: ignore[arg-type]
+
+
+def _first_context_of_doc(packer: Packer | ImagePacker, n: int) -> int:
     """The context holding document ``n``'s first token."""
+    if isinstance(packer, ImagePacker):
+        return packer.first_context_of_doc(n)
     return int(packer.seg[n] // packer.body) if packer.packing == "concat" else int(packer.first[n])
 
 
@@ -351,7 +449,7 @@ def _check_committed(p: Prepared, pl: Plan) -> None:
     committed = ds.committed_units()
     for u in committed:
         have = ds.unit_counts(None, u)[0]
-        want = max(0, min(n_ctx, (u + 1) * uc) - u * uc) * p.spec.tokenize.context_size
+        want = max(0, min(n_ctx, (u + 1) * uc) - u * uc) * p.context_size
         if have != want:
             raise CorpusError(
                 f"dataset {p.spec.name!r}: unit {u} was committed with {have} token rows but the corpus now puts {want} there; "
@@ -364,7 +462,8 @@ def _check_committed(p: Prepared, pl: Plan) -> None:
     first = _first_context_of_doc(pl.packer, p.corpus_docs) // uc
     for u in [u for u in committed if u >= first]:
         t = ds.unit_tokens(u)
-        part = pl.packer.contexts(u * uc, u * uc + t.num_rows // p.spec.tokenize.context_size)
+        lo, hi = u * uc, u * uc + t.num_rows // p.context_size
+        part = pl.packer.contexts(lo, hi, images=False) if isinstance(pl.packer, ImagePacker) else pl.packer.contexts(lo, hi)
         if not (np.array_equal(t.column("token_id").to_numpy(), part.token_id.reshape(-1))
                 and np.array_equal(t.column("doc_id").to_numpy(), part.doc_id.reshape(-1))):
             raise CorpusError(
@@ -376,6 +475,10 @@ def _check_committed(p: Prepared, pl: Plan) -> None:
 def _dropped_note(pl: Plan, spec: ExtractSpec) -> str:
     if not pl.dropped_tokens:
         return ""
+    if pl.bad_images:
+        ids = ", ".join(str(b["doc_id"]) for b in pl.bad_images[:5]) + (", ..." if len(pl.bad_images) > 5 else "")
+        return (f"; {len(pl.bad_images)} image(s) could not be read and were left out (ids {ids}; `ds.docs()` says why, "
+                "column `error`)")
     why = ("the corpus tail shorter than one context (it joins a context once more documents are appended)"
            if spec.corpus.growing and spec.tokenize.packing == "concat" else
            "the concat tail shorter than one context" if spec.tokenize.packing == "concat" else
@@ -408,7 +511,8 @@ def run_extract(
     result = ExtractResult(spec.name, s.uri, num_units=0, hooks=p.hooks)
 
     ds = p.existing
-    same_docs = ds is not None and ds.info.meta.get("keep_fields", []) == list(spec.corpus.keep_fields) and "tokenizer" in ds.info.aux
+    same_docs = ds is not None and ds.info.meta.get("keep_fields", []) == list(spec.corpus.keep_fields) and (
+        p.image is not None or "tokenizer" in ds.info.aux)
     same_corpus = p.scan.docs == p.corpus_docs or (
         ds is not None and ds.info.meta.get("corpus_scan") == {"docs": p.scan.docs, "fingerprint": p.scan.fingerprint})
     if ds is not None and same_docs and same_corpus and _complete(ds, p.hooks):
@@ -439,6 +543,7 @@ def _execute(p: Prepared, pl: Plan, lease: store.Lease, cluster: Any, result: Ex
     spec = p.spec
     result.num_units, result.held_back_contexts = pl.units, pl.held_back_contexts
     result.dropped_tokens, result.dropped_docs, result.partial_docs = pl.dropped_tokens, pl.dropped_docs, pl.partial_docs
+    result.bad_images = list(pl.bad_images)
     if pl.units == 0:
         result.message = (
             f"nothing to extract yet: the corpus packs into {pl.n_contexts} contexts, fewer than one unit of {p.unit_contexts}"
@@ -460,14 +565,17 @@ def _execute(p: Prepared, pl: Plan, lease: store.Lease, cluster: Any, result: Ex
 def _run(p: Prepared, pl: Plan, lease: store.Lease, cluster: Any, result: ExtractResult, *,
          worker_cls: type[UnitWorker], on_unit: Callable[[dict[str, Any]], None] | None, progress: bool) -> None:
     spec, s = p.spec, p.store
-    d_model = int(p.config.hidden_size)
+    d_model = int(p.meta["d_model"])
     meta = {**p.meta, "plan": pl.summary()}
+    if pl.bad_images:
+        meta["unreadable_images"] = {"count": len(pl.bad_images), "first": pl.bad_images[:100]}
     w = s.create_dataset(
-        spec.name, hooks={h: d_model for h in p.hooks}, context_size=spec.tokenize.context_size, dtype=spec.dtype,
+        spec.name, hooks={h: d_model for h in p.hooks}, context_size=p.context_size, dtype=spec.dtype,
         num_units=pl.units, unit_contexts=p.unit_contexts, meta=meta, exist_ok=True, fence=lease.token,
     )
     w.write_documents(pl.documents)
-    w.write_tokenizer(p.tokenizer.backend_json)
+    if p.tokenizer is not None:
+        w.write_tokenizer(p.tokenizer.backend_json)
     w.update_meta(**{k: v for k, v in meta.items() if k not in IDENTITY_META_KEYS})
     ds = s.dataset(spec.name)
     done = {h: set(ds.committed_units(h)) for h in p.hooks}
@@ -490,14 +598,16 @@ def _run(p: Prepared, pl: Plan, lease: store.Lease, cluster: Any, result: Extrac
         d_model=d_model, dtype=spec.dtype, batch_tokens=spec.compute.batch_tokens, threads=shape.threads,
         # A cluster this job did not start gets no credentials: its workers use their own.
         storage_options=spec.storage_options if cluster.private else public_options(spec.storage_options),
-        fence=lease.token,
+        fence=lease.token, image=p.image,
     )
-    uc, n_ctx, cs = p.unit_contexts, pl.n_contexts, spec.tokenize.context_size
+    uc, n_ctx, cs = p.unit_contexts, pl.n_contexts, p.context_size
     # Built lazily, as workers free up: only units in flight have their contexts in memory.
     tasks = (Task(f"unit {u}", (u, pl.unit(u), hooks), (min(n_ctx, (u + 1) * uc) - u * uc) * cs) for u, hooks in todo)
     total = sum((min(n_ctx, (u + 1) * uc) - u * uc) * cs for u, _ in todo)
 
     def finished(task: Task, st: dict[str, Any]) -> None:
+        result.prepare_seconds += float(st.get("prepare_s", 0.0))
+        result.compute_seconds += float(st.get("compute_s", 0.0))
         if on_unit is not None:
             on_unit(st)
 

@@ -11,6 +11,15 @@ deepest requested hook by raising :class:`_StopForward` from it.
 NeoX and Llama-style models the attention / MLP module output; for Gemma 2/3 (and OLMo 2) the
 output of the post-attention / post-feedforward norm; for post-LN BERT encoders the output
 projection (``attention.output.dense`` / ``output.dense``) before the residual add and LayerNorm.
+
+Vision encoders (image models: one image per context, see :mod:`pipeline.vision`): ``hook_embed``
+is the embeddings module's output (CLS and register tokens, patch embeddings and position
+embeddings: the whole sequence entering the encoder; for CLIP, before its ``pre_layrnorm``,
+which ``blocks.0.hook_resid_pre`` includes); ``attn_out`` / ``mlp_out`` are the attention and
+MLP outputs for ViT, CLIP and SigLIP, and the layer-scaled ones for DINOv2;
+``ln_final.hook_normalized`` is the final LayerNorm over every token (ViT ``layernorm``, DINOv2
+``layernorm``, SigLIP ``post_layernorm``). CLIP's ``post_layernorm`` normalizes only the pooled
+CLS vector, not the sequence, so CLIP has no ``ln_final`` hook.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ class Family:
     attn: str  # relative to a layer
     mlp: str  # relative to a layer
     ln_final: str | None
+    modality: str = "text"  # "image": a vision encoder (pixel_values in)
 
 
 FAMILIES = (
@@ -57,6 +67,10 @@ FAMILIES = (
         ("bert", "roberta", "xlm-roberta", "camembert", "electra"),
         "embeddings.word_embeddings", "encoder.layer", "attention.output.dense", "output.dense", None,
     ),
+    Family("vit", ("vit",), "embeddings", "layers", "attention", "mlp", "layernorm", "image"),
+    Family("clip_vision", ("clip", "clip_vision_model"), "embeddings", "encoder.layers", "self_attn", "mlp", None, "image"),
+    Family("siglip_vision", ("siglip", "siglip_vision_model"), "embeddings", "encoder.layers", "self_attn", "mlp", "post_layernorm", "image"),
+    Family("dinov2", ("dinov2", "dinov2_with_registers"), "embeddings", "encoder.layer", "layer_scale1", "layer_scale2", "layernorm", "image"),
 )
 
 

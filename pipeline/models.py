@@ -146,12 +146,20 @@ def max_context(config: Any) -> int | None:
     return int(n)
 
 
-def load_model(m: ResolvedModel, *, device: str = "cpu") -> Any:
-    """The base model (``AutoModel``: no LM head, which no hook needs), in eval mode."""
+def load_model(m: ResolvedModel, *, device: str = "cpu", model_class: str | None = None) -> Any:
+    """The base model (``AutoModel``: no LM head, which no hook needs), in eval mode; or the
+    ``transformers`` class ``model_class`` (a vision tower: ``CLIPVisionModel`` loads the
+    vision half of a CLIP checkpoint)."""
     import torch
+    import transformers
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(
-        m.fetch(), dtype=getattr(torch, m.torch_dtype), trust_remote_code=m.trust_remote_code
-    )
+    cls = AutoModel if model_class is None else getattr(transformers, model_class)
+    verbosity = transformers.utils.logging.get_verbosity()
+    if model_class is not None:  # a two-tower checkpoint: the text tower's weights are unused, by design
+        transformers.utils.logging.set_verbosity_error()
+    try:
+        model = cls.from_pretrained(m.fetch(), dtype=getattr(torch, m.torch_dtype), trust_remote_code=m.trust_remote_code)
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
     return model.to(device).eval().requires_grad_(False)

@@ -4,6 +4,8 @@ Tests, the quickstart and the benchmarks use these so that nothing is downloaded
 
     python -m pipeline.tiny ./models/tiny-gpt2 --family gpt2
     python -m pipeline.tiny ./models/bench --family gpt2 --layers 4 --d-model 384
+    python -m pipeline.tiny ./models/tiny-vit --family vit           # a vision encoder (32x32 images)
+    python -m pipeline.tiny ./data/shapes --images 48                  # captioned synthetic images
 
 The same arguments always give the same weights and tokenizer.
 """
@@ -18,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 FAMILIES = ("gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "bert")
+VISION_FAMILIES = ("vit", "clip", "siglip", "dinov2", "dinov2_reg")
 
 _SUBJECTS = "the river|a small robot|my neighbour|the old library|every student|the committee|a red fox|the server|our team|the orchestra|a quiet village|the telescope".split("|")
 _VERBS = "watched|built|described|painted|measured|ignored|discovered|repaired|counted|remembered|followed|questioned".split("|")
@@ -133,10 +136,98 @@ def build_tiny(
     return folder
 
 
+# -- vision -----------------------------------------------------------------------------------------
+
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+SHAPES = ("square", "circle", "triangle")
+
+
+def synthetic_images(folder: str | Path, n: int, *, seed: int = 0, size: int = 48) -> Path:
+    """``n`` PNG images of one coloured shape each (4 colours x 3 shapes, cycling, at a random
+    place and size on a noisy grey background), with a ``metadata.jsonl`` holding each image's
+    ``file_name``, ``caption`` ("a red circle ...") and ``label`` ("red circle"): a paired
+    image-caption corpus whose structure is known. The same arguments give the same bytes."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    classes = [(c, s) for c in COLORS for s in SHAPES]
+    lines = []
+    for i in range(n):
+        color, shape = classes[i % len(classes)]
+        bg = np.clip(rng.normal(128, 12, (size, size, 3)), 0, 255).astype(np.uint8)
+        im = Image.fromarray(bg)
+        d = ImageDraw.Draw(im)
+        r = int(rng.integers(size // 5, size // 3))
+        cx, cy = (int(v) for v in rng.integers(r, size - r, 2))
+        fill = tuple(int(np.clip(v + rng.integers(-20, 21), 0, 255)) for v in COLORS[color])
+        box = (cx - r, cy - r, cx + r, cy + r)
+        if shape == "square":
+            d.rectangle(box, fill=fill)
+        elif shape == "circle":
+            d.ellipse(box, fill=fill)
+        else:
+            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+        name = f"img_{i:04d}.png"
+        im.save(folder / name, format="PNG")
+        big = "large" if r > size // 4 else "small"
+        lines.append({"file_name": name, "caption": f"A {big} {color} {shape} on a grey background.", "label": f"{color} {shape}"})
+    with open(folder / "metadata.jsonl", "w", encoding="utf-8") as fh:
+        for rec in lines:
+            fh.write(json.dumps(rec) + "\n")
+    return folder
+
+
+def build_tiny_vision(folder: str | Path, *, family: str = "vit", layers: int = 2, d_model: int = 32, heads: int = 4,
+                      image_size: int = 32, patch_size: int = 8, registers: int = 4, seed: int = 0) -> Path:
+    """Build a seeded vision encoder of ``family`` (``vit``, ``clip`` and ``siglip`` vision
+    towers, ``dinov2``, ``dinov2_reg``: DINOv2 with ``registers`` register tokens) for
+    ``image_size`` images, with its image processor; save both to ``folder``."""
+    import torch
+    import transformers as tf
+
+    common = dict(image_size=image_size, patch_size=patch_size, hidden_size=d_model, num_hidden_layers=layers,
+                  num_attention_heads=heads, intermediate_size=4 * d_model)
+    half = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    square = {"height": image_size, "width": image_size}
+    if family == "vit":
+        cfg, cls = tf.ViTConfig(**common), tf.ViTModel
+        proc = tf.ViTImageProcessorPil(size=square, **half)
+    elif family == "clip":
+        cfg, cls = tf.CLIPVisionConfig(**common), tf.CLIPVisionModel
+        proc = tf.CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size=square, **half)
+    elif family == "siglip":
+        cfg, cls = tf.SiglipVisionConfig(**common), tf.SiglipVisionModel
+        proc = tf.SiglipImageProcessorPil(size=square, **half)
+    elif family in ("dinov2", "dinov2_reg"):
+        del common["intermediate_size"]
+        if family == "dinov2":
+            cfg, cls = tf.Dinov2Config(**common), tf.Dinov2Model
+        else:
+            cfg, cls = tf.Dinov2WithRegistersConfig(num_register_tokens=registers, **common), tf.Dinov2WithRegistersModel
+        proc = tf.BitImageProcessorPil(size={"shortest_edge": image_size * 8 // 7}, crop_size=square, do_center_crop=True,
+                                       do_convert_rgb=True, **half)
+    else:
+        raise ValueError(f"unknown vision family {family!r}; valid: {', '.join(VISION_FAMILIES)}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
+    (folder / "strata_tiny.json").write_text(json.dumps({"family": family, "layers": layers, "d_model": d_model, "seed": seed,
+                                                         "image_size": image_size, "patch_size": patch_size}))
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.tiny", description="Build a tiny seeded model with a locally trained tokenizer.")
     p.add_argument("folder")
-    p.add_argument("--family", default="gpt2", choices=FAMILIES)
+    p.add_argument("--family", default="gpt2", choices=FAMILIES + VISION_FAMILIES)
+    p.add_argument("--images", type=int, metavar="N", help="write N captioned synthetic images (and metadata.jsonl) to FOLDER instead of a model")
+    p.add_argument("--image-size", type=int, default=32, help="vision models: input image side in pixels")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--heads", type=int, default=4)
@@ -145,6 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corpus", help="a JSON-lines file whose `text` fields train the tokenizer (default: synthetic text)")
     a = p.parse_args(argv)
+    if a.images:
+        print(f"wrote {a.images} images to {synthetic_images(a.folder, a.images, seed=a.seed)}")
+        return 0
+    if a.family in VISION_FAMILIES:
+        out = build_tiny_vision(a.folder, family=a.family, layers=a.layers, d_model=a.d_model, heads=a.heads,
+                                image_size=a.image_size, seed=a.seed)
+        print(f"built a tiny {a.family} vision model in {out}")
+        return 0
     texts = None
     if a.corpus:
         with open(a.corpus, encoding="utf-8") as fh:

@@ -34,6 +34,7 @@ import torch
 from pipeline.hooks import Capture, family_of, hook_sites
 from pipeline.models import ResolvedModel, load_model
 from pipeline.packing import Contexts
+from pipeline.vision import ImageContexts, ImagePrep, load_processor, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class WorkerConfig:
     threads: int | None = None
     storage_options: dict[str, Any] | None = None  # what the driver lets this worker have
     fence: int | None = None  # the job's lease generation: commits stop once it is not current
+    image: ImagePrep | None = None  # image models: preprocessing (see pipeline.vision)
 
 
 def peak_rss_bytes() -> int:
@@ -72,7 +74,10 @@ class UnitWorker:
             pass
         self.cfg = cfg
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        self.model = load_model(cfg.model, device=str(self.device))
+        img = cfg.image
+        self.model = load_model(cfg.model, device=str(self.device), model_class=img.model_class if img else None)
+        self.processor = (load_processor(cfg.model.fetch(), img.processor_overrides, model=cfg.model.id,
+                                         trust_remote_code=cfg.model.trust_remote_code) if img else None)
         self.sites = hook_sites(family_of(cfg.model_type), cfg.n_layers)
         self.writer = store.open(cfg.store_uri, storage_options=cfg.storage_options, create=False).writer(cfg.dataset, fence=cfg.fence)
         self.out_dtype = _STORE_DTYPES[cfg.dtype]
@@ -82,10 +87,21 @@ class UnitWorker:
 
     # -- compute --------------------------------------------------------------------------
 
+    def prepare(self, contexts: Contexts) -> Contexts:
+        """Model inputs that need no model: an image unit's pixel values (decoded and
+        preprocessed here, outside the compute lock, while another unit computes)."""
+        if isinstance(contexts, ImageContexts) and contexts.pixels is None:
+            assert self.processor is not None, "an image unit needs an image model"
+            contexts.pixels = preprocess(self.processor, contexts.images, ids=contexts.doc_id[:, 0])
+            contexts.images = []
+        return contexts
+
     def compute(self, contexts: Contexts, hooks: list[str]) -> dict[str, torch.Tensor]:
         """Activations ``{hook: [rows, d]}`` of ``contexts`` on the host, in the stored dtype."""
         if self.cfg.threads and torch.get_num_threads() != self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)  # in this thread: OpenMP's count is per thread
+        contexts = self.prepare(contexts)
+        pixels = torch.from_numpy(contexts.pixels) if isinstance(contexts, ImageContexts) else None
         n, s = contexts.token_id.shape
         rows = n * s
         pin = self.device.type == "cuda"
@@ -113,7 +129,13 @@ class UnitWorker:
             for c0 in range(0, n, per_batch):
                 c1 = min(n, c0 + per_batch)
                 state["r0"], state["r1"] = c0 * s, c1 * s
-                inputs: dict[str, Any] = {"input_ids": ids_all[c0:c1].to(self.device, non_blocking=True), "use_cache": False}
+                if pixels is not None:
+                    dt = next(self.model.parameters()).dtype
+                    inputs: dict[str, Any] = {"pixel_values": pixels[c0:c1].to(self.device, dtype=dt, non_blocking=True),
+                                              **self.cfg.image.forward_kwargs()}  # type: ignore[union-attr]
+                    cap.forward(**inputs)
+                    continue
+                inputs = {"input_ids": ids_all[c0:c1].to(self.device, non_blocking=True), "use_cache": False}
                 if mask_all is not None:
                     inputs["attention_mask"] = mask_all[c0:c1].to(self.device, dtype=torch.long, non_blocking=True)
                 cap.forward(**inputs)
@@ -125,6 +147,10 @@ class UnitWorker:
 
     def process(self, unit: int, contexts: Contexts, hooks: list[str]) -> dict[str, Any]:
         """Compute and commit one unit for ``hooks``; returns a small status dict."""
+        tp = time.perf_counter()
+        if self.cfg.threads and torch.get_num_threads() != self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        contexts = self.prepare(contexts)
         t0 = time.perf_counter()
         with self._compute:
             acts = self.compute(contexts, hooks)
@@ -139,6 +165,7 @@ class UnitWorker:
             "rows": contexts.token_id.size,
             "hooks": hooks,
             "status": status,
+            "prepare_s": t0 - tp,  # image decoding and preprocessing (overlaps another unit's compute)
             "compute_s": t1 - t0,
             "write_s": t2 - t1,
             "bytes": nbytes,

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Vision quickstart: a tiny seeded ViT and 48 generated captioned images (no download), extracted
+# into ./acts; then the captions through the text quickstart's tiny GPT-2, and a paired
+# image-caption comparison. Runs offline.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x .venv/bin/python ]; then
+  bash .ci/setup
+fi
+. .venv/bin/activate
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+[ -f models/tiny-vit/config.json ] || python -m pipeline.tiny models/tiny-vit --family vit --layers 4 --d-model 128 --heads 4 --seed 0
+[ -f data/shapes/metadata.jsonl ] || python -m pipeline.tiny data/shapes --images 48 --seed 0
+strata extract examples/vision.yaml "$@"
+strata verify ./acts tiny-vit-shapes
+
+if [ ! -f models/tiny-gpt2/config.json ]; then
+  python -m pipeline.tiny models/tiny-gpt2 --family gpt2 --layers 4 --d-model 128 --heads 4 \
+    --max-positions 512 --vocab-size 1024 --seed 0 --corpus examples/corpus.jsonl
+fi
+strata extract examples/captions.yaml
+strata analyze examples/paired.yaml
+cat <<'TXT'
+
+Open it from a notebook:
+
+    import store
+    s = store.open("./acts", create=False)
+    ds = s.dataset("tiny-vit-shapes")
+    ds.docs()                                  # image id, size, caption, label, row span
+    x = ds.read("blocks.3.hook_resid_post", docs=ds.docs()["doc_id"][:4].to_pylist())   # 4 images x 17 tokens
+    cls = ds.tokens().filter(...)              # token_id -1: CLS; special marks CLS and registers
+
+    from analysis import similarity
+    similarity.compare((ds, "blocks.3.hook_resid_post"), (s.dataset("tiny-gpt2-captions"), "blocks.3.hook_resid_post"),
+                       metrics=["mutual_knn", "linear_cka"], align="docs", pool=("cls", "last"))
+TXT
