@@ -31,7 +31,9 @@ Open it from a notebook:
     ds = s.dataset("tiny-vit-shapes")
     ds.docs()                                  # image id, size, caption, label, row span
     x = ds.read("blocks.3.hook_resid_post", docs=ds.docs()["doc_id"][:4].to_pylist())   # 4 images x 17 tokens
-    cls = ds.tokens().filter(...)              # token_id -1: CLS; special marks CLS and registers
+    import pyarrow.compute as pc
+    t = ds.tokens()                            # token_id: -1 CLS (special), 0..15 the patches, row-major
+    cls = ds.read("blocks.3.hook_resid_post", rows=t.filter(pc.equal(t["token_id"], -1))["row"].to_numpy())
 
     from analysis import similarity
     similarity.compare((ds, "blocks.3.hook_resid_post"), (s.dataset("tiny-gpt2-captions"), "blocks.3.hook_resid_post"),

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.hooks import Capture, family_of, hook_sites
@@ -108,7 +109,7 @@ class UnitWorker:
         bufs = {h: torch.empty((rows, self.cfg.d_model), dtype=self.out_dtype, pin_memory=pin) for h in hooks}
         per_batch = max(1, self.cfg.batch_tokens // s)
         ids_all = torch.from_numpy(contexts.token_id.astype("int64", copy=False))
-        mask_all = torch.from_numpy(contexts.mask) if contexts.padded else None
+        mask_all = torch.from_numpy(np.array(contexts.mask)) if contexts.padded else None  # a copy: Ray's arrays are read-only
         state = {"r0": 0, "r1": 0}
 
         def sink(hook: str, t: torch.Tensor) -> None:

@@ -265,10 +265,18 @@ class FeatureTable:
         return self.dataset.tokenizer()
 
     def token_text(self, token_id: int) -> str:
+        """A token's text; for an image dataset, ``<CLS>``, ``<REG r>`` or ``<patch i (row, col)>``."""
         t = self._text.get(token_id)
         if t is None:
-            tok = self._tokenizer
-            t = tok.decode([int(token_id)], skip_special_tokens=False) if tok is not None else f"<{int(token_id)}>"
+            image = self.dataset.info.meta.get("image")
+            if image is not None:
+                grid = image.get("layout", {}).get("grid") or [0, 0]
+                i = int(token_id)
+                t = "<CLS> " if i == -1 else f"<REG {-2 - i}> " if i < -1 else (
+                    f"<patch {i} ({i // grid[1]}, {i % grid[1]})> " if grid[1] else f"<patch {i}> ")
+            else:
+                tok = self._tokenizer
+                t = tok.decode([int(token_id)], skip_special_tokens=False) if tok is not None else f"<{int(token_id)}>"
             self._text[token_id] = t
         return t
 

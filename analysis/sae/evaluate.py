@@ -223,6 +223,8 @@ def load_causal_lm(meta: dict[str, Any], *, device: str = "cpu") -> tuple[torch.
     bert = next(f for f in FAMILIES if f.name == "bert")
     if getattr(config, "model_type", None) in bert.model_types:
         return None, f"model {model_id!r} ({config.model_type}) is not a causal LM"
+    if any(config.model_type in f.model_types for f in FAMILIES if f.modality == "image"):
+        return None, f"model {model_id!r} ({config.model_type}) is an image encoder, not a causal LM"
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False, **kwargs)
     except Exception as e:
