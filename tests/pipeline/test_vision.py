@@ -259,3 +259,44 @@ def test_paired_images_and_captions_recover_planted_structure(ray_session, tmp_p
     with pytest.raises(Exception, match="different corpora"):
         similarity.compare((s.dataset("img-matched"), "blocks.1.hook_resid_post"), (s.dataset("cap-matched"), "blocks.1.hook_resid_post"),
                            metrics=["linear_cka"], align="tokens")
+
+
+def test_image_sources_read_back_the_scanned_bytes(tmp_path, images):
+    """Folder, Parquet (several row groups) and HF datasets: a scan's ids follow the same
+    records, and reading any positions back gives exactly the scanned bytes."""
+    import datasets
+
+    from pipeline.corpus import _stable_id
+
+    files = sorted(images.glob("*.png"))
+    want = [p.read_bytes() for p in files]
+    names = [p.name for p in files]
+    pq_path = _write_parquet(tmp_path / "imgs.parquet", images)
+    hf_dir = tmp_path / "hf"
+    meta = {json.loads(line)["file_name"]: json.loads(line) for line in (images / "metadata.jsonl").read_text().splitlines()}
+    datasets.Dataset.from_dict({"id": names, "img": [str(p) for p in files], "caption": [meta[n]["caption"] for n in names]},
+                               features=datasets.Features({"id": datasets.Value("string"), "img": datasets.Image(),
+                                                           "caption": datasets.Value("string")})).save_to_disk(str(hf_dir))
+    pick = np.array([13, 0, 6, 7, 19, 6])
+    fps = set()
+    for spec in (CorpusSpec(path=str(images), format="images", caption_field="caption"),
+                 CorpusSpec(path=str(pq_path), format="parquet", image_field="image", id_field="id", caption_field="caption"),
+                 CorpusSpec(path=str(hf_dir), format="hf", image_field="img", id_field="id", caption_field="caption")):
+        scan = scan_images(spec)
+        assert scan.doc_ids.tolist() == [_stable_id(n) for n in names], spec.format
+        got = ImageSource(spec, scan.files, scan.locators).read(pick)
+        assert got == [want[i] for i in pick], spec.format
+        fps.add((scan.fingerprint, scan.doc_set_hash, scan.caption_set_hash))
+    assert len(fps) == 1  # the same ids, bytes and captions: the same fingerprints, whatever the format
+    # The fingerprint covers the bytes: one changed pixel is another corpus.
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for p in images.iterdir():
+        (changed / p.name).write_bytes(p.read_bytes())
+    from PIL import Image
+
+    im = Image.open(changed / names[5]).convert("RGB")
+    im.putpixel((0, 0), (0, 0, 0))
+    im.save(changed / names[5])
+    other = scan_images(CorpusSpec(path=str(changed), format="images", caption_field="caption"))
+    assert other.fingerprint != next(iter(fps))[0] and other.caption_set_hash == next(iter(fps))[2]
