@@ -300,3 +300,25 @@ def test_image_sources_read_back_the_scanned_bytes(tmp_path, images):
     im.save(changed / names[5])
     other = scan_images(CorpusSpec(path=str(changed), format="images", caption_field="caption"))
     assert other.fingerprint != next(iter(fps))[0] and other.caption_set_hash == next(iter(fps))[2]
+
+
+def test_a_growing_image_folder_extracts_only_new_units(ray_session, tmp_path, vision_models, images):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    files = sorted(images.glob("*.png"))
+    for p in files[:12]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    spec = ExtractSpec(store=str(tmp_path / "acts"), name="grow", model={"id": str(vision_models("siglip"))},
+                       corpus={"path": str(folder), "format": "images", "growing": True},
+                       hooks=["blocks.1.hook_resid_post"], dtype="float32", compute={"unit_contexts": 4})
+    r1 = run_extract(spec, progress=False)
+    assert (r1.units_run, r1.num_units) == (3, 3)
+    ds = store.open(tmp_path / "acts").dataset("grow")
+    before = ds.read("blocks.1.hook_resid_post")
+    for p in files[12:18]:  # names sort after the first 12: appended at the corpus's end
+        (folder / p.name).write_bytes(p.read_bytes())
+    r2 = run_extract(spec, progress=False)
+    assert (r2.units_run, r2.units_skipped, r2.num_units, r2.held_back_contexts) == (1, 3, 4, 2)  # 18 images: 4 full units, 2 held back
+    ds.refresh()
+    assert np.array_equal(ds.read("blocks.1.hook_resid_post", rows=slice(0, before.shape[0])), before)
+    assert ds.info.num_units == 4 and len(ds.committed_units()) == 4
