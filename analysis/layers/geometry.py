@@ -20,7 +20,13 @@ On seeded samples (sizes recorded):
 
 - ``intrinsic_dim``: TwoNN (Facco et al. 2017) on ``sample_rows`` rows: with ``mu_i = r2/r1``
   the ratio of each point's second- to first-nearest-neighbour distance, the maximum-likelihood
-  estimate ``d = (N - 1) / sum_i log mu_i`` (points with a duplicate, ``r1 = 0``, left out).
+  estimate ``d = (N - 1) / sum_i log mu_i`` over the ``N`` *distinct* rows. Exact duplicate rows
+  are kept once before anything else: the same token gives the same row at ``hook_embed``, and
+  a point with copies has ``r1 = 0`` (with two or more, ``r2 = 0`` too), which the estimator is
+  not defined for; kept in, rounding makes ``r1`` and ``r2`` tiny and equal, ``log mu ~ 0``, and
+  the estimate explodes (424 for d = 128 on a tiny model's embeddings). The two neighbour
+  distances are recomputed exactly from the rows' differences (the Gram-matrix form only picks
+  the candidates), so rows that differ by a little are not rounded to duplicates either.
 - ``prompt_entropy``: per context, the matrix-based (von Neumann, alpha = 1) entropy of its
   tokens' Gram matrix, ``-sum_k p_k log p_k`` with ``p_k = lambda_k / tr K``, ``K = Z Z^T`` over
   the context's non-special tokens (Skean et al. 2025, "Layer by Layer"), in nats, averaged over
@@ -127,15 +133,29 @@ def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return tot
 
 
+_TWONN_CANDIDATES = 4  # nearest neighbours by the Gram form whose distances are recomputed exactly
+
+
 def twonn(x: np.ndarray) -> float:
-    """TwoNN intrinsic dimension (maximum-likelihood form; see the module docstring)."""
-    z = np.asarray(x, dtype=np.float64)
+    """TwoNN intrinsic dimension of the distinct rows of ``x`` (maximum-likelihood form; exact
+    duplicate rows kept once: see the module docstring). NaN with fewer than 3 distinct rows."""
+    z = np.unique(np.asarray(x, dtype=np.float64), axis=0)
+    n = z.shape[0]
+    if n < 3:
+        return math.nan
     z = z - z.mean(axis=0)
     sq = np.einsum("ij,ij->i", z, z)
-    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * z @ z.T, 0.0)
+    d2 = sq[:, None] + sq[None, :] - 2.0 * z @ z.T
     np.fill_diagonal(d2, np.inf)
-    two = np.sqrt(np.partition(d2, 1, axis=1)[:, :2])
-    ok = two[:, 0] > 0
+    k = min(_TWONN_CANDIDATES, n - 1)
+    cand = np.argpartition(d2, k - 1, axis=1)[:, :k]
+    del d2
+    exact = np.empty((n, k))
+    for j in range(k):  # |z_i - z_c|, free of the Gram form's cancellation
+        diff = z - z[cand[:, j]]
+        exact[:, j] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+    two = np.sort(exact, axis=1)[:, :2]
+    ok = two[:, 0] > 0  # distinct rows: only an underflow could give 0
     mu = two[ok, 1] / two[ok, 0]
     if mu.size < 3 or not np.any(mu > 1):
         return math.nan

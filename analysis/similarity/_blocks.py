@@ -25,6 +25,12 @@ A merge shifts each part's centre by ``delta`` (blocks ``delta_h``) and uses, as
 
 :meth:`pair` returns the two-side :class:`Moments` of blocks ``(h, g)``, field for field what
 accumulating those two blocks alone would give.
+
+``precision`` is :class:`~analysis.similarity.Moments`' (see :mod:`~analysis.similarity._moments`):
+with ``"float32"`` (the ``"auto"`` choice when every block is 16-bit floats, as store reads of
+float16 data are), a chunk is copied into one reused float32 ``[rows, D]`` buffer, centred in two
+float32 steps at its float64 mean, and ``Z^T Z`` is a float32 ``syrk`` added into the float64
+sums; otherwise everything is float64.
 """
 
 from __future__ import annotations
@@ -34,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import as_matrix
-from ._moments import Moments
+from ._checks import _is_torch, as_matrix
+from ._moments import Moments, Precision, _centre32, _fill32, _not_finite, _shape, check_precision, is_half
 
 __all__ = ["BlockMoments"]
 
@@ -47,13 +53,16 @@ class BlockMoments:
     """Running float64 co-moments of ``k`` row-aligned blocks; see the module docstring.
 
     Memory: ``8 D^2`` bytes for ``c`` plus the same again while a chunk is added (its own
-    product), plus the chunk (``8 rows D``). ``D = 9216`` (12 hooks of 768) needs ~1.4 GB.
+    product), plus the chunk (``8 rows D``; ``4 rows D``, kept and reused, with float32
+    products). ``D = 9216`` (12 hooks of 768) needs ~1.4 GB.
     """
 
-    def __init__(self, dims: Sequence[int]) -> None:
+    def __init__(self, dims: Sequence[int], *, precision: Precision = "auto") -> None:
         dims = tuple(int(d) for d in dims)
         if not dims or min(dims) < 1:
             raise ValueError(f"BlockMoments needs at least one block of width >= 1, got {dims}")
+        self.precision = check_precision(precision)
+        self._buf: np.ndarray | None = None  # the float32 chunk buffer, reused
         self.dims = dims
         self.k, self.D = len(dims), sum(dims)
         self.offsets = np.r_[0, np.cumsum(dims)].astype(int)
@@ -74,6 +83,8 @@ class BlockMoments:
         """Add a chunk: one ``[rows, d_h]`` array (NumPy or torch) per block, rows aligned."""
         if len(blocks) != self.k:
             raise ValueError(f"expected {self.k} blocks, got {len(blocks)}")
+        if self.precision == "float32" or (self.precision == "auto" and all(is_half(b) for b in blocks)):
+            return self._update32(blocks)
         mats = [as_matrix(b, f"block {h}")[0] for h, b in enumerate(blocks)]
         rows = mats[0].shape[0]
         for h, m in enumerate(mats):
@@ -100,8 +111,48 @@ class BlockMoments:
             return self
         return self.merge(chunk)
 
+    def _update32(self, blocks: Sequence[Any]) -> BlockMoments:
+        """:meth:`update` with float32 products."""
+        blocks = [b if _is_torch(b) else np.asarray(b) for b in blocks]
+        shapes = [_shape(b, f"block {h}") for h, b in enumerate(blocks)]
+        rows = shapes[0][0]
+        for h, shape in enumerate(shapes):
+            if shape != (rows, self.dims[h]):
+                raise ValueError(f"block {h} has shape {shape}, expected ({rows}, {self.dims[h]})")
+        if rows == 0:
+            return self
+        if self._buf is None or self._buf.shape[0] < rows:
+            self._buf = np.empty((rows, self.D), np.float32)
+        z = self._buf[:rows]
+        filled = [_fill32(z[:, self.sl(h)], b) for h, b in enumerate(blocks)]
+        chunk = BlockMoments(self.dims, precision=self.precision)
+        chunk.n = rows
+        if all(filled):  # on the raw rows, before centring
+            chunk._raw_cosines([z[:, self.sl(h)] for h in range(self.k)])
+        else:  # a float64 block: in float64
+            chunk._raw_cosines([as_matrix(b, f"block {h}", finite=False)[0] for h, b in enumerate(blocks)])
+        with np.errstate(over="ignore", invalid="ignore"):  # non-finite results are checked below
+            # Block by block, the same float32 centring as Moments (the means are per column).
+            chunk.mean = np.concatenate([_centre32(z[:, self.sl(h)], b, f, f"block {h}") for h, (b, f) in enumerate(zip(blocks, filled))])
+            c = z.T @ z  # a float32 syrk: z.T and z share their buffer
+            a = np.stack([np.einsum("ij,ij->i", z[:, self.sl(h)], z[:, self.sl(h)]) for h in range(self.k)])  # [k, rows]
+            t = a @ z
+            a64 = a.astype(np.float64)
+            chunk.c, chunk.q, chunk.t = c.astype(np.float64), a64 @ a64.T, t.astype(np.float64)
+        # NaN or inf in a row spreads to its column's mean; a float32 overflow shows in diag(c), t or q.
+        if not all(np.isfinite(v).all() for v in (chunk.mean, np.diagonal(chunk.c), chunk.t, chunk.q)):
+            raise _not_finite([(b, f"block {h}") for h, b in enumerate(blocks)])
+        if self.n == 0:
+            self._take(chunk)
+            return self
+        return self.merge(chunk)
+
     def _raw_cosines(self, mats: list[np.ndarray]) -> None:
-        norms = [np.sqrt(np.einsum("ij,ij->i", m, m)) for m in mats]
+        squares = [np.einsum("ij,ij->i", m, m) for m in mats]
+        if not all(np.isfinite(s).all() for s in squares):  # float32 rows whose squares overflow
+            mats = [m.astype(np.float64) for m in mats]
+            squares = [np.einsum("ij,ij->i", m, m) for m in mats]
+        norms = [np.sqrt(s.astype(np.float64)) for s in squares]
         for h in range(self.k):
             for g in range(h, self.k):
                 if self.dims[h] != self.dims[g]:
@@ -165,8 +216,11 @@ class BlockMoments:
             total.merge(p)
         return total
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_buf": None}  # the chunk buffer is scratch: never pickled
+
     def copy(self) -> BlockMoments:
-        out = BlockMoments(self.dims)
+        out = BlockMoments(self.dims, precision=self.precision)
         out.n, out.mean, out.c, out.q, out.t = self.n, self.mean.copy(), self.c.copy(), self.q.copy(), self.t.copy()
         out.cos, out.cos_zero = self.cos.copy(), self.cos_zero.copy()
         return out

@@ -72,6 +72,15 @@ class CompareOptions:
     rsa_metric: str = "correlation"  # rsa: dissimilarity of two rows
     chunk_rows: int = 16384  # rows per read (and per co-moment update) in a task
     tasks: int | None = None  # partial-moment tasks; default: the cluster's CPUs (1 without Ray)
+    precision: str = "auto"  # per-chunk co-moment products: "auto" (float32 for 16-bit stores), "float32", "float64"
+
+    def __post_init__(self) -> None:
+        from ._moments import check_precision
+
+        try:
+            check_precision(self.precision)
+        except ValueError as e:
+            raise AnalysisError(str(e)) from None
 
 
 def min_rows(metric: str, opts: CompareOptions) -> int:
@@ -285,13 +294,15 @@ def _pooled(plan: ComparePlan, ex: Executor) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _moments_task(ref_a: StoreRef, name_a: str, hook_a: str, ref_b: StoreRef, name_b: str, hook_b: str,
-                  rows_a: np.ndarray, rows_b: np.ndarray, test: np.ndarray | None, chunk_rows: int) -> dict[str, Any]:
+                  rows_a: np.ndarray, rows_b: np.ndarray, test: np.ndarray | None, chunk_rows: int,
+                  precision: str = "auto") -> dict[str, Any]:
     """Co-moments of the pairs ``(rows_a[i], rows_b[i])``; with ``test`` (a mask), separate
     moments of the training and held-out pairs."""
     ds_a = ref_a.dataset(name_a)
     ds_b = ds_a if (ref_a, name_a) == (ref_b, name_b) else ref_b.dataset(name_b)
     da, db = ds_a.info.hooks[hook_a].d, ds_b.info.hooks[hook_b].d
-    parts = {"train": Moments(da, db), "test": Moments(da, db)} if test is not None else {"all": Moments(da, db)}
+    new = lambda: Moments(da, db, precision=precision)  # noqa: E731
+    parts = {"train": new(), "test": new()} if test is not None else {"all": new()}
     for s in range(0, rows_a.size, chunk_rows):
         x = ds_a.read(hook_a, rows=rows_a[s : s + chunk_rows])
         y = ds_b.read(hook_b, rows=rows_b[s : s + chunk_rows])
@@ -313,7 +324,7 @@ def _streamed(plan: ComparePlan, ex: Executor) -> dict[str, Moments]:
     (ds_a, hook_a), (ds_b, hook_b) = plan.a, plan.b
     ra, rb = ex.ref(ds_a), ex.ref(ds_b)
     tasks = [(ra, ds_a.name, hook_a, rb, ds_b.name, hook_b, al.rows[0][r], al.rows[1][r],
-              None if test is None else test[r], plan.opts.chunk_rows) for r in ranges]
+              None if test is None else test[r], plan.opts.chunk_rows, plan.opts.precision) for r in ranges]
     log.info("compare %s vs %s: %d pairs in %d task(s)", _label(plan.a), _label(plan.b), len(al), len(tasks))
     results = ex.map(_moments_task, tasks)
     keys = results[0].keys()

@@ -120,7 +120,7 @@ def _prep_compare(a: CompareSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
     da, db = s.dataset(a.a.dataset), s.dataset(a.b.dataset)
     opts = CompareOptions(keep=a.keep, ridge=a.ridge, holdout=a.holdout, sample_rows=a.sample_rows, seed=a.seed,
                           sigma_frac=a.sigma_frac, knn_k=a.knn_k, minibatch_size=a.minibatch_size, rsa_metric=a.rsa_metric,
-                          chunk_rows=spec.compute.chunk_rows, tasks=spec.compute.tasks)
+                          chunk_rows=spec.compute.chunk_rows, tasks=spec.compute.tasks, precision=a.precision)
     plan = plan_compare((da, a.a.hook), (db, a.b.hook), list(a.metrics), align=a.align, max_rows=a.max_rows, opts=opts,
                         pool=a.pool)
     if plan.alignment is not None:

@@ -101,6 +101,11 @@ class CompareSpec(Analysis):
     """minibatch_cka: rows per batch."""
     rsa_metric: Literal["correlation", "cosine", "euclidean"] = "correlation"
     """rsa: dissimilarity between two rows."""
+    precision: Literal["auto", "float32", "float64"] = "auto"
+    """Streaming metrics: how each chunk's co-moment products are formed (sums and merges are
+    always float64). ``auto``: float32 products for float16 stores (their values are exact in
+    float32; about half the cost), float64 otherwise (bfloat16 reads arrive as float32); ``float64`` for CCA/PWCCA on nearly
+    rank-deficient data, which float32 products can move by ~1e-4 relative."""
 
     @field_validator("pool", mode="before")
     @classmethod
@@ -125,6 +130,8 @@ class CompareSpec(Analysis):
         out = handler(self)
         if self.pool in ("mean", ("mean", "mean")):
             out.pop("pool", None)
+        if self.precision == "auto":  # likewise for results committed before `precision` existed
+            out.pop("precision", None)
         return out
 
 

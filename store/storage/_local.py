@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 import uuid
 from collections import OrderedDict
 from pathlib import Path
@@ -47,27 +48,45 @@ class LocalStorage(Storage):
         return self._path(key).read_bytes()
 
     _MAPS_MAX = 64
+    _MAPS_BYTES = 256 << 20
 
     def map(self, key: str) -> np.ndarray:
         """The file memory-mapped (read-only). Recent maps are kept and reused while the file
         is the same one (inode, size, change time): reads of many rows of one shard then cost
-        one map, and a file replaced since (a repair) is mapped afresh."""
+        one map, and a file replaced since (a repair) is mapped afresh.
+
+        At most ``_MAPS_MAX`` maps and ``_MAPS_BYTES`` (256 MiB) of mapped files are kept, the
+        least recently used dropped first (the newest is always kept). The pages of a map that
+        this process has touched count in its RSS for as long as the map is open, so with a
+        bound on the count alone a long read of many shards (a similarity pass over 1M rows)
+        grows RSS with the rows read. A dropped map closes, and its pages leave RSS (they stay
+        in the OS cache), once no array views it: at once for :meth:`read_range`'s views, which
+        callers copy and drop; arrays a caller keeps (a dataset's mapped units) keep theirs."""
         path = self._os_path(key)
         st = os.stat(path)
         ident = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         maps = self.__dict__.setdefault("_maps", OrderedDict())
-        hit = maps.get(key)
-        if hit is not None and hit[0] == ident:
-            maps.move_to_end(key)
-            return hit[1]
+        lock = self.__dict__.setdefault("_maps_lock", threading.Lock())
+        with lock:
+            hit = maps.get(key)
+            if hit is not None and hit[0] == ident:
+                maps.move_to_end(key)
+                return hit[1]
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
                 return np.empty(0, dtype=np.uint8)
             arr = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
-        maps[key] = (ident, arr)
-        if len(maps) > self._MAPS_MAX:
-            maps.popitem(last=False)
+        with lock:
+            maps.pop(key, None)
+            maps[key] = (ident, arr)
+            total = sum(m[1].size for m in maps.values())
+            while len(maps) > 1 and (len(maps) > self._MAPS_MAX or total > self._MAPS_BYTES):
+                total -= maps.popitem(last=False)[1][1].size
         return arr
+
+    def __getstate__(self) -> dict:
+        # Maps and their lock belong to this process: a copy (pickled for another one) starts empty.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_maps", "_maps_lock")}
 
     def read_into(self, key: str, out: memoryview) -> int:
         with open(self._path(key), "rb", buffering=0) as f:

@@ -4,8 +4,11 @@ backend against a plain dict."""
 
 from __future__ import annotations
 
+import gc
+import pickle
 import threading
 import uuid
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -306,6 +309,32 @@ class TestLocalStorage(StorageTests):
 
     def test_list_root_level_keys(self, storage: Storage) -> None:
         super().test_list_root_level_keys(storage)
+
+    def test_kept_maps_are_bounded_by_bytes(self, storage: LocalStorage, monkeypatch) -> None:
+        # Kept maps hold their touched pages in RSS: a long read of many shards must not keep
+        # them all. Least recently used go first; the newest is kept even alone over the budget.
+        monkeypatch.setattr(LocalStorage, "_MAPS_BYTES", 10_000)
+        for i in range(6):
+            storage.write(f"m/{i}", bytes([i]) * 4000)
+        first = weakref.ref(storage.map("m/0"))
+        held = storage.map("m/1")  # an array the caller keeps stays valid after its map is dropped
+        for i in range(2, 6):
+            storage.map(f"m/{i}")
+        storage.map("m/4")  # a hit: now the most recent
+        assert list(storage._maps) == ["m/5", "m/4"]
+        gc.collect()
+        assert first() is None  # dropped and no longer viewed: closed
+        assert bytes(held) == b"\x01" * 4000
+        assert bytes(storage.read_range("m/0", 0, 4000)) == b"\x00" * 4000  # mapped again
+        monkeypatch.setattr(LocalStorage, "_MAPS_BYTES", 1000)
+        assert bytes(storage.map("m/3")) == b"\x03" * 4000 and list(storage._maps) == ["m/3"]
+
+    def test_pickled_copy_starts_without_maps(self, storage: LocalStorage) -> None:
+        storage.write("p/x", b"abc")
+        storage.map("p/x")
+        copy = pickle.loads(pickle.dumps(storage))
+        assert copy.root == storage.root and "_maps" not in copy.__dict__
+        assert bytes(copy.map("p/x")) == b"abc"
 
 
 @pytest.mark.s3

@@ -82,6 +82,21 @@ def test_twonn_matches_an_independent_implementation_and_a_planted_dimension():
     assert layers.twonn(rng.standard_normal((1500, 6))) == pytest.approx(6.0, rel=0.15)
 
 
+def test_twonn_ignores_duplicate_rows():
+    # The same token embedded identically (hook_embed) repeats a row; kept in, r1 = r2 = 0 up to
+    # rounding and the estimate blew up (424 for d = 128). Duplicates are kept once, so the
+    # estimate is that of the distinct rows, whatever the number of copies and their order.
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((2000, 5)) @ rng.standard_normal((5, 50))  # a 5-dimensional subspace of 50 dimensions
+    est = layers.twonn(z)
+    # TwoNN's standard error here is about d / sqrt(N) = 0.11 (2%); seeds 0..7 gave 4.81..5.25.
+    assert est == pytest.approx(5.0, rel=0.1)
+    tripled = np.repeat(z, 3, axis=0)[rng.permutation(3 * len(z))]
+    assert layers.twonn(tripled) == est  # the same distinct rows: the same computation
+    assert layers.twonn(np.vstack([z, z[:700]])) == est
+    assert np.isnan(layers.twonn(np.repeat(z[:2], 5, axis=0)))  # two distinct rows: undefined
+
+
 def test_prompt_entropy_and_curvature_match_their_definitions():
     rng = np.random.default_rng(2)
     z = rng.standard_normal((20, 6))
