@@ -2,18 +2,8 @@
 # Strata quickstart: set up, build a tiny seeded model (no download), extract activations of the
 # shipped corpus into ./acts, and show how to open them from a notebook. Runs offline.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-
-if [ ! -x .venv/bin/python ]; then
-  bash .ci/setup
-fi
-. .venv/bin/activate
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-
-if [ ! -f models/tiny-gpt2/config.json ]; then
-  python -m pipeline.tiny models/tiny-gpt2 --family gpt2 --layers 4 --d-model 128 --heads 4 \
-    --max-positions 512 --vocab-size 1024 --seed 0 --corpus examples/corpus.jsonl
-fi
+. "$(dirname "$0")/_env.sh"
+build_tiny_gpt2
 
 strata extract examples/quickstart.yaml "$@"
 # Verify what the job wrote: the spec's store and name, with any --set overrides applied.

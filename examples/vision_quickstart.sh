@@ -3,23 +3,14 @@
 # into ./acts; then the captions through the text quickstart's tiny GPT-2, and a paired
 # image-caption comparison. Runs offline.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-
-if [ ! -x .venv/bin/python ]; then
-  bash .ci/setup
-fi
-. .venv/bin/activate
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+. "$(dirname "$0")/_env.sh"
 
 [ -f models/tiny-vit/config.json ] || python -m pipeline.tiny models/tiny-vit --family vit --layers 4 --d-model 128 --heads 4 --seed 0
 [ -f data/shapes/metadata.jsonl ] || python -m pipeline.tiny data/shapes --images 48 --seed 0
 strata extract examples/vision.yaml "$@"
 strata verify ./acts tiny-vit-shapes
 
-if [ ! -f models/tiny-gpt2/config.json ]; then
-  python -m pipeline.tiny models/tiny-gpt2 --family gpt2 --layers 4 --d-model 128 --heads 4 \
-    --max-positions 512 --vocab-size 1024 --seed 0 --corpus examples/corpus.jsonl
-fi
+build_tiny_gpt2
 strata extract examples/captions.yaml
 strata analyze examples/paired.yaml
 cat <<'TXT'

@@ -150,7 +150,9 @@ def _records_text(files: list[str], src: CorpusSpec) -> Iterator[tuple[Any, Any,
                 yield {"text": line.rstrip("\n")}, ("text",), f"{f}:{lineno}"
 
 
-def _records_hf(src: CorpusSpec) -> Iterator[tuple[Any, Any, str]]:
+def load_hf_dataset(src: CorpusSpec) -> Any:
+    """The ``datasets.Dataset`` of an hf corpus (a folder saved with ``save_to_disk``, or a hub
+    dataset at ``config`` / ``split``); a missing dataset or split is a one-line CorpusError."""
     import datasets
 
     try:
@@ -166,6 +168,11 @@ def _records_hf(src: CorpusSpec) -> Iterator[tuple[Any, Any, str]]:
         raise
     except Exception as e:  # datasets raises many types for a missing dataset or split
         raise CorpusError(f"cannot load Hugging Face dataset {src.path!r} (config={src.config!r}, split={src.split!r}): {e}") from None
+    return ds
+
+
+def _records_hf(src: CorpusSpec) -> Iterator[tuple[Any, Any, str]]:
+    ds = load_hf_dataset(src)
     names = list(ds.column_names)
     _check_field(src.text_field, names, "text_field", src.path)
     if src.id_field is not None:

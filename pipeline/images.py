@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xxhash
 
-from pipeline.corpus import CorpusScan, _check_field, _lines, _stable_id
+from pipeline.corpus import CorpusScan, _check_field, _lines, _stable_id, load_hf_dataset
 from pipeline.errors import CorpusError
 
 if TYPE_CHECKING:
@@ -213,19 +213,7 @@ def load_hf(src: CorpusSpec) -> Any:
     """The ``datasets.Dataset`` of an hf image corpus, its image column left undecoded."""
     import datasets
 
-    try:
-        if os.path.isdir(src.path):
-            ds = datasets.load_from_disk(src.path)
-            if isinstance(ds, datasets.DatasetDict):
-                if src.split not in ds:
-                    raise CorpusError(f"`corpus.split` {src.split!r} is not in {src.path}; it has: {', '.join(ds)}")
-                ds = ds[src.split]
-        else:
-            ds = datasets.load_dataset(src.path, name=src.config, split=src.split)
-    except CorpusError:
-        raise
-    except Exception as e:  # datasets raises many types for a missing dataset or split
-        raise CorpusError(f"cannot load Hugging Face dataset {src.path!r} (config={src.config!r}, split={src.split!r}): {e}") from None
+    ds = load_hf_dataset(src)
     assert src.image_field is not None
     _check_field(src.image_field, list(ds.column_names), "image_field", src.path)
     if isinstance(ds.features[src.image_field], datasets.Image):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -251,7 +251,7 @@ class ImageContexts(Contexts):
                              pixels=None if self.pixels is None else self.pixels[lo:hi])
 
 
-_CONTEXT_FIELDS = ("token_id", "doc_id", "doc_position", "special", "mask", "char_start", "char_end")
+_CONTEXT_FIELDS = tuple(f.name for f in fields(Contexts))
 
 
 class ImagePacker:

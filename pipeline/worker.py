@@ -149,8 +149,6 @@ class UnitWorker:
     def process(self, unit: int, contexts: Contexts, hooks: list[str]) -> dict[str, Any]:
         """Compute and commit one unit for ``hooks``; returns a small status dict."""
         tp = time.perf_counter()
-        if self.cfg.threads and torch.get_num_threads() != self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)
         contexts = self.prepare(contexts)
         t0 = time.perf_counter()
         with self._compute:
