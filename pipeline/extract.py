@@ -311,27 +311,49 @@ def _verify_hint(ds: store.ActivationDataset, uri: str) -> str:
 # -- 2. planning ------------------------------------------------------------------------------
 
 
+class _InOrder:
+    """CPU tasks of a streaming pass: ``submit(*args)`` runs ``fn(*args)`` as a Ray task (or, without
+    Ray, right here), at most ``window`` in flight; ``sink`` gets each result in submission order.
+    ``finish()`` waits for the rest."""
+
+    def __init__(self, fn: Callable[..., Any], sink: Callable[[Any], None], *, use_ray: bool, window: int) -> None:
+        import collections
+
+        self.sink, self.use_ray, self.window = sink, use_ray, window
+        if use_ray:
+            import ray
+
+            self._ray = ray
+            self.fn = ray.remote(num_cpus=1, max_retries=3)(fn).remote
+        else:
+            self.fn = fn
+        self._inflight: collections.deque[Any] = collections.deque()
+
+    def submit(self, *args: Any) -> None:
+        self._inflight.append(self.fn(*args))
+        self._drain(self.window)
+
+    def finish(self) -> None:
+        self._drain(0)
+
+    def _drain(self, limit: int) -> None:
+        while len(self._inflight) > limit:
+            got = self._inflight.popleft()
+            self.sink(self._ray.get(got) if self.use_ray else got)
+
+
 def tokenize_into(spec: ExtractSpec, tok: TokenizerInfo, sink: Any, *, use_ray: bool = True, window: int = 4,
                   keep_ids: bool = True) -> tuple[np.ndarray, dict[str, pa.Array]]:
     """Tokenize the corpus in order, batch by batch (CPU Ray tasks, ``window`` in flight), into
     ``sink.append(EncodedBatch)``; returns the document ids and the kept fields. Memory: a
     few batches of texts, whatever the size of the corpus."""
-    import collections
-
     ids: list[np.ndarray] = []
     fields: dict[str, list[pa.Array]] = {f: [] for f in spec.corpus.keep_fields}
+    tasks = _InOrder(encode_batch, sink.append, use_ray=use_ray, window=window)
     if use_ray:
         import ray
 
-        task = ray.remote(num_cpus=1, max_retries=3)(encode_batch)
-        tj = ray.put(tok.backend_json)
-    inflight: collections.deque[Any] = collections.deque()
-
-    def drain(limit: int) -> None:
-        while len(inflight) > limit:
-            got = inflight.popleft()
-            sink.append(ray.get(got) if use_ray else got)
-
+        tj = ray.put(tok.backend_json)  # once, not with every batch
     for batch in iter_corpus(spec.corpus, batch_docs=spec.tokenize.chunk_docs):
         if keep_ids:  # else the caller has them from the corpus scan
             ids.append(batch.doc_ids)
@@ -340,9 +362,8 @@ def tokenize_into(spec: ExtractSpec, tok: TokenizerInfo, sink: Any, *, use_ray: 
                 fields[f].append(pa.array(values))
             except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
                 raise CorpusError(f"`corpus.keep_fields` {f!r}: its values do not form one column type ({e})") from None
-        inflight.append(task.remote(tj, batch.texts) if use_ray else encode_batch(tok.backend_json, batch.texts))
-        drain(window)
-    drain(0)
+        tasks.submit(tj if use_ray else tok.backend_json, batch.texts)
+    tasks.finish()
     kept = {}
     for f, chunks in fields.items():
         try:
@@ -381,33 +402,20 @@ def plan_images(p: Prepared, *, use_ray: bool = True, window: int = 4) -> Plan:
     do not decode, and plan one context per image that does. The document table gets each
     image's ``width``, ``height``, ``source`` (file, or file#row), ``error`` (why it was left out),
     its ``caption`` and the kept fields."""
-    import collections
-
     assert p.image is not None
     src = p.spec.corpus
     scan = ImageScan()
     checked: list[tuple[int, int, str | None]] = []
     cols: dict[str, list[Any]] = {"source": [], **({"caption": []} if src.caption_field else {}), **{f: [] for f in src.keep_fields}}
-    if use_ray:
-        import ray
-
-        task = ray.remote(num_cpus=1, max_retries=3)(check_images)
-    inflight: collections.deque[Any] = collections.deque()
-
-    def drain(limit: int) -> None:
-        while len(inflight) > limit:
-            got = inflight.popleft()
-            checked.extend(ray.get(got) if use_ray else got)
-
+    tasks = _InOrder(check_images, checked.extend, use_ray=use_ray, window=window)
     for b in iter_images(src, scan=scan):
         cols["source"].extend(b.where)
         if src.caption_field:
             cols["caption"].extend(b.captions)
         for f, v in b.fields.items():
             cols[f].extend(v)
-        inflight.append(task.remote(b.payloads, b.errors) if use_ray else check_images(b.payloads, b.errors))
-        drain(window)
-    drain(0)
+        tasks.submit(b.payloads, b.errors)
+    tasks.finish()
     if scan.fingerprint != p.scan.fingerprint:
         raise CorpusError(f"corpus {src.path!r} changed while it was read (its images differ between two passes)")
     ok = np.array([err is None for _, _, err in checked], dtype=bool)

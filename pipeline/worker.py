@@ -103,6 +103,7 @@ class UnitWorker:
             torch.set_num_threads(self.cfg.threads)  # in this thread: OpenMP's count is per thread
         contexts = self.prepare(contexts)
         pixels = torch.from_numpy(contexts.pixels) if isinstance(contexts, ImageContexts) else None
+        px_dtype = next(self.model.parameters()).dtype
         n, s = contexts.token_id.shape
         rows = n * s
         pin = self.device.type == "cuda"
@@ -131,8 +132,7 @@ class UnitWorker:
                 c1 = min(n, c0 + per_batch)
                 state["r0"], state["r1"] = c0 * s, c1 * s
                 if pixels is not None:
-                    dt = next(self.model.parameters()).dtype
-                    inputs: dict[str, Any] = {"pixel_values": pixels[c0:c1].to(self.device, dtype=dt, non_blocking=True),
+                    inputs: dict[str, Any] = {"pixel_values": pixels[c0:c1].to(self.device, dtype=px_dtype, non_blocking=True),
                                               **self.cfg.image.forward_kwargs()}  # type: ignore[union-attr]
                     cap.forward(**inputs)
                     continue
