@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
+from pipeline.vision import CLS_TOKEN  # a vision encoder's CLS row (registers -2, -3, ...; patches 0..P-1)
+
 from ._moments import Moments
 from ._ridge import r2_from_moments
 from ._sampled import minibatch_cka, mutual_knn, rbf_cka, rsa
@@ -199,7 +201,6 @@ def _holdout(plan: ComparePlan) -> list[int]:
 # -- align="docs" ----------------------------------------------------------------------------------
 
 
-_CLS_TOKEN = -1  # token_id of a vision encoder's CLS row (registers are -2, -3, ...; patches 0..P-1)
 
 
 def _side_doc_rows(ds: ActivationDataset, hook: str, pool: str = "mean") -> tuple[np.ndarray, np.ndarray, set[int]]:
@@ -211,7 +212,7 @@ def _side_doc_rows(ds: ActivationDataset, hook: str, pool: str = "mean") -> tupl
 
     t = ds.tokens(hook)
     if pool == "cls":
-        cls = pc.and_(t.column("special"), pc.equal(t.column("token_id"), _CLS_TOKEN))
+        cls = pc.and_(t.column("special"), pc.equal(t.column("token_id"), CLS_TOKEN))
         t = t.filter(pc.and_(cls, pc.greater_equal(t.column("doc_id"), 0)))
         if t.num_rows == 0:
             raise AnalysisError(f"dataset {ds.name!r} (hook {hook!r}) has no CLS token rows (token_id -1, special): "
