@@ -19,7 +19,6 @@ import asyncio
 import hashlib
 import os
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path

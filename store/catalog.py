@@ -9,13 +9,11 @@ records instead of trusting the counts of the last entry written.
 
 from __future__ import annotations
 
-import io
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from store import layout
+from store import layout, parquet
 from store.errors import StrataError
 from store.manifest import IDENTITY_META_KEYS
 
@@ -71,9 +69,7 @@ def entry(ds: ActivationDataset) -> dict[str, Any]:
 
 def write_entry(ds: ActivationDataset) -> None:
     """Write (replace) the dataset's catalog entry: drivers only."""
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist([entry(ds)], schema=SCHEMA), buf)
-    ds.storage.write(layout.catalog_key(ds.name), buf.getvalue())
+    ds.storage.write(layout.catalog_key(ds.name), parquet.to_bytes(pa.Table.from_pylist([entry(ds)], schema=SCHEMA)))
 
 
 def delete_entry(store: Store, name: str) -> None:
@@ -91,7 +87,7 @@ def read(store: Store, *, live: bool = False) -> pa.Table:
         row = None
         if not live:
             try:
-                t = pq.read_table(pa.BufferReader(store.storage.read(layout.catalog_key(name))))
+                t = parquet.read(store.storage.read(layout.catalog_key(name)))
                 row = t.cast(SCHEMA).to_pylist()[0] if t.num_rows == 1 and set(t.column_names) == set(SCHEMA.names) else None
                 info = load_manifest(store.storage, name)
                 if row is not None and (row["fingerprint"], row["num_units"], sorted(row["hooks"] or [])) != (

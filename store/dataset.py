@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from store import layout, protocol
+from store import layout, parquet, protocol
 from store.documents import as_doc_ids, decode_documents, spans_of
 from store.dtypes import storage_dtype, to_torch
 from store.errors import CorruptionError, HookNotFoundError, NotCommittedError, RowOutOfRangeError, UnknownDocumentError
@@ -81,10 +81,8 @@ INDEX_SCHEMA = pa.schema([("part", pa.string()), ("unit", pa.int64()), ("rows", 
 
 
 def decode_commit_index(data: bytes, *, where: str) -> dict[str | None, dict[int, _Indexed]]:
-    import pyarrow.parquet as pq
-
     try:
-        t = pq.read_table(pa.BufferReader(data)).cast(INDEX_SCHEMA)
+        t = parquet.read(data).cast(INDEX_SCHEMA)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, ValueError) as e:
         raise CorruptionError(f"{where}: not a commit index ({e})") from None
     out: dict[str | None, dict[int, _Indexed]] = {}
@@ -95,10 +93,6 @@ def decode_commit_index(data: bytes, *, where: str) -> dict[str | None, dict[int
 
 def encode_commit_index(ds: ActivationDataset) -> bytes:
     """Every valid commit record of a dataset, as the driver compacts them (see ``refresh``)."""
-    import io
-
-    import pyarrow.parquet as pq
-
     cols: dict[str, list[Any]] = {c: [] for c in INDEX_SCHEMA.names}
     for hook in [None, *ds.info.hooks]:
         for unit in sorted(ds._commits.get(hook, {})):  # noqa: SLF001 - the reader's own state
@@ -110,9 +104,7 @@ def encode_commit_index(ds: ActivationDataset) -> bytes:
                 continue
             for c, v in zip(INDEX_SCHEMA.names, (hook or "", unit, rec.rows, rec.special, layout.commit_key(ds.name, hook, unit), rec.to_json())):
                 cols[c].append(v)
-    buf = io.BytesIO()
-    pq.write_table(pa.table(cols, schema=INDEX_SCHEMA), buf, compression="zstd")
-    return buf.getvalue()
+    return parquet.to_bytes(pa.table(cols, schema=INDEX_SCHEMA))
 
 
 class ActivationDataset:
@@ -482,7 +474,6 @@ class ActivationDataset:
             raise ValueError("pass `rows` or `docs`, not both")
         out_name, out_np = _resolve_out_dtype(self.info.dtype, as_, dtype)
         d = self.info.hooks[hook].d
-        ur = self.info.unit_rows
 
         # Plan: (unit, lo, hi) blocks for contiguous rows, or an index array.
         blocks: list[tuple[int, int, int]] = []

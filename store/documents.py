@@ -14,14 +14,13 @@ holds (the concat tail shorter than one context); a document with no rows at all
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from store import parquet
 from store.errors import CorruptionError, UnknownDocumentError, WriteMismatchError
 
 DOC_SCHEMA = pa.schema(
@@ -59,14 +58,12 @@ def check_documents(table: pa.Table, *, capacity_rows: int | None = None) -> pa.
 
 
 def encode_documents(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
+    return parquet.to_bytes(table)
 
 
 def decode_documents(data: Any, *, where: str) -> pa.Table:
     try:
-        return pq.read_table(pa.BufferReader(data))
+        return parquet.read(data)
     except (pa.ArrowInvalid, OSError) as e:
         raise CorruptionError(f"{where}: document index is not readable Parquet: {e}") from None
 

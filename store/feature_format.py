@@ -30,9 +30,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from store import protocol
+from store import parquet, protocol
 from store.errors import CorruptionError, FormatVersionError, StrataError
 from store.layout import attempt_key, attempt_key_pattern, check_name
 from store.protocol import FileEntry
@@ -185,24 +184,18 @@ def write_info(storage: Storage, info: FeatureTableInfo) -> None:
 # -- Parquet files ----------------------------------------------------------------------------
 
 
-def parquet_bytes(table: pa.Table, **options: Any) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", **options)
-    return buf.getvalue()
-
-
 def encode_unit(row: np.ndarray, feature: np.ndarray, value: np.ndarray) -> bytes:
     """A unit's table, row-major (sorted by row, then feature). Row-group statistics on ``row``
     let readers of a few rows skip the rest."""
     t = pa.table({"row": row.astype(np.int64, copy=False), "feature": feature.astype(np.int32, copy=False),
                   "value": value.astype(np.float32, copy=False)}, schema=UNIT_SCHEMA)
-    return parquet_bytes(t, row_group_size=1 << 18, use_dictionary=False, column_encoding={"row": "DELTA_BINARY_PACKED"})
+    return parquet.to_bytes(t, row_group_size=1 << 18, use_dictionary=False, column_encoding={"row": "DELTA_BINARY_PACKED"})
 
 
 def decode_table(data: Any, schema: pa.Schema, *, where: str) -> pa.Table:
     """A committed Parquet file's table, cast to ``schema``; anything else is corruption."""
     try:
-        t = pq.read_table(pa.BufferReader(data))
+        t = parquet.read(data)
         return t.select(schema.names).cast(schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, KeyError, ValueError) as e:
         raise CorruptionError(f"{where}: not the expected Parquet table ({str(e).splitlines()[0]})") from None

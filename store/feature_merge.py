@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from store import protocol
+from store import parquet, protocol
 from store.errors import CorruptionError
 from store.feature_format import (
     BLOCK_CHECK_BYTES,
@@ -40,7 +40,6 @@ from store.feature_format import (
     FeatureTableInfo,
     block_name,
     generation_dir,
-    parquet_bytes,
     read_table,
 )
 from store.feature_stats import BlockStats, block_stats, hist_edges
@@ -244,5 +243,5 @@ def _summary_files(storage: Storage, prefix: str, stats: list[BlockStats], index
                          "row": np.concatenate([s.sample_row for s in stats]), "value": np.concatenate([s.sample_value for s in stats])})
     index_t = pa.table({"feature": np.arange(d_sae, dtype=np.int32), "row_group": index[:, 0].astype(np.int32),
                         "start": index[:, 1], "count": index[:, 2]}, schema=INDEX_SCHEMA)
-    return [_put(storage, f"{prefix}/{name}", parquet_bytes(t)) for name, t in
+    return [_put(storage, f"{prefix}/{name}", parquet.to_bytes(t)) for name, t in
             (("stats.parquet", stats_t), ("top.parquet", top_t), ("sample.parquet", sample_t), ("index.parquet", index_t))]

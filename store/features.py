@@ -34,7 +34,6 @@ import pyarrow.parquet as pq
 from store import protocol
 from store.errors import CorruptionError, NotCommittedError, RowOutOfRangeError
 from store.feature_format import (
-    BLOCK_SCHEMA,
     FEATURES,
     UNIT_SCHEMA,
     CheckedFile,

@@ -4,15 +4,13 @@ sae-lens's own layout) and analysis results, each a committed artifact folder
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from store import artifacts
+from store import artifacts, parquet
 from store.artifacts import Artifact, ArtifactNotFoundError
 from store.errors import CorruptionError
 
@@ -83,7 +81,7 @@ class SAEHandle:
     def curves(self) -> pa.Table:
         """Training curves, one row per logged step (``curves.parquet``)."""
         try:
-            return pq.read_table(pa.BufferReader(self.artifact.read("curves.parquet")))
+            return parquet.read(self.artifact.read("curves.parquet"))
         except pa.ArrowInvalid as e:
             raise CorruptionError(f"SAE {self.name!r}: curves.parquet is not Parquet ({e})") from None
 
@@ -121,19 +119,13 @@ class AnalysisHandle:
 
     def table(self, rel: str = "results.parquet") -> pa.Table:
         try:
-            return pq.read_table(pa.BufferReader(self.artifact.read(rel)))
+            return parquet.read(self.artifact.read(rel))
         except pa.ArrowInvalid as e:
             raise CorruptionError(f"analysis {self.name!r}: {rel} is not Parquet ({e})") from None
 
     @property
     def path(self) -> Path:
         return self.artifact.local_path()
-
-
-def parquet_bytes(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
 
 
 def json_bytes(obj: Any) -> bytes:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from store import parquet
 from store.errors import CorruptionError, WriteMismatchError
 
 TOKEN_SCHEMA = pa.schema(
@@ -66,20 +65,18 @@ def check_tokens(table: pa.Table, *, unit: int, first_context: int, context_size
 def encode_tokens(table: pa.Table, *, first_row: int) -> bytes:
     """The unit's token file: the checked table plus its global ``row`` column."""
     rows = pa.array(np.arange(first_row, first_row + table.num_rows, dtype=np.int64))
-    buf = io.BytesIO()
     # Delta encoding suits the mostly increasing integer columns (a third the bytes, three
     # times faster than dictionaries, which such columns defeat); every Parquet reader takes it.
-    pq.write_table(
-        table.append_column(ROW_FIELD, rows), buf, compression="zstd", use_dictionary=False,
+    return parquet.to_bytes(
+        table.append_column(ROW_FIELD, rows), use_dictionary=False,
         column_encoding={c: "DELTA_BINARY_PACKED" for c in _DELTA_COLUMNS if c in table.column_names or c == "row"},
         write_statistics=True,
     )
-    return buf.getvalue()
 
 
 def decode_tokens(data: Any, *, where: str) -> pa.Table:
     try:
-        t = pq.read_table(pa.BufferReader(data))
+        t = parquet.read(data)
         names = [f.name for f in STORED_TOKEN_SCHEMA if f.name in t.column_names]
         want = pa.schema([f for f in STORED_TOKEN_SCHEMA if f.name in names])
         if any(c not in names for c in (*TOKEN_COLUMNS, "row")):

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analysis.sae.curves import plot_curves
+from store import parquet
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -111,4 +112,4 @@ def load_sae(folder: str | Path, *, device: str = "cpu") -> SavedSAE:
     sae = SAE.load_from_disk(folder, device=device)
     lineage = json.loads((folder / LINEAGE).read_text(encoding="utf-8"))
     metrics = json.loads((folder / METRICS).read_text(encoding="utf-8"))
-    return SavedSAE(sae, lineage, metrics, pq.read_table(folder / CURVES))
+    return SavedSAE(sae, lineage, metrics, parquet.read(folder / CURVES))

@@ -48,9 +48,9 @@ def versions() -> dict[str, str]:
 
 
 def _parquet(table: pa.Table) -> bytes:
-    from store.handles import parquet_bytes
+    from store import parquet
 
-    return parquet_bytes(table)
+    return parquet.to_bytes(table)
 
 
 def _json(obj: Any) -> bytes:
