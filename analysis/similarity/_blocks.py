@@ -57,7 +57,7 @@ class BlockMoments:
     products). ``D = 9216`` (12 hooks of 768) needs ~1.4 GB.
     """
 
-    def __init__(self, dims: Sequence[int], *, precision: Precision = "auto") -> None:
+    def __init__(self, dims: Sequence[int], *, precision: Precision = "auto", cosine: bool = True) -> None:
         dims = tuple(int(d) for d in dims)
         if not dims or min(dims) < 1:
             raise ValueError(f"BlockMoments needs at least one block of width >= 1, got {dims}")
@@ -71,7 +71,9 @@ class BlockMoments:
         self.c = np.zeros((self.D, self.D))
         self.q = np.zeros((self.k, self.k))
         self.t = np.zeros((self.k, self.D))
-        self.cos = np.where(np.equal.outer(dims, dims), 0.0, np.nan)
+        # NaN where not tracked: blocks of different widths, or everywhere with cosine=False.
+        self.cosine = bool(cosine)
+        self.cos = np.where(np.equal.outer(dims, dims) & self.cosine, 0.0, np.nan)
         self.cos_zero = np.zeros((self.k, self.k), dtype=np.int64)
 
     def sl(self, h: int) -> slice:
@@ -92,9 +94,10 @@ class BlockMoments:
                 raise ValueError(f"block {h} has shape {m.shape}, expected ({rows}, {self.dims[h]})")
         if rows == 0:
             return self
-        chunk = BlockMoments(self.dims)
+        chunk = BlockMoments(self.dims, cosine=self.cosine)
         chunk.n = rows
-        chunk._raw_cosines(mats)
+        if self.cosine:
+            chunk._raw_cosines(mats)
         z = np.empty((rows, self.D))
         for h, m in enumerate(mats):
             z[:, self.sl(h)] = m
@@ -125,9 +128,11 @@ class BlockMoments:
             self._buf = np.empty((rows, self.D), np.float32)
         z = self._buf[:rows]
         filled = [_fill32(z[:, self.sl(h)], b) for h, b in enumerate(blocks)]
-        chunk = BlockMoments(self.dims, precision=self.precision)
+        chunk = BlockMoments(self.dims, precision=self.precision, cosine=self.cosine)
         chunk.n = rows
-        if all(filled):  # on the raw rows, before centring
+        if not self.cosine:
+            pass
+        elif all(filled):  # on the raw rows, before centring
             chunk._raw_cosines([z[:, self.sl(h)] for h in range(self.k)])
         else:  # a float64 block: in float64
             chunk._raw_cosines([as_matrix(b, f"block {h}", finite=False)[0] for h, b in enumerate(blocks)])
@@ -220,7 +225,7 @@ class BlockMoments:
         return {**self.__dict__, "_buf": None}  # the chunk buffer is scratch: never pickled
 
     def copy(self) -> BlockMoments:
-        out = BlockMoments(self.dims, precision=self.precision)
+        out = BlockMoments(self.dims, precision=self.precision, cosine=self.cosine)
         out.n, out.mean, out.c, out.q, out.t = self.n, self.mean.copy(), self.c.copy(), self.q.copy(), self.t.copy()
         out.cos, out.cos_zero = self.cos.copy(), self.cos_zero.copy()
         return out
@@ -230,14 +235,14 @@ class BlockMoments:
     def pair(self, h: int, g: int) -> Moments:
         """The two-side moments of blocks ``h`` (as X) and ``g`` (as Y)."""
         sh, sg = self.sl(h), self.sl(g)
-        m = Moments(self.dims[h], self.dims[g])
+        m = Moments(self.dims[h], self.dims[g], cosine=not np.isnan(self.cos[h, g]))
         m.n = self.n
         m.mean_x, m.mean_y = self.mean[sh].copy(), self.mean[sg].copy()
         m.cxx, m.cyy, m.cxy = self.c[sh, sh].copy(), self.c[sg, sg].copy(), self.c[sh, sg].copy()
         m.xxxx, m.yyyy, m.xxyy = float(self.q[h, h]), float(self.q[g, g]), float(self.q[h, g])
         m.xx_x, m.yy_x = self.t[h, sh].copy(), self.t[g, sh].copy()
         m.xx_y, m.yy_y = self.t[h, sg].copy(), self.t[g, sg].copy()
-        m.cos_sum = float(self.cos[h, g]) if self.dims[h] == self.dims[g] else None
+        m.cos_sum = None if np.isnan(self.cos[h, g]) else float(self.cos[h, g])
         m.cos_zero = int(self.cos_zero[h, g])
         return m
 
@@ -257,6 +262,7 @@ class BlockMoments:
             if arr.shape != getattr(out, name).shape:
                 raise ValueError(f"BlockMoments state `{name}` has shape {arr.shape}, expected {getattr(out, name).shape}")
             setattr(out, name, arr)
+        out.cosine = bool(np.isfinite(out.cos).any())
         out.cos_zero = np.array(state["cos_zero"], dtype=np.int64).reshape(out.k, out.k)
         return out
 

@@ -136,8 +136,10 @@ def procrustes_from_moments(m: Moments) -> float:
 
 
 def cosine_from_parts(cos_sum: float | None, zero: int, n: int, d1: int, d2: int) -> float:
-    if cos_sum is None or d1 != d2:
+    if d1 != d2:
         raise ValueError(f"cosine needs the same width on both sides (d1 == d2), got d1={d1}, d2={d2}")
+    if cos_sum is None:
+        raise ValueError("cosine was not accumulated: these moments were made with cosine=False")
     check_n(n, min_n=1, metric="cosine")
     if zero:
         raise ValueError(

@@ -20,7 +20,8 @@ Fields (``u_i = x_i - mean_x``, ``v_i = y_i - mean_y``; all sums over the ``n`` 
 - ``xx_y [d2]``, ``yy_y [d2]``: ``sum |u|^2 v``, ``sum |v|^2 v``;
 - ``cos_sum``, ``cos_zero``: ``sum cos(x_i, y_i)`` of the raw (uncentred) rows over rows where
   both are non-zero, and the count of rows where one is zero; ``cos_sum`` is ``None`` unless
-  ``d1 == d2``.
+  ``d1 == d2`` and the moments were made with ``cosine=True`` (the default; ``compare`` asks
+  for them only when the ``cosine`` metric is requested: they cost a pass over each chunk).
 
 The third-order sums vanish from the metric formulas once everything is centred, but they are
 needed to re-centre the fourth-order sums exactly when two accumulators are merged.
@@ -180,7 +181,7 @@ class Moments:
     docstring.
     """
 
-    def __init__(self, d1: int, d2: int, *, precision: Precision = "auto") -> None:
+    def __init__(self, d1: int, d2: int, *, precision: Precision = "auto", cosine: bool = True) -> None:
         if int(d1) < 1 or int(d2) < 1:
             raise ValueError(f"Moments needs d1 >= 1 and d2 >= 1 features, got d1={d1}, d2={d2}")
         self.precision = check_precision(precision)
@@ -194,7 +195,7 @@ class Moments:
         self.xx_x, self.yy_x = np.zeros(self.d1), np.zeros(self.d1)
         self.xx_y, self.yy_y = np.zeros(self.d2), np.zeros(self.d2)
         self.xxxx = self.yyyy = self.xxyy = 0.0
-        self.cos_sum: float | None = 0.0 if self.d1 == self.d2 else None
+        self.cos_sum: float | None = 0.0 if self.d1 == self.d2 and cosine else None
         self.cos_zero = 0
 
     # ------------------------------------------------------------------ building
@@ -286,7 +287,7 @@ class Moments:
         rows = x.shape[0]
         if rows == 0:
             return self
-        chunk = Moments(self.d1, self.d2)
+        chunk = Moments(self.d1, self.d2, cosine=self.cos_sum is not None)
         chunk.n = rows
         if chunk.cos_sum is not None:  # on the raw rows, before centring
             chunk.cos_sum, chunk.cos_zero = row_cosine_sum(x, y)
@@ -353,8 +354,8 @@ class Moments:
         self.cxy += other.cxy
         self.cxy += np.outer(dx * w, dy)
         self.n = n
-        if self.cos_sum is not None and other.cos_sum is not None:
-            self.cos_sum += other.cos_sum
+        # Cosines are known for the union only if both parts tracked them.
+        self.cos_sum = None if self.cos_sum is None or other.cos_sum is None else self.cos_sum + other.cos_sum
         self.cos_zero += other.cos_zero
         return self
 
@@ -364,7 +365,7 @@ class Moments:
         parts = list(parts)
         if not parts:
             raise ValueError("Moments.sum needs at least one part, got none")
-        total = cls(parts[0].d1, parts[0].d2)
+        total = cls(parts[0].d1, parts[0].d2, cosine=all(p.cos_sum is not None for p in parts))
         for p in parts:
             total.merge(p)
         return total
@@ -420,10 +421,8 @@ class Moments:
             raise ValueError(f"Moments state `n` must be >= 0, got {m.n}")
         for name in _SCALARS:
             setattr(m, name, float(np.asarray(state[name])))
-        if m.cos_sum is not None:
-            if "cos_sum" not in state:
-                raise ValueError("Moments state with d1 == d2 is missing `cos_sum`")
-            m.cos_sum = float(np.asarray(state["cos_sum"]))
+        # No `cos_sum`: made with cosine=False (or d1 != d2).
+        m.cos_sum = float(np.asarray(state["cos_sum"])) if m.d1 == m.d2 and "cos_sum" in state else None
         m.cos_zero = int(np.asarray(state.get("cos_zero", 0)))
         return m
 

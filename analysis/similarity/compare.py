@@ -296,13 +296,13 @@ def _pooled(plan: ComparePlan, ex: Executor) -> tuple[np.ndarray, np.ndarray]:
 
 def _moments_task(ref_a: StoreRef, name_a: str, hook_a: str, ref_b: StoreRef, name_b: str, hook_b: str,
                   rows_a: np.ndarray, rows_b: np.ndarray, test: np.ndarray | None, chunk_rows: int,
-                  precision: str = "auto") -> dict[str, Any]:
+                  precision: str = "auto", cosine: bool = True) -> dict[str, Any]:
     """Co-moments of the pairs ``(rows_a[i], rows_b[i])``; with ``test`` (a mask), separate
     moments of the training and held-out pairs."""
     ds_a = ref_a.dataset(name_a)
     ds_b = ds_a if (ref_a, name_a) == (ref_b, name_b) else ref_b.dataset(name_b)
     da, db = ds_a.info.hooks[hook_a].d, ds_b.info.hooks[hook_b].d
-    new = lambda: Moments(da, db, precision=precision)  # noqa: E731
+    new = lambda: Moments(da, db, precision=precision, cosine=cosine)  # noqa: E731
     parts = {"train": new(), "test": new()} if test is not None else {"all": new()}
     for s in range(0, rows_a.size, chunk_rows):
         x = ds_a.read(hook_a, rows=rows_a[s : s + chunk_rows])
@@ -325,7 +325,7 @@ def _streamed(plan: ComparePlan, ex: Executor) -> dict[str, Moments]:
     (ds_a, hook_a), (ds_b, hook_b) = plan.a, plan.b
     ra, rb = ex.ref(ds_a), ex.ref(ds_b)
     tasks = [(ra, ds_a.name, hook_a, rb, ds_b.name, hook_b, al.rows[0][r], al.rows[1][r],
-              None if test is None else test[r], plan.opts.chunk_rows, plan.opts.precision) for r in ranges]
+              None if test is None else test[r], plan.opts.chunk_rows, plan.opts.precision, "cosine" in plan.metrics) for r in ranges]
     log.info("compare %s vs %s: %d pairs in %d task(s)", _label(plan.a), _label(plan.b), len(al), len(tasks))
     results = ex.map(_moments_task, tasks)
     keys = results[0].keys()

@@ -133,12 +133,12 @@ def _plan_passes(wa: list[int], wb: list[int] | None, budget: float, chunk: int)
     return [(x, y) for x in ga for y in gb]
 
 
-def _block_task(refs: list[tuple[StoreRef, str, list[str], np.ndarray]], chunk_rows: int) -> dict[str, Any]:
+def _block_task(refs: list[tuple[StoreRef, str, list[str], np.ndarray]], chunk_rows: int, cosine: bool = True) -> dict[str, Any]:
     """Joint moments of every listed hook over aligned rows: ``refs`` holds per dataset
     ``(store, name, hooks, rows)``; blocks are the hooks in that order."""
     sides = [(ref.dataset(name), hooks, rows) for ref, name, hooks, rows in refs]
     dims = [ds.info.hooks[h].d for ds, hooks, _ in sides for h in hooks]
-    bm = BlockMoments(dims)
+    bm = BlockMoments(dims, cosine=cosine)
     n = sides[0][2].size
     for s in range(0, n, chunk_rows):
         bm.update([ds.read(h, rows=rows[s : s + chunk_rows]) for ds, hooks, rows in sides for h in hooks])
@@ -271,7 +271,7 @@ def _exact_heatmap(ds_a: ActivationDataset, ha: list[str], side_b: tuple[Activat
             refs = [(ex.ref(ds_a), ds_a.name, [ha[i] for i in ia], rows[0][r])]
             if side_b is not None:
                 refs.append((ex.ref(side_b[0]), side_b[0].name, [side_b[1][j] for j in ib], rows[1][r]))
-            tasks.append((refs, chunk))
+            tasks.append((refs, chunk, opts.metric == "cosine"))
         bm = BlockMoments.sum(BlockMoments.from_dict(d) for d in ex.map(_block_task, tasks))
         eig: dict[int, Any] = {}
         for x, i in enumerate(ia):

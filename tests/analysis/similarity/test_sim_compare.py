@@ -157,3 +157,12 @@ def test_sides_that_cannot_be_aligned(tmp_path):
         sim.compare((a, H0), (d, H0), use_ray=False)
     with pytest.raises(AlignmentError, match="no document is wholly committed on both sides"):
         sim.compare((a, H0), (d, H0), align="docs", use_ray=False)
+
+
+def test_cosines_are_accumulated_only_when_asked_and_change_nothing_else(tmp_path):
+    ds = _simdata.two_hook_dataset(tmp_path, d1=5, d2=5)
+    without = sim.compare((ds, H0), (ds, H1), LINEAR, use_ray=False, tasks=2, chunk_rows=37)
+    with_cos = sim.compare((ds, H0), (ds, H1), [*LINEAR, "cosine"], use_ray=False, tasks=2, chunk_rows=37)
+    assert "cosine" not in without and {k: with_cos[k] for k in LINEAR} == {k: without[k] for k in LINEAR}
+    _, x, y = _aligned(ds)
+    assert with_cos["cosine"] == pytest.approx(simref.cosine(x, y), rel=1e-9)

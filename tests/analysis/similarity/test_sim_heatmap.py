@@ -142,3 +142,15 @@ def test_bad_heatmap_input(layered):
         plan_heatmap((ds, ["*"]), opts=HeatmapOptions(metric="r2"))
     with pytest.raises(StrataError, match="debiased_cka needs at least 4 aligned rows"):
         plan_heatmap((ds, ["*"]), opts=HeatmapOptions(metric="debiased_cka", max_rows=3))
+
+
+def test_block_moments_without_cosines_keep_every_other_field():
+    on, off = sim.BlockMoments(DIMS).update(BLOCKS), sim.BlockMoments(DIMS, cosine=False).update(BLOCKS)
+    assert np.isnan(off.cos).all() and not np.isnan(on.cos[0, 2])  # blocks 0 and 2 have the same width
+    for h, g in [(0, 2), (1, 3), (2, 2)]:
+        a, b = on.pair(h, g), off.pair(h, g)
+        assert b.cos_sum is None and (a.cos_sum is None) == (DIMS[h] != DIMS[g])
+        for f in FIELDS[:-2]:
+            np.testing.assert_array_equal(getattr(b, f), getattr(a, f), err_msg=f)
+    assert sim.BlockMoments.sum([on, off]).pair(0, 2).cos_sum is None
+    assert sim.BlockMoments.from_dict(off.to_dict()).pair(0, 2).cos_sum is None

@@ -177,3 +177,22 @@ def test_bad_states_and_merges_raise():
         sim.from_moments(sim.Moments(3, 2).update(np.eye(4, 3), np.eye(4, 2)), ["cosine"])
     with pytest.raises(ValueError, match="at least 2 rows, got n=0"):
         sim.from_moments(sim.Moments(3, 3), ["linear_cka"])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16])  # the float64 and the float32-product paths
+def test_cosine_false_skips_only_the_cosines(dtype):
+    x, y = X.astype(dtype), Y.astype(dtype)
+    on = sim.Moments(6, 6).update(x[:40], y[:40]).update(x[40:], y[40:])
+    off = sim.Moments(6, 6, cosine=False).update(x[:40], y[:40]).update(x[40:], y[40:])
+    assert on.cos_sum is not None and off.cos_sum is None
+    for name in ("mean_x", "mean_y", "cxx", "cyy", "cxy", "xx_x", "yy_x", "xx_y", "yy_y", "xxxx", "yyyy", "xxyy", "n"):
+        np.testing.assert_array_equal(getattr(off, name), getattr(on, name), err_msg=name)
+    linear = [m for m in METRICS if m != "cosine"]
+    assert sim.from_moments(off, linear) == sim.from_moments(on, linear)
+    with pytest.raises(ValueError, match="cosine was not accumulated"):
+        sim.from_moments(off, ["cosine"])
+    # Untracked anywhere means untracked in the union, whatever the order; serialisation keeps it.
+    assert on.copy().merge(off).cos_sum is None and off.copy().merge(on).cos_sum is None
+    assert sim.Moments.sum([on, off]).cos_sum is None and sim.Moments.sum([on, on]).cos_sum == pytest.approx(2 * on.cos_sum)
+    assert sim.Moments.from_dict(off.to_dict()).cos_sum is None
+    assert sim.Moments.from_dict(on.to_dict()).cos_sum == on.cos_sum
