@@ -384,6 +384,19 @@ def part_stream(root: Path, ns: list[int], d: int, dtype: str, rounds: int, summ
             j = int(np.argmax(s_f))
             summary.append((f"compare throughput vs bare float64 co-moments in memory, n={n:,}", f"{n / q['strata'][j] / 1e3:.1f} k rows/s",
                             f"{n / q['f64'][j] / 1e3:.1f} k rows/s (centred XᵀX, YᵀY, XᵀY in f64)", f"{max(s_f):.2f}", "(reference)"))
+    # Against the least float32 work the metrics need (three products, centred, per chunk): its
+    # per-row rate at the smallest n, where it was measured, for every n.
+    n0 = min(ns)
+    if res[n0]["f32"]:
+        f32_rate = n0 / min(res[n0]["f32"])
+        for n in ns:
+            q = res[n]
+            whole, streamed = n / min(q["strata"]) / f32_rate, n / min(q["stream"]) / f32_rate
+            print(f"    n={n:>9,}: against bare float32 co-moments ({fmt_rate(f32_rate)}, measured at n={n0:,}): Strata compare {whole:.2f}, "
+                  f"its streamed moments alone {streamed:.2f}")
+            summary.append((f"compare throughput vs bare float32 co-moments (the three products), n={n:,}", f"{n / min(q['strata']) / 1e3:.1f} k rows/s",
+                            f"{f32_rate / 1e3:.1f} k rows/s (centred XᵀX, YᵀY, XᵀY in f32, in memory)", f"{whole:.2f} (streamed part {streamed:.2f})",
+                            "≥ 0.8 (restated)"))
     bare_all = [n / t for n in ns for t in res[n]["bare"]]
     print(f"    machine noise: the bound ran at {min(bare_all) / 1e3:.1f}..{max(bare_all) / 1e3:.1f} k rows/s over this part")
     lo, hi = min(ns), max(ns)
