@@ -18,14 +18,18 @@ The vision case (``--case vision``) builds a seeded ViT (``--vision-layers``, ``
 224 x 224 images in 16 x 16 patches: 197 tokens an image) and ``--images`` generated PNG images
 (256 x 256, resized by the model's processor), then times images/s of the pipeline (1 hook: the
 last block's resid_post; steady rate, as for text) against a bare forward loop over the very
-same preprocessed pixel batches (preprocessed before the clock starts, run while no Ray runs),
-and reports the share of the workers' time
+same preprocessed pixel batches (preprocessed before the clock starts), run twice: in the driver
+while no Ray runs, and in a Ray actor holding the worker's CPUs right after the pipeline (the
+same kind of process the pipeline computes in, Ray's processes beside it); it reports both
+ratios and the share of the workers' time
 spent decoding and preprocessing images. Workers do that for a unit before taking the model,
 while the actor's other call computes the previous unit, so it is off the model's critical path
 as long as it takes less time than a forward pass of a unit.
 
 Shared CPUs drift by up to 2x over minutes, so every contender runs once in each of
-``--rounds`` interleaved rounds and its best run is reported. Pipeline throughput is the steady rate (units after the first, once the worker has loaded the
+``--rounds`` interleaved rounds and its best run is reported (text); in the vision case each
+pipeline run is bracketed by a bare loop right before and right after it, and the ratio to the
+mean of the two is reported per round (best and median). Pipeline throughput is the steady rate (units after the first, once the worker has loaded the
 model); the end-to-end job time, which adds Ray tasks for tokenization and the model load,
 is printed beside it.
 """
@@ -37,6 +41,7 @@ import gc
 import os
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -129,10 +134,21 @@ def bare_vision_loop(folder: Path, pixels: torch.Tensor, unit_contexts: int, per
     return n / dt
 
 
+class BareVisionActor:
+    """The bare loop in a Ray actor holding the pipeline worker's CPUs: the same kind of process
+    the pipeline computes in, with Ray's own processes running beside it."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def rate(self, pixels: torch.Tensor, unit_contexts: int, per_batch: int, threads: int) -> float:
+        return bare_vision_loop(self.folder, pixels, unit_contexts, per_batch, threads, 3.0)
+
+
 def vision_case(a: argparse.Namespace, work: Path, cpus: int) -> None:
     import ray
 
-    from pipeline.images import ImageSource, scan_images
+    from pipeline.images import ImageSource
     from pipeline.tiny import build_tiny_vision, synthetic_images
     from pipeline.vision import load_processor, preprocess
 
@@ -162,28 +178,46 @@ def vision_case(a: argparse.Namespace, work: Path, cpus: int) -> None:
     print(f"model: ViT, {a.vision_layers} layers, d_model {a.vision_d}, 224x224 images in 16x16 patches (197 tokens); {n} images, "
           f"{a.vision_batch} images per batch, {a.vision_unit} per unit; decoding + preprocessing all of them in one thread: "
           f"{pre_s:.2f}s ({n / pre_s:,.0f} images/s)")
-    bare: list[float] = []
+    bare_all: list[float] = []
     runs: list = []
+    ratios: list[float] = []
+    in_ray: list[float] = []
+    actor_ratios: list[float] = []
+    bare = bare_vision_loop(folder, pixels, a.vision_unit, a.vision_batch, cpus, a.warmup_s)
     for rnd in range(a.rounds):
-        # The bare loop runs while no Ray runs (no Ray processes share the cores with it); the
-        # pipeline gets a fresh Ray each round.
-        bare.append(bare_vision_loop(folder, pixels, a.vision_unit, a.vision_batch, cpus, a.warmup_s if rnd == 0 else 3.0))
+        # The bare loop runs while no Ray runs (no Ray processes share the cores with it), right
+        # before and right after each pipeline run, which gets a fresh Ray: the pipeline's rate
+        # is compared with the mean of the two (the machine's speed drifts over minutes).
         ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
         try:
             runs.append(run_extract(job(f"vit-{rnd}"), progress=False))
+            # The same loop in a Ray actor holding the worker's CPUs, right after the pipeline.
+            actor = ray.remote(num_cpus=cpus)(BareVisionActor).remote(str(folder))
+            in_ray.append(ray.get(actor.rate.remote(ray.put(pixels), a.vision_unit, a.vision_batch, cpus)))
         finally:
             ray.shutdown()
+        after = bare_vision_loop(folder, pixels, a.vision_unit, a.vision_batch, cpus, 3.0)
         r = runs[-1]
-        print(f"round {rnd}: bare {bare[-1]:,.1f}, pipeline {r.steady_tokens_per_s / 197:,.1f} images/s steady "
-              f"({r.steady_tokens / 197:.0f} images after the first unit), load average {os.getloadavg()[0]:.1f}", flush=True)
-    base = max(bare)
-    r = max(runs, key=lambda x: x.steady_tokens_per_s)
+        rate = r.steady_tokens_per_s / 197
+        ratios.append(rate / ((bare + after) / 2))
+        actor_ratios.append(rate / in_ray[-1])
+        bare_all += [bare, after]
+        print(f"round {rnd}: pipeline {rate:,.1f} images/s steady ({r.steady_tokens / 197:.0f} images after the first unit) | bare "
+              f"{bare:,.1f} before, {after:,.1f} after | ratio {ratios[-1]:.2f} | bare loop in a Ray actor right after the pipeline "
+              f"{in_ray[-1]:,.1f}: ratio {actor_ratios[-1]:.2f} | load average {os.getloadavg()[0]:.1f}", flush=True)
+        bare = after
+    i = int(np.argmax(ratios))
+    r = runs[i]
     rate = r.steady_tokens_per_s / 197
     share = r.prepare_seconds / (r.prepare_seconds + r.compute_seconds)
-    print(f"\nbest of {a.rounds} interleaved rounds, same model, same {n} images, same batches:")
-    print(f"{'bare forward loop over preprocessed pixels:':48s}{base:9,.1f} images/s   (the bound)")
-    print(f"{'pipeline (decode + preprocess + forward + write):':48s}{rate:9,.1f} images/s   ratio {rate / base:.2f}   "
-          f"[job end to end incl. decode checks + model load: {r.seconds:.1f}s]")
+    print(f"\n{a.rounds} rounds, same model, same {n} images, same batches; the bare loop ran at "
+          f"{min(bare_all):,.1f}..{max(bare_all):,.1f} images/s over the run (the machine's drift):")
+    print(f"pipeline (decode + preprocess + forward + write) vs the bare forward loop over preprocessed pixels bracketing it: "
+          f"ratio best {max(ratios):.2f}, median {statistics.median(ratios):.2f} (best round: {rate:,.1f} images/s; "
+          f"job end to end incl. decode checks + model load: {r.seconds:.1f}s)")
+    print(f"pipeline vs the same bare loop in a Ray actor holding the worker's CPUs (run right after it, Ray still up): "
+          f"ratio best {max(actor_ratios):.2f}, median {statistics.median(actor_ratios):.2f}; that loop ran at "
+          f"{min(in_ray):,.1f}..{max(in_ray):,.1f} images/s")
     print(f"workers' time decoding + preprocessing: {r.prepare_seconds:.2f}s of {r.prepare_seconds + r.compute_seconds:.2f}s "
           f"({100 * share:.1f}%), done before each unit takes the model, overlapping the other unit's forward pass")
 
