@@ -29,9 +29,9 @@ as long as it takes less time than a forward pass of a unit.
 Shared CPUs drift by up to 2x over minutes, so every contender runs once in each of
 ``--rounds`` interleaved rounds and its best run is reported (text); in the vision case each
 pipeline run is bracketed by a bare loop right before and right after it, and the ratio to the
-mean of the two is reported per round (best and median). Pipeline throughput is the steady rate (units after the first, once the worker has loaded the
-model); the end-to-end job time, which adds Ray tasks for tokenization and the model load,
-is printed beside it.
+mean of the two is reported per round (best and median). Pipeline throughput is the steady
+rate (units after the first, once the worker has loaded the model); the end-to-end job time,
+which adds Ray tasks for tokenization and the model load, is printed beside it.
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", help="working folder (default: a temporary one, removed after)")
     ap.add_argument("--skip-sae-lens", action="store_true")
     ap.add_argument("--warmup-s", type=float, default=15.0, help="seconds of warm-up before the first bare loop")
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each contender's best run is reported")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (text: each contender's best run is reported; vision: per-round ratios, best and median)")
     a = ap.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -39,6 +39,7 @@ Units committed by earlier appends are compared with the new plan token by token
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -317,8 +318,6 @@ class _InOrder:
     ``finish()`` waits for the rest."""
 
     def __init__(self, fn: Callable[..., Any], sink: Callable[[Any], None], *, use_ray: bool, window: int) -> None:
-        import collections
-
         self.sink, self.use_ray, self.window = sink, use_ray, window
         if use_ray:
             import ray

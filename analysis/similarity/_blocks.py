@@ -130,12 +130,9 @@ class BlockMoments:
         filled = [_fill32(z[:, self.sl(h)], b) for h, b in enumerate(blocks)]
         chunk = BlockMoments(self.dims, precision=self.precision, cosine=self.cosine)
         chunk.n = rows
-        if not self.cosine:
-            pass
-        elif all(filled):  # on the raw rows, before centring
-            chunk._raw_cosines([z[:, self.sl(h)] for h in range(self.k)])
-        else:  # a float64 block: in float64
-            chunk._raw_cosines([as_matrix(b, f"block {h}", finite=False)[0] for h, b in enumerate(blocks)])
+        if self.cosine:  # on the raw rows, before centring; with a float64 block, in float64
+            chunk._raw_cosines([z[:, self.sl(h)] for h in range(self.k)] if all(filled) else
+                               [as_matrix(b, f"block {h}", finite=False)[0] for h, b in enumerate(blocks)])
         with np.errstate(over="ignore", invalid="ignore"):  # non-finite results are checked below
             # Block by block, the same float32 centring as Moments (the means are per column).
             chunk.mean = np.concatenate([_centre32(z[:, self.sl(h)], b, f, f"block {h}") for h, (b, f) in enumerate(zip(blocks, filled))])

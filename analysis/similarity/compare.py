@@ -35,7 +35,7 @@ import numpy as np
 
 from pipeline.vision import CLS_TOKEN  # a vision encoder's CLS row (registers -2, -3, ...; patches 0..P-1)
 
-from ._moments import Moments
+from ._moments import Moments, check_precision
 from ._ridge import r2_from_moments
 from ._sampled import minibatch_cka, mutual_knn, rbf_cka, rsa
 from ._streaming import from_moments
@@ -77,8 +77,6 @@ class CompareOptions:
     precision: str = "auto"  # per-chunk co-moment products: "auto" (float32 for 16-bit stores), "float32", "float64"
 
     def __post_init__(self) -> None:
-        from ._moments import check_precision
-
         try:
             check_precision(self.precision)
         except ValueError as e:
@@ -199,7 +197,6 @@ def _holdout(plan: ComparePlan) -> list[int]:
 
 
 # -- align="docs" ----------------------------------------------------------------------------------
-
 
 
 
