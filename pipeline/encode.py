@@ -244,6 +244,7 @@ def prepare(spec: EncodeSpec, s: store.Store) -> tuple[FeatureTableInfo, list[in
     """Check the SAE, its dataset and hook; the table's identity and the units to cover.
     Raises a one-line error for any bad input; writes nothing."""
     handle = s.sae(spec.sae)
+    handle.check()  # every file, the weights too: a damaged SAE fails here, not in each Ray worker on load
     lineage, cfg = handle.lineage, handle.cfg
     missing = [k for k in ("dataset", "hook", "fingerprint") if not lineage.get(k)]
     if missing:
@@ -270,6 +271,18 @@ def prepare(spec: EncodeSpec, s: store.Store) -> tuple[FeatureTableInfo, list[in
     return info, units
 
 
+def check_table(spec: EncodeSpec, s: store.Store) -> tuple[FeatureTableInfo, list[int], FeatureTableInfo | None]:
+    """:func:`prepare`, and the table of that name already in the store (``None`` when new),
+    refused when it has another identity. Reads only. The job, ``strata reprocess``'s plan and
+    ``strata submit`` all check through this one function, so they refuse the same things."""
+    info, units = prepare(spec, s)
+    old = load_info(s.storage, info.name)
+    diff = identity_diff(old, info) if old is not None else ""
+    if diff:
+        raise FeatureTableExistsError(f"feature table {info.name!r} already exists with another identity ({diff}); choose a new `name`")
+    return info, units, old
+
+
 def _shape(spec: EncodeSpec, cluster: Any) -> PoolShape:
     c = spec.compute
     if c.device == "cuda" and cluster.shape.gpus == 0:
@@ -284,16 +297,11 @@ def run_encode(spec: EncodeSpec, *, progress: bool = True, worker_cls: type[Enco
     seams for tests and tools."""
     t_start = time.perf_counter()
     s = store.open(spec.store, storage_options=spec.storage_options, create=False)
-    info, units = prepare(spec, s)
+    info, units, old = check_table(spec, s)
     lease = table_lease(s.storage, info.name, owner="strata features encode", stale_after_s=spec.compute.lease_stale_s)
     holder = lease.holder()
     if holder is not None:
         raise LeaseHeldError(lease.held_message(holder))
-    old = load_info(s.storage, info.name)
-    if old is not None and identity_diff(old, info):
-        raise FeatureTableExistsError(
-            f"feature table {info.name!r} already exists with another identity ({identity_diff(old, info)}); choose a new `name`"
-        )
     records, damaged = unit_records(s.storage, old) if old is not None else ({}, {})
     if damaged:
         raise CorruptionError(f"feature table {info.name!r}: damaged commit record(s) of unit(s) {sorted(damaged)}: "
@@ -316,7 +324,10 @@ def run_encode(spec: EncodeSpec, *, progress: bool = True, worker_cls: type[Enco
                     threads=shape.threads, fence=lease.fence(),
                     storage_options=spec.storage_options if cluster.private else public_options(spec.storage_options),
                 )
-                tasks = [Task(f"unit {u}", (u,), info.unit_rows) for u in todo]
+                # Each unit weighs its own rows (the last unit of a dataset is often shorter): the
+                # bar's total and its increments (each worker's row count) then count one thing.
+                ds = s.dataset(info.dataset)
+                tasks = [Task(f"unit {u}", (u,), ds.unit_counts(info.hook, u)[0]) for u in todo]
                 pool = UnitPool(worker_cls, cfg, shape, max_restarts=spec.compute.max_restarts, desc=f"encode {info.name}",
                                 progress=progress, unit="row")
                 stats = pool.run(tasks, on_result=(lambda t, st: on_unit(st)) if on_unit else None, check=lease.check)

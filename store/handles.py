@@ -78,6 +78,16 @@ class SAEHandle:
 
         return SAE.load_from_disk(str(self.path), device=device)
 
+    def check(self) -> None:
+        """Check every file of the SAE against its commit record (the weights too, which
+        ``.lineage`` and ``.cfg`` never read): raises :class:`CorruptionError` naming the SAE and
+        the first damaged file. Jobs call it on the driver before dispatching work, so a damaged
+        SAE is one clear error rather than workers crashing on load."""
+        bad = artifacts.verify(self.store.storage, self.artifact)
+        if bad:
+            more = f" (and {len(bad) - 1} more file(s))" if len(bad) > 1 else ""
+            raise CorruptionError(f"SAE {self.name!r} in store {self.store.uri} is damaged: {bad[0]}{more}")
+
     def curves(self) -> pa.Table:
         """Training curves, one row per logged step (``curves.parquet``)."""
         try:
