@@ -90,6 +90,11 @@ class Storage(abc.ABC):
         atomic requests, such as S3)."""
         return []
 
+    def links(self, prefix: str = "") -> list[str]:
+        """Keys under ``prefix`` that are symbolic links, which listings leave out and nothing
+        follows (none on backends without links, such as S3)."""
+        return []
+
     @abc.abstractmethod
     def list_dirs(self, prefix: str) -> list[str]:
         """Names of the immediate sub-folders of ``prefix``."""

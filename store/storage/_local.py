@@ -7,6 +7,7 @@ import os
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -157,34 +158,71 @@ class LocalStorage(Storage):
     def size(self, key: str) -> int:
         return self._path(key).stat().st_size
 
+    # -- listing and deleting never follow a symbolic link ------------------------------------
+    # A link inside the store (``ln -s /elsewhere STORE/saes/x``) would make a listing walk, and
+    # a clean-up delete, files outside the store root. Links are not the store's: listings leave
+    # them out, :meth:`links` names them (``strata verify`` and ``strata gc`` report them), and a
+    # delete through a linked folder is refused.
+
+    def _link_on_path(self, key: str) -> str | None:
+        """The first component of ``key`` (from the root down) that is a symbolic link, or None."""
+        path, parts = self.uri, [p for p in key.split("/") if p]
+        for i, part in enumerate(parts):
+            path = os.path.join(path, part)
+            if os.path.islink(path):
+                return "/".join(parts[: i + 1])
+        return None
+
+    def _walk(self, prefix: str) -> Iterator[tuple[str, bool]]:
+        """(key, is a symbolic link) of every entry under ``prefix``: files, and links to
+        anything; never descends into a link."""
+        if self._link_on_path(prefix) is not None:
+            return
+        rel0 = "/".join(p for p in prefix.split("/") if p)
+        stack = [(os.path.join(self.uri, rel0) if rel0 else self.uri, rel0)]
+        while stack:
+            path, rel = stack.pop()
+            try:
+                with os.scandir(path) as it:
+                    entries = list(it)
+            except OSError:  # gone meanwhile (a concurrent delete), or not a folder: as os.walk does
+                continue
+            for e in entries:
+                key = f"{rel}/{e.name}" if rel else e.name
+                if e.is_symlink():
+                    yield key, True
+                elif e.is_dir(follow_symlinks=False):
+                    stack.append((e.path, key))
+                else:
+                    yield key, False
+
     def list(self, prefix: str) -> list[str]:
-        base = self._path(prefix)
-        if not base.is_dir():
-            return []
-        out = []
-        for dirpath, _dirs, files in os.walk(base):
-            rel = Path(dirpath).relative_to(self.root).as_posix()
-            pre = "" if rel == "." else f"{rel}/"
-            out.extend(f"{pre}{f}" for f in files if not f.endswith(".partial"))
-        return sorted(out)
+        return sorted(k for k, link in self._walk(prefix) if not link and not k.endswith(".partial"))
 
     def list_temporary(self, prefix: str) -> list[str]:
-        base = self._path(prefix)
-        if not base.is_dir():
-            return []
-        out = []
-        for dirpath, _dirs, files in os.walk(base):
-            rel = Path(dirpath).relative_to(self.root).as_posix()
-            out.extend(f"{rel}/{f}" for f in files if f.endswith(".partial"))
-        return sorted(out)
+        return sorted(k for k, link in self._walk(prefix) if not link and k.endswith(".partial"))
+
+    def links(self, prefix: str = "") -> list[str]:
+        """Keys under ``prefix`` that are symbolic links (to a folder or a file, inside the store
+        or out of it), or the link on the way to ``prefix`` itself."""
+        on_path = self._link_on_path(prefix)
+        if on_path is not None:
+            return [on_path]
+        return sorted(k for k, link in self._walk(prefix) if link)
 
     def list_dirs(self, prefix: str) -> list[str]:
         base = self._path(prefix)
-        if not base.is_dir():
+        if self._link_on_path(prefix) is not None or not base.is_dir():
             return []
-        return sorted(e.name for e in os.scandir(base) if e.is_dir())
+        return sorted(e.name for e in os.scandir(base) if e.is_dir(follow_symlinks=False))
 
     def delete(self, key: str) -> None:
+        # The key itself may be a link (unlinking removes the link, not its target); a folder on
+        # the way to it may not: the file deleted would be outside the store.
+        parent = key.rsplit("/", 1)[0] if "/" in key else ""
+        link = self._link_on_path(parent)
+        if link is not None:
+            raise StorageError(f"refusing to delete {key!r}: {link!r} is a symbolic link, and Strata never follows a link out of the store root")
         self._path(key).unlink(missing_ok=True)
 
     def zarr_store(self) -> LocalStore:
