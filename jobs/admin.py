@@ -40,8 +40,7 @@ def _cmd_rm(args: argparse.Namespace) -> int:
     from store.errors import StrataError
 
     s = store.open(args.store, create=False)
-    ref = Ref(args.kind, args.name)
-    ref.prefix  # noqa: B018 - an invalid name is a one-line error before anything is read
+    ref = Ref(args.kind, args.name)  # an invalid name is a one-line error before anything is read
     dependents.check_no_links(s, ref)  # before anything is read or a lease is written through a link
     if not dependents.exists(s, ref):
         have = dependents.names(s, args.kind)

@@ -2,7 +2,7 @@
 
     strata analyze SPEC.yaml [--set key=value ...]   run the analyses of a spec, commit their results
     strata analyze ls STORE                          list the committed analyses
-    strata analyze show STORE NAME [--rows N]        one analysis: provenance, files and its results table
+    strata analyze show STORE NAME [--rows N] [--json]   one analysis: its results table first (--json: the full record)
     python -m jobs.analyze SPEC.yaml                 the same as the first, as a Ray job entrypoint
 
 ``strata similarity SPEC.yaml`` is another name for the first.
@@ -14,6 +14,8 @@ import argparse
 import json
 import sys
 from typing import Any
+
+from jobs._text import safe
 
 
 def _open(uri: str) -> Any:
@@ -36,19 +38,56 @@ def _cmd_ls(store_uri: str) -> int:
         meta = art.meta if art is not None else {}
         inputs = ", ".join(sorted({str(i.get("dataset")) for i in meta.get("inputs", []) if i.get("dataset")}))
         when = art.record.committed_at if art is not None else "?"
-        print(f"{name}\t{meta.get('kind', '?')}\tinputs={inputs or '-'}\tfiles={len(art.files) if art else 0}\t{when}")
+        print(f"{safe(name)}\t{safe(meta.get('kind', '?'))}\tinputs={safe(inputs or '-')}\tfiles={len(art.files) if art else 0}\t{when}")
     return 0
 
 
-def _cmd_show(store_uri: str, name: str, rows: int) -> int:
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return format(v, ".6g")
+    if isinstance(v, (list, dict)):
+        text = json.dumps(v, default=str)
+        return safe(text if len(text) <= 40 else text[:37] + "...")
+    return safe(v)
+
+
+def _table_text(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
+    """Rows as aligned text columns, numbers to 6 significant digits."""
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(safe(c))] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(safe(c).ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    lines += ["  ".join(x.rjust(w) if _numeric(x) else x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in cells]
+    return lines
+
+
+def _numeric(x: str) -> bool:
+    try:
+        float(x)
+    except ValueError:
+        return False
+    return True
+
+
+def _cmd_show(store_uri: str, name: str, rows: int, *, as_json: bool = False) -> int:
     s = _open(store_uri)
     h = s.analysis(name)
     meta = dict(h.meta)
-    out = {"name": name, "kind": meta.get("kind"), "files": h.files, "committed_at": h.artifact.record.committed_at,
-           "spec": meta.get("spec"), "inputs": meta.get("inputs"), "provenance": meta.get("provenance"), "versions": meta.get("versions")}
     table = h.table()
-    out["results"] = {"rows": table.num_rows, "columns": table.column_names, "head": table.slice(0, rows).to_pylist()}
-    print(json.dumps(out, indent=2, default=str))
+    head = table.slice(0, rows).to_pylist()
+    if as_json:
+        out = {"name": name, "kind": meta.get("kind"), "files": h.files, "committed_at": h.artifact.record.committed_at,
+               "spec": meta.get("spec"), "inputs": meta.get("inputs"), "provenance": meta.get("provenance"), "versions": meta.get("versions")}
+        out["results"] = {"rows": table.num_rows, "columns": table.column_names, "head": head}
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    # The values first, as a table; provenance and the full record are behind --json.
+    inputs = ", ".join(sorted({str(i.get("dataset")) for i in meta.get("inputs") or [] if isinstance(i, dict) and i.get("dataset")}))
+    print(f"{safe(name)}: {safe(meta.get('kind', '?'))} analysis, committed {safe(h.artifact.record.committed_at)}"
+          + (f", inputs {safe(inputs)}" if inputs else ""))
+    for line in _table_text(head, table.column_names):
+        print(line)
+    more = f"{table.num_rows - len(head)} more rows (--rows N); " if table.num_rows > len(head) else ""
+    print(f"({table.num_rows} rows; {more}files: {safe(', '.join(h.files))}; --json for the full record with provenance)")
     return 0
 
 
@@ -62,8 +101,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         return _cmd_ls(rest[0])
     if target == "show":
         if len(rest) != 2:
-            raise SpecError("usage: strata analyze show STORE NAME")
-        return _cmd_show(rest[0], rest[1], args.rows)
+            raise SpecError("usage: strata analyze show STORE NAME [--rows N] [--json]")
+        if args.rows < 0:
+            raise SpecError(f"--rows must be 0 or more (rows of the results table to print), got {args.rows}")
+        return _cmd_show(rest[0], rest[1], args.rows, as_json=args.json)
     if rest:
         raise SpecError(f"unexpected arguments after the spec: {' '.join(rest)}; usage: strata analyze SPEC.yaml [--set key=value ...]")
     from jobs.analyze_run import main as run_main
@@ -80,6 +121,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argpars
         q.add_argument("rest", nargs="*", metavar="ARG", help="ls: STORE; show: STORE NAME")
         q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key, e.g. compute.tasks=4")
         q.add_argument("--rows", type=int, default=20, help="show: rows of the results table to print (default 20)")
+        q.add_argument("--json", action="store_true", help="show: the full record as JSON (provenance, spec, inputs, versions, rows)")
         q.set_defaults(func=_cmd_analyze)
 
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import logging
+import os
 import sys
+import typing
 from collections.abc import Sequence
+
+from jobs._text import configure_logging, safe
 
 # Modules adding subcommands: each has `register(subparsers)`; a handler returns the exit code
 # and raises StrataError for a one-line error (exit 2).
+STORE_HELP = "the store: a local folder or s3://bucket/prefix"
 COMMAND_MODULES = ("jobs.sae", "jobs.features", "jobs.analyze", "jobs.admin", "jobs.submit", "jobs.reprocess")
 
 
@@ -22,6 +26,8 @@ def _open(uri: str):  # noqa: ANN202
 
 def _cmd_ls(args: argparse.Namespace) -> int:
     from store.errors import CorruptionError, FormatVersionError
+    from store.manifest import DatasetInfo
+    from store.versions import families
 
     s = _open(args.store)
     names = s.datasets()
@@ -29,13 +35,16 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         print(f"{s.uri}: no datasets")
         return 0
     bad = 0
+    rows: list[tuple[str, str]] = []  # (name, line): printed once the versions are known
+    infos: dict[str, DatasetInfo] = {}
     for name in names:
         try:
             ds = s.dataset(name)
         except (CorruptionError, FormatVersionError) as e:
-            print(f"{name}\t{'DAMAGED' if isinstance(e, CorruptionError) else 'UNREADABLE'}: {e}")
+            rows.append((name, f"{name}\t{'DAMAGED' if isinstance(e, CorruptionError) else 'UNREADABLE'}: {e}"))
             bad += 1
             continue
+        infos[name] = ds.info
         meta = ds.info.meta
         model = meta.get("model") or "-"
         if model == "local" and meta.get("model_path"):
@@ -44,10 +53,17 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         for h in ds.hooks:
             units &= set(ds.committed_units(h))
         problems = f"\tdamaged records={len(ds.damaged)}" if ds.damaged else ""
-        print(
-            f"{name}\t{model}\t{ds.info.dtype}\tctx={ds.info.context_size}\thooks={len(ds.hooks)}\t"
-            f"units={len(units)}/{ds.info.num_units}\trows={sum(ds.unit_counts(None, u)[0] for u in units):,}{problems}"
-        )
+        rows.append((name, f"{name}\t{model}\t{ds.info.dtype}\tctx={ds.info.context_size}\thooks={len(ds.hooks)}\t"
+                           f"units={len(units)}/{ds.info.num_units}\trows={sum(ds.unit_counts(None, u)[0] for u in units):,}{problems}"))
+    # A dataset with versions (made again after its model's revision moved) gets an indented
+    # line under its row, oldest first; the rows themselves keep their columns.
+    anchors = {(b if b in infos else vs[0].name): vs for b, vs in families(infos).items() if len(vs) > 1}
+    for name, line in rows:
+        print(line)
+        if name in anchors:
+            vs = anchors[name]
+            listed = ", ".join(f"{v.name} (revision {v.short}, {v.created_at}{', latest' if v is vs[-1] else ''})" for v in vs)
+            print(f"  versions of {vs[0].base}, oldest first: {listed}")
     return 1 if bad else 0
 
 
@@ -65,31 +81,24 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from store.errors import CorruptionError, FormatVersionError
+    from store.fsck import repair_store, verify_store
 
     s = _open(args.store)
-    names = [args.name] if args.name else s.datasets()
-    if not names:
-        print(f"{s.uri}: no datasets to verify")
+    kinds = [args.kind] if args.kind else None
+    report = verify_store(s, kinds=kinds, name=args.name, committed_only=args.committed_only)
+    print(report)
+    if report.ok:
         return 0
-    bad = 0
-    for name in names:
-        try:
-            ds = s.dataset(name)
-        except (CorruptionError, FormatVersionError) as e:  # a found problem; an unknown name is an error (exit 2)
-            print(f"{name}: {'DAMAGED' if isinstance(e, CorruptionError) else 'UNREADABLE'}: {e}")
-            bad += 1
-            continue
-        report = ds.verify(committed_only=args.committed_only)
-        print(report)
-        if args.repair and report.problems:
-            print(ds.repair(report))
-        elif report.problems:
-            print(f"  run `strata verify {args.store} {name} --repair` to remove the damaged units, then extract again")
-        elif not report.complete and not args.committed_only:
-            print("  not every unit is committed: run its extraction again to finish it (or pass --committed-only)")
-        bad += not report.ok
-    return 1 if bad else 0
+    if args.repair:
+        for line in repair_store(s, report):
+            print(line)
+        return 1  # what was damaged is gone, not rebuilt: the jobs named above rebuild it
+    again = " ".join(["strata verify", args.store, *([args.name] if args.name else []), *(["--kind", args.kind] if args.kind else [])])
+    if any(c.problems or c.links for c in report.checks) or report.links:
+        print(f"  run `{again} --repair` to remove what is damaged; it says which job to rerun to rebuild it")
+    if any(c.dataset is not None and not c.dataset.complete for c in report.checks) and not args.committed_only:
+        print("  not every unit is committed: run its extraction again to finish it (or pass --committed-only)")
+    return 1
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
@@ -100,28 +109,29 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="strata", description="Strata: activation datasets at scale.")
+    p = _Parser(prog="strata", description="Strata: activation datasets at scale.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("ls", help="list the datasets of a store")
-    q.add_argument("store", help="a local folder or s3://bucket/prefix")
+    q.add_argument("store", help=STORE_HELP)
     q.set_defaults(func=_cmd_ls)
 
     q = sub.add_parser("show", help="show one dataset: identity, hooks, committed units")
-    q.add_argument("store")
-    q.add_argument("name")
+    q.add_argument("store", help=STORE_HELP)
+    q.add_argument("name", help="a dataset of the store (see `strata ls STORE`)")
     q.set_defaults(func=_cmd_show)
 
-    q = sub.add_parser("verify", help="check every committed unit and count what is committed; exit 1 on a problem or a missing unit")
-    q.add_argument("store")
-    q.add_argument("name", nargs="?")
-    q.add_argument("--repair", action="store_true", help="remove the commit records of damaged units so the next extraction recomputes them")
+    q = sub.add_parser("verify", help="check every artifact of a store (datasets, SAEs, feature tables, analyses); exit 1 on a problem or a missing unit")
+    q.add_argument("store", help=STORE_HELP)
+    q.add_argument("name", nargs="?", help="check only the artifacts of this name (default: every artifact of the store)")
+    q.add_argument("--kind", choices=["dataset", "sae", "features", "analysis"], help="check only artifacts of this kind")
+    q.add_argument("--repair", action="store_true", help="remove what is damaged (holding its write lease) and say which job to rerun to rebuild it")
     q.add_argument("--committed-only", action="store_true", help="check the committed units only: missing units are not a failure")
     q.set_defaults(func=_cmd_verify)
 
     q = sub.add_parser("extract", help="run an extraction job spec (YAML)")
-    q.add_argument("spec")
+    q.add_argument("spec", help="an extraction spec (YAML)")
     q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key, e.g. compute.batch_tokens=4096")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_extract)
@@ -132,15 +142,92 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line, ``strata: error: ...`` and exit 2, like every other
+    bad input (argparse's own prints the usage block first). Subcommand parsers are made with
+    this class too (``add_subparsers`` uses the parent's class)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        print(f"strata: error: {self.prog}: {safe(message)} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+# botocore's error codes that mean "these credentials are missing, wrong or not allowed here".
+_AUTH_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+               "TokenRefreshRequired", "AuthFailure", "UnrecognizedClientException", "403", "Forbidden")
+
+
+def _store_url(args: argparse.Namespace) -> str:
+    """The store a command works on, for an error message: its STORE argument, or the spec's."""
+    if isinstance(getattr(args, "store", None), str):
+        return args.store
+    spec = getattr(args, "spec", None) or getattr(args, "target", None)
+    if isinstance(spec, str):
+        try:
+            from jobs.spec import read_raw
+
+            url = read_raw(spec).get("store")
+            if isinstance(url, str):
+                return url
+        except Exception:  # the spec's own problems are reported by the command itself
+            pass
+    return "the store"
+
+
+def _auth_error(e: BaseException, args: argparse.Namespace) -> str | None:
+    """A one-line message for a storage access refused for want of valid credentials (botocore's
+    NoCredentialsError, a 403 ClientError, s3fs's PermissionError), else None. Names the URL,
+    never the credentials (botocore's own messages can carry the key id)."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        name = type(cur).__name__
+        code = ""
+        response = getattr(cur, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+        if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "NoAuthTokenError"):
+            why = "no credentials were found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the spec's storage_options)"
+            return f"cannot read {_store_url(args)}: {why}"
+        if code in _AUTH_CODES or (name == "ClientError" and code.startswith("Expired")):
+            return f"cannot read {_store_url(args)}: access refused ({code}): check the credentials and their permissions"
+        if isinstance(cur, PermissionError) and _store_url(args).startswith(("s3://", "gs://", "gcs://")):
+            return f"cannot read {_store_url(args)}: access refused: check the credentials and their permissions"
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """Run one `strata` command. Exit codes: 0 done, 1 a failed or stopped job or a found
+    problem, 2 bad input (one line on stderr), 3 a job still running."""
     from store.errors import StrataError
 
+    args = build_parser().parse_args(argv)
+    configure_logging(verbose=args.verbose)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+        return code
     except StrataError as e:
-        print(f"strata: error: {e}", file=sys.stderr)
+        print(f"strata: error: {safe(e)}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader went away (`strata sae show ... | head`): what it read is all it wanted.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a file descriptor (captured in a test)
+            pass
+        finally:
+            os.close(devnull)
+        return 0
+    except Exception as e:  # noqa: BLE001 - only credential failures are mapped; others re-raise
+        message = _auth_error(e, args)
+        if message is None:
+            raise
+        print(f"strata: error: {safe(message)}", file=sys.stderr)
         return 2
 
 

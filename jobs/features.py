@@ -15,7 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
+
+from jobs._text import safe
+
+
+STORE_HELP = "the store: a local folder or s3://bucket/prefix"
+NAME_HELP = "a feature table of the store (see `strata features ls STORE`)"
 
 
 def _open(uri: str) -> Any:
@@ -38,19 +45,34 @@ def _nonneg(text: str) -> int:
     return n
 
 
-def parse_features(items: list[str] | None) -> list[int] | None:
-    """``["3", "10-12,40"]`` -> ``[3, 10, 11, 12, 40]``."""
+def parse_features(items: list[str] | None, *, d_sae: int | None = None) -> list[int] | None:
+    """``["3", "10-12,40"]`` -> ``[3, 10, 11, 12, 40]``. A range runs low to high; with ``d_sae``,
+    every index must be below it (checked on the ranges, before any list is built)."""
     if not items:
         return None
-    out: list[int] = []
+    return [f for lo, hi in feature_ranges(items, d_sae=d_sae) for f in range(lo, hi + 1)]
+
+
+def feature_ranges(items: list[str], *, d_sae: int | None = None) -> list[tuple[int, int]]:
+    """The inclusive ``(low, high)`` ranges of ``--features`` arguments, checked; a SpecError names a bad one."""
+    from pipeline.errors import SpecError
+
+    ranges: list[tuple[int, int]] = []
     for item in items:
         for part in filter(None, item.split(",")):
             a, sep, b = part.partition("-")
             try:
-                out.extend(range(int(a), int(b) + 1) if sep else [int(a)])
+                lo, hi = (int(a), int(b)) if sep else (int(a), int(a))
             except ValueError:
-                raise SystemExit(f"strata features: error: --features takes indices and ranges such as 3 10-12,40, not {part!r}") from None
-    return out
+                raise SpecError(f"--features takes indices and ranges such as 3 10-12,40, not {safe(part)!r}") from None
+            if lo > hi:
+                raise SpecError(f"--features {safe(part)}: a range runs from low to high (write {hi}-{lo})")
+            if d_sae is not None and hi >= d_sae:
+                raise SpecError(f"--features {safe(part)}: feature {hi} is out of range; the table has features 0-{d_sae - 1}")
+            ranges.append((lo, hi))
+    if not ranges:
+        raise SpecError("--features: no feature given; e.g. --features 3 10-12,40")
+    return ranges
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
@@ -69,7 +91,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     for name in names:
         fs = s.features(name)
         i = fs.info
-        print(f"{name}\tsae={i.sae}\t{i.dataset}:{i.hook}\td_sae={i.d_sae}\tunits={len(fs.units)}\tmerged={len(fs.merged_units)}"
+        print(f"{safe(name)}\tsae={safe(i.sae)}\t{safe(i.dataset)}:{safe(i.hook)}\td_sae={i.d_sae}\tunits={len(fs.units)}\tmerged={len(fs.merged_units)}"
               + ("\tSTALE (rerun encode)" if fs.stale else ""))
     return 0
 
@@ -97,11 +119,11 @@ def _cmd_top(args: argparse.Namespace) -> int:
         print(json.dumps(t.to_pylist(), indent=1))
         return 0
     st = fs.stats().slice(f, 1).to_pylist()[0]
-    print(f"feature {f} of {fs.name!r} (SAE {fs.info.sae!r}, {fs.info.dataset}:{fs.info.hook}): count {st['count']:,}, "
+    print(f"feature {f} of {safe(repr(fs.name))} (SAE {safe(repr(fs.info.sae))}, {safe(fs.info.dataset)}:{safe(fs.info.hook)}): count {st['count']:,}, "
           f"density {st['density']:.4g}, mean {st['mean_activation']:.4g}, max {st['max_activation']:.4g}")
     print(f"{'#':>3} {'activation':>10} {'row':>10} {'doc':>8} {'pos':>4}  context")
     for i, r in enumerate(t.to_pylist(), 1):
-        ctx = r["context"].replace("\n", "\\n").replace("\t", "\\t")
+        ctx = safe(r["context"])  # corpus text: no raw ESC/BEL reaches the terminal
         print(f"{i:>3} {r['activation']:>10.4g} {r['row']:>10} {r['doc_id']:>8} {r['position']:>4}  {ctx}")
     if fs.stale:
         print(f"(statistics cover {len(fs.merged_units)} of {len(fs.units)} encoded units: rerun `strata features encode`)", file=sys.stderr)
@@ -110,9 +132,16 @@ def _cmd_top(args: argparse.Namespace) -> int:
 
 def _cmd_html(args: argparse.Namespace) -> int:
     from analysis.features import write_pages
+    from pipeline.errors import SpecError
 
+    if args.features:
+        feature_ranges(args.features)  # the syntax, before the store is opened
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SpecError(f"--out {safe(args.out)!r} is an existing file; give a folder (new or holding earlier pages)")
     fs = _open(args.store).features(args.name)
-    index = write_pages(fs, args.out, features=parse_features(args.features), k=args.k, max_pages=args.max_pages)
+    features = parse_features(args.features, d_sae=fs.d_sae)
+    index = write_pages(fs, out, features=features, k=args.k, max_pages=args.max_pages)
     print(f"wrote {index} (open it in a browser)")
     return 0
 
@@ -123,24 +152,24 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argpars
     fsub = p.add_subparsers(dest="features_command", required=True)
 
     q = fsub.add_parser("encode", help="encode a dataset with a stored SAE into a feature table (spec YAML)")
-    q.add_argument("spec")
+    q.add_argument("spec", help="a feature-encoding spec (YAML)")
     q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key, e.g. top_k=32")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_encode)
 
     q = fsub.add_parser("ls", help="list the feature tables of a store")
-    q.add_argument("store")
+    q.add_argument("store", help=STORE_HELP)
     q.set_defaults(func=_cmd_ls)
 
     q = fsub.add_parser("show", help="one feature table as JSON")
-    q.add_argument("store")
-    q.add_argument("name")
+    q.add_argument("store", help=STORE_HELP)
+    q.add_argument("name", help=NAME_HELP)
     q.set_defaults(func=_cmd_show)
 
     q = fsub.add_parser("top", help="a feature's top activating contexts")
-    q.add_argument("store")
-    q.add_argument("name")
-    q.add_argument("feature", type=int)
+    q.add_argument("store", help=STORE_HELP)
+    q.add_argument("name", help=NAME_HELP)
+    q.add_argument("feature", type=int, help="a feature (latent) index, 0 to d_sae - 1")
     q.add_argument("-k", type=_positive, default=20, help="how many (at most the table's top_k)")
     q.add_argument("--before", type=_nonneg, default=8, help="tokens of context before the token")
     q.add_argument("--after", type=_nonneg, default=4, help="tokens of context after the token")
@@ -148,8 +177,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argpars
     q.set_defaults(func=_cmd_top)
 
     q = fsub.add_parser("html", help="write static HTML feature pages")
-    q.add_argument("store")
-    q.add_argument("name")
+    q.add_argument("store", help=STORE_HELP)
+    q.add_argument("name", help=NAME_HELP)
     q.add_argument("--out", required=True, help="folder to write index.html and feature-F.html into")
     q.add_argument("--features", nargs="+", metavar="F", help="features to write pages for: indices and ranges (3 10-12,40)")
     q.add_argument("-k", type=_positive, default=20, help="top contexts per page")

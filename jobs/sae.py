@@ -11,6 +11,8 @@ import argparse
 import json
 from typing import Any
 
+from jobs._text import safe
+
 
 def _open(uri: str):  # noqa: ANN202
     import store
@@ -40,11 +42,11 @@ def _cmd_ls(args: argparse.Namespace) -> int:
             h = s.sae(name)
             lin, m, cfg = h.lineage, h.metrics, h.cfg
         except CorruptionError as e:
-            print(f"{name}\tDAMAGED: {e}")
+            print(f"{safe(name)}\tDAMAGED: {safe(e)}")
             bad += 1
             continue
         print(
-            f"{name}\tdataset={lin.get('dataset')}\thook={lin.get('hook')}\tarch={lin.get('architecture')}\t"
+            f"{safe(name)}\tdataset={safe(lin.get('dataset'))}\thook={safe(lin.get('hook'))}\tarch={safe(lin.get('architecture'))}\t"
             f"d_in={cfg.get('d_in')}\td_sae={cfg.get('d_sae')}\tsamples={_num(lin.get('samples_seen'), ',')}\t"
             f"ev={_num(m.get('explained_variance'), '.3f')}\tl0={_num(m.get('l0'), '.1f')}"
         )
@@ -52,7 +54,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     for name in unfinished:
         steps = checkpoint.committed(s.storage, name)
         if steps:
-            print(f"{name}\tunfinished: checkpoint at step {steps[-1][0]} (rerun its job to resume)")
+            print(f"{safe(name)}\tunfinished: checkpoint at step {steps[-1][0]} (rerun its job to resume)")
     if not names and not unfinished:
         print(f"{s.uri}: no SAEs")
     return 1 if bad else 0
@@ -90,6 +92,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argpars
     q.set_defaults(func=_cmd_ls)
 
     q = ssub.add_parser("show", help="show one SAE as JSON: lineage, held-out metrics, sae-lens config, files")
-    q.add_argument("store")
-    q.add_argument("name")
+    q.add_argument("store", help="the store: a local folder or s3://bucket/prefix")
+    q.add_argument("name", help="an SAE of the store (see `strata sae ls STORE`)")
     q.set_defaults(func=_cmd_show)

@@ -21,10 +21,13 @@ import os
 import re
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from jobs._text import safe, safe_lines
 
 ACTIVE = ("PENDING", "RUNNING")
 
@@ -91,8 +94,20 @@ def prepare(spec_path: str, overrides: list[str]) -> tuple[Any, dict[str, Any], 
     return kind, raw, f"strata-{kind.name}-{name}-{digest}", text
 
 
+def check_store(spec_path: str, overrides: list[str]) -> None:
+    """Before anything is shipped: the job's own checks against the store as seen from here,
+    so a conflict with what it holds (an SAE name with another config, a feature table, dataset
+    or analysis with another identity) is one line here, not a failure on the cluster."""
+    from jobs.checks import presubmit
+    from jobs.kinds import detect
+
+    kind, spec, _ = detect(spec_path, overrides)  # with its storage options: the store is read from here
+    presubmit(kind.name, spec)
+
+
 def submit(spec_path: str, overrides: list[str], *, address: str | None, wait: bool) -> int:
     kind, _raw, base, text = prepare(spec_path, overrides)
+    check_store(spec_path, overrides)
     c = client(address)
     mine = [j for j in c.list_jobs() if (j.submission_id or "").startswith(base)]
     running = [j for j in mine if str(j.status) in ACTIVE or getattr(j.status, "value", "") in ACTIVE]
@@ -144,7 +159,7 @@ def follow(c: Any, job_id: str) -> int:
 
     async def tail() -> None:
         async for lines in c.tail_job_logs(job_id):
-            print(lines, end="", flush=True)
+            print(safe_lines(lines), end="", flush=True)
 
     asyncio.run(tail())
     status = str(getattr(c.get_job_status(job_id), "value", c.get_job_status(job_id)))
@@ -156,44 +171,80 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return submit(args.spec, args.set or [], address=args.address, wait=args.wait)
 
 
+# `strata jobs status` exit codes: a script can wait on a job with `until ...; [ $? -ne 3 ]`.
+STATUS_EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1, "PENDING": 3, "RUNNING": 3}
+
+
+def _when(ms: int | None) -> str:
+    """A Ray job time (milliseconds since the epoch) as UTC, or ``-``."""
+    if not ms:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _took(start_ms: int | None, end_ms: int | None) -> str:
+    if not start_ms:
+        return "-"
+    s = int(((end_ms or time.time() * 1000) - start_ms) / 1000)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _job_info(c: Any, job_id: str) -> Any:
+    """The job's details; an id the cluster does not know is bad input (exit 2), not a traceback."""
+    from pipeline.errors import SpecError
+
+    try:
+        return c.get_job_info(job_id)
+    except RuntimeError as e:
+        if "404" in str(e) or "does not exist" in str(e):
+            raise SpecError(f"no job {safe(job_id)!r} on this cluster (see `strata jobs ls`)") from None
+        raise
+
+
 def _cmd_jobs(args: argparse.Namespace) -> int:
-    c = client(args.address)
-    if args.action == "ls":
-        rows = [j for j in c.list_jobs() if args.all or (j.submission_id or "").startswith("strata-")]
-        for j in sorted(rows, key=lambda j: j.start_time or 0):
-            status = getattr(j.status, "value", j.status)
-            print(f"{j.submission_id}\t{status}\t{j.entrypoint}")
-        if not rows:
-            print("no Strata jobs on this cluster" + ("" if args.all else " (--all lists every job)"))
-        return 0
-    if not args.job:
+    if args.action != "ls" and not args.job:
         from pipeline.errors import SpecError
 
         raise SpecError(f"`strata jobs {args.action}` needs a job id (see `strata jobs ls`)")
-    if args.action == "status":
-        info = c.get_job_info(args.job)
-        print(f"{args.job}\t{getattr(info.status, 'value', info.status)}\t{info.message or ''}")
+    c = client(args.address)
+    if args.action == "ls":
+        rows = [j for j in c.list_jobs() if args.all or (j.submission_id or "").startswith("strata-")]
+        if rows:
+            print("submission id\tstatus\tstarted (UTC)\tended (UTC)\ttook\tentrypoint")
+        for j in sorted(rows, key=lambda j: j.start_time or 0):
+            status = getattr(j.status, "value", j.status)
+            print(f"{safe(j.submission_id)}\t{status}\t{_when(j.start_time)}\t{_when(j.end_time)}\t"
+                  f"{_took(j.start_time, j.end_time)}\t{safe(j.entrypoint)}")
+        if not rows:
+            print("no Strata jobs on this cluster" + ("" if args.all else " (--all lists every job)"))
         return 0
+    info = _job_info(c, args.job)  # an unknown id fails here, before anything else is asked
+    if args.action == "status":
+        status = str(getattr(info.status, "value", info.status))
+        print(f"{safe(args.job)}\t{status}\tstarted {_when(info.start_time)}\tended {_when(info.end_time)}\t{safe(info.message or '')}")
+        return STATUS_EXIT.get(status, 1)
     if args.action == "logs":
         if args.follow:
             return follow(c, args.job)
-        print(c.get_job_logs(args.job), end="")
+        print(safe_lines(c.get_job_logs(args.job)), end="")
         return 0
     stopped = c.stop_job(args.job)
-    print(f"{args.job}: {'stop requested' if stopped else 'not running'}")
+    print(f"{safe(args.job)}: {'stop requested' if stopped else 'not running'}")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argparse's own type
     q = sub.add_parser("submit", help="run a job spec (any kind) as a Ray Job on a cluster")
-    q.add_argument("spec")
+    q.add_argument("spec", help="a job spec (YAML) of any kind: extract, sae, features or analysis")
     q.add_argument("--address", help="the cluster's job server, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS)")
     q.add_argument("--wait", action="store_true", help="stream the job's logs and exit with its status")
     q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key")
     q.set_defaults(func=_cmd_submit)
 
     q = sub.add_parser("jobs", help="Strata's Ray Jobs on a cluster: ls, status, logs, stop")
-    q.add_argument("action", choices=("ls", "status", "logs", "stop"))
+    q.add_argument("action", choices=("ls", "status", "logs", "stop"),
+                   help="ls: Strata's jobs with their times; status: one job's state (exit 0 succeeded, 1 failed or stopped, "
+                        "3 still running); logs: its output; stop: ask it to stop")
     q.add_argument("job", nargs="?", help="a submission id (status, logs, stop)")
     q.add_argument("--address", help="the cluster's job server, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS)")
     q.add_argument("--follow", action="store_true", help="logs: stream until the job ends")

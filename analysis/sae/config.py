@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import itertools
+import os
 import re
 import typing
 from collections.abc import Sequence
@@ -47,6 +48,37 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+=-]{0,199}$")
 # (``sae.d_in`` may be given, as a check that it is), ``device`` comes from ``compute.device``,
 # ``metadata`` is written from the dataset's lineage.
 DERIVED_SAE_FIELDS = ("d_in", "device", "metadata")
+# Bounds that refuse nonsense sizes at load, before anything is allocated (the hook's width, and
+# so the exact memory need, is checked against the machine by :func:`check_memory` when planning).
+# 2**26 latents is above the largest published SAEs (~34M).
+MAX_D_SAE = 1 << 26
+MAX_EXPANSION_FACTOR = 4096.0
+# Bytes per parameter while training in float32: the weights, their gradients and Adam's two moments.
+_TRAIN_BYTES_PER_PARAM = 16
+
+
+def _available_memory() -> int:
+    try:
+        import psutil  # counts reclaimable page cache, as the kernel would hand it out
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(d_in: int, d_sae: int, *, what: str, available: int | None = None) -> None:
+    """Refuse an SAE whose training state (encoder and decoder, gradients, Adam moments) cannot fit
+    in the memory this machine has available; raises ValueError naming the sizes."""
+    need = 2 * d_in * d_sae * _TRAIN_BYTES_PER_PARAM
+    if available is None:
+        available = _available_memory()
+    if need > available:
+        raise ValueError(
+            f"{what}: d_sae {d_sae:,} x d_in {d_in:,} needs about {need / 2**30:,.1f} GiB to train "
+            f"(weights, gradients, Adam state), more than the {available / 2**30:,.1f} GiB available; lower `sae.d_sae` or `sae.expansion_factor`"
+        )
+
+
 # Sections whose keys a sweep may vary (besides ``architecture`` and ``sae.*``).
 _SWEEPABLE_SECTIONS = ("train", "data")
 
@@ -111,10 +143,15 @@ def _check_sae_options(architecture: str, options: dict[str, Any]) -> dict[str, 
             raise ValueError(f"`sae.{key}`: {e.errors()[0]['msg']} (got {value!r})") from None
     if out.get("d_sae") is not None and out["d_sae"] <= 0:
         raise ValueError(f"`sae.d_sae` must be positive, got {out['d_sae']}")
+    if out.get("d_sae") is not None and out["d_sae"] > MAX_D_SAE:
+        raise ValueError(f"`sae.d_sae` ({out['d_sae']:,}) is more latents than Strata trains (at most {MAX_D_SAE:,})")
     if out.get("d_in") is not None and out["d_in"] <= 0:
         raise ValueError(f"`sae.d_in` must be positive, got {out['d_in']}")
-    if out.get("expansion_factor") is not None and out["expansion_factor"] <= 0:
-        raise ValueError(f"`sae.expansion_factor` must be positive, got {out['expansion_factor']}")
+    ef = out.get("expansion_factor")
+    if ef is not None and not (0 < ef <= MAX_EXPANSION_FACTOR):  # also refuses nan and inf
+        raise ValueError(f"`sae.expansion_factor` must be positive and at most {MAX_EXPANSION_FACTOR:,}, got {ef:g}")
+    if out.get("k") is not None and out["k"] < 1:
+        raise ValueError(f"`sae.k` (latents kept per token) must be at least 1, got {out['k']}")
     if "dtype" in out:
         from sae_lens.util import str_to_dtype
 
@@ -240,7 +277,10 @@ class EvalSpec(_Section):
     ce: bool = True
     """Measure the LM's next-token loss with the SAE spliced in (when the model is local)."""
     ce_contexts: int = Field(default=64, gt=0)
-    """Held-out contexts (the first ones) for the spliced loss."""
+    """Held-out contexts (the first ones) for the spliced loss. Set in a spec, it is a
+    requirement: the held-out units are extended by whole units (from the end) until they hold
+    that many contexts, or the spec is refused before training. Left out: up to 64 contexts of
+    the ``data.holdout_units`` units."""
     ce_batch_contexts: int = Field(default=8, gt=0)
     """Contexts per forward pass of the spliced loss."""
 

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from analysis.sae import checkpoint
-from analysis.sae.config import Run, SAETrainSpec, check_name, combinations, concrete, resolve_hooks, run_name
+from analysis.sae.config import Run, SAETrainSpec, check_memory, check_name, combinations, concrete, resolve_hooks, run_name
 from pipeline.errors import SpecError
 from store import artifacts
 from store.artifacts import ArtifactExistsError
@@ -36,6 +37,8 @@ from store.handles import SAES
 
 if TYPE_CHECKING:
     from store import ActivationDataset, Store
+
+log = logging.getLogger(__name__)
 
 Status = Literal["train", "resume", "done"]
 # Spec keys that say where and how a job runs, not what it trains.
@@ -136,9 +139,24 @@ def describe_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
     return ", ".join(out[:3]) + (f" and {len(out) - 3} more" if len(out) > 3 else "")
 
 
-def split_units(ds: ActivationDataset, hooks: list[str], holdout_units: int) -> tuple[list[int], list[int]]:
+def heldout_contexts_needed(spec: SAETrainSpec) -> int:
+    """Whole contexts the held-out units must hold for the evaluation the spec asks: an
+    ``eval.ce_contexts`` the spec sets is a requirement; the default is "up to 64 of what
+    ``data.holdout_units`` holds" (0: nothing is held out, or the spliced loss is off)."""
+    asked = "ce_contexts" in spec.eval.model_fields_set
+    return spec.eval.ce_contexts if spec.data.holdout_units and spec.eval.ce and asked else 0
+
+
+def _contexts(ds: ActivationDataset, unit: int) -> int:
+    return ds.unit_counts(None, unit)[0] // ds.info.context_size
+
+
+def split_units(ds: ActivationDataset, hooks: list[str], holdout_units: int, *, min_contexts: int = 0) -> tuple[list[int], list[int]]:
     """(training units, held-out units): the units committed for every hook and the token
-    table, the last ``holdout_units`` held out."""
+    table, the last ``holdout_units`` held out; more whole units when those hold fewer than
+    ``min_contexts`` contexts (the last unit of a corpus is often short), so the held-out set
+    meets what the evaluation asks. One unit is always left to train on: when that cannot be,
+    the spec is refused, saying how many contexts there are."""
     units = set(ds.committed_units(None))
     for h in hooks:
         units &= set(ds.committed_units(h))
@@ -151,6 +169,21 @@ def split_units(ds: ActivationDataset, hooks: list[str], holdout_units: int) -> 
             f"committed for {', '.join(hooks)} to train on"
         )
     cut = len(ordered) - holdout_units
+    if holdout_units and min_contexts:
+        held = sum(_contexts(ds, u) for u in ordered[cut:])
+        while held < min_contexts and cut > 1:
+            cut -= 1
+            held += _contexts(ds, ordered[cut])
+        if held < min_contexts:
+            most = sum(_contexts(ds, u) for u in ordered[1:])
+            raise SpecError(
+                f"`eval.ce_contexts` ({min_contexts}) asks for more held-out contexts than dataset {ds.name!r} can give: "
+                f"at most {most} context(s) in {len(ordered) - 1} unit(s), leaving one unit to train on; "
+                f"lower `eval.ce_contexts` to {most} or less, or extract more"
+            )
+        if len(ordered) - cut > holdout_units:
+            log.info("holding out %d units of dataset %r, not %d: `eval.ce_contexts` asks for %d contexts", len(ordered) - cut,
+                     ds.name, holdout_units, min_contexts)
     return ordered[:cut], ordered[cut:]
 
 
@@ -173,7 +206,7 @@ def plan(spec: SAETrainSpec, s: Store, *, fresh: bool = False) -> Plan:
     for h in hooks:
         if spec.sae.get("d_in") is not None and spec.sae["d_in"] != ds.info.hooks[h].d:
             raise SpecError(f"`sae.d_in` is {spec.sae['d_in']} but hook {h!r} of dataset {ds.name!r} is {ds.info.hooks[h].d} wide")
-    units, holdout = split_units(ds, hooks, spec.data.holdout_units)
+    units, holdout = split_units(ds, hooks, spec.data.holdout_units, min_contexts=heldout_contexts_needed(spec))
     out = Plan(spec, ds.name, ds.info.fingerprint, hooks)
     names: dict[str, dict[str, Any]] = {}
     for params in combinations(spec):
@@ -190,6 +223,10 @@ def plan(spec: SAETrainSpec, s: Store, *, fresh: bool = False) -> Plan:
             one = concrete(spec, params, hook=hook, name=name)
             d_in = ds.info.hooks[hook].d
             d_sae = d_sae_of(one.sae, d_in)
+            try:
+                check_memory(d_in, d_sae, what=f"SAE {name!r}")  # before any weight is allocated
+            except ValueError as e:
+                raise SpecError(str(e)) from None
             if one.sae.get("k") is not None and one.sae["k"] > d_sae:
                 raise SpecError(f"`sae.k` ({one.sae['k']}) is larger than d_sae ({d_sae} = expansion_factor x d_in {d_in} of {hook!r})")
             cfg = resolved_config(one, ds, hook=hook, units=units, holdout=holdout)

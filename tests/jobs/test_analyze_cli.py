@@ -146,7 +146,7 @@ def test_analyze_commits_every_kind_and_a_rerun_is_a_no_op(tmp_path, root, ray_s
     assert main(["analyze", "ls", str(root)]) == 0
     listed = capsys.readouterr().out
     assert "cmp\tcompare\tinputs=d" in listed and "match\tsae_match" in listed
-    assert main(["analyze", "show", str(root), "hm", "--rows", "2"]) == 0
+    assert main(["analyze", "show", str(root), "hm", "--rows", "2", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["kind"] == "heatmap" and len(shown["results"]["head"]) == 2 and shown["provenance"]["method"] == "exact"
 

@@ -125,7 +125,7 @@ def test_example_spec_and_feature_lists():
     assert spec.sae == "tiny-topk" and spec.table == "tiny-topk" and spec.top_k == 64 and spec.compute.device == "auto"
     assert "seed" in EncodeSpec.model_fields["sample"].annotation.model_fields
     assert parse_features(["3", "10-12,40"]) == [3, 10, 11, 12, 40] and parse_features(None) is None
-    with pytest.raises(SystemExit, match="--features takes indices"):
+    with pytest.raises(SpecError, match="--features takes indices"):
         parse_features(["x-3"])
     with pytest.raises(SpecError, match="`sample.quantiles`"):
         load_spec(EncodeSpec, ROOT / "examples" / "features.yaml", ["sample.quantiles=0"])
