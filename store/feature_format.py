@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from store import parquet, protocol
+from store import parquet, protocol, sealed
 from store.errors import CorruptionError, FormatVersionError, StrataError
 from store.layout import attempt_key, attempt_key_pattern, check_name
 from store.protocol import FileEntry
@@ -39,7 +39,9 @@ from store.storage import Storage
 
 FEATURES = "features"
 FORMAT = "strata.features"
-FORMAT_VERSION = 1
+# 2: the manifest carries a checksum of its own body (store.sealed); version 1 manifests have none
+# and still read, so tables written before keep working until their next encode job rewrites them.
+FORMAT_VERSION = 2
 UNIT_SCHEMA = pa.schema([pa.field("row", pa.int64(), nullable=False), pa.field("feature", pa.int32(), nullable=False),
                          pa.field("value", pa.float32(), nullable=False)])
 BLOCK_SCHEMA = pa.schema([pa.field("feature", pa.int32(), nullable=False), pa.field("row", pa.int64(), nullable=False),
@@ -144,7 +146,8 @@ class FeatureTableInfo:
         return replace(self, **kw)
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=2, sort_keys=True).encode()
+        body = {**asdict(self), "format_version": FORMAT_VERSION}  # written now: sealed, so the current version
+        return json.dumps(sealed.seal(body), indent=2, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes, *, where: str) -> FeatureTableInfo:
@@ -154,12 +157,15 @@ class FeatureTableInfo:
                 raise ValueError("not a Strata feature-table manifest")
             if int(d.get("format_version", 0)) > FORMAT_VERSION:
                 raise FormatVersionError(f"{where}: feature table format {d['format_version']} is newer than this Strata reads; upgrade strata")
+            d, is_sealed = sealed.unseal(d, where=where, what="feature-table manifest")
+            if not is_sealed and int(d.get("format_version", 0)) >= 2:
+                raise ValueError("its checksum is missing")
             info = cls(**d)
             if info.d_sae <= 0 or info.block_features <= 0 or info.top_k <= 0 or info.unit_rows <= 0:
                 raise ValueError("non-positive sizes")
             return info
-        except (ValueError, TypeError) as e:
-            if isinstance(e, FormatVersionError):
+        except (ValueError, TypeError, CorruptionError) as e:
+            if isinstance(e, (FormatVersionError, CorruptionError)):
                 raise
             raise CorruptionError(f"{where}: damaged feature-table manifest ({e})") from None
 

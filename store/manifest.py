@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from store import sealed
 from store.errors import CorruptionError, DatasetNotFoundError, FormatVersionError
 from store.layout import hook_order, manifest_key
 from store.storage import Storage
@@ -62,7 +63,7 @@ class DatasetInfo:
 
     def to_json(self) -> bytes:
         d = asdict(self)
-        return json.dumps(d, indent=2, sort_keys=True).encode()
+        return json.dumps(sealed.seal(d), indent=2, sort_keys=True).encode()  # every read checks it
 
     @classmethod
     def from_json(cls, data: bytes, *, where: str) -> DatasetInfo:
@@ -73,6 +74,8 @@ class DatasetInfo:
                 raise ValueError(f"not a Strata activation manifest (format={d.get('format') if isinstance(d, dict) else None!r})")
         except ValueError as e:
             raise CorruptionError(f"{where}: damaged manifest ({e})") from None
+        # Manifests written before checksums have none and still read; a damaged key name fails below.
+        d, _ = sealed.unseal(d, where=where, what="manifest")
         version = d.get("format_version", 0)
         if version > FORMAT_VERSION:
             raise FormatVersionError(

@@ -34,13 +34,14 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 import xxhash
 
+from store import sealed
 from store.errors import CorruptionError
 from store.storage import Storage
 from store.storage._base import Buffers, as_parts
@@ -218,7 +219,7 @@ class CommitRecord:
         d = asdict(self)
         d["files"] = [f.to_dict() for f in self.files]
         d["version"] = RECORD_VERSION
-        return json.dumps(d, sort_keys=True).encode()
+        return json.dumps(sealed.seal(d), sort_keys=True).encode()  # a flipped row count is caught on read
 
     @classmethod
     def from_json(cls, data: bytes, *, where: str) -> CommitRecord:
@@ -227,6 +228,10 @@ class CommitRecord:
             d = json.loads(data)
             if not isinstance(d, dict):
                 raise ValueError("not a JSON object")
+            d, _ = sealed.unseal(d, where=where, what="commit record")  # records written before checksums have none
+            unknown = set(d) - _RECORD_KEYS
+            if unknown:  # e.g. a damaged key name: the record may have lost its checksum that way
+                raise ValueError(f"unknown field(s) {sorted(unknown)}")
             if d.get("version") != RECORD_VERSION:
                 raise ValueError(f"record version {d.get('version')!r}, this Strata reads {RECORD_VERSION}")
             files = tuple(FileEntry.from_dict(f) for f in d["files"])
@@ -242,6 +247,9 @@ class CommitRecord:
             )
         except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
             raise CorruptionError(f"{where}: damaged commit record ({e})") from None
+
+
+_RECORD_KEYS = {f.name for f in fields(CommitRecord)} | {"version"}
 
 
 def read_record(storage: Storage, key: str) -> CommitRecord | None:

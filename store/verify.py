@@ -4,8 +4,16 @@
 block checksum), reports damaged records, and counts what is committed: a dataset with units
 missing is *incomplete*, which is not OK unless only committed units were asked about.
 
+``verify`` reads the commit records themselves, not the commit index that readers use (a
+damaged record must not hide behind the index), checks the index against them, and checks the
+driver-written files: the document index and tokenizer (against the manifest's checksums) and
+the Zarr metadata (against what the manifest says it must be).
+
 ``repair`` removes the commit record (then the file) of every unit that failed, under the
-dataset's write lease, so the next extraction recomputes exactly those units. The outcome of
+dataset's write lease, so the next extraction recomputes exactly those units; rebuilds the
+commit index from the records and the Zarr metadata from the manifest; and removes a damaged
+document index or tokenizer, which only the extraction can write again (its driver replaces a
+content-named file whose bytes do not match). The outcome of
 the last verify or repair is kept in ``datasets/NAME/verify.json`` so a later
 ``strata extract`` that finds nothing to do can say whether the data was ever checked.
 """
@@ -14,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,14 +36,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+#: What a problem with a driver-written file is about (``Problem.unit`` is then -1).
+AUX = -1
+
+
 @dataclass
 class Problem:
     hook: str | None  # None: the unit's token table
-    unit: int
+    unit: int  # AUX: a driver-written file (document index, tokenizer, commit index, Zarr metadata)
     file: str
     message: str
 
     def __str__(self) -> str:
+        if self.unit < 0:
+            return f"{self.file}: {self.message}"
         return f"unit {self.unit} {'tokens' if self.hook is None else self.hook} ({self.file}): {self.message}"
 
 
@@ -82,22 +97,40 @@ class VerifyReport:
 class RepairReport:
     dataset: str
     removed: list[Problem] = field(default_factory=list)  # units whose records were removed
+    rebuilt: list[str] = field(default_factory=list)  # driver-written files written again from what they derive from
+    removed_files: list[str] = field(default_factory=list)  # damaged driver-written files only the extraction can rewrite
 
     @property
     def units(self) -> list[int]:
         return sorted({p.unit for p in self.removed})
 
+    @property
+    def rerun(self) -> bool:
+        """Whether the extraction job must run again to rebuild what was removed."""
+        return bool(self.removed or self.removed_files)
+
     def __str__(self) -> str:
-        if not self.removed:
+        if not (self.removed or self.rebuilt or self.removed_files):
             return f"{self.dataset}: nothing to repair"
-        lines = [f"{self.dataset}: removed the commit records of {len(self.removed)} damaged part(s) of unit(s) {self.units}:"]
-        lines += [f"  {p}" for p in self.removed]
-        lines.append("  the next `strata extract` of this dataset recomputes exactly those")
+        lines = []
+        if self.removed:
+            lines.append(f"{self.dataset}: removed the commit records of {len(self.removed)} damaged part(s) of unit(s) {self.units}:")
+            lines += [f"  {p}" for p in self.removed]
+        lines += [f"{self.dataset}: rebuilt {k}" for k in self.rebuilt]
+        lines += [f"{self.dataset}: removed the damaged {k}" for k in self.removed_files]
+        if self.removed:
+            lines.append("  the next `strata extract` of this dataset recomputes exactly those")
+        if self.removed_files:
+            lines.append(f"  rerun the extraction job of dataset {self.dataset!r} (`strata extract SPEC`) to rebuild the removed file(s)")
         return "\n".join(lines)
 
 
 def verify(ds: ActivationDataset, *, hooks: list[str] | None = None, committed_only: bool = False) -> VerifyReport:
+    from store.dataset import ActivationDataset
+
     ds.refresh()
+    # The records themselves, not the index readers use: a damaged record must not hide behind it.
+    ds = ActivationDataset(ds.store, ds.name, use_index=False)
     hooks = ds.hooks if hooks is None else [ds.check_hook(h) for h in hooks]
     report = VerifyReport(ds.name, num_units=ds.info.num_units, committed_only=committed_only)
     report.committed = {"tokens": len(ds.committed_units(None)), **{h: len(ds.committed_units(h)) for h in hooks}}
@@ -125,10 +158,82 @@ def verify(ds: ActivationDataset, *, hooks: list[str] | None = None, committed_o
         try:
             ds.aux_file(kind)
         except CorruptionError as e:
-            report.problems.append(Problem(None, -1, str(entry.get("key", kind)), str(e).split(": ", 1)[-1]))
+            report.problems.append(Problem(None, AUX, str(entry.get("key", kind)), str(e).split(": ", 1)[-1]))
+        report.files_checked += 1
+    index_problem = _check_index(ds)
+    if index_problem is not None:
+        report.problems.append(index_problem)
+    for key, msg in _check_zarr_metadata(ds).items():
+        report.problems.append(Problem(None, AUX, key, msg))
     report.units_checked = len(units)
     _record_outcome(ds, report.to_dict())
     return report
+
+
+def _check_index(ds: ActivationDataset) -> Problem | None:
+    """What is wrong with the commit index: damaged, or naming records that differ from the
+    records themselves (the index is what readers see). Records
+    missing from it are fine: it is compacted at the end of a job."""
+    from store.dataset import decode_commit_index
+
+    entry = ds.info.aux.get("commit_index")
+    if entry is None:
+        return None
+    key = str(entry.get("key", "commit_index"))
+    try:
+        got = ds.aux_file("commit_index")
+        assert got is not None
+        index = decode_commit_index(got[1], where=key)
+    except CorruptionError:
+        return None  # reported with the other driver-written files
+    for part, units in index.items():
+        for unit, e in units.items():
+            try:
+                raw = ds.storage.read(e.key) if e.key == layout.commit_key(ds.name, part, unit) else None
+            except FileNotFoundError:
+                raw = None
+            if raw != e.raw:
+                what = "names a record that is not there" if raw is None else "disagrees with the record"
+                return Problem(None, AUX, key, f"the commit index {what} of unit {unit} {part or 'tokens'} (readers see the index)")
+    return None
+
+
+def _expected_zarr_metadata(ds: ActivationDataset) -> dict[str, Any]:
+    """The Zarr metadata documents (key -> parsed JSON) the dataset's manifest implies: made by
+    the same code the driver uses, in a scratch store."""
+    from store.shards import create_hook_array
+    from store.storage import open_storage
+
+    with tempfile.TemporaryDirectory(prefix="strata-verify-") as tmp:
+        scratch = open_storage(tmp)
+        for hook in ds.info.hooks:
+            create_hook_array(scratch, ds.info, hook)
+        prefix = layout.dataset_dir(ds.name)
+        return {k: json.loads(scratch.read(k)) for k in scratch.list(prefix) if k.endswith("zarr.json")}
+
+
+def _check_zarr_metadata(ds: ActivationDataset) -> dict[str, str]:
+    """Damaged Zarr metadata files of the dataset (key -> what is wrong). Strata's reads do not
+    use them (the manifest says where each unit is), but every other Zarr reader does."""
+    out: dict[str, str] = {}
+    for key, want in _expected_zarr_metadata(ds).items():
+        try:
+            got = json.loads(ds.storage.read(key))
+        except FileNotFoundError:
+            out[key] = "Zarr metadata is missing"
+            continue
+        except ValueError as e:
+            out[key] = f"Zarr metadata is not JSON ({e})"
+            continue
+        if not isinstance(got, dict):
+            out[key] = "Zarr metadata is not a JSON object"
+            continue
+        attrs_ok = all(got.get("attributes", {}).get(a) == v for a, v in want.get("attributes", {}).items())
+        others = {k for k in set(want) | set(got) if k != "attributes"}
+        bad = sorted(k for k in others if got.get(k) != want.get(k)) + ([] if attrs_ok else ["attributes"])
+        if bad:
+            out[key] = f"Zarr metadata differs from what the manifest implies ({', '.join(bad)})"
+    return out
 
 
 def _record_outcome(ds: ActivationDataset, outcome: dict[str, Any]) -> None:
@@ -153,10 +258,12 @@ def repair(ds: ActivationDataset, report: VerifyReport | None = None) -> RepairR
     with ds.store.lease(ds.name, owner="strata verify --repair") as lease:
         report = report if report is not None else verify(ds)
         out = RepairReport(ds.name)
+        rebuild_index = False
         for p in report.problems:
-            if p.unit < 0:
-                continue  # the document index is rewritten by the next extraction's driver
             lease.check()
+            if p.unit < 0:
+                rebuild_index |= _repair_aux(ds, p, out)
+                continue
             # The record first, so the unit is invisible before its file goes.
             ds.storage.delete(layout.commit_key(ds.name, p.hook, p.unit))
             if p.hook is None:
@@ -167,8 +274,30 @@ def repair(ds: ActivationDataset, report: VerifyReport | None = None) -> RepairR
                 ds.storage.delete(layout.shard_key(ds.name, p.hook, p.unit))
             out.removed.append(p)
         ds.refresh()
-        if out.removed:  # the commit index must not name the removed records
+        if out.removed or rebuild_index:  # the commit index must not name the removed records
             ds.store.writer(ds.name, fence=lease.token).compact_commits(full=True)
+            key = (ds.store.manifest(ds.name).aux.get("commit_index") or {}).get("key")
+            if rebuild_index and key:
+                out.rebuilt.append(str(key))
             ds.refresh()
         _record_outcome(ds, {**report.to_dict(), "repaired_units": out.units, "ok": False if out.removed else report.ok})
     return out
+
+
+def _repair_aux(ds: ActivationDataset, p: Problem, out: RepairReport) -> bool:
+    """Repair one damaged driver-written file; True when the commit index must be rebuilt."""
+    name = p.file.rsplit("/", 1)[-1]
+    if name.startswith("commit_index-"):
+        return True  # rebuilt from the records themselves (compact_commits writes it again, replacing damage)
+    if name == "zarr.json":
+        want = _expected_zarr_metadata(ds).get(p.file)
+        if want is not None:
+            ds.storage.write(p.file, json.dumps(want, indent=2).encode())
+            out.rebuilt.append(p.file)
+        return False
+    # The document index or tokenizer: only the extraction knows their content. Remove the
+    # damaged file (reads then say it is missing); the extraction's driver writes it again.
+    if p.file.startswith(layout.aux_dir(ds.name) + "/"):
+        ds.storage.delete(p.file)
+        out.removed_files.append(p.file)
+    return False

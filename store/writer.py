@@ -105,9 +105,14 @@ class DatasetWriter:
         # Named by content and written put-if-absent, then the manifest points at it: a reader
         # always sees the file its manifest describes.
         key = layout.aux_key(self.name, kind, xxhash.xxh3_64_hexdigest(data), suffix)
-        self.storage.put_if_absent(key, data)
+        fe = FileEntry.of(key, data)
+        if not self.storage.put_if_absent(key, data) and protocol.verify_file(self.storage, fe) is not None:
+            # The key names the content, so a file there with other bytes is damaged: replace it
+            # (atomically; we are the driver), or a rerun would keep pointing at the damage.
+            log.warning("dataset %r: replacing the damaged %s file %s", self.name, kind, key)
+            self.storage.write(key, data)
         info = self.refresh()
-        entry = FileEntry.of(key, data).to_dict()
+        entry = fe.to_dict()
         if info.aux.get(kind) == entry:
             return info
         return self._publish(info.with_changes(aux={**info.aux, kind: entry}))
