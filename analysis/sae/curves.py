@@ -11,8 +11,10 @@ per-SAE trainers. ``log_to_wandb`` stays false, so nothing here or in sae-lens c
 Columns of a curves table: ``step`` (optimizer steps done), ``samples`` (rows trained on), then
 ``loss``, ``mse`` (sae-lens's ``mse_loss``: squared error summed over d_in, averaged over the
 batch, on the scaled input when ``normalize_activations`` scales it), ``l0``,
-``explained_variance``, ``dead_features``, ``dead_fraction`` (latents that have not fired for
-``train.dead_feature_window`` steps, over d_sae), ``lr``, then every other scalar sae-lens logs,
+``explained_variance``, ``inactive_features``, ``inactive_fraction`` (sae-lens's
+``sparsity/dead_features``: latents that have not fired in the last ``train.dead_feature_window``
+training steps, and that fraction of d_sae; *not* Strata's "dead", which is a latent that fires on no
+held-out token: ``metrics.json``'s ``dead_fraction``), ``lr``, then every other scalar sae-lens logs,
 named by its log key with ``/`` as ``.`` (``losses.auxiliary_reconstruction_loss``, ...).
 """
 
@@ -36,11 +38,13 @@ _RENAMES = {
     "losses/mse_loss": "mse",
     "metrics/l0": "l0",
     "metrics/explained_variance": "explained_variance",
-    "sparsity/dead_features": "dead_features",
+    "sparsity/dead_features": "inactive_features",
     "details/current_learning_rate": "lr",
 }
 _INT_COLUMNS = ("step", "samples")
-PLOTTED = ("loss", "mse", "l0", "explained_variance", "dead_fraction")
+PLOTTED = ("loss", "mse", "l0", "explained_variance", "inactive_fraction")
+# Curves of checkpoints written before the rename read under the new names.
+_LEGACY = {"dead_features": "inactive_features", "dead_fraction": "inactive_fraction"}
 
 
 def _scalar(v: Any) -> float | None:
@@ -72,8 +76,8 @@ class RecordingSAETrainer(SAETrainer):
                 x = _scalar(value)
                 if x is not None and key != "details/n_training_samples":
                     row[_RENAMES.get(key, key.replace("/", "."))] = x
-            if "dead_features" in row:
-                row["dead_fraction"] = row["dead_features"] / self.sae.cfg.d_sae
+            if "inactive_features" in row:
+                row["inactive_fraction"] = row["inactive_features"] / self.sae.cfg.d_sae
             self.records.append(row)
         return out
 
@@ -105,6 +109,22 @@ class RecordingMultiSAETrainer(MultiSAETrainer):
                 and self.n_training_samples < self.cfg.total_training_samples):
             self.on_checkpoint(self, done)
 
+    def _update_pbar(self, step_outputs: dict[str, Any], pbar: Any, update_interval: int = 100) -> None:
+        # sae-lens's bar counts fixed increments from 0: a resumed pass would restart at 0 and end
+        # short of its total. Here it shows the samples the pass has done, a checkpoint's
+        # included: set at the first step (whose earlier samples are the bar's `initial`, so the
+        # rate counts only this run's), every `update_interval` steps, and at the last step.
+        samples = self.n_training_samples
+        first = not getattr(self, "_bar_started", False)
+        last = samples >= self.cfg.total_training_samples
+        if first:
+            self._bar_started = True
+            pbar.initial = pbar.last_print_n = samples - self.cfg.train_batch_size_samples
+        if first or last or self.n_training_steps % update_interval == 0:
+            losses = " | ".join(f"{name}: {out.loss.item():.4f}" for name, out in step_outputs.items())
+            pbar.set_description(f"{self.n_training_steps}| {losses}", refresh=False)
+            pbar.update(samples - pbar.n)
+
     def resume_at(self, steps_done: int) -> None:
         """After every per-SAE trainer was restored to ``steps_done`` steps: the pass's counters."""
         for t in self.trainers.values():
@@ -116,10 +136,12 @@ class RecordingMultiSAETrainer(MultiSAETrainer):
 def curves_table(records: list[dict[str, float]]) -> pa.Table:
     """Records as a table: ``step``/``samples`` int64, every other column float64 (null where a
     record lacks it)."""
+    records = [{_LEGACY.get(k, k): v for k, v in r.items()} for r in records]
     columns: list[str] = []
     for r in records:
         columns.extend(k for k in r if k not in columns)
-    first = [c for c in ("step", "samples", "loss", "mse", "l0", "explained_variance", "dead_features", "dead_fraction", "lr") if c in columns]
+    first = [c for c in ("step", "samples", "loss", "mse", "l0", "explained_variance", "inactive_features", "inactive_fraction", "lr")
+             if c in columns]
     columns = first + [c for c in columns if c not in first]
     arrays = {}
     for c in columns:
@@ -131,7 +153,7 @@ def curves_table(records: list[dict[str, float]]) -> pa.Table:
     return pa.table(arrays)
 
 
-def plot_curves(curves: pa.Table, path: str | Path, *, title: str = "") -> Path | None:
+def plot_curves(curves: pa.Table, path: str | Path, *, title: str = "", window: int | None = None) -> Path | None:
     """Render the main curves against samples seen into a PNG. Returns ``path``, or None (and
     logs a warning) when matplotlib is not installed."""
     try:
@@ -159,7 +181,10 @@ def plot_curves(curves: pa.Table, path: str | Path, *, title: str = "") -> Path 
             ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
             if c in ("loss", "mse") and all(p[1] > 0 for p in pts):
                 ax.set_yscale("log")
-        ax.set_title(c, fontsize=10)
+        label = c
+        if c == "inactive_fraction":  # not "dead": that is the held-out figure of metrics.json
+            label = f"inactive (no fire in last {window} steps)" if window else "inactive (no fire in the last window)"
+        ax.set_title(label, fontsize=10)
         ax.set_xlabel("samples", fontsize=8)
         ax.tick_params(which="both", labelsize=7)
         ax.grid(alpha=0.3)

@@ -8,7 +8,9 @@ as in training), in one streaming pass with float64 sums:
 - ``fvu``: fraction of variance unexplained, ``sum ||x - x_hat||^2 / sum ||x - mean||^2`` with
   ``mean`` the held-out data's own mean (per dimension); ``explained_variance = 1 - fvu``.
 - ``l0``: nonzero latents per token, averaged.
-- ``dead_fraction``: latents that never fire on the held-out tokens.
+- ``dead_features``, ``dead_fraction``: latents that fire on no held-out token (``dead_window``
+  says which tokens). This is the one meaning of "dead" in Strata; the training curves'
+  ``inactive_*`` columns count something else (see :mod:`analysis.sae.curves`).
 - ``dense_fraction``: latents firing on more than ``dense_threshold`` (default 10%) of them.
 
 Spliced loss (:func:`spliced_ce`), for causal LMs whose model is on this machine: the
@@ -55,6 +57,17 @@ def _reconstruct(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return f, x_hat
 
 
+def _ranges(units: list[int]) -> str:
+    """``[3, 4, 5, 9]`` -> ``"3-5, 9"``."""
+    out: list[list[int]] = []
+    for u in sorted(units):
+        if out and out[-1][1] == u - 1:
+            out[-1][1] = u
+        else:
+            out.append([u, u])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
+
+
 @torch.no_grad()
 def reconstruction_metrics(
     sae: SAE, ds: ActivationDataset, hook: str, units: list[int], *, batch_size: int = 4096, skip_special: bool = True,
@@ -99,7 +112,12 @@ def reconstruction_metrics(
         "fvu": fvu,
         "explained_variance": 1.0 - fvu,
         "l0": float(l0) / n,
+        # Strata's one definition of a dead latent, used everywhere (cfg.json's
+        # `num_dead_features` is rewritten to it at save): it fires on no held-out token.
+        "dead_features": int((fired == 0).sum()),
         "dead_fraction": float((fired == 0).to(torch.float64).mean()),
+        "dead_window": f"fires on none of the {n:,} held-out tokens of unit(s) {_ranges(units)}"
+                       + (" (special tokens left out)" if skip_special else ""),
         "dense_fraction": float((freq > dense_threshold).to(torch.float64).mean()),
         "dense_threshold": dense_threshold,
     }

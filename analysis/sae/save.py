@@ -58,6 +58,22 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(_json_safe(obj), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n", encoding="utf-8")
 
 
+def _held_out_metadata(sae: SAE, metrics: Mapping[str, Any] | None) -> None:
+    """cfg.json's figures, as metrics.json gives them: sae-lens sets ``metadata.l0`` and
+    ``metadata.num_dead_features`` from its last training window (a latent silent for
+    ``dead_feature_window`` steps), which contradicted the held-out evaluation. Strata has one
+    meaning of dead (no held-out token fires it): with a held-out evaluation both fields are
+    its figures, and ``dead_window`` says which tokens; without one they are left out."""
+    md = sae.cfg.metadata
+    if metrics and "dead_features" in metrics:
+        md.num_dead_features = int(metrics["dead_features"])
+        md.l0 = float(metrics["l0"])
+        md.dead_window = str(metrics.get("dead_window", "held-out tokens"))
+    else:
+        for key in ("num_dead_features", "l0", "dead_window"):
+            md.__dict__.pop(key, None)
+
+
 def save_sae(result: TrainedSAE, folder: str | Path, *, metrics: dict[str, Any] | None = None) -> Path:
     """Write ``result`` (and its held-out ``metrics``) into ``folder``, which must be absent or
     empty. Returns the folder."""
@@ -68,13 +84,15 @@ def save_sae(result: TrainedSAE, folder: str | Path, *, metrics: dict[str, Any] 
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"SAE folder {str(folder)!r} is not empty")
     folder.mkdir(parents=True, exist_ok=True)
+    _held_out_metadata(result.sae, metrics)
     result.sae.save_model(folder)
     if result.log_feature_sparsity is not None:
         save_file({"sparsity": result.log_feature_sparsity.detach().cpu().contiguous()}, folder / SPARSITY_FILENAME)
     _write_json(folder / LINEAGE, result.lineage)
     _write_json(folder / METRICS, metrics if metrics is not None else {})
     pq.write_table(result.curves, folder / CURVES)
-    plot_curves(result.curves, folder / CURVES_PNG, title=f"{result.name} ({result.hook})")
+    plot_curves(result.curves, folder / CURVES_PNG, title=f"{result.name} ({result.hook})",
+                window=result.spec.train.dead_feature_window)
     log.info("saved SAE %r to %s", result.name, folder)
     return folder
 

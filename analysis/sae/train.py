@@ -37,7 +37,7 @@ import torch
 from analysis.sae import checkpoint
 from analysis.sae.config import Run, SAETrainSpec, combinations, expand_runs, training_registry
 from analysis.sae.curves import RecordingMultiSAETrainer, curves_table
-from analysis.sae.plan import d_sae_of, split_units
+from analysis.sae.plan import d_sae_of, heldout_contexts_needed, split_units
 
 if TYPE_CHECKING:
     from sae_lens import SAE, TrainingSAE
@@ -58,7 +58,7 @@ class TrainedSAE:
     sae: SAE
     """The inference SAE (what ``SAE.load_from_disk`` returns for the saved folder), on the CPU."""
     curves: pa.Table
-    """Per logged step: step, samples, loss, mse, l0, explained_variance, dead_fraction, lr, ...
+    """Per logged step: step, samples, loss, mse, l0, explained_variance, inactive_fraction, lr, ...
     (see :mod:`analysis.sae.curves`)."""
     lineage: dict[str, Any]
     """Where the SAE came from: dataset, fingerprint, hook, units, holdout units, seeds,
@@ -283,7 +283,7 @@ def train(spec: SAETrainSpec, *, ds: ActivationDataset | None = None) -> list[Tr
     for params in combinations(spec):
         group = [r for r in runs if r.params == params]
         hooks = list(dict.fromkeys(r.hook for r in group))
-        units, holdout = split_units(ds, hooks, spec.data.holdout_units)
+        units, holdout = split_units(ds, hooks, spec.data.holdout_units, min_contexts=heldout_contexts_needed(spec))
         for res in train_pass(ds, group, device=device, units=units, holdout=holdout):
             results[res.name] = res
     return [results[r.name] for r in runs]

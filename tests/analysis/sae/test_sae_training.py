@@ -145,14 +145,14 @@ def test_lineage_records_where_the_sae_came_from(planted, two_hooks):
 def test_curves_follow_training(two_hooks):
     c = two_hooks[0].curves
     cols = c.column_names
-    assert cols[:9] == ["step", "samples", "loss", "mse", "l0", "explained_variance", "dead_features", "dead_fraction", "lr"]
+    assert cols[:9] == ["step", "samples", "loss", "mse", "l0", "explained_variance", "inactive_features", "inactive_fraction", "lr"]
     steps = c.column("step").to_pylist()
     assert steps == list(range(10, STEPS + 1, 10))
     assert c.column("samples").to_pylist() == [s * BATCH for s in steps]
     mse = c.column("mse").to_pylist()
     assert mse[-1] < 0.2 * mse[0]
     assert set(c.column("l0").to_pylist()) == {float(K)}
-    assert all(0.0 <= v <= 1.0 for v in c.column("dead_fraction").to_pylist())
+    assert all(0.0 <= v <= 1.0 for v in c.column("inactive_fraction").to_pylist())
 
 
 def test_same_seed_gives_bit_identical_weights(planted, two_hooks):
