@@ -32,19 +32,15 @@ class Outcome:
     files: tuple[str, ...]
 
 
-def run_analyze(spec: object) -> list[Outcome]:
-    """Run an :class:`~analysis.similarity.spec.AnalyzeSpec` (see the module docstring)."""
-    import store
-    from analysis.similarity._tasks import Executor
+def check_committed(spec: object, s: object) -> tuple[list, list[Outcome], list]:
+    """(analyses to compute, those committed with the same identity, all of them prepared), read
+    from store ``s``; one committed with another identity raises. Reads only: the job and
+    ``strata submit``'s pre-submit check (:mod:`jobs.checks`) refuse through this one function."""
     from analysis.similarity.runner import prepare
-    from pipeline.cluster import connect
-    from pipeline.extract import check_store_path
     from store import artifacts
     from store.artifacts import ArtifactExistsError
     from store.handles import ANALYSES
 
-    check_store_path(spec)  # type: ignore[arg-type]
-    s = store.open(spec.store, storage_options=spec.storage_options, create=False)  # type: ignore[attr-defined]
     prepared = prepare(spec, s)  # type: ignore[arg-type]
     todo, out = [], []
     for p in prepared:
@@ -60,6 +56,21 @@ def run_analyze(spec: object) -> list[Outcome]:
                 f"(or inspect it: strata analyze show {s.uri} {p.name})"
             )
         out.append(Outcome(p.name, p.spec.kind, "unchanged", tuple(art.files)))
+    return todo, out, prepared
+
+
+def run_analyze(spec: object) -> list[Outcome]:
+    """Run an :class:`~analysis.similarity.spec.AnalyzeSpec` (see the module docstring)."""
+    import store
+    from analysis.similarity._tasks import Executor
+    from pipeline.cluster import connect
+    from pipeline.extract import check_store_path
+    from store import artifacts
+    from store.handles import ANALYSES
+
+    check_store_path(spec)  # type: ignore[arg-type]
+    s = store.open(spec.store, storage_options=spec.storage_options, create=False)  # type: ignore[attr-defined]
+    todo, out, prepared = check_committed(spec, s)
     if not todo:
         return out
     with connect(spec.compute.address):  # type: ignore[attr-defined]

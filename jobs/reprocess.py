@@ -584,10 +584,9 @@ def _lineage_dataset(st: _State, name: str, default: str) -> str:
 
 
 def _plan_features(job: Job, st: _State, p: Pipeline) -> Step:
-    from pipeline.encode import prepare
+    from pipeline.encode import check_table
     from store.feature_format import FeatureTableExistsError, load_info, unit_records
     from store.feature_merge import load_generation
-    from store.feature_writer import identity_diff
 
     spec = job.spec
     sv = st.sae(spec.sae)
@@ -599,13 +598,18 @@ def _plan_features(job: Job, st: _State, p: Pipeline) -> Step:
     view = st.dataset(sv.dataset, actual=True)
     units = view.committed_units(sv.hook)
     if sv.trains:
+        # A table of that name holds the latents of another SAE commit (the SAE was removed, or
+        # its name was taken): encoding with the SAE this run trains would meet another identity.
+        # Found here, so the dry run says it and the real run stops before training anything.
+        old = load_info(st.s.storage, table) if st.s is not None else None
+        if old is not None:
+            raise FeatureTableExistsError(
+                f"{job.entry}: feature table {table!r} already exists, encoded with an earlier commit of SAE {old.sae!r} "
+                f"(fingerprint {old.sae_fingerprint}); SAE {sv.name} is trained in this run, so the table would get another "
+                "identity; choose a new `name` for the table")
         step.units, step.why = units, f"SAE {sv.name} is trained in this run"
     else:
-        info, _ = prepare(spec.model_copy(update={"sae": sv.name, "name": table}), st.s)
-        old = load_info(st.s.storage, table)
-        if old is not None and identity_diff(old, info):
-            raise FeatureTableExistsError(f"{job.entry}: feature table {table!r} already exists with another identity "
-                                          f"({identity_diff(old, info)}); choose a new `name`")
+        _, _, old = check_table(spec.model_copy(update={"sae": sv.name, "name": table}), st.s)
         records = unit_records(st.s.storage, old)[0] if old is not None else {}
         step.units = sorted(set(units) - set(records))
         if not step.units:
