@@ -9,8 +9,12 @@ must then be an absolute path every node sees, or S3):
 2. An analysis whose result is committed with the same identity (spec and inputs: datasets,
    fingerprints, committed units, SAEs) is unchanged: a no-op. One committed with another
    identity is refused (choose a new name), before anything runs.
-3. The rest are computed (partial moments as Ray tasks on the job's cluster: a private Ray
-   unless ``compute.address`` names one) and committed one by one, each under its folder's lease.
+3. The driver takes the write lease of every analysis left, up front: a run of the same name
+   that holds it already refuses this one at once (one line naming the holder, exit 2). Under
+   the leases the committed results are looked at again: one committed meanwhile is unchanged.
+4. The rest are computed (partial moments as Ray tasks on the job's cluster: a private Ray
+   unless ``compute.address`` names one) and committed one by one. The commit record holds the
+   identity only; values and provenance live in the result's checked files.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -37,26 +43,38 @@ def check_committed(spec: object, s: object) -> tuple[list, list[Outcome], list]
     from store ``s``; one committed with another identity raises. Reads only: the job and
     ``strata submit``'s pre-submit check (:mod:`jobs.checks`) refuse through this one function."""
     from analysis.similarity.runner import prepare
-    from store import artifacts
-    from store.artifacts import ArtifactExistsError
-    from store.handles import ANALYSES
 
     prepared = prepare(spec, s)  # type: ignore[arg-type]
     todo, out = [], []
     for p in prepared:
-        art = artifacts.get(s.storage, ANALYSES, p.name)
-        if art is None:
+        done = _committed(s, p)
+        if done is None:
             todo.append(p)
-            continue
-        old = {k: art.meta.get(k) for k in ("kind", "spec", "inputs")}
-        if old != p.identity:
-            what = "spec" if old.get("spec") != p.identity["spec"] else "inputs (datasets, their committed units or SAEs)"
-            raise ArtifactExistsError(
-                f"analysis {p.name!r} is committed already with another {what}; choose a new `name` "
-                f"(or inspect it: strata analyze show {s.uri} {p.name})"
-            )
-        out.append(Outcome(p.name, p.spec.kind, "unchanged", tuple(art.files)))
+        else:
+            out.append(done)
     return todo, out, prepared
+
+
+def _committed(s: Any, p: Any) -> Outcome | None:
+    """``unchanged`` when analysis ``p`` is committed with its identity, None when it is not
+    committed; committed with another identity raises. The identity is read from the result's
+    checked ``provenance.json`` (:attr:`~store.handles.AnalysisHandle.meta`), never from an
+    unchecked copy."""
+    from store import artifacts
+    from store.artifacts import ArtifactExistsError
+    from store.handles import ANALYSES, AnalysisHandle
+
+    if artifacts.get(s.storage, ANALYSES, p.name) is None:
+        return None
+    h = AnalysisHandle(s, p.name)
+    old = {k: h.meta.get(k) for k in ("kind", "spec", "inputs")}
+    if old != p.identity:
+        what = "spec" if old.get("spec") != p.identity["spec"] else "inputs (datasets, their committed units or SAEs)"
+        raise ArtifactExistsError(
+            f"analysis {p.name!r} is committed already with another {what}; choose a new `name` "
+            f"(or inspect it: strata analyze show {s.uri} {p.name})"
+        )
+    return Outcome(p.name, p.spec.kind, "unchanged", tuple(h.files))
 
 
 def run_analyze(spec: object) -> list[Outcome]:
@@ -73,16 +91,46 @@ def run_analyze(spec: object) -> list[Outcome]:
     todo, out, prepared = check_committed(spec, s)
     if not todo:
         return out
-    with connect(spec.compute.address):  # type: ignore[attr-defined]
-        ex = Executor(use_ray=True)
+    with ExitStack() as stack:
+        leases = _leases(s, [p.name for p in todo], stack)
+        # Checked again under the leases: a job that committed between our check and our lease
+        # left its result there, and computing it a second time would only say "written" twice.
+        again = []
         for p in todo:
-            log.info("analysis %r (%s): computing", p.name, p.spec.kind)
-            with s.artifact_lease(ANALYSES, p.name, owner=f"strata analyze {p.name}") as lease:
-                files, meta = p.compute(ex)
-                art = artifacts.put(s.storage, ANALYSES, p.name, files, meta=meta, lease=lease)
-            out.append(Outcome(p.name, p.spec.kind, "written", tuple(art.files)))
+            done = _committed(s, p)
+            if done is None:
+                again.append(p)
+            else:
+                out.append(done)
+        if again:
+            with connect(spec.compute.address):  # type: ignore[attr-defined]
+                ex = Executor(use_ray=True)
+                for p in again:
+                    log.info("analysis %r (%s): computing", p.name, p.spec.kind)
+                    files, _ = p.compute(ex)
+                    # The record's meta is the identity alone (the record is checksummed); results
+                    # and provenance live in the result's checked files (provenance.json).
+                    art = artifacts.put(s.storage, ANALYSES, p.name, files, meta=p.identity, lease=leases[p.name])
+                    out.append(Outcome(p.name, p.spec.kind, "written", tuple(art.files)))
     order = {p.name: i for i, p in enumerate(prepared)}
     return sorted(out, key=lambda o: order[o.name])
+
+
+def _leases(s: Any, names: list[str], stack: ExitStack) -> dict[str, Any]:
+    """Take the write lease of every analysis to compute, up front, as ``sae train`` does: a
+    second run of the same names is refused at once, naming the holder, before anything is
+    computed or a cluster started."""
+    from store.errors import LeaseHeldError
+    from store.handles import ANALYSES
+
+    leases = {n: s.artifact_lease(ANALYSES, n, owner=f"strata analyze {n}") for n in names}
+    for lease in leases.values():  # read-only first: refused before any lease is taken
+        holder = lease.holder()
+        if holder is not None:
+            raise LeaseHeldError(lease.held_message(holder))
+    for lease in leases.values():  # two runs that pass the check together: one takes it, the other is refused
+        stack.enter_context(lease)
+    return leases
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ sae-lens's own layout) and analysis results, each a committed artifact folder
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,13 +13,14 @@ import pyarrow as pa
 
 from store import artifacts, parquet
 from store.artifacts import Artifact, ArtifactNotFoundError
-from store.errors import CorruptionError
+from store.errors import CorruptionError, FormatVersionError
 
 if TYPE_CHECKING:
     from store.core import Store
 
 SAES = "saes"
 ANALYSES = "analyses"
+PROVENANCE = "provenance.json"  # an analysis's identity and provenance (analysis.similarity.runner writes it)
 
 
 def _get(store: Store, kind: str, name: str, what: str) -> Artifact:
@@ -116,9 +118,20 @@ class AnalysisHandle:
     def __repr__(self) -> str:
         return f"AnalysisHandle({self.name!r}, files={self.artifact.files})"
 
-    @property
+    @cached_property
     def meta(self) -> dict[str, Any]:
-        return self.artifact.meta
+        """Its identity and provenance (``kind``, ``spec``, ``inputs``, ``provenance``,
+        ``versions``), from ``provenance.json``: a checked file, the one source of these values.
+        Results written before this carried a copy in their commit record, which nothing reads."""
+        if PROVENANCE not in self.artifact.files:
+            raise FormatVersionError(
+                f"analysis {self.name!r} has no {PROVENANCE} (written by an older Strata): its provenance cannot be checked; "
+                f"run its spec again under a new name, or delete it"
+            )
+        meta = self.artifact.read_json(PROVENANCE)
+        if not isinstance(meta, dict):
+            raise CorruptionError(f"analysis {self.name!r}: {PROVENANCE} is not a JSON object")
+        return meta
 
     @property
     def files(self) -> list[str]:

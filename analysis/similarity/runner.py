@@ -98,7 +98,8 @@ class Prepared:
         return json.loads(_json({"kind": self.spec.kind, "spec": self.spec.model_dump(mode="json"), "inputs": self.inputs}))
 
     def compute(self, ex: Executor) -> tuple[dict[str, bytes], dict[str, Any]]:
-        """The result folder's files and its provenance (also the artifact's ``meta``)."""
+        """The result folder's files and its provenance, which is also written as the folder's
+        checked ``provenance.json`` (the one source of it: the commit record keeps the identity only)."""
         files, prov = _COMPUTE[self.spec.kind](self, ex)
         meta = {**self.identity, "provenance": prov, "versions": versions()}
         files["provenance.json"] = _json(meta)
