@@ -124,6 +124,8 @@ class RecordingMultiSAETrainer(MultiSAETrainer):
             losses = " | ".join(f"{name}: {out.loss.item():.4f}" for name, out in step_outputs.items())
             pbar.set_description(f"{self.n_training_steps}| {losses}", refresh=False)
             pbar.update(samples - pbar.n)
+            if first:
+                pbar.refresh()  # now, whatever tqdm's print interval: a resumed pass shows where it resumed
 
     def resume_at(self, steps_done: int) -> None:
         """After every per-SAE trainer was restored to ``steps_done`` steps: the pass's counters."""
