@@ -59,7 +59,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     # line under its row, oldest first; the rows themselves keep their columns.
     anchors = {(b if b in infos else vs[0].name): vs for b, vs in families(infos).items() if len(vs) > 1}
     for name, line in rows:
-        print(line)
+        print("\t".join(safe(cell) for cell in line.split("\t")))  # metadata may hold control characters
         if name in anchors:
             vs = anchors[name]
             listed = ", ".join(f"{v.name} (revision {v.short}, {v.created_at}{', latest' if v is vs[-1] else ''})" for v in vs)
