@@ -25,8 +25,7 @@ def _open(uri: str) -> Any:
 
 
 def _cmd_ls(store_uri: str) -> int:
-    from store import artifacts
-    from store.handles import ANALYSES
+    from store.errors import FormatVersionError
 
     s = _open(store_uri)
     names = s.analyses()
@@ -34,11 +33,15 @@ def _cmd_ls(store_uri: str) -> int:
         print(f"{s.uri}: no analyses")
         return 0
     for name in names:
-        art = artifacts.get(s.storage, ANALYSES, name)
-        meta = art.meta if art is not None else {}
+        h = s.analysis(name, allow_stale=True)  # listed, and marked STALE below
+        try:
+            meta = h.meta  # the checked provenance.json
+        except FormatVersionError as e:
+            print(f"{safe(name)}\tOLD FORMAT: {safe(e)}")
+            continue
         inputs = ", ".join(sorted({str(i.get("dataset")) for i in meta.get("inputs", []) if i.get("dataset")}))
-        when = art.record.committed_at if art is not None else "?"
-        print(f"{safe(name)}\t{safe(meta.get('kind', '?'))}\tinputs={safe(inputs or '-')}\tfiles={len(art.files) if art else 0}\t{when}")
+        print(f"{safe(name)}\t{safe(meta.get('kind', '?'))}\tinputs={safe(inputs or '-')}\tfiles={len(h.files)}\t{h.artifact.record.committed_at}"
+              + (f"\tSTALE: {safe(h.stale_inputs)}" if h.stale_inputs else ""))
     return 0
 
 
@@ -70,13 +73,16 @@ def _numeric(x: str) -> bool:
 
 def _cmd_show(store_uri: str, name: str, rows: int, *, as_json: bool = False) -> int:
     s = _open(store_uri)
-    h = s.analysis(name)
+    h = s.analysis(name, allow_stale=True)  # shown, and marked stale
     meta = dict(h.meta)
+    if h.stale_inputs:
+        print(f"STALE: {safe(h.stale_inputs)}", file=sys.stderr)
     table = h.table()
     head = table.slice(0, rows).to_pylist()
     if as_json:
         out = {"name": name, "kind": meta.get("kind"), "files": h.files, "committed_at": h.artifact.record.committed_at,
-               "spec": meta.get("spec"), "inputs": meta.get("inputs"), "provenance": meta.get("provenance"), "versions": meta.get("versions")}
+               "spec": meta.get("spec"), "inputs": meta.get("inputs"), "provenance": meta.get("provenance"), "versions": meta.get("versions"),
+               "stale_inputs": h.stale_inputs}
         out["results"] = {"rows": table.num_rows, "columns": table.column_names, "head": head}
         print(json.dumps(out, indent=2, default=str))
         return 0

@@ -89,18 +89,20 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         print(f"{s.uri}: no feature tables")
         return 0
     for name in names:
-        fs = s.features(name)
+        fs = s.features(name, allow_stale=True)  # listed, and marked below
         i = fs.info
         print(f"{safe(name)}\tsae={safe(i.sae)}\t{safe(i.dataset)}:{safe(i.hook)}\td_sae={i.d_sae}\tunits={len(fs.units)}\tmerged={len(fs.merged_units)}"
-              + ("\tSTALE (rerun encode)" if fs.stale else ""))
+              + ("\tSTALE (rerun encode)" if fs.stale else "")
+              + (f"\tSTALE: {safe(fs.stale_inputs)}" if fs.stale_inputs else ""))
     return 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    fs = _open(args.store).features(args.name)
+    fs = _open(args.store).features(args.name, allow_stale=True)  # shown, marked `stale_inputs`
     out = asdict(fs.info)
+    out["stale_inputs"] = fs.stale_inputs
     out["units"] = fs.units
     out["merged_units"] = fs.merged_units
     out["stale"] = fs.stale

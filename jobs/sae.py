@@ -49,6 +49,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
             f"{safe(name)}\tdataset={safe(lin.get('dataset'))}\thook={safe(lin.get('hook'))}\tarch={safe(lin.get('architecture'))}\t"
             f"d_in={cfg.get('d_in')}\td_sae={cfg.get('d_sae')}\tsamples={_num(lin.get('samples_seen'), ',')}\t"
             f"ev={_num(m.get('explained_variance'), '.3f')}\tl0={_num(m.get('l0'), '.1f')}"
+            + (f"\tSTALE: {safe(h.stale_inputs)}" if h.stale_inputs else "")
         )
     unfinished = [n for n in s.storage.list_dirs("saes") if n not in names]
     for name in unfinished:
@@ -62,12 +63,14 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 def _cmd_show(args: argparse.Namespace) -> int:
     h = _open(args.store).sae(args.name)
+    why = h.stale_inputs  # its dataset was replaced: no unseen units to speak of
     out = {
         "name": h.name,
         "path": str(h.path),
         "files": h.artifact.files,
         "config_hash": h.meta.get("config_hash"),
-        "unseen_units": h.unseen_units(),
+        "stale_inputs": why,
+        "unseen_units": None if why else h.unseen_units(),
         "metrics": h.metrics,
         "cfg": h.cfg,
         "lineage": h.lineage,

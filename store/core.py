@@ -197,17 +197,21 @@ class Store:
 
         return artifacts.names(self.storage, ANALYSES)
 
-    def analysis(self, name: str) -> AnalysisHandle:
-        """A committed analysis result (``.table()``, ``.meta``)."""
+    def analysis(self, name: str, *, allow_stale: bool = False) -> AnalysisHandle:
+        """A committed analysis result (``.table()``, ``.meta``). One computed from a dataset
+        (or SAE) since replaced under the same name raises ``StaleArtifactError`` unless
+        ``allow_stale`` (to inspect or remove it)."""
         from store.handles import AnalysisHandle
 
-        return AnalysisHandle(self, name)
+        return AnalysisHandle(self, name, allow_stale=allow_stale)
 
-    def features(self, name: str) -> FeatureTable:
-        """A feature table of SAE latents (``.stats()``, ``.top(f, k)``, ``.activations(f)``, ``.latents(rows=...)``)."""
+    def features(self, name: str, *, allow_stale: bool = False) -> FeatureTable:
+        """A feature table of SAE latents (``.stats()``, ``.top(f, k)``, ``.activations(f)``, ``.latents(rows=...)``).
+        One whose dataset was replaced under the same name raises ``StaleArtifactError``
+        unless ``allow_stale`` (to inspect or remove it)."""
         from store.features import FeatureTable
 
-        return FeatureTable(self, name)
+        return FeatureTable(self, name, allow_stale=allow_stale)
 
     def feature_tables(self) -> list[str]:
         """Names of the feature tables."""

@@ -69,3 +69,8 @@ class UnknownDocumentError(StrataError, LookupError):
 
 class RowOutOfRangeError(StrataError, IndexError):
     """Row indices past the dataset's rows."""
+
+
+class StaleArtifactError(StrataError, ValueError):
+    """An SAE, feature table or analysis built from a dataset that has since been replaced under
+    the same name (its recorded fingerprint differs from the dataset's now)."""

@@ -12,7 +12,11 @@ names (``fs.refresh()`` picks up newer ones). Statistics, ``top``, ``activations
 come from the merged generation: they cover ``fs.merged_units``; ``fs.stale`` says whether units
 were committed since (the encode job is running, or died before merging: rerun it). ``latents``
 reads the unit tables, so it covers every committed unit. Every read is checked against a commit
-record. With ``skip_special`` (the default) special rows (BOS, separators, padding) are not
+record. A table whose dataset was replaced under the same name (another fingerprint) is refused
+with :class:`~store.errors.StaleArtifactError` naming both fingerprints; ``allow_stale=True``
+opens it to inspect or remove (``fs.stale_inputs`` says why), but reads that pair it with the
+dataset's tokens (``top``, ``sample``, ``windows``) still refuse. With ``skip_special`` (the
+default) special rows (BOS, separators, padding) are not
 encoded: their latents read as zero and ``density`` counts encoded rows only.
 
 The format is described in :mod:`store.feature_format`; the statistics in
@@ -32,7 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from store import protocol
-from store.errors import CorruptionError, NotCommittedError, RowOutOfRangeError
+from store.errors import CorruptionError, NotCommittedError, RowOutOfRangeError, StaleArtifactError
 from store.feature_format import (
     FEATURES,
     UNIT_SCHEMA,
@@ -49,6 +53,7 @@ from store.feature_format import (
 from store.feature_merge import INDEX_SCHEMA, Generation, load_generation
 from store.feature_stats import hist_edges
 from store.layout import check_name
+from store.stale import check_inputs, stale_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -72,8 +77,9 @@ def table_names(store: Store) -> list[str]:
 class FeatureTable:
     """A feature table opened for reading (see the module docstring)."""
 
-    def __init__(self, store: Store, name: str) -> None:
+    def __init__(self, store: Store, name: str, *, allow_stale: bool = False) -> None:
         self.store = store
+        self.allow_stale = allow_stale
         self.storage = store.storage
         self.name = check_name(name, what="feature table")
         self._units: OrderedDict[int, tuple[np.ndarray, ...]] = OrderedDict()
@@ -96,6 +102,10 @@ class FeatureTable:
                 f"no feature table {self.name!r} in store {self.store.uri}; it holds: {', '.join(have) if have else 'no feature tables'}"
             )
         self.info: FeatureTableInfo = info
+        #: Why the table no longer matches its dataset (replaced under the same name), or None.
+        self.stale_inputs: str | None = stale_inputs(self.store, f"feature table {self.name!r}", [(info.dataset, info.dataset_fingerprint)])
+        if self.stale_inputs is not None and not self.allow_stale:
+            raise StaleArtifactError(self.stale_inputs)
         self._records, self.damaged = unit_records(self.storage, info)
         gen = load_generation(self.storage, info, info.merged) if info.merged else None
         if gen is None or self._gen is None or gen.name != self._gen.name:
@@ -256,8 +266,12 @@ class FeatureTable:
 
     @cached_property
     def dataset(self) -> ActivationDataset:
-        """The activation dataset the table encodes."""
-        return self.store.dataset(self.info.dataset)
+        """The activation dataset the table encodes; :class:`StaleArtifactError` when the dataset
+        under that name is no longer the one encoded (its tokens would not be the table's rows),
+        even for a table opened with ``allow_stale``."""
+        ds = self.store.dataset(self.info.dataset)
+        check_inputs(self.store, f"feature table {self.name!r}", [(ds.name, self.info.dataset_fingerprint)])
+        return ds
 
     @cached_property
     def _tokenizer(self) -> Any:

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from store import artifacts, parquet
+from store import artifacts, parquet, stale
 from store.artifacts import Artifact, ArtifactNotFoundError
-from store.errors import CorruptionError, FormatVersionError
+from store.errors import CorruptionError, FormatVersionError, StaleArtifactError
 
 if TYPE_CHECKING:
     from store.core import Store
@@ -97,9 +97,25 @@ class SAEHandle:
         except pa.ArrowInvalid as e:
             raise CorruptionError(f"SAE {self.name!r}: curves.parquet is not Parquet ({e})") from None
 
+    @property
+    def stale_inputs(self) -> str | None:
+        """Why the SAE's lineage no longer describes the store (its dataset was replaced under
+        the same name: another fingerprint), or None. The weights still load; what pairs the
+        SAE with its dataset refuses (:meth:`check_inputs`)."""
+        return stale.stale_inputs(self.store, f"SAE {self.name!r}", stale.dataset_inputs(self.lineage))
+
+    def check_inputs(self) -> None:
+        """Raise :class:`~store.errors.StaleArtifactError` when :attr:`stale_inputs` is set:
+        before reading the SAE's dataset through its lineage."""
+        why = self.stale_inputs
+        if why is not None:
+            raise StaleArtifactError(why)
+
     def unseen_units(self) -> list[int]:
         """Units of its dataset committed for its hook that it was neither trained nor
-        evaluated on (the dataset grew since)."""
+        evaluated on (the dataset grew since). :class:`~store.errors.StaleArtifactError` when
+        the dataset was replaced: its units are not the ones the lineage names."""
+        self.check_inputs()
         lin = self.lineage
         ds = self.store.dataset(lin["dataset"])
         seen = set(lin.get("units", [])) | set(lin.get("holdout_units", []))
@@ -110,10 +126,32 @@ class AnalysisHandle:
     """A committed analysis result: ``.table()`` (its results), ``.meta`` (provenance),
     ``.files`` and ``.read(name)``."""
 
-    def __init__(self, store: Store, name: str) -> None:
+    def __init__(self, store: Store, name: str, *, allow_stale: bool = False) -> None:
         self.store = store
         self.name = name
         self.artifact = _get(store, ANALYSES, name, "analysis")
+        if not allow_stale:
+            why = self.stale_inputs
+            if why is not None:
+                raise StaleArtifactError(why)
+
+    @property
+    def stale_inputs(self) -> str | None:
+        """Why the result no longer describes the store, or None: a dataset it read was replaced
+        under the same name (another fingerprint), or an SAE it read was committed again."""
+        if PROVENANCE not in self.artifact.files:
+            return None  # nothing checked to compare with; .meta says why
+        inputs = [i for i in self.meta.get("inputs") or [] if isinstance(i, dict)]
+        why = stale.stale_inputs(self.store, f"analysis {self.name!r}", [p for i in inputs for p in stale.dataset_inputs(i)])
+        if why is not None:
+            return why
+        for i in inputs:
+            if isinstance(i.get("sae"), str) and "committed_at" in i:
+                art = artifacts.get(self.store.storage, SAES, i["sae"])
+                if art is not None and art.record.committed_at != i["committed_at"]:
+                    return (f"analysis {self.name!r} read SAE {i['sae']!r} as committed at {i['committed_at']}, but that SAE was "
+                            f"committed again at {art.record.committed_at}; compute it again under a new name, or remove it")
+        return None
 
     def __repr__(self) -> str:
         return f"AnalysisHandle({self.name!r}, files={self.artifact.files})"

@@ -182,6 +182,7 @@ def _prep_match(a: MatchSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
     sides, saes = [], []
     for ref in (a.a, a.b):
         h = s.sae(ref.sae)
+        h.check_inputs()  # its dataset replaced under the same name: its rows are not the SAE's
         lin = h.lineage
         if "dataset" not in lin or "hook" not in lin:
             raise AnalysisError(f"SAE {ref.sae!r} has no `dataset` and `hook` in its lineage.json; cannot find its rows")
