@@ -163,18 +163,22 @@ class ExtractSpec(Section):
     storage_options: dict[str, Any] | None = None
     """fsspec options for an S3 store (endpoint, region, credentials, ...). Credentials are used,
     never recorded: the manifest keeps only the non-secret options."""
+    version_of: str | None = None
+    """The dataset this one is a new version of (``strata reprocess`` sets it when a model's
+    revision moved); recorded in the manifest, so ``Store.versions`` lists it."""
 
     @field_validator("hooks", mode="before")
     @classmethod
     def _one_hook(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
-    @field_validator("name")
+    @field_validator("name", "version_of")
     @classmethod
-    def _name(cls, v: str) -> str:
+    def _name(cls, v: str | None) -> str | None:
         from store.layout import check_name
 
-        check_name(v)
+        if v is not None:
+            check_name(v)
         return v
 
     def recorded(self) -> dict[str, Any]:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from store.dataset import ActivationDataset
     from store.features import FeatureTable
     from store.handles import AnalysisHandle, SAEHandle
+    from store.versions import DatasetVersion
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,15 @@ class Store:
         """Names of the datasets whose manifest is committed."""
         return [n for n in self.storage.list_dirs(layout.DATASETS) if self.storage.exists(layout.manifest_key(n))]
 
-    def dataset(self, name: str) -> ActivationDataset:
+    def dataset(self, name: str, *, version: str | None = None) -> ActivationDataset:
+        """The dataset of exactly that name; with ``version``, one of the versions of ``name``
+        (see :meth:`versions`): ``"latest"`` the newest, or a revision (a prefix of its hash)."""
         from store.dataset import ActivationDataset
 
+        if version is not None:
+            from store.versions import pick
+
+            name = pick(self, name, version)
         try:
             return ActivationDataset(self, name)
         except DatasetNotFoundError:
@@ -74,6 +81,14 @@ class Store:
             raise DatasetNotFoundError(
                 f"no dataset {name!r} in store {self.uri}; it holds: {', '.join(names) if names else 'no datasets'}"
             ) from None
+
+    def versions(self, name: str) -> list[DatasetVersion]:
+        """The versions of dataset ``name``, oldest first by creation time: the dataset itself and
+        those made from it when its model's revision moved (``strata reprocess`` names them
+        ``name@REVISION``). Each has ``.name``, ``.revision``, ``.short``, ``.created_at``."""
+        from store.versions import versions
+
+        return versions(self, name)
 
     def manifest(self, name: str) -> DatasetInfo:
         """The committed manifest of a dataset."""
