@@ -480,7 +480,7 @@ def _plan_extract(job: Job, st: _State, p: Pipeline) -> Step:
     st.datasets[base], st.views[target] = target, view
 
     step = Step(job, f"dataset {target}", lease=target, units=units, hooks=missing,
-                overrides={"name": target} if target != base else {})
+                overrides={"name": target, "version_of": base} if target != base else {})
     if n == 0:
         step.why = "the corpus fills no unit yet"
         return step
@@ -637,6 +637,26 @@ def _rewrite(d: Any, datasets: dict[str, str], saes: dict[str, str]) -> Any:
     return d
 
 
+def _renamed(datasets: dict[str, str], saes: dict[str, str]) -> list[str]:
+    """The versions an analysis reads in place of the names its spec gives."""
+    return sorted(v for m in (datasets, saes) for k, v in m.items() if v != k)
+
+
+def _analysis_version(name: str, datasets: dict[str, str], saes: dict[str, str], p: Pipeline) -> str:
+    """An analysis result's name: its spec's name while it reads the inputs its spec names. Once
+    it reads other versions of them, the versions' common suffix (``norms@1a2b3c4d`` on dataset
+    ``tiny@1a2b3c4d``), or, when they differ, ``retrain_pattern`` with ``version`` = 8 hex digits of
+    a hash of the versions it reads."""
+    pairs = sorted((kind, k, v) for kind, m in (("dataset", datasets), ("sae", saes)) for k, v in m.items() if v != k)
+    if not pairs:
+        return name
+    suffixes = {v[len(k):] if v.startswith(k) else "" for _, k, v in pairs}
+    if len(suffixes) == 1 and (suffix := suffixes.pop()) and suffix[0] in "@+=-_.":
+        return check_name(name + suffix, what="analysis")
+    version = hashlib.sha256("\n".join(f"{kind}:{k}={v}" for kind, k, v in pairs).encode()).hexdigest()[:8]
+    return check_name(p.spec.retrain_pattern.format(name=name, version=version), what="analysis")
+
+
 def _plan_analysis(job: Job, st: _State, p: Pipeline) -> Step:
     from analysis.similarity.runner import prepare
     from store.handles import ANALYSES
@@ -666,10 +686,19 @@ def _plan_analysis(job: Job, st: _State, p: Pipeline) -> Step:
             elif gained:
                 changes.append(f"dataset {view.name} gains unit(s) {ranges(gained)}")
         body = _rewrite(a.model_dump(mode="json"), ds_map, sae_map)
-        art = st.artifact(ANALYSES, a.name)
+        # A result on other versions of its inputs (a new dataset version, a retrained SAE) is a
+        # new result under a versioned name: the one on the old versions stays until `rm`.
+        name = _analysis_version(a.name, ds_map, sae_map, p)
+        body["name"] = name
+        art = st.artifact(ANALYSES, name)
+        if art is None and name != a.name and job.policy == "keep" and st.artifact(ANALYSES, a.name) is not None:
+            step.kept.append(a.name)
+            reasons.append(f"{a.name}: kept (policy): {(changes or [f'it reads {_names(_renamed(ds_map, sae_map))}'])[0]}")
+            continue
         if art is None:
             compute.append(body)
-            reasons.append(f"{a.name}: new")
+            reasons.append(f"{a.name}: new" if name == a.name else
+                           f"{name}: new, on {_names(_renamed(ds_map, sae_map))}; {a.name} is left as it is")
             continue
         if not changes:
             one = _validate(job.kind, {**job.raw, "analyses": [body]}, job.entry)
@@ -678,12 +707,12 @@ def _plan_analysis(job: Job, st: _State, p: Pipeline) -> Step:
                 continue
             changes.append("its spec or inputs changed since it was committed")
         if job.policy == "keep":
-            step.kept.append(a.name)
-            reasons.append(f"{a.name}: kept (policy): {changes[0]}")
+            step.kept.append(name)
+            reasons.append(f"{name}: kept (policy): {changes[0]}")
         else:
-            step.delete.append(a.name)
+            step.delete.append(name)
             compute.append(body)
-            reasons.append(f"{a.name}: {changes[0]}; `{job.policy}` replaces it")
+            reasons.append(f"{name}: {changes[0]}; `{job.policy}` replaces it")
     step.names = [c["name"] for c in compute]
     if compute:
         step.run, step.overrides = True, {"analyses": compute}

@@ -276,6 +276,7 @@ def prepare(spec: ExtractSpec, s: store.Store) -> Prepared:
         "keep_fields": list(spec.corpus.keep_fields),
         "doc_set_hash": scan.doc_set_hash,
         "spec": spec.recorded(),
+        "version_of": spec.version_of,  # the base name of a new version (Store.versions)
     }
     if img is not None:
         meta["image"] = img.to_dict()

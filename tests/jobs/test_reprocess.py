@@ -229,7 +229,9 @@ def test_a_changed_local_model_makes_a_new_dataset_version(project):
     # With `keep`, the SAE (and so its table) stays on the old version: nothing to do but the analyses.
     plan = {st.job.entry: st for st in plan_pipeline(load_pipeline("pipeline.yaml")).steps}
     assert not plan["sae.yaml"].run and plan["sae.yaml"].kept == ["tsae"] and not plan["features.yaml"].run
-    assert plan["norms.yaml"].overrides["analyses"][0]["dataset"] == version and plan["norms.yaml"].delete == ["norms"]
+    assert plan["norms.yaml"].overrides["analyses"][0]["dataset"] == version
+    # On the new version, the result gets the version's name; the old version's result stays (15.4).
+    assert plan["norms.yaml"].names == [f"norms{version.removeprefix('tiny')}"] and plan["norms.yaml"].delete == []
     assert plan["norms-keep.yaml"].kept == ["norms-keep"]
 
 
