@@ -357,7 +357,8 @@ class FeatureTable:
 
         ur = self.info.unit_rows
         if isinstance(rows, slice):
-            end = max(((u * ur + self._records[u].rows) for u in self._records), default=0)
+            # A unit whose record is damaged counts too: its rows raise, they are never silently left out.
+            end = max([u * ur + self._records[u].rows for u in self._records] + [(u + 1) * ur for u in self.damaged], default=0)
             idx = np.arange(*rows.indices(end), dtype=np.int64)
         else:
             idx = np.asarray(rows)

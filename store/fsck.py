@@ -25,10 +25,8 @@ removing it would orphan every unit. Verify says so; the user restores it or del
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from store import artifacts, feature_format, layout, protocol
@@ -151,17 +149,8 @@ def verify_store(store: Store, *, kinds: Sequence[str] | None = None, name: str 
 
 
 def symlinks(store: Store) -> list[str]:
-    """Keys of symbolic links inside a local store (none can exist on S3). Not followed."""
-    root = getattr(store.storage, "root", None)
-    if not isinstance(root, Path):
-        return []
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        for entry in [*dirnames, *filenames]:
-            full = os.path.join(dirpath, entry)
-            if os.path.islink(full):
-                out.append(Path(full).relative_to(root).as_posix())
-    return sorted(out)
+    """Keys of symbolic links inside the store (none can exist on S3); never followed."""
+    return store.storage.links("")
 
 
 # -- checks ------------------------------------------------------------------------------------
