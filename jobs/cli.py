@@ -63,7 +63,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         if name in anchors:
             vs = anchors[name]
             listed = ", ".join(f"{v.name} (revision {v.short}, {v.created_at}{', latest' if v is vs[-1] else ''})" for v in vs)
-            print(f"  versions of {vs[0].base}, oldest first: {listed}")
+            print(safe(f"  versions of {vs[0].base}, oldest first: {listed}"))
     return 1 if bad else 0
 
 
