@@ -90,6 +90,9 @@ class ExtractResult:
     seconds: float = 0.0
     noop: bool = False
     hooks: list[str] = field(default_factory=list)
+    hooks_computed: list[str] = field(default_factory=list)  # hooks this run computed for some unit
+    hooks_new: list[str] = field(default_factory=list)  # of those, hooks the dataset did not have
+    hooks_committed: list[str] = field(default_factory=list)  # hooks of the spec every unit already had
     private_cluster: bool = False
     cluster_address: str = ""
     driver_peak_rss: int = 0
@@ -565,9 +568,23 @@ def _execute(p: Prepared, pl: Plan, lease: store.Lease, cluster: Any, result: Ex
     if not result.noop:
         seconds = time.perf_counter() - t_start
         result.message = (
-            f"dataset {spec.name!r}: computed {result.units_run} unit(s) ({result.tokens:,} tokens, {result.bytes_written / 2**20:.1f} MiB) "
-            f"in {seconds:.1f}s; {result.units_skipped} unit(s) were already committed" + _dropped_note(pl, spec)
+            f"dataset {spec.name!r}: computed {result.units_run} unit(s) of {_hooks_phrase(result)} ({result.tokens:,} tokens, "
+            f"{result.bytes_written / 2**20:.1f} MiB) in {seconds:.1f}s; {_committed_phrase(result)}" + _dropped_note(pl, spec)
         )
+
+
+def _hooks_phrase(result: ExtractResult) -> str:
+    """What a run computes, by hook: ``4 new hook(s)``, ``2 hook(s)``, ``3 hook(s) (1 new)``."""
+    n, new = len(result.hooks_computed), len(result.hooks_new)
+    return f"{new} new hook(s)" if new and new == n else f"{n} hook(s)" + (f" ({new} new)" if new else "")
+
+
+def _committed_phrase(result: ExtractResult) -> str:
+    """What a run found committed: whole hooks, else whole units (a unit missing any hook is
+    computed, and counts as computed)."""
+    if result.hooks_committed:
+        return f"{len(result.hooks_committed)} hook(s) were already committed for every unit"
+    return f"{result.units_skipped} unit(s) were already committed"
 
 
 def _run(p: Prepared, pl: Plan, lease: store.Lease, cluster: Any, result: ExtractResult, *,
@@ -595,9 +612,15 @@ def _run(p: Prepared, pl: Plan, lease: store.Lease, cluster: Any, result: Extrac
         result.message = f"nothing to do: dataset {spec.name!r} already has all {pl.units} units of {len(p.hooks)} hook(s) committed"
         s.update_catalog(spec.name)
         return
+    # Say what is computed: adding hooks to a dataset computes every unit, but only for them.
+    old_hooks = set(p.existing.hooks) if p.existing is not None else set()
+    result.hooks_computed = [h for h in p.hooks if any(h in hs for _, hs in todo)]
+    result.hooks_new = [h for h in result.hooks_computed if h not in old_hooks]
+    result.hooks_committed = [h for h in p.hooks if h not in result.hooks_computed]
     log.info(
-        "dataset %r: %d of %d units to compute for %d hook(s) (%s)%s", spec.name, len(todo), pl.units, len(p.hooks),
-        ", ".join(p.hooks[:4]) + ("..." if len(p.hooks) > 4 else ""),
+        "dataset %r: %d of %d units to compute for %s (%s)%s%s", spec.name, len(todo), pl.units, _hooks_phrase(result),
+        ", ".join(result.hooks_computed[:4]) + ("..." if len(result.hooks_computed) > 4 else ""),
+        f"; {_committed_phrase(result)}" if result.hooks_committed else "",
         f"; {pl.held_back_contexts} contexts held back until the corpus fills a unit" if pl.held_back_contexts else "",
     )
     shape = pool_shape(cluster.shape, num_workers=spec.compute.num_workers, cpus_per_worker=spec.compute.cpus_per_worker)
