@@ -31,8 +31,10 @@ after the other. A run that finds nothing missing says "nothing to do" and write
 * **features**: the units its SAE's dataset gained are encoded (the job itself is incremental).
 * **analysis** (``on_change``, default ``recompute``): an analysis whose inputs change
   (datasets gain units of its hooks, a new dataset version, a retrained SAE) or whose spec
-  changed is ``kept (policy)``, or with ``recompute``/``retrain`` replaced: the old result is
-  deleted under its lease, then computed again under its name.
+  changed is ``kept (policy)``, or with ``recompute``/``retrain`` computed again: over grown
+  inputs, the old result is deleted under its lease, then computed again under its name; on a new
+  dataset version or a retrained SAE, the new result gets a versioned name (the versions' common
+  suffix, ``name@1a2b3c4d``, else ``retrain_pattern``) and the old one stays until ``strata rm``.
 
 Overlapping runs are safe: a run that finds another job holding a write lease it needs (the
 dataset's, an SAE's, a feature table's) exits 0 saying so, leaving the work to that job. Bad
@@ -98,7 +100,8 @@ class JobEntry(_Section):
     on_change: Policy | None = None
     """SAE and analysis jobs: what to do when their inputs (or their spec) changed. ``keep``:
     leave the committed result; ``retrain``/``recompute``: an SAE is trained again under a new
-    name, an analysis computed again under its name. Default: keep SAEs, recompute analyses."""
+    name, an analysis computed again (under a versioned name when it reads a new version of its
+    inputs). Default: keep SAEs, recompute analyses."""
     set: list[str] = []
     """``key=value`` overrides of the spec, as ``--set`` takes them."""
 
