@@ -44,6 +44,11 @@ class Ref:
     kind: str
     name: str
 
+    def __post_init__(self) -> None:
+        if self.kind not in FOLDERS:
+            raise ValueError(f"unknown artifact kind {self.kind!r}; expected one of {', '.join(KINDS)}")
+        self.prefix  # noqa: B018 - checks the name: names never become paths outside the store root
+
     @property
     def prefix(self) -> str:
         """Its folder under the store root."""
