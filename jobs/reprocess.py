@@ -565,6 +565,7 @@ def _plan_sae(job: Job, st: _State, p: Pipeline) -> Step:
         if any(s == "changed" for s, _ in states):
             raise SpecError(f"{job.entry}: SAE {stem!r} is committed already with another config; change `retrain_pattern`")
     todo = [stem + n[len(spec.name):] for (n, *_), (s, _) in zip(runs, states) if s != "same"]
+    _check_checkpoints(job, st, [(stem + n[len(spec.name):], cfg, h) for n, _, cfg, h in runs if stem + n[len(spec.name):] in todo])
     for n, hook, _, _ in runs:
         actual = stem + n[len(spec.name):]
         st.saes[n] = SAEView(actual, view.name, hook, trains=actual in todo, version=version)
@@ -577,6 +578,24 @@ def _plan_sae(job: Job, st: _State, p: Pipeline) -> Step:
     step.why = (f"inputs changed ({changed[0][1]}); `{job.policy}` trains new SAEs: committed ones are never overwritten"
                 if changed else "new SAE(s)" + (f" on dataset {view.name}" if view.new else ""))
     return step
+
+
+def _check_checkpoints(job: Job, st: _State, runs: list[tuple[str, dict[str, Any], str]]) -> None:
+    """An SAE this run trains must not have checkpoints of another config: the job refuses to
+    resume them (:func:`analysis.sae.plan.plan`), so the plan refuses first, before any work."""
+    from analysis.sae import checkpoint
+    from analysis.sae.plan import describe_diff
+    from store.artifacts import ArtifactExistsError
+
+    if st.s is None:
+        return
+    for name, cfg, h in runs:
+        for at, meta in checkpoint.committed(st.s.storage, name):
+            if meta.get("config_hash") != h:
+                diff = describe_diff(meta.get("config", {}), cfg) or "its config hash differs"
+                raise ArtifactExistsError(
+                    f"{job.entry}: SAE {name!r} has a checkpoint (step {at}) of another config ({diff}), which its job would refuse "
+                    f"to resume: run the spec with that config to finish it, or `strata sae train {job.entry} --fresh` to start over")
 
 
 def _lineage_dataset(st: _State, name: str, default: str) -> str:

@@ -27,8 +27,9 @@ def tokens(unit: int) -> pa.Table:
                      "doc_position": (g % 37).astype(np.int32), "token_id": ((g * 7) % 1000).astype(np.int32), "special": (r % CTX) == 0})
 
 
-def small_store(root: Path) -> store.Store:
-    """Dataset `tiny` (5 units of hook H) and SAE `tsae` (spec SAE) trained on it, in ``root``."""
+def small_store(root: Path, *, sae: dict | None = SAE) -> store.Store:
+    """Dataset `tiny` (5 units of hook H) and SAE `tsae` (spec ``sae``; None: no SAE) trained on
+    it, in ``root``."""
     from analysis.sae import SAETrainSpec, run_job
 
     s = store.open(root)
@@ -37,9 +38,11 @@ def small_store(root: Path) -> store.Store:
     rng = np.random.default_rng(0)
     for u in range(UNITS):
         w.write_unit(u, tokens=tokens(u), acts={H: rng.standard_normal((UNIT_CONTEXTS * CTX, D)).astype(np.float32)})
+    if sae is None:
+        return s
     threads = torch.get_num_threads()
     try:
-        run_job(SAETrainSpec.model_validate({**SAE, "store": str(root)}))
+        run_job(SAETrainSpec.model_validate({**sae, "store": str(root)}))
     finally:
         torch.set_num_threads(threads)
     return s

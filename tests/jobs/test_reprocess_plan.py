@@ -1,6 +1,7 @@
 """`strata reprocess`'s plan sees conflicts with what the store holds (issue 15, finding 3): a
 feature table whose SAE was removed and is trained again would get another identity, so the dry
-run fails, and the real run fails the same way before training anything. No Ray: the store is
+run fails, and the real run fails the same way before training anything; an SAE with a
+checkpoint of another config, which its job would refuse to resume, fails the plan too. No Ray: the store is
 made through the public writer, the SAE trained in this process, the table's manifest written by
 the feature writer the encode job uses, then the SAE deleted."""
 
@@ -75,3 +76,39 @@ def test_a_new_table_name_plans_the_training_and_the_encoding(project):
     plan = {st.job.entry: st for st in plan_pipeline(load_pipeline("pipeline.yaml")).steps}
     assert plan["sae.yaml"].run and plan["sae.yaml"].names == ["tsae"]
     assert plan["features.yaml"].run and plan["features.yaml"].units == [0, 1, 2, 3, 4]
+
+
+class Killed(Exception):
+    """Stands for a SIGKILL after a checkpoint."""
+
+
+def test_an_sae_with_a_checkpoint_of_another_config_fails_the_plan(tmp_path, monkeypatch):
+    from analysis.sae import SAETrainSpec, checkpoint, run_job
+    from store.artifacts import ArtifactExistsError
+
+    monkeypatch.chdir(tmp_path)
+    small_store(tmp_path / "acts", sae=None)
+    ckpt = {**SAE, "train": {**SAE["train"], "checkpoint_every": 2}}
+    prune = checkpoint.prune
+
+    def dying_prune(storage, name, *, keep, lease):
+        if keep == 2:
+            raise Killed("killed after step 2")
+        return prune(storage, name, keep=keep, lease=lease)
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "prune", dying_prune)
+        with pytest.raises(Killed):
+            run_job(SAETrainSpec.model_validate({**ckpt, "store": str(tmp_path / "acts")}))
+    s = store.open(tmp_path / "acts", create=False)
+    assert s.saes() == [] and [at for at, _ in checkpoint.committed(s.storage, "tsae")] == [2]
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({"store": "./acts", "jobs": ["sae.yaml"]}))
+    (tmp_path / "sae.yaml").write_text(yaml.safe_dump({**ckpt, "train": {**ckpt["train"], "lr": 1e-3}}))
+    with pytest.raises(ArtifactExistsError, match=r"SAE 'tsae' has a checkpoint \(step 2\) of another config \(train.lr: 0.003 -> 0.001\)"):
+        plan_pipeline(load_pipeline("pipeline.yaml"))
+    rc, out, err = cli("reprocess", "pipeline.yaml", "--dry-run")
+    assert rc == 2 and err.startswith("strata: error: sae.yaml: SAE 'tsae' has a checkpoint") and err.count("\n") == 1, err
+    # The config it was checkpointed with plans a resume: no conflict.
+    (tmp_path / "sae.yaml").write_text(yaml.safe_dump(ckpt))
+    plan = plan_pipeline(load_pipeline("pipeline.yaml"))
+    assert plan.steps[0].run and plan.steps[0].names == ["tsae"]
