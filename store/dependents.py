@@ -137,19 +137,27 @@ def _analysis_sources(store: Store, name: str) -> set[Ref]:
     return out
 
 
+def _valid(kind: str, name: str) -> bool:
+    try:
+        Ref(kind, name)
+    except StrataError:
+        return False
+    return True
+
+
 def graph(store: Store) -> Graph:
     """The dependency graph of ``store``, read from its records (reads only)."""
     g = Graph()
     storage = store.storage
     for name in storage.list_dirs(layout.DATASETS):
-        if storage.exists(f"{layout.DATASETS}/{name}/manifest.json"):
+        if storage.exists(f"{layout.DATASETS}/{name}/manifest.json") and _valid("dataset", name):
             g.sources[Ref("dataset", name)] = set()
     readers = (("sae", SAES, "commit.json", _sae_sources), ("features", FEATURES, "manifest.json", _features_sources),
                ("analysis", ANALYSES, "commit.json", _analysis_sources))
     for kind, folder, marker, read in readers:
         for name in storage.list_dirs(folder):
-            if not storage.exists(f"{folder}/{name}/{marker}"):
-                continue  # not committed: work in progress, which `strata gc` lists
+            if not storage.exists(f"{folder}/{name}/{marker}") or not _valid(kind, name):
+                continue  # not committed (work in progress, which `strata gc` lists), or not a name Strata writes
             ref = Ref(kind, name)
             try:
                 g.sources[ref] = read(store, name)
@@ -171,7 +179,7 @@ def exists(store: Store, ref: Ref) -> bool:
 
 def names(store: Store, kind: str) -> list[str]:
     folder = FOLDERS[kind]
-    return [n for n in store.storage.list_dirs(folder) if exists(store, Ref(kind, n))]
+    return [n for n in store.storage.list_dirs(folder) if _valid(kind, n) and exists(store, Ref(kind, n))]
 
 
 def check_no_links(store: Store, ref: Ref) -> None:

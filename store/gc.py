@@ -23,6 +23,7 @@ by default is ample); a symbolic link is never followed, only listed as foreign.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -235,7 +236,7 @@ class _Pass:
     # -- SAEs, analyses, checkpoints ----------------------------------------------------------
 
     def artifact(self, kind: str, name: str) -> None:
-        prefix = f"{kind}/{name}"
+        prefix = artifacts.folder(kind, name)  # a name Strata never writes: skipped by collect, left alone
         top = kind in ARTIFACT_KINDS
         what = _KIND_OF.get(kind, "sae")
         if top and self.live(what, name, prefix):
@@ -265,7 +266,10 @@ class _Pass:
             for sub in self.storage.list_dirs(prefix):
                 if sub != "lease":
                     for n in self.storage.list_dirs(f"{prefix}/{sub}"):
-                        self.artifact(f"{prefix}/{sub}", n)
+                        try:
+                            self.artifact(f"{prefix}/{sub}", n)
+                        except (StrataError, ValueError) as e:  # not a folder Strata writes: left alone
+                            self.report.skipped.append(f"{prefix}/{sub}/{n}: {e}")
 
     def checkpoints(self, name: str) -> list[int]:
         """Steps of the committed checkpoints of SAE ``name`` (``saes/NAME/checkpoints/step-N``,
@@ -301,14 +305,15 @@ def collect(store: Store, *, grace_s: float = 3600.0, abandoned: Sequence[str] =
     report = GcReport()
     p = _Pass(store, grace_s, report)
     storage = store.storage
-    for name in storage.list_dirs(layout.DATASETS):
-        if storage.exists(layout.manifest_key(name)):
-            p.dataset(name)
-    for name in storage.list_dirs(FEATURES):
-        p.feature_table(name)
-    for kind in ARTIFACT_KINDS:
-        for name in storage.list_dirs(kind):
-            p.artifact(kind, name)
+    work = [(p.dataset, layout.DATASETS, n) for n in storage.list_dirs(layout.DATASETS)
+            if storage.exists(f"{layout.DATASETS}/{n}/manifest.json")]
+    work += [(p.feature_table, FEATURES, n) for n in storage.list_dirs(FEATURES)]
+    work += [(functools.partial(p.artifact, kind), kind, n) for kind in ARTIFACT_KINDS for n in storage.list_dirs(kind)]
+    for step, folder, name in work:
+        try:
+            step(name)
+        except (StrataError, ValueError) as e:  # one bad folder (a name Strata never writes, a damaged record) never stops the rest
+            report.skipped.append(f"{folder}/{name}: {e}")
     p.temporary()
     report.foreign = links(storage)
     for want in abandoned:

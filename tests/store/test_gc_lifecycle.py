@@ -174,8 +174,14 @@ def test_a_damaged_sae_record_does_not_fail_gc_for_the_store(tmp_path, capsys):
     (tmp_path / "saes" / "bad" / "commit.json").write_bytes(b"{not json")
     (tmp_path / "saes" / "bad" / "stray.bin").write_bytes(b"?")
     (tmp_path / "saes" / "good" / "stray.bin").write_bytes(b"left by a crashed attempt")
+    (tmp_path / "features" / "ft").mkdir(parents=True)
+    (tmp_path / "features" / "ft" / "manifest.json").write_bytes(b'{"format": "strata.features"')
+    (tmp_path / "saes" / "-odd name").mkdir()  # not a name Strata writes, with a record in it
+    (tmp_path / "saes" / "-odd name" / "commit.json").write_bytes(b"{}")
     _age_all(tmp_path)
     assert main(["gc", str(tmp_path), "--grace", "0s", "--apply"]) == 0
     out = capsys.readouterr().out
     assert "skipped saes/bad: damaged commit record" in out and "deleted 1 file(s)" in out
+    assert "skipped feature table 'ft': " in out and "skipped saes/-odd name: invalid artifact name" in out
+    assert (tmp_path / "features" / "ft" / "manifest.json").exists() and (tmp_path / "saes" / "-odd name" / "commit.json").exists()
     assert not (tmp_path / "saes" / "good" / "stray.bin").exists() and (tmp_path / "saes" / "bad" / "stray.bin").exists()
