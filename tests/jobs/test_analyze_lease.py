@@ -138,6 +138,8 @@ def test_values_come_from_checked_files_and_a_flip_in_the_record_is_caught_or_un
         store.open(root, create=False).analysis("cmp")
     assert main(["analyze", "show", str(root), "cmp"]) == 2
     assert capsys.readouterr().err.startswith("strata: error: ")
+    assert main(["verify", str(root)]) != 0  # verify no longer says OK
+    assert "analyses/cmp/commit.json" in capsys.readouterr().out
 
     # A record as the old code wrote it (no checksum, the provenance and the results again in
     # `meta`), with a flipped linear_cka there: nobody reads it.
