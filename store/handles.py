@@ -34,7 +34,8 @@ def _get(store: Store, kind: str, name: str, what: str) -> Artifact:
 class SAEHandle:
     """A committed SAE: ``.load()`` (a sae-lens SAE), ``.lineage``, ``.metrics``, ``.path``
     (a folder ``sae_lens.SAE.load_from_disk`` accepts; S3 stores download to a local cache),
-    ``.curves()``, ``.unseen_units()``."""
+    ``.curves()``, ``.unseen_units()``, ``.check()`` (every file), ``.stale_inputs`` (its dataset
+    replaced since: the weights load, ``unseen_units()`` refuses)."""
 
     def __init__(self, store: Store, name: str) -> None:
         self.store = store
