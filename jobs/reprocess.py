@@ -303,16 +303,26 @@ class DatasetView:
     units: dict[str | None, set[int]]  # committed units per hook (None: the token table)
     gained: dict[str | None, set[int]] = field(default_factory=dict)  # what this run adds
     new: bool = False  # created by this run
+    rows: dict[int, int] = field(default_factory=dict)  # token rows of each committed unit
+    context_size: int = 1
+    unit_rows: int = 0  # a unit this run adds counts as whole (its SAEs retrain anyway)
 
     @classmethod
     def of(cls, ds: Any) -> DatasetView:
         units: dict[str | None, set[int]] = {h: set(ds.committed_units(h)) for h in ds.hooks}
         units[None] = set(ds.committed_units(None))
-        return cls(ds.name, ds.info.fingerprint, {h: ds.info.hooks[h].d for h in ds.hooks}, units)
+        rows = {u: ds.unit_counts(None, u)[0] for u in units[None] if (None, u) not in ds.damaged}
+        return cls(ds.name, ds.info.fingerprint, {h: ds.info.hooks[h].d for h in ds.hooks}, units, rows=rows,
+                   context_size=ds.info.context_size, unit_rows=ds.info.unit_rows)
 
     @property
     def info(self) -> Any:
-        return SimpleNamespace(fingerprint=self.fingerprint, hooks={h: SimpleNamespace(d=d) for h, d in self.widths.items()})
+        return SimpleNamespace(fingerprint=self.fingerprint, hooks={h: SimpleNamespace(d=d) for h, d in self.widths.items()},
+                               context_size=self.context_size)
+
+    def unit_counts(self, hook: str | None, unit: int) -> tuple[int, int]:
+        """``(rows, 0)`` of a unit (the SAE planner's held-out split reads its contexts)."""
+        return self.rows.get(unit, self.unit_rows), 0
 
     @property
     def hooks(self) -> list[str]:
@@ -474,7 +484,8 @@ def _plan_extract(job: Job, st: _State, p: Pipeline) -> Step:
         view = DatasetView.of(ds)
     else:  # the identity the extraction will give it: the same function of the same fields
         fp = fingerprint(context_size=spec.tokenize.context_size, dtype=spec.dtype, meta=pr.meta)
-        view = DatasetView(target, fp, {}, {None: set()}, new=True)
+        view = DatasetView(target, fp, {}, {None: set()}, new=True, context_size=spec.tokenize.context_size,
+                           unit_rows=spec.compute.unit_contexts * spec.tokenize.context_size)
     for h in [*pr.hooks, None]:
         view.gained[h] = planned - have[h]
         view.units[h] = view.units.get(h, set()) | planned
@@ -517,7 +528,7 @@ def _plan_extract(job: Job, st: _State, p: Pipeline) -> Step:
 
 def _plan_sae(job: Job, st: _State, p: Pipeline) -> Step:
     from analysis.sae.config import combinations, concrete, resolve_hooks, run_name
-    from analysis.sae.plan import config_hash, describe_diff, resolved_config, split_units
+    from analysis.sae.plan import config_hash, describe_diff, heldout_contexts_needed, resolved_config, split_units
     from store.handles import SAES
 
     spec = job.spec
@@ -526,7 +537,7 @@ def _plan_sae(job: Job, st: _State, p: Pipeline) -> Step:
         hooks = resolve_hooks(spec.hooks, view.hooks, dataset=f"dataset {view.name!r}")
     except ValueError as e:
         raise SpecError(f"{job.entry}: {e}") from None
-    units, holdout = split_units(view, hooks, spec.data.holdout_units)
+    units, holdout = split_units(view, hooks, spec.data.holdout_units, min_contexts=heldout_contexts_needed(spec))
     runs: list[tuple[str, str, dict[str, Any], str]] = []  # (name as the spec makes it, hook, config, hash)
     current = spec.model_copy(update={"dataset": view.name})  # the config records the dataset's (version) name
     for params in combinations(spec):
