@@ -35,6 +35,7 @@ from store.lease import Fence, Lease
 from store.manifest import DatasetInfo
 from store.tokens import TOKEN_COLUMNS, TOKEN_SCHEMA
 from store.verify import RepairReport, VerifyReport
+from store.versions import DatasetVersion
 from store.writer import DatasetWriter
 
 
@@ -56,6 +57,7 @@ __all__ = [
     "BatchIterator",
     "DatasetWriter",
     "DatasetInfo",
+    "DatasetVersion",
     "Lease",
     "Fence",
     "Artifact",
