@@ -56,6 +56,7 @@ def _cmd_rm(args: argparse.Namespace) -> int:
         )
     for d in deps:
         dependents.check_no_links(s, d)
+    dependents.check_not_held(s, [*deps, ref])  # nothing is deleted when any of them is being written
     what = str(ref) + (f" and what was built from it: {', '.join(map(str, deps))}" if deps else "")
     if not args.yes:
         if not sys.stdin.isatty():

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from store import artifacts, layout
-from store.errors import StrataError
+from store.errors import LeaseHeldError, StrataError
 from store.feature_format import FEATURES, load_info, table_dir
 from store.handles import ANALYSES, SAES
 from store.lease import Lease
@@ -191,6 +191,16 @@ def check_no_links(store: Store, ref: Ref) -> None:
             f"refusing to touch {ref}: {', '.join(found[:3])}{' ...' if len(found) > 3 else ''} is a symbolic link, and Strata "
             "never follows a link out of the store root; remove the link itself (or move the real files into the store)"
         )
+
+
+def check_not_held(store: Store, refs: list[Ref]) -> None:
+    """Refuse at once when a live job holds the lease of any of ``refs``, before any of them is
+    deleted (each delete takes its lease again, so a job starting meanwhile is still refused)."""
+    for ref in refs:
+        lease = Lease(store.storage, ref.prefix, what=str(ref))
+        cur = lease.holder()
+        if cur is not None:
+            raise LeaseHeldError(lease.held_message(cur))
 
 
 def _lease(store: Store, ref: Ref, owner: str) -> Lease:

@@ -97,6 +97,10 @@ def test_rm_refuses_while_dependents_exist_and_names_them(chain, capsys):
 
 def test_rm_cascade_deletes_dependents_first(chain, capsys):
     s, root = chain
+    with s.lease("syn", owner="extract job"):  # the target is being written: nothing at all is deleted
+        assert main(["rm", str(root), "syn", "--cascade", "--yes"]) == 2
+        assert "extract job" in capsys.readouterr().err
+    assert s.saes() == ["tiny-topk"] and s.feature_tables() == ["tiny-topk"] and s.analyses() == ["cmp", "solo"]
     assert main(["rm", str(root), "syn", "--cascade", "--yes"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == "deleted dataset 'syn'" and len(lines) == 4
