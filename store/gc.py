@@ -97,7 +97,6 @@ class GcReport:
         return "\n".join(lines)
 
 
-
 def links(storage: Storage) -> list[str]:
     """Keys of the store that are symbolic links (to a folder or a file). No Strata command
     follows one: ``verify`` reports them, ``gc`` lists them as foreign, ``rm`` refuses them."""
@@ -317,9 +316,9 @@ def collect(store: Store, *, grace_s: float = 3600.0, abandoned: Sequence[str] =
     p.temporary()
     report.foreign = links(storage)
     for want in abandoned:
-        work = _pick(report, want)
-        for key in work.keys:
-            report.garbage.append(Garbage(key, _size(storage, key), _age(storage, key, p.now), f"abandoned {work.prefix}: {work.state}"))
+        run = _pick(report, want)
+        for key in run.keys:
+            report.garbage.append(Garbage(key, _size(storage, key), _age(storage, key, p.now), f"abandoned {run.prefix}: {run.state}"))
     return report
 
 
