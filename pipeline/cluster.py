@@ -31,9 +31,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.errors import ClusterError
 
