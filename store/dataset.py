@@ -224,7 +224,9 @@ class ActivationDataset:
             else:
                 protocol.check_key(rec.file.key, layout.shard_key(self.name, hook, unit), where=key)
                 sl = shard_layout(info, hook)
-                if rec.file.nbytes != sl.shard_nbytes(rec.rows) or rec.file.body_bytes != sl.body_nbytes(rec.rows):
+                fine = rec.file.fine is not None  # shards written before fine tables have none
+                if (rec.file.nbytes != sl.shard_nbytes(rec.rows, fine=fine) or rec.file.body_bytes != sl.body_nbytes(rec.rows)
+                        or (fine and rec.file.fine_block_size != sl.fine_block_bytes)):
                     raise CorruptionError(f"{key}: damaged commit record (file sizes do not match {rec.rows} rows)")
             return rec
         except CorruptionError as e:
@@ -404,37 +406,53 @@ class ActivationDataset:
         rec = self._commits.get(hook, {}).get(last)
         return last * self.info.unit_rows + (rec.rows if rec is not None else self.info.unit_rows)
 
-    def _unit_rows(self, hook: str, unit: int, local: np.ndarray | None, lo: int = 0, hi: int | None = None) -> np.ndarray:
-        """Stored values ``[n, d]`` of one unit's rows: ``local`` (sorted unique indices within
-        the unit), or the range ``[lo, hi)``. Only the checksum blocks holding those rows are
-        read and checked (nearby rows share one read). Read-only: callers copy."""
+    def _unit_rows(self, hook: str, unit: int, local: np.ndarray) -> np.ndarray:
+        """Stored values ``[n, d]`` of one unit's rows ``local`` (sorted unique indices within
+        the unit). Only the checksum blocks holding those rows are read and checked (nearby
+        rows share one read). Read-only: callers copy."""
         rec = self.record(hook, unit)
-        hi = rec.rows if hi is None else hi
-        last = hi - 1 if local is None else int(local[-1])
-        if last >= rec.rows:
-            raise RowOutOfRangeError(
-                f"dataset {self.name!r} hook {hook!r}: row {unit * self.info.unit_rows + last} is past the end of unit {unit}, "
-                f"which holds {rec.rows} rows"
-            )
+        self._check_in_unit(hook, unit, rec, int(local[-1]))
         sl = self._layout(hook)
         sdt = storage_dtype(self.info.dtype)
         rb, where = sl.row_bytes, self._where(hook, unit, rec)
-
-        if local is None:
-            buf = protocol.read_checked(self.storage, rec.file, lo * rb, hi * rb, where=where)
-            return buf.view(sdt).reshape(hi - lo, sl.d)
-        # Rows whose checksum blocks touch or adjoin share one range; all ranges in one read.
+        # Rows whose 64 KiB checksum blocks touch or adjoin share one range (a range costs more
+        # Python than hashing 64 KiB does); all ranges in one read. Of a range with gaps only
+        # the blocks holding its rows are checked (the gaps are never handed on), at the
+        # granularity that hashes least: a row's own fine block, or 64 KiB blocks for runs.
         bs = rec.file.block_size
         first_block, last_block = local * rb // bs, ((local + 1) * rb - 1) // bs
         cuts = np.flatnonzero(first_block[1:] > last_block[:-1] + 1) + 1
         groups = np.split(local, cuts)
         spans = [(int(g[0]), int(g[-1]) + 1) for g in groups]
-        bufs = protocol.read_checked_many(self.storage, rec.file, [(a * rb, b * rb) for a, b in spans], where=where)
+        used = [None if g.size == b - a else g * rb for g, (a, b) in zip(groups, spans)]
+        bufs = protocol.read_checked_many(self.storage, rec.file, [(a * rb, b * rb) for a, b in spans], where=where,
+                                          used=used, used_bytes=rb)
         parts = []
         for grp, (a, b), buf in zip(groups, spans, bufs):
             block = buf.view(sdt).reshape(b - a, sl.d)
             parts.append(block if grp.size == b - a else block[grp - a])
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _check_in_unit(self, hook: str, unit: int, rec: CommitRecord, last: int) -> None:
+        if last >= rec.rows:
+            raise RowOutOfRangeError(
+                f"dataset {self.name!r} hook {hook!r}: row {unit * self.info.unit_rows + last} is past the end of unit {unit}, "
+                f"which holds {rec.rows} rows"
+            )
+
+    def _copy_range(self, out: np.ndarray, out_name: str, hook: str, unit: int, lo: int, hi: int) -> None:
+        """Copy rows ``[lo, hi)`` of one unit into ``out`` (``[hi - lo, d]``, C-contiguous),
+        converting dtype: piece by piece, each piece checked just before it is copied, so the
+        copy reads what the check brought into the CPU cache (see ``protocol.iter_checked``).
+        Pieces end on checksum blocks, not rows: they are copied as flat runs of values."""
+        rec = self.record(hook, unit)
+        self._check_in_unit(hook, unit, rec, hi - 1)
+        rb, sdt = self._layout(hook).row_bytes, storage_dtype(self.info.dtype)
+        flat, at = out.reshape(-1), 0
+        for piece in protocol.iter_checked(self.storage, rec.file, lo * rb, hi * rb, where=self._where(hook, unit, rec)):
+            src = piece.view(sdt)
+            _copy_into(flat[at : at + src.size], out_name, src, self.info.dtype)
+            at += src.size
 
     def unit_array(self, hook: str, unit: int) -> np.ndarray:
         """A whole committed unit as a read-only ``[rows, d]`` array of the stored dtype,
@@ -501,7 +519,7 @@ class ActivationDataset:
         out = np.empty((n, d), dtype=out_np)
         at = 0
         for u, lo, hi in blocks:
-            _copy_into(out[at : at + hi - lo], out_name, self._unit_rows(hook, u, None, lo, hi), self.info.dtype)
+            self._copy_range(out[at : at + hi - lo], out_name, hook, u, lo, hi)
             at += hi - lo
         return to_torch(out, out_name) if as_ == "torch" else out
 

@@ -11,10 +11,11 @@ checked.
    visible, their sizes and block checksums, the row count, who wrote it and when, and the
    fencing token of the job's lease. The first record wins; a writer that loses the race reads
    the winner's record (a lost race is harmless: same inputs, same rows).
-3. **Every read is checked.** A file is checksummed in fixed blocks (``xxh3_64`` per block; for
-   activation shards a block is one Zarr chunk), so a partial read checks just the blocks it
-   touches and a whole read checks them all. Damaged bytes raise :class:`CorruptionError`;
-   they are never handed back.
+3. **Every read is checked.** A file is checksummed in fixed blocks (``xxh3_64`` per block;
+   activation shards carry a table of 64 KiB block digests and, for rows narrower than that, a
+   second table of digests of a few whole rows each), so a partial read checks just the blocks
+   it touches, at whichever granularity hashes less, and a whole read checks them all. Damaged
+   bytes raise :class:`CorruptionError`; they are never handed back.
 4. **Records are untrusted input.** A record may only name files at the keys its kind allows
    (inside its own folder, no ``..``); anything else is a damaged record, refused before any
    file is touched.
@@ -33,7 +34,7 @@ import socket
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
@@ -126,10 +127,18 @@ class FileEntry:
 
     Two forms. *Inline*: ``blocks`` lists the digest of each ``block_size`` bytes of the whole
     file (small files: one block). *Table*: the file holds its own table of block digests
-    (``table``: little-endian uint64 ``xxh3_64`` of each ``block_size`` bytes of
+    (``table``: little-endian uint64 ``xxh3_64`` of each ``block_size`` bytes of the body,
     ``[0, table.offset)``), the record holds the table's digest, and ``tail`` covers whatever
-    follows the table. Activation shards use the table form: a commit record stays a few
-    hundred bytes while a read of a few rows checks just the 64 KiB blocks holding them.
+    follows the tables. Activation shards use the table form: a commit record stays a few
+    hundred bytes while a read of a few rows checks just the blocks holding them.
+
+    A table-form file may carry a second, finer table right after the first (``fine``: the
+    digests of each ``fine_block_size`` bytes of the same body; for shards, a few whole rows).
+    Scattered rows are checked against it, so a 3 KiB row costs hashing 3 KiB rather than its
+    64 KiB block; long ranges and whole reads use the coarse table (fewer hash calls). Files
+    written before the fine table existed have none and are read at the coarse granularity::
+
+        [body][coarse table][fine table, optional][tail]
     """
 
     key: str
@@ -138,6 +147,8 @@ class FileEntry:
     blocks: tuple[str, ...] = ()
     table: Region | None = None
     tail: Region | None = None
+    fine: Region | None = None
+    fine_block_size: int = 0
 
     @classmethod
     def of(cls, key: str, data: Buffers, *, block_size: int | None = None) -> FileEntry:
@@ -149,14 +160,22 @@ class FileEntry:
         return cls(key, n, bs, tuple(_hex(int(d)) for d in digests))
 
     @classmethod
-    def with_table(cls, key: str, body_bytes: int, digests: np.ndarray, tail: bytes, *, block_size: int) -> FileEntry:
-        """The entry of a file laid out as ``body, digest table of the body, tail``, given the
-        body's block digests (see :func:`block_digests`); the table's bytes are
-        ``digests.tobytes()``."""
+    def with_table(
+        cls, key: str, body_bytes: int, digests: np.ndarray, tail: bytes, *, block_size: int,
+        fine: np.ndarray | None = None, fine_block_size: int = 0,
+    ) -> FileEntry:
+        """The entry of a file laid out as ``body, digest table of the body, [fine digest
+        table of the body,] tail``, given the body's block digests (see :func:`block_digests`);
+        each table's bytes are ``digests.tobytes()``."""
         table = digests.astype("<u8").tobytes()
         t = Region(body_bytes, len(table), xxhash.xxh3_64_hexdigest(table))
-        tl = Region(body_bytes + len(table), len(tail), xxhash.xxh3_64_hexdigest(tail))
-        return cls(key, body_bytes + len(table) + len(tail), block_size, (), t, tl)
+        f = None
+        if fine is not None:
+            raw = fine.astype("<u8").tobytes()
+            f = Region(t.offset + t.length, len(raw), xxhash.xxh3_64_hexdigest(raw))
+        at = (f or t).offset + (f or t).length
+        tl = Region(at, len(tail), xxhash.xxh3_64_hexdigest(tail))
+        return cls(key, at + len(tail), block_size, (), t, tl, f, fine_block_size if f is not None else 0)
 
     @property
     def body_bytes(self) -> int:
@@ -167,6 +186,8 @@ class FileEntry:
         d: dict[str, Any] = {"key": self.key, "nbytes": self.nbytes, "algo": ALGO, "block_size": self.block_size}
         if self.table is not None and self.tail is not None:
             d["table"], d["tail"] = self.table.to_list(), self.tail.to_list()
+            if self.fine is not None:
+                d["fine"], d["fine_block_size"] = self.fine.to_list(), self.fine_block_size
         else:
             d["blocks"] = list(self.blocks)
         return d
@@ -181,9 +202,18 @@ class FileEntry:
         if "table" in d:
             (to, tn, td), (lo, ln, ld) = d["table"], d["tail"]
             table, tail = Region(int(to), int(tn), str(td)), Region(int(lo), int(ln), str(ld))
-            if tn != 8 * max(1, -(-to // bs)) or lo != to + tn or lo + ln != nbytes:
+            fine, fbs, tables_end = None, 0, to + tn
+            if "fine" in d:  # absent from files written before fine tables existed
+                (fo, fn, fd), fbs = d["fine"], d["fine_block_size"]
+                if not isinstance(fbs, int) or isinstance(fbs, bool) or fbs <= 0:
+                    raise ValueError(f"file entry of {key!r}: bad fine block size {fbs!r}")
+                fine = Region(int(fo), int(fn), str(fd))
+                if fo != to + tn or fn != 8 * max(1, -(-to // fbs)):
+                    raise ValueError(f"file entry of {key!r}: its fine table does not fit its {nbytes} bytes")
+                tables_end = fo + fn
+            if tn != 8 * max(1, -(-to // bs)) or lo != tables_end or lo + ln != nbytes:
                 raise ValueError(f"file entry of {key!r}: its table and tail do not fit its {nbytes} bytes")
-            return cls(key, nbytes, bs, (), table, tail)
+            return cls(key, nbytes, bs, (), table, tail, fine, fbs)
         blocks = d["blocks"]
         if not isinstance(blocks, list) or len(blocks) != max(1, -(-nbytes // bs)):
             raise ValueError(f"file entry of {key!r} lists {len(blocks) if isinstance(blocks, list) else '?'} blocks for {nbytes} bytes")
@@ -341,16 +371,26 @@ def _await_commit_or_orphan(storage: Storage, key: str, record_key: str, orphan_
 # the data blocks it describes are checked on every read.
 _TABLES: OrderedDict[tuple[str, str, str], np.ndarray] = OrderedDict()
 _TABLES_MAX = 1024
+#: What one hash call costs beyond its bytes, as bytes hashed (xxh3 runs at ~15 GB/s, a call
+#: from Python costs ~0.4 us): a range is checked at the granularity with the least
+#: ``bytes hashed + calls * _CALL_BYTES``, so a scattered row hashes its few-row block and a
+#: long range its 64 KiB blocks.
+_CALL_BYTES = 6 << 10
 
 
-def _table(storage: Storage, entry: FileEntry, *, where: str) -> np.ndarray:
-    assert entry.table is not None
-    k = (storage.uri, entry.key, entry.table.digest)
+def _regions(entry: FileEntry) -> list[Region]:
+    """The regions after the body (tables, tail), in file order; each is checked whole."""
+    return [r for r in (entry.table, entry.fine, entry.tail) if r is not None]
+
+
+def _table(storage: Storage, entry: FileEntry, region: Region, *, where: str) -> np.ndarray:
+    k = (storage.uri, entry.key, region.digest)
     got = _TABLES.get(k)
     if got is None:
-        raw = _read(storage, entry, entry.table.offset, entry.table.offset + entry.table.length, where=where)
-        if xxhash.xxh3_64_hexdigest(_flat(raw)) != entry.table.digest:
-            raise CorruptionError(f"{where}: the file's table of block checksums is damaged (run `strata verify --repair`)")
+        raw = _read(storage, entry, region.offset, region.offset + region.length, where=where)
+        if xxhash.xxh3_64_hexdigest(_flat(raw)) != region.digest:
+            which = "fine table" if region is entry.fine else "table"
+            raise CorruptionError(f"{where}: the file's {which} of block checksums is damaged (run `strata verify --repair`)")
         got = np.frombuffer(bytes(raw), dtype="<u8")
         _TABLES[k] = got
         if len(_TABLES) > _TABLES_MAX:
@@ -365,74 +405,158 @@ def _mismatch(where: str, start: int, length: int, what: str) -> CorruptionError
     )
 
 
-def _check_body(storage: Storage, entry: FileEntry, buf: Any, b0: int, b1: int, *, where: str) -> None:
-    mv = _flat(buf)
-    if entry.table is None:
-        for b in range(b0, b1):
-            lo = (b - b0) * entry.block_size
-            hi = min(lo + entry.block_size, len(mv))
-            if xxhash.xxh3_64_hexdigest(mv[lo:hi]) != entry.blocks[b]:
-                raise _mismatch(where, b * entry.block_size, hi - lo, f"block {b}")
+def _check_blocks(
+    storage: Storage, entry: FileEntry, spans: list[tuple[int, int, Any]], *, fine: bool = False, where: str,
+    only: list[np.ndarray | None] | None = None,
+) -> None:
+    """Check the body blocks in reads ``(lo, hi, buf)`` (``lo`` on the block grid, ``hi`` on it
+    or at the body's end) against the coarse digests, or the fine ones; with ``only``, just the
+    listed blocks of a read (where not None). Runs for every read, a few rows each when
+    scattered: plain Python for a few blocks, NumPy for many."""
+    body = entry.body_bytes
+    bs, region = (entry.fine_block_size, entry.fine) if fine else (entry.block_size, entry.table)
+    pieces: list[Any] = []
+    index: list[int] = []
+    for k, (lo, hi, buf) in enumerate(spans):
+        top = hi if hi < body else body
+        blocks = only[k] if only is not None else None
+        if blocks is not None:
+            for b in blocks.tolist():
+                pieces.append(buf[b * bs - lo : min((b + 1) * bs, top) - lo])
+                index.append(b)
+        elif lo < top <= lo + bs:  # one block (a scattered row): no slicing
+            pieces.append(buf if len(buf) == top - lo else buf[: top - lo])
+            index.append(lo // bs)
+        elif lo < body:
+            mv = _flat(buf)
+            for at in range(lo, top, bs):
+                pieces.append(mv[at - lo : (at + bs if at + bs < top else top) - lo])
+                index.append(at // bs)
+        elif body == 0 == lo and region is None:
+            pieces.append(b""), index.append(0)  # an empty file still has its one (empty) block
+    if not pieces:
         return
-    table = _table(storage, entry, where=where)
-    bs, h = entry.block_size, xxhash.xxh3_64_intdigest
-    got = np.fromiter((h(mv[i : i + bs]) for i in range(0, len(mv), bs)), dtype=np.uint64, count=b1 - b0)
-    bad = np.flatnonzero(got != table[b0:b1])
-    if bad.size:
-        b = b0 + int(bad[0])
-        raise _mismatch(where, b * bs, min(bs, len(mv) - int(bad[0]) * bs), f"block {b}")
+    h = xxhash.xxh3_64_intdigest
+    bad = -1
+    if region is None:
+        bad = next((i for i, p in enumerate(pieces) if xxhash.xxh3_64_hexdigest(p) != entry.blocks[index[i]]), -1)
+    elif len(pieces) <= 16:
+        table = _table(storage, entry, region, where=where)
+        bad = next((i for i, (p, b) in enumerate(zip(pieces, index)) if h(p) != table.item(b)), -1)  # .item: a Python int compares fast
+    else:
+        want = _table(storage, entry, region, where=where)[np.asarray(index)]
+        got = np.fromiter(map(h, pieces), dtype=np.uint64, count=len(pieces))
+        wrong = np.flatnonzero(got != want)
+        bad = int(wrong[0]) if wrong.size else -1
+    if bad >= 0:
+        b = index[bad]
+        raise _mismatch(where, b * bs, len(pieces[bad]), f"{'fine block' if fine else 'block'} {b}")
 
 
-def _widen(entry: FileEntry, start: int, end: int) -> tuple[int, int]:
-    """The range to read for bytes ``[start, end)`` so they can be checked: whole body blocks,
-    the whole table, the whole tail."""
+def _check_regions(entry: FileEntry, spans: list[tuple[int, int, Any]], *, where: str) -> None:
+    """Check every table or tail region that reads ``(lo, hi, buf)`` hold whole."""
+    body = entry.body_bytes
+    for lo, hi, buf in spans:
+        if hi <= body:  # body bytes only: nothing to do here
+            continue
+        for region in _regions(entry):
+            if region.length and lo <= region.offset and region.offset + region.length <= hi:
+                part = buf[region.offset - lo : region.offset - lo + region.length]
+                if xxhash.xxh3_64_hexdigest(_flat(part)) != region.digest:
+                    which = "table" if region is entry.table else "fine table" if region is entry.fine else "tail"
+                    raise _mismatch(where, region.offset, region.length, which)
+
+
+def _widen(entry: FileEntry, start: int, end: int, block_size: int) -> tuple[int, int]:
+    """The range to read for bytes ``[start, end)`` so they can be checked: whole body blocks
+    of ``block_size``, and whole regions (tables, tail) after the body."""
     if not 0 <= start <= end <= entry.nbytes:
         raise ValueError(f"byte range {start}..{end} outside the file's {entry.nbytes} bytes")
-    body, bs = entry.body_bytes, entry.block_size
-    tail_at = entry.tail.offset if entry.tail is not None else entry.nbytes
-    lo = (start // bs) * bs if start < body else (body if start < tail_at else tail_at)
-    hi = min(-(-end // bs) * bs, body) if end <= body else (tail_at if end <= tail_at else entry.nbytes)
+    body, after = entry.body_bytes, _regions(entry)
+    if start < body:
+        lo = (start // block_size) * block_size
+    else:
+        lo = next((r.offset for r in reversed(after) if r.offset <= start), body)
+    if end <= body:
+        hi = min(-(-end // block_size) * block_size, body)
+    else:
+        hi = next((r.offset + r.length for r in after if r.offset + r.length >= end), entry.nbytes)
     return lo, hi
 
 
-def _check_ranges(storage: Storage, entry: FileEntry, spans: list[tuple[int, int, np.ndarray]], *, where: str) -> None:
-    """Check widened reads ``(lo, hi, buf)``: their body blocks in one pass, and any table or
-    tail region they hold whole."""
-    body, bs = entry.body_bytes, entry.block_size
-    pieces: list[Any] = []
-    index: list[int] = []
-    for lo, hi, buf in spans:
-        if lo < body:
-            mv = _flat(buf)
-            for at in range(lo, min(hi, body), bs):
-                pieces.append(mv[at - lo : min(at + bs, body, hi) - lo])
-                index.append(at // bs)
-        for region in (entry.table, entry.tail):
-            if region is not None and region.length and lo <= region.offset and region.offset + region.length <= hi:
-                part = buf[region.offset - lo : region.offset - lo + region.length]
-                if xxhash.xxh3_64_hexdigest(_flat(part)) != region.digest:
-                    raise _mismatch(where, region.offset, region.length, "table" if region is entry.table else "tail")
-    if not pieces:
-        return
-    idx = np.asarray(index)
-    if entry.table is not None:
-        want = _table(storage, entry, where=where)[idx]
-        got = np.fromiter((xxhash.xxh3_64_intdigest(p) for p in pieces), dtype=np.uint64, count=len(pieces))
-        bad = np.flatnonzero(got != want)
-    else:
-        bad = np.asarray([i for i, p in enumerate(pieces) if xxhash.xxh3_64_hexdigest(p) != entry.blocks[index[i]]], dtype=np.int64)
-    if bad.size:
-        b = int(idx[bad[0]])
-        raise _mismatch(where, b * bs, len(pieces[int(bad[0])]), f"block {b}")
+def _plan(
+    entry: FileEntry, ranges: list[tuple[int, int]], used: Sequence[np.ndarray | None] | None, used_bytes: int,
+) -> tuple[list[tuple[int, int]], list[bool], list[np.ndarray | None] | None]:
+    """Per range of bytes: the range to read so it can be checked, whether its body blocks are
+    checked at the fine granularity (where that hashes less, counting a hash call as
+    ``_CALL_BYTES``), and, for a range of which only some pieces are used, the blocks holding
+    them (the only ones checked). Runs for every scattered read: kept to plain arithmetic."""
+    body, cbs = entry.body_bytes, entry.block_size
+    fbs = entry.fine_block_size if entry.fine is not None else 0
+    wide: list[tuple[int, int]] = []
+    fine: list[bool] = []
+    only: list[np.ndarray | None] | None = None if used is None else [None] * len(ranges)
+    for i, (a, b) in enumerate(ranges):
+        if b > body or not 0 <= a <= b:  # reaches past the body (or is invalid: _widen says so)
+            wide.append(_widen(entry, a, b, cbs))
+            fine.append(False)
+            continue
+        u = used[i] if used is not None else None
+        if u is not None and 0 < used_bytes <= (fbs or cbs):  # each piece in at most two blocks
+            best: tuple[int, int, np.ndarray] | None = None
+            for bs in (cbs, fbs) if fbs else (cbs,):
+                blocks = np.unique(np.concatenate([u // bs, (u + used_bytes - 1) // bs]))
+                cost = blocks.size * (bs + _CALL_BYTES)
+                if best is None or cost < best[0]:
+                    best = (cost, bs, blocks)
+            assert best is not None and only is not None
+            _, bs, only[i] = best
+            wide.append((a // bs * bs, min(-(-b // bs) * bs, body)))
+            fine.append(bs != cbs)
+            continue
+        lo, hi = a // cbs * cbs, min(-(-b // cbs) * cbs, body)
+        if fbs:
+            flo, fhi = a // fbs * fbs, min(-(-b // fbs) * fbs, body)
+            if fhi - flo + -(-(fhi - flo) // fbs) * _CALL_BYTES < hi - lo + -(-(hi - lo) // cbs) * _CALL_BYTES:
+                wide.append((flo, fhi))
+                fine.append(True)
+                continue
+        wide.append((lo, hi))
+        fine.append(False)
+    return wide, fine, only
 
 
-def read_checked_many(storage: Storage, entry: FileEntry, ranges: list[tuple[int, int]], *, where: str) -> list[np.ndarray]:
+def read_checked_many(
+    storage: Storage, entry: FileEntry, ranges: list[tuple[int, int]], *, where: str,
+    used: Sequence[np.ndarray | None] | None = None, used_bytes: int = 0,
+) -> list[np.ndarray]:
     """Several byte ranges of one committed file (one batched read), each checked: every block
-    it touches. Read-only results: copy what is handed on."""
+    it touches, at the granularity that hashes least (see :class:`FileEntry`). With ``used``,
+    a range whose entry is not None is read whole but only pieces of it are handed on: those
+    ``used_bytes`` long at the given file offsets (scattered rows read in one range); only the
+    blocks holding them are checked, and the caller must use nothing else of that range.
+    Read-only results: copy what is handed on."""
     try:
-        wide = [_widen(entry, a, b) for a, b in ranges]
+        wide, fine, only = _plan(entry, ranges, used, used_bytes)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
+    bufs = _read_ranges(storage, entry, wide, where=where)
+    if _CHECK_READS:
+        spans = [(lo, hi, buf) for (lo, hi), buf in zip(wide, bufs)]
+        if any(hi > entry.body_bytes for _, hi in wide):
+            _check_regions(entry, spans, where=where)
+        n_fine = fine.count(True)
+        for want, n in ((False, len(spans) - n_fine), (True, n_fine)):
+            if n == len(spans):
+                _check_blocks(storage, entry, spans, fine=want, where=where, only=only)
+            elif n:
+                sel = [k for k, f in enumerate(fine) if f == want]
+                _check_blocks(storage, entry, [spans[k] for k in sel], fine=want, where=where,
+                              only=None if only is None else [only[k] for k in sel])
+    return [buf[a - lo : b - lo] for (a, b), (lo, _), buf in zip(ranges, wide, bufs)]
+
+
+def _read_ranges(storage: Storage, entry: FileEntry, wide: list[tuple[int, int]], *, where: str) -> list[np.ndarray]:
     try:
         raws = storage.read_ranges(entry.key, wide)
     except FileNotFoundError:
@@ -443,9 +567,44 @@ def read_checked_many(storage: Storage, entry: FileEntry, ranges: list[tuple[int
         if buf.size != hi - lo:
             raise CorruptionError(f"{where}: file is shorter than its commit record says ({entry.nbytes} bytes; truncated?)")
         bufs.append(buf)
-    if _CHECK_READS:
-        _check_ranges(storage, entry, [(lo, hi, buf) for (lo, hi), buf in zip(wide, bufs)], where=where)
-    return [buf[a - lo : b - lo] for (a, b), (lo, _), buf in zip(ranges, wide, bufs)]
+    return bufs
+
+
+#: Bytes :func:`iter_checked` checks and then hands on at a time: what a core's L2 cache holds
+#: with room left for the caller's copy.
+_PIECE_BYTES = 512 << 10
+
+
+def iter_checked(storage: Storage, entry: FileEntry, start: int, end: int, *, where: str) -> Iterator[np.ndarray]:
+    """Body bytes ``[start, end)`` of a committed file as consecutive read-only views, each
+    handed out right after the blocks holding it are checked. A caller that copies each view
+    at once reads bytes the check has just brought into the CPU cache: checking a long range
+    then costs little more than copying it, where checking it all first and copying it after
+    reads it from memory twice. A damaged block raises before any of its bytes are handed out
+    (the caller drops what it copied of the range). Short ranges come as one view, checked at
+    the granularity that hashes least."""
+    step = max(1, _PIECE_BYTES // entry.block_size) * entry.block_size
+    if end - start <= step or end > entry.body_bytes:
+        yield read_checked(storage, entry, start, end, where=where)
+        return
+    try:
+        lo, hi = _widen(entry, start, end, entry.block_size)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    (buf,) = _read_ranges(storage, entry, [(lo, hi)], where=where)
+    bs, h = entry.block_size, xxhash.xxh3_64_intdigest
+    table = _table(storage, entry, entry.table, where=where) if _CHECK_READS and entry.table is not None else None
+    for a in range(lo, hi, step):
+        b = min(a + step, hi)
+        piece = buf[a - lo : b - lo]
+        if table is not None:  # the blocks of one piece, against a slice of the table: few calls per piece
+            mv = _flat(piece)
+            got = np.fromiter((h(mv[i : i + bs]) for i in range(0, len(mv), bs)), dtype=np.uint64)
+            if not np.array_equal(got, table[a // bs : a // bs + got.size]):
+                _check_blocks(storage, entry, [(a, b, piece)], where=where)  # raises, naming the block
+        elif _CHECK_READS:
+            _check_blocks(storage, entry, [(a, b, piece)], where=where)
+        yield piece[max(a, start) - a : min(b, end) - a]
 
 
 def read_checked(storage: Storage, entry: FileEntry, start: int, end: int, *, where: str) -> np.ndarray:
@@ -461,17 +620,16 @@ def read_whole(storage: Storage, entry: FileEntry, *, where: str) -> np.ndarray:
 
 
 def map_checked(storage: Storage, entry: FileEntry, *, where: str) -> np.ndarray:
-    """The whole committed file memory-mapped where the backend can (read otherwise), checked."""
+    """The whole committed file memory-mapped where the backend can (read otherwise), checked
+    (its body at the coarse granularity: the fewest hash calls)."""
     try:
         data = np.frombuffer(storage.fetch(entry.key, entry.nbytes), dtype=np.uint8)
     except FileNotFoundError:
         raise CorruptionError(f"{where}: file is missing") from None
     if data.size != entry.nbytes:
         raise CorruptionError(f"{where}: {data.size} bytes, the commit record says {entry.nbytes} (truncated?)")
-    _check_body(storage, entry, data[: entry.body_bytes], 0, max(1, -(-entry.body_bytes // entry.block_size)), where=where)
-    for region in (entry.table, entry.tail):
-        if region is not None and xxhash.xxh3_64_hexdigest(_flat(data[region.offset : region.offset + region.length])) != region.digest:
-            raise _mismatch(where, region.offset, region.length, "table" if region is entry.table else "tail")
+    _check_blocks(storage, entry, [(0, entry.body_bytes, data[: entry.body_bytes])], where=where)
+    _check_regions(entry, [(0, entry.nbytes, data)], where=where)
     return data
 
 
@@ -487,7 +645,8 @@ def _read(storage: Storage, entry: FileEntry, lo: int, hi: int, *, where: str) -
 
 
 def verify_file(storage: Storage, entry: FileEntry) -> str | None:
-    """What is wrong with a committed file (size, any block), or None when it is intact."""
+    """What is wrong with a committed file (size, any block at every granularity it carries,
+    its tables and tail), or None when it is intact. Reads each byte once."""
     try:
         size = storage.size(entry.key)
     except FileNotFoundError:
@@ -495,11 +654,20 @@ def verify_file(storage: Storage, entry: FileEntry) -> str | None:
     if size != entry.nbytes:
         return f"{size} bytes, the commit record says {entry.nbytes} (truncated or overwritten)"
     try:
+        body, fbs = entry.body_bytes, entry.fine_block_size if entry.fine is not None else 0
         step = 64 * entry.block_size  # 64 blocks per read keeps memory bounded
-        for at in range(0, entry.body_bytes, step):
-            read_checked(storage, entry, at, min(at + step, entry.body_bytes), where="")
+        for at in range(0, body, step):
+            end = min(at + step, body)
+            # With a fine table, each read reaches on to the end of the fine block straddling
+            # `end`, so every fine block is checked whole by the read it starts in.
+            hi = min(body, -(-end // fbs) * fbs) if fbs else end
+            buf = _read(storage, entry, at, hi, where="")
+            _check_blocks(storage, entry, [(at, end, buf[: end - at])], where="")
+            if fbs:
+                f0 = min(-(-at // fbs) * fbs, hi)  # the first fine block starting in this read
+                _check_blocks(storage, entry, [(f0, hi, buf[f0 - at :])], fine=True, where="")
         if entry.table is not None:
-            read_checked(storage, entry, entry.body_bytes, entry.nbytes, where="")
+            read_checked(storage, entry, body, entry.nbytes, where="")
     except CorruptionError as e:
         return str(e).removeprefix(": ")
     return None

@@ -9,13 +9,18 @@ asyncio codec pipeline, and the files are exactly what zarr writes (tests check 
 them back).
 
 Integrity: between the chunks and the index, a shard holds a table of ``xxh3_64`` digests of
-every 64 KiB block of its chunks (Zarr readers never look there: the index points at the
-chunks); its commit record holds the digests of that table and of the index
-(:mod:`store.protocol`). A read of a few rows checks just the blocks holding them, the commit
-record stays small, and the chunks stay one contiguous ``[rows, d]`` array at the start of the
-file that can be memory-mapped without a copy:
+every 64 KiB block of its chunks and, where rows are narrower than 64 KiB, a fine table of the
+digests of every few whole rows (as many as fit in 4 KiB, at least one: a d=768 float32 row of
+3 KiB has its own digest). Zarr readers never look there: the index points at the chunks. The
+commit record holds the digests of the tables and of the index (:mod:`store.protocol`). Whole
+units and long ranges are checked against the 64 KiB table (fewer hash calls), scattered rows
+against the fine one (a row hashes its own bytes, not its 64 KiB block). The commit record
+stays small, and the chunks stay one contiguous ``[rows, d]`` array at the start of the file
+that can be memory-mapped without a copy:
 
-    [chunk 0 | chunk 1 | ... ]  [block digests]  [zarr index + crc32c]
+    [chunk 0 | chunk 1 | ... ]  [64 KiB block digests]  [row block digests]  [zarr index + crc32c]
+
+Shards written before the fine table existed have none; they read as before, checked at 64 KiB.
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ EMPTY = np.uint64(2**64 - 1)
 #: Bytes per checked block of a shard's chunks: small, so a read of a few rows hashes little
 #: more than it returns.
 BLOCK_BYTES = 64 << 10
+#: Most bytes per fine block (whole rows; one row when a row is wider): a hash call costs about
+#: what hashing 6 KiB does, so much smaller blocks would not make scattered reads cheaper.
+FINE_BLOCK_BYTES = 4 << 10
 
 
 def codec_config(chunk_rows: int, d: int) -> dict[str, Any]:
@@ -85,9 +93,18 @@ class ShardLayout:
     def body_nbytes(self, rows: int) -> int:
         return self.chunks_for(rows) * self.chunk_bytes
 
-    def shard_nbytes(self, rows: int) -> int:
+    @property
+    def fine_block_bytes(self) -> int:
+        """Bytes per fine checked block (whole rows), or 0 (no fine table) when it would not be
+        finer than a 64 KiB block, or than a whole unit."""
+        fine = max(1, FINE_BLOCK_BYTES // self.row_bytes) * self.row_bytes
+        return fine if fine < min(BLOCK_BYTES, self.unit_rows * self.row_bytes) else 0
+
+    def shard_nbytes(self, rows: int, *, fine: bool = True) -> int:
+        """Size of the shard of ``rows`` rows; ``fine=False``: as written before fine tables."""
         body = self.body_nbytes(rows)
-        return body + 8 * max(1, -(-body // BLOCK_BYTES)) + self.index_bytes
+        fb = self.fine_block_bytes if fine else 0
+        return body + 8 * max(1, -(-body // BLOCK_BYTES)) + (8 * max(1, -(-body // fb)) if fb else 0) + self.index_bytes
 
     def chunks_for(self, rows: int) -> int:
         return -(-rows // self.chunk_rows)
@@ -100,18 +117,24 @@ class ShardLayout:
         """The shard of ``data`` (``rows <= unit_rows``): a function giving its file entry
         (sizes and checksums, for the commit record) and the buffers that, written one after
         the other, form it. With ``digest`` (an executor's ``submit``), the block checksums are
-        computed on another thread while the body is written; the table after the body waits
+        computed on another thread while the body is written; the tables after the body wait
         for them."""
         body, index = self._encode(data)
         n = sum(len(memoryview(p).cast("B")) for p in body)
+        fb = self.fine_block_bytes
+
+        def digests() -> tuple[np.ndarray, np.ndarray | None]:
+            return block_digests(body, BLOCK_BYTES)[1], (block_digests(body, fb)[1] if fb else None)
+
         if digest is None:
             done: Future = Future()
-            done.set_result(block_digests(body, BLOCK_BYTES)[1])
+            done.set_result(digests())
         else:
-            done = digest(lambda: block_digests(body, BLOCK_BYTES)[1])
+            done = digest(digests)
+        fine_part: list[Any] = [lambda: done.result()[1].tobytes()] if fb else []
         return (
-            lambda: FileEntry.with_table(key, n, done.result(), index, block_size=BLOCK_BYTES),
-            [*body, lambda: done.result().tobytes(), index],
+            lambda: FileEntry.with_table(key, n, done.result()[0], index, block_size=BLOCK_BYTES, fine=done.result()[1], fine_block_size=fb),
+            [*body, lambda: done.result()[0].tobytes(), *fine_part, index],
         )
 
     def _encode(self, data: np.ndarray) -> tuple[list[memoryview | bytes], bytes]:
