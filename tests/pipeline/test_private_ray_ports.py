@@ -74,17 +74,28 @@ def _agent_ports(procs: list) -> list[int]:
     the agent could bind it): read from the raylet's command line."""
     ports = []
     for q in procs:
-        try:
-            cmd = " ".join(q.cmdline())
-        except psutil.Error:
-            continue
+        cmd = _cmdline(q)
         if "raylet/raylet" in cmd:
             ports += [int(p) for p in re.findall(r"--listen-port=(\d+)", cmd)]
     return ports
 
 
+def _cmdline(q) -> str:
+    try:
+        return " ".join(q.cmdline())
+    except psutil.Error:  # gone meanwhile: Ray starts and ends short-lived processes
+        return ""
+
+
 def _alive(procs: list) -> list:
-    return [q for q in procs if q.is_running() and q.status() != psutil.STATUS_ZOMBIE]
+    alive = []
+    for q in procs:
+        try:
+            if q.is_running() and q.status() != psutil.STATUS_ZOMBIE:
+                alive.append(q)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
 
 
 def _ray_processes_of(tmp_dir: str) -> list:
@@ -160,7 +171,7 @@ def test_two_private_rays_side_by_side_hold_no_fixed_port(tmp_path, agent_port_h
             assert proc.returncode == 0 and "DONE" in out, err[-3000:]
         for name, tree in trees.items():
             _, alive = psutil.wait_procs(tree, timeout=30)
-            assert not _alive(alive), f"{name}'s Ray left {[q.cmdline()[:3] for q in _alive(alive)]}"
+            assert not _alive(alive), f"{name}'s Ray left {[_cmdline(q)[:200] for q in _alive(alive)]}"
     finally:
         for proc, _ in drivers.values():
             if proc.poll() is None:
@@ -176,7 +187,7 @@ def test_a_private_ray_stops_when_its_driver_is_interrupted_or_killed(tmp_path, 
         got = _wait_report(proc, report)
         assert got["secrets"] == ["secret-c"]
         tree = _tree(proc.pid)
-        assert any("ray.scripts.scripts" in " ".join(q.cmdline()) for q in tree)
+        assert any("ray.scripts.scripts" in _cmdline(q) for q in tree)
         if how == "ctrl-c":
             proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends the foreground process
         else:
@@ -184,7 +195,7 @@ def test_a_private_ray_stops_when_its_driver_is_interrupted_or_killed(tmp_path, 
         proc.communicate(timeout=180)
         assert proc.returncode != 0
         _, alive = psutil.wait_procs(tree, timeout=60)
-        assert not _alive(alive), [q.cmdline()[:3] for q in _alive(alive)]
+        assert not _alive(alive), [_cmdline(q)[:200] for q in _alive(alive)]
     finally:
         if proc.poll() is None:
             proc.kill()
