@@ -138,13 +138,13 @@ def verify_store(store: Store, *, kinds: Sequence[str] | None = None, name: str 
         except (StrataError, OSError, ValueError) as e:  # one artifact never stops the others
             check.problems.append(f"{KINDS[kind]}/{n}: could not be checked ({e})")
             check.damaged["unreadable"] = str(e)
-            if kind == "dataset":
-                check.dataset = None
+            check.dataset = None
         prefix = f"{KINDS[kind]}/{n}/"
         check.links = [k for k in links if k.startswith(prefix)]
         report.checks.append(check)
     owned = tuple(f"{KINDS[k]}/{n}/" for k, n in todo)
-    report.links = [k for k in links if not k.startswith(owned)] if name is None else []
+    scope = ("",) if len(kinds) == len(KINDS) else tuple(f"{KINDS[k]}/" for k in kinds)  # narrowed: links of those kinds only
+    report.links = [k for k in links if k.startswith(scope) and not k.startswith(owned)] if name is None else []
     return report
 
 
