@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -163,9 +164,12 @@ def _stop_head(proc: subprocess.Popen) -> None:
                 pass
 
 
-def _start_failure(proc: subprocess.Popen, log_path: Path, why: str) -> ClusterError:
+def _start_failure(log_path: Path, why: str) -> ClusterError:
     tail = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()] if log_path.exists() else []
-    last = next((ln for ln in reversed(tail) if "error" in ln.lower()), tail[-1] if tail else "no output")
+    # The exception `ray start` died of, else its last error line, else its last line.
+    exc = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b")
+    last = next((ln for ln in reversed(tail) if exc.match(ln)), None) or next(
+        (ln for ln in reversed(tail) if "error" in ln.lower()), tail[-1] if tail else "no output")
     return ClusterError(f"could not start a private Ray (`ray start --head` {why}: {last}); its log: {log_path}")
 
 
@@ -242,9 +246,9 @@ def _await_head(proc: subprocess.Popen, tmp: Path, log_path: Path, *, t0: float,
     current = tmp / "ray_current_cluster"
     while not (current.exists() and current.read_text().strip()):
         if proc.poll() is not None:
-            raise _start_failure(proc, log_path, f"exited with {proc.returncode}")
+            raise _start_failure(log_path, f"exited with {proc.returncode}")
         if time.monotonic() - t0 > timeout_s:
-            raise _start_failure(proc, log_path, f"not up after {timeout_s:g} s")
+            raise _start_failure(log_path, f"not up after {timeout_s:g} s")
         time.sleep(0.1)
     address = current.read_text().strip()
     log.info("private Ray head at %s up in %.1f s (logs: %s)", address, time.monotonic() - t0, tmp)

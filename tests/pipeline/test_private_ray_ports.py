@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -87,6 +88,12 @@ def _cmdline(q) -> str:
         return ""
 
 
+def _temp_dir(procs: list) -> Path:
+    """The --temp-dir of the private head's ``ray start`` in ``procs``."""
+    cmd = next(c for c in map(_cmdline, procs) if "ray.scripts.scripts" in c)
+    return Path(re.search(r"--temp-dir (\S+)", cmd).group(1))
+
+
 def _alive(procs: list) -> list:
     alive = []
     for q in procs:
@@ -152,6 +159,8 @@ def test_two_private_rays_side_by_side_hold_no_fixed_port(tmp_path, agent_port_h
     try:
         reports = {name: _wait_report(*d) for name, d in drivers.items()}
         trees = {name: _tree(proc.pid) for name, (proc, _) in drivers.items()}
+        temp_dirs = {name: _temp_dir(tree) for name, tree in trees.items()}
+        assert all(d.is_dir() for d in temp_dirs.values())
         ports = {name: _listening(tree) for name, tree in trees.items()}
         for name, got in reports.items():
             # Each is private, and its workers saw its own driver's environment (credentials).
@@ -172,6 +181,7 @@ def test_two_private_rays_side_by_side_hold_no_fixed_port(tmp_path, agent_port_h
         for name, tree in trees.items():
             _, alive = psutil.wait_procs(tree, timeout=30)
             assert not _alive(alive), f"{name}'s Ray left {[_cmdline(q)[:200] for q in _alive(alive)]}"
+            assert not temp_dirs[name].exists()  # logs and sockets of a clean run go with it
     finally:
         for proc, _ in drivers.values():
             if proc.poll() is None:
@@ -187,7 +197,7 @@ def test_a_private_ray_stops_when_its_driver_is_interrupted_or_killed(tmp_path, 
         got = _wait_report(proc, report)
         assert got["secrets"] == ["secret-c"]
         tree = _tree(proc.pid)
-        assert any("ray.scripts.scripts" in _cmdline(q) for q in tree)
+        kept = _temp_dir(tree)  # its logs stay after an interrupted run; removed here
         if how == "ctrl-c":
             proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends the foreground process
         else:
@@ -196,6 +206,7 @@ def test_a_private_ray_stops_when_its_driver_is_interrupted_or_killed(tmp_path, 
         assert proc.returncode != 0
         _, alive = psutil.wait_procs(tree, timeout=60)
         assert not _alive(alive), [_cmdline(q)[:200] for q in _alive(alive)]
+        shutil.rmtree(kept, ignore_errors=True)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -215,3 +226,4 @@ def test_a_private_ray_that_does_not_come_up_is_one_clear_error_and_leaves_nothi
     while _ray_processes_of(tmp_dir) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not _ray_processes_of(tmp_dir)
+    shutil.rmtree(tmp_dir)  # kept for the error's log
