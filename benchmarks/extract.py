@@ -53,6 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import store  # noqa: E402
+from pipeline.cluster import connect  # noqa: E402
 from pipeline.config import ExtractSpec  # noqa: E402
 from pipeline.extract import plan, prepare, run_extract  # noqa: E402
 from pipeline.tiny import build_tiny, synthetic_docs, write_jsonl  # noqa: E402
@@ -188,14 +189,12 @@ def vision_case(a: argparse.Namespace, work: Path, cpus: int) -> None:
         # The bare loop runs while no Ray runs (no Ray processes share the cores with it), right
         # before and right after each pipeline run, which gets a fresh Ray: the pipeline's rate
         # is compared with the mean of the two (the machine's speed drifts over minutes).
-        ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
-        try:
+        # A private Ray on free ports (pipeline/cluster.py), as `compute.address: null` starts.
+        with connect(None, num_cpus=cpus, log_to_driver=False):
             runs.append(run_extract(job(f"vit-{rnd}"), progress=False))
             # The same loop in a Ray actor holding the worker's CPUs, right after the pipeline.
             actor = ray.remote(num_cpus=cpus)(BareVisionActor).remote(str(folder))
             in_ray.append(ray.get(actor.rate.remote(ray.put(pixels), a.vision_unit, a.vision_batch, cpus)))
-        finally:
-            ray.shutdown()
         after = bare_vision_loop(folder, pixels, a.vision_unit, a.vision_batch, cpus, 3.0)
         r = runs[-1]
         rate = r.steady_tokens_per_s / 197
@@ -289,15 +288,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # Shared CPUs drift by 2x over minutes: measure every contender in each of `rounds`
     # interleaved rounds over the same tokens and keep each one's best run.
-    import ray
-
     bare: list[float] = []
     one: list = []
     every: list = []
     sl: list[float] = []
     sl_error = None
-    ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    try:
+    with connect(None, num_cpus=cpus, log_to_driver=False):  # a private Ray on free ports
         for rnd in range(a.rounds):
             one.append(run_extract(job(f"one-hook-{rnd}", (last,)), progress=False))
             if rnd == 0:
@@ -311,8 +307,6 @@ def main(argv: list[str] | None = None) -> int:
                     sl_error = f"{type(e).__name__}: {e}"
             print(f"round {rnd}: bare {bare[-1]:,.0f}, pipeline 1 hook {one[-1].steady_tokens_per_s:,.0f}, "
                   f"all resid_post {every[-1].steady_tokens_per_s:,.0f}" + (f", sae-lens {sl[-1]:,.0f}" if len(sl) > rnd else "") + " tokens/s", flush=True)
-    finally:
-        ray.shutdown()
     base = max(bare)
     print(f"\nbest of {a.rounds} interleaved rounds, same model, same {n_tok:,} tokens, same batches:")
     print(f"{'bare torch.no_grad() forward loop:':45s}{base:10,.0f} tokens/s   (the bound)")

@@ -69,9 +69,9 @@ def du(path: Path) -> int:
 
 
 def bench_encode(root: Path, args: argparse.Namespace) -> None:
-    import ray
     import torch
 
+    from pipeline.cluster import connect
     from pipeline.encode import EncodeSpec, run_encode
 
     s = store.open(root / "enc")
@@ -85,10 +85,9 @@ def bench_encode(root: Path, args: argparse.Namespace) -> None:
     rows = x.shape[0]
     print(f"\nencode: {rows:,} rows of d_in={args.d_in} (float16 stored), TopK SAE d_sae={args.encode_d_sae} k={args.encode_k}, "
           f"batches of {args.batch_rows} rows, {units} units")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
     threads = os.cpu_count() or 1
     bare, pipe, whole = [], [], []
-    try:
+    with connect(None, num_cpus=os.cpu_count(), log_to_driver=False):  # a private Ray on free ports (pipeline/cluster.py)
         for rnd in range(args.rounds):
             torch.set_num_threads(threads)
             with torch.inference_mode():
@@ -111,8 +110,6 @@ def bench_encode(root: Path, args: argparse.Namespace) -> None:
             print(f"  round {rnd + 1}: bare {max(bare[-args.bare_passes:]):,.0f} rows/s, pipeline steady {pipe[-1]:,.0f} rows/s "
                   f"(whole job {r.seconds:.1f}s incl. Ray start and a {r.merge_seconds:.1f}s merge; in the worker "
                   f"{enc:.1f}s reading + encoding, {wr:.1f}s writing + committing, overlapped)")
-    finally:
-        ray.shutdown()
     b, p = max(bare), max(pipe)
     print(f"| bare `sae.encode` loop over the same rows in memory | {b:,.0f} rows/s | 1.00 | |")
     print(f"| `run_encode` steady (read, encode, write + commit)  | {p:,.0f} rows/s | {p / b:.2f} | >= 0.8 |")

@@ -207,7 +207,7 @@ def _private_auth() -> Iterator[dict[str, str]]:
 
 
 @contextmanager
-def _private_head(*, timeout_s: float | None = None) -> Iterator[str]:
+def _private_head(*, num_cpus: int | None = None, timeout_s: float | None = None) -> Iterator[str]:
     """Start a private Ray head with no fixed port; yield its bootstrap address; stop it, on
     errors and Ctrl-C too. It inherits this process's environment (the job's credentials)."""
     timeout_s = PRIVATE_START_TIMEOUT_S if timeout_s is None else timeout_s
@@ -218,7 +218,7 @@ def _private_head(*, timeout_s: float | None = None) -> Iterator[str]:
                                              "--runtime-env-agent-port", "--metrics-export-port", "--ray-client-server-port")}
     argv = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--port", "0",  # 0: Ray picks a free one
             "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", str(tmp),
-            *(str(a) for kv in ports.items() for a in kv)]
+            *(str(a) for kv in ports.items() for a in kv), *(["--num-cpus", str(num_cpus)] if num_cpus else [])]
     # Node-manager, object-manager and worker ports are Ray's free picks already when not set.
     # PR_SET_PDEATHSIG fires when the forking *thread* ends, so only from the main thread.
     die_with_parent = sys.platform == "linux" and threading.current_thread() is threading.main_thread()
@@ -256,9 +256,10 @@ def _await_head(proc: subprocess.Popen, tmp: Path, log_path: Path, *, t0: float,
 
 
 @contextmanager
-def connect(address: str | None, *, timeout_s: float = 10.0) -> Iterator[Cluster]:
+def connect(address: str | None, *, timeout_s: float = 10.0, num_cpus: int | None = None,
+            log_to_driver: bool = True) -> Iterator[Cluster]:
     """Connect to (or start) the job's Ray cluster; disconnect (or stop it) afterwards when this
-    call connected."""
+    call connected. ``num_cpus`` sizes a private Ray (default: this machine's CPUs)."""
     import ray
 
     global _private_address
@@ -267,12 +268,12 @@ def connect(address: str | None, *, timeout_s: float = 10.0) -> Iterator[Cluster
         private = bool(getattr(node, "head", False)) or (_private_address is not None and node.gcs_address == _private_address)
         yield Cluster(ClusterShape.of_ray(), private=private, address=str(getattr(node, "address", "")))
         return
-    kw = {"include_dashboard": False, "configure_logging": False, "logging_level": logging.WARNING}
+    kw = {"include_dashboard": False, "configure_logging": False, "logging_level": logging.WARNING, "log_to_driver": log_to_driver}
     if address is None and in_ray_job():
         ray.init(address="auto", **kw)
         private = False
     elif address is None:
-        with _private_head() as head:
+        with _private_head(num_cpus=num_cpus) as head:
             try:
                 ray.init(address=head, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}, **kw)
             except (ConnectionError, RuntimeError) as e:

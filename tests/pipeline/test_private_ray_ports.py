@@ -49,7 +49,8 @@ DRIVER = textwrap.dedent("""
     except ClusterError as e:
         print("ERR", e)
         sys.exit(2)
-    print("DONE")
+    # The head's own auth token was this process's only while it ran.
+    print("DONE", all(k not in os.environ for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")))
 """)
 
 
@@ -120,7 +121,8 @@ def _ray_processes_of(tmp_dir: str) -> list:
 def _start(tmp_path: Path, name: str, secret: str, *args: str) -> tuple[subprocess.Popen, Path]:
     report = tmp_path / f"{name}.json"
     env = {**os.environ, "AWS_SECRET_ACCESS_KEY": secret, "AWS_ACCESS_KEY_ID": "AKIA-test"}
-    env.pop("RAY_ADDRESS", None)
+    for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(k, None)
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(report), *args], cwd=ROOT, env=env, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return proc, report
@@ -177,7 +179,7 @@ def test_two_private_rays_side_by_side_hold_no_fixed_port(tmp_path, agent_port_h
             proc.stdin.flush()
         for name, (proc, _) in drivers.items():
             out, err = proc.communicate(timeout=180)
-            assert proc.returncode == 0 and "DONE" in out, err[-3000:]
+            assert proc.returncode == 0 and "DONE True" in out, (out[-1000:], err[-3000:])
         for name, tree in trees.items():
             _, alive = psutil.wait_procs(tree, timeout=30)
             assert not _alive(alive), f"{name}'s Ray left {[_cmdline(q)[:200] for q in _alive(alive)]}"
