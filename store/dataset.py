@@ -406,15 +406,20 @@ class ActivationDataset:
         rec = self._commits.get(hook, {}).get(last)
         return last * self.info.unit_rows + (rec.rows if rec is not None else self.info.unit_rows)
 
-    def _unit_rows(self, hook: str, unit: int, local: np.ndarray) -> np.ndarray:
-        """Stored values ``[n, d]`` of one unit's rows ``local`` (sorted unique indices within
-        the unit). Only the checksum blocks holding those rows are read and checked (nearby
-        rows share one read). Read-only: callers copy."""
+    def _unit_rows(self, hook: str, unit: int, local: np.ndarray | None, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """Stored values ``[n, d]`` of one unit's rows: ``local`` (sorted unique indices within
+        the unit), or the range ``[lo, hi)``. Only the checksum blocks holding those rows are
+        read and checked (nearby rows share one read). Read-only: callers copy."""
         rec = self.record(hook, unit)
-        self._check_in_unit(hook, unit, rec, int(local[-1]))
+        hi = rec.rows if hi is None else hi
+        self._check_in_unit(hook, unit, rec, hi - 1 if local is None else int(local[-1]))
         sl = self._layout(hook)
         sdt = storage_dtype(self.info.dtype)
         rb, where = sl.row_bytes, self._where(hook, unit, rec)
+
+        if local is None:  # a short range is checked in row blocks, a long one in 64 KiB blocks
+            buf = protocol.read_checked(self.storage, rec.file, lo * rb, hi * rb, where=where)
+            return buf.view(sdt).reshape(hi - lo, sl.d)
         # Rows whose 64 KiB checksum blocks touch or adjoin share one range (a range costs more
         # Python than hashing 64 KiB does); all ranges in one read. Of a range with gaps only
         # the blocks holding its rows are checked (the gaps are never handed on), at the
@@ -439,20 +444,6 @@ class ActivationDataset:
                 f"dataset {self.name!r} hook {hook!r}: row {unit * self.info.unit_rows + last} is past the end of unit {unit}, "
                 f"which holds {rec.rows} rows"
             )
-
-    def _copy_range(self, out: np.ndarray, out_name: str, hook: str, unit: int, lo: int, hi: int) -> None:
-        """Copy rows ``[lo, hi)`` of one unit into ``out`` (``[hi - lo, d]``, C-contiguous),
-        converting dtype: piece by piece, each piece checked just before it is copied, so the
-        copy reads what the check brought into the CPU cache (see ``protocol.iter_checked``).
-        Pieces end on checksum blocks, not rows: they are copied as flat runs of values."""
-        rec = self.record(hook, unit)
-        self._check_in_unit(hook, unit, rec, hi - 1)
-        rb, sdt = self._layout(hook).row_bytes, storage_dtype(self.info.dtype)
-        flat, at = out.reshape(-1), 0
-        for piece in protocol.iter_checked(self.storage, rec.file, lo * rb, hi * rb, where=self._where(hook, unit, rec)):
-            src = piece.view(sdt)
-            _copy_into(flat[at : at + src.size], out_name, src, self.info.dtype)
-            at += src.size
 
     def unit_array(self, hook: str, unit: int) -> np.ndarray:
         """A whole committed unit as a read-only ``[rows, d]`` array of the stored dtype,
@@ -519,7 +510,7 @@ class ActivationDataset:
         out = np.empty((n, d), dtype=out_np)
         at = 0
         for u, lo, hi in blocks:
-            self._copy_range(out[at : at + hi - lo], out_name, hook, u, lo, hi)
+            _copy_into(out[at : at + hi - lo], out_name, self._unit_rows(hook, u, None, lo, hi), self.info.dtype)
             at += hi - lo
         return to_torch(out, out_name) if as_ == "torch" else out
 

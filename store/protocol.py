@@ -34,7 +34,7 @@ import socket
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
@@ -568,43 +568,6 @@ def _read_ranges(storage: Storage, entry: FileEntry, wide: list[tuple[int, int]]
             raise CorruptionError(f"{where}: file is shorter than its commit record says ({entry.nbytes} bytes; truncated?)")
         bufs.append(buf)
     return bufs
-
-
-#: Bytes :func:`iter_checked` checks and then hands on at a time: what a core's L2 cache holds
-#: with room left for the caller's copy.
-_PIECE_BYTES = 512 << 10
-
-
-def iter_checked(storage: Storage, entry: FileEntry, start: int, end: int, *, where: str) -> Iterator[np.ndarray]:
-    """Body bytes ``[start, end)`` of a committed file as consecutive read-only views, each
-    handed out right after the blocks holding it are checked. A caller that copies each view
-    at once reads bytes the check has just brought into the CPU cache: checking a long range
-    then costs little more than copying it, where checking it all first and copying it after
-    reads it from memory twice. A damaged block raises before any of its bytes are handed out
-    (the caller drops what it copied of the range). Short ranges come as one view, checked at
-    the granularity that hashes least."""
-    step = max(1, _PIECE_BYTES // entry.block_size) * entry.block_size
-    if end - start <= step or end > entry.body_bytes:
-        yield read_checked(storage, entry, start, end, where=where)
-        return
-    try:
-        lo, hi = _widen(entry, start, end, entry.block_size)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-    (buf,) = _read_ranges(storage, entry, [(lo, hi)], where=where)
-    bs, h = entry.block_size, xxhash.xxh3_64_intdigest
-    table = _table(storage, entry, entry.table, where=where) if _CHECK_READS and entry.table is not None else None
-    for a in range(lo, hi, step):
-        b = min(a + step, hi)
-        piece = buf[a - lo : b - lo]
-        if table is not None:  # the blocks of one piece, against a slice of the table: few calls per piece
-            mv = _flat(piece)
-            got = np.fromiter((h(mv[i : i + bs]) for i in range(0, len(mv), bs)), dtype=np.uint64)
-            if not np.array_equal(got, table[a // bs : a // bs + got.size]):
-                _check_blocks(storage, entry, [(a, b, piece)], where=where)  # raises, naming the block
-        elif _CHECK_READS:
-            _check_blocks(storage, entry, [(a, b, piece)], where=where)
-        yield piece[max(a, start) - a : min(b, end) - a]
 
 
 def read_checked(storage: Storage, entry: FileEntry, start: int, end: int, *, where: str) -> np.ndarray:

@@ -20,7 +20,7 @@ from _data import token_table
 H = "blocks.0.hook_resid_post"
 D = 768  # float32 rows of 3 KiB: 21 rows and a third per 64 KiB block
 CTX, UNIT_CONTEXTS, UNITS = 8, 32, 3
-ROWS = CTX * UNIT_CONTEXTS  # 256 rows, 768 KiB a unit: long reads come in several pieces
+ROWS = CTX * UNIT_CONTEXTS  # 256 rows, 768 KiB a unit: twelve 64 KiB blocks
 RB = D * 4
 
 
@@ -96,7 +96,7 @@ def test_scattered_and_contiguous_reads_equal_numpy(fresh):
         np.testing.assert_array_equal(ds.read(H, rows=idx), ref[idx])
     idx = np.array([700, 3, 3, 255, 256, 257, 2, 700])  # repeats, unit edges, adjacent rows
     np.testing.assert_array_equal(ds.read(H, rows=idx), ref[idx])
-    # Long ranges come in 512 KiB pieces, each checked just before it is copied.
+    # Short ranges are checked in row blocks, long ones in 64 KiB blocks.
     for a, b in [(0, UNITS * ROWS), (100, 700), (170, 171), (ROWS - 1, ROWS + 1), (5, 250)]:
         np.testing.assert_array_equal(ds.read(H, rows=slice(a, b)), ref[a:b])
     np.testing.assert_array_equal(ds.read(H, rows=slice(1, 700, 7)), ref[1:700:7])
@@ -128,7 +128,7 @@ def test_converting_reads_of_narrow_rows_equal_numpy(tmp_path, dtype):
 
 def test_a_flip_deep_in_a_long_read_raises_and_nothing_is_returned(fresh):
     root, s, ref = fresh
-    # Unit 2, row 200: in the second 512 KiB piece of a whole-unit read.
+    # Unit 2, row 200: deep in a whole-unit read, checked in 64 KiB blocks.
     _flip(root / layout.shard_key("ds", H, 2), 200 * RB + 11)
     ds = s.dataset("ds")
     b = (200 * RB + 11) // (64 << 10)
