@@ -10,8 +10,8 @@ them back).
 
 Integrity: between the chunks and the index, a shard holds a table of ``xxh3_64`` digests of
 every 64 KiB block of its chunks and, where rows are narrower than 64 KiB, a fine table of the
-digests of every few whole rows (as many as fit in 4 KiB, at least one: a d=768 float32 row of
-3 KiB has its own digest). Zarr readers never look there: the index points at the chunks. The
+digests of every few whole rows (as many as fit in 8 KiB, at least one: two d=768 float32 rows
+of 3 KiB share a digest). Zarr readers never look there: the index points at the chunks. The
 commit record holds the digests of the tables and of the index (:mod:`store.protocol`). Whole
 units and long ranges are checked against the 64 KiB table (fewer hash calls), scattered rows
 against the fine one (a row hashes its own bytes, not its 64 KiB block). The commit record
@@ -53,9 +53,10 @@ EMPTY = np.uint64(2**64 - 1)
 #: Bytes per checked block of a shard's chunks: small, so a read of a few rows hashes little
 #: more than it returns.
 BLOCK_BYTES = 64 << 10
-#: Most bytes per fine block (whole rows; one row when a row is wider): a hash call costs about
-#: what hashing 6 KiB does, so much smaller blocks would not make scattered reads cheaper.
-FINE_BLOCK_BYTES = 4 << 10
+#: Most bytes per fine block (whole rows; one row when a row is wider). A hash call costs about
+#: what hashing 6 KiB does: smaller blocks would make scattered reads barely cheaper and the
+#: write's second digest pass (one call per block) dearer.
+FINE_BLOCK_BYTES = 8 << 10
 
 
 def codec_config(chunk_rows: int, d: int) -> dict[str, Any]:

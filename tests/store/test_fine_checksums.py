@@ -18,7 +18,7 @@ from store import layout, protocol, shards
 from _data import token_table
 
 H = "blocks.0.hook_resid_post"
-D = 768  # float32 rows of 3 KiB: 21 rows and a third per 64 KiB block
+D = 768  # float32 rows of 3 KiB: two per 6 KiB fine block, 21 and a third per 64 KiB block
 CTX, UNIT_CONTEXTS, UNITS = 8, 32, 3
 ROWS = CTX * UNIT_CONTEXTS  # 256 rows, 768 KiB a unit: twelve 64 KiB blocks
 RB = D * 4
@@ -50,20 +50,20 @@ def fresh(tmp_path):
     return tmp_path, s, ref
 
 
-def test_new_shards_carry_a_fine_table_of_one_row_digests(fresh):
+def test_new_shards_carry_a_fine_table_of_row_block_digests(fresh):
     root, s, ref = fresh
     f = _entry(root, 1)
     raw = (root / f["key"]).read_bytes()
     body = ROWS * RB
     (t_off, t_len, _), (f_off, f_len, f_digest), (i_off, i_len, _) = f["table"], f["fine"], f["tail"]
-    # [chunks][64 KiB digests][one digest per 3 KiB row][Zarr index]
+    # [chunks][64 KiB digests][one digest per two 3 KiB rows][Zarr index]
     assert (t_off, t_len) == (body, 8 * -(-body // (64 << 10)))
-    assert (f["fine_block_size"], f_off, f_len) == (RB, t_off + t_len, 8 * ROWS)
+    assert (f["fine_block_size"], f_off, f_len) == (2 * RB, t_off + t_len, 8 * ROWS // 2)
     assert i_off == f_off + f_len and i_off + i_len == len(raw) == f["nbytes"]
     import xxhash
 
     fine = np.frombuffer(raw[f_off:i_off], "<u8")
-    assert fine.tolist() == [xxhash.xxh3_64_intdigest(raw[r * RB : (r + 1) * RB]) for r in range(ROWS)]
+    assert fine.tolist() == [xxhash.xxh3_64_intdigest(raw[r * RB : (r + 2) * RB]) for r in range(0, ROWS, 2)]
     assert f_digest == xxhash.xxh3_64_hexdigest(raw[f_off:i_off])
     assert s.dataset("ds").verify().ok
 
@@ -75,11 +75,12 @@ def test_a_flipped_byte_anywhere_in_a_scattered_row_raises_at_the_fine_granulari
     _flip(root / layout.shard_key("ds", H, 1), row * RB + at)
     ds = s.dataset("ds")
     g = ROWS + row
-    with pytest.raises(store.CorruptionError, match=rf"unit 1 .*checksum mismatch in bytes {row * RB}\.\.{(row + 1) * RB - 1} \(fine block {row}\)"):
+    with pytest.raises(store.CorruptionError, match=rf"unit 1 .*checksum mismatch in bytes {row * RB}\.\.{(row + 2) * RB - 1} \(fine block {row // 2}\)"):
         ds.read(H, rows=[5, g, 2 * ROWS + 9])
-    # Its neighbours in the same 64 KiB block are intact, and a scattered read of them checks
-    # only their own rows: before fine checksums, the damaged block made them unreadable too.
-    near = np.array([g - 1, g + 1, g + 3])
+    # Rows of other fine blocks in the same 64 KiB block are intact, and a scattered read of
+    # them checks only their own blocks: before fine checksums, the damaged 64 KiB block made
+    # them unreadable too.
+    near = np.array([g - 2, g + 2, g + 4])
     np.testing.assert_array_equal(ds.read(H, rows=near), ref[near])
     # A long read through the damaged row checks its 64 KiB blocks, and raises too.
     with pytest.raises(store.CorruptionError, match=r"unit 1 .*checksum mismatch in bytes 65536\.\.131071 \(block 1\)"):
@@ -112,15 +113,15 @@ def test_converting_reads_of_narrow_rows_equal_numpy(tmp_path, dtype):
     s, ref = _write(tmp_path, dtype=dtype)
     stored = torch.from_numpy(ref).to(getattr(torch, dtype)).float().numpy()  # what the store keeps, widened
     f = _entry(tmp_path, 0)
-    assert f["fine_block_size"] == 2 * D * 2  # 1.5 KiB rows: two to a fine block
+    assert f["fine_block_size"] == 5 * D * 2  # 1.5 KiB rows: five to a fine block
     ds = s.dataset("ds")
     idx = np.array([600, 1, 2, 129, 767])
     np.testing.assert_array_equal(ds.read(H, rows=idx, dtype="float32"), stored[idx])
     np.testing.assert_array_equal(ds.read(H, rows=slice(3, 700), dtype="float32"), stored[3:700])
-    # A flipped byte in row 129 of unit 0 (fine block 64): reads of the row raise, whatever their form.
+    # A flipped byte in row 129 of unit 0 (fine block 25): reads of the row raise, whatever their form.
     _flip(tmp_path / layout.shard_key("ds", H, 0), 129 * D * 2 + 5)
     ds = s.dataset("ds")
-    with pytest.raises(store.CorruptionError, match=r"\(fine block 64\)"):
+    with pytest.raises(store.CorruptionError, match=r"\(fine block 25\)"):
         ds.read(H, rows=[129, 700])
     with pytest.raises(store.CorruptionError, match=r"\(block 3\)"):
         ds.read(H, rows=slice(3, 700))
@@ -142,7 +143,7 @@ def test_a_flip_deep_in_a_long_read_raises_and_nothing_is_returned(fresh):
 def test_a_damaged_fine_table_fails_scattered_reads_and_verify(fresh):
     root, s, ref = fresh
     f = _entry(root, 0)
-    _flip(root / f["key"], f["fine"][0] + 8 * 40 + 2)  # row 40's digest
+    _flip(root / f["key"], f["fine"][0] + 8 * 40 + 2)  # the digest of rows 80 and 81
     protocol._TABLES.clear()  # a fresh process: tables are checked when first loaded
     ds = s.dataset("ds")
     with pytest.raises(store.CorruptionError, match=r"unit 0 .*fine table of block checksums is damaged"):
@@ -151,14 +152,15 @@ def test_a_damaged_fine_table_fails_scattered_reads_and_verify(fresh):
     assert [(p.unit, p.hook) for p in report.problems] == [(0, H)] and "fine table" in report.problems[0].message
 
 
-def test_fine_blocks_are_whole_rows_up_to_4_kib():
+def test_fine_blocks_are_whole_rows_up_to_8_kib():
     def fine(d: int, itemsize: int, unit_rows: int = 4096) -> int:
         return shards.ShardLayout(unit_rows, unit_rows, d, itemsize).fine_block_bytes
 
-    assert fine(768, 4) == 3072  # one 3 KiB row
-    assert fine(768, 2) == 3072  # two 1.5 KiB rows
-    assert fine(64, 2) == 4096  # 32 rows of 128 bytes
-    assert fine(100, 4) == 4000  # 10 rows of 400 bytes
+    assert fine(768, 4) == 6144  # two 3 KiB rows
+    assert fine(768, 2) == 7680  # five 1.5 KiB rows
+    assert fine(64, 2) == 8192  # 64 rows of 128 bytes
+    assert fine(100, 4) == 8000  # 20 rows of 400 bytes
+    assert fine(3000, 4) == 12000  # a 12 KB row is its own block
     assert fine(4096, 4) == 16384  # a 16 KiB row is its own block
     assert fine(16384, 4) == 0  # 64 KiB rows: the coarse table is already per row
     assert fine(768, 4, unit_rows=1) == 0  # a unit of one block: nothing finer to check
