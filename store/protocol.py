@@ -75,6 +75,13 @@ def _flat(part: Any) -> memoryview:
     return mv if mv.ndim == 1 and mv.format == "B" else mv.cast("B")
 
 
+#: Blocks hashed between two yields of the GIL in :func:`block_digests`. The write path hashes on
+#: a helper thread while its own thread writes the same bytes; small blocks make the hashing a
+#: long run of short calls that keep the GIL, and the writing thread, back from each write
+#: call, would wait up to the interpreter's switch interval (5 ms) for it every time.
+_BATCH_BLOCKS = 256
+
+
 def block_digests(data: Buffers, block_size: int) -> tuple[int, np.ndarray]:
     """``(nbytes, digests)``: the ``xxh3_64`` of each ``block_size`` bytes of ``data`` (one
     buffer, or several written one after the other; the last block may be short), as uint64."""
@@ -91,9 +98,10 @@ def block_digests(data: Buffers, block_size: int) -> tuple[int, np.ndarray]:
         while at < len(mv):
             take = min(block_size - filled, len(mv) - at)
             if filled == 0 and take == block_size:  # whole blocks in one buffer: one call each, in a tight loop
-                n = (len(mv) - at) // block_size
+                n = min((len(mv) - at) // block_size, _BATCH_BLOCKS)
                 out.extend(map(xxhash.xxh3_64_intdigest, [mv[i : i + block_size] for i in range(at, at + n * block_size, block_size)]))
                 take = n * block_size
+                time.sleep(0)  # let a waiting thread have the GIL (see _BATCH_BLOCKS)
             else:
                 h.update(mv[at : at + take])
                 filled += take
