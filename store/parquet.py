@@ -4,8 +4,11 @@ Reads go through ``pq.ParquetFile(...).read()``, not ``pq.read_table``: ``read_t
 dataset scanner whose read-ahead tasks run on Arrow's thread pools and can still be running when
 the call has returned; a process that exits just then aborts with "terminate called without an
 active exception" (apache/arrow#34314, #39862). That happened to a Ray job that found nothing to
-do and exited right after reading the store's small tables. ``ParquetFile.read`` decodes in the
-calling thread's own parallel loop and has finished when it returns.
+do and exited right after reading the store's small tables. ``ParquetFile.read`` has finished
+when it returns, and it decodes in the calling thread alone (``use_threads=False``): with its
+decoding on Arrow's CPU pool, one of the 64 processes of ``tests/store/test_parquet.py`` still
+aborted at exit under load, in two suite runs of one session. The store's tables are small (a
+unit's tokens, an index); readers that want parallelism run several reads at once.
 """
 
 from __future__ import annotations
@@ -30,4 +33,4 @@ def read(source: Any) -> pa.Table:
     table. Raises what pyarrow raises for bytes that are not Parquet (``ArrowInvalid``, ``OSError``)."""
     if not isinstance(source, (str, PathLike)):
         source = pa.BufferReader(source)
-    return pq.ParquetFile(source).read()
+    return pq.ParquetFile(source).read(use_threads=False)

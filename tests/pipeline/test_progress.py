@@ -50,6 +50,7 @@ def test_added_hooks_are_said_to_be_what_is_computed(ray_session, tmp_path, tiny
     units = first.num_units
     assert first.units_run == units and first.hooks_computed == [H0] and first.hooks_new == [H0]
     new = [H1, "blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"]
+    caplog.clear()  # the first run's lines are captured too when an earlier test set INFO on this logger
     with caplog.at_level(logging.INFO, logger="pipeline.extract"):
         r = run_extract(spec([H0, *new]), progress=False)
     assert r.units_run == units and r.units_skipped == 0  # every unit runs: each lacks the new hooks
