@@ -24,25 +24,39 @@ def _open(uri: str) -> Any:
     return store.open(uri, create=False)  # reading never creates a store
 
 
+def _input_names(meta: dict[str, Any]) -> str:
+    names = set()
+    for i in meta.get("inputs", []) or []:
+        name = i.get("dataset") if isinstance(i, dict) else i
+        if name:
+            names.add(str(name))
+    return ", ".join(sorted(names))
+
+
 def _cmd_ls(store_uri: str) -> int:
-    from store.errors import FormatVersionError
+    from store.errors import CorruptionError, FormatVersionError
 
     s = _open(store_uri)
     names = s.analyses()
     if not names:
         print(f"{s.uri}: no analyses")
         return 0
+    bad = 0
     for name in names:
-        h = s.analysis(name, allow_stale=True)  # listed, and marked STALE below
-        try:
+        try:  # one damaged analysis is listed as such; the others are listed all the same
+            h = s.analysis(name, allow_stale=True)  # listed, and marked STALE below
             meta = h.meta  # the checked provenance.json
         except FormatVersionError as e:
             print(f"{safe(name)}\tOLD FORMAT: {safe(e)}")
             continue
-        inputs = ", ".join(sorted({str(i.get("dataset")) for i in meta.get("inputs", []) if i.get("dataset")}))
+        except CorruptionError as e:
+            print(f"{safe(name)}\tDAMAGED: {safe(e)}")
+            bad += 1
+            continue
+        inputs = _input_names(meta)
         print(f"{safe(name)}\t{safe(meta.get('kind', '?'))}\tinputs={safe(inputs or '-')}\tfiles={len(h.files)}\t{h.artifact.record.committed_at}"
               + (f"\tSTALE: {safe(h.stale_inputs)}" if h.stale_inputs else ""))
-    return 0
+    return 1 if bad else 0
 
 
 def _cell(v: Any) -> str:

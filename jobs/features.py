@@ -88,13 +88,22 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     if not names:
         print(f"{s.uri}: no feature tables")
         return 0
+    from store.errors import CorruptionError
+
+    bad = 0
     for name in names:
-        fs = s.features(name, allow_stale=True)  # listed, and marked below
-        i = fs.info
-        print(f"{safe(name)}\tsae={safe(i.sae)}\t{safe(i.dataset)}:{safe(i.hook)}\td_sae={i.d_sae}\tunits={len(fs.units)}\tmerged={len(fs.merged_units)}"
+        try:  # one damaged table is listed as such; the others are listed all the same
+            fs = s.features(name, allow_stale=True)  # listed, and marked below
+            i = fs.info
+            units, merged = len(fs.units), len(fs.merged_units)
+        except CorruptionError as e:
+            print(f"{safe(name)}\tDAMAGED: {safe(e)}")
+            bad += 1
+            continue
+        print(f"{safe(name)}\tsae={safe(i.sae)}\t{safe(i.dataset)}:{safe(i.hook)}\td_sae={i.d_sae}\tunits={units}\tmerged={merged}"
               + ("\tSTALE (rerun encode)" if fs.stale else "")
               + (f"\tSTALE: {safe(fs.stale_inputs)}" if fs.stale_inputs else ""))
-    return 0
+    return 1 if bad else 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
