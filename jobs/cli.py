@@ -152,11 +152,6 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-# botocore's error codes that mean "these credentials are missing, wrong or not allowed here".
-_AUTH_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
-               "TokenRefreshRequired", "AuthFailure", "UnrecognizedClientException", "403", "Forbidden")
-
-
 def _store_url(args: argparse.Namespace) -> str:
     """The store a command works on, for an error message: its STORE argument, or the spec's."""
     if isinstance(getattr(args, "store", None), str):
@@ -175,27 +170,13 @@ def _store_url(args: argparse.Namespace) -> str:
 
 
 def _auth_error(e: BaseException, args: argparse.Namespace) -> str | None:
-    """A one-line message for a storage access refused for want of valid credentials (botocore's
-    NoCredentialsError, a 403 ClientError, s3fs's PermissionError), else None. Names the URL,
-    never the credentials (botocore's own messages can carry the key id)."""
-    seen: set[int] = set()
-    cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        name = type(cur).__name__
-        code = ""
-        response = getattr(cur, "response", None)
-        if isinstance(response, dict):
-            code = str(response.get("Error", {}).get("Code", ""))
-        if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "NoAuthTokenError"):
-            why = "no credentials were found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the spec's storage_options)"
-            return f"cannot read {_store_url(args)}: {why}"
-        if code in _AUTH_CODES or (name == "ClientError" and code.startswith("Expired")):
-            return f"cannot read {_store_url(args)}: access refused ({code}): check the credentials and their permissions"
-        if isinstance(cur, PermissionError) and _store_url(args).startswith(("s3://", "gs://", "gcs://")):
-            return f"cannot read {_store_url(args)}: access refused: check the credentials and their permissions"
-        cur = cur.__cause__ or cur.__context__
-    return None
+    """A one-line message for a storage access refused for want of valid credentials (see
+    :func:`store.storage._auth.auth_failure`), else None. Names the URL, never the credentials."""
+    from store.storage._auth import auth_failure
+
+    url = _store_url(args)
+    why = auth_failure(e, remote=url.startswith(("s3://", "gs://", "gcs://")))
+    return None if why is None else f"cannot read {url}: {why}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

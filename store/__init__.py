@@ -11,6 +11,7 @@ from store.dataset import ActivationDataset
 from store.documents import DOC_COLUMNS, DOC_SCHEMA
 from store.errors import (
     CorruptionError,
+    CredentialsError,
     DatasetExistsError,
     DatasetNotFoundError,
     FormatVersionError,
@@ -84,6 +85,7 @@ __all__ = [
     "NotCommittedError",
     "RowOutOfRangeError",
     "StorageError",
+    "CredentialsError",
     "StoreNotFoundError",
     "UnitOutOfRangeError",
     "UnknownDocumentError",

@@ -15,12 +15,20 @@ import pyarrow as pa
 from store import catalog as _catalog
 from store import layout
 from store.dtypes import check_dtype
-from store.errors import DatasetExistsError, DatasetNotFoundError, StorageError, StoreNotFoundError
+from store.errors import (
+    CredentialsError,
+    DatasetExistsError,
+    DatasetNotFoundError,
+    StorageError,
+    StoreNotFoundError,
+    StrataError,
+)
 from store.lease import Lease
 from store.manifest import IDENTITY_META_KEYS, DatasetInfo, fingerprint, load_manifest, write_manifest
 from store.protocol import utcnow
 from store.shards import create_hook_array
 from store.storage import Storage, open_storage
+from store.storage._auth import auth_failure
 from store.writer import DatasetWriter, new_hook_info
 
 if TYPE_CHECKING:
@@ -286,6 +294,15 @@ def open(  # noqa: A001
     ``secret``, ...); by default they come from the usual AWS environment, and they are never
     written into the store. ``durable=True`` fsyncs local files before committing them, so
     commits survive a power loss, at some write throughput."""
-    storage = open_storage(uri, storage_options, durable=durable, create=create)
-    _check_marker(storage, create=create)
+    try:
+        storage = open_storage(uri, storage_options, durable=durable, create=create)
+        _check_marker(storage, create=create)
+    except StrataError:
+        raise
+    except Exception as e:  # a notebook gets one line too, not botocore's 75-line traceback
+        text = os.fspath(uri) if isinstance(uri, (str, os.PathLike)) else repr(uri)
+        why = auth_failure(e, remote="://" in text and not text.startswith("file://"))
+        if why is None:
+            raise
+        raise CredentialsError(f"cannot open store {text}: {why}") from None
     return Store(storage)

@@ -55,6 +55,11 @@ class StorageError(StrataError, OSError):
     """A store root that cannot be opened or written."""
 
 
+class CredentialsError(StorageError, PermissionError):
+    """A remote store that refused access for want of valid credentials (the message names the
+    store, never a credential)."""
+
+
 class StoreNotFoundError(StrataError, FileNotFoundError):
     """A store root that does not exist (or holds no Strata store), opened with ``create=False``."""
 
