@@ -45,6 +45,11 @@ def check_committed(spec: object, s: object) -> tuple[list, list[Outcome], list]
     from analysis.similarity.runner import prepare
 
     prepared = prepare(spec, s)  # type: ignore[arg-type]
+    return (*_split(s, prepared), prepared)
+
+
+def _split(s: Any, prepared: list) -> tuple[list, list[Outcome]]:
+    """(analyses still to compute, outcomes of those committed with the same identity)."""
     todo, out = [], []
     for p in prepared:
         done = _committed(s, p)
@@ -52,7 +57,7 @@ def check_committed(spec: object, s: object) -> tuple[list, list[Outcome], list]
             todo.append(p)
         else:
             out.append(done)
-    return todo, out, prepared
+    return todo, out
 
 
 def _committed(s: Any, p: Any) -> Outcome | None:
@@ -95,13 +100,8 @@ def run_analyze(spec: object) -> list[Outcome]:
         leases = _leases(s, [p.name for p in todo], stack)
         # Checked again under the leases: a job that committed between our check and our lease
         # left its result there, and computing it a second time would only say "written" twice.
-        again = []
-        for p in todo:
-            done = _committed(s, p)
-            if done is None:
-                again.append(p)
-            else:
-                out.append(done)
+        again, found = _split(s, todo)
+        out.extend(found)
         if again:
             with connect(spec.compute.address):  # type: ignore[attr-defined]
                 ex = Executor(use_ray=True)

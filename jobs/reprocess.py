@@ -66,6 +66,7 @@ from jobs.spec import format_error, read_raw
 from pipeline.errors import SpecError
 from store.errors import LeaseHeldError, StoreNotFoundError, StrataError
 from store.layout import check_name, hook_order
+from store.layout import unit_ranges as ranges
 
 log = logging.getLogger(__name__)
 
@@ -422,17 +423,6 @@ class Plan:
         rows = [("JOB", "OUTPUT", "MISSING", "WHY")] + [(st.job.entry, st.output, st.missing, st.why) for st in self.steps]
         w = [max(len(r[i]) for r in rows) for i in range(3)]
         return "\n".join("  ".join(r[i].ljust(w[i]) for i in range(3)) + "  " + r[3] for r in rows)
-
-
-def ranges(units: Sequence[int] | set[int]) -> str:
-    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2, 5, 7-8"``."""
-    out: list[str] = []
-    for u in sorted(units):
-        if out and out[-1][1] == u - 1:
-            out[-1] = (out[-1][0], u)
-        else:
-            out.append((u, u))  # type: ignore[arg-type]
-    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in out)  # type: ignore[misc]
 
 
 def _names(names: Sequence[str], most: int = 3) -> str:

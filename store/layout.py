@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from store.errors import InvalidNameError
 
@@ -154,3 +155,14 @@ def unit_of_commit_key(key: str) -> int | None:
 
 def catalog_key(name: str) -> str:
     return f"{CATALOG}/{check_name(name)}.parquet"
+
+
+def unit_ranges(units: Iterable[int]) -> str:
+    """Units as short ranges, for messages: ``[0, 1, 2, 5, 7, 8]`` -> ``"0-2, 5, 7-8"``."""
+    out: list[list[int]] = []
+    for u in sorted(units):
+        if out and out[-1][1] == u - 1:
+            out[-1][1] = u
+        else:
+            out.append([u, u])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out)

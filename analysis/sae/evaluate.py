@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from analysis.sae.config import EvalSpec
+from store.layout import unit_ranges
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -55,17 +56,6 @@ def _reconstruct(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     if f.is_sparse:
         f = f.to_dense()
     return f, x_hat
-
-
-def _ranges(units: list[int]) -> str:
-    """``[3, 4, 5, 9]`` -> ``"3-5, 9"``."""
-    out: list[list[int]] = []
-    for u in sorted(units):
-        if out and out[-1][1] == u - 1:
-            out[-1][1] = u
-        else:
-            out.append([u, u])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
 
 
 @torch.no_grad()
@@ -116,7 +106,7 @@ def reconstruction_metrics(
         # `num_dead_features` is rewritten to it at save): it fires on no held-out token.
         "dead_features": int((fired == 0).sum()),
         "dead_fraction": float((fired == 0).to(torch.float64).mean()),
-        "dead_window": f"fires on none of the {n:,} held-out tokens of unit(s) {_ranges(units)}"
+        "dead_window": f"fires on none of the {n:,} held-out tokens of unit(s) {unit_ranges(units)}"
                        + (" (special tokens left out)" if skip_special else ""),
         "dense_fraction": float((freq > dense_threshold).to(torch.float64).mean()),
         "dense_threshold": dense_threshold,
