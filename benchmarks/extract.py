@@ -52,11 +52,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import store  # noqa: E402
-from pipeline.cluster import connect  # noqa: E402
-from pipeline.config import ExtractSpec  # noqa: E402
-from pipeline.extract import plan, prepare, run_extract  # noqa: E402
-from pipeline.tiny import build_tiny, synthetic_docs, write_jsonl  # noqa: E402
+from strata import store  # noqa: E402
+from strata.pipeline.cluster import connect  # noqa: E402
+from strata.pipeline.config import ExtractSpec  # noqa: E402
+from strata.pipeline.extract import plan, prepare, run_extract  # noqa: E402
+from strata.pipeline.tiny import build_tiny, synthetic_docs, write_jsonl  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -149,9 +149,9 @@ class BareVisionActor:
 def vision_case(a: argparse.Namespace, work: Path, cpus: int) -> None:
     import ray
 
-    from pipeline.images import ImageSource
-    from pipeline.tiny import build_tiny_vision, synthetic_images
-    from pipeline.vision import load_processor, preprocess
+    from strata.pipeline.images import ImageSource
+    from strata.pipeline.tiny import build_tiny_vision, synthetic_images
+    from strata.pipeline.vision import load_processor, preprocess
 
     folder = work / "vit"
     if not (folder / "config.json").exists():

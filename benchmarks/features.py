@@ -42,10 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import cpu_model, memory_gib  # noqa: E402
 
-import store  # noqa: E402
-from analysis.features.external import put_sae  # noqa: E402
-from analysis.features.synthetic import random_topk_sae, synthetic_dataset, token_table, word_tokenizer_json, write_table  # noqa: E402
-from store.features import FeatureTable  # noqa: E402
+from strata import store  # noqa: E402
+from strata.analysis.features.external import put_sae  # noqa: E402
+from strata.analysis.features.synthetic import random_topk_sae, synthetic_dataset, token_table, word_tokenizer_json, write_table  # noqa: E402
+from strata.store.features import FeatureTable  # noqa: E402
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -71,8 +71,8 @@ def du(path: Path) -> int:
 def bench_encode(root: Path, args: argparse.Namespace) -> None:
     import torch
 
-    from pipeline.cluster import connect
-    from pipeline.encode import EncodeSpec, run_encode
+    from strata.pipeline.cluster import connect
+    from strata.pipeline.encode import EncodeSpec, run_encode
 
     s = store.open(root / "enc")
     ctx, uc = 128, 128

@@ -39,11 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import cpu_model, memory_gib  # noqa: E402
 
-import store  # noqa: E402
-from analysis.sae.config import Run, SAETrainSpec  # noqa: E402
-from analysis.sae.curves import RecordingMultiSAETrainer  # noqa: E402
-from analysis.sae.plan import split_units  # noqa: E402
-from analysis.sae.train import build_sae, train_pass  # noqa: E402
+from strata import store  # noqa: E402
+from strata.analysis.sae.config import Run, SAETrainSpec  # noqa: E402
+from strata.analysis.sae.curves import RecordingMultiSAETrainer  # noqa: E402
+from strata.analysis.sae.plan import split_units  # noqa: E402
+from strata.analysis.sae.train import build_sae, train_pass  # noqa: E402
 
 CTX = 128
 

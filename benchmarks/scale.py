@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-import store  # noqa: E402
-from store import layout  # noqa: E402
+from strata import store  # noqa: E402
+from strata.store import layout  # noqa: E402
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -198,7 +198,7 @@ def _corpus(path: Path, target_tokens: int, model: Path) -> int:
     tokenizer): 2,000 synthetic documents written over and over (each line its own document)."""
     from transformers import AutoTokenizer
 
-    from pipeline.tiny import synthetic_docs
+    from strata.pipeline.tiny import synthetic_docs
 
     docs = synthetic_docs(2000, seed=3)
     tokens_per_doc = sum(len(x) for x in AutoTokenizer.from_pretrained(model)(docs)["input_ids"]) / len(docs)
@@ -218,10 +218,10 @@ def _plan_once(work: Path, model: Path, corpus: Path, tag: str) -> dict[str, flo
     script = f"""
 import json, resource, sys, time
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-import store
-from pipeline.cluster import connect
-from pipeline.config import ExtractSpec
-from pipeline.extract import plan, prepare
+from strata import store
+from strata.pipeline.cluster import connect
+from strata.pipeline.config import ExtractSpec
+from strata.pipeline.extract import plan, prepare
 spec = ExtractSpec(store={str(work / ('acts-' + tag))!r}, name="plan", model={{"id": {str(model)!r}}}, corpus={{"path": {str(corpus)!r}}},
                    hooks=["blocks.0.hook_resid_post"], tokenize={{"context_size": 1024}}, compute={{"unit_contexts": 256}})
 t0 = time.perf_counter()
@@ -243,7 +243,7 @@ print("RESULT " + json.dumps({{"tokens": tokens, "docs": p.scan.docs, "units": p
 
 
 def bench_plan(root: Path, tokens: int) -> None:
-    from pipeline.tiny import build_tiny
+    from strata.pipeline.tiny import build_tiny
 
     model = build_tiny(root / "model", family="gpt2", layers=2, d_model=64, heads=4, max_positions=1024, vocab_size=1024, seed=0)
     for target in (tokens // 10, tokens):

@@ -135,7 +135,7 @@ def token_table(unit: int, rows: int) -> pa.Table:
 
 def write_pair(root: Path, n: int, d: int, dtype: str, seed: int = 0) -> float:
     """Dataset PAIR: two related hooks of width d, >= n rows; returns the seconds it took."""
-    import store
+    from strata import store
 
     units = -(-n // UNIT_ROWS)
     t0 = time.perf_counter()
@@ -162,7 +162,7 @@ def write_pair(root: Path, n: int, d: int, dtype: str, seed: int = 0) -> float:
 
 def write_layers(root: Path, n: int, d: int, hooks: int, dtype: str, seed: int = 1) -> float:
     """Dataset LAYERS: a residual-stream-like walk over ``hooks`` layers of width d."""
-    import store
+    from strata import store
 
     units = -(-n // UNIT_ROWS)
     t0 = time.perf_counter()
@@ -201,18 +201,18 @@ def run_child(spec: dict) -> None:
     watch = MemoryWatch()
     out: dict = {}
     if kind == "imports":  # the floor: interpreter + imports + an open dataset
-        import store
-        from analysis import similarity  # noqa: F401
+        from strata import store
+        from strata.analysis import similarity  # noqa: F401
 
         store.open(spec["store"], create=False).dataset(PAIR)
     elif kind == "compare":
         import torch
 
-        import store
-        from analysis.similarity import CompareOptions, plan_compare
-        from analysis.similarity._tasks import Executor
+        from strata import store
+        from strata.analysis.similarity import CompareOptions, plan_compare
+        from strata.analysis.similarity._tasks import Executor
 
-        cmp = sys.modules["analysis.similarity.compare"]  # the module (the package exports the function under its name)
+        cmp = sys.modules["strata.analysis.similarity.compare"]  # the module (the package exports the function under its name)
 
         ds = store.open(spec["store"], create=False).dataset(PAIR)
         # compare() = plan_compare + run_compare; for streaming metrics run_compare is
@@ -232,7 +232,7 @@ def run_child(spec: dict) -> None:
         out = {"seconds": t3 - t0, "plan_seconds": t1 - t0, "stream_seconds": t2 - t1, "metrics_seconds": t3 - t2,
                "metrics_seconds_1thread": t5 - t4, "torch_threads": threads, "values": values}
     elif kind == "gram":
-        import store
+        from strata import store
 
         ds = store.open(spec["store"], create=False).dataset(PAIR)
         n = spec["n"]
@@ -292,7 +292,7 @@ def bare_comoments(x: np.ndarray, y: np.ndarray, n: int, dtype: type = np.float6
 
 def moments_in_memory(x: np.ndarray, y: np.ndarray, n: int) -> float:
     """Seconds of Strata's co-moment updates (float64) over the same in-memory chunks."""
-    from analysis.similarity import Moments
+    from strata.analysis.similarity import Moments
 
     m = Moments(x.shape[1], y.shape[1])
     t0 = time.perf_counter()
@@ -309,7 +309,7 @@ def fmt_rate(rows_per_s: float) -> str:
 
 
 def part_stream(root: Path, ns: list[int], d: int, dtype: str, rounds: int, summary: list, moments_ref: bool = True) -> None:
-    import store
+    from strata import store
 
     item = np.dtype(dtype).itemsize
     print(f"\n[1] streaming compare ({', '.join(STREAM_METRICS)}), d={d} {dtype}, chunks of {CHUNK:,} rows, "
@@ -435,9 +435,9 @@ def part_gram(root: Path, n: int, d: int, gram_runs: int, summary: list) -> None
 
 
 def part_heatmap(root: Path, n: int, d: int, hooks: int, pairs_limit: int | None, rounds: int, summary: list) -> None:
-    import store
-    from analysis.similarity import HeatmapOptions, compare, layer_heatmap
-    from analysis.similarity._tasks import Executor
+    from strata import store
+    from strata.analysis.similarity import HeatmapOptions, compare, layer_heatmap
+    from strata.analysis.similarity._tasks import Executor
 
     ds = store.open(root, create=False).dataset(LAYERS)
     names = ds.hooks

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-import store
+from strata import store
 
 CTX = 128
 
@@ -150,7 +150,7 @@ def bench_read(root: Path, ds: store.ActivationDataset, full: np.ndarray, repeat
 def bench_partial(ds: store.ActivationDataset, repeats: int, queries: int = 400) -> dict[str, tuple[float, float]]:
     """Rows/s of partial reads with every block checked vs the very same reads with the block
     checks switched off (``store.protocol._CHECK_READS``): what checking costs, nothing else."""
-    from store import protocol
+    from strata.store import protocol
 
     hook = "blocks.0.hook_resid_post"
     n = ds.num_rows(hook)

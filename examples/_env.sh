@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # A tiny GPT-2-shaped model with a tokenizer trained on the shipped corpus (no download).
 build_tiny_gpt2() {
   if [ ! -f models/tiny-gpt2/config.json ]; then
-    python -m pipeline.tiny models/tiny-gpt2 --family gpt2 --layers 4 --d-model 128 --heads 4 \
+    python -m strata.pipeline.tiny models/tiny-gpt2 --family gpt2 --layers 4 --d-model 128 --heads 4 \
       --max-positions 512 --vocab-size 1024 --seed 0 --corpus examples/corpus.jsonl
   fi
 }

@@ -9,7 +9,7 @@ strata extract examples/quickstart.yaml "$@"
 # Verify what the job wrote: the spec's store and name, with any --set overrides applied.
 read -r STORE NAME < <(python - "$@" <<'PY'
 import sys
-from jobs.spec import read_raw
+from strata.jobs.spec import read_raw
 args, sets = sys.argv[1:], []
 for i, a in enumerate(args):
     if a == "--set" and i + 1 < len(args):
@@ -25,7 +25,7 @@ cat <<'TXT'
 
 Open it from a notebook:
 
-    import store
+    from strata import store
     ds = store.open("./acts", create=False).dataset("tiny-gpt2-quickstart")
     ds.info                                   # model, revision, tokenizer, corpus fingerprint, hooks, units
     x = ds.read("blocks.3.hook_resid_post", rows=slice(0, 4096), as_="torch")

@@ -5,8 +5,8 @@
 set -euo pipefail
 . "$(dirname "$0")/_env.sh"
 
-[ -f models/tiny-vit/config.json ] || python -m pipeline.tiny models/tiny-vit --family vit --layers 4 --d-model 128 --heads 4 --seed 0
-[ -f data/shapes/metadata.jsonl ] || python -m pipeline.tiny data/shapes --images 48 --seed 0
+[ -f models/tiny-vit/config.json ] || python -m strata.pipeline.tiny models/tiny-vit --family vit --layers 4 --d-model 128 --heads 4 --seed 0
+[ -f data/shapes/metadata.jsonl ] || python -m strata.pipeline.tiny data/shapes --images 48 --seed 0
 strata extract examples/vision.yaml "$@"
 strata verify ./acts tiny-vit-shapes
 
@@ -17,7 +17,7 @@ cat <<'TXT'
 
 Open it from a notebook:
 
-    import store
+    from strata import store
     s = store.open("./acts", create=False)
     ds = s.dataset("tiny-vit-shapes")
     ds.docs()                                  # image id, size, caption, label, row span
@@ -26,7 +26,7 @@ Open it from a notebook:
     t = ds.tokens()                            # token_id: -1 CLS (special), 0..15 the patches, row-major
     cls = ds.read("blocks.3.hook_resid_post", rows=t.filter(pc.equal(t["token_id"], -1))["row"].to_numpy())
 
-    from analysis import similarity
+    from strata.analysis import similarity
     similarity.compare((ds, "blocks.3.hook_resid_post"), (s.dataset("tiny-gpt2-captions"), "blocks.3.hook_resid_post"),
                        metrics=["mutual_knn", "linear_cka"], align="docs", pool=("cls", "last"))
 TXT

@@ -41,7 +41,7 @@ def safe_lines(text: str) -> str:
 
 # Strata's own packages: `-v` turns these to DEBUG; every other library stays at WARNING, since
 # botocore's and s3fs's DEBUG logs print request headers and signing material.
-OWN_LOGGERS = ("store", "pipeline", "analysis", "jobs", "strata")
+OWN_LOGGERS = ("strata",)
 # Environment variables and option keys whose values are credentials.
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "RAY_AUTH_TOKEN",
               "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS")

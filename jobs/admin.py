@@ -15,8 +15,8 @@ def _duration(text: str) -> float:
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:
-    import store
-    from store import gc
+    from strata import store
+    from strata.store import gc
 
     s = store.open(args.store, create=False)
     abandoned = args.abandoned or []
@@ -34,10 +34,10 @@ def _cmd_gc(args: argparse.Namespace) -> int:
 
 
 def _cmd_rm(args: argparse.Namespace) -> int:
-    import store
-    from store import dependents
-    from store.dependents import Ref
-    from store.errors import StrataError
+    from strata import store
+    from strata.store import dependents
+    from strata.store.dependents import Ref
+    from strata.store.errors import StrataError
 
     s = store.open(args.store, create=False)
     ref = Ref(args.kind, args.name)  # an invalid name is a one-line error before anything is read

@@ -15,11 +15,11 @@ import json
 import sys
 from typing import Any
 
-from jobs._text import safe
+from strata.jobs._text import safe
 
 
 def _open(uri: str) -> Any:
-    import store
+    from strata import store
 
     return store.open(uri, create=False)  # reading never creates a store
 
@@ -34,7 +34,7 @@ def _input_names(meta: dict[str, Any]) -> str:
 
 
 def _cmd_ls(store_uri: str) -> int:
-    from store.errors import CorruptionError, FormatVersionError
+    from strata.store.errors import CorruptionError, FormatVersionError
 
     s = _open(store_uri)
     names = s.analyses()
@@ -112,7 +112,7 @@ def _cmd_show(store_uri: str, name: str, rows: int, *, as_json: bool = False) ->
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from pipeline.errors import SpecError
+    from strata.pipeline.errors import SpecError
 
     target, rest = args.target, list(args.rest)
     if target == "ls":
@@ -127,7 +127,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         return _cmd_show(rest[0], rest[1], args.rows, as_json=args.json)
     if rest:
         raise SpecError(f"unexpected arguments after the spec: {' '.join(rest)}; usage: strata analyze SPEC.yaml [--set key=value ...]")
-    from jobs.analyze_run import main as run_main
+    from strata.jobs.analyze_run import main as run_main
 
     return run_main([target, *sum((["--set", kv] for kv in args.set or []), [])])
 
@@ -148,7 +148,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argpars
 if __name__ == "__main__":
     import logging
 
-    from jobs.analyze_run import main
+    from strata.jobs.analyze_run import main
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     sys.exit(main())

@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from jobs.spec import load_extract_spec
+from strata.jobs.spec import load_extract_spec
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pipeline.extract import run_extract
-    from store.errors import StrataError
+    from strata.pipeline.extract import run_extract
+    from strata.store.errors import StrataError
 
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:

@@ -23,9 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from jobs.spec import load_spec
-    from pipeline.encode import EncodeSpec, run_encode
-    from store.errors import StrataError
+    from strata.jobs.spec import load_spec
+    from strata.pipeline.encode import EncodeSpec, run_encode
+    from strata.store.errors import StrataError
 
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:

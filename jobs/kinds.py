@@ -12,8 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from jobs.spec import format_error, read_raw
-from pipeline.errors import SpecError
+from strata.jobs.spec import format_error, read_raw
+from strata.pipeline.errors import SpecError
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,10 @@ class JobKind:
 
 
 KINDS = (
-    JobKind("extract", "pipeline.config:ExtractSpec", "jobs.extract", ("store", "corpus.path", "model.id"), ("model", "corpus")),
-    JobKind("sae", "analysis.sae.config:SAETrainSpec", "jobs.sae_train", ("store",), ("architecture",)),
-    JobKind("features", "pipeline.encode:EncodeSpec", "jobs.features_encode", ("store",), ("sae",)),
-    JobKind("analysis", "analysis.similarity.spec:AnalyzeSpec", "jobs.analyze_run", ("store",), ("analyses",)),
+    JobKind("extract", "strata.pipeline.config:ExtractSpec", "strata.jobs.extract", ("store", "corpus.path", "model.id"), ("model", "corpus")),
+    JobKind("sae", "strata.analysis.sae.config:SAETrainSpec", "strata.jobs.sae_train", ("store",), ("architecture",)),
+    JobKind("features", "strata.pipeline.encode:EncodeSpec", "strata.jobs.features_encode", ("store",), ("sae",)),
+    JobKind("analysis", "strata.analysis.similarity.spec:AnalyzeSpec", "strata.jobs.analyze_run", ("store",), ("analyses",)),
 )
 
 

@@ -61,12 +61,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from jobs.kinds import JobKind, detect
-from jobs.spec import format_error, read_raw
-from pipeline.errors import SpecError
-from store.errors import LeaseHeldError, StoreNotFoundError, StrataError
-from store.layout import check_name, hook_order
-from store.layout import unit_ranges as ranges
+from strata.jobs.kinds import JobKind, detect
+from strata.jobs.spec import format_error, read_raw
+from strata.pipeline.errors import SpecError
+from strata.store.errors import LeaseHeldError, StoreNotFoundError, StrataError
+from strata.store.layout import check_name, hook_order
+from strata.store.layout import unit_ranges as ranges
 
 log = logging.getLogger(__name__)
 
@@ -383,7 +383,7 @@ class _State:
         return self.saes[name]
 
     def artifact(self, kind: str, name: str) -> Any:
-        from store import artifacts
+        from strata.store import artifacts
 
         return None if self.s is None else artifacts.get(self.s.storage, kind, name)
 
@@ -435,10 +435,10 @@ def _revision_value(revision: str) -> str:
 
 
 def _plan_extract(job: Job, st: _State, p: Pipeline) -> Step:
-    from pipeline import models
-    from pipeline.extract import _check_committed, prepare
-    from pipeline.extract import plan as plan_units
-    from store.manifest import fingerprint
+    from strata.pipeline import models
+    from strata.pipeline.extract import _check_committed, prepare
+    from strata.pipeline.extract import plan as plan_units
+    from strata.store.manifest import fingerprint
 
     spec = job.spec
     base, target, moved = spec.name, spec.name, ""
@@ -517,9 +517,9 @@ def _plan_extract(job: Job, st: _State, p: Pipeline) -> Step:
 
 
 def _plan_sae(job: Job, st: _State, p: Pipeline) -> Step:
-    from analysis.sae.config import combinations, concrete, resolve_hooks, run_name
-    from analysis.sae.plan import config_hash, describe_diff, heldout_contexts_needed, resolved_config, split_units
-    from store.handles import SAES
+    from strata.analysis.sae.config import combinations, concrete, resolve_hooks, run_name
+    from strata.analysis.sae.plan import config_hash, describe_diff, heldout_contexts_needed, resolved_config, split_units
+    from strata.store.handles import SAES
 
     spec = job.spec
     view = st.dataset(spec.dataset)
@@ -584,9 +584,9 @@ def _plan_sae(job: Job, st: _State, p: Pipeline) -> Step:
 def _check_checkpoints(job: Job, st: _State, runs: list[tuple[str, dict[str, Any], str]]) -> None:
     """An SAE this run trains must not have checkpoints of another config: the job refuses to
     resume them (:func:`analysis.sae.plan.plan`), so the plan refuses first, before any work."""
-    from analysis.sae import checkpoint
-    from analysis.sae.plan import describe_diff
-    from store.artifacts import ArtifactExistsError
+    from strata.analysis.sae import checkpoint
+    from strata.analysis.sae.plan import describe_diff
+    from strata.store.artifacts import ArtifactExistsError
 
     if st.s is None:
         return
@@ -600,16 +600,16 @@ def _check_checkpoints(job: Job, st: _State, runs: list[tuple[str, dict[str, Any
 
 
 def _lineage_dataset(st: _State, name: str, default: str) -> str:
-    from store.handles import SAES
+    from strata.store.handles import SAES
 
     art = st.artifact(SAES, name)
     return str(art.read_json("lineage.json").get("dataset", default)) if art is not None else default
 
 
 def _plan_features(job: Job, st: _State, p: Pipeline) -> Step:
-    from pipeline.encode import check_table
-    from store.feature_format import FeatureTableExistsError, load_info, unit_records
-    from store.feature_merge import load_generation
+    from strata.pipeline.encode import check_table
+    from strata.store.feature_format import FeatureTableExistsError, load_info, unit_records
+    from strata.store.feature_merge import load_generation
 
     spec = job.spec
     sv = st.sae(spec.sae)
@@ -681,8 +681,8 @@ def _analysis_version(name: str, datasets: dict[str, str], saes: dict[str, str],
 
 
 def _plan_analysis(job: Job, st: _State, p: Pipeline) -> Step:
-    from analysis.similarity.runner import prepare
-    from store.handles import ANALYSES
+    from strata.analysis.similarity.runner import prepare
+    from strata.store.handles import ANALYSES
 
     spec = job.spec
     step = Step(job, "analysis " + ", ".join(a.name for a in spec.analyses))
@@ -748,7 +748,7 @@ _PLANNERS = {"extract": _plan_extract, "sae": _plan_sae, "features": _plan_featu
 
 
 def _open_store(uri: str, options: dict[str, Any] | None) -> Any:
-    import store
+    from strata import store
 
     try:
         return store.open(uri, storage_options=options, create=False)  # planning never creates a store
@@ -793,9 +793,9 @@ def _spec_for(step: Step) -> Any:
 
 
 def _delete_analyses(step: Step) -> None:
-    import store
-    from store import artifacts
-    from store.handles import ANALYSES
+    from strata import store
+    from strata.store import artifacts
+    from strata.store.handles import ANALYSES
 
     spec = step.job.spec
     s = store.open(spec.store, storage_options=spec.storage_options, create=False)
@@ -811,20 +811,20 @@ def _run_here(step: Step) -> None:
     spec, kind = _spec_for(step), step.job.kind.name
     progress = sys.stderr.isatty()
     if kind == "extract":
-        from pipeline.extract import run_extract
+        from strata.pipeline.extract import run_extract
 
         print(run_extract(spec, progress=progress).message)
     elif kind == "sae":
-        from analysis.sae.job import run_job
+        from strata.analysis.sae.job import run_job
 
         for o in run_job(spec).outcomes:
             print(f"SAE {o.name}: {o.status}" + (f" in {o.seconds:.1f}s" if o.status != "unchanged" else ""))
     elif kind == "features":
-        from pipeline.encode import run_encode
+        from strata.pipeline.encode import run_encode
 
         print(run_encode(spec, progress=progress).message)
     else:
-        from jobs.analyze_run import run_analyze
+        from strata.jobs.analyze_run import run_analyze
 
         _delete_analyses(step)
         for o in run_analyze(spec):
@@ -833,7 +833,7 @@ def _run_here(step: Step) -> None:
 
 def _submit(step: Step, p: Pipeline, address: str) -> int:
     """Run one step's job as a Ray Job on the cluster at ``address`` and wait for it."""
-    from jobs.submit import submit
+    from strata.jobs.submit import submit
 
     if step.job.kind.name == "analysis":
         _delete_analyses(step)  # here: the submitter reads and writes the same store as the cluster
@@ -872,7 +872,7 @@ def execute(plan: Plan, *, submit: str | None = None) -> int:
     addresses = {getattr(st.job.spec.compute, "address", None) for st in todo}
     shared = contextlib.nullcontext()
     if submit is None and sum(_needs_ray(st) for st in todo) > 1 and len(addresses) == 1:
-        from pipeline.cluster import connect
+        from strata.pipeline.cluster import connect
 
         shared = connect(addresses.pop())  # one Ray for every job, not one start per job
     try:

@@ -11,9 +11,9 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from jobs._text import safe
-from pipeline.config import ExtractSpec
-from pipeline.errors import SpecError
+from strata.jobs._text import safe
+from strata.pipeline.config import ExtractSpec
+from strata.pipeline.errors import SpecError
 
 S = TypeVar("S", bound=BaseModel)
 

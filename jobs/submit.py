@@ -1,6 +1,6 @@
 """`strata submit SPEC.yaml` runs any job kind as a Ray Job; `strata jobs ls|status|logs|stop`.
 
-A submission ships the project's packages (``py_modules``) and the resolved spec (relative
+A submission ships the ``strata`` package (``py_modules``, staged as one folder) and the resolved spec (relative
 local paths made absolute, secret storage options removed: the cluster's workers use their own
 credentials) in a temporary working directory; nothing else of the submitter's environment.
 The submission id is derived from the spec's content (``strata-KIND-NAME-DIGEST``): submitting a
@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from jobs._text import safe, safe_lines
+from strata.jobs._text import safe, safe_lines
 
 ACTIVE = ("PENDING", "RUNNING")
 
@@ -52,8 +52,8 @@ def client(address: str | None) -> Any:
     """A Ray Jobs client for ``address`` (or ``RAY_API_SERVER_ADDRESS``), checked to answer."""
     from ray.job_submission import JobSubmissionClient
 
-    from pipeline.cluster import check_reachable
-    from pipeline.errors import ClusterError, SpecError
+    from strata.pipeline.cluster import check_reachable
+    from strata.pipeline.errors import ClusterError, SpecError
 
     addr = address or os.environ.get("RAY_API_SERVER_ADDRESS") or ""
     if not addr and os.environ.get("RAY_ADDRESS", "").startswith("http"):
@@ -69,19 +69,28 @@ def client(address: str | None) -> Any:
         raise ClusterError(f"cannot use the Ray job server at {addr!r}: {str(e).splitlines()[0]}") from None
 
 
-def _packages() -> list[str]:
-    import analysis
-    import jobs
-    import pipeline
-    import store
+def _package(into: str) -> str:
+    """The ``strata`` package as installed here, staged as one folder under ``into`` for
+    ``py_modules``: the cluster imports ``strata.jobs...`` exactly as this machine does, and
+    nothing named bare ``store`` or ``jobs`` lands on its path."""
+    import shutil
 
-    return [str(Path(m.__file__).parent) for m in (store, pipeline, analysis, jobs)]
+    import strata
+    from strata import analysis, jobs, pipeline, store
+
+    dest = Path(into, "strata")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    dest.mkdir(parents=True)
+    shutil.copy2(Path(strata.__file__), dest / "__init__.py")
+    for name, mod in (("store", store), ("pipeline", pipeline), ("analysis", analysis), ("jobs", jobs)):
+        shutil.copytree(Path(mod.__file__).parent, dest / name, ignore=ignore)
+    return str(dest)
 
 
 def prepare(spec_path: str, overrides: list[str]) -> tuple[Any, dict[str, Any], str, str]:
     """(kind, resolved spec mapping, submission id base, spec YAML), validated, with no secret."""
-    from jobs.kinds import detect, localize
-    from store.storage import public_options
+    from strata.jobs.kinds import detect, localize
+    from strata.store.storage import public_options
 
     kind, _, raw = detect(spec_path, overrides)
     raw = localize(kind, raw)
@@ -98,8 +107,8 @@ def check_store(spec_path: str, overrides: list[str]) -> None:
     """Before anything is shipped: the job's own checks against the store as seen from here,
     so a conflict with what it holds (an SAE name with another config, a feature table, dataset
     or analysis with another identity) is one line here, not a failure on the cluster."""
-    from jobs.checks import presubmit
-    from jobs.kinds import detect
+    from strata.jobs.checks import presubmit
+    from strata.jobs.kinds import detect
 
     kind, spec, _ = detect(spec_path, overrides)  # with its storage options: the store is read from here
     presubmit(kind.name, spec)
@@ -117,13 +126,13 @@ def submit(spec_path: str, overrides: list[str], *, address: str | None, wait: b
     else:
         taken = {j.submission_id for j in mine}
         job_id = base if base not in taken else next(f"{base}-{n}" for n in range(2, 10_000) if f"{base}-{n}" not in taken)
-        with tempfile.TemporaryDirectory(prefix="strata-submit-") as work:
+        with tempfile.TemporaryDirectory(prefix="strata-submit-") as work, tempfile.TemporaryDirectory(prefix="strata-pkg-") as pkg:
             Path(work, "spec.yaml").write_text(text)
             _submit_when_ready(
                 c,
                 entrypoint=f"python -m {kind.entry} spec.yaml --no-progress",
                 submission_id=job_id,
-                runtime_env={"working_dir": work, "py_modules": _packages(), "env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+                runtime_env={"working_dir": work, "py_modules": [_package(pkg)], "env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
                 metadata={"strata_kind": kind.name, "strata_spec": base},
             )
         print(f"submitted {job_id} ({kind.name} job)")
@@ -191,7 +200,7 @@ def _took(start_ms: int | None, end_ms: int | None) -> str:
 
 def _job_info(c: Any, job_id: str) -> Any:
     """The job's details; an id the cluster does not know is bad input (exit 2), not a traceback."""
-    from pipeline.errors import SpecError
+    from strata.pipeline.errors import SpecError
 
     try:
         return c.get_job_info(job_id)
@@ -203,7 +212,7 @@ def _job_info(c: Any, job_id: str) -> Any:
 
 def _cmd_jobs(args: argparse.Namespace) -> int:
     if args.action != "ls" and not args.job:
-        from pipeline.errors import SpecError
+        from strata.pipeline.errors import SpecError
 
         raise SpecError(f"`strata jobs {args.action}` needs a job id (see `strata jobs ls`)")
     c = client(args.address)

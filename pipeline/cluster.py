@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import ClusterError
+from strata.pipeline.errors import ClusterError
 
 log = logging.getLogger(__name__)
 

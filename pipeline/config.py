@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from store.storage import public_options
+from strata.store.storage import public_options
 
 
 class Section(BaseModel):
@@ -91,7 +91,7 @@ class CorpusSpec(Section):
     @field_validator("keep_fields")
     @classmethod
     def _keep(cls, v: list[str]) -> list[str]:
-        from store.documents import DOC_COLUMNS
+        from strata.store.documents import DOC_COLUMNS
 
         clash = [f for f in v if f in DOC_COLUMNS]
         if clash:
@@ -175,7 +175,7 @@ class ExtractSpec(Section):
     @field_validator("name", "version_of")
     @classmethod
     def _name(cls, v: str | None) -> str | None:
-        from store.layout import check_name
+        from strata.store.layout import check_name
 
         if v is not None:
             check_name(v)

@@ -39,19 +39,19 @@ import numpy as np
 import xxhash
 from pydantic import Field, field_validator
 
-import store
-from pipeline.cluster import connect
-from pipeline.config import Section
-from pipeline.errors import PipelineError, SpecError, WorkerError
-from pipeline.pool import PoolShape, Task, UnitPool, pool_shape
-from pipeline.worker import peak_rss_bytes
-from store.errors import CorruptionError, LeaseHeldError
-from store.feature_format import FeatureTableExistsError, FeatureTableInfo, load_info, unit_records
-from store.feature_merge import build, load_generation
-from store.feature_stats import HIST_BINS, HIST_HI, HIST_LO
-from store.feature_writer import FeatureWriter, clean_orphans, create_or_open, identity_diff, publish, table_lease
-from store.lease import Fence
-from store.storage import public_options
+from strata import store
+from strata.pipeline.cluster import connect
+from strata.pipeline.config import Section
+from strata.pipeline.errors import PipelineError, SpecError, WorkerError
+from strata.pipeline.pool import PoolShape, Task, UnitPool, pool_shape
+from strata.pipeline.worker import peak_rss_bytes
+from strata.store.errors import CorruptionError, LeaseHeldError
+from strata.store.feature_format import FeatureTableExistsError, FeatureTableInfo, load_info, unit_records
+from strata.store.feature_merge import build, load_generation
+from strata.store.feature_stats import HIST_BINS, HIST_HI, HIST_LO
+from strata.store.feature_writer import FeatureWriter, clean_orphans, create_or_open, identity_diff, publish, table_lease
+from strata.store.lease import Fence
+from strata.store.storage import public_options
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class EncodeSpec(Section):
     @field_validator("sae", "name")
     @classmethod
     def _names(cls, v: str | None) -> str | None:
-        from store.layout import check_name
+        from strata.store.layout import check_name
 
         return v if v is None else check_name(v, what="SAE or feature table")
 

@@ -51,24 +51,24 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-import store
-from pipeline import models
-from pipeline.cluster import connect, in_ray_job
-from pipeline.config import ExtractSpec, ImageSpec
-from pipeline.corpus import CorpusScan, iter_corpus, scan_corpus
-from pipeline.errors import CorpusError, SpecError, WorkerError
-from pipeline.hooks import expand_hooks, family_of, hook_sites
-from pipeline.images import ImageScan, ImageSource, iter_images, scan_images
-from pipeline.packing import Contexts, TokenizerInfo, encode_batch, num_units, tokenizer_info
-from pipeline.plan import FileSource, Packer, TokenSource
-from pipeline.pool import Task, UnitPool, pool_shape
-from pipeline.vision import CLS_TOKEN, ImagePacker, ImagePrep, check_images, prepare_images, vision_config
-from pipeline.worker import UnitWorker, WorkerConfig, peak_rss_bytes
-from store.errors import DatasetExistsError, LeaseHeldError, StorageError
-from store.manifest import IDENTITY_META_KEYS
-from store.manifest import fingerprint as dataset_fingerprint
-from store.storage import public_options
-from store.verify import last_outcome
+from strata import store
+from strata.pipeline import models
+from strata.pipeline.cluster import connect, in_ray_job
+from strata.pipeline.config import ExtractSpec, ImageSpec
+from strata.pipeline.corpus import CorpusScan, iter_corpus, scan_corpus
+from strata.pipeline.errors import CorpusError, SpecError, WorkerError
+from strata.pipeline.hooks import expand_hooks, family_of, hook_sites
+from strata.pipeline.images import ImageScan, ImageSource, iter_images, scan_images
+from strata.pipeline.packing import Contexts, TokenizerInfo, encode_batch, num_units, tokenizer_info
+from strata.pipeline.plan import FileSource, Packer, TokenSource
+from strata.pipeline.pool import Task, UnitPool, pool_shape
+from strata.pipeline.vision import CLS_TOKEN, ImagePacker, ImagePrep, check_images, prepare_images, vision_config
+from strata.pipeline.worker import UnitWorker, WorkerConfig, peak_rss_bytes
+from strata.store.errors import DatasetExistsError, LeaseHeldError, StorageError
+from strata.store.manifest import IDENTITY_META_KEYS
+from strata.store.manifest import fingerprint as dataset_fingerprint
+from strata.store.storage import public_options
+from strata.store.verify import last_outcome
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import UnknownHookError, UnsupportedModelError
+from strata.pipeline.errors import UnknownHookError, UnsupportedModelError
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(hook_\w+)$")
 

@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xxhash
 
-from pipeline.corpus import CorpusScan, _check_field, _lines, _stable_id, load_hf_dataset
-from pipeline.errors import CorpusError
+from strata.pipeline.corpus import CorpusScan, _check_field, _lines, _stable_id, load_hf_dataset
+from strata.pipeline.errors import CorpusError
 
 if TYPE_CHECKING:
-    from pipeline.config import CorpusSpec
+    from strata.pipeline.config import CorpusSpec
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 SIDECAR = "metadata.jsonl"
@@ -178,7 +178,7 @@ def _iter_parquet(src: CorpusSpec, files_out: list[str]) -> Iterator[tuple[Any, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.corpus import _files
+    from strata.pipeline.corpus import _files
 
     files = _files(src)
     files_out.extend(files)
@@ -240,7 +240,7 @@ def _iter_hf(src: CorpusSpec, files_out: list[str]) -> Iterator[tuple[Any, bytes
 def iter_images(src: CorpusSpec, *, batch_docs: int = 256, scan: ImageScan | None = None) -> Iterator[ImageBatch]:
     """The corpus's images in a deterministic order, ``batch_docs`` at a time (memory: one
     batch of encoded images). ``scan``, when given, is filled in as the pass goes."""
-    from store.pairing import SetHash
+    from strata.store.pairing import SetHash
 
     scan = scan if scan is not None else ImageScan()
     reader = {"images": _iter_folder, "parquet": _iter_parquet, "hf": _iter_hf}[src.format]

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from pipeline.errors import ModelNotFoundError
+from strata.pipeline.errors import ModelNotFoundError
 
 if TYPE_CHECKING:
-    from pipeline.config import ModelSpec
+    from strata.pipeline.config import ModelSpec
 
 log = logging.getLogger(__name__)
 

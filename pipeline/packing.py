@@ -177,7 +177,7 @@ def pack(
 ) -> Contexts:
     """Pack tokenized documents into contexts, all of them, in memory (see the module docstring;
     :class:`pipeline.plan.Packer` builds any range of them from tokens kept out of memory)."""
-    from pipeline.plan import MemorySource, Packer
+    from strata.pipeline.plan import MemorySource, Packer
 
     p = Packer(MemorySource(tokens), np.asarray(doc_ids), tok, context_size, packing, prepend_bos, split_long)
     return p.contexts(0, len(p))

@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
-from pipeline.packing import Contexts, Encoded, EncodedBatch, TokenizerInfo
+from strata.pipeline.packing import Contexts, Encoded, EncodedBatch, TokenizerInfo
 
 Packing = Literal["concat", "truncate"]
 

@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.cluster import ClusterShape
-from pipeline.errors import WorkerError
+from strata.pipeline.cluster import ClusterShape
+from strata.pipeline.errors import WorkerError
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class UnitPool:
                         ) from None
                     except ray.exceptions.RayTaskError as e:
                         cause = e.cause if getattr(e, "cause", None) is not None else e
-                        from store.errors import StrataError
+                        from strata.store.errors import StrataError
 
                         if isinstance(cause, StrataError):
                             raise cause from None  # a one-line error of ours, e.g. a lost lease

@@ -35,8 +35,8 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
-from pipeline.errors import ModelNotFoundError, SpecError
-from pipeline.packing import Contexts
+from strata.pipeline.errors import ModelNotFoundError, SpecError
+from strata.pipeline.packing import Contexts
 
 CLS_TOKEN = -1
 

@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.hooks import Capture, family_of, hook_sites
-from pipeline.models import ResolvedModel, load_model
-from pipeline.packing import Contexts
-from pipeline.vision import ImageContexts, ImagePrep, load_processor, preprocess
+from strata.pipeline.hooks import Capture, family_of, hook_sites
+from strata.pipeline.models import ResolvedModel, load_model
+from strata.pipeline.packing import Contexts
+from strata.pipeline.vision import ImageContexts, ImagePrep, load_processor, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def peak_rss_bytes() -> int:
 
 class UnitWorker:
     def __init__(self, cfg: WorkerConfig) -> None:
-        import store
+        from strata import store
 
         try:
             import transformers

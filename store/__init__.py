@@ -1,15 +1,15 @@
 """Strata's store: activation datasets in Zarr v3 + Parquet on a local disk or S3.
 
-    import store
+    from strata import store
     s = store.open("./acts")
     ds = s.dataset("pythia-70m-pile")
     x = ds.read("blocks.3.hook_resid_post", rows=slice(0, 4096))
 """
 
-from store.core import Store, open
-from store.dataset import ActivationDataset
-from store.documents import DOC_COLUMNS, DOC_SCHEMA
-from store.errors import (
+from strata.store.core import Store, open
+from strata.store.dataset import ActivationDataset
+from strata.store.documents import DOC_COLUMNS, DOC_SCHEMA
+from strata.store.errors import (
     CorruptionError,
     CredentialsError,
     DatasetExistsError,
@@ -29,21 +29,21 @@ from store.errors import (
     UnknownDocumentError,
     WriteMismatchError,
 )
-from store.aligned import AlignmentError, align_tokens, iter_aligned
-from store.artifacts import Artifact, ArtifactExistsError, ArtifactNotFoundError
-from store.handles import AnalysisHandle, SAEHandle
-from store.lease import Fence, Lease
-from store.manifest import DatasetInfo
-from store.tokens import TOKEN_COLUMNS, TOKEN_SCHEMA
-from store.verify import RepairReport, VerifyReport
-from store.versions import DatasetVersion
-from store.writer import DatasetWriter
+from strata.store.aligned import AlignmentError, align_tokens, iter_aligned
+from strata.store.artifacts import Artifact, ArtifactExistsError, ArtifactNotFoundError
+from strata.store.handles import AnalysisHandle, SAEHandle
+from strata.store.lease import Fence, Lease
+from strata.store.manifest import DatasetInfo
+from strata.store.tokens import TOKEN_COLUMNS, TOKEN_SCHEMA
+from strata.store.verify import RepairReport, VerifyReport
+from strata.store.versions import DatasetVersion
+from strata.store.writer import DatasetWriter
 
 
 def __getattr__(name: str):  # noqa: ANN202
     # The batch iterator needs torch; importing it only when asked keeps `import store` light.
     if name == "BatchIterator":
-        from store.batches import BatchIterator
+        from strata.store.batches import BatchIterator
 
         return BatchIterator
     raise AttributeError(f"module 'store' has no attribute {name!r}")

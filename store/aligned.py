@@ -38,13 +38,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from store.dtypes import storage_dtype, to_torch
-from store.errors import NotCommittedError, StrataError
+from strata.store.dtypes import storage_dtype, to_torch
+from strata.store.errors import NotCommittedError, StrataError
 
 if TYPE_CHECKING:
     import torch
 
-    from store.dataset import ActivationDataset
+    from strata.store.dataset import ActivationDataset
 
 __all__ = ["AlignmentError", "Alignment", "AlignedBatches", "align_tokens", "iter_aligned"]
 

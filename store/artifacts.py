@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from store import protocol
-from store.errors import CorruptionError, StrataError
-from store.layout import check_name
-from store.lease import Fence, Lease
-from store.protocol import CommitRecord, FileEntry
+from strata.store import protocol
+from strata.store.errors import CorruptionError, StrataError
+from strata.store.layout import check_name
+from strata.store.lease import Fence, Lease
+from strata.store.protocol import CommitRecord, FileEntry
 
 if TYPE_CHECKING:
-    from store.storage import Storage
+    from strata.store.storage import Storage
 
 _KIND = re.compile(r"^[a-z][a-z0-9_]*(/[A-Za-z0-9][A-Za-z0-9_.@+=-]*(/[a-z][a-z0-9_]*)?)*$")
 _FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@+=-]*(/[A-Za-z0-9_][A-Za-z0-9_.@+=-]*)*$")

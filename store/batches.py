@@ -40,11 +40,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from store.dtypes import storage_dtype, to_torch
-from store.errors import NotCommittedError
+from strata.store.dtypes import storage_dtype, to_torch
+from strata.store.errors import NotCommittedError
 
 if TYPE_CHECKING:
-    from store.dataset import ActivationDataset
+    from strata.store.dataset import ActivationDataset
 
 _END = object()
 _TORCH_OUT = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}

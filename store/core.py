@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from store import catalog as _catalog
-from store import layout
-from store.dtypes import check_dtype
-from store.errors import (
+from strata.store import catalog as _catalog
+from strata.store import layout
+from strata.store.dtypes import check_dtype
+from strata.store.errors import (
     CredentialsError,
     DatasetExistsError,
     DatasetNotFoundError,
@@ -23,21 +23,21 @@ from store.errors import (
     StoreNotFoundError,
     StrataError,
 )
-from store.lease import Lease
-from store.manifest import IDENTITY_META_KEYS, DatasetInfo, fingerprint, load_manifest, write_manifest
-from store.protocol import utcnow
-from store.shards import create_hook_array
-from store.storage import Storage, open_storage
-from store.storage._auth import auth_failure
-from store.writer import DatasetWriter, new_hook_info
+from strata.store.lease import Lease
+from strata.store.manifest import IDENTITY_META_KEYS, DatasetInfo, fingerprint, load_manifest, write_manifest
+from strata.store.protocol import utcnow
+from strata.store.shards import create_hook_array
+from strata.store.storage import Storage, open_storage
+from strata.store.storage._auth import auth_failure
+from strata.store.writer import DatasetWriter, new_hook_info
 
 if TYPE_CHECKING:
     from zarr.abc.store import Store as ZarrStore
 
-    from store.dataset import ActivationDataset
-    from store.features import FeatureTable
-    from store.handles import AnalysisHandle, SAEHandle
-    from store.versions import DatasetVersion
+    from strata.store.dataset import ActivationDataset
+    from strata.store.features import FeatureTable
+    from strata.store.handles import AnalysisHandle, SAEHandle
+    from strata.store.versions import DatasetVersion
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,10 @@ class Store:
     def dataset(self, name: str, *, version: str | None = None) -> ActivationDataset:
         """The dataset of exactly that name; with ``version``, one of the versions of ``name``
         (see :meth:`versions`): ``"latest"`` the newest, or a revision (a prefix of its hash)."""
-        from store.dataset import ActivationDataset
+        from strata.store.dataset import ActivationDataset
 
         if version is not None:
-            from store.versions import pick
+            from strata.store.versions import pick
 
             name = pick(self, name, version)
         try:
@@ -94,7 +94,7 @@ class Store:
         """The versions of dataset ``name``, oldest first by creation time: the dataset itself and
         those made from it when its model's revision moved (``strata reprocess`` names them
         ``name@REVISION``). Each has ``.name``, ``.revision``, ``.short``, ``.created_at``."""
-        from store.versions import versions
+        from strata.store.versions import versions
 
         return versions(self, name)
 
@@ -202,21 +202,21 @@ class Store:
 
     def saes(self) -> list[str]:
         """Names of the committed SAEs."""
-        from store import artifacts
-        from store.handles import SAES
+        from strata.store import artifacts
+        from strata.store.handles import SAES
 
         return artifacts.names(self.storage, SAES)
 
     def sae(self, name: str) -> SAEHandle:
         """A committed SAE (``.load()``, ``.lineage``, ``.metrics``, ``.path``)."""
-        from store.handles import SAEHandle
+        from strata.store.handles import SAEHandle
 
         return SAEHandle(self, name)
 
     def analyses(self) -> list[str]:
         """Names of the committed analysis results."""
-        from store import artifacts
-        from store.handles import ANALYSES
+        from strata.store import artifacts
+        from strata.store.handles import ANALYSES
 
         return artifacts.names(self.storage, ANALYSES)
 
@@ -224,7 +224,7 @@ class Store:
         """A committed analysis result (``.table()``, ``.meta``). One computed from a dataset
         (or SAE) since replaced under the same name raises ``StaleArtifactError`` unless
         ``allow_stale`` (to inspect or remove it)."""
-        from store.handles import AnalysisHandle
+        from strata.store.handles import AnalysisHandle
 
         return AnalysisHandle(self, name, allow_stale=allow_stale)
 
@@ -232,19 +232,19 @@ class Store:
         """A feature table of SAE latents (``.stats()``, ``.top(f, k)``, ``.activations(f)``, ``.latents(rows=...)``).
         One whose dataset was replaced under the same name raises ``StaleArtifactError``
         unless ``allow_stale`` (to inspect or remove it)."""
-        from store.features import FeatureTable
+        from strata.store.features import FeatureTable
 
         return FeatureTable(self, name, allow_stale=allow_stale)
 
     def feature_tables(self) -> list[str]:
         """Names of the feature tables."""
-        from store.features import table_names
+        from strata.store.features import table_names
 
         return table_names(self)
 
     def artifact_lease(self, kind: str, name: str, *, owner: str = "", stale_after_s: float = 60.0) -> Lease:
         """The write lease of an artifact folder (``saes``/``analyses``/... and a name)."""
-        from store import artifacts
+        from strata.store import artifacts
 
         return artifacts.lease(self.storage, kind, name, owner=owner, stale_after_s=stale_after_s)
 

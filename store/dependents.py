@@ -19,14 +19,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from store import artifacts, layout
-from store.errors import LeaseHeldError, StrataError
-from store.feature_format import FEATURES, load_info, table_dir
-from store.handles import ANALYSES, SAES
-from store.lease import Lease
+from strata.store import artifacts, layout
+from strata.store.errors import LeaseHeldError, StrataError
+from strata.store.feature_format import FEATURES, load_info, table_dir
+from strata.store.handles import ANALYSES, SAES
+from strata.store.lease import Lease
 
 if TYPE_CHECKING:
-    from store.core import Store
+    from strata.store.core import Store
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from store import parquet
-from store.errors import CorruptionError, UnknownDocumentError, WriteMismatchError
+from strata.store import parquet
+from strata.store.errors import CorruptionError, UnknownDocumentError, WriteMismatchError
 
 DOC_SCHEMA = pa.schema(
     [

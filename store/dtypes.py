@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from store.errors import WriteMismatchError
+from strata.store.errors import WriteMismatchError
 
 # torch is imported only when tensors are involved: `strata ls` and readers that want NumPy
 # should not pay its ~3 s import.

@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from store import parquet, protocol, sealed
-from store.errors import CorruptionError, FormatVersionError, StrataError
-from store.layout import attempt_key, attempt_key_pattern, check_name
-from store.protocol import FileEntry
-from store.storage import Storage
+from strata.store import parquet, protocol, sealed
+from strata.store.errors import CorruptionError, FormatVersionError, StrataError
+from strata.store.layout import attempt_key, attempt_key_pattern, check_name
+from strata.store.protocol import FileEntry
+from strata.store.storage import Storage
 
 FEATURES = "features"
 FORMAT = "strata.features"

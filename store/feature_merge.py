@@ -31,9 +31,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from store import parquet, protocol
-from store.errors import CorruptionError
-from store.feature_format import (
+from strata.store import parquet, protocol
+from strata.store.errors import CorruptionError
+from strata.store.feature_format import (
     BLOCK_CHECK_BYTES,
     BLOCK_SCHEMA,
     UNIT_SCHEMA,
@@ -42,10 +42,10 @@ from store.feature_format import (
     generation_dir,
     read_table,
 )
-from store.feature_stats import BlockStats, block_stats, hist_edges
-from store.lease import Lease
-from store.protocol import CommitRecord, FileEntry
-from store.storage import Storage
+from strata.store.feature_stats import BlockStats, block_stats, hist_edges
+from strata.store.lease import Lease
+from strata.store.protocol import CommitRecord, FileEntry
+from strata.store.storage import Storage
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from store import protocol
-from store.errors import WriteMismatchError
-from store.feature_format import (
+from strata.store import protocol
+from strata.store.errors import WriteMismatchError
+from strata.store.feature_format import (
     FeatureTableExistsError,
     FeatureTableInfo,
     commit_key,
@@ -36,11 +36,11 @@ from store.feature_format import (
     units_dir,
     write_info,
 )
-from store.lease import Fence, Lease
-from store.protocol import CommitRecord, FileEntry
+from strata.store.lease import Fence, Lease
+from strata.store.protocol import CommitRecord, FileEntry
 
 if TYPE_CHECKING:
-    from store.storage import Storage
+    from strata.store.storage import Storage
 
 log = logging.getLogger(__name__)
 

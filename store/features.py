@@ -35,9 +35,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from store import protocol
-from store.errors import CorruptionError, NotCommittedError, RowOutOfRangeError, StaleArtifactError
-from store.feature_format import (
+from strata.store import protocol
+from strata.store.errors import CorruptionError, NotCommittedError, RowOutOfRangeError, StaleArtifactError
+from strata.store.feature_format import (
     FEATURES,
     UNIT_SCHEMA,
     CheckedFile,
@@ -50,16 +50,16 @@ from store.feature_format import (
     read_table,
     unit_records,
 )
-from store.feature_merge import INDEX_SCHEMA, Generation, load_generation
-from store.feature_stats import hist_edges
-from store.layout import check_name
-from store.stale import check_inputs, stale_inputs
+from strata.store.feature_merge import INDEX_SCHEMA, Generation, load_generation
+from strata.store.feature_stats import hist_edges
+from strata.store.layout import check_name
+from strata.store.stale import check_inputs, stale_inputs
 
 if TYPE_CHECKING:
     import torch
 
-    from store.core import Store
-    from store.dataset import ActivationDataset
+    from strata.store.core import Store
+    from strata.store.dataset import ActivationDataset
 
 __all__ = ["FeatureTable", "FeatureTableNotFoundError", "FeatureTableExistsError", "FeatureOutOfRangeError", "table_names"]
 

@@ -29,13 +29,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from store import artifacts, feature_format, layout, protocol
-from store.errors import CorruptionError, FormatVersionError, StrataError
-from store.handles import ANALYSES, SAES
+from strata.store import artifacts, feature_format, layout, protocol
+from strata.store.errors import CorruptionError, FormatVersionError, StrataError
+from strata.store.handles import ANALYSES, SAES
 
 if TYPE_CHECKING:
-    from store.core import Store
-    from store.verify import VerifyReport
+    from strata.store.core import Store
+    from strata.store.verify import VerifyReport
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def _check_analysis(store: Store, name: str, check: Check, *, committed_only: bo
 
 
 def _check_features(store: Store, name: str, check: Check, *, committed_only: bool) -> None:
-    from store.feature_merge import load_generation
+    from strata.store.feature_merge import load_generation
 
     storage = store.storage
     key = feature_format.manifest_key(name)
@@ -301,7 +301,7 @@ def _repair_folders(store: Store, check: Check) -> list[str]:
 
 
 def _repair_features(store: Store, check: Check) -> list[str]:
-    from store.feature_writer import table_lease
+    from strata.store.feature_writer import table_lease
 
     storage, name = store.storage, check.name
     out = []

@@ -30,16 +30,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from store import artifacts, layout
-from store.artifacts import COMMIT
-from store.errors import StrataError
-from store.feature_format import FEATURES, load_info, merged_dir, unit_records, units_dir
-from store.handles import ANALYSES, SAES
-from store.lease import Lease
+from strata.store import artifacts, layout
+from strata.store.artifacts import COMMIT
+from strata.store.errors import StrataError
+from strata.store.feature_format import FEATURES, load_info, merged_dir, unit_records, units_dir
+from strata.store.handles import ANALYSES, SAES
+from strata.store.lease import Lease
 
 if TYPE_CHECKING:
-    from store.core import Store
-    from store.storage import Storage
+    from strata.store.core import Store
+    from strata.store.storage import Storage
 
 log = logging.getLogger(__name__)
 

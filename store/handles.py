@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from store import artifacts, parquet, stale
-from store.artifacts import Artifact, ArtifactNotFoundError
-from store.errors import CorruptionError, FormatVersionError, StaleArtifactError
+from strata.store import artifacts, parquet, stale
+from strata.store.artifacts import Artifact, ArtifactNotFoundError
+from strata.store.errors import CorruptionError, FormatVersionError, StaleArtifactError
 
 if TYPE_CHECKING:
-    from store.core import Store
+    from strata.store.core import Store
 
 SAES = "saes"
 ANALYSES = "analyses"

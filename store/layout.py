@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from store.errors import InvalidNameError
+from strata.store.errors import InvalidNameError
 
 MARKER = "strata.json"
 DATASETS = "datasets"

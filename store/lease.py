@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from store.errors import LeaseHeldError, LeaseLostError
-from store.layout import lease_dir
-from store.storage import Storage
+from strata.store.errors import LeaseHeldError, LeaseLostError
+from strata.store.layout import lease_dir
+from strata.store.storage import Storage
 
 log = logging.getLogger(__name__)
 

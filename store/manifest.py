@@ -7,10 +7,10 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from store import sealed
-from store.errors import CorruptionError, DatasetNotFoundError, FormatVersionError
-from store.layout import hook_order, manifest_key
-from store.storage import Storage
+from strata.store import sealed
+from strata.store.errors import CorruptionError, DatasetNotFoundError, FormatVersionError
+from strata.store.layout import hook_order, manifest_key
+from strata.store.storage import Storage
 
 FORMAT = "strata.activations"
 # 2: block checksums in commit records (every partial read checked), token files with `row`,

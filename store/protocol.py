@@ -42,10 +42,10 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from store import sealed
-from store.errors import CorruptionError
-from store.storage import Storage
-from store.storage._base import Buffers, as_parts
+from strata.store import sealed
+from strata.store.errors import CorruptionError
+from strata.store.storage import Storage
+from strata.store.storage._base import Buffers, as_parts
 
 log = logging.getLogger(__name__)
 

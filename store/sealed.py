@@ -15,7 +15,7 @@ from typing import Any
 
 import xxhash
 
-from store.errors import CorruptionError
+from strata.store.errors import CorruptionError
 
 KEY = "checksum"
 PREFIX = "xxh3_64:"

@@ -36,11 +36,11 @@ from google_crc32c import value as crc32c
 
 import zarr
 
-from store import layout
-from store.dtypes import storage_dtype
-from store.manifest import DatasetInfo
-from store.protocol import FileEntry, block_digests
-from store.storage import Storage
+from strata.store import layout
+from strata.store.dtypes import storage_dtype
+from strata.store.manifest import DatasetInfo
+from strata.store.protocol import FileEntry, block_digests
+from strata.store.storage import Storage
 
 
 

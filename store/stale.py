@@ -16,10 +16,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from store.errors import DatasetNotFoundError, StaleArtifactError
+from strata.store.errors import DatasetNotFoundError, StaleArtifactError
 
 if TYPE_CHECKING:
-    from store.core import Store
+    from strata.store.core import Store
 
 
 def current_fingerprint(store: Store, dataset: str) -> str | None:

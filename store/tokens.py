@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from store import parquet
-from store.errors import CorruptionError, WriteMismatchError
+from strata.store import parquet
+from strata.store.errors import CorruptionError, WriteMismatchError
 
 TOKEN_SCHEMA = pa.schema(
     [

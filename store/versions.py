@@ -9,11 +9,11 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from store.errors import CorruptionError, DatasetNotFoundError, FormatVersionError
-from store.manifest import DatasetInfo, load_manifest
+from strata.store.errors import CorruptionError, DatasetNotFoundError, FormatVersionError
+from strata.store.manifest import DatasetInfo, load_manifest
 
 if TYPE_CHECKING:
-    from store.core import Store
+    from strata.store.core import Store
 
 log = logging.getLogger(__name__)
 

@@ -12,18 +12,18 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
-from store import layout, protocol
-from store.documents import check_documents, encode_documents
-from store.dtypes import storage_dtype, to_storage
-from store.errors import HookNotFoundError, LeaseLostError, UnitOutOfRangeError, WriteMismatchError
-from store.lease import current_generation
-from store.manifest import DatasetInfo, HookInfo, load_manifest, write_manifest
-from store.protocol import CommitRecord, FileEntry
-from store.shards import create_hook_array, pick_chunk_rows, resize_hook_array, shard_layout
-from store.tokens import check_tokens, encode_tokens
+from strata.store import layout, protocol
+from strata.store.documents import check_documents, encode_documents
+from strata.store.dtypes import storage_dtype, to_storage
+from strata.store.errors import HookNotFoundError, LeaseLostError, UnitOutOfRangeError, WriteMismatchError
+from strata.store.lease import current_generation
+from strata.store.manifest import DatasetInfo, HookInfo, load_manifest, write_manifest
+from strata.store.protocol import CommitRecord, FileEntry
+from strata.store.shards import create_hook_array, pick_chunk_rows, resize_hook_array, shard_layout
+from strata.store.tokens import check_tokens, encode_tokens
 
 if TYPE_CHECKING:
-    from store.core import Store
+    from strata.store.core import Store
 
 log = logging.getLogger(__name__)
 
@@ -123,14 +123,14 @@ class DatasetWriter:
         dataset with one read instead of one per record. Incremental by default (the old index
         for the record folders it covers, the records themselves for the rest); ``full``
         rereads every record (after a repair: the old index may name removed records)."""
-        from store.dataset import ActivationDataset, encode_commit_index
+        from strata.store.dataset import ActivationDataset, encode_commit_index
 
         ds = ActivationDataset(self.store, self.name, use_index=not full)
         return self._write_aux("commit_index", encode_commit_index(ds), "parquet")
 
     def update_meta(self, **meta: Any) -> DatasetInfo:
         """Update provenance fields of the manifest (driver only); identity fields are refused."""
-        from store.manifest import IDENTITY_META_KEYS
+        from strata.store.manifest import IDENTITY_META_KEYS
 
         bad = [k for k in meta if k in IDENTITY_META_KEYS]
         if bad:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.cli import main
-from pipeline.tiny import build_tiny
+from strata.jobs.cli import main
+from strata.pipeline.tiny import build_tiny
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 

@@ -1,7 +1,7 @@
 """Putting an SAE trained elsewhere into the store, so `strata features encode` can use it.
 
     from sae_lens import SAE
-    from analysis.features.external import put_sae
+    from strata.analysis.features.external import put_sae
     sae = SAE.load_from_disk("my-sae/")
     put_sae(s, "my-sae", sae, dataset="gpt2-small-docs", hook="blocks.8.hook_resid_post")
 
@@ -18,12 +18,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from store import artifacts
-from store.handles import SAES
+from strata.store import artifacts
+from strata.store.handles import SAES
 
 if TYPE_CHECKING:
-    from store.core import Store
-    from store.handles import SAEHandle
+    from strata.store.core import Store
+    from strata.store.handles import SAEHandle
 
 
 def put_sae(store: Store, name: str, sae: Any, *, dataset: str, hook: str, units: Iterable[int] | None = None,

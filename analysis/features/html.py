@@ -6,7 +6,7 @@
                             table's log-spaced bins), its top contexts and its quantile sample, each
                             token shaded by the feature's activation there (hover for the value)
 
-    from analysis.features import write_pages
+    from strata.analysis.features import write_pages
     write_pages(store.open("./acts").features("tiny-topk"), "pages/", features=[0, 5, 7])
 
 Pages are rebuilt whole on each call; the folder may be served or opened from disk.
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from store.features import FeatureTable
+    from strata.store.features import FeatureTable
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def _rows_table(fs: FeatureTable, rows: np.ndarray, values: np.ndarray, act: dic
 
 def feature_page(fs: FeatureTable, feature: int, *, k: int = 20, before: int = 8, after: int = 4) -> str:
     """The HTML of one feature's page."""
-    from store.feature_stats import hist_edges
+    from strata.store.feature_stats import hist_edges
 
     st = fs.stats().slice(feature, 1).to_pylist()[0]
     acts = fs.activations(feature)

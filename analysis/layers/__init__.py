@@ -3,15 +3,15 @@ consecutive-layer cosine and linearity, intrinsic dimension, prompt entropy, cur
 linear probes with shuffled-label controls. Each returns a table with one row per hook and its
 provenance; ``strata analyze`` commits them with a line plot per metric.
 
-    from analysis import layers
+    from strata.analysis import layers
     table, prov = layers.geometry(ds, ds.hooks)
     table, prov = layers.logit_lens(ds, ["hook_embed", "blocks.0.hook_resid_post", ...])
     table, prov = layers.probe(ds, hooks, layers.ProbeOptions(label="lang"))
 """
 
-from analysis.layers.geometry import GEOMETRY_METRICS, curvature, geometry, prompt_entropy, twonn
-from analysis.layers.lens import LENS_METRICS, lens_hooks, logit_lens
-from analysis.layers.probes import ProbeOptions, label_fields, probe
+from strata.analysis.layers.geometry import GEOMETRY_METRICS, curvature, geometry, prompt_entropy, twonn
+from strata.analysis.layers.lens import LENS_METRICS, lens_hooks, logit_lens
+from strata.analysis.layers.probes import ProbeOptions, label_fields, probe
 
 __all__ = [
     "GEOMETRY_METRICS",

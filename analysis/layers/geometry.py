@@ -47,14 +47,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from analysis.similarity._moments import Moments
-from analysis.similarity._ridge import r2_from_moments
-from analysis.similarity._tasks import Executor, StoreRef, split_ranges
+from strata.analysis.similarity._moments import Moments
+from strata.analysis.similarity._ridge import r2_from_moments
+from strata.analysis.similarity._tasks import Executor, StoreRef, split_ranges
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from store import ActivationDataset
+    from strata.store import ActivationDataset
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def geometry(ds: ActivationDataset, hooks: Sequence[str], metrics: Sequence[str]
     """Per-hook geometry metrics (see the module docstring) and their provenance."""
     import pyarrow as pa
 
-    from analysis.similarity.errors import AnalysisError
+    from strata.analysis.similarity.errors import AnalysisError
 
     metrics = list(metrics or GEOMETRY_METRICS)
     bad = [m for m in metrics if m not in GEOMETRY_METRICS]

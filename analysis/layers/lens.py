@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from analysis.layers.geometry import pick_contexts
+from strata.analysis.layers.geometry import pick_contexts
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from store import ActivationDataset
+    from strata.store import ActivationDataset
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def lens_hooks(hooks: Sequence[str]) -> list[str]:
 
 def _unembed(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, float | None]:
     """(final norm, unembedding, soft-cap) of a causal LM, found through the extraction hook map."""
-    from pipeline.hooks import family_of
+    from strata.pipeline.hooks import family_of
 
     fam = family_of(model.config.model_type)
     if fam.ln_final is None:
@@ -68,8 +68,8 @@ def logit_lens(ds: ActivationDataset, hooks: Sequence[str], *, contexts: int = 3
     """Per-hook logit-lens metrics (see the module docstring) and their provenance."""
     import pyarrow as pa
 
-    from analysis.sae.evaluate import load_causal_lm
-    from analysis.similarity.errors import AnalysisError
+    from strata.analysis.sae.evaluate import load_causal_lm
+    from strata.analysis.similarity.errors import AnalysisError
 
     chosen = lens_hooks(hooks)
     if not chosen:

@@ -34,7 +34,7 @@ import torch
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from store import ActivationDataset
+    from strata.store import ActivationDataset
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def probe(ds: ActivationDataset, hooks: Sequence[str], opts: ProbeOptions) -> tu
     """One probe and its control per hook (see the module docstring)."""
     import pyarrow as pa
 
-    from analysis.similarity.errors import AnalysisError
+    from strata.analysis.similarity.errors import AnalysisError
 
     valid = label_fields(ds, opts.level)
     if opts.label not in valid:

@@ -1,7 +1,7 @@
 """SAEs trained from the store through sae-lens, committed into it with lineage and held-out
 evaluation.
 
-    from analysis import sae
+    from strata.analysis import sae
     spec = sae.SAETrainSpec.model_validate(yaml.safe_load(open("sae.yaml")))
     result = sae.run_job(spec)                 # plan, lease, train, evaluate, commit: `strata sae train`
     s.sae(result.outcomes[0].name).load()      # the committed SAE, through sae-lens
@@ -10,7 +10,7 @@ evaluation.
     metrics = sae.evaluate(results[0].sae, ds, results[0].hook, results[0].lineage["holdout_units"])
 """
 
-from analysis.sae.config import (
+from strata.analysis.sae.config import (
     ComputeSpec,
     DataSpec,
     EvalSpec,
@@ -22,11 +22,11 @@ from analysis.sae.config import (
     resolve_hooks,
     sae_options,
 )
-from analysis.sae.evaluate import evaluate, next_token_ce, reconstruction_metrics, splice, spliced_ce
-from analysis.sae.job import JobResult, SAEOutcome, run_job
-from analysis.sae.plan import Plan, config_hash, plan, resolved_config, split_units
-from analysis.sae.save import SavedSAE, commit_sae, load_sae, save_sae
-from analysis.sae.train import TrainedSAE, build_sae, train
+from strata.analysis.sae.evaluate import evaluate, next_token_ce, reconstruction_metrics, splice, spliced_ce
+from strata.analysis.sae.job import JobResult, SAEOutcome, run_job
+from strata.analysis.sae.plan import Plan, config_hash, plan, resolved_config, split_units
+from strata.analysis.sae.save import SavedSAE, commit_sae, load_sae, save_sae
+from strata.analysis.sae.train import TrainedSAE, build_sae, train
 
 __all__ = [
     "SAETrainSpec",

@@ -34,14 +34,14 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from store import artifacts
-from store.handles import SAES
+from strata.store import artifacts
+from strata.store.handles import SAES
 
 if TYPE_CHECKING:
     from sae_lens.training.sae_trainer import SAETrainer
 
-    from store.lease import Fence, Lease
-    from store.storage import Storage
+    from strata.store.lease import Fence, Lease
+    from strata.store.storage import Storage
 
 log = logging.getLogger(__name__)
 

@@ -35,14 +35,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from analysis.sae.config import EvalSpec
-from store.layout import unit_ranges
+from strata.analysis.sae.config import EvalSpec
+from strata.store.layout import unit_ranges
 
 if TYPE_CHECKING:
     from sae_lens import SAE
 
-    from pipeline.hooks import HookSite
-    from store import ActivationDataset
+    from strata.pipeline.hooks import HookSite
+    from strata.store import ActivationDataset
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def load_causal_lm(meta: dict[str, Any], *, device: str = "cpu") -> tuple[torch.
     extraction; a hub id is looked up in the local cache only (never downloaded)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pipeline.hooks import FAMILIES
+    from strata.pipeline.hooks import FAMILIES
 
     model_id = meta.get("model_path") or meta.get("model")
     if not model_id:
@@ -215,7 +215,7 @@ def load_causal_lm(meta: dict[str, Any], *, device: str = "cpu") -> tuple[torch.
     folder = os.path.expanduser(str(model_id))
     if os.path.isdir(folder):
         if isinstance(revision, str) and revision.startswith("local-"):
-            from pipeline.models import folder_revision
+            from strata.pipeline.models import folder_revision
 
             now = folder_revision(folder)
             if now != revision:
@@ -243,7 +243,7 @@ def load_causal_lm(meta: dict[str, Any], *, device: str = "cpu") -> tuple[torch.
 def hook_site(model: torch.nn.Module, hook: str, meta: dict[str, Any] | None = None) -> HookSite:
     """The extraction pipeline's site of ``hook`` in ``model`` (checked against the hook map the
     dataset recorded, when it has one)."""
-    from pipeline.hooks import family_of, hook_sites
+    from strata.pipeline.hooks import family_of, hook_sites
 
     cfg = model.config
     sites = hook_sites(family_of(cfg.model_type), int(cfg.num_hidden_layers))

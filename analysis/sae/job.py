@@ -29,19 +29,19 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import store
-from analysis.sae import checkpoint
-from analysis.sae.config import SAETrainSpec
-from analysis.sae.plan import Plan, PlannedRun, Task, plan
-from pipeline.cluster import connect, in_ray_job
-from pipeline.errors import ClusterError, WorkerError
-from store.errors import LeaseHeldError, StrataError
-from store.handles import SAES
-from store.storage import open_storage, public_options
+from strata import store
+from strata.analysis.sae import checkpoint
+from strata.analysis.sae.config import SAETrainSpec
+from strata.analysis.sae.plan import Plan, PlannedRun, Task, plan
+from strata.pipeline.cluster import connect, in_ray_job
+from strata.pipeline.errors import ClusterError, WorkerError
+from strata.store.errors import LeaseHeldError, StrataError
+from strata.store.handles import SAES
+from strata.store.storage import open_storage, public_options
 
 if TYPE_CHECKING:
-    from store.lease import Fence, Lease
-    from store.storage import Storage
+    from strata.store.lease import Fence, Lease
+    from strata.store.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class TaskInput:
 def _evaluate(results: list[Any], ds: store.ActivationDataset, device: str) -> dict[str, dict[str, Any]]:
     """Held-out metrics of each trained SAE; the dataset's model (for the spliced loss) is
     loaded once, when it is on this machine."""
-    from analysis.sae.evaluate import evaluate, load_causal_lm
+    from strata.analysis.sae.evaluate import evaluate, load_causal_lm
 
     model, why, loaded = None, None, False
     out: dict[str, dict[str, Any]] = {}
@@ -130,8 +130,8 @@ def run_task(inp: TaskInput) -> list[dict[str, Any]]:
 
 
 def _run_task(inp: TaskInput) -> list[dict[str, Any]]:
-    from analysis.sae.save import commit_sae
-    from analysis.sae.train import Checkpointing, train_pass
+    from strata.analysis.sae.save import commit_sae
+    from strata.analysis.sae.train import Checkpointing, train_pass
 
     t0 = time.perf_counter()
     todo: list[PlannedRun] = inp.task.todo
@@ -235,7 +235,7 @@ def _run_ray(spec: SAETrainSpec, p: Plan, tasks: list[Task], leases: dict[str, L
 
 
 def _run_here(spec: SAETrainSpec, p: Plan, tasks: list[Task], leases: dict[str, Lease]) -> list[SAEOutcome]:
-    from analysis.sae.train import resolve_device
+    from strata.analysis.sae.train import resolve_device
 
     device = resolve_device(spec.compute.device)
     got: list[SAEOutcome] = []
@@ -248,7 +248,7 @@ def _run_here(spec: SAETrainSpec, p: Plan, tasks: list[Task], leases: dict[str, 
 def run_job(spec: SAETrainSpec, *, fresh: bool = False) -> JobResult:
     """Run an SAE training job end to end (see the module docstring). ``fresh``: delete
     checkpoints instead of resuming from them (also those of another config)."""
-    from pipeline.extract import check_store_path  # here: Ray workers running tasks need not import extraction
+    from strata.pipeline.extract import check_store_path  # here: Ray workers running tasks need not import extraction
 
     t0 = time.perf_counter()
     check_store_path(spec)  # reads only `spec.store`

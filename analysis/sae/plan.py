@@ -27,16 +27,16 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from analysis.sae import checkpoint
-from analysis.sae.config import Run, SAETrainSpec, check_memory, check_name, combinations, concrete, resolve_hooks, run_name
-from pipeline.errors import SpecError
-from store import artifacts
-from store.artifacts import ArtifactExistsError
-from store.errors import HookNotFoundError, NotCommittedError
-from store.handles import SAES
+from strata.analysis.sae import checkpoint
+from strata.analysis.sae.config import Run, SAETrainSpec, check_memory, check_name, combinations, concrete, resolve_hooks, run_name
+from strata.pipeline.errors import SpecError
+from strata.store import artifacts
+from strata.store.artifacts import ArtifactExistsError
+from strata.store.errors import HookNotFoundError, NotCommittedError
+from strata.store.handles import SAES
 
 if TYPE_CHECKING:
-    from store import ActivationDataset, Store
+    from strata.store import ActivationDataset, Store
 
 log = logging.getLogger(__name__)
 

@@ -34,17 +34,17 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import torch
 
-from analysis.sae import checkpoint
-from analysis.sae.config import Run, SAETrainSpec, combinations, expand_runs, training_registry
-from analysis.sae.curves import RecordingMultiSAETrainer, curves_table
-from analysis.sae.plan import d_sae_of, heldout_contexts_needed, split_units
+from strata.analysis.sae import checkpoint
+from strata.analysis.sae.config import Run, SAETrainSpec, combinations, expand_runs, training_registry
+from strata.analysis.sae.curves import RecordingMultiSAETrainer, curves_table
+from strata.analysis.sae.plan import d_sae_of, heldout_contexts_needed, split_units
 
 if TYPE_CHECKING:
     from sae_lens import SAE, TrainingSAE
 
-    from store import ActivationDataset
-    from store.lease import Fence, Lease
-    from store.storage import Storage
+    from strata.store import ActivationDataset
+    from strata.store.lease import Fence, Lease
+    from strata.store.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ def train(spec: SAETrainSpec, *, ds: ActivationDataset | None = None) -> list[Tr
     :func:`analysis.sae.job.run_job` commit them): one pass per sweep combination, each over
     every hook. ``ds`` defaults to ``spec.dataset`` of ``spec.store``."""
     if ds is None:
-        import store
+        from strata import store
 
         ds = store.open(spec.store, storage_options=spec.storage_options, create=False).dataset(spec.dataset)
     runs = expand_runs(spec, ds.hooks, dataset=f"dataset {ds.name!r}")

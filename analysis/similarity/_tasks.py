@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from store import ActivationDataset, Store
+    from strata.store import ActivationDataset, Store
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class StoreRef:
     options: dict[str, Any] | None = None
 
     def open(self) -> Store:
-        import store
+        from strata import store
 
         return store.open(self.uri, storage_options=self.options, create=False)
 
@@ -69,7 +69,7 @@ class Executor:
         return (not self.use_ray) or _ray_private()
 
     def ref(self, ds: ActivationDataset) -> StoreRef:
-        from store.storage import public_options
+        from strata.store.storage import public_options
 
         opts = getattr(ds.storage, "storage_options", None) or None
         return StoreRef(ds.store.uri, opts if self.private else public_options(opts))

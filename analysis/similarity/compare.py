@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
-from pipeline.vision import CLS_TOKEN  # a vision encoder's CLS row (registers -2, -3, ...; patches 0..P-1)
+from strata.pipeline.vision import CLS_TOKEN  # a vision encoder's CLS row (registers -2, -3, ...; patches 0..P-1)
 
 from ._moments import Moments, check_precision
 from ._ridge import r2_from_moments
@@ -43,8 +43,8 @@ from ._tasks import Executor, StoreRef, split_ranges
 from .errors import AnalysisError
 
 if TYPE_CHECKING:
-    from store import ActivationDataset
-    from store.aligned import Alignment
+    from strata.store import ActivationDataset
+    from strata.store.aligned import Alignment
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def plan_compare(a: Side, b: Side, metrics: Sequence[str] | None = None, *, alig
     """Check the inputs and pair the rows; raises :class:`AnalysisError` (or the store's
     ``AlignmentError``/``HookNotFoundError``) with a one-line message before any activation is read.
     ``pool`` (``align="docs"``): see the module docstring."""
-    from store.aligned import align_tokens
+    from strata.store.aligned import align_tokens
 
     opts = opts or CompareOptions()
     names = _check_metrics(metrics)
@@ -242,7 +242,7 @@ def _side_doc_rows(ds: ActivationDataset, hook: str, pool: str = "mean") -> tupl
 
 
 def _doc_pairs(a: Side, b: Side, pool: tuple[str, str] = ("mean", "mean")) -> dict[str, Any]:
-    from store.aligned import AlignmentError, _check_documents
+    from strata.store.aligned import AlignmentError, _check_documents
 
     _check_documents([a, b], by_docs=True)
     ra, da, wa = _side_doc_rows(*a, pool[0])

@@ -3,7 +3,7 @@ one line and exits 2) and a ``ValueError``, so callers can catch either."""
 
 from __future__ import annotations
 
-from store.errors import StrataError
+from strata.store.errors import StrataError
 
 
 class AnalysisError(StrataError, ValueError):

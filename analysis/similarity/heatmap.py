@@ -38,7 +38,7 @@ from .compare import SAMPLED
 from .errors import AnalysisError
 
 if TYPE_CHECKING:
-    from store import ActivationDataset
+    from strata.store import ActivationDataset
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class HeatmapResult:
 
 def match_hooks(ds: ActivationDataset, patterns: Sequence[str]) -> list[str]:
     """Hooks of ``ds`` matching names or globs, in model order; an unmatched pattern is an error."""
-    from store.errors import HookNotFoundError
+    from strata.store.errors import HookNotFoundError
 
     out: list[str] = []
     for p in patterns:
@@ -164,7 +164,7 @@ def _pair_value(bm: BlockMoments, i: int, j: int, metric: str, eig: dict[int, An
 
 
 def _aligned_rows(a: tuple[ActivationDataset, list[str]], b: tuple[ActivationDataset, list[str]] | None) -> tuple[list[np.ndarray], Any]:
-    from store.aligned import align_tokens
+    from strata.store.aligned import align_tokens
 
     ds_a, ha = a
     if b is None:

@@ -33,8 +33,8 @@ from .errors import AnalysisError
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from store import ActivationDataset
-    from store.aligned import Alignment
+    from strata.store import ActivationDataset
+    from strata.store.aligned import Alignment
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def match_saes(a: tuple[Any, ActivationDataset, str], b: tuple[Any, ActivationDa
     docstring). Returns (a table with one row per A latent, the summary numbers, provenance)."""
     import pyarrow as pa
 
-    from store.aligned import align_tokens
+    from strata.store.aligned import align_tokens
 
     opts = opts or MatchOptions()
     (sae_a, ds_a, hook_a), (sae_b, ds_b, hook_b) = a, b

@@ -28,7 +28,7 @@ from .plots import heatmap_png, lines_png
 from .spec import AnalyzeSpec, CompareSpec, HeatmapSpec, LayersSpec, MatchSpec, ProbeSpec
 
 if TYPE_CHECKING:
-    from store import ActivationDataset, Store
+    from strata.store import ActivationDataset, Store
 
     from ._tasks import Executor
 
@@ -48,7 +48,7 @@ def versions() -> dict[str, str]:
 
 
 def _parquet(table: pa.Table) -> bytes:
-    from store import parquet
+    from strata.store import parquet
 
     return parquet.to_bytes(table)
 
@@ -144,7 +144,7 @@ def _prep_heatmap(a: HeatmapSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
 
 
 def _prep_layers(a: LayersSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
-    from analysis.layers import lens_hooks
+    from strata.analysis.layers import lens_hooks
 
     ds = s.dataset(a.dataset)
     hooks = match_hooks(ds, a.hooks)
@@ -153,7 +153,7 @@ def _prep_layers(a: LayersSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
         raise AnalysisError(f"dataset {ds.name!r} has no unit committed for every hook of {hooks}")
     p = Prepared(a, [_dataset_input(ds, hooks, units)], (ds, hooks))
     if "logit_lens" in a.metrics:
-        from analysis.sae.evaluate import load_causal_lm
+        from strata.analysis.sae.evaluate import load_causal_lm
 
         if not lens_hooks(hooks):
             raise AnalysisError(f"`logit_lens` needs residual-stream hooks (hook_embed, blocks.L.hook_resid_pre/post); {a.name!r} has {hooks}")
@@ -165,7 +165,7 @@ def _prep_layers(a: LayersSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
 
 
 def _prep_probe(a: ProbeSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
-    from analysis.layers import label_fields
+    from strata.analysis.layers import label_fields
 
     ds = s.dataset(a.dataset)
     hooks = match_hooks(ds, a.hooks)
@@ -177,7 +177,7 @@ def _prep_probe(a: ProbeSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
 
 
 def _prep_match(a: MatchSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
-    from store.aligned import align_tokens
+    from strata.store.aligned import align_tokens
 
     sides, saes = [], []
     for ref in (a.a, a.b):
@@ -236,7 +236,7 @@ def _line_plots(table: pa.Table, title: str, skip: tuple[str, ...] = ("hook",)) 
 
 
 def _run_layers(p: Prepared, ex: Executor) -> tuple[dict[str, bytes], dict[str, Any]]:
-    from analysis.layers import geometry, logit_lens
+    from strata.analysis.layers import geometry, logit_lens
 
     ds, hooks = p.plan
     a: LayersSpec = p.spec
@@ -257,7 +257,7 @@ def _run_layers(p: Prepared, ex: Executor) -> tuple[dict[str, bytes], dict[str, 
 
 
 def _run_probe(p: Prepared, ex: Executor) -> tuple[dict[str, bytes], dict[str, Any]]:
-    from analysis.layers import ProbeOptions, probe
+    from strata.analysis.layers import ProbeOptions, probe
 
     ds, hooks = p.plan
     a: ProbeSpec = p.spec

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_serializer, model_validator
 
-from pipeline.config import Section
+from strata.pipeline.config import Section
 
 from .compare import METRICS, POOLS, Pool
 from .heatmap import HEATMAP_METRICS
@@ -31,7 +31,7 @@ LayerMetric = Literal["norm", "write_ratio", "anisotropy", "cos_next", "linearit
 
 
 def _name(v: str) -> str:
-    from store.layout import check_name
+    from strata.store.layout import check_name
 
     check_name(v, what="analysis")
     return v

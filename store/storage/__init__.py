@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from store.errors import StorageError
-from store.storage._base import Storage
-from store.storage._fsspec import FsspecStorage
-from store.storage._local import LocalStorage
+from strata.store.errors import StorageError
+from strata.store.storage._base import Storage
+from strata.store.storage._fsspec import FsspecStorage
+from strata.store.storage._local import LocalStorage
 
 __all__ = ["Storage", "LocalStorage", "FsspecStorage", "open_storage", "public_options"]
 

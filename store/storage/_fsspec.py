@@ -13,8 +13,8 @@ import fsspec
 import numpy as np
 from zarr.storage import FsspecStore
 
-from store.errors import StorageError
-from store.storage._base import Buffers, Storage, as_parts, resolved
+from strata.store.errors import StorageError
+from strata.store.storage._base import Buffers, Storage, as_parts, resolved
 
 
 def _join(data: Buffers) -> bytes:

@@ -14,8 +14,8 @@ import numpy as np
 
 from zarr.storage import LocalStore
 
-from store.errors import StorageError, StoreNotFoundError
-from store.storage._base import Buffers, Storage, as_parts, resolved
+from strata.store.errors import StorageError, StoreNotFoundError
+from strata.store.storage._base import Buffers, Storage, as_parts, resolved
 
 
 class LocalStorage(Storage):

@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import store
-from analysis.features.synthetic import write_table
+from strata import store
+from strata.analysis.features.synthetic import write_table
 
 H = "blocks.0.hook_resid_post"
 CTX, UC = 16, 4
@@ -35,7 +35,7 @@ def evil_tokenizer_json() -> str:
 def make_store(root: Path) -> store.Store:
     """`syn` (d=8, 3 units, token 3 is EVIL), `wide` (d=512, for the memory check), feature table
     `ft` of `syn` (feature 0 fires on every row holding EVIL), an SAE `sae1`."""
-    from analysis.features import synthetic
+    from strata.analysis.features import synthetic
 
     s = store.open(root)
     w = s.create_dataset("syn", hooks={H: 8}, context_size=CTX, dtype="float32", num_units=3, unit_contexts=UC,
@@ -60,8 +60,8 @@ def make_store(root: Path) -> store.Store:
 
 
 def _commit_sae(s: store.Store, name: str, tmp: Path) -> None:
-    from analysis.features.synthetic import random_topk_sae
-    from store import artifacts
+    from strata.analysis.features.synthetic import random_topk_sae
+    from strata.store import artifacts
 
     folder = tmp / name
     random_topk_sae(8, D_SAE, k=2).save_model(folder)
@@ -77,7 +77,7 @@ RESULTS = {"metric": ["linear_cka", "procrustes"], "value": [0.987654321, 0.25],
 
 
 def _commit_analysis(s: store.Store, name: str) -> None:
-    from store import artifacts
+    from strata.store import artifacts
 
     sink = pa.BufferOutputStream()
     pq.write_table(pa.table(RESULTS), sink)

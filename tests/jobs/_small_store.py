@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-import store
+from strata import store
 
 H = "blocks.1.hook_resid_post"
 CTX, UNIT_CONTEXTS, UNITS, D = 16, 8, 5, 16
@@ -30,7 +30,7 @@ def tokens(unit: int) -> pa.Table:
 def small_store(root: Path, *, sae: dict | None = SAE) -> store.Store:
     """Dataset `tiny` (5 units of hook H) and SAE `tsae` (spec ``sae``; None: no SAE) trained on
     it, in ``root``."""
-    from analysis.sae import SAETrainSpec, run_job
+    from strata.analysis.sae import SAETrainSpec, run_job
 
     s = store.open(root)
     w = s.create_dataset("tiny", hooks={H: D}, context_size=CTX, dtype="float32", num_units=UNITS, unit_contexts=UNIT_CONTEXTS,
@@ -51,8 +51,8 @@ def small_store(root: Path, *, sae: dict | None = SAE) -> store.Store:
 def feature_manifest(s: store.Store, spec: dict) -> None:
     """The manifest of feature table ``spec['name']`` as the encode job writes it first: the
     table's identity, no unit encoded."""
-    from pipeline.encode import EncodeSpec, prepare
-    from store.feature_writer import create_or_open, table_lease
+    from strata.pipeline.encode import EncodeSpec, prepare
+    from strata.store.feature_writer import create_or_open, table_lease
 
     info, _ = prepare(EncodeSpec.model_validate({**spec, "store": s.uri}), s)
     with table_lease(s.storage, info.name, owner="test") as lease:

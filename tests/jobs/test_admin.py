@@ -11,13 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import store
-from analysis.features.synthetic import synthetic_dataset, write_table
-from jobs.cli import main
-from store import artifacts, dependents
-from store.dependents import Ref
-from store.feature_format import load_info, write_info
-from store.feature_writer import table_lease
+from strata import store
+from strata.analysis.features.synthetic import synthetic_dataset, write_table
+from strata.jobs.cli import main
+from strata.store import artifacts, dependents
+from strata.store.dependents import Ref
+from strata.store.feature_format import load_info, write_info
+from strata.store.feature_writer import table_lease
 
 H = "blocks.0.hook_resid_post"
 

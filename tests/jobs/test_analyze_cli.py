@@ -16,10 +16,10 @@ import pytest
 import torch
 import yaml
 
-import store
-from analysis import similarity as sim
-from jobs.cli import main
-from store import artifacts
+from strata import store
+from strata.analysis import similarity as sim
+from strata.jobs.cli import main
+from strata.store import artifacts
 
 CTX, UC = 16, 4
 H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
@@ -195,13 +195,13 @@ def _run_module(module: str, *args: str, cwd: Path) -> subprocess.CompletedProce
 
 def test_entrypoint_refuses_bad_input_before_starting_ray(tmp_path, root):
     spec = _spec(tmp_path, root, [{**ANALYSES[0], "metrics": ["debiased_cka"], "max_rows": 2}])
-    res = _run_module("jobs.analyze", spec, cwd=tmp_path)
+    res = _run_module("strata.jobs.analyze", spec, cwd=tmp_path)
     assert res.returncode == 2 and "debiased_cka needs at least 4 aligned rows" in res.stderr
 
 
 @pytest.mark.slow
 def test_ray_job_entrypoint_runs_a_spec(tmp_path, root):
     spec = _spec(tmp_path, root, ANALYSES[:2])
-    res = _run_module("jobs.analyze_run", spec, cwd=tmp_path)
+    res = _run_module("strata.jobs.analyze_run", spec, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert store.open(root, create=False).analyses() == ["cmp", "hm"]

@@ -9,17 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.kinds import detect
+from strata.jobs.kinds import detect
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "analyze.yaml"
 
 
 def test_example_is_an_analysis_spec_and_valid(tmp_path):
-    from analysis.similarity.spec import AnalyzeSpec, CompareSpec, HeatmapSpec, LayersSpec
+    from strata.analysis.similarity.spec import AnalyzeSpec, CompareSpec, HeatmapSpec, LayersSpec
 
     kind, spec, raw = detect(EXAMPLE)
-    assert kind.name == "analysis" and kind.entry == "jobs.analyze_run"
+    assert kind.name == "analysis" and kind.entry == "strata.jobs.analyze_run"
     assert isinstance(spec, AnalyzeSpec) and spec.store == "./acts" and raw["store"] == "./acts"
     by_kind = {a.kind: a for a in spec.analyses}
     assert set(by_kind) == {"heatmap", "compare", "layers"}
@@ -38,11 +38,11 @@ def test_example_is_an_analysis_spec_and_valid(tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_example_runs_on_a_tiny_quickstart_dataset(tmp_path, ray_session, monkeypatch):
-    import store
-    from jobs.analyze_run import run_analyze
-    from jobs.spec import load_extract_spec
-    from pipeline.extract import run_extract
-    from pipeline.tiny import build_tiny, synthetic_docs, write_jsonl
+    from strata import store
+    from strata.jobs.analyze_run import run_analyze
+    from strata.jobs.spec import load_extract_spec
+    from strata.pipeline.extract import run_extract
+    from strata.pipeline.tiny import build_tiny, synthetic_docs, write_jsonl
 
     # The logit lens loads the model in this process; transformers' parallel weight loader shuts
     # its thread pool down without waiting, which the suite's leaked-thread check can catch.

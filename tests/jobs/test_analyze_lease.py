@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-import store
-from analysis.features.synthetic import synthetic_dataset
-from analysis.similarity import runner
-from analysis.similarity.spec import AnalyzeSpec
-from jobs import analyze_run
-from jobs.analyze_run import run_analyze
-from jobs.cli import main
-from store.errors import CorruptionError, LeaseHeldError
+from strata import store
+from strata.analysis.features.synthetic import synthetic_dataset
+from strata.analysis.similarity import runner
+from strata.analysis.similarity.spec import AnalyzeSpec
+from strata.jobs import analyze_run
+from strata.jobs.analyze_run import run_analyze
+from strata.jobs.cli import main
+from strata.store.errors import CorruptionError, LeaseHeldError
 
 pytestmark = pytest.mark.ray
 

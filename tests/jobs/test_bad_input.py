@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from _cli_store import H, make_store
 
-from jobs.cli import main
+from strata.jobs.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -230,7 +230,7 @@ def test_the_table_covers_every_command():
     """Every subcommand of the parser appears in the table (a new command needs its bad inputs)."""
     import argparse
 
-    from jobs.cli import build_parser
+    from strata.jobs.cli import build_parser
 
     def leaves(p: argparse.ArgumentParser, path: tuple[str, ...]):
         subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
@@ -252,7 +252,7 @@ def test_an_anchor_bomb_costs_a_few_kilobytes_and_little_memory(env):
     assert bomb.stat().st_size < 1024
     wrapper = (
         "import resource, subprocess, sys\n"
-        "r = subprocess.run([sys.executable, '-m', 'jobs.cli', 'sae', 'train', sys.argv[1]], capture_output=True)\n"
+        "r = subprocess.run([sys.executable, '-m', 'strata.jobs.cli', 'sae', 'train', sys.argv[1]], capture_output=True)\n"
         "sys.stdout.write(f'{r.returncode} {len(r.stderr)} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}\\n')\n"
         "sys.stderr.buffer.write(r.stderr[:4000])\n"
     )

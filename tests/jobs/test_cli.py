@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-import store
-from jobs.cli import main
+from strata import store
+from strata.jobs.cli import main
 
 HOOK = "blocks.0.hook_resid_post"
 HOOK2 = "blocks.1.hook_mlp_out"
@@ -204,7 +204,7 @@ def test_ls_and_show_on_s3(s3_bucket: str, capsys) -> None:
 
 def test_real_processes(root: str) -> None:
     env = {**os.environ, "PYTHONWARNINGS": "error"}
-    r = subprocess.run([sys.executable, "-m", "jobs.cli", "show", root, "beta"], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "strata.jobs.cli", "show", root, "beta"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["hooks"] == {HOOK: {"d": 4, "rows": 24, "units": 2}} and info["committed_units"] == 2

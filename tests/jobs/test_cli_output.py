@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from _cli_store import EVIL, H, RESULTS, make_store
 
-import store
-from jobs._text import REDACTED, RedactingFilter, safe
-from jobs.cli import build_parser, main
+from strata import store
+from strata.jobs._text import REDACTED, RedactingFilter, safe
+from strata.jobs.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
 RAW_CONTROL = [chr(c) for c in range(32) if chr(c) not in "\n\t"] + ["\x7f"]  # tabs separate columns
@@ -118,7 +118,7 @@ def test_a_closed_pipe_ends_the_command_quietly(root, argv):
     r, w = os.pipe()
     os.close(r)
     try:
-        p = subprocess.run([sys.executable, "-m", "jobs.cli", *[a.format(root=root) for a in argv]], stdout=w, stderr=subprocess.PIPE,
+        p = subprocess.run([sys.executable, "-m", "strata.jobs.cli", *[a.format(root=root) for a in argv]], stdout=w, stderr=subprocess.PIPE,
                            cwd=ROOT, timeout=300)
     finally:
         os.close(w)
@@ -127,7 +127,7 @@ def test_a_closed_pipe_ends_the_command_quietly(root, argv):
 
 def test_a_reader_that_stops_early(root):
     """`strata analyze show --json | (read one line; exit)`, with a real reader process."""
-    cmd = f"{sys.executable} -m jobs.cli analyze show {root} cmp --json | {sys.executable} -c 'import sys; sys.stdin.readline()'"
+    cmd = f"{sys.executable} -m strata.jobs.cli analyze show {root} cmp --json | {sys.executable} -c 'import sys; sys.stdin.readline()'"
     p = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd}"], capture_output=True, cwd=ROOT, timeout=300)
     assert p.returncode == 0 and b"Traceback" not in p.stderr and b"BrokenPipe" not in p.stderr, p.stderr
 
@@ -143,18 +143,18 @@ def test_verbose_logs_hold_no_part_of_a_credential(s3_bucket, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     uri = f"{s3_bucket}/acts"
-    from analysis.features.synthetic import synthetic_dataset
+    from strata.analysis.features.synthetic import synthetic_dataset
 
     synthetic_dataset(store.open(uri), "s3ds", d=4, units=1, unit_contexts=1, context_size=4)
     for argv in (["-v", "ls", uri], ["-v", "show", uri, "s3ds"]):
-        p = subprocess.run([sys.executable, "-m", "jobs.cli", *argv], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        p = subprocess.run([sys.executable, "-m", "strata.jobs.cli", *argv], capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert p.returncode == 0 and "s3ds" in p.stdout, p.stderr[-3000:]
         for part in (KEY_ID, KEY_ID[4:], SECRET, SECRET[:12]):
             assert part not in p.stdout + p.stderr
         assert "DEBUG botocore" not in p.stderr and "DEBUG s3fs" not in p.stderr  # third-party at WARNING
     # -v is Strata's own DEBUG; third-party libraries stay at WARNING
     assert main(["-v", "ls", uri]) == 0
-    assert logging.getLogger("store").getEffectiveLevel() == logging.DEBUG
+    assert logging.getLogger("strata.store").getEffectiveLevel() == logging.DEBUG
     assert logging.getLogger("botocore").getEffectiveLevel() == logging.WARNING
 
 
@@ -178,7 +178,7 @@ def test_an_s3_read_without_credentials_is_one_line_naming_the_url(s3_bucket, mo
     env.update(AWS_ENDPOINT_URL=os.environ["AWS_ENDPOINT_URL"], AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
                AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true", AWS_DEFAULT_REGION="us-east-1")
     # A fresh process: no client or credential cache of this one can answer for it.
-    p = subprocess.run([sys.executable, "-m", "jobs.cli", "ls", uri], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    p = subprocess.run([sys.executable, "-m", "strata.jobs.cli", "ls", uri], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert p.returncode == 2, p.stderr
     assert p.stderr.startswith("strata: error: ") and len(p.stderr.splitlines()) == 1, p.stderr
     assert uri in p.stderr and "no credentials" in p.stderr
@@ -197,7 +197,7 @@ def _wait(c, job_id: str, statuses: tuple[str, ...], timeout: float = 240) -> st
 
 
 def test_jobs_status_exit_codes_times_and_unknown_ids(ray_head, monkeypatch):
-    from jobs.submit import client
+    from strata.jobs.submit import client
 
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", ray_head["dashboard"])
     c = client(ray_head["dashboard"])  # with the cluster's token, as `strata jobs` sends it

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-import store
-from jobs.extract import main
-from jobs.spec import load_extract_spec
-from pipeline.errors import SpecError
-from pipeline.tiny import build_tiny, synthetic_docs, write_jsonl
+from strata import store
+from strata.jobs.extract import main
+from strata.jobs.spec import load_extract_spec
+from strata.pipeline.errors import SpecError
+from strata.pipeline.tiny import build_tiny, synthetic_docs, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,7 +39,7 @@ def test_spec_defaults_overrides_and_docs():
     s = load_extract_spec(ROOT / "examples" / "quickstart.yaml", ["compute.batch_tokens=4096", "tokenize.prepend_bos=false"])
     assert s.compute.batch_tokens == 4096 and s.tokenize.prepend_bos is False
     assert s.tokenize.packing == "concat" and s.model.trust_remote_code is False
-    from pipeline.config import CorpusSpec
+    from strata.pipeline.config import CorpusSpec
 
     assert "grow" in CorpusSpec.model_fields["growing"].description  # field docstrings become descriptions
     real = load_extract_spec(ROOT / "examples" / "gpt2.yaml")
@@ -124,7 +124,7 @@ def test_cli_failures_are_one_line_with_exit_2(spec, tmp_path, capsys, monkeypat
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "jobs.cli", "extract", str(spec), "--set", "compute.address=127.0.0.1:1", "--no-progress"],
+    r = subprocess.run([sys.executable, "-m", "strata.jobs.cli", "extract", str(spec), "--set", "compute.address=127.0.0.1:1", "--no-progress"],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot reach the Ray cluster at '127.0.0.1:1'" in r.stderr, r.stderr[-2000:]
     # A relative store inside a Ray job would land in Ray's temporary working directory.
@@ -156,7 +156,7 @@ def test_existing_dataset_with_another_identity_is_refused(spec, tmp_path, capsy
 
 @pytest.mark.ray
 def test_strata_extract_command_end_to_end(ray_session, spec, capsys):
-    from jobs.cli import main as cli_main
+    from strata.jobs.cli import main as cli_main
 
     rc = cli_main(["extract", str(spec), "--set", "dtype=bfloat16"])
     out = capsys.readouterr().out

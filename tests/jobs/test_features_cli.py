@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-import store
-from analysis.features.external import put_sae
-from analysis.features.synthetic import random_topk_sae, synthetic_dataset
-from jobs.cli import main
-from jobs.features import parse_features
-from jobs.features_encode import main as encode_main
-from jobs.spec import load_spec
-from pipeline.encode import EncodeSpec
-from pipeline.errors import SpecError
+from strata import store
+from strata.analysis.features.external import put_sae
+from strata.analysis.features.synthetic import random_topk_sae, synthetic_dataset
+from strata.jobs.cli import main
+from strata.jobs.features import parse_features
+from strata.jobs.features_encode import main as encode_main
+from strata.jobs.spec import load_spec
+from strata.pipeline.encode import EncodeSpec
+from strata.pipeline.errors import SpecError
 
 ROOT = Path(__file__).resolve().parents[2]
 H = "blocks.0.hook_resid_post"

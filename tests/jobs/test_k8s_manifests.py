@@ -113,7 +113,7 @@ def test_crontab_is_one_line_that_runs_reprocess():
 
 @pytest.mark.parametrize("pipeline", ["examples/pipeline.yaml"])
 def test_the_shipped_pipeline_loads_in_dependency_order(pipeline, monkeypatch):
-    from jobs.reprocess import load_pipeline
+    from strata.jobs.reprocess import load_pipeline
 
     monkeypatch.chdir(REPO)
     p = load_pipeline(pipeline)

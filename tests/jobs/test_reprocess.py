@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-import store
-from jobs.cli import main
-from jobs.reprocess import load_pipeline, plan_pipeline, ranges, toposort
-from pipeline.errors import SpecError
-from pipeline.models import folder_revision
-from pipeline.tiny import build_tiny, synthetic_docs, write_jsonl
+from strata import store
+from strata.jobs.cli import main
+from strata.jobs.reprocess import load_pipeline, plan_pipeline, ranges, toposort
+from strata.pipeline.errors import SpecError
+from strata.pipeline.models import folder_revision
+from strata.pipeline.tiny import build_tiny, synthetic_docs, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
@@ -258,8 +258,8 @@ def test_a_run_while_another_process_holds_the_lease_exits_0(project):
 def test_submit_runs_the_planned_jobs_as_ray_jobs_in_order(project, monkeypatch):
     """`--submit` hands each job with work to `jobs.submit.submit`, waiting for each; the `--set`
     values it passes make the planned spec. (Running them on a real cluster is test_submit.py's.)"""
-    import jobs.submit
-    from jobs.kinds import detect
+    from strata.jobs import submit as submit_mod
+    from strata.jobs.kinds import detect
 
     calls = []
 
@@ -268,7 +268,7 @@ def test_submit_runs_the_planned_jobs_as_ray_jobs_in_order(project, monkeypatch)
         calls.append((Path(spec_path).name, kind.name, spec, address, wait))
         return 0 if len(calls) < 3 else 1
 
-    monkeypatch.setattr(jobs.submit, "submit", fake_submit)
+    monkeypatch.setattr(submit_mod, "submit", fake_submit)
     append_docs(project, 14, seed=11)
     rc, out, err = cli("reprocess", "pipeline.yaml", "--submit", "http://head:8265")
     # Dependency order, file order among independent jobs (norms.yaml is listed first).

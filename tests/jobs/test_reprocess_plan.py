@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-import store
-from jobs.cli import main
-from jobs.reprocess import load_pipeline, plan_pipeline
-from store import artifacts
-from store.feature_format import FeatureTableExistsError, load_info
-from store.handles import SAES
+from strata import store
+from strata.jobs.cli import main
+from strata.jobs.reprocess import load_pipeline, plan_pipeline
+from strata.store import artifacts
+from strata.store.feature_format import FeatureTableExistsError, load_info
+from strata.store.handles import SAES
 
 from _small_store import FEATURES, SAE, feature_manifest, small_store
 
@@ -83,8 +83,8 @@ class Killed(Exception):
 
 
 def test_an_sae_with_a_checkpoint_of_another_config_fails_the_plan(tmp_path, monkeypatch):
-    from analysis.sae import SAETrainSpec, checkpoint, run_job
-    from store.artifacts import ArtifactExistsError
+    from strata.analysis.sae import SAETrainSpec, checkpoint, run_job
+    from strata.store.artifacts import ArtifactExistsError
 
     monkeypatch.chdir(tmp_path)
     small_store(tmp_path / "acts", sae=None)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-import store
-from pipeline.models import folder_revision
-from pipeline.tiny import build_tiny, synthetic_docs, write_jsonl
+from strata import store
+from strata.pipeline.models import folder_revision
+from strata.pipeline.tiny import build_tiny, synthetic_docs, write_jsonl
 from tests.jobs.test_reprocess import EXTRACT, append_docs, cli, listing, row
 
 HOOKS = ["blocks.*.hook_resid_post"]

@@ -20,8 +20,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-import store
-from jobs.cli import main
+from strata import store
+from strata.jobs.cli import main
 
 HOOK = "blocks.0.hook_resid_post"
 D, ATOMS, ACTIVE = 32, 48, 3  # 48 unit-norm atoms in 32 dimensions, exactly 3 active per token
@@ -214,7 +214,7 @@ def test_an_unknown_store_is_not_created(trained, tmp_path):
 
 
 def strata(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen([sys.executable, "-m", "strata.jobs.cli", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
 @pytest.mark.slow
@@ -253,7 +253,7 @@ def test_a_killed_training_process_resumes_to_the_same_weights(trained):
 
 
 def test_the_ray_job_entrypoint(trained, monkeypatch, capsys):
-    from jobs import sae_train
+    from strata.jobs import sae_train
 
     root, spec, *_ = trained
     assert sae_train.main([str(spec)]) == 0

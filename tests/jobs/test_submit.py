@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-import store
-from jobs.cli import main
-from jobs.submit import client, prepare
-from pipeline.tiny import build_tiny, synthetic_docs, write_jsonl
+from strata import store
+from strata.jobs.cli import main
+from strata.jobs.submit import client, prepare
+from strata.pipeline.tiny import build_tiny, synthetic_docs, write_jsonl
 
 pytestmark = pytest.mark.slow
 SECRET = "strata-test-SECRET-never-submitted"
@@ -54,7 +54,7 @@ def _status(c, job_id: str, timeout: float = 300) -> str:
 
 def test_prepare_resolves_paths_and_removes_secrets(spec, tmp_path):
     kind, raw, base, text = prepare(str(spec), [])
-    assert kind.name == "extract" and kind.entry == "jobs.extract"
+    assert kind.name == "extract" and kind.entry == "strata.jobs.extract"
     assert raw["store"] == str(tmp_path / "acts") and raw["corpus"]["path"] == str(tmp_path / "corpus.jsonl")
     assert raw["model"]["id"] == str(tmp_path / "model")
     assert raw["storage_options"] == {"endpoint_url": "http://127.0.0.1:9"} and SECRET not in text

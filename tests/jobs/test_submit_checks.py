@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.cli import main
-from store import artifacts
-from store.handles import ANALYSES
+from strata.jobs.cli import main
+from strata.store import artifacts
+from strata.store.handles import ANALYSES
 
 from _small_store import FEATURES, SAE, feature_manifest, small_store
 
@@ -27,8 +27,8 @@ NORMS = {"store": "acts", "compute": {"tasks": 1},
 def project(tmp_path_factory) -> Path:
     """Dataset `tiny`, SAE `tsae`, feature table `ft` (its manifest) and analysis `norms`
     committed with the identity its job gives it; the specs that made them."""
-    from analysis.similarity.runner import prepare
-    from analysis.similarity.spec import AnalyzeSpec
+    from strata.analysis.similarity.runner import prepare
+    from strata.analysis.similarity.spec import AnalyzeSpec
 
     root = tmp_path_factory.mktemp("submit-checks")
     s = small_store(root / "acts")
@@ -70,7 +70,7 @@ def test_a_spec_the_store_agrees_with_goes_on_to_the_cluster(project, capsys, mo
 
 
 def test_a_dataset_of_that_name_with_another_identity_is_refused_before_submitting(project, capsys, monkeypatch, tmp_path):
-    from pipeline.tiny import build_tiny, synthetic_docs, write_jsonl
+    from strata.pipeline.tiny import build_tiny, synthetic_docs, write_jsonl
 
     monkeypatch.chdir(project)
     model = build_tiny(tmp_path / "gpt2", family="gpt2", layers=2, d_model=16, max_positions=64, vocab_size=300)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jobs.kinds import detect
+from strata.jobs.kinds import detect
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_vision_examples_fit_together():
-    from analysis.similarity.spec import AnalyzeSpec, CompareSpec
+    from strata.analysis.similarity.spec import AnalyzeSpec, CompareSpec
 
     kind, vision, _ = detect(REPO / "examples" / "vision.yaml")
     assert kind.name == "extract" and vision.corpus.is_images and vision.corpus.caption_field == "caption"

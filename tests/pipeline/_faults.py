@@ -11,7 +11,7 @@ from typing import Any
 
 import ray.cloudpickle
 
-from pipeline.worker import UnitWorker
+from strata.pipeline.worker import UnitWorker
 
 
 def crashing(after: int, marker: str) -> type[UnitWorker]:

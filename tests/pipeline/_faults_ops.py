@@ -17,7 +17,7 @@ from typing import Any
 
 import ray.cloudpickle
 
-from pipeline.worker import UnitWorker
+from strata.pipeline.worker import UnitWorker
 
 # -- a flaky HTTP proxy ---------------------------------------------------------------------------
 
@@ -209,9 +209,9 @@ def multinode_main(spec_json: str, report: str, seconds_per_unit: float) -> None
     from ray.cluster_utils import Cluster
 
     import _faults
-    from pipeline.config import ExtractSpec
-    from pipeline.extract import run_extract
-    import store
+    from strata.pipeline.config import ExtractSpec
+    from strata.pipeline.extract import run_extract
+    from strata import store
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": False, "dashboard_agent_listen_port": _free_port(),
@@ -236,7 +236,7 @@ def multinode_main(spec_json: str, report: str, seconds_per_unit: float) -> None
                 else:
                     out["killer"] = "no unit was committed in time"
                     return
-                from store import layout, protocol
+                from strata.store import layout, protocol
 
                 pid = protocol.read_record(store.open(spec.store).storage, layout.commit_key(spec.name, None, recs[0])).writer["pid"]
                 node = _node_of(pid, workers)

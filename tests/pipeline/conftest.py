@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.tiny import build_tiny, synthetic_docs, write_jsonl
+from strata.pipeline.tiny import build_tiny, synthetic_docs, write_jsonl
 
 
 @pytest.fixture(scope="session")

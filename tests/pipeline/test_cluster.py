@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-import store
-from pipeline.cluster import ClusterShape
-from pipeline.pool import pool_shape
+from strata import store
+from strata.pipeline.cluster import ClusterShape
+from strata.pipeline.pool import pool_shape
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "strata-test-SECRET-in-the-driver-env"
@@ -43,8 +43,8 @@ def test_an_unreachable_address_fails_at_once():
     """In a fresh process (a Ray already running in this one would simply be used)."""
     port = free_port()  # nothing listens there
     script = textwrap.dedent(f"""
-        from pipeline.cluster import connect
-        from pipeline.errors import ClusterError
+        from strata.pipeline.cluster import connect
+        from strata.pipeline.errors import ClusterError
         for address in ("127.0.0.1:{port}", "nonsense"):
             try:
                 with connect(address):
@@ -90,8 +90,8 @@ def _driver(tmp_path: Path, model: Path, corpus: Path, address: str | None) -> d
         import json, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         import _faults
-        from pipeline.config import ExtractSpec
-        from pipeline.extract import run_extract
+        from strata.pipeline.config import ExtractSpec
+        from strata.pipeline.extract import run_extract
         seen = []
         r = run_extract(ExtractSpec.model_validate(json.loads({json.dumps(spec)!r})), progress=False,
                         worker_cls=_faults.EnvReporter, on_unit=seen.append)
@@ -131,14 +131,14 @@ def test_the_readme_ray_job_command_works_as_written(stranger, tmp_path, tiny_gp
     relative one is refused with a clear message instead of vanishing with Ray's temporary
     working directory."""
     readme = (ROOT / "README.md").read_text()
-    cmd = "ray job submit --working-dir . -- python -m jobs.extract examples/quickstart.yaml --set store=$PWD/acts --set model.id=$PWD/models/tiny-gpt2"
+    cmd = "ray job submit --working-dir . -- python -m strata.jobs.extract examples/quickstart.yaml --set store=$PWD/acts --set model.id=$PWD/models/tiny-gpt2"
     assert cmd in readme
     ray_bin = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "RAY_API_SERVER_ADDRESS": stranger["dashboard"], "RAY_AUTH_MODE": "token", "PWD": str(tmp_path)}
     # The repository as the working directory, the model and store under $PWD (here tmp_path).
     (tmp_path / "models").mkdir()
     os.symlink(tiny_gpt2, tmp_path / "models" / "tiny-gpt2")
-    argv = [ray_bin, "job", "submit", "--working-dir", str(ROOT), "--", "python", "-m", "jobs.extract", "examples/quickstart.yaml",
+    argv = [ray_bin, "job", "submit", "--working-dir", str(ROOT), "--", "python", "-m", "strata.jobs.extract", "examples/quickstart.yaml",
             "--set", f"store={tmp_path}/acts", "--set", f"model.id={tmp_path}/models/tiny-gpt2", "--no-progress"]
 
     def submit() -> subprocess.CompletedProcess:

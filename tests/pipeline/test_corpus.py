@@ -7,13 +7,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import CorpusSpec
-from pipeline.corpus import read_corpus
+from strata.pipeline.config import CorpusSpec
+from strata.pipeline.corpus import read_corpus
 
 
 def CorpusSource(path, **kw) -> CorpusSpec:  # noqa: N802 - reads like the spec section it builds
     return CorpusSpec(path=str(path), **kw)
-from pipeline.errors import CorpusError
+from strata.pipeline.errors import CorpusError
 
 
 def _jsonl(path, recs):

@@ -13,15 +13,15 @@ import pytest
 import ray.cloudpickle
 import torch
 
-import store
-from analysis.features.external import put_sae
-from analysis.features.synthetic import random_topk_sae, synthetic_dataset, write_unit
-from pipeline.encode import EmptyDatasetError, EncodeSpec, EncodeWorker, SAEMismatchError, run_encode
-from pipeline.errors import SpecError
-from store.artifacts import ArtifactNotFoundError
-from store.errors import LeaseHeldError
-from store.feature_format import FeatureTableExistsError
-from store.feature_writer import table_lease
+from strata import store
+from strata.analysis.features.external import put_sae
+from strata.analysis.features.synthetic import random_topk_sae, synthetic_dataset, write_unit
+from strata.pipeline.encode import EmptyDatasetError, EncodeSpec, EncodeWorker, SAEMismatchError, run_encode
+from strata.pipeline.errors import SpecError
+from strata.store.artifacts import ArtifactNotFoundError
+from strata.store.errors import LeaseHeldError
+from strata.store.feature_format import FeatureTableExistsError
+from strata.store.feature_writer import table_lease
 
 pytestmark = pytest.mark.ray
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-import store
-from analysis.features.external import put_sae
-from analysis.features.synthetic import random_topk_sae, synthetic_dataset
-from jobs.features_encode import main as encode_main
-from pipeline.encode import EncodeSpec, prepare, run_encode
-from store.errors import CorruptionError
-from store.feature_format import FEATURES
+from strata import store
+from strata.analysis.features.external import put_sae
+from strata.analysis.features.synthetic import random_topk_sae, synthetic_dataset
+from strata.jobs.features_encode import main as encode_main
+from strata.pipeline.encode import EncodeSpec, prepare, run_encode
+from strata.store.errors import CorruptionError
+from strata.store.feature_format import FEATURES
 
 H = "blocks.0.hook_resid_post"
 D, D_SAE = 16, 32

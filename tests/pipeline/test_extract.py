@@ -17,13 +17,13 @@ import pytest
 import torch
 from transformers import AutoModel
 
-import store
-from pipeline.config import ExtractSpec
-from pipeline.errors import CorpusError
-from pipeline.extract import plan, prepare, run_extract
-from pipeline.tiny import synthetic_docs, write_jsonl
-from store import layout
-from store.errors import DatasetExistsError, LeaseHeldError
+from strata import store
+from strata.pipeline.config import ExtractSpec
+from strata.pipeline.errors import CorpusError
+from strata.pipeline.extract import plan, prepare, run_extract
+from strata.pipeline.tiny import synthetic_docs, write_jsonl
+from strata.store import layout
+from strata.store.errors import DatasetExistsError, LeaseHeldError
 
 import _faults
 
@@ -172,8 +172,8 @@ def _driver_script(spec: ExtractSpec, body: str) -> str:
     return textwrap.dedent(f"""
         import json, os, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from pipeline.config import ExtractSpec
-        from pipeline.extract import run_extract
+        from strata.pipeline.config import ExtractSpec
+        from strata.pipeline.extract import run_extract
         spec = ExtractSpec.model_validate(json.loads({spec.model_dump_json()!r}))
     """) + textwrap.dedent(body)
 
@@ -216,7 +216,7 @@ def test_a_job_whose_lease_is_taken_over_stops_and_fails(ray_session, tmp_path, 
     script = _driver_script(spec, f"""
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         import _faults
-        from store.errors import StrataError
+        from strata.store.errors import StrataError
         def note(status):
             with open({str(progress)!r}, "a") as f:
                 f.write(str(status["unit"]) + "\\n")
@@ -315,7 +315,7 @@ def test_partial_last_unit_then_appended_corpus_is_refused(ray_session, tmp_path
 
 
 def test_a_second_job_is_refused_before_anything_starts(ray_session, tmp_path, tiny_gpt2, corpus_file, monkeypatch):
-    import pipeline.extract as ex
+    import strata.pipeline.extract as ex
 
     started = []
     monkeypatch.setattr(ex, "prepare", lambda *a, **k: started.append("prepare"))
@@ -358,7 +358,7 @@ def test_extract_into_an_s3_store_records_no_secret(ray_session, s3_bucket, tmp_
     for k in keys:
         assert secret.encode() not in client.get_object(Bucket=bucket, Key=k)["Body"].read(), k
     assert ds.info.meta["spec"]["storage_options"] == {"client_kwargs": {"region_name": "us-east-1"}}
-    from jobs.cli import main as cli_main
+    from strata.jobs.cli import main as cli_main
 
     assert cli_main(["show", uri, "tiny"]) == 0
     assert secret not in capsys.readouterr().out

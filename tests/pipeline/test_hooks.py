@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from pipeline.errors import UnknownHookError, UnsupportedModelError
-from pipeline.hooks import Capture, expand_hooks, family_of, hook_sites
+from strata.pipeline.errors import UnknownHookError, UnsupportedModelError
+from strata.pipeline.hooks import Capture, expand_hooks, family_of, hook_sites
 
 FAMILIES = ["gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "bert"]
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.packing import Encoded, TokenizerInfo
-from pipeline.plan import FileSource, MemorySource, Packer
+from strata.pipeline.packing import Encoded, TokenizerInfo
+from strata.pipeline.plan import FileSource, MemorySource, Packer
 
 TOK = TokenizerInfo(name="t", backend_json="{}", bos_id=1, sep_id=2, pad_id=0, special_ids=(0, 1, 2))
 

@@ -32,8 +32,8 @@ RAY_DEFAULT_PORTS = {6379, 10001, 8265, AGENT_DEFAULT_PORT}
 DRIVER = textwrap.dedent("""
     import json, os, sys
     import ray
-    import pipeline.cluster as cluster
-    from pipeline.errors import ClusterError
+    import strata.pipeline.cluster as cluster
+    from strata.pipeline.errors import ClusterError
     if len(sys.argv) > 2:
         cluster.PRIVATE_START_TIMEOUT_S = float(sys.argv[2])
     try:

@@ -9,12 +9,12 @@ import re
 
 import pytest
 
-import store
-from analysis.features.external import put_sae
-from analysis.features.synthetic import random_topk_sae, synthetic_dataset
-from pipeline.config import ExtractSpec
-from pipeline.encode import EncodeSpec, run_encode
-from pipeline.extract import run_extract
+from strata import store
+from strata.analysis.features.external import put_sae
+from strata.analysis.features.synthetic import random_topk_sae, synthetic_dataset
+from strata.pipeline.config import ExtractSpec
+from strata.pipeline.encode import EncodeSpec, run_encode
+from strata.pipeline.extract import run_extract
 
 pytestmark = pytest.mark.ray
 
@@ -51,7 +51,7 @@ def test_added_hooks_are_said_to_be_what_is_computed(ray_session, tmp_path, tiny
     assert first.units_run == units and first.hooks_computed == [H0] and first.hooks_new == [H0]
     new = [H1, "blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"]
     caplog.clear()  # the first run's lines are captured too when an earlier test set INFO on this logger
-    with caplog.at_level(logging.INFO, logger="pipeline.extract"):
+    with caplog.at_level(logging.INFO, logger="strata.pipeline.extract"):
         r = run_extract(spec([H0, *new]), progress=False)
     assert r.units_run == units and r.units_skipped == 0  # every unit runs: each lacks the new hooks
     assert sorted(r.hooks_computed) == sorted(new) and sorted(r.hooks_new) == sorted(new) and r.hooks_committed == [H0]

@@ -15,14 +15,14 @@ import torch
 import transformers
 import yaml
 
-import store
-from pipeline.config import CorpusSpec, ExtractSpec, ModelSpec
-from pipeline.extract import run_extract
-from pipeline.images import ImageSource, scan_images
-from pipeline.models import load_config, resolve
-from pipeline.tiny import VISION_FAMILIES, build_tiny_vision, synthetic_images
-from pipeline.vision import CLS_TOKEN, ImagePacker, prepare_images, register_token
-from pipeline.worker import UnitWorker, WorkerConfig
+from strata import store
+from strata.pipeline.config import CorpusSpec, ExtractSpec, ModelSpec
+from strata.pipeline.extract import run_extract
+from strata.pipeline.images import ImageSource, scan_images
+from strata.pipeline.models import load_config, resolve
+from strata.pipeline.tiny import VISION_FAMILIES, build_tiny_vision, synthetic_images
+from strata.pipeline.vision import CLS_TOKEN, ImagePacker, prepare_images, register_token
+from strata.pipeline.worker import UnitWorker, WorkerConfig
 
 D = 32
 CLASSES = {"vit": "ViTModel", "clip": "CLIPVisionModel", "siglip": "SiglipVisionModel", "dinov2": "Dinov2Model",
@@ -134,7 +134,7 @@ def test_image_corpora_end_to_end(ray_session, tmp_path, vision_models, images, 
                        hooks=["blocks.*.hook_resid_post", "ln_final.hook_normalized"], dtype="float32",
                        compute={"unit_contexts": 8, "batch_tokens": 4 * 21})
     r = run_extract(spec, progress=False)
-    from pipeline.corpus import _stable_id
+    from strata.pipeline.corpus import _stable_id
 
     bad = {b["doc_id"]: b["error"] for b in r.bad_images}
     assert set(bad) == {_stable_id("img_0002b.png"), _stable_id("zz_empty.jpg")}
@@ -196,8 +196,8 @@ def vspec(tmp_path, vision_models, images):
 def test_bad_image_input_is_one_line_exit_2_nothing_written(vspec, tmp_path, tiny_gpt2, images, capsys, sets, pattern):
     import re
 
-    from jobs.extract import main
-    from pipeline.tiny import write_jsonl
+    from strata.jobs.extract import main
+    from strata.pipeline.tiny import write_jsonl
 
     (tmp_path / "empty").mkdir()
     subs = {"empty": tmp_path / "empty", "parquet": _write_parquet(tmp_path / "p.parquet", images),
@@ -217,8 +217,8 @@ def test_paired_images_and_captions_recover_planted_structure(ray_session, tmp_p
     """Images through a vision model and their captions through a language model, compared
     per document (``align="docs"``): mutual kNN is higher for captions that match the images
     than for the same captions shuffled among the images."""
-    from analysis import similarity
-    from pipeline.corpus import _stable_id
+    from strata.analysis import similarity
+    from strata.pipeline.corpus import _stable_id
 
     n = 48
     matched = synthetic_images(tmp_path / "matched", n, seed=3)
@@ -266,7 +266,7 @@ def test_image_sources_read_back_the_scanned_bytes(tmp_path, images):
     records, and reading any positions back gives exactly the scanned bytes."""
     import datasets
 
-    from pipeline.corpus import _stable_id
+    from strata.pipeline.corpus import _stable_id
 
     files = sorted(images.glob("*.png"))
     want = [p.read_bytes() for p in files]

@@ -7,13 +7,13 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-import store
-from pipeline.hooks import family_of, hook_sites
-from pipeline.config import ModelSpec
-from pipeline.models import resolve
-from pipeline.packing import encode_texts, pack, tokenizer_info
-from pipeline.tiny import synthetic_docs
-from pipeline.worker import UnitWorker, WorkerConfig
+from strata import store
+from strata.pipeline.hooks import family_of, hook_sites
+from strata.pipeline.config import ModelSpec
+from strata.pipeline.models import resolve
+from strata.pipeline.packing import encode_texts, pack, tokenizer_info
+from strata.pipeline.tiny import synthetic_docs
+from strata.pipeline.worker import UnitWorker, WorkerConfig
 
 HOOKS = ["hook_embed", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.1.hook_mlp_out"]
 

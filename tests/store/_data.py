@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-import store
+from strata import store
 
 HOOKS = {"blocks.0.hook_resid_post": 16, "blocks.1.hook_mlp_out": 8}
 CTX = 8

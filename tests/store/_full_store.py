@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-import store
-from analysis.features.synthetic import random_topk_sae, synthetic_dataset, write_table
-from store import artifacts, parquet
-from store.errors import CorruptionError
-from store.handles import ANALYSES, SAES
+from strata import store
+from strata.analysis.features.synthetic import random_topk_sae, synthetic_dataset, write_table
+from strata.store import artifacts, parquet
+from strata.store.errors import CorruptionError
+from strata.store.handles import ANALYSES, SAES
 
 H = "blocks.0.hook_resid_post"
 D, D_SAE, CTX, UC, UNITS = 8, 16, 16, 4, 2
@@ -114,7 +114,7 @@ def read_all(s: store.Store, kind: str) -> str:
 
 def read_outcome(root: Path, kind: str) -> str | CorruptionError:
     """``read_all`` on a freshly opened store (no cached checks), or the CorruptionError it raised."""
-    from store import protocol
+    from strata.store import protocol
 
     protocol._TABLES.clear()  # a new process: shard digest tables are checked again
     try:

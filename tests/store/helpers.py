@@ -69,7 +69,7 @@ def writer_process(uri: str, name: str, units: list[int], queue: Any, barrier: A
     environment), wait at ``barrier`` so processes really overlap, write ``units``, and report
     ``(pid, {unit: status})`` on ``queue`` (or ``(pid, error text)``)."""
     try:
-        import store
+        from strata import store
 
         w = store.open(uri).writer(name)
         if barrier is not None:

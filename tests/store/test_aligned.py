@@ -8,8 +8,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-import store
-from store.aligned import AlignmentError, align_tokens, iter_aligned
+from strata import store
+from strata.store.aligned import AlignmentError, align_tokens, iter_aligned
 
 CTX, UC = 16, 4
 H = "blocks.0.hook_resid_post"

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-import store
-from store import artifacts, sealed
+from strata import store
+from strata.store import artifacts, sealed
 
 FILES = {"cfg.json": b'{"d_in": 4}', "weights.bin": bytes(range(256)) * 100, "sub/notes.txt": b"hello"}
 

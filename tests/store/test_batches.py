@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import store
+from strata import store
 
 from _data import CTX, UNIT_CONTEXTS, token_table
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
-import store
-from store import layout
-from store.storage import LocalStorage
+from strata import store
+from strata.store import layout
+from strata.store.storage import LocalStorage
 
 from _data import UNIT_CONTEXTS, make_dataset, token_table
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from jobs.cli import main
-from store.errors import CorruptionError
-from store.fsck import verify_store
+from strata.jobs.cli import main
+from strata.store.errors import CorruptionError
+from strata.store.fsck import verify_store
 
 import _full_store as F
 
-import store
+from strata import store
 
 # Files whose damage a read survives with exactly the intact data (see the module docstring).
 _READ_NEED_NOT_RAISE = ("/zarr.json", "/aux/commit_index-", "datasets/ds/commits/")

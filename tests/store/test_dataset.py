@@ -7,8 +7,8 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-import store
-from store import layout
+from strata import store
+from strata.store import layout
 
 from _data import CTX, HOOKS, UNIT_CONTEXTS, make_dataset, token_table
 

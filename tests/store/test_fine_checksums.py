@@ -12,8 +12,8 @@ import json
 import numpy as np
 import pytest
 
-import store
-from store import layout, protocol, shards
+from strata import store
+from strata.store import layout, protocol, shards
 
 from _data import token_table
 

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-import store
-from jobs.cli import main
-from store import artifacts, gc, layout
+from strata import store
+from strata.jobs.cli import main
+from strata.store import artifacts, gc, layout
 
 from _data import UNIT_CONTEXTS, make_dataset, token_table, unit_values
 

@@ -12,14 +12,14 @@ import time
 import duckdb
 import numpy as np
 
-import store
-from analysis.features.synthetic import synthetic_dataset, write_table
-from analysis.sae import checkpoint
-from jobs.cli import main
-from store import artifacts, gc
-from store.feature_format import FeatureTableInfo, unit_key, unit_records
-from store.feature_stats import HIST_BINS, HIST_HI, HIST_LO
-from store.feature_writer import FeatureWriter, create_or_open, table_lease
+from strata import store
+from strata.analysis.features.synthetic import synthetic_dataset, write_table
+from strata.analysis.sae import checkpoint
+from strata.jobs.cli import main
+from strata.store import artifacts, gc
+from strata.store.feature_format import FeatureTableInfo, unit_key, unit_records
+from strata.store.feature_stats import HIST_BINS, HIST_HI, HIST_LO
+from strata.store.feature_writer import FeatureWriter, create_or_open, table_lease
 
 H = "blocks.0.hook_resid_post"
 

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-import store
-from store import layout
-from store.lease import current_generation, generations
+from strata import store
+from strata.store import layout
+from strata.store.lease import current_generation, generations
 
 from _data import UNIT_CONTEXTS, make_dataset, token_table, unit_values
 

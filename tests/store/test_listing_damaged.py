@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.cli import main
+from strata.jobs.cli import main
 
 from _full_store import H, build
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from store import parquet
+from strata.store import parquet
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 import zarr
 
-import store
-from store.storage import FsspecStorage
+from strata import store
+from strata.store.storage import FsspecStorage
 
 try:
     from tests.store.helpers import CONTEXT_SIZE, D, HOOK, HOOK2, UNIT_ROWS, create_small, token_table, unit_acts, write_units, writer_process

@@ -8,7 +8,7 @@ from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
-import store
+from strata import store
 
 from _data import CTX, UNIT_CONTEXTS, token_table
 

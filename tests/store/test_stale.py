@@ -11,16 +11,16 @@ import json
 import numpy as np
 import pytest
 
-import store
-from analysis.features.external import put_sae
-from analysis.features.synthetic import random_topk_sae, synthetic_dataset, write_table
-from analysis.similarity._tasks import Executor
-from analysis.similarity.runner import prepare
-from analysis.similarity.spec import AnalyzeSpec
-from jobs.cli import main
-from store import artifacts
-from store.errors import StaleArtifactError
-from store.handles import ANALYSES
+from strata import store
+from strata.analysis.features.external import put_sae
+from strata.analysis.features.synthetic import random_topk_sae, synthetic_dataset, write_table
+from strata.analysis.similarity._tasks import Executor
+from strata.analysis.similarity.runner import prepare
+from strata.analysis.similarity.spec import AnalyzeSpec
+from strata.jobs.cli import main
+from strata.store import artifacts
+from strata.store.errors import StaleArtifactError
+from strata.store.handles import ANALYSES
 
 H = "blocks.0.hook_resid_post"
 D, D_SAE, UR = 8, 12, 64

@@ -17,7 +17,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
 
-from store.storage import FsspecStorage, LocalStorage, Storage, open_storage
+from strata.store.storage import FsspecStorage, LocalStorage, Storage, open_storage
 
 
 class StorageTests:

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-import store
-from jobs.cli import main
-from store import artifacts, gc
-from store.errors import StorageError
+from strata import store
+from strata.jobs.cli import main
+from strata.store import artifacts, gc
+from strata.store.errors import StorageError
 
 
 def _snapshot(root) -> dict[str, float]:

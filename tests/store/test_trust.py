@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-import store
-from store import layout, sealed
+from strata import store
+from strata.store import layout, sealed
 
 from _data import CTX, UNIT_CONTEXTS, make_dataset, token_table
 
@@ -314,7 +314,7 @@ def test_taking_one_batch_and_exiting_ends_cleanly(tmp_path, close):
     }[close]
     script = textwrap.dedent(f"""
         import threading, time
-        import store
+        from strata import store
         H = {H!r}
         ds = store.open({str(tmp_path)!r}, create=False).dataset("ds")
     """) + body + "\nprint('done')\n"

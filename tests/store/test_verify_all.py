@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import zarr
 
-import store
-from analysis.features.synthetic import word_tokenizer_json
-from jobs.cli import main
-from store import layout
-from store.errors import CorruptionError, NotCommittedError
+from strata import store
+from strata.analysis.features.synthetic import word_tokenizer_json
+from strata.jobs.cli import main
+from strata.store import layout
+from strata.store.errors import CorruptionError, NotCommittedError
 
 import _full_store as F
 from _full_store import H
@@ -274,7 +274,7 @@ def test_damaged_zarr_metadata_is_rebuilt_from_the_manifest(full, capsys):
 
 
 def test_sealed_records_round_trip():
-    from store import sealed
+    from strata.store import sealed
 
     body = {"b": [1, 2.5, None], "a": "x"}
     sealed_body = sealed.seal(body)

@@ -12,8 +12,8 @@ import torch
 import xxhash
 import zarr
 
-import store
-from store import layout
+from strata import store
+from strata.store import layout
 
 from _data import CTX, HOOKS, UNIT_CONTEXTS, make_dataset, token_table, unit_values
 

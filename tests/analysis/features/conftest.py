@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.tiny import build_tiny
+from strata.pipeline.tiny import build_tiny
 
 ROOT = Path(__file__).resolve().parents[3]
 

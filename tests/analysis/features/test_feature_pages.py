@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import store
-from analysis.features import write_pages
-from analysis.features.synthetic import synthetic_dataset, write_table
-from store.feature_format import FeatureOutOfRangeError
+from strata import store
+from strata.analysis.features import write_pages
+from strata.analysis.features.synthetic import synthetic_dataset, write_table
+from strata.store.feature_format import FeatureOutOfRangeError
 
 from pagesparse import parse
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import store
-from analysis.features.external import put_sae
-from jobs.cli import main
-from pipeline.config import ExtractSpec
-from pipeline.extract import run_extract
+from strata import store
+from strata.analysis.features.external import put_sae
+from strata.jobs.cli import main
+from strata.pipeline.config import ExtractSpec
+from strata.pipeline.extract import run_extract
 
 from pagesparse import parse
 

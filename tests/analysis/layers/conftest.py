@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-import store
+from strata import store
 
 CTX, UC = 16, 4
 
@@ -65,9 +65,9 @@ def write_docs_dataset(root: Path, name: str, doc_lens: list[int], acts_of, *, f
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory, ray_session):
     """A tiny GPT-2 and its dataset at every hook, float32 (so the lens can match the logits)."""
-    from pipeline.config import ExtractSpec
-    from pipeline.extract import run_extract
-    from pipeline.tiny import build_tiny, synthetic_docs
+    from strata.pipeline.config import ExtractSpec
+    from strata.pipeline.extract import run_extract
+    from strata.pipeline.tiny import build_tiny, synthetic_docs
 
     root = tmp_path_factory.mktemp("lens")
     model = build_tiny(root / "model", family="gpt2", layers=2, d_model=32, heads=4, max_positions=256, vocab_size=400, seed=0)

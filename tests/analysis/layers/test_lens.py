@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from analysis import layers
-from analysis.similarity import AnalysisError
+from strata.analysis import layers
+from strata.analysis.similarity import AnalysisError
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

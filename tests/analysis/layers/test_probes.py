@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis import layers
-from analysis.similarity import AnalysisError
+from strata.analysis import layers
+from strata.analysis.similarity import AnalysisError
 from conftest import write_docs_dataset
 
 PLANTED, NOISE, MEMO = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-import store
+from strata import store
 
 CTX = 16
 UNIT_CONTEXTS = 32
@@ -71,7 +71,7 @@ def text_contexts(model_folder: Path, n_contexts: int, *, context_size: int = LM
     BOS (special) first in each context, as the pipeline's concat packing lays them out."""
     from transformers import AutoTokenizer
 
-    from pipeline.tiny import synthetic_docs
+    from strata.pipeline.tiny import synthetic_docs
 
     tok = AutoTokenizer.from_pretrained(model_folder)
     body = context_size - 1
@@ -115,8 +115,8 @@ def lm_dataset(root: Path, model_folder: Path, name: str = "lm", *, units: int =
     extraction pipeline does), stored as float32."""
     from transformers import AutoConfig, AutoModel
 
-    from pipeline.hooks import Capture, family_of, hook_sites
-    from pipeline.models import folder_revision
+    from strata.pipeline.hooks import Capture, family_of, hook_sites
+    from strata.pipeline.models import folder_revision
 
     cfg = AutoConfig.from_pretrained(model_folder)
     sites = hook_sites(family_of(cfg.model_type), cfg.num_hidden_layers)

@@ -10,10 +10,10 @@ import json
 import pytest
 import torch
 
-import store
-from analysis.sae import SAETrainSpec, run_job
-from analysis.sae import checkpoint
-from analysis.sae.plan import plan
+from strata import store
+from strata.analysis.sae import SAETrainSpec, run_job
+from strata.analysis.sae import checkpoint
+from strata.analysis.sae.plan import plan
 
 from _sae_data import HOOKS, planted_dataset
 

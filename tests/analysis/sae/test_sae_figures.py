@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-import store
-from analysis.sae import SAETrainSpec, run_job
-from pipeline.errors import SpecError
+from strata import store
+from strata.analysis.sae import SAETrainSpec, run_job
+from strata.pipeline.errors import SpecError
 
 from _sae_data import LM_CTX, LM_UNIT_CONTEXTS, lm_dataset, train_tiny_lm
 
@@ -22,7 +22,7 @@ UNITS = 4
 
 @pytest.fixture(scope="module")
 def lm_root(tmp_path_factory):
-    from pipeline.tiny import build_tiny
+    from strata.pipeline.tiny import build_tiny
 
     folder = build_tiny(tmp_path_factory.mktemp("models") / "gpt2", family="gpt2", layers=2, d_model=32, heads=4,
                         max_positions=256, vocab_size=400, seed=0)
@@ -73,7 +73,7 @@ def test_a_spec_asking_more_than_the_dataset_holds_is_refused_before_training(lm
 
 
 def test_without_an_explicit_ce_contexts_one_unit_is_held_out_as_before(lm_root):
-    from analysis.sae.plan import plan
+    from strata.analysis.sae.plan import plan
 
     p = plan(spec(lm_root, name="default-eval", eval={"ce": True}), store.open(lm_root, create=False))
     assert [t.holdout_units for t in p.tasks] == [[3]]
@@ -112,7 +112,7 @@ def test_the_curves_name_their_window_count_apart_from_dead(trained):
 
 
 def test_curves_of_an_old_checkpoint_read_under_the_new_names():
-    from analysis.sae.curves import curves_table
+    from strata.analysis.sae.curves import curves_table
 
     t = curves_table([{"step": 1, "samples": 32, "dead_features": 3.0, "dead_fraction": 0.5},
                       {"step": 2, "samples": 64, "inactive_features": 1.0, "inactive_fraction": 0.25}])

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-import store
-from analysis.sae import SAETrainSpec, run_job, train
-from analysis.sae.job import _device_for
-from analysis.sae.plan import config_hash, plan
-from pipeline.errors import ClusterError
+from strata import store
+from strata.analysis.sae import SAETrainSpec, run_job, train
+from strata.analysis.sae.job import _device_for
+from strata.analysis.sae.plan import config_hash, plan
+from strata.pipeline.errors import ClusterError
 
 from _sae_data import CTX, D, HOOKS, UNIT_CONTEXTS, planted_dataset, token_table
 

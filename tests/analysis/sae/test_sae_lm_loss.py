@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import store
+from strata import store
 
-from analysis.sae import SAETrainSpec, next_token_ce, run_job, spliced_ce
-from analysis.sae.evaluate import heldout_contexts, hook_site, load_causal_lm
+from strata.analysis.sae import SAETrainSpec, next_token_ce, run_job, spliced_ce
+from strata.analysis.sae.evaluate import heldout_contexts, hook_site, load_causal_lm
 
 from _sae_data import LM_CTX, LM_HOOKS, LM_UNIT_CONTEXTS, lm_dataset, train_tiny_lm
 
@@ -22,7 +22,7 @@ from _sae_data import LM_CTX, LM_HOOKS, LM_UNIT_CONTEXTS, lm_dataset, train_tiny
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
     """The tiny seeded GPT-2, fitted a little to synthetic text so that ablations hurt it."""
-    from pipeline.tiny import build_tiny
+    from strata.pipeline.tiny import build_tiny
 
     folder = build_tiny(tmp_path_factory.mktemp("models") / "gpt2", family="gpt2", layers=2, d_model=32, heads=4,
                         max_positions=256, vocab_size=400, seed=0)

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-import store
-from analysis.sae import SAETrainSpec, checkpoint, run_job
+from strata import store
+from strata.analysis.sae import SAETrainSpec, checkpoint, run_job
 
 from _sae_data import planted_dataset
 

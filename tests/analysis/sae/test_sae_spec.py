@@ -8,7 +8,7 @@ import re
 import pytest
 from pydantic import ValidationError
 
-from analysis.sae.config import NAME_PATTERN, SAETrainSpec, TrainSpec, architectures, expand_runs, sae_options
+from strata.analysis.sae.config import NAME_PATTERN, SAETrainSpec, TrainSpec, architectures, expand_runs, sae_options
 
 BASE = {
     "store": "./acts",

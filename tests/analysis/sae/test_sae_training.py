@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.sae import SAETrainSpec, build_sae, evaluate, load_sae, save_sae, train
-from analysis.sae.config import EvalSpec
+from strata.analysis.sae import SAETrainSpec, build_sae, evaluate, load_sae, save_sae, train
+from strata.analysis.sae.config import EvalSpec
 
 from _sae_data import CTX, D, HOOKS, UNIT_CONTEXTS, planted_dataset
 

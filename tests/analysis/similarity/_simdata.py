@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-import store
+from strata import store
 
 CTX = 16
 UNIT_CONTEXTS = 4

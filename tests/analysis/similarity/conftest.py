@@ -30,7 +30,7 @@ def two_hook(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def corpus_texts() -> list[str]:
-    from pipeline.tiny import synthetic_docs
+    from strata.pipeline.tiny import synthetic_docs
 
     return synthetic_docs(16, seed=11) + ["Naïve café résumé — 42 ünïcode wörds.", "Ελληνικά και 日本語 mixed text."]
 
@@ -39,10 +39,10 @@ def corpus_texts() -> list[str]:
 def two_tokenizers(tmp_path_factory, ray_session, corpus_texts):
     """Datasets of two tiny GPT-2s whose tokenizers differ (vocabularies of 400 and 300 learned
     on different text) over the same corpus: (store, dataset A, dataset B, corpus texts)."""
-    import store
-    from pipeline.config import ExtractSpec
-    from pipeline.extract import run_extract
-    from pipeline.tiny import build_tiny, synthetic_docs
+    from strata import store
+    from strata.pipeline.config import ExtractSpec
+    from strata.pipeline.extract import run_extract
+    from strata.pipeline.tiny import build_tiny, synthetic_docs
 
     root = tmp_path_factory.mktemp("xtok")
     corpus = root / "corpus.jsonl"

@@ -15,12 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import _simdata
-import store
-from analysis import similarity as sim
-from analysis.similarity.compare import plan_compare, run_compare
-from analysis.similarity.errors import AnalysisError
-from store.aligned import AlignmentError, _check_documents
-from store.pairing import SetHash, set_hash
+from strata import store
+from strata.analysis import similarity as sim
+from strata.analysis.similarity.compare import plan_compare, run_compare
+from strata.analysis.similarity.errors import AnalysisError
+from strata.store.aligned import AlignmentError, _check_documents
+from strata.store.pairing import SetHash, set_hash
 
 H = "blocks.0.hook_resid_post"
 N_IMAGES, REGISTERS = 24, 2
@@ -186,9 +186,9 @@ def test_set_hash_is_order_independent_and_streams(docs, seed):
 def test_the_spec_passes_pool_through_and_checks_it(paired, tmp_path):
     from pydantic import ValidationError
 
-    from analysis.similarity._tasks import Executor
-    from analysis.similarity.runner import prepare
-    from analysis.similarity.spec import AnalyzeSpec
+    from strata.analysis.similarity._tasks import Executor
+    from strata.analysis.similarity.runner import prepare
+    from strata.analysis.similarity.spec import AnalyzeSpec
 
     va, lm = paired["vit"][0], paired["lm"][0]
     cmp = {"kind": "compare", "name": "img-cap", "a": {"dataset": "vit", "hook": H}, "b": {"dataset": "lm", "hook": H},

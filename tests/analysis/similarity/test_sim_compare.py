@@ -10,10 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import _simdata
-from analysis import similarity as sim
-from analysis.similarity.compare import plan_compare
-from store.aligned import AlignmentError
-from store.errors import HookNotFoundError, StrataError
+from strata.analysis import similarity as sim
+from strata.analysis.similarity.compare import plan_compare
+from strata.store.aligned import AlignmentError
+from strata.store.errors import HookNotFoundError, StrataError
 
 H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
 LINEAR = ["linear_cka", "debiased_cka", "cca", "svcca", "pwcca", "procrustes"]
@@ -97,7 +97,7 @@ def test_documents_pooled_by_mean_of_their_tokens(two_hook):
 def test_same_tokenizer_pairs_by_document_position_across_packings(tmp_path):
     # The same documents packed into contexts of 16 (A) and of 16 with an extra BOS-only offset (B):
     # rows differ, (doc_id, doc_position) do not. B's values are an orthogonal map of A's per token.
-    import store
+    from strata import store
 
     texts = _simdata.texts(25, seed=3)
     spans = [_simdata.word_spans(t) for t in texts]
@@ -139,7 +139,7 @@ def test_bad_input_is_one_line_and_named(two_hook, tmp_path):
 
 
 def test_sides_that_cannot_be_aligned(tmp_path):
-    import store
+    from strata import store
 
     s = store.open(tmp_path)
     flat = _simdata.pack([_simdata.word_spans(t) for t in _simdata.texts(8)])

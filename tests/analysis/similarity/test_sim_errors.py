@@ -7,7 +7,7 @@ import pytest
 import simref
 import torch
 
-from analysis import similarity as sim
+from strata.analysis import similarity as sim
 
 X, Y = simref.pair(20, 4, 4, seed=51)
 NAN = X.copy()

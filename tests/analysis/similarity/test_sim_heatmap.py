@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import _simdata
-from analysis import similarity as sim
-from analysis.similarity.heatmap import HeatmapOptions, plan_heatmap
-from store.errors import StrataError
+from strata.analysis import similarity as sim
+from strata.analysis.similarity.heatmap import HeatmapOptions, plan_heatmap
+from strata.store.errors import StrataError
 
 FIELDS = ["mean_x", "mean_y", "cxx", "cyy", "cxy", "xx_x", "yy_x", "xx_y", "yy_y", "xxxx", "yyyy", "xxyy", "cos_sum", "cos_zero"]
 DIMS = [3, 5, 3, 4]
@@ -56,7 +56,7 @@ def test_block_moments_round_trip_and_checks():
 @pytest.fixture(scope="module")
 def layered(tmp_path_factory):
     """Five hooks of mixed widths: noisy linear maps of one another, so the cells differ."""
-    import store
+    from strata import store
 
     s = store.open(tmp_path_factory.mktemp("layers"))
     flat = _simdata.pack([_simdata.word_spans(t) for t in _simdata.texts(40, seed=4)])

@@ -7,7 +7,7 @@ import pytest
 import simref
 from scipy.stats import ortho_group
 
-from analysis import similarity as sim
+from strata.analysis import similarity as sim
 
 X, Y = simref.pair(80, 6, 9, seed=41, noise=1.0, offset=0.7)
 Q6 = ortho_group.rvs(6, random_state=1)

@@ -7,7 +7,7 @@ import pytest
 import simref
 import torch
 
-from analysis import similarity as sim
+from strata.analysis import similarity as sim
 
 SHAPES = [(60, 8, 5), (30, 40, 25), (120, 3, 60)]  # n > d1+d2 (primal), n < d (dual / rank-deficient), mixed
 
@@ -133,7 +133,7 @@ def test_cca_family_with_dead_and_duplicate_neurons_runs_in_the_column_space():
 
 def test_cca_with_more_features_than_rows_is_finite_and_warns(caplog):
     x, y = simref.pair(20, 30, 25, seed=15)
-    with caplog.at_level("WARNING", logger="analysis.similarity._cca"):
+    with caplog.at_level("WARNING", logger="strata.analysis.similarity._cca"):
         values = [sim.cca(x, y), sim.svcca(x, y), sim.pwcca(x, y)]
     assert all(np.isfinite(v) and 0 <= v <= 1 + 1e-12 for v in values)
     assert sim.cca(x, y) == pytest.approx(1.0, abs=1e-6)  # 19 + 19 > 19: all correlations are 1

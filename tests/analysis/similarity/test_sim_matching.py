@@ -9,8 +9,8 @@ import simref
 import torch
 
 import _simdata
-from analysis import similarity as sim
-from analysis.similarity.matching import LatentCorrelations, MatchOptions
+from strata.analysis import similarity as sim
+from strata.analysis.similarity.matching import LatentCorrelations, MatchOptions
 
 D, M = 8, 48
 HA, HB = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
@@ -30,7 +30,7 @@ def _sae(w_enc: np.ndarray, b_enc: np.ndarray, w_dec: np.ndarray, b_dec: np.ndar
 def planted(tmp_path_factory):
     """Hook B is an orthogonal map Q of hook A; SAE B is SAE A with its latents permuted, written
     in B's basis, so latent i of A fires exactly as latent perm^-1(i) of B."""
-    import store
+    from strata import store
 
     rng = np.random.default_rng(0)
     flat = _simdata.pack([_simdata.word_spans(t) for t in _simdata.texts(60, seed=1)])

@@ -19,7 +19,7 @@ import simref
 import torch
 
 import _simdata
-from analysis import similarity as sim
+from strata.analysis import similarity as sim
 
 METRICS = ["linear_cka", "debiased_cka", "cca", "svcca", "pwcca", "procrustes", "cosine"]
 TOL = dict.fromkeys(METRICS, 5e-6)
@@ -132,7 +132,7 @@ def test_compare_over_a_float16_store_is_within_the_bound(tmp_path):
     exact = sim.compare((ds, h0), (ds, h1), METRICS, use_ray=False, tasks=2, chunk_rows=100, precision="float64")
     assert any(exact[k] != got[k] for k in METRICS)
     _within(exact, _references(x, y), dict.fromkeys(METRICS, 1e-10))
-    from analysis.similarity.errors import AnalysisError
+    from strata.analysis.similarity.errors import AnalysisError
 
     with pytest.raises(AnalysisError, match="`precision` must be one of 'auto', 'float32', 'float64', got 'half'"):
         sim.compare((ds, h0), (ds, h1), METRICS, use_ray=False, precision="half")

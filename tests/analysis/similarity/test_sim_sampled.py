@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import simref
 
-from analysis import similarity as sim
+from strata.analysis import similarity as sim
 
 
 @pytest.mark.parametrize("debiased", [False, True])
@@ -44,7 +44,7 @@ def test_mutual_knn_matches_brute_force_sorting(metric, k):
 
 
 def test_mutual_knn_excludes_self_and_handles_blocks(monkeypatch):
-    from analysis.similarity import _sampled
+    from strata.analysis.similarity import _sampled
 
     monkeypatch.setattr(_sampled, "_BLOCK", 7)  # several row blocks
     x, y = simref.pair(30, 4, 4, seed=36, noise=2.0)

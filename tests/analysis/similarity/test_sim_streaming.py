@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from analysis import similarity as sim
+from strata.analysis import similarity as sim
 
 METRICS = ["linear_cka", "debiased_cka", "cca", "svcca", "pwcca", "procrustes", "cosine"]
 IN_MEMORY = {
