@@ -45,7 +45,7 @@ from _machine import cpu_model, memory_gib  # noqa: E402
 from strata import store  # noqa: E402
 from strata.analysis.features.external import put_sae  # noqa: E402
 from strata.analysis.features.synthetic import random_topk_sae, synthetic_dataset, token_table, word_tokenizer_json, write_table  # noqa: E402
-from strata.store.features import FeatureTable  # noqa: E402
+from strata.store.features.table import FeatureTable  # noqa: E402
 
 HOOK = "blocks.0.hook_resid_post"
 

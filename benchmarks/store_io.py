@@ -149,8 +149,8 @@ def bench_read(root: Path, ds: store.ActivationDataset, full: np.ndarray, repeat
 
 def bench_partial(ds: store.ActivationDataset, repeats: int, queries: int = 400) -> dict[str, tuple[float, float]]:
     """Rows/s of partial reads with every block checked vs the very same reads with the block
-    checks switched off (``store.protocol._CHECK_READS``): what checking costs, nothing else."""
-    from strata.store import protocol
+    checks switched off (``store.commit.protocol._CHECK_READS``): what checking costs, nothing else."""
+    from strata.store.commit import protocol
 
     hook = "blocks.0.hook_resid_post"
     n = ds.num_rows(hook)

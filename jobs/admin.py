@@ -16,7 +16,7 @@ def _duration(text: str) -> float:
 
 def _cmd_gc(args: argparse.Namespace) -> int:
     from strata import store
-    from strata.store import gc
+    from strata.store.lifecycle import gc
 
     s = store.open(args.store, create=False)
     abandoned = args.abandoned or []
@@ -35,8 +35,8 @@ def _cmd_gc(args: argparse.Namespace) -> int:
 
 def _cmd_rm(args: argparse.Namespace) -> int:
     from strata import store
-    from strata.store import dependents
-    from strata.store.dependents import Ref
+    from strata.store.lifecycle import dependents
+    from strata.store.lifecycle.dependents import Ref
     from strata.store.errors import StrataError
 
     s = store.open(args.store, create=False)

@@ -26,8 +26,8 @@ def _open(uri: str):  # noqa: ANN202
 
 def _cmd_ls(args: argparse.Namespace) -> int:
     from strata.store.errors import CorruptionError, FormatVersionError
-    from strata.store.manifest import DatasetInfo
-    from strata.store.versions import families
+    from strata.store.datasets.manifest import DatasetInfo
+    from strata.store.datasets.versions import families
 
     s = _open(args.store)
     names = s.datasets()
@@ -81,7 +81,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from strata.store.fsck import repair_store, verify_store
+    from strata.store.lifecycle.fsck import repair_store, verify_store
 
     s = _open(args.store)
     kinds = [args.kind] if args.kind else None

@@ -383,7 +383,7 @@ class _State:
         return self.saes[name]
 
     def artifact(self, kind: str, name: str) -> Any:
-        from strata.store import artifacts
+        from strata.store.commit import artifacts
 
         return None if self.s is None else artifacts.get(self.s.storage, kind, name)
 
@@ -438,7 +438,7 @@ def _plan_extract(job: Job, st: _State, p: Pipeline) -> Step:
     from strata.pipeline import models
     from strata.pipeline.extract import _check_committed, prepare
     from strata.pipeline.extract import plan as plan_units
-    from strata.store.manifest import fingerprint
+    from strata.store.datasets.manifest import fingerprint
 
     spec = job.spec
     base, target, moved = spec.name, spec.name, ""
@@ -519,7 +519,7 @@ def _plan_extract(job: Job, st: _State, p: Pipeline) -> Step:
 def _plan_sae(job: Job, st: _State, p: Pipeline) -> Step:
     from strata.analysis.sae.config import combinations, concrete, resolve_hooks, run_name
     from strata.analysis.sae.plan import config_hash, describe_diff, heldout_contexts_needed, resolved_config, split_units
-    from strata.store.handles import SAES
+    from strata.store.saes.handles import SAES
 
     spec = job.spec
     view = st.dataset(spec.dataset)
@@ -586,7 +586,7 @@ def _check_checkpoints(job: Job, st: _State, runs: list[tuple[str, dict[str, Any
     resume them (:func:`analysis.sae.plan.plan`), so the plan refuses first, before any work."""
     from strata.analysis.sae import checkpoint
     from strata.analysis.sae.plan import describe_diff
-    from strata.store.artifacts import ArtifactExistsError
+    from strata.store.commit.artifacts import ArtifactExistsError
 
     if st.s is None:
         return
@@ -600,7 +600,7 @@ def _check_checkpoints(job: Job, st: _State, runs: list[tuple[str, dict[str, Any
 
 
 def _lineage_dataset(st: _State, name: str, default: str) -> str:
-    from strata.store.handles import SAES
+    from strata.store.saes.handles import SAES
 
     art = st.artifact(SAES, name)
     return str(art.read_json("lineage.json").get("dataset", default)) if art is not None else default
@@ -608,8 +608,8 @@ def _lineage_dataset(st: _State, name: str, default: str) -> str:
 
 def _plan_features(job: Job, st: _State, p: Pipeline) -> Step:
     from strata.pipeline.encode import check_table
-    from strata.store.feature_format import FeatureTableExistsError, load_info, unit_records
-    from strata.store.feature_merge import load_generation
+    from strata.store.features.format import FeatureTableExistsError, load_info, unit_records
+    from strata.store.features.merge import load_generation
 
     spec = job.spec
     sv = st.sae(spec.sae)
@@ -682,7 +682,7 @@ def _analysis_version(name: str, datasets: dict[str, str], saes: dict[str, str],
 
 def _plan_analysis(job: Job, st: _State, p: Pipeline) -> Step:
     from strata.analysis.similarity.runner import prepare
-    from strata.store.handles import ANALYSES
+    from strata.store.saes.handles import ANALYSES
 
     spec = job.spec
     step = Step(job, "analysis " + ", ".join(a.name for a in spec.analyses))
@@ -794,8 +794,8 @@ def _spec_for(step: Step) -> Any:
 
 def _delete_analyses(step: Step) -> None:
     from strata import store
-    from strata.store import artifacts
-    from strata.store.handles import ANALYSES
+    from strata.store.commit import artifacts
+    from strata.store.saes.handles import ANALYSES
 
     spec = step.job.spec
     s = store.open(spec.store, storage_options=spec.storage_options, create=False)

@@ -91,7 +91,7 @@ class CorpusSpec(Section):
     @field_validator("keep_fields")
     @classmethod
     def _keep(cls, v: list[str]) -> list[str]:
-        from strata.store.documents import DOC_COLUMNS
+        from strata.store.datasets.documents import DOC_COLUMNS
 
         clash = [f for f in v if f in DOC_COLUMNS]
         if clash:

@@ -297,7 +297,7 @@ def iter_corpus(src: CorpusSpec, *, batch_docs: int = 4096, scan: CorpusScan | N
 def scan_corpus(src: CorpusSpec, *, prefix_docs: int | None = None) -> CorpusScan:
     """One streaming pass: sizes, ids, the fingerprint of every document and, with
     ``prefix_docs``, of the first ones (the part an existing dataset was made from)."""
-    from strata.store.pairing import SetHash
+    from strata.store.datasets.pairing import SetHash
 
     scan = CorpusScan()
     h = xxhash.xxh3_128()

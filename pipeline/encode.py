@@ -16,9 +16,9 @@ yet encoded to the Ray unit pool (:mod:`pipeline.pool`; one worker per GPU, CPU 
 otherwise). Each :class:`EncodeWorker` reads its unit's activations from the store itself
 (memory-mapped, checked), encodes them with the SAE (``sae.encode``) in batches of
 ``compute.batch_rows`` rows, and writes and commits the unit's sparse table, fenced with the
-lease (:class:`store.feature_writer.FeatureWriter`). Only a small status dict goes back through
+lease (:class:`store.features.writer.FeatureWriter`). Only a small status dict goes back through
 Ray. When the pool is done the driver removes orphaned files, builds the merged generation
-(statistics and feature-major copy, :mod:`store.feature_merge`) and points the manifest at it.
+(statistics and feature-major copy, :mod:`store.features.merge`) and points the manifest at it.
 
 Growth: a rerun encodes only units committed to the dataset since (the SAE never runs over a
 unit twice) and merges them into a new generation; a finished table is a no-op that says so.
@@ -46,11 +46,11 @@ from strata.pipeline.errors import PipelineError, SpecError, WorkerError
 from strata.pipeline.pool import PoolShape, Task, UnitPool, pool_shape
 from strata.pipeline.worker import peak_rss_bytes
 from strata.store.errors import CorruptionError, LeaseHeldError
-from strata.store.feature_format import FeatureTableExistsError, FeatureTableInfo, load_info, unit_records
-from strata.store.feature_merge import build, load_generation
-from strata.store.feature_stats import HIST_BINS, HIST_HI, HIST_LO
-from strata.store.feature_writer import FeatureWriter, clean_orphans, create_or_open, identity_diff, publish, table_lease
-from strata.store.lease import Fence
+from strata.store.features.format import FeatureTableExistsError, FeatureTableInfo, load_info, unit_records
+from strata.store.features.merge import build, load_generation
+from strata.store.features.stats import HIST_BINS, HIST_HI, HIST_LO
+from strata.store.features.writer import FeatureWriter, clean_orphans, create_or_open, identity_diff, publish, table_lease
+from strata.store.commit.lease import Fence
 from strata.store.storage import public_options
 
 log = logging.getLogger(__name__)

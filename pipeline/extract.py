@@ -65,10 +65,10 @@ from strata.pipeline.pool import Task, UnitPool, pool_shape
 from strata.pipeline.vision import CLS_TOKEN, ImagePacker, ImagePrep, check_images, prepare_images, vision_config
 from strata.pipeline.worker import UnitWorker, WorkerConfig, peak_rss_bytes
 from strata.store.errors import DatasetExistsError, LeaseHeldError, StorageError
-from strata.store.manifest import IDENTITY_META_KEYS
-from strata.store.manifest import fingerprint as dataset_fingerprint
+from strata.store.datasets.manifest import IDENTITY_META_KEYS
+from strata.store.datasets.manifest import fingerprint as dataset_fingerprint
 from strata.store.storage import public_options
-from strata.store.verify import last_outcome
+from strata.store.datasets.verify import last_outcome
 
 log = logging.getLogger(__name__)
 

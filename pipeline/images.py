@@ -240,7 +240,7 @@ def _iter_hf(src: CorpusSpec, files_out: list[str]) -> Iterator[tuple[Any, bytes
 def iter_images(src: CorpusSpec, *, batch_docs: int = 256, scan: ImageScan | None = None) -> Iterator[ImageBatch]:
     """The corpus's images in a deterministic order, ``batch_docs`` at a time (memory: one
     batch of encoded images). ``scan``, when given, is filled in as the pass goes."""
-    from strata.store.pairing import SetHash
+    from strata.store.datasets.pairing import SetHash
 
     scan = scan if scan is not None else ImageScan()
     reader = {"images": _iter_folder, "parquet": _iter_parquet, "hf": _iter_hf}[src.format]

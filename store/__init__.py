@@ -7,8 +7,8 @@
 """
 
 from strata.store.core import Store, open
-from strata.store.dataset import ActivationDataset
-from strata.store.documents import DOC_COLUMNS, DOC_SCHEMA
+from strata.store.datasets.reader import ActivationDataset
+from strata.store.datasets.documents import DOC_COLUMNS, DOC_SCHEMA
 from strata.store.errors import (
     CorruptionError,
     CredentialsError,
@@ -29,21 +29,21 @@ from strata.store.errors import (
     UnknownDocumentError,
     WriteMismatchError,
 )
-from strata.store.aligned import AlignmentError, align_tokens, iter_aligned
-from strata.store.artifacts import Artifact, ArtifactExistsError, ArtifactNotFoundError
-from strata.store.handles import AnalysisHandle, SAEHandle
-from strata.store.lease import Fence, Lease
-from strata.store.manifest import DatasetInfo
-from strata.store.tokens import TOKEN_COLUMNS, TOKEN_SCHEMA
-from strata.store.verify import RepairReport, VerifyReport
-from strata.store.versions import DatasetVersion
-from strata.store.writer import DatasetWriter
+from strata.store.datasets.aligned import AlignmentError, align_tokens, iter_aligned
+from strata.store.commit.artifacts import Artifact, ArtifactExistsError, ArtifactNotFoundError
+from strata.store.saes.handles import AnalysisHandle, SAEHandle
+from strata.store.commit.lease import Fence, Lease
+from strata.store.datasets.manifest import DatasetInfo
+from strata.store.datasets.tokens import TOKEN_COLUMNS, TOKEN_SCHEMA
+from strata.store.datasets.verify import RepairReport, VerifyReport
+from strata.store.datasets.versions import DatasetVersion
+from strata.store.datasets.writer import DatasetWriter
 
 
 def __getattr__(name: str):  # noqa: ANN202
     # The batch iterator needs torch; importing it only when asked keeps `import store` light.
     if name == "BatchIterator":
-        from strata.store.batches import BatchIterator
+        from strata.store.datasets.batches import BatchIterator
 
         return BatchIterator
     raise AttributeError(f"module 'store' has no attribute {name!r}")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from strata.store import catalog as _catalog
+from strata.store.datasets import catalog as _catalog
 from strata.store import layout
 from strata.store.dtypes import check_dtype
 from strata.store.errors import (
@@ -23,21 +23,21 @@ from strata.store.errors import (
     StoreNotFoundError,
     StrataError,
 )
-from strata.store.lease import Lease
-from strata.store.manifest import IDENTITY_META_KEYS, DatasetInfo, fingerprint, load_manifest, write_manifest
-from strata.store.protocol import utcnow
-from strata.store.shards import create_hook_array
+from strata.store.commit.lease import Lease
+from strata.store.datasets.manifest import IDENTITY_META_KEYS, DatasetInfo, fingerprint, load_manifest, write_manifest
+from strata.store.commit.protocol import utcnow
+from strata.store.datasets.shards import create_hook_array
 from strata.store.storage import Storage, open_storage
 from strata.store.storage._auth import auth_failure
-from strata.store.writer import DatasetWriter, new_hook_info
+from strata.store.datasets.writer import DatasetWriter, new_hook_info
 
 if TYPE_CHECKING:
     from zarr.abc.store import Store as ZarrStore
 
-    from strata.store.dataset import ActivationDataset
-    from strata.store.features import FeatureTable
-    from strata.store.handles import AnalysisHandle, SAEHandle
-    from strata.store.versions import DatasetVersion
+    from strata.store.datasets.reader import ActivationDataset
+    from strata.store.features.table import FeatureTable
+    from strata.store.saes.handles import AnalysisHandle, SAEHandle
+    from strata.store.datasets.versions import DatasetVersion
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,10 @@ class Store:
     def dataset(self, name: str, *, version: str | None = None) -> ActivationDataset:
         """The dataset of exactly that name; with ``version``, one of the versions of ``name``
         (see :meth:`versions`): ``"latest"`` the newest, or a revision (a prefix of its hash)."""
-        from strata.store.dataset import ActivationDataset
+        from strata.store.datasets.reader import ActivationDataset
 
         if version is not None:
-            from strata.store.versions import pick
+            from strata.store.datasets.versions import pick
 
             name = pick(self, name, version)
         try:
@@ -94,7 +94,7 @@ class Store:
         """The versions of dataset ``name``, oldest first by creation time: the dataset itself and
         those made from it when its model's revision moved (``strata reprocess`` names them
         ``name@REVISION``). Each has ``.name``, ``.revision``, ``.short``, ``.created_at``."""
-        from strata.store.versions import versions
+        from strata.store.datasets.versions import versions
 
         return versions(self, name)
 
@@ -202,21 +202,21 @@ class Store:
 
     def saes(self) -> list[str]:
         """Names of the committed SAEs."""
-        from strata.store import artifacts
-        from strata.store.handles import SAES
+        from strata.store.commit import artifacts
+        from strata.store.saes.handles import SAES
 
         return artifacts.names(self.storage, SAES)
 
     def sae(self, name: str) -> SAEHandle:
         """A committed SAE (``.load()``, ``.lineage``, ``.metrics``, ``.path``)."""
-        from strata.store.handles import SAEHandle
+        from strata.store.saes.handles import SAEHandle
 
         return SAEHandle(self, name)
 
     def analyses(self) -> list[str]:
         """Names of the committed analysis results."""
-        from strata.store import artifacts
-        from strata.store.handles import ANALYSES
+        from strata.store.commit import artifacts
+        from strata.store.saes.handles import ANALYSES
 
         return artifacts.names(self.storage, ANALYSES)
 
@@ -224,7 +224,7 @@ class Store:
         """A committed analysis result (``.table()``, ``.meta``). One computed from a dataset
         (or SAE) since replaced under the same name raises ``StaleArtifactError`` unless
         ``allow_stale`` (to inspect or remove it)."""
-        from strata.store.handles import AnalysisHandle
+        from strata.store.saes.handles import AnalysisHandle
 
         return AnalysisHandle(self, name, allow_stale=allow_stale)
 
@@ -232,19 +232,19 @@ class Store:
         """A feature table of SAE latents (``.stats()``, ``.top(f, k)``, ``.activations(f)``, ``.latents(rows=...)``).
         One whose dataset was replaced under the same name raises ``StaleArtifactError``
         unless ``allow_stale`` (to inspect or remove it)."""
-        from strata.store.features import FeatureTable
+        from strata.store.features.table import FeatureTable
 
         return FeatureTable(self, name, allow_stale=allow_stale)
 
     def feature_tables(self) -> list[str]:
         """Names of the feature tables."""
-        from strata.store.features import table_names
+        from strata.store.features.table import table_names
 
         return table_names(self)
 
     def artifact_lease(self, kind: str, name: str, *, owner: str = "", stale_after_s: float = 60.0) -> Lease:
         """The write lease of an artifact folder (``saes``/``analyses``/... and a name)."""
-        from strata.store import artifacts
+        from strata.store.commit import artifacts
 
         return artifacts.lease(self.storage, kind, name, owner=owner, stale_after_s=stale_after_s)
 

@@ -5,7 +5,7 @@
     fs = store.open("./acts").features("tiny-topk")
     write_pages(fs, "pages/")                  # index.html + feature-F.html: `strata features html`
 
-The table itself (stats, top rows, activations, latents) is read with ``store.features``; it is
+The table itself (stats, top rows, activations, latents) is read with ``store.features.table``; it is
 written by ``pipeline.encode`` (`strata features encode`).
 """
 

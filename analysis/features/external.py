@@ -18,12 +18,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from strata.store import artifacts
-from strata.store.handles import SAES
+from strata.store.commit import artifacts
+from strata.store.saes.handles import SAES
 
 if TYPE_CHECKING:
     from strata.store.core import Store
-    from strata.store.handles import SAEHandle
+    from strata.store.saes.handles import SAEHandle
 
 
 def put_sae(store: Store, name: str, sae: Any, *, dataset: str, hook: str, units: Iterable[int] | None = None,

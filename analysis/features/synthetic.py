@@ -15,7 +15,7 @@ import pyarrow as pa
 
 if TYPE_CHECKING:
     from strata.store.core import Store
-    from strata.store.writer import DatasetWriter
+    from strata.store.datasets.writer import DatasetWriter
 
 BOS = 0
 
@@ -103,10 +103,10 @@ def write_table(store: Store, name: str, *, dataset: str, hook: str, d_sae: int,
     """Write a feature table straight through the store's writer, without an SAE or Ray (tests
     and the query benchmark): ``entries(unit)`` gives ``(row, feature, value, encoded_rows)``
     of a unit, global rows sorted by row then feature. Returns the opened table."""
-    from strata.store.feature_format import FeatureTableInfo, unit_records
-    from strata.store.feature_merge import build
-    from strata.store.feature_stats import HIST_BINS, HIST_HI, HIST_LO
-    from strata.store.feature_writer import FeatureWriter, create_or_open, publish, table_lease
+    from strata.store.features.format import FeatureTableInfo, unit_records
+    from strata.store.features.merge import build
+    from strata.store.features.stats import HIST_BINS, HIST_HI, HIST_LO
+    from strata.store.features.writer import FeatureWriter, create_or_open, publish, table_lease
 
     ds = store.dataset(dataset)
     info = FeatureTableInfo(
@@ -124,7 +124,7 @@ def write_table(store: Store, name: str, *, dataset: str, hook: str, d_sae: int,
         records, _ = unit_records(store.storage, info)
         prev = None
         if info.merged:
-            from strata.store.feature_merge import load_generation
+            from strata.store.features.merge import load_generation
 
             prev = load_generation(store.storage, info, info.merged)
         gen = build(store.storage, info, records, previous=prev, lease=lease, memory_bytes=memory_bytes)

@@ -34,13 +34,13 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from strata.store import artifacts
-from strata.store.handles import SAES
+from strata.store.commit import artifacts
+from strata.store.saes.handles import SAES
 
 if TYPE_CHECKING:
     from sae_lens.training.sae_trainer import SAETrainer
 
-    from strata.store.lease import Fence, Lease
+    from strata.store.commit.lease import Fence, Lease
     from strata.store.storage import Storage
 
 log = logging.getLogger(__name__)

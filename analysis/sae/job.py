@@ -36,11 +36,11 @@ from strata.analysis.sae.plan import Plan, PlannedRun, Task, plan
 from strata.pipeline.cluster import connect, in_ray_job
 from strata.pipeline.errors import ClusterError, WorkerError
 from strata.store.errors import LeaseHeldError, StrataError
-from strata.store.handles import SAES
+from strata.store.saes.handles import SAES
 from strata.store.storage import open_storage, public_options
 
 if TYPE_CHECKING:
-    from strata.store.lease import Fence, Lease
+    from strata.store.commit.lease import Fence, Lease
     from strata.store.storage import Storage
 
 log = logging.getLogger(__name__)

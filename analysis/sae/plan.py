@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from strata.analysis.sae import checkpoint
 from strata.analysis.sae.config import Run, SAETrainSpec, check_memory, check_name, combinations, concrete, resolve_hooks, run_name
 from strata.pipeline.errors import SpecError
-from strata.store import artifacts
-from strata.store.artifacts import ArtifactExistsError
+from strata.store.commit import artifacts
+from strata.store.commit.artifacts import ArtifactExistsError
 from strata.store.errors import HookNotFoundError, NotCommittedError
-from strata.store.handles import SAES
+from strata.store.saes.handles import SAES
 
 if TYPE_CHECKING:
     from strata.store import ActivationDataset, Store

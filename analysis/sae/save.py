@@ -25,14 +25,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from strata.analysis.sae.curves import plot_curves
-from strata.store import parquet
+from strata.store.commit import parquet
 
 if TYPE_CHECKING:
     from sae_lens import SAE
 
     from strata.analysis.sae.train import TrainedSAE
-    from strata.store.artifacts import Artifact
-    from strata.store.lease import Fence, Lease
+    from strata.store.commit.artifacts import Artifact
+    from strata.store.commit.lease import Fence, Lease
     from strata.store.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,8 @@ def commit_sae(storage: Storage, result: TrainedSAE, *, metrics: dict[str, Any] 
                lease: Lease | Fence) -> Artifact:
     """Write ``result``'s folder and commit it as the artifact ``saes/NAME`` with ``meta`` (the
     config hash), fenced with the SAE's lease."""
-    from strata.store import artifacts
-    from strata.store.handles import SAES
+    from strata.store.commit import artifacts
+    from strata.store.saes.handles import SAES
 
     with tempfile.TemporaryDirectory(prefix="strata-sae-") as tmp:
         folder = save_sae(result, Path(tmp) / "sae", metrics=metrics)

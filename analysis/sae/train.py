@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from sae_lens import SAE, TrainingSAE
 
     from strata.store import ActivationDataset
-    from strata.store.lease import Fence, Lease
+    from strata.store.commit.lease import Fence, Lease
     from strata.store.storage import Storage
 
 log = logging.getLogger(__name__)

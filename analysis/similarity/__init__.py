@@ -15,7 +15,7 @@ everything is computed in float64. Streaming use::
     from_moments(m, ["linear_cka", "svcca"])          # == the in-memory values, to rounding
     Moments.sum([part.result() for part in parts])    # partials from parallel tasks
 
-Over the store (rows paired by ``store.aligned``; partial moments as Ray tasks per range of units)::
+Over the store (rows paired by ``store.datasets.aligned``; partial moments as Ray tasks per range of units)::
 
     similarity.compare((dsA, "blocks.3.hook_resid_post"), (dsB, "blocks.5.hook_resid_post"),
                        metrics=["linear_cka", "svcca", "rbf_cka"], align="tokens")   # dict of floats

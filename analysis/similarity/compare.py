@@ -1,6 +1,6 @@
 """``compare``: similarity metrics between two (dataset, hook) sides of the store.
 
-Rows are paired by :func:`store.aligned.align_tokens` (``align="tokens"``) or pooled per
+Rows are paired by :func:`store.datasets.aligned.align_tokens` (``align="tokens"``) or pooled per
 document (``align="docs"``, documents present on both sides), each side as its ``pool`` says:
 ``mean`` over the document's non-special tokens (the default), its ``cls`` token (vision
 encoders with a CLS token), or its ``last`` non-special token (largest ``doc_position``: the
@@ -44,7 +44,7 @@ from .errors import AnalysisError
 
 if TYPE_CHECKING:
     from strata.store import ActivationDataset
-    from strata.store.aligned import Alignment
+    from strata.store.datasets.aligned import Alignment
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def plan_compare(a: Side, b: Side, metrics: Sequence[str] | None = None, *, alig
     """Check the inputs and pair the rows; raises :class:`AnalysisError` (or the store's
     ``AlignmentError``/``HookNotFoundError``) with a one-line message before any activation is read.
     ``pool`` (``align="docs"``): see the module docstring."""
-    from strata.store.aligned import align_tokens
+    from strata.store.datasets.aligned import align_tokens
 
     opts = opts or CompareOptions()
     names = _check_metrics(metrics)
@@ -242,7 +242,7 @@ def _side_doc_rows(ds: ActivationDataset, hook: str, pool: str = "mean") -> tupl
 
 
 def _doc_pairs(a: Side, b: Side, pool: tuple[str, str] = ("mean", "mean")) -> dict[str, Any]:
-    from strata.store.aligned import AlignmentError, _check_documents
+    from strata.store.datasets.aligned import AlignmentError, _check_documents
 
     _check_documents([a, b], by_docs=True)
     ra, da, wa = _side_doc_rows(*a, pool[0])

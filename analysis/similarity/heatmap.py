@@ -164,7 +164,7 @@ def _pair_value(bm: BlockMoments, i: int, j: int, metric: str, eig: dict[int, An
 
 
 def _aligned_rows(a: tuple[ActivationDataset, list[str]], b: tuple[ActivationDataset, list[str]] | None) -> tuple[list[np.ndarray], Any]:
-    from strata.store.aligned import align_tokens
+    from strata.store.datasets.aligned import align_tokens
 
     ds_a, ha = a
     if b is None:

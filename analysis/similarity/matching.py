@@ -1,7 +1,7 @@
 """SAE feature matching across models (Lan et al. 2024, "Sparse Autoencoders Reveal Universal
 Feature Spaces Across Large Language Models").
 
-For SAEs trained on two (dataset, hook) sides whose rows align (``store.aligned``):
+For SAEs trained on two (dataset, hook) sides whose rows align (``store.datasets.aligned``):
 
 1. **Latent correlations**, streamed over the aligned rows in chunks: each side's SAE encodes its
    rows; float64 sums ``sum f_a``, ``sum f_a^2``, ``sum f_b``, ``sum f_b^2`` and the cross sums
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from strata.store import ActivationDataset
-    from strata.store.aligned import Alignment
+    from strata.store.datasets.aligned import Alignment
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def match_saes(a: tuple[Any, ActivationDataset, str], b: tuple[Any, ActivationDa
     docstring). Returns (a table with one row per A latent, the summary numbers, provenance)."""
     import pyarrow as pa
 
-    from strata.store.aligned import align_tokens
+    from strata.store.datasets.aligned import align_tokens
 
     opts = opts or MatchOptions()
     (sae_a, ds_a, hook_a), (sae_b, ds_b, hook_b) = a, b

@@ -48,7 +48,7 @@ def versions() -> dict[str, str]:
 
 
 def _parquet(table: pa.Table) -> bytes:
-    from strata.store import parquet
+    from strata.store.commit import parquet
 
     return parquet.to_bytes(table)
 
@@ -177,7 +177,7 @@ def _prep_probe(a: ProbeSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
 
 
 def _prep_match(a: MatchSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
-    from strata.store.aligned import align_tokens
+    from strata.store.datasets.aligned import align_tokens
 
     sides, saes = [], []
     for ref in (a.a, a.b):

@@ -61,7 +61,7 @@ def make_store(root: Path) -> store.Store:
 
 def _commit_sae(s: store.Store, name: str, tmp: Path) -> None:
     from strata.analysis.features.synthetic import random_topk_sae
-    from strata.store import artifacts
+    from strata.store.commit import artifacts
 
     folder = tmp / name
     random_topk_sae(8, D_SAE, k=2).save_model(folder)
@@ -77,7 +77,7 @@ RESULTS = {"metric": ["linear_cka", "procrustes"], "value": [0.987654321, 0.25],
 
 
 def _commit_analysis(s: store.Store, name: str) -> None:
-    from strata.store import artifacts
+    from strata.store.commit import artifacts
 
     sink = pa.BufferOutputStream()
     pq.write_table(pa.table(RESULTS), sink)

@@ -52,7 +52,7 @@ def feature_manifest(s: store.Store, spec: dict) -> None:
     """The manifest of feature table ``spec['name']`` as the encode job writes it first: the
     table's identity, no unit encoded."""
     from strata.pipeline.encode import EncodeSpec, prepare
-    from strata.store.feature_writer import create_or_open, table_lease
+    from strata.store.features.writer import create_or_open, table_lease
 
     info, _ = prepare(EncodeSpec.model_validate({**spec, "store": s.uri}), s)
     with table_lease(s.storage, info.name, owner="test") as lease:

@@ -14,10 +14,11 @@ import pytest
 from strata import store
 from strata.analysis.features.synthetic import synthetic_dataset, write_table
 from strata.jobs.cli import main
-from strata.store import artifacts, dependents
-from strata.store.dependents import Ref
-from strata.store.feature_format import load_info, write_info
-from strata.store.feature_writer import table_lease
+from strata.store.commit import artifacts
+from strata.store.lifecycle import dependents
+from strata.store.lifecycle.dependents import Ref
+from strata.store.features.format import load_info, write_info
+from strata.store.features.writer import table_lease
 
 H = "blocks.0.hook_resid_post"
 

@@ -19,7 +19,7 @@ import yaml
 from strata import store
 from strata.analysis import similarity as sim
 from strata.jobs.cli import main
-from strata.store import artifacts
+from strata.store.commit import artifacts
 
 CTX, UC = 16, 4
 H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"

@@ -17,9 +17,9 @@ import yaml
 from strata import store
 from strata.jobs.cli import main
 from strata.jobs.reprocess import load_pipeline, plan_pipeline
-from strata.store import artifacts
-from strata.store.feature_format import FeatureTableExistsError, load_info
-from strata.store.handles import SAES
+from strata.store.commit import artifacts
+from strata.store.features.format import FeatureTableExistsError, load_info
+from strata.store.saes.handles import SAES
 
 from _small_store import FEATURES, SAE, feature_manifest, small_store
 
@@ -84,7 +84,7 @@ class Killed(Exception):
 
 def test_an_sae_with_a_checkpoint_of_another_config_fails_the_plan(tmp_path, monkeypatch):
     from strata.analysis.sae import SAETrainSpec, checkpoint, run_job
-    from strata.store.artifacts import ArtifactExistsError
+    from strata.store.commit.artifacts import ArtifactExistsError
 
     monkeypatch.chdir(tmp_path)
     small_store(tmp_path / "acts", sae=None)

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from strata.jobs.cli import main
-from strata.store import artifacts
-from strata.store.handles import ANALYSES
+from strata.store.commit import artifacts
+from strata.store.saes.handles import ANALYSES
 
 from _small_store import FEATURES, SAE, feature_manifest, small_store
 

@@ -236,7 +236,8 @@ def multinode_main(spec_json: str, report: str, seconds_per_unit: float) -> None
                 else:
                     out["killer"] = "no unit was committed in time"
                     return
-                from strata.store import layout, protocol
+                from strata.store import layout
+                from strata.store.commit import protocol
 
                 pid = protocol.read_record(store.open(spec.store).storage, layout.commit_key(spec.name, None, recs[0])).writer["pid"]
                 node = _node_of(pid, workers)

@@ -18,10 +18,10 @@ from strata.analysis.features.external import put_sae
 from strata.analysis.features.synthetic import random_topk_sae, synthetic_dataset, write_unit
 from strata.pipeline.encode import EmptyDatasetError, EncodeSpec, EncodeWorker, SAEMismatchError, run_encode
 from strata.pipeline.errors import SpecError
-from strata.store.artifacts import ArtifactNotFoundError
+from strata.store.commit.artifacts import ArtifactNotFoundError
 from strata.store.errors import LeaseHeldError
-from strata.store.feature_format import FeatureTableExistsError
-from strata.store.feature_writer import table_lease
+from strata.store.features.format import FeatureTableExistsError
+from strata.store.features.writer import table_lease
 
 pytestmark = pytest.mark.ray
 

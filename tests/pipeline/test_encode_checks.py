@@ -14,7 +14,7 @@ from strata.analysis.features.synthetic import random_topk_sae, synthetic_datase
 from strata.jobs.features_encode import main as encode_main
 from strata.pipeline.encode import EncodeSpec, prepare, run_encode
 from strata.store.errors import CorruptionError
-from strata.store.feature_format import FEATURES
+from strata.store.features.format import FEATURES
 
 H = "blocks.0.hook_resid_post"
 D, D_SAE = 16, 32

@@ -22,7 +22,8 @@ from strata import store
 from strata.pipeline.errors import WorkerError
 from strata.pipeline.extract import run_extract
 from strata.pipeline.tiny import synthetic_docs, write_jsonl
-from strata.store import layout, protocol
+from strata.store import layout
+from strata.store.commit import protocol
 
 import _faults_ops
 from test_extract import CTX, H0, H1, UC, _planned, _reference, _spec

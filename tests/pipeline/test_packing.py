@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from strata.pipeline.packing import Encoded, TokenizerInfo, encode_texts, num_units, pack, tokenizer_info
-from strata.store.tokens import check_tokens
+from strata.store.datasets.tokens import check_tokens
 
 TOK = TokenizerInfo(name="t", backend_json="{}", bos_id=1, sep_id=2, pad_id=0, special_ids=(0, 1, 2))
 

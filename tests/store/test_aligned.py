@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from strata import store
-from strata.store.aligned import AlignmentError, align_tokens, iter_aligned
+from strata.store.datasets.aligned import AlignmentError, align_tokens, iter_aligned
 
 CTX, UC = 16, 4
 H = "blocks.0.hook_resid_post"

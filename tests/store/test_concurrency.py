@@ -53,7 +53,7 @@ def test_processes_racing_on_the_same_units(tmp_path):
 def _leave_orphan_shard(root, s, values, unit=0):
     """What a writer killed between its shard and its commit leaves: a whole shard, no commit."""
     w = s.writer("ds")
-    from strata.store.shards import shard_layout
+    from strata.store.datasets.shards import shard_layout
 
     sl = shard_layout(w.info, "blocks.0.hook_resid_post")
     arr = store.dtypes.to_storage(values, w.info.dtype, what="t")

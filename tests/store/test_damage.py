@@ -16,7 +16,7 @@ import pytest
 
 from strata.jobs.cli import main
 from strata.store.errors import CorruptionError
-from strata.store.fsck import verify_store
+from strata.store.lifecycle.fsck import verify_store
 
 import _full_store as F
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from strata.store.feature_stats import block_stats, hist_bin, hist_edges, priority
+from strata.store.features.stats import block_stats, hist_bin, hist_edges, priority
 
 
 def _sorted_entries(rng: np.random.Generator, lo: int, hi: int, rows: int, p: float):

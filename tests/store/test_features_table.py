@@ -13,10 +13,11 @@ import pytest
 
 from strata import store
 from strata.analysis.features.synthetic import synthetic_dataset, write_table, write_unit
-from strata.store import feature_merge, sealed
+from strata.store.features import merge as feature_merge
+from strata.store.commit import sealed
 from strata.store.errors import CorruptionError, NotCommittedError, RowOutOfRangeError
-from strata.store.feature_format import FeatureOutOfRangeError, FeatureTableExistsError, FeatureTableNotFoundError, unit_records
-from strata.store.feature_writer import FeatureWriter, clean_orphans, create_or_open, table_lease
+from strata.store.features.format import FeatureOutOfRangeError, FeatureTableExistsError, FeatureTableNotFoundError, unit_records
+from strata.store.features.writer import FeatureWriter, clean_orphans, create_or_open, table_lease
 
 H = "blocks.0.hook_resid_post"
 D_SAE = 70  # 5 blocks of 16: the last one short

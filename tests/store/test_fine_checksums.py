@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from strata import store
-from strata.store import layout, protocol, shards
+from strata.store import layout
+from strata.store.commit import protocol
+from strata.store.datasets import shards
 
 from _data import token_table
 

@@ -10,7 +10,9 @@ import pytest
 
 from strata import store
 from strata.jobs.cli import main
-from strata.store import artifacts, gc, layout
+from strata.store import layout
+from strata.store.commit import artifacts
+from strata.store.lifecycle import gc
 
 from _data import UNIT_CONTEXTS, make_dataset, token_table, unit_values
 

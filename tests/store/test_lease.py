@@ -11,7 +11,7 @@ import pytest
 
 from strata import store
 from strata.store import layout
-from strata.store.lease import current_generation, generations
+from strata.store.commit.lease import current_generation, generations
 
 from _data import UNIT_CONTEXTS, make_dataset, token_table, unit_values
 

@@ -1,4 +1,4 @@
-"""``store.parquet``: whole-file Parquet reads that leave no Arrow task running behind them.
+"""``store.commit.parquet``: whole-file Parquet reads that leave no Arrow task running behind them.
 
 ``pq.read_table`` on a buffer, followed by process exit, aborted one process in 30 on the
 development VM ("terminate called without an active exception"), which failed a Ray job that had
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from strata.store import parquet
+from strata.store.commit import parquet
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,7 +37,7 @@ def test_no_module_reads_parquet_through_the_dataset_scanner():
             for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
                 if re.search(r"\bpq\.read_table\(|\bpyarrow\.parquet\.read_table\(", line):
                     offenders.append(f"{f.relative_to(ROOT)}:{n}")
-    assert not offenders, f"use store.parquet.read instead of pq.read_table: {offenders}"
+    assert not offenders, f"use store.commit.parquet.read instead of pq.read_table: {offenders}"
 
 
 SCRIPT = """

@@ -12,7 +12,8 @@ import pytest
 
 from strata import store
 from strata.jobs.cli import main
-from strata.store import artifacts, gc
+from strata.store.commit import artifacts
+from strata.store.lifecycle import gc
 from strata.store.errors import StorageError
 
 

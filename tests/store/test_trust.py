@@ -16,7 +16,8 @@ import pyarrow as pa
 import pytest
 
 from strata import store
-from strata.store import layout, sealed
+from strata.store import layout
+from strata.store.commit import sealed
 
 from _data import CTX, UNIT_CONTEXTS, make_dataset, token_table
 

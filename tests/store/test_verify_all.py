@@ -274,7 +274,7 @@ def test_damaged_zarr_metadata_is_rebuilt_from_the_manifest(full, capsys):
 
 
 def test_sealed_records_round_trip():
-    from strata.store import sealed
+    from strata.store.commit import sealed
 
     body = {"b": [1, 2.5, None], "a": "x"}
     sealed_body = sealed.seal(body)

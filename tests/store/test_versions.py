@@ -13,7 +13,7 @@ import pytest
 from strata import store
 from strata.jobs.cli import main
 from strata.store.errors import DatasetNotFoundError
-from strata.store.manifest import load_manifest, write_manifest
+from strata.store.datasets.manifest import load_manifest, write_manifest
 from tests.store.helpers import CONTEXT_SIZE, D, HOOK, UNIT_CONTEXTS, token_table
 
 REV_A = "a" * 8 + "1" * 32

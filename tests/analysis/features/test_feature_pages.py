@@ -9,7 +9,7 @@ import pytest
 from strata import store
 from strata.analysis.features import write_pages
 from strata.analysis.features.synthetic import synthetic_dataset, write_table
-from strata.store.feature_format import FeatureOutOfRangeError
+from strata.store.features.format import FeatureOutOfRangeError
 
 from pagesparse import parse
 

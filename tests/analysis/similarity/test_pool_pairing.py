@@ -1,6 +1,6 @@
 """``compare(..., align="docs", pool=...)``: documents pooled by their mean, their CLS token or
 their last token, per side, equal to the pools computed here from the written token tables; an
-image corpus pairs with its captions by set hashes (``store.pairing``), tokens never do; bad
+image corpus pairs with its captions by set hashes (``store.datasets.pairing``), tokens never do; bad
 pools are refused at plan time, in one line."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from strata import store
 from strata.analysis import similarity as sim
 from strata.analysis.similarity.compare import plan_compare, run_compare
 from strata.analysis.similarity.errors import AnalysisError
-from strata.store.aligned import AlignmentError, _check_documents
-from strata.store.pairing import SetHash, set_hash
+from strata.store.datasets.aligned import AlignmentError, _check_documents
+from strata.store.datasets.pairing import SetHash, set_hash
 
 H = "blocks.0.hook_resid_post"
 N_IMAGES, REGISTERS = 24, 2

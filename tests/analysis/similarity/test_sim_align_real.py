@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from strata.analysis import similarity as sim
-from strata.store.aligned import align_tokens, iter_aligned
+from strata.store.datasets.aligned import align_tokens, iter_aligned
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 H = "blocks.1.hook_resid_post"

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import _simdata
 from strata.analysis import similarity as sim
 from strata.analysis.similarity.compare import plan_compare
-from strata.store.aligned import AlignmentError
+from strata.store.datasets.aligned import AlignmentError
 from strata.store.errors import HookNotFoundError, StrataError
 
 H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"

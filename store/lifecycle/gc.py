@@ -30,12 +30,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from strata.store import artifacts, layout
-from strata.store.artifacts import COMMIT
+from strata.store import layout
+from strata.store.commit import artifacts
+from strata.store.commit.artifacts import COMMIT
 from strata.store.errors import StrataError
-from strata.store.feature_format import FEATURES, load_info, merged_dir, unit_records, units_dir
-from strata.store.handles import ANALYSES, SAES
-from strata.store.lease import Lease
+from strata.store.features.format import FEATURES, load_info, merged_dir, unit_records, units_dir
+from strata.store.saes.handles import ANALYSES, SAES
+from strata.store.commit.lease import Lease
 
 if TYPE_CHECKING:
     from strata.store.core import Store

@@ -12,7 +12,7 @@ Integrity: between the chunks and the index, a shard holds a table of ``xxh3_64`
 every 64 KiB block of its chunks and, where rows are narrower than 64 KiB, a fine table of the
 digests of every few whole rows (as many as fit in 8 KiB, at least one: two d=768 float32 rows
 of 3 KiB share a digest). Zarr readers never look there: the index points at the chunks. The
-commit record holds the digests of the tables and of the index (:mod:`store.protocol`). Whole
+commit record holds the digests of the tables and of the index (:mod:`store.commit.protocol`). Whole
 units and long ranges are checked against the 64 KiB table (fewer hash calls), scattered rows
 against the fine one (a row hashes its own bytes, not its 64 KiB block). The commit record
 stays small, and the chunks stay one contiguous ``[rows, d]`` array at the start of the file
@@ -38,8 +38,8 @@ import zarr
 
 from strata.store import layout
 from strata.store.dtypes import storage_dtype
-from strata.store.manifest import DatasetInfo
-from strata.store.protocol import FileEntry, block_digests
+from strata.store.datasets.manifest import DatasetInfo
+from strata.store.commit.protocol import FileEntry, block_digests
 from strata.store.storage import Storage
 
 

@@ -12,21 +12,23 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from strata.store import layout, parquet, protocol
-from strata.store.documents import as_doc_ids, decode_documents, spans_of
+from strata.store import layout
+from strata.store.commit import parquet
+from strata.store.commit import protocol
+from strata.store.datasets.documents import as_doc_ids, decode_documents, spans_of
 from strata.store.dtypes import storage_dtype, to_torch
 from strata.store.errors import CorruptionError, HookNotFoundError, NotCommittedError, RowOutOfRangeError, UnknownDocumentError
-from strata.store.manifest import DatasetInfo, load_manifest
-from strata.store.protocol import CommitRecord, FileEntry
-from strata.store.shards import ShardLayout, shard_layout
-from strata.store.tokens import STORED_TOKEN_SCHEMA, decode_tokens, rows_of_docs
+from strata.store.datasets.manifest import DatasetInfo, load_manifest
+from strata.store.commit.protocol import CommitRecord, FileEntry
+from strata.store.datasets.shards import ShardLayout, shard_layout
+from strata.store.datasets.tokens import STORED_TOKEN_SCHEMA, decode_tokens, rows_of_docs
 
 if TYPE_CHECKING:
     import torch
 
-    from strata.store.batches import BatchIterator
+    from strata.store.datasets.batches import BatchIterator
     from strata.store.core import Store
-    from strata.store.verify import RepairReport, VerifyReport
+    from strata.store.datasets.verify import RepairReport, VerifyReport
 
 log = logging.getLogger(__name__)
 
@@ -581,9 +583,9 @@ class ActivationDataset:
         """Shuffled training batches of ``hooks``: a ``[batch, d]`` tensor, or a dict of aligned
         tensors for several hooks. Options (``batch_size=4096, shuffle=True, seed=0, epochs=1,
         skip_special=True, buffer_rows=2**17, drop_last=False, dtype=torch.float32,
-        prefetch=4, units=None``) are those of :class:`store.batches.BatchIterator`. Use it as
+        prefetch=4, units=None``) are those of :class:`store.datasets.batches.BatchIterator`. Use it as
         a context manager (or call ``close()``) to stop its loader threads promptly."""
-        from strata.store.batches import BatchIterator
+        from strata.store.datasets.batches import BatchIterator
 
         return BatchIterator(self, hooks, **options)
 
@@ -592,13 +594,13 @@ class ActivationDataset:
     def verify(self, *, hooks: Sequence[str] | None = None, committed_only: bool = False) -> VerifyReport:
         """Check every committed unit against its commit record, and count what is committed.
         ``ok`` needs no problem and, unless ``committed_only``, every unit committed."""
-        from strata.store.verify import verify
+        from strata.store.datasets.verify import verify
 
         return verify(self, hooks=hooks, committed_only=committed_only)
 
     def repair(self, report: VerifyReport | None = None) -> RepairReport:
         """Remove the commit records (and files) of units that fail their check, so the next
         extraction recomputes exactly those. Takes the dataset's write lease."""
-        from strata.store.verify import repair
+        from strata.store.datasets.verify import repair
 
         return repair(self, report)

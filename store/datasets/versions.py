@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from strata.store.errors import CorruptionError, DatasetNotFoundError, FormatVersionError
-from strata.store.manifest import DatasetInfo, load_manifest
+from strata.store.datasets.manifest import DatasetInfo, load_manifest
 
 if TYPE_CHECKING:
     from strata.store.core import Store

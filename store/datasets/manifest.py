@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from strata.store import sealed
+from strata.store.commit import sealed
 from strata.store.errors import CorruptionError, DatasetNotFoundError, FormatVersionError
 from strata.store.layout import hook_order, manifest_key
 from strata.store.storage import Storage

@@ -18,7 +18,7 @@ used. "The same documents" is checked where the manifests say: datasets whose
 ``corpus_fingerprint`` differs hold different documents under the same ids and are refused,
 as are sides that have no token in common. (Pooled per document, an image corpus and its
 captions pair by their set hashes instead; see :func:`_check_documents` and
-:mod:`store.pairing`. Their tokens never pair.)
+:mod:`store.datasets.pairing`. Their tokens never pair.)
 
 ``iter_aligned(sides, ...)`` yields tuples of row-aligned float32 tensors, one per side, for
 cross-model training (crosscoders, linear maps). The order is a pure function of ``(seed,
@@ -44,7 +44,7 @@ from strata.store.errors import NotCommittedError, StrataError
 if TYPE_CHECKING:
     import torch
 
-    from strata.store.dataset import ActivationDataset
+    from strata.store.datasets.reader import ActivationDataset
 
 __all__ = ["AlignmentError", "Alignment", "AlignedBatches", "align_tokens", "iter_aligned"]
 
@@ -114,7 +114,7 @@ def _tokens(ds: ActivationDataset, hook: str, units: Sequence[int] | None, *, bo
 
 def _paired_by_captions(a: ActivationDataset, b: ActivationDataset) -> bool:
     """Whether one side is an image corpus and the other its captions: one side's
-    ``caption_set_hash`` equals the other side's ``doc_set_hash`` (see :mod:`store.pairing`)."""
+    ``caption_set_hash`` equals the other side's ``doc_set_hash`` (see :mod:`store.datasets.pairing`)."""
     ma, mb = a.info.meta, b.info.meta
     return any(cap is not None and cap == docs
                for cap, docs in ((ma.get("caption_set_hash"), mb.get("doc_set_hash")),

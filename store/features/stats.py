@@ -1,6 +1,6 @@
 """Per-feature statistics of a feature table, exact by construction.
 
-The feature-major pass (:mod:`store.feature_merge`) holds every activation of a block of
+The feature-major pass (:mod:`store.features.merge`) holds every activation of a block of
 features at once, sorted by ``(feature, row)``, so each statistic is computed from a feature's
 activations whole rather than merged from per-unit partials. That keeps every statistic exact
 (no merge algebra to get wrong) and makes the quantile sample possible at all: quantiles need

@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from strata.store import layout, parquet
+from strata.store import layout
+from strata.store.commit import parquet
 from strata.store.errors import StrataError
-from strata.store.manifest import IDENTITY_META_KEYS
+from strata.store.datasets.manifest import IDENTITY_META_KEYS
 
 if TYPE_CHECKING:
     from strata.store.core import Store
-    from strata.store.dataset import ActivationDataset
+    from strata.store.datasets.reader import ActivationDataset
 
 SCHEMA = pa.schema(
     [
@@ -48,7 +49,7 @@ SCHEMA = pa.schema(
 
 def entry(ds: ActivationDataset) -> dict[str, Any]:
     """The catalog row of an open dataset, counted from its commit records."""
-    from strata.store.protocol import utcnow
+    from strata.store.commit.protocol import utcnow
 
     s = ds.info.summary()
     row: dict[str, Any] = {k: s.get(k) for k in SCHEMA.names if k in s}
@@ -80,7 +81,7 @@ def read(store: Store, *, live: bool = False) -> pa.Table:
     """One row per dataset that exists. Entries are read as written; a dataset whose entry is
     missing, damaged or older than its manifest (or every dataset, with ``live``) is counted
     from its commit records. Never writes."""
-    from strata.store.manifest import load_manifest
+    from strata.store.datasets.manifest import load_manifest
 
     rows = []
     for name in store.datasets():

@@ -7,7 +7,7 @@ the record and writes nothing; a lost race deletes its own file; a crashed attem
 no record names, which the driver removes once it is old enough to be an orphan.
 
 The driver, holding the table's lease, writes the manifest (identity first, then a pointer to the
-current merged generation) and builds merged generations (:mod:`store.feature_merge`). A
+current merged generation) and builds merged generations (:mod:`store.features.merge`). A
 generation is committed as a whole (its own commit record) before the manifest points at it, and
 the generation before it is kept, so a reader that opened the table just before a rebuild keeps
 reading a consistent set.
@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from strata.store import protocol
+from strata.store.commit import protocol
 from strata.store.errors import WriteMismatchError
-from strata.store.feature_format import (
+from strata.store.features.format import (
     FeatureTableExistsError,
     FeatureTableInfo,
     commit_key,
@@ -36,8 +36,8 @@ from strata.store.feature_format import (
     units_dir,
     write_info,
 )
-from strata.store.lease import Fence, Lease
-from strata.store.protocol import CommitRecord, FileEntry
+from strata.store.commit.lease import Fence, Lease
+from strata.store.commit.protocol import CommitRecord, FileEntry
 
 if TYPE_CHECKING:
     from strata.store.storage import Storage

@@ -10,7 +10,7 @@ checked block by block.
 
 How it is built. In passes over feature ranges sized to ``memory_bytes``: each pass reads, for
 its features, the sources' entries, sorts them by feature (stable: rows stay ascending), computes
-:mod:`store.feature_stats` per block and writes the block files. The sources are every committed
+:mod:`store.features.stats` per block and writes the block files. The sources are every committed
 unit (a full build), or, when every new unit lies after every unit of the previous generation (a
 dataset that grew), the previous generation's blocks followed by the new units only: the SAE never
 runs again, and old activations are read from the feature-major copy, not from the unit tables.
@@ -31,9 +31,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from strata.store import parquet, protocol
+from strata.store.commit import parquet
+from strata.store.commit import protocol
 from strata.store.errors import CorruptionError
-from strata.store.feature_format import (
+from strata.store.features.format import (
     BLOCK_CHECK_BYTES,
     BLOCK_SCHEMA,
     UNIT_SCHEMA,
@@ -42,9 +43,9 @@ from strata.store.feature_format import (
     generation_dir,
     read_table,
 )
-from strata.store.feature_stats import BlockStats, block_stats, hist_edges
-from strata.store.lease import Lease
-from strata.store.protocol import CommitRecord, FileEntry
+from strata.store.features.stats import BlockStats, block_stats, hist_edges
+from strata.store.commit.lease import Lease
+from strata.store.commit.protocol import CommitRecord, FileEntry
 from strata.store.storage import Storage
 
 log = logging.getLogger(__name__)

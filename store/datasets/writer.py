@@ -12,15 +12,16 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
-from strata.store import layout, protocol
-from strata.store.documents import check_documents, encode_documents
+from strata.store import layout
+from strata.store.commit import protocol
+from strata.store.datasets.documents import check_documents, encode_documents
 from strata.store.dtypes import storage_dtype, to_storage
 from strata.store.errors import HookNotFoundError, LeaseLostError, UnitOutOfRangeError, WriteMismatchError
-from strata.store.lease import current_generation
-from strata.store.manifest import DatasetInfo, HookInfo, load_manifest, write_manifest
-from strata.store.protocol import CommitRecord, FileEntry
-from strata.store.shards import create_hook_array, pick_chunk_rows, resize_hook_array, shard_layout
-from strata.store.tokens import check_tokens, encode_tokens
+from strata.store.commit.lease import current_generation
+from strata.store.datasets.manifest import DatasetInfo, HookInfo, load_manifest, write_manifest
+from strata.store.commit.protocol import CommitRecord, FileEntry
+from strata.store.datasets.shards import create_hook_array, pick_chunk_rows, resize_hook_array, shard_layout
+from strata.store.datasets.tokens import check_tokens, encode_tokens
 
 if TYPE_CHECKING:
     from strata.store.core import Store
@@ -93,7 +94,7 @@ class DatasetWriter:
     def write_documents(self, table: pa.Table) -> DatasetInfo:
         """Record the document index (driver only): ``doc_id, row_start, row_end,
         dropped_tokens`` per document, plus any document fields kept from the corpus (see
-        :mod:`store.documents`)."""
+        :mod:`store.datasets.documents`)."""
         return self._write_aux("documents", encode_documents(check_documents(table)), "parquet")
 
     def write_tokenizer(self, tokenizer_json: str) -> DatasetInfo:
@@ -123,14 +124,14 @@ class DatasetWriter:
         dataset with one read instead of one per record. Incremental by default (the old index
         for the record folders it covers, the records themselves for the rest); ``full``
         rereads every record (after a repair: the old index may name removed records)."""
-        from strata.store.dataset import ActivationDataset, encode_commit_index
+        from strata.store.datasets.reader import ActivationDataset, encode_commit_index
 
         ds = ActivationDataset(self.store, self.name, use_index=not full)
         return self._write_aux("commit_index", encode_commit_index(ds), "parquet")
 
     def update_meta(self, **meta: Any) -> DatasetInfo:
         """Update provenance fields of the manifest (driver only); identity fields are refused."""
-        from strata.store.manifest import IDENTITY_META_KEYS
+        from strata.store.datasets.manifest import IDENTITY_META_KEYS
 
         bad = [k for k in meta if k in IDENTITY_META_KEYS]
         if bad:

@@ -26,12 +26,13 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from strata.store import layout, protocol
+from strata.store import layout
+from strata.store.commit import protocol
 from strata.store.errors import CorruptionError
-from strata.store.tokens import decode_tokens
+from strata.store.datasets.tokens import decode_tokens
 
 if TYPE_CHECKING:
-    from strata.store.dataset import ActivationDataset
+    from strata.store.datasets.reader import ActivationDataset
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class RepairReport:
 
 
 def verify(ds: ActivationDataset, *, hooks: list[str] | None = None, committed_only: bool = False) -> VerifyReport:
-    from strata.store.dataset import ActivationDataset
+    from strata.store.datasets.reader import ActivationDataset
 
     ds.refresh()
     # The records themselves, not the index readers use: a damaged record must not hide behind it.
@@ -174,7 +175,7 @@ def _check_index(ds: ActivationDataset) -> Problem | None:
     """What is wrong with the commit index: damaged, or naming records that differ from the
     records themselves (the index is what readers see). Records
     missing from it are fine: it is compacted at the end of a job."""
-    from strata.store.dataset import decode_commit_index
+    from strata.store.datasets.reader import decode_commit_index
 
     entry = ds.info.aux.get("commit_index")
     if entry is None:
@@ -212,7 +213,7 @@ def _same_record(a: bytes | None, b: bytes, *, where: str) -> bool:
 def _expected_zarr_metadata(ds: ActivationDataset) -> dict[str, Any]:
     """The Zarr metadata documents (key -> parsed JSON) the dataset's manifest implies: made by
     the same code the driver uses, in a scratch store."""
-    from strata.store.shards import create_hook_array
+    from strata.store.datasets.shards import create_hook_array
     from strata.store.storage import open_storage
 
     with tempfile.TemporaryDirectory(prefix="strata-verify-") as tmp:

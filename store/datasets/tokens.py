@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from strata.store import parquet
+from strata.store.commit import parquet
 from strata.store.errors import CorruptionError, WriteMismatchError
 
 TOKEN_SCHEMA = pa.schema(

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from strata.store import parquet
+from strata.store.commit import parquet
 from strata.store.errors import CorruptionError, UnknownDocumentError, WriteMismatchError
 
 DOC_SCHEMA = pa.schema(

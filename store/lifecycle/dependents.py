@@ -19,11 +19,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from strata.store import artifacts, layout
+from strata.store import layout
+from strata.store.commit import artifacts
 from strata.store.errors import LeaseHeldError, StrataError
-from strata.store.feature_format import FEATURES, load_info, table_dir
-from strata.store.handles import ANALYSES, SAES
-from strata.store.lease import Lease
+from strata.store.features.format import FEATURES, load_info, table_dir
+from strata.store.saes.handles import ANALYSES, SAES
+from strata.store.commit.lease import Lease
 
 if TYPE_CHECKING:
     from strata.store.core import Store

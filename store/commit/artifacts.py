@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from strata.store import protocol
+from strata.store.commit import protocol
 from strata.store.errors import CorruptionError, StrataError
 from strata.store.layout import check_name
-from strata.store.lease import Fence, Lease
-from strata.store.protocol import CommitRecord, FileEntry
+from strata.store.commit.lease import Fence, Lease
+from strata.store.commit.protocol import CommitRecord, FileEntry
 
 if TYPE_CHECKING:
     from strata.store.storage import Storage
@@ -169,7 +169,7 @@ def put(
     writer: Mapping[str, Any] | None = None,
 ) -> Artifact:
     """Write the files of an artifact and commit them: the caller holds the folder's ``lease``,
-    or works for its holder with its :class:`~store.lease.Fence` (a Ray task, say).
+    or works for its holder with its :class:`~store.commit.lease.Fence` (a Ray task, say).
     ``files`` maps names (relative, ``/`` allowed) to bytes or to local files to copy. If the
     artifact is committed already, nothing is written: its record is returned when its files and
     ``meta`` are the same, else :class:`ArtifactExistsError`."""

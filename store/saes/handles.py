@@ -1,6 +1,6 @@
 """What the store holds besides activation datasets, as seen from a notebook: SAEs (in
 sae-lens's own layout) and analysis results, each a committed artifact folder
-(:mod:`store.artifacts`)."""
+(:mod:`store.commit.artifacts`)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from strata.store import artifacts, parquet, stale
-from strata.store.artifacts import Artifact, ArtifactNotFoundError
+from strata.store.commit import artifacts
+from strata.store.commit import parquet
+from strata.store.lifecycle import stale
+from strata.store.commit.artifacts import Artifact, ArtifactNotFoundError
 from strata.store.errors import CorruptionError, FormatVersionError, StaleArtifactError
 
 if TYPE_CHECKING:

@@ -4,13 +4,13 @@ checkpoints), feature tables and analysis results (``strata verify STORE``).
 Each artifact is checked on its own: a damaged one is reported and never stops the others from
 being checked (or read). What is checked is what reads depend on: every commit record (each
 carries its own checksum) and every file it names, the manifests (checksummed too), and for a
-dataset its driver-written files (see :mod:`store.verify`). On a local store a symbolic link
+dataset its driver-written files (see :mod:`store.datasets.verify`). On a local store a symbolic link
 anywhere inside is a problem: Strata never follows one, and it would make a folder's contents
 something other than what was committed.
 
 Repair removes what is damaged, holding the artifact's write lease, and says which job to rerun:
 
-* dataset: :func:`store.verify.repair` (damaged units, commit index, Zarr metadata, document
+* dataset: :func:`store.datasets.verify.repair` (damaged units, commit index, Zarr metadata, document
   index, tokenizer); rerun the extraction.
 * SAE, analysis, checkpoint: the commit record (the artifact vanishes whole), then the files it
   names; rerun the training or analysis job (training resumes from intact checkpoints).
@@ -29,13 +29,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from strata.store import artifacts, feature_format, layout, protocol
+from strata.store import layout
+from strata.store.commit import artifacts
+from strata.store.features import format as feature_format
+from strata.store.commit import protocol
 from strata.store.errors import CorruptionError, FormatVersionError, StrataError
-from strata.store.handles import ANALYSES, SAES
+from strata.store.saes.handles import ANALYSES, SAES
 
 if TYPE_CHECKING:
     from strata.store.core import Store
-    from strata.store.verify import VerifyReport
+    from strata.store.datasets.verify import VerifyReport
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +124,7 @@ def check_kinds(kinds: Sequence[str] | None) -> list[str]:
 def verify_store(store: Store, *, kinds: Sequence[str] | None = None, name: str | None = None,
                  committed_only: bool = False) -> StoreReport:
     """Check every artifact of ``kinds`` (default all), or only those called ``name``. An
-    unknown ``name`` raises :class:`~store.artifacts.ArtifactNotFoundError` listing what there is."""
+    unknown ``name`` raises :class:`~store.commit.artifacts.ArtifactNotFoundError` listing what there is."""
     kinds = check_kinds(kinds)
     report = StoreReport(store.uri)
     todo = [(k, n) for k in kinds for n in names_of(store, k) if name is None or n == name]
@@ -209,7 +212,7 @@ def _check_analysis(store: Store, name: str, check: Check, *, committed_only: bo
 
 
 def _check_features(store: Store, name: str, check: Check, *, committed_only: bool) -> None:
-    from strata.store.feature_merge import load_generation
+    from strata.store.features.merge import load_generation
 
     storage = store.storage
     key = feature_format.manifest_key(name)
@@ -301,7 +304,7 @@ def _repair_folders(store: Store, check: Check) -> list[str]:
 
 
 def _repair_features(store: Store, check: Check) -> list[str]:
-    from strata.store.feature_writer import table_lease
+    from strata.store.features.writer import table_lease
 
     storage, name = store.storage, check.name
     out = []

@@ -21,7 +21,7 @@ checked.
    file is touched.
 
 Verify and repair (:func:`verify_file`, used by the dataset's ``verify``/``repair``) and the
-write lease with fencing (:mod:`store.lease`) complete the protocol.
+write lease with fencing (:mod:`store.commit.lease`) complete the protocol.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from strata.store import sealed
+from strata.store.commit import sealed
 from strata.store.errors import CorruptionError
 from strata.store.storage import Storage
 from strata.store.storage._base import Buffers, as_parts

@@ -44,7 +44,7 @@ from strata.store.dtypes import storage_dtype, to_torch
 from strata.store.errors import NotCommittedError
 
 if TYPE_CHECKING:
-    from strata.store.dataset import ActivationDataset
+    from strata.store.datasets.reader import ActivationDataset
 
 _END = object()
 _TORCH_OUT = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}

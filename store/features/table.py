@@ -19,8 +19,8 @@ dataset's tokens (``top``, ``sample``, ``windows``) still refuse. With ``skip_sp
 default) special rows (BOS, separators, padding) are not
 encoded: their latents read as zero and ``density`` counts encoded rows only.
 
-The format is described in :mod:`store.feature_format`; the statistics in
-:mod:`store.feature_stats`; the feature-major copy in :mod:`store.feature_merge`.
+The format is described in :mod:`store.features.format`; the statistics in
+:mod:`store.features.stats`; the feature-major copy in :mod:`store.features.merge`.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from strata.store import protocol
+from strata.store.commit import protocol
 from strata.store.errors import CorruptionError, NotCommittedError, RowOutOfRangeError, StaleArtifactError
-from strata.store.feature_format import (
+from strata.store.features.format import (
     FEATURES,
     UNIT_SCHEMA,
     CheckedFile,
@@ -50,16 +50,16 @@ from strata.store.feature_format import (
     read_table,
     unit_records,
 )
-from strata.store.feature_merge import INDEX_SCHEMA, Generation, load_generation
-from strata.store.feature_stats import hist_edges
+from strata.store.features.merge import INDEX_SCHEMA, Generation, load_generation
+from strata.store.features.stats import hist_edges
 from strata.store.layout import check_name
-from strata.store.stale import check_inputs, stale_inputs
+from strata.store.lifecycle.stale import check_inputs, stale_inputs
 
 if TYPE_CHECKING:
     import torch
 
     from strata.store.core import Store
-    from strata.store.dataset import ActivationDataset
+    from strata.store.datasets.reader import ActivationDataset
 
 __all__ = ["FeatureTable", "FeatureTableNotFoundError", "FeatureTableExistsError", "FeatureOutOfRangeError", "table_names"]
 
