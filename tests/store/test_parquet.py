@@ -58,7 +58,7 @@ def test_processes_that_exit_right_after_reading_exit_cleanly():
     probability about 0.88)."""
 
     def one(_: int) -> tuple[int, str]:
-        p = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "store" / "parquet.py")], capture_output=True, text=True, timeout=120)
+        p = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "store" / "commit" / "parquet.py")], capture_output=True, text=True, timeout=120)
         return p.returncode, p.stderr[-300:]
 
     with ThreadPoolExecutor(2) as ex:
