@@ -25,8 +25,8 @@ cat <<'TXT'
 
 Open it from a notebook:
 
-    from strata import store
-    ds = store.open("./acts", create=False).dataset("tiny-gpt2-quickstart")
+    import strata
+    ds = strata.open("./acts", create=False).dataset("tiny-gpt2-quickstart")
     ds.info                                   # model, revision, tokenizer, corpus fingerprint, hooks, units
     x = ds.read("blocks.3.hook_resid_post", rows=slice(0, 4096), as_="torch")
     toks = ds.tokens()                        # token_id, doc_id, special, ... row-aligned with x

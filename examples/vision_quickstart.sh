@@ -17,8 +17,8 @@ cat <<'TXT'
 
 Open it from a notebook:
 
-    from strata import store
-    s = store.open("./acts", create=False)
+    import strata
+    s = strata.open("./acts", create=False)
     ds = s.dataset("tiny-vit-shapes")
     ds.docs()                                  # image id, size, caption, label, row span
     x = ds.read("blocks.3.hook_resid_post", docs=ds.docs()["doc_id"][:4].to_pylist())   # 4 images x 17 tokens
