@@ -191,10 +191,10 @@ def bench_queries(root: Path, fs: FeatureTable, args: argparse.Namespace) -> Non
         ours_act = fs.activations(f)
         want = con.execute(act_sql, [f]).fetchall()
         assert list(zip(ours_act.column("row").to_pylist(), ours_act.column("activation").to_pylist())) == want
-        t_top = _median_s(lambda: fs.top(f, k=20), args.repeats)
-        t_act = _median_s(lambda: fs.activations(f), args.repeats)
-        d_top = _median_s(lambda: con.execute(top_sql, [f]).fetchall(), max(3, args.repeats // 10))
-        d_act = _median_s(lambda: con.execute(act_sql, [f]).fetchall(), max(3, args.repeats // 10))
+        t_top = _median_s(lambda f=f: fs.top(f, k=20), args.repeats)
+        t_act = _median_s(lambda f=f: fs.activations(f), args.repeats)
+        d_top = _median_s(lambda f=f: con.execute(top_sql, [f]).fetchall(), max(3, args.repeats // 10))
+        d_act = _median_s(lambda f=f: con.execute(act_sql, [f]).fetchall(), max(3, args.repeats // 10))
         ratios_t.append(d_top / t_top)
         ratios_a.append(d_act / t_act)
         print(f"| {f} ({st.column('count')[f].as_py():,}) | {t_top * 1e3:.2f} ms | {d_top * 1e3:.0f} ms | {d_top / t_top:,.0f}x | "

@@ -69,7 +69,8 @@ def make_dataset(root: Path, *, hooks: list[str], d: int, units: int, unit_conte
         ctx = u * unit_contexts + r // CTX
         tokens = pa.table({"context_id": ctx, "position": (r % CTX).astype(np.int32), "doc_id": ctx,
                            "doc_position": (r % CTX).astype(np.int32), "token_id": (r % 1000).astype(np.int32), "special": r % CTX == 0})
-        acts = {h: (rng.standard_normal((rows, 64)).astype(np.float32) @ basis + 0.1 * rng.standard_normal((rows, d)).astype(np.float32)).astype(np.float16)
+        acts = {h: (rng.standard_normal((rows, 64)).astype(np.float32) @ basis
+                    + 0.1 * rng.standard_normal((rows, d)).astype(np.float32)).astype(np.float16)
                 for h in hooks}
         w.write_unit(u, tokens=tokens, acts=acts)
     return s.dataset("bench")

@@ -392,22 +392,26 @@ def part_stream(root: Path, ns: list[int], d: int, dtype: str, rounds: int, summ
         for n in ns:
             q = res[n]
             whole, streamed = n / min(q["strata"]) / f32_rate, n / min(q["stream"]) / f32_rate
-            print(f"    n={n:>9,}: against bare float32 co-moments ({fmt_rate(f32_rate)}, measured at n={n0:,}): Strata compare {whole:.2f}, "
-                  f"its streamed moments alone {streamed:.2f}")
-            summary.append((f"compare throughput vs bare float32 co-moments (the three products), n={n:,}", f"{n / min(q['strata']) / 1e3:.1f} k rows/s",
-                            f"{f32_rate / 1e3:.1f} k rows/s (centred XᵀX, YᵀY, XᵀY in f32, in memory)", f"{whole:.2f} (streamed part {streamed:.2f})",
-                            "≥ 0.8 (restated)"))
+            print(f"    n={n:>9,}: against bare float32 co-moments ({fmt_rate(f32_rate)}, measured at n={n0:,}): "
+                  f"Strata compare {whole:.2f}, its streamed moments alone {streamed:.2f}")
+            summary.append((f"compare throughput vs bare float32 co-moments (the three products), n={n:,}",
+                            f"{n / min(q['strata']) / 1e3:.1f} k rows/s",
+                            f"{f32_rate / 1e3:.1f} k rows/s (centred XᵀX, YᵀY, XᵀY in f32, in memory)",
+                            f"{whole:.2f} (streamed part {streamed:.2f})", "≥ 0.8 (restated)"))
     bare_all = [n / t for n in ns for t in res[n]["bare"]]
     print(f"    machine noise: the bound ran at {min(bare_all) / 1e3:.1f}..{max(bare_all) / 1e3:.1f} k rows/s over this part")
     lo, hi = min(ns), max(ns)
     p_lo, p_hi = max(res[lo]["rss"]), max(res[hi]["rss"])
     a_lo, a_hi = max(res[lo]["anon"]), max(res[hi]["anon"])
     ok = lambda r: "met" if abs(r - 1) <= 0.10 else "NOT met"  # noqa: E731
-    print(f"    peak RSS (max over rounds): n={lo:,}: {p_lo:,.0f} MiB, n={hi:,}: {p_hi:,.0f} MiB: ratio {p_hi / p_lo:.3f} (within 10%: {ok(p_hi / p_lo)})")
-    print(f"    private (anonymous) peak: n={lo:,}: {a_lo:,.0f} MiB, n={hi:,}: {a_hi:,.0f} MiB: ratio {a_hi / a_lo:.3f} (within 10%: {ok(a_hi / a_lo)}); "
+    print(f"    peak RSS (max over rounds): n={lo:,}: {p_lo:,.0f} MiB, n={hi:,}: {p_hi:,.0f} MiB: "
+          f"ratio {p_hi / p_lo:.3f} (within 10%: {ok(p_hi / p_lo)})")
+    print(f"    private (anonymous) peak: n={lo:,}: {a_lo:,.0f} MiB, n={hi:,}: {a_hi:,.0f} MiB: "
+          f"ratio {a_hi / a_lo:.3f} (within 10%: {ok(a_hi / a_lo)}); "
           f"RSS minus private = touched pages of the store's memory-mapped shards (page cache; LocalStorage keeps at most 256 MiB of maps open)")
     summary.append((f"compare peak RSS, n={hi:,} vs n={lo:,}", f"{p_hi:,.0f} MiB", f"{p_lo:,.0f} MiB", f"{p_hi / p_lo:.2f}", "≤ 1.10"))
-    summary.append((f"compare peak private (anonymous) memory, n={hi:,} vs n={lo:,}", f"{a_hi:,.0f} MiB", f"{a_lo:,.0f} MiB", f"{a_hi / a_lo:.2f}", "≤ 1.10"))
+    summary.append((f"compare peak private (anonymous) memory, n={hi:,} vs n={lo:,}", f"{a_hi:,.0f} MiB", f"{a_lo:,.0f} MiB",
+                    f"{a_hi / a_lo:.2f}", "≤ 1.10"))
 
 
 def part_gram(root: Path, n: int, d: int, gram_runs: int, summary: list) -> None:

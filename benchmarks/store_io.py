@@ -26,6 +26,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -93,9 +94,9 @@ def bench_write(root: Path, d: int, units: int, unit_contexts: int, dtype: str, 
         # Page-cache writeback slows whichever side writes second: alternate who goes first.
         if rep % 2 == 0:
             t_plain.append(median_time(plain, 1))
-            t_strata.append(median_time(lambda: strata(w), 1))
+            t_strata.append(median_time(lambda w=w: strata(w), 1))
         else:
-            t_strata.append(median_time(lambda: strata(w), 1))
+            t_strata.append(median_time(lambda w=w: strata(w), 1))
             t_plain.append(median_time(plain, 1))
         shutil.rmtree(root / f"s{run[0]}")
     nbytes = sum(x.nbytes for x in data)
@@ -105,7 +106,8 @@ def bench_write(root: Path, d: int, units: int, unit_contexts: int, dtype: str, 
 def build(root: Path, d: int, units: int, unit_contexts: int, dtype: str) -> tuple[store.ActivationDataset, np.ndarray]:
     rows = unit_contexts * CTX
     s = store.open(root)
-    w = s.create_dataset(f"r-{dtype}", hooks={"blocks.0.hook_resid_post": d}, context_size=CTX, dtype=dtype, num_units=units, unit_contexts=unit_contexts)
+    w = s.create_dataset(f"r-{dtype}", hooks={"blocks.0.hook_resid_post": d}, context_size=CTX, dtype=dtype, num_units=units,
+                         unit_contexts=unit_contexts)
     parts = []
     for u in range(units):
         x = np.random.default_rng(100 + u).standard_normal((rows, d), dtype=np.float32)
@@ -166,7 +168,7 @@ def bench_partial(ds: store.ActivationDataset, repeats: int, queries: int = 400)
     out = {}
     for label, (run, rows) in shapes.items():
 
-        def unchecked() -> None:
+        def unchecked(run: Callable[[], object] = run) -> None:
             protocol._CHECK_READS = False
             try:
                 run()
@@ -217,7 +219,7 @@ def bench_batches(root: Path, ds: store.ActivationDataset, full: np.ndarray, rep
     def strata_batches():
         it = ds.iter_batches(hook, batch_size=batch, shuffle=True, seed=0, epochs=epochs, buffer_rows=1 << 17)
         k = 0
-        for b in it:
+        for _ in it:
             k += 1
             if k == n_batches:
                 break
@@ -251,23 +253,28 @@ def main() -> None:
         parts = set(args.parts.split(","))
         for dtype in ("float32", "float16") if "write" in parts else ():
             base, ours = bench_write(root / f"w-{dtype}", args.d, args.units, args.unit_contexts, dtype, args.repeats)
-            print(f"write {dtype}: write_unit {ours / 1e9:.2f} GB/s vs plain files {base / 1e9:.2f} GB/s  ratio {ours / base:.2f}  (target >= 0.6)")
+            print(f"write {dtype}: write_unit {ours / 1e9:.2f} GB/s vs plain files {base / 1e9:.2f} GB/s  "
+                  f"ratio {ours / base:.2f}  (target >= 0.6)")
         for dtype in ("float32", "float16") if "read" in parts else ():
             ds, full = build(root / "r", args.d, args.units, args.unit_contexts, dtype)
             base, ours = bench_read(root, ds, full, args.repeats)
-            print(f"read {dtype}->torch float32: {ours / 1e6:.2f} M rows/s vs memmap {base / 1e6:.2f} M rows/s  ratio {ours / base:.2f}  (target >= 0.6)")
+            print(f"read {dtype}->torch float32: {ours / 1e6:.2f} M rows/s vs memmap {base / 1e6:.2f} M rows/s  "
+                  f"ratio {ours / base:.2f}  (target >= 0.6)")
         if "partial" in parts:
             ds, _ = build(root / "p", args.d, args.units, args.unit_contexts, "float32")
             for label, (base, ours) in bench_partial(ds, args.repeats).items():
-                print(f"partial read, {label}: checked {ours / 1e6:.2f} M rows/s vs unchecked {base / 1e6:.2f} M rows/s  ratio {ours / base:.2f}  (target >= 0.9)")
+                print(f"partial read, {label}: checked {ours / 1e6:.2f} M rows/s vs unchecked {base / 1e6:.2f} M rows/s  "
+                      f"ratio {ours / base:.2f}  (target >= 0.9)")
         if "batches" in parts:
             ds, full = build(root / "b", args.d, args.units, args.unit_contexts, "float32")
             base, ours = bench_batches(root, ds, full, args.repeats)
-            print(f"iter_batches shuffled float32 x4096, 4 epochs: {ours / 1e6:.2f} M rows/s vs sae-lens ActivationsStore (cached) {base / 1e6:.2f} M rows/s  ratio {ours / base:.2f}  (target >= 2)")
+            print(f"iter_batches shuffled float32 x4096, 4 epochs: {ours / 1e6:.2f} M rows/s vs sae-lens ActivationsStore (cached) "
+                  f"{base / 1e6:.2f} M rows/s  ratio {ours / base:.2f}  (target >= 2)")
         for dtype in ("float32", "float16", "bfloat16") if "bytes" in parts else ():
             d_root = root / f"bytes-{dtype}"
             s = store.open(d_root)
-            w = s.create_dataset("x", hooks={"blocks.0.hook_resid_post": args.d}, context_size=CTX, dtype=dtype, num_units=2, unit_contexts=args.unit_contexts)
+            w = s.create_dataset("x", hooks={"blocks.0.hook_resid_post": args.d}, context_size=CTX, dtype=dtype, num_units=2,
+                                 unit_contexts=args.unit_contexts)
             for u in range(2):
                 x = np.random.default_rng(u).standard_normal((args.unit_contexts * CTX, args.d), dtype=np.float32)
                 w.write_unit(u, tokens=token_table(u, args.unit_contexts), acts={"blocks.0.hook_resid_post": x})
@@ -275,7 +282,8 @@ def main() -> None:
             total = du(d_root / "datasets" / "x")
             acts = du(d_root / "datasets" / "x" / "acts")
             print(f"bytes/token {dtype}: {total / n:.1f} on disk for one hook of d={args.d} "
-                  f"(activations {acts / n:.1f}, raw values {args.d * np.dtype(store.dtypes.storage_dtype(dtype)).itemsize}; tokens+commits {(total - acts) / n:.2f})")
+                  f"(activations {acts / n:.1f}, raw values {args.d * np.dtype(store.dtypes.storage_dtype(dtype)).itemsize}; "
+                  f"tokens+commits {(total - acts) / n:.2f})")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
