@@ -128,6 +128,9 @@ class ComputeSpec(Section):
     """An existing Ray cluster to join (``auto``, ``HOST:6379``, ``ray://HOST:10001``), which gets
     no credentials from this job. ``null`` always starts a private Ray in this process (the
     entrypoint of a Ray job joins its own cluster instead)."""
+    executor: Literal["auto", "local", "ray"] = "auto"
+    """Where the work runs: ``local`` in this process, without Ray (one worker; tests, a quick
+    look); ``ray`` or ``auto`` on the Ray cluster that ``address`` names (see there)."""
     batch_tokens: int = Field(default=8192, gt=0)
     """Tokens per forward pass (rounded down to whole contexts, at least one)."""
     unit_contexts: int = Field(default=256, gt=0)
