@@ -27,6 +27,7 @@ from strata.store.commit.lease import Lease
 from strata.store.datasets.manifest import IDENTITY_META_KEYS, DatasetInfo, fingerprint, load_manifest, write_manifest
 from strata.store.commit.protocol import utcnow
 from strata.store.datasets.shards import create_hook_array
+from strata.store.datasets.state import DatasetState
 from strata.store.storage import Storage, open_storage
 from strata.store.storage._auth import auth_failure
 from strata.store.datasets.writer import DatasetWriter, new_hook_info
@@ -89,6 +90,11 @@ class Store:
             raise DatasetNotFoundError(
                 f"no dataset {name!r} in store {self.uri}; it holds: {', '.join(names) if names else 'no datasets'}"
             ) from None
+
+    def dataset_state(self, name: str) -> DatasetState:
+        """What dataset ``name`` holds, as metadata only (identity, hooks, committed units per
+        hook, token rows per unit, version record): what planners read, never activations."""
+        return DatasetState.read(self.dataset(name))
 
     def versions(self, name: str) -> list[DatasetVersion]:
         """The versions of dataset ``name``, oldest first by creation time: the dataset itself and
