@@ -1,7 +1,9 @@
-"""Session fixtures shared by the whole suite: one Ray instance, one S3 server on loopback."""
+"""Session fixtures shared by the whole suite (one Ray instance, one S3 server on loopback) and the
+leak check every test passes: no threads or Ray actors left behind."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -82,13 +84,53 @@ def s3_bucket(s3_env):
     return f"s3://{name}"
 
 
+# How long a test's threads and actors get to wind down after it returns before they count as
+# leaked: a closed iterator's threads and a dropped actor handle's actor end asynchronously.
+LEAK_GRACE_S = 10.0
+
+
+def _ours(t: threading.Thread) -> bool:
+    """A thread Strata started: named `strata-...` by our code, or running a function of ours.
+    Other daemon threads (moto's server, Ray's and urllib3's helpers) are the libraries' own."""
+    target = getattr(t, "_target", None)  # private in CPython, but the only record of what a thread runs
+    module = getattr(target, "__module__", None) or type(t).__module__
+    return t.name.startswith("strata-") or module.startswith("strata.")
+
+
+def _leaked_threads(before: set[int | None]) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.ident not in before and t.is_alive() and (not t.daemon or _ours(t))]
+
+
+def _live_actors() -> dict[str, str]:
+    """Actors of the Ray this process is connected to that are not dead, by id (class names as
+    values); empty when Ray is not initialized. Only looks when the test session imported Ray."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return {}
+    # ray.util.state.list_actors needs the dashboard, which the session Ray runs without; the
+    # GCS table behind ray._private.state answers in ~1 ms.
+    from ray._private import state
+
+    return {a: info["ActorClassName"] for a, info in state.actors().items() if info["State"] != "DEAD"}
+
+
 @pytest.fixture(autouse=True)
-def _no_leaked_threads():
-    """Fail a test that leaves non-daemon threads behind."""
-    before = {t.ident for t in threading.enumerate()}
+def _no_leaks():
+    """Fail a test that leaves threads behind (non-daemon threads, and daemon threads of ours:
+    lease renewers, batch prefetchers) or live Ray actors it created, after a grace period."""
+    threads_before = {t.ident for t in threading.enumerate()}
+    actors_before = set(_live_actors())
     yield
-    leaked = [t for t in threading.enumerate() if t.ident not in before and t.is_alive() and not t.daemon]
-    assert not leaked, f"test leaked threads: {[t.name for t in leaked]}"
+    deadline = time.monotonic() + LEAK_GRACE_S
+    while True:
+        threads = _leaked_threads(threads_before)
+        actors = {a: name for a, name in _live_actors().items() if a not in actors_before}
+        if not (threads or actors) or time.monotonic() > deadline:
+            break
+        gc.collect()  # an unreachable iterator or actor handle goes now, not at some later collection
+        time.sleep(0.1)
+    assert not threads, f"test leaked threads: {[t.name for t in threads]}"
+    assert not actors, f"test leaked Ray actors (still alive {LEAK_GRACE_S:.0f} s after it ended): {sorted(actors.values())}"
 
 
 def free_port() -> int:
