@@ -23,3 +23,13 @@ def memory_gib() -> float:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
         return float("nan")
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages as one phrase: a figure taken while other work ran
+    on the machine (load above its core count) is noise, and the reader should see that."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:  # not every platform has it
+        return "load average unknown"
+    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f} (1, 5, 15 min; {os.cpu_count()} cores)"

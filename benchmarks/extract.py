@@ -3,93 +3,250 @@
     python benchmarks/extract.py                  # a few minutes on 2 CPU cores
     python benchmarks/extract.py --layers 6 --d-model 512 --tokens 400000   # bigger
     python benchmarks/extract.py --case vision    # a ViT over generated images instead
+    python benchmarks/extract.py --rounds 1 --tokens 8000 --skip-sae-lens --warmup-s 0   # a smoke run
 
 Builds a seeded GPT-2-shaped model locally (no download) and a synthetic corpus, plans the
 contexts once, then times over exactly the same token batches:
 
-* the bound: a bare ``torch.no_grad()`` forward loop over the same batches on the same model;
-* the pipeline (``run_extract`` on an in-process Ray) saving one hook (the last block's
-  resid_post, so the whole model runs), and saving every block's resid_post, with bytes/s;
+* the bound: a bare ``torch.inference_mode()`` forward loop over the same batches on the same
+  model (what the workers compute under);
+* the pipeline (``run_extract`` on a private Ray) saving one hook (the last block's resid_post,
+  so the whole model runs), and saving every block's resid_post, with bytes/s;
 * sae-lens's ``CacheActivationsRunner`` on the same local model folder and the same tokens
   (one hook; it writes a Hugging Face ``datasets`` cache);
-* peak RSS of the driver and of a worker.
+* peak RSS of the driver, of a worker and of a bare-loop process.
+
+Every baseline (the bare loop, sae-lens) runs in a fresh process of its own, started with the
+settings a pipeline CPU worker computes with: the torch thread count the pool gives a worker
+(``pipeline.executor.pool_shape``), ``OMP_NUM_THREADS`` as Ray sets it for an actor holding that
+many CPUs, and ``TOKENIZERS_PARALLELISM=false`` as the private Ray's runtime environment sets it.
+A loop run in the driver instead shares the process with whatever the driver did before
+(tokenization tasks, the pool, another library's threads) and once ran at 4.7k tokens/s while
+the pipeline ran at 11.1k: its ratio meant nothing.
+
+Shared CPUs drift by up to 2x over minutes, so baselines and contenders alternate: a bare loop,
+then each round runs the pipeline (1 hook, then every resid_post), sae-lens, and another bare
+loop. Each round's ratios are taken against the mean of the two bare loops bracketing it, and
+every figure and every ratio is printed as its median and its spread (min..max) over
+``--rounds`` rounds, never the best alone. Pipeline throughput is the steady rate (units after
+the first, once the worker has loaded the model; a bare-loop process warms up over at least
+one unit for the same reason); the end-to-end job time, which adds Ray tasks for tokenization
+and the model load, is printed beside it. The load average is printed at the start and the end:
+a run taken while other work ran is noise.
 
 The vision case (``--case vision``) builds a seeded ViT (``--vision-layers``, ``--vision-d``,
 224 x 224 images in 16 x 16 patches: 197 tokens an image) and ``--images`` generated PNG images
 (256 x 256, resized by the model's processor), then times images/s of the pipeline (1 hook: the
 last block's resid_post; steady rate, as for text) against a bare forward loop over the very
-same preprocessed pixel batches (preprocessed before the clock starts), run twice: in the driver
-while no Ray runs, and in a Ray actor holding the worker's CPUs right after the pipeline (the
-same kind of process the pipeline computes in, Ray's processes beside it); it reports both
-ratios and the share of the workers' time
-spent decoding and preprocessing images. Workers do that for a unit before taking the model,
-while the actor's other call computes the previous unit, so it is off the model's critical path
-as long as it takes less time than a forward pass of a unit.
+same preprocessed pixel batches (preprocessed before the clock starts), run twice: in a fresh
+process with the worker's settings while no Ray runs (bracketing each pipeline run, which gets
+a fresh Ray), and in a Ray actor holding the worker's CPUs right after the pipeline (the same
+kind of process the pipeline computes in, Ray's processes beside it); it reports both ratios
+(median and spread) and the share of the workers' time spent decoding and preprocessing
+images. Workers do that for a unit before taking the model, while the actor's other call
+computes the previous unit, so it is off the model's critical path as long as it takes less
+time than a forward pass of a unit.
 
-Shared CPUs drift by up to 2x over minutes, so every contender runs once in each of
-``--rounds`` interleaved rounds and its best run is reported (text); in the vision case each
-pipeline run is bracketed by a bare loop right before and right after it, and the ratio to the
-mean of the two is reported per round (best and median). Pipeline throughput is the steady
-rate (units after the first, once the worker has loaded the model); the end-to-end job time,
-which adds Ray tasks for tokenization and the model load, is printed beside it.
+The ``round N: bare ..., pipeline 1 hook ..., all resid_post ...`` lines keep the format of
+earlier versions of this script: ``benchmarks/compare_revisions.py`` reads them.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import logging
 import os
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import uuid
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _machine import load_average  # noqa: E402
+
 from strata import store  # noqa: E402
-from strata.pipeline.cluster import connect  # noqa: E402
+from strata.pipeline.cluster import ClusterShape, connect  # noqa: E402
 from strata.pipeline.config import ExtractSpec  # noqa: E402
+from strata.pipeline.executor import ActorPool, pool_shape  # noqa: E402
 from strata.pipeline.extract import plan, prepare, run_extract  # noqa: E402
-from strata.pipeline.tiny import build_tiny, synthetic_docs, write_jsonl  # noqa: E402
+from strata.pipeline.images import ImageSource  # noqa: E402
+from strata.pipeline.tiny import build_tiny, build_tiny_vision, synthetic_docs, synthetic_images, write_jsonl  # noqa: E402
+from strata.pipeline.vision import load_processor, preprocess  # noqa: E402
+
+CHILD_FLAG = "--baseline-job"  # internal: run one baseline described by a job file, in this fresh process
+VIT_TOKENS = 197  # 224 x 224 in 16 x 16 patches, plus CLS
 
 
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bare_loop(folder: Path, token_id: np.ndarray, unit_contexts: int, per_batch: int, threads: int, warmup_s: float) -> float:
-    """tokens/s of a plain forward loop over the pipeline's batches (units cut into batches)."""
-    from transformers import AutoModel
+def device() -> torch.device:
+    """Where a worker computes: the first GPU when there is one, else the CPU."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
-    torch.set_num_threads(threads)
-    model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
-    ids = torch.from_numpy(token_id.astype(np.int64))
-    batches = [ids[c0 : min(u0 + unit_contexts, c0 + per_batch, len(ids))] for u0 in range(0, len(ids), unit_contexts) for c0 in range(u0, min(u0 + unit_contexts, len(ids)), per_batch)]
-    with torch.no_grad():
-        # Warm up until the rate settles: on shared CPUs the first seconds run far slower.
+
+def spread(xs: Sequence[float], fmt: str = ",.0f") -> str:
+    """``median (min..max)``: how a figure measured once per round is reported."""
+    return f"{statistics.median(xs):{fmt}} ({min(xs):{fmt}}..{max(xs):{fmt}})"
+
+
+# -- the worker's settings, and baselines in fresh processes ---------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What a pipeline worker computes with, so a baseline process can compute with the same."""
+
+    threads: int | None
+    """torch threads, set in the computing thread (``ActorPool.threads``; None: a GPU worker
+    keeps torch's default)."""
+    num_cpus: int
+    """CPUs the worker's actor holds: Ray sets ``OMP_NUM_THREADS`` to this in an actor's process
+    unless the job's environment sets it (``ray._private.utils.set_omp_num_threads_if_unset``)."""
+
+    @classmethod
+    def of(cls, shape: ActorPool) -> WorkerSettings:
+        return cls(threads=shape.threads, num_cpus=shape.num_cpus)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, self.num_cpus)))
+        env["TOKENIZERS_PARALLELISM"] = "false"  # the private Ray's runtime env (pipeline/cluster.py)
+        return env
+
+    def describe(self) -> str:
+        threads = "torch's default" if self.threads is None else str(self.threads)
+        return f"torch threads {threads}, OMP_NUM_THREADS={self.env()['OMP_NUM_THREADS']}, TOKENIZERS_PARALLELISM=false"
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """What a baseline process reports."""
+
+    rate: float  # tokens/s (text) or images/s (vision)
+    peak_rss_mib: float
+    threads: int  # torch's thread count in that process, read back
+
+
+def run_baseline(kind: str, settings: WorkerSettings, work: Path, **args: Any) -> Baseline:
+    """Run one baseline (``kind`` in :func:`child_main`) in a fresh Python process started with
+    the worker's settings; its figures come back through a JSON file (libraries print to stdout)."""
+    tag = uuid.uuid4().hex[:8]
+    job, result = work / f"baseline-{tag}.json", work / f"baseline-{tag}.result.json"
+    job.write_text(json.dumps({"kind": kind, "threads": settings.threads, "result": str(result), **args}))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), CHILD_FLAG, str(job)], env=settings.env(),
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job.unlink(missing_ok=True)
+    if proc.returncode != 0 or not result.exists():
+        tail = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"the {kind} baseline process failed (exit {proc.returncode}): {tail}")
+    out = json.loads(result.read_text())
+    result.unlink()
+    return Baseline(rate=out["rate"], peak_rss_mib=out["peak_rss_mib"], threads=out["threads"])
+
+
+def child_main(job_path: str) -> int:
+    """Entry point of a baseline process: set the worker's torch threads, run the job, write its figures."""
+    job = json.loads(Path(job_path).read_text())
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])  # as the worker does, before its first forward pass
+    quiet_libraries()
+    kind = job["kind"]
+    if kind == "bare":
+        rate = bare_loop(Path(job["folder"]), np.load(job["tokens"]), job["unit_contexts"], job["per_batch"], job["warmup_s"])
+    elif kind == "bare-vision":
+        rate = bare_vision_loop(Path(job["folder"]), torch.from_numpy(np.load(job["pixels"])), job["unit_contexts"],
+                                job["per_batch"], job["warmup_s"])
+    elif kind == "sae-lens":
+        rate = sae_lens_rate(Path(job["folder"]), np.load(job["tokens"]), job["hook_layer"], job["per_batch"], job["d"], Path(job["out"]))
+    else:
+        raise SystemExit(f"unknown baseline kind {kind!r}: expected bare, bare-vision or sae-lens")
+    Path(job["result"]).write_text(json.dumps({"rate": rate, "peak_rss_mib": rss_mb(), "threads": torch.get_num_threads()}))
+    return 0
+
+
+def quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.WARNING)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def unit_batches(n: int, unit_contexts: int, per_batch: int) -> list[slice]:
+    """The pipeline's batches: units cut into batches of ``per_batch`` contexts (a unit's last
+    batch may be shorter; a batch never crosses a unit)."""
+    return [slice(c0, min(u0 + unit_contexts, c0 + per_batch, n)) for u0 in range(0, n, unit_contexts)
+            for c0 in range(u0, min(u0 + unit_contexts, n), per_batch)]
+
+
+def timed_loop(forward: Any, batches: list[Any], first_unit: int, warmup_s: float) -> float:
+    """Seconds of one pass of ``forward`` over ``batches``, after a warm-up over the first
+    unit's ``first_unit`` batches (the pipeline's steady rate leaves its first unit out) that
+    goes on for at least ``warmup_s`` (on shared CPUs the first seconds run slower)."""
+    dev = device()
+    with torch.inference_mode():  # what the workers use (no_grad is a little slower)
         t_warm = time.perf_counter()
+        for b in batches[:first_unit]:
+            forward(b)
         while time.perf_counter() - t_warm < warmup_s:
-            for b in batches[:4]:
-                model(input_ids=b, use_cache=False)
+            for b in batches[:first_unit]:
+                forward(b)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
         for b in batches:
-            model(input_ids=b, use_cache=False)
-        dt = time.perf_counter() - t0
-    del model
-    gc.collect()
+            forward(b)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - t0
+
+
+def bare_loop(folder: Path, token_id: np.ndarray, unit_contexts: int, per_batch: int, warmup_s: float) -> float:
+    """tokens/s of a plain forward loop over the pipeline's batches."""
+    from transformers import AutoModel
+
+    dev = device()
+    model = AutoModel.from_pretrained(folder, dtype=torch.float32).to(dev).eval()
+    ids = torch.from_numpy(token_id.astype(np.int64))
+    cuts = unit_batches(len(ids), unit_contexts, per_batch)
+    batches = [ids[c].to(dev) for c in cuts]
+    dt = timed_loop(lambda b: model(input_ids=b, use_cache=False), batches, -(-unit_contexts // per_batch), warmup_s)
     return ids.numel() / dt
+
+
+def bare_vision_loop(folder: Path, pixels: torch.Tensor, unit_contexts: int, per_batch: int, warmup_s: float) -> float:
+    """images/s of a plain forward loop over already preprocessed pixel batches."""
+    from transformers import ViTModel
+
+    dev = device()
+    model = ViTModel.from_pretrained(folder, dtype=torch.float32).to(dev).eval()
+    batches = [pixels[c].to(dev) for c in unit_batches(len(pixels), unit_contexts, per_batch)]
+    dt = timed_loop(lambda b: model(pixel_values=b), batches, -(-unit_contexts // per_batch), warmup_s)
+    return len(pixels) / dt
 
 
 def sae_lens_rate(folder: Path, token_id: np.ndarray, hook_layer: int, per_batch: int, d: int, out: Path) -> float:
     """tokens/s of sae-lens's CacheActivationsRunner on the same model folder and tokens."""
     import datasets
-    from sae_lens import CacheActivationsRunner, CacheActivationsRunnerConfig
+    from sae_lens import CacheActivationsRunner, CacheActivationsRunnerConfig  # lazy: only this baseline's process needs it
 
     # sae-lens caches whole buffers of `buffer_size_gb`: size one buffer to exactly our tokens
     # (whole batches of contexts) so that both process the same tokens.
@@ -101,38 +258,16 @@ def sae_lens_rate(folder: Path, token_id: np.ndarray, hook_layer: int, per_batch
         dataset_path=str(out / "unused"), model_name=str(folder), model_class_name="AutoModelForCausalLM",
         model_batch_size=per_batch, hook_name=f"transformer.h.{hook_layer}", d_in=d, training_tokens=n_tokens,
         context_size=token_id.shape[1], new_cached_activations_path=str(out / "sae-lens-cache"), shuffle=False,
-        dtype="float32", device="cpu", prepend_bos=False, streaming=False, buffer_size_gb=(n_tokens * d * 4 + 1) / 1e9,
+        dtype="float32", device=device().type, prepend_bos=False, streaming=False, buffer_size_gb=(n_tokens * d * 4 + 1) / 1e9,
     )
-    assert cfg.n_buffers == 1 and cfg.n_batches_in_buffer * cfg.n_tokens_in_batch == n_tokens, (cfg.n_buffers, cfg.n_batches_in_buffer)
-    import warnings
-
+    if cfg.n_buffers != 1 or cfg.n_batches_in_buffer * cfg.n_tokens_in_batch != n_tokens:
+        raise RuntimeError(f"sae-lens sized {cfg.n_buffers} buffers of {cfg.n_batches_in_buffer} batches for {n_tokens} tokens: "
+                           "expected one buffer holding exactly the benchmark's tokens")
     warnings.filterwarnings("ignore", module="sae_lens")
     runner = CacheActivationsRunner(cfg, override_dataset=ds)
     t0 = time.perf_counter()
     runner.run()
     return n_tokens / (time.perf_counter() - t0)
-
-
-def bare_vision_loop(folder: Path, pixels: torch.Tensor, unit_contexts: int, per_batch: int, threads: int, warmup_s: float) -> float:
-    """images/s of a plain forward loop over already preprocessed pixel batches (units cut into batches)."""
-    from transformers import ViTModel
-
-    torch.set_num_threads(threads)
-    model = ViTModel.from_pretrained(folder, dtype=torch.float32).eval()
-    n = len(pixels)
-    batches = [pixels[c0 : min(u0 + unit_contexts, c0 + per_batch, n)] for u0 in range(0, n, unit_contexts)
-               for c0 in range(u0, min(u0 + unit_contexts, n), per_batch)]
-    with torch.inference_mode():  # what the workers use (no_grad is a little slower)
-        t_warm = time.perf_counter()
-        while time.perf_counter() - t_warm < warmup_s:
-            model(pixel_values=batches[0])
-        t0 = time.perf_counter()
-        for b in batches:
-            model(pixel_values=b)
-        dt = time.perf_counter() - t0
-    del model
-    gc.collect()
-    return n / dt
 
 
 class BareVisionActor:
@@ -142,16 +277,22 @@ class BareVisionActor:
     def __init__(self, folder: str) -> None:
         self.folder = Path(folder)
 
-    def rate(self, pixels: torch.Tensor, unit_contexts: int, per_batch: int, threads: int) -> float:
-        return bare_vision_loop(self.folder, pixels, unit_contexts, per_batch, threads, 3.0)
+    def rate(self, pixels: torch.Tensor, unit_contexts: int, per_batch: int, threads: int | None) -> float:
+        if threads:
+            torch.set_num_threads(threads)  # in this thread, as the worker does: OpenMP's count is per thread
+        return bare_vision_loop(self.folder, pixels, unit_contexts, per_batch, 3.0)
+
+
+# -- the two cases -----------------------------------------------------------------------------
+
+
+def machine_line(cpus: int) -> str:
+    gpu = "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"machine: {cpus} CPU cores, torch {torch.__version__}, {gpu}; {load_average()} at the start"
 
 
 def vision_case(a: argparse.Namespace, work: Path, cpus: int) -> None:
-    import ray
-
-    from strata.pipeline.images import ImageSource
-    from strata.pipeline.tiny import build_tiny_vision, synthetic_images
-    from strata.pipeline.vision import load_processor, preprocess
+    import ray  # lazy: only this case starts actors of its own
 
     folder = work / "vit"
     if not (folder / "config.json").exists():
@@ -164,64 +305,174 @@ def vision_case(a: argparse.Namespace, work: Path, cpus: int) -> None:
     def job(name: str) -> ExtractSpec:
         return ExtractSpec(store=str(work / "acts"), name=name, model={"id": str(folder)}, corpus={"path": str(imgs), "format": "images"},
                            hooks=[f"blocks.{a.vision_layers - 1}.hook_resid_post"], dtype=a.dtype,
-                           compute={"unit_contexts": a.vision_unit, "batch_tokens": a.vision_batch * 197})
+                           compute={"unit_contexts": a.vision_unit, "batch_tokens": a.vision_batch * VIT_TOKENS})
 
+    if a.images <= a.vision_unit:
+        raise SystemExit(f"--images {a.images} fill at most one unit of --vision-unit {a.vision_unit}: "
+                         "the pipeline's steady rate needs units after the first; raise --images or lower --vision-unit")
     spec = job("plan")
     p = prepare(spec, store.open(spec.store))
-    assert p.image is not None
+    if p.image is None:
+        raise RuntimeError(f"the generated ViT in {folder} was not recognised as an image model")
     src = ImageSource(spec.corpus, p.scan.files, p.scan.locators)
     proc = load_processor(str(folder), p.image.processor_overrides)
     t0 = time.perf_counter()
-    pixels = torch.from_numpy(preprocess(proc, src.read(np.arange(len(src)))))
+    pixels = preprocess(proc, src.read(np.arange(len(src))))
     pre_s = time.perf_counter() - t0
+    np.save(work / "pixels.npy", pixels)  # for the bare-loop processes: the very same pixel batches
     n = len(pixels)
-    print(f"machine: {cpus} CPU cores, torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
-    print(f"model: ViT, {a.vision_layers} layers, d_model {a.vision_d}, 224x224 images in 16x16 patches (197 tokens); {n} images, "
+    print(machine_line(cpus))
+    print(f"model: ViT, {a.vision_layers} layers, d_model {a.vision_d}, 224x224 images in 16x16 patches ({VIT_TOKENS} tokens); {n} images, "
           f"{a.vision_batch} images per batch, {a.vision_unit} per unit; decoding + preprocessing all of them in one thread: "
           f"{pre_s:.2f}s ({n / pre_s:,.0f} images/s)")
-    bare_all: list[float] = []
+    # The worker's settings, from the pool's own sizing of the private Ray each round starts
+    # (this machine's GPUs, `cpus` CPUs), without starting one more Ray for it.
+    settings = WorkerSettings.of(pool_shape(ClusterShape(cpus=cpus, gpus=torch.cuda.device_count(), max_node_cpus=cpus)))
+    print(f"each bare loop runs in a fresh process with the worker's settings: {settings.describe()}")
+
+    def bare() -> Baseline:
+        return run_baseline("bare-vision", settings, work, folder=str(folder), pixels=str(work / "pixels.npy"),
+                            unit_contexts=a.vision_unit, per_batch=a.vision_batch, warmup_s=a.warmup_s)
+
+    bares = [bare()]
     runs: list = []
     ratios: list[float] = []
     in_ray: list[float] = []
     actor_ratios: list[float] = []
-    bare = bare_vision_loop(folder, pixels, a.vision_unit, a.vision_batch, cpus, a.warmup_s)
     for rnd in range(a.rounds):
         # The bare loop runs while no Ray runs (no Ray processes share the cores with it), right
         # before and right after each pipeline run, which gets a fresh Ray: the pipeline's rate
         # is compared with the mean of the two (the machine's speed drifts over minutes).
-        # A private Ray on free ports (pipeline/cluster.py), as `compute.address: null` starts.
-        with connect(None, num_cpus=cpus, log_to_driver=False):
+        with connect(None, num_cpus=cpus, log_to_driver=False):  # a private Ray on free ports
             runs.append(run_extract(job(f"vit-{rnd}"), progress=False))
             # The same loop in a Ray actor holding the worker's CPUs, right after the pipeline.
-            actor = ray.remote(num_cpus=cpus)(BareVisionActor).remote(str(folder))
-            in_ray.append(ray.get(actor.rate.remote(ray.put(pixels), a.vision_unit, a.vision_batch, cpus)))
-        after = bare_vision_loop(folder, pixels, a.vision_unit, a.vision_batch, cpus, 3.0)
+            actor = ray.remote(num_cpus=settings.num_cpus)(BareVisionActor).remote(str(folder))
+            in_ray.append(ray.get(actor.rate.remote(ray.put(torch.from_numpy(pixels)), a.vision_unit, a.vision_batch, settings.threads)))
+        bares.append(bare())
+        before, after = bares[-2].rate, bares[-1].rate
         r = runs[-1]
-        rate = r.steady_tokens_per_s / 197
-        ratios.append(rate / ((bare + after) / 2))
+        rate = r.steady_tokens_per_s / VIT_TOKENS
+        ratios.append(rate / ((before + after) / 2))
         actor_ratios.append(rate / in_ray[-1])
-        bare_all += [bare, after]
-        print(f"round {rnd}: pipeline {rate:,.1f} images/s steady ({r.steady_tokens / 197:.0f} images after the first unit) | bare "
-              f"{bare:,.1f} before, {after:,.1f} after | ratio {ratios[-1]:.2f} | bare loop in a Ray actor right after the pipeline "
+        print(f"round {rnd}: pipeline {rate:,.1f} images/s steady ({r.steady_tokens / VIT_TOKENS:.0f} images after the first unit) | bare "
+              f"{before:,.1f} before, {after:,.1f} after | ratio {ratios[-1]:.2f} | bare loop in a Ray actor right after the pipeline "
               f"{in_ray[-1]:,.1f}: ratio {actor_ratios[-1]:.2f} | load average {os.getloadavg()[0]:.1f}", flush=True)
-        bare = after
-    i = int(np.argmax(ratios))
-    r = runs[i]
-    rate = r.steady_tokens_per_s / 197
+    rates = [r.steady_tokens_per_s / VIT_TOKENS for r in runs]
+    r = runs[len(runs) // 2]
     share = r.prepare_seconds / (r.prepare_seconds + r.compute_seconds)
-    print(f"\n{a.rounds} rounds, same model, same {n} images, same batches; the bare loop ran at "
-          f"{min(bare_all):,.1f}..{max(bare_all):,.1f} images/s over the run (the machine's drift):")
-    print(f"pipeline (decode + preprocess + forward + write) vs the bare forward loop over preprocessed pixels bracketing it: "
-          f"ratio best {max(ratios):.2f}, median {statistics.median(ratios):.2f} (best round: {rate:,.1f} images/s; "
-          f"job end to end incl. decode checks + model load: {r.seconds:.1f}s)")
+    print(f"\n{a.rounds} rounds, same model, same {n} images, same batches; figures are median (min..max) over rounds; "
+          f"the bare loop ran at {spread([b.rate for b in bares], ',.1f')} images/s over the run (the machine's drift):")
+    print(f"pipeline (decode + preprocess + forward + write): {spread(rates, ',.1f')} images/s steady "
+          f"(job end to end incl. decode checks + model load: {spread([x.seconds for x in runs], '.1f')} s)")
+    print(f"pipeline vs the bare forward loop over preprocessed pixels in a fresh process bracketing it: ratio {spread(ratios, '.2f')}")
     print(f"pipeline vs the same bare loop in a Ray actor holding the worker's CPUs (run right after it, Ray still up): "
-          f"ratio best {max(actor_ratios):.2f}, median {statistics.median(actor_ratios):.2f}; that loop ran at "
-          f"{min(in_ray):,.1f}..{max(in_ray):,.1f} images/s")
-    print(f"workers' time decoding + preprocessing: {r.prepare_seconds:.2f}s of {r.prepare_seconds + r.compute_seconds:.2f}s "
-          f"({100 * share:.1f}%), done before each unit takes the model, overlapping the other unit's forward pass")
+          f"ratio {spread(actor_ratios, '.2f')}; that loop ran at {spread(in_ray, ',.1f')} images/s")
+    print(f"workers' time decoding + preprocessing (round {len(runs) // 2}): {r.prepare_seconds:.2f}s of "
+          f"{r.prepare_seconds + r.compute_seconds:.2f}s ({100 * share:.1f}%), done before each unit takes the model, "
+          f"overlapping the other unit's forward pass")
+    print(f"peak RSS: bare-loop process {max(b.peak_rss_mib for b in bares):,.0f} MiB, worker "
+          f"{max(x.worker_peak_rss for x in runs) / 2**20:,.0f} MiB; {load_average()} at the end")
+
+
+def text_case(a: argparse.Namespace, work: Path, cpus: int) -> None:
+    folder = work / "model"
+    if not (folder / "config.json").exists():
+        build_tiny(folder, family="gpt2", layers=a.layers, d_model=a.d_model, heads=a.heads, max_positions=max(512, a.context_size),
+                   vocab_size=2048, seed=0)
+    n_docs = max(50, a.tokens // 40)
+    corpus = write_jsonl(work / "corpus.jsonl", synthetic_docs(n_docs, seed=1))
+
+    def job(name: str, hooks: tuple[str, ...]) -> ExtractSpec:
+        return ExtractSpec(
+            store=str(work / "acts"), name=name, model={"id": str(folder)}, corpus={"path": str(corpus)}, hooks=list(hooks),
+            tokenize={"context_size": a.context_size}, dtype=a.dtype,
+            compute={"unit_contexts": a.unit_contexts, "batch_tokens": a.batch_tokens},
+        )
+
+    last = f"blocks.{a.layers - 1}.hook_resid_post"
+    spec = job("plan", (last,))
+    p = prepare(spec, store.open(spec.store))
+    token_id = plan(p, use_ray=False).all_contexts().token_id
+    if len(token_id) <= a.unit_contexts:
+        raise SystemExit(f"--tokens {a.tokens} packs into {len(token_id)} contexts, at most one unit of --unit-contexts {a.unit_contexts}: "
+                         "the pipeline's steady rate needs units after the first; raise --tokens or lower --unit-contexts")
+    np.save(work / "tokens.npy", token_id)  # for the baseline processes: the very same contexts
+    per_batch = max(1, a.batch_tokens // a.context_size)
+    n_tok = int(token_id.size)
+    d = a.d_model
+    params = sum(np.prod(s) for s in [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)]) * a.layers
+    print(machine_line(cpus))
+    print(f"model: GPT-2 shape, {a.layers} layers, d_model {a.d_model}, ~{params / 1e6:.1f}M block parameters; "
+          f"{n_tok:,} tokens = {len(token_id)} contexts x {a.context_size}, {a.batch_tokens} tokens per batch, {a.unit_contexts} contexts per unit")
+
+    one: list = []
+    every: list = []
+    sl: list[float] = []
+    sl_error = None
+    r_one: list[float] = []
+    r_every: list[float] = []
+    r_sl: list[float] = []
+    with connect(None, num_cpus=cpus, log_to_driver=False) as cluster:  # a private Ray on free ports
+        # The settings run_extract gives its workers on this cluster (pipeline/extract.py sizes
+        # the pool with pool_shape from the spec's compute section, left at its defaults here).
+        settings = WorkerSettings.of(pool_shape(cluster.shape))
+        print(f"each baseline runs in a fresh process with the worker's settings: {settings.describe()}", flush=True)
+        base_args = {"folder": str(folder), "tokens": str(work / "tokens.npy"), "per_batch": per_batch}
+
+        def bare() -> Baseline:
+            return run_baseline("bare", settings, work, unit_contexts=a.unit_contexts, warmup_s=a.warmup_s, **base_args)
+
+        bares = [bare()]
+        for rnd in range(a.rounds):
+            one.append(run_extract(job(f"one-hook-{rnd}", (last,)), progress=False))
+            if rnd == 0:
+                driver_rss = rss_mb()  # the driver's own peak: planning, tokenization tasks, the pool
+            every.append(run_extract(job(f"all-resid-post-{rnd}", ("blocks.*.hook_resid_post",)), progress=False))
+            if not a.skip_sae_lens and sl_error is None:
+                try:
+                    sl.append(run_baseline("sae-lens", settings, work, hook_layer=a.layers - 1, d=a.d_model,
+                                           out=str(work / f"sl-{rnd}"), **base_args).rate)
+                except RuntimeError as e:  # report, do not hide the other figures
+                    sl_error = str(e)
+            bares.append(bare())
+            # Against the mean of the bare loops right before and right after this round.
+            ref = (bares[-2].rate + bares[-1].rate) / 2
+            r_one.append(one[-1].steady_tokens_per_s / ref)
+            r_every.append(every[-1].steady_tokens_per_s / ref)
+            if len(sl) > rnd:
+                r_sl.append(one[-1].steady_tokens_per_s / sl[-1])
+            print(f"round {rnd}: bare {ref:,.0f}, pipeline 1 hook {one[-1].steady_tokens_per_s:,.0f}, "
+                  f"all resid_post {every[-1].steady_tokens_per_s:,.0f}" + (f", sae-lens {sl[-1]:,.0f}" if len(sl) > rnd else "")
+                  + f" tokens/s | bare {bares[-2].rate:,.0f} before, {bares[-1].rate:,.0f} after | ratios 1 hook {r_one[-1]:.2f}, "
+                  f"all {r_every[-1]:.2f}" + (f", pipeline/sae-lens {r_sl[-1]:.2f}" if len(sl) > rnd else "")
+                  + f" | load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"\n{a.rounds} interleaved rounds, same model, same {n_tok:,} tokens, same batches; figures are median (min..max) over "
+          f"rounds, ratios per round against the mean of the two bare loops bracketing it:")
+    print(f"{'bare torch.inference_mode() forward loop:':45s}{spread([b.rate for b in bares]):>28s} tokens/s   (the bound; "
+          f"{len(bares)} fresh processes, torch threads {bares[0].threads})")
+    for label, runs, ratios in (("pipeline, 1 hook (" + last + ")", one, r_one), (f"pipeline, all {a.layers} resid_post", every, r_every)):
+        for r in runs:
+            if r.tokens != n_tok:
+                raise RuntimeError(f"{label}: the pipeline computed {r.tokens:,} tokens, the baselines {n_tok:,}: the figures would not compare")
+        bps = [r.bytes_written * (r.steady_tokens / r.tokens) / r.steady_seconds for r in runs]
+        print(
+            f"{label + ':':45s}{spread([r.steady_tokens_per_s for r in runs]):>28s} tokens/s   ratio {spread(ratios, '.2f')}   "
+            f"{statistics.median(bps) / 2**20:7.1f} MiB/s written ({a.dtype})   "
+            f"[job end to end incl. Ray tokenization + model load: {spread([r.seconds for r in runs], '.1f')} s]"
+        )
+    if sl:
+        print(f"{'sae-lens CacheActivationsRunner, 1 hook:':45s}{spread(sl):>28s} tokens/s   pipeline/sae-lens {spread(r_sl, '.2f')}")
+    if sl_error:
+        print(f"sae-lens CacheActivationsRunner: failed: {sl_error}")
+    print(f"peak RSS: driver {driver_rss:,.0f} MiB (after its first job), worker {max(r.worker_peak_rss for r in one + every) / 2**20:,.0f} MiB, "
+          f"bare-loop process {max(b.peak_rss_mib for b in bares):,.0f} MiB")
+    print(f"{load_average()} at the end")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [CHILD_FLAG]:
+        return child_main(argv[1])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", choices=("text", "vision"), default="text")
     ap.add_argument("--images", type=int, default=512, help="vision: generated images")
@@ -239,94 +490,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float16", help="stored dtype")
     ap.add_argument("--work", help="working folder (default: a temporary one, removed after)")
     ap.add_argument("--skip-sae-lens", action="store_true")
-    ap.add_argument("--warmup-s", type=float, default=15.0, help="seconds of warm-up before the first bare loop")
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (text: each contender's best run is reported; vision: per-round ratios, best and median)")
+    ap.add_argument("--warmup-s", type=float, default=5.0,
+                    help="seconds of warm-up in every bare-loop process before its clock starts (at least one unit either way)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds, each bracketed by bare loops; every figure and ratio is reported as median (min..max)")
     a = ap.parse_args(argv)
+    if a.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {a.rounds}")
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_libraries()
     work = Path(a.work or tempfile.mkdtemp(prefix="strata-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     cpus = os.cpu_count() or 1
-    import logging
-
-    logging.basicConfig(level=logging.WARNING)
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    if a.case == "vision":
-        vision_case(a, work, cpus)
+    try:
+        (vision_case if a.case == "vision" else text_case)(a, work, cpus)
+    finally:
+        gc.collect()
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)
-        return 0
-
-    folder = work / "model"
-    if not (folder / "config.json").exists():
-        build_tiny(folder, family="gpt2", layers=a.layers, d_model=a.d_model, heads=a.heads, max_positions=max(512, a.context_size), vocab_size=2048, seed=0)
-    n_docs = max(50, a.tokens // 40)
-    corpus = write_jsonl(work / "corpus.jsonl", synthetic_docs(n_docs, seed=1))
-
-    def job(name: str, hooks: tuple[str, ...]) -> ExtractSpec:
-        return ExtractSpec(
-            store=str(work / "acts"), name=name, model={"id": str(folder)}, corpus={"path": str(corpus)}, hooks=list(hooks),
-            tokenize={"context_size": a.context_size}, dtype=a.dtype,
-            compute={"unit_contexts": a.unit_contexts, "batch_tokens": a.batch_tokens},
-        )
-
-    last = f"blocks.{a.layers - 1}.hook_resid_post"
-    spec = job("plan", (last,))
-    p = prepare(spec, store.open(spec.store))
-    ctx = plan(p, use_ray=False).all_contexts()
-    token_id = ctx.token_id
-    per_batch = max(1, a.batch_tokens // a.context_size)
-    n_tok = int(token_id.size)
-    params = sum(np.prod(s) for s in [(a.d_model, 3 * a.d_model), (a.d_model, a.d_model), (a.d_model, 4 * a.d_model), (4 * a.d_model, a.d_model)]) * a.layers
-    print(f"machine: {cpus} CPU cores, torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
-    print(f"model: GPT-2 shape, {a.layers} layers, d_model {a.d_model}, ~{params / 1e6:.1f}M block parameters; "
-          f"{n_tok:,} tokens = {len(token_id)} contexts x {a.context_size}, {a.batch_tokens} tokens per batch, {a.unit_contexts} contexts per unit")
-
-    # Shared CPUs drift by 2x over minutes: measure every contender in each of `rounds`
-    # interleaved rounds over the same tokens and keep each one's best run.
-    bare: list[float] = []
-    one: list = []
-    every: list = []
-    sl: list[float] = []
-    sl_error = None
-    with connect(None, num_cpus=cpus, log_to_driver=False):  # a private Ray on free ports
-        for rnd in range(a.rounds):
-            one.append(run_extract(job(f"one-hook-{rnd}", (last,)), progress=False))
-            if rnd == 0:
-                driver_rss = rss_mb()  # the driver's own peak: planning, tokenization tasks, the pool
-            every.append(run_extract(job(f"all-resid-post-{rnd}", ("blocks.*.hook_resid_post",)), progress=False))
-            bare.append(bare_loop(folder, token_id, a.unit_contexts, per_batch, cpus, a.warmup_s if rnd == 0 else 3.0))
-            if not a.skip_sae_lens and sl_error is None:
-                try:
-                    sl.append(sae_lens_rate(folder, token_id, a.layers - 1, per_batch, a.d_model, work / f"sl-{rnd}"))
-                except Exception as e:  # report, do not hide the other figures
-                    sl_error = f"{type(e).__name__}: {e}"
-            print(f"round {rnd}: bare {bare[-1]:,.0f}, pipeline 1 hook {one[-1].steady_tokens_per_s:,.0f}, "
-                  f"all resid_post {every[-1].steady_tokens_per_s:,.0f}" + (f", sae-lens {sl[-1]:,.0f}" if len(sl) > rnd else "") + " tokens/s", flush=True)
-    base = max(bare)
-    print(f"\nbest of {a.rounds} interleaved rounds, same model, same {n_tok:,} tokens, same batches:")
-    print(f"{'bare torch.no_grad() forward loop:':45s}{base:10,.0f} tokens/s   (the bound)")
-    for label, runs in (("pipeline, 1 hook (" + last + ")", one), (f"pipeline, all {a.layers} resid_post", every)):
-        r = max(runs, key=lambda x: x.steady_tokens_per_s)
-        assert r.tokens == n_tok
-        bps = r.bytes_written * (r.steady_tokens / r.tokens) / r.steady_seconds
-        print(
-            f"{label + ':':45s}{r.steady_tokens_per_s:10,.0f} tokens/s   ratio {r.steady_tokens_per_s / base:.2f}   "
-            f"{bps / 2**20:7.1f} MiB/s written ({a.dtype})   [job end to end incl. Ray tokenization + model load: {r.seconds:.1f}s]"
-        )
-    best_one = max(r.steady_tokens_per_s for r in one)
-    if sl:
-        print(f"{'sae-lens CacheActivationsRunner, 1 hook:':45s}{max(sl):10,.0f} tokens/s   pipeline/sae-lens {best_one / max(sl):.2f}")
-    elif sl_error:
-        print(f"sae-lens CacheActivationsRunner: failed: {sl_error}")
-    print(f"peak RSS: driver {driver_rss:,.0f} MiB (after its first job, before the bare loop ran in it), "
-          f"worker {max(r.worker_peak_rss for r in one + every) / 2**20:,.0f} MiB")
-    if not a.work:
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
