@@ -210,7 +210,7 @@ def run_child(spec: dict) -> None:
 
         from strata import store
         from strata.analysis.similarity import CompareOptions, plan_compare
-        from strata.analysis.similarity._tasks import Executor
+        from strata.pipeline.executor import Executor
 
         cmp = sys.modules["strata.analysis.similarity.compare"]  # the module (the package exports the function under its name)
 
@@ -220,7 +220,7 @@ def run_child(spec: dict) -> None:
         t0 = time.perf_counter()
         plan = plan_compare((ds, HA), (ds, HB), spec["metrics"], max_rows=spec["n"], opts=CompareOptions(chunk_rows=CHUNK))
         t1 = time.perf_counter()
-        parts = cmp._streamed(plan, Executor(use_ray=False))
+        parts = cmp._streamed(plan, Executor())
         t2 = time.perf_counter()
         values = {**cmp._linear_values(plan, parts), "n": float(plan.n)}
         t3 = time.perf_counter()
@@ -441,7 +441,7 @@ def part_gram(root: Path, n: int, d: int, gram_runs: int, summary: list) -> None
 def part_heatmap(root: Path, n: int, d: int, hooks: int, pairs_limit: int | None, rounds: int, summary: list) -> None:
     from strata import store
     from strata.analysis.similarity import HeatmapOptions, compare, layer_heatmap
-    from strata.analysis.similarity._tasks import Executor
+    from strata.pipeline.executor import Executor
 
     ds = store.open(root, create=False).dataset(LAYERS)
     names = ds.hooks
@@ -454,7 +454,7 @@ def part_heatmap(root: Path, n: int, d: int, hooks: int, pairs_limit: int | None
 
     def heatmap() -> tuple[float, object]:
         t0 = time.perf_counter()
-        out = layer_heatmap((ds, ["blocks.*.hook_resid_post"]), opts=HeatmapOptions(metric="linear_cka"), executor=Executor(use_ray=False))
+        out = layer_heatmap((ds, ["blocks.*.hook_resid_post"]), opts=HeatmapOptions(metric="linear_cka"), executor=Executor())
         return time.perf_counter() - t0, out
 
     t_heat, t_pairs, maxdiff = [], [], 0.0

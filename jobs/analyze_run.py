@@ -85,8 +85,7 @@ def _committed(s: Any, p: Any) -> Outcome | None:
 def run_analyze(spec: object) -> list[Outcome]:
     """Run an :class:`~analysis.similarity.spec.AnalyzeSpec` (see the module docstring)."""
     from strata import store
-    from strata.analysis.similarity._tasks import Executor
-    from strata.pipeline.cluster import connect
+    from strata.pipeline.executor import open_executor
     from strata.pipeline.extract import check_store_path
     from strata.store.commit import artifacts
     from strata.store.saes.handles import ANALYSES
@@ -103,8 +102,7 @@ def run_analyze(spec: object) -> list[Outcome]:
         again, found = _split(s, todo)
         out.extend(found)
         if again:
-            with connect(spec.compute.address):  # type: ignore[attr-defined]
-                ex = Executor(use_ray=True)
+            with open_executor("ray", spec.compute.address) as ex:  # type: ignore[attr-defined]
                 for p in again:
                     log.info("analysis %r (%s): computing", p.name, p.spec.kind)
                     files, _ = p.compute(ex)

@@ -90,12 +90,13 @@ def _package(into: str) -> str:
 def prepare(spec_path: str, overrides: list[str]) -> tuple[Any, dict[str, Any], str, str]:
     """(kind, resolved spec mapping, submission id base, spec YAML), validated, with no secret."""
     from strata.jobs.kinds import detect, localize
-    from strata.store.storage import public_options
+    from strata.pipeline.executor import storage_options_for
 
     kind, _, raw = detect(spec_path, overrides)
     raw = localize(kind, raw)
     if raw.get("storage_options"):
-        raw["storage_options"] = public_options(raw["storage_options"])  # the cluster uses its own credentials
+        # A submitted job runs on a cluster this process did not start: it uses its own credentials.
+        raw["storage_options"] = storage_options_for(raw["storage_options"], private=False)
     kind.spec_type().model_validate(raw)  # still valid after resolving
     text = yaml.safe_dump(raw, sort_keys=True)
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]

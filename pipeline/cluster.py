@@ -55,7 +55,7 @@ def in_ray_job() -> bool:
 
 @dataclass(frozen=True)
 class ClusterShape:
-    """What the unit pool needs to know of a cluster: CPUs and GPUs in all, and the CPUs of
+    """What an actor pool needs to know of a cluster: CPUs and GPUs in all, and the CPUs of
     its largest node (an actor must fit on one node)."""
 
     cpus: int
@@ -69,6 +69,27 @@ class ClusterShape:
         res = ray.cluster_resources()
         nodes = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
         return cls(cpus=max(1, int(res.get("CPU", 1))), gpus=int(res.get("GPU", 0)), max_node_cpus=max(nodes or [1]))
+
+    @classmethod
+    def of_machine(cls) -> ClusterShape:
+        """This machine, for work run in this process: the CPUs it may use, and its GPUs."""
+        import torch  # lazy: only an in-process run sized from this machine needs it
+
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover - not Linux
+            cpus = os.cpu_count() or 1
+        return cls(cpus=cpus, gpus=torch.cuda.device_count(), max_node_cpus=cpus)
+
+
+def ray_is_private() -> bool:
+    """Whether the Ray runtime this process is connected to is its own: it started it in this
+    process (a notebook's ``ray.init()``, the test session), or it is the private head
+    :func:`connect` started. Only then may its workers be handed this job's credentials."""
+    import ray  # lazy: ray starts slowly; only a process already on Ray asks
+
+    node = ray._private.worker.global_worker.node
+    return bool(getattr(node, "head", False)) or (_private_address is not None and node.gcs_address == _private_address)
 
 
 @dataclass(frozen=True)
@@ -265,8 +286,7 @@ def connect(address: str | None, *, timeout_s: float = 10.0, num_cpus: int | Non
     global _private_address
     if ray.is_initialized():
         node = ray._private.worker.global_worker.node
-        private = bool(getattr(node, "head", False)) or (_private_address is not None and node.gcs_address == _private_address)
-        yield Cluster(ClusterShape.of_ray(), private=private, address=str(getattr(node, "address", "")))
+        yield Cluster(ClusterShape.of_ray(), private=ray_is_private(), address=str(getattr(node, "address", "")))
         return
     kw = {"include_dashboard": False, "configure_logging": False, "logging_level": logging.WARNING, "log_to_driver": log_to_driver}
     if address is None and in_ray_job():

@@ -12,7 +12,7 @@ other job holds the table's lease; an existing table of that name has the same i
 commit, dataset, options).
 
 Then, holding the table's lease, the driver writes the manifest (once) and hands each unit not
-yet encoded to the Ray unit pool (:mod:`pipeline.pool`; one worker per GPU, CPU workers
+yet encoded to the executor's actor pool (:mod:`pipeline.executor`; one worker per GPU, CPU workers
 otherwise). Each :class:`EncodeWorker` reads its unit's activations from the store itself
 (memory-mapped, checked), encodes them with the SAE (``sae.encode``) in batches of
 ``compute.batch_rows`` rows, and writes and commits the unit's sparse table, fenced with the
@@ -40,10 +40,9 @@ import xxhash
 from pydantic import Field, field_validator
 
 from strata import store
-from strata.pipeline.cluster import connect
 from strata.pipeline.config import Section
 from strata.pipeline.errors import PipelineError, SpecError, WorkerError
-from strata.pipeline.pool import PoolShape, Task, UnitPool, pool_shape
+from strata.pipeline.executor import ActorPool, Executor, Task, open_executor, pool_shape
 from strata.pipeline.worker import peak_rss_bytes
 from strata.store.errors import CorruptionError, LeaseHeldError
 from strata.store.features.format import FeatureTableExistsError, FeatureTableInfo, load_info, unit_records
@@ -51,7 +50,6 @@ from strata.store.features.merge import build, load_generation
 from strata.store.features.stats import HIST_BINS, HIST_HI, HIST_LO
 from strata.store.features.writer import FeatureWriter, clean_orphans, create_or_open, identity_diff, publish, table_lease
 from strata.store.commit.lease import Fence
-from strata.store.storage import public_options
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +82,9 @@ class EncodeComputeSpec(Section):
     address: str | None = None
     """An existing Ray cluster to join (gets no credentials from this job); ``null`` starts a
     private Ray in this process (a Ray job's entrypoint joins its own cluster)."""
+    executor: Literal["auto", "local", "ray"] = "auto"
+    """Where the work runs: ``local`` in this process, without Ray (one worker); ``ray`` or
+    ``auto`` on the Ray cluster that ``address`` names."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto``: one worker per GPU when the cluster has GPUs, CPU workers otherwise."""
     num_workers: int | None = Field(default=None, gt=0)
@@ -283,12 +284,12 @@ def check_table(spec: EncodeSpec, s: store.Store) -> tuple[FeatureTableInfo, lis
     return info, units, old
 
 
-def _shape(spec: EncodeSpec, cluster: Any) -> PoolShape:
+def _shape(spec: EncodeSpec, ex: Executor) -> ActorPool:
     c = spec.compute
-    if c.device == "cuda" and cluster.shape.gpus == 0:
-        raise SpecError("`compute.device` is cuda, but the Ray cluster has no GPU; use `auto` or `cpu`")
-    shape = cluster.shape if c.device != "cpu" else replace(cluster.shape, gpus=0)
-    return pool_shape(shape, num_workers=c.num_workers, cpus_per_worker=c.cpus_per_worker)
+    if c.device == "cuda" and ex.shape.gpus == 0:
+        raise SpecError(f"`compute.device` is cuda, but {'the Ray cluster' if ex.ray else 'this machine'} has no GPU; use `auto` or `cpu`")
+    shape = ex.shape if c.device != "cpu" else replace(ex.shape, gpus=0)
+    return pool_shape(shape, num_workers=c.num_workers, cpus_per_worker=c.cpus_per_worker, max_restarts=c.max_restarts)
 
 
 def run_encode(spec: EncodeSpec, *, progress: bool = True, worker_cls: type[EncodeWorker] = EncodeWorker,
@@ -315,22 +316,21 @@ def run_encode(spec: EncodeSpec, *, progress: bool = True, worker_cls: type[Enco
         result.seconds = time.perf_counter() - t_start
         return result
     if todo:
-        with connect(spec.compute.address) as cluster:
-            shape = _shape(spec, cluster)
+        with open_executor(spec.compute.executor, spec.compute.address) as ex:
+            shape = _shape(spec, ex)
             with lease:
                 info = create_or_open(s.storage, info, lease=lease)
                 cfg = EncodeConfig(
                     store_uri=s.uri, table=info, device="cuda" if shape.num_gpus else "cpu", batch_rows=spec.compute.batch_rows,
                     threads=shape.threads, fence=lease.fence(),
-                    storage_options=spec.storage_options if cluster.private else public_options(spec.storage_options),
+                    storage_options=ex.storage_options(spec.storage_options),
                 )
                 # Each unit weighs its own rows (the last unit of a dataset is often shorter): the
                 # bar's total and its increments (each worker's row count) then count one thing.
                 ds = s.dataset(info.dataset)
                 tasks = [Task(f"unit {u}", (u,), ds.unit_counts(info.hook, u)[0]) for u in todo]
-                pool = UnitPool(worker_cls, cfg, shape, max_restarts=spec.compute.max_restarts, desc=f"encode {info.name}",
-                                progress=progress, unit="row")
-                stats = pool.run(tasks, on_result=(lambda t, st: on_unit(st)) if on_unit else None, check=lease.check)
+                stats = ex.using(shape).run(worker_cls, cfg, tasks, on_result=(lambda t, st: on_unit(st)) if on_unit else None,
+                                            check=lease.check, desc=f"encode {info.name}", progress=progress, unit="row")
                 result.units_run, result.pool_seconds = stats.tasks_done, stats.seconds
                 result.steady_rows, result.steady_seconds = stats.steady_weight, stats.steady_seconds
                 _merge(spec, s, info, lease, result)

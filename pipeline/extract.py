@@ -1,4 +1,4 @@
-"""The extraction job: plan, then run units on the Ray unit pool, exactly once and resumable.
+"""The extraction job: plan, then run units on the executor's worker pool, exactly once and resumable.
 
     spec = ExtractSpec(name="tiny", model={"id": "./models/tiny"}, corpus={"path": "corpus.jsonl"},
                        hooks=["blocks.*.hook_resid_post"])
@@ -15,13 +15,15 @@ Ray starts and before anything is written:
    corpus reads and is not empty, the dataset name is free or holds the same identity;
 3. a quick no-op check: the same corpus and every requested hook of every unit committed
    (the message says whether the dataset was ever verified);
-4. tokenization as CPU Ray tasks, streamed in order to local files (the driver keeps 16 bytes
-   a document, whatever the size of the corpus), and the plan: contexts and units (a pure
+4. tokenization as CPU tasks (Ray tasks, or here with ``compute.executor: local``), streamed
+   in order to local files (the driver keeps 16 bytes a document, whatever the size of the
+   corpus), and the plan: contexts and units (a pure
    function of the corpus and the tokenizer, so unit ``k`` always covers the same contexts),
    and the document index (which rows each document has, and what the concat tail dropped),
    both from per-document token counts (:mod:`pipeline.plan`);
 5. under the dataset's write lease, the driver creates or grows the dataset, adds hooks and
-   records the document index, then hands each missing (unit, hooks) to the unit pool. Workers
+   records the document index, then hands each missing (unit, hooks) to the executor
+   (:mod:`pipeline.executor`: a Ray actor pool, or one worker in this process). Workers
    write and commit, fenced with the lease's token; the driver commits nothing. When another
    job takes the lease over (this one was paused past its stale time), the pool stops, the
    workers are killed, and the job fails with :class:`store.LeaseLostError`.
@@ -39,7 +41,6 @@ Units committed by earlier appends are compared with the new plan token by token
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import time
@@ -53,7 +54,7 @@ import pyarrow as pa
 
 from strata import store
 from strata.pipeline import models
-from strata.pipeline.cluster import connect, in_ray_job
+from strata.pipeline.cluster import in_ray_job
 from strata.pipeline.config import ExtractSpec, ImageSpec
 from strata.pipeline.corpus import CorpusScan, iter_corpus, scan_corpus
 from strata.pipeline.errors import CorpusError, SpecError, WorkerError
@@ -61,13 +62,12 @@ from strata.pipeline.hooks import expand_hooks, family_of, hook_sites
 from strata.pipeline.images import ImageScan, ImageSource, iter_images, scan_images
 from strata.pipeline.packing import Contexts, TokenizerInfo, encode_batch, num_units, tokenizer_info
 from strata.pipeline.plan import FileSource, Packer, TokenSource
-from strata.pipeline.pool import Task, UnitPool, pool_shape
+from strata.pipeline.executor import Executor, Task, Tasks, open_executor, pool_shape
 from strata.pipeline.vision import CLS_TOKEN, ImagePacker, ImagePrep, check_images, prepare_images, vision_config
 from strata.pipeline.worker import UnitWorker, WorkerConfig, peak_rss_bytes
 from strata.store.errors import DatasetExistsError, LeaseHeldError, StorageError
 from strata.store.datasets.manifest import IDENTITY_META_KEYS
 from strata.store.datasets.manifest import fingerprint as dataset_fingerprint
-from strata.store.storage import public_options
 from strata.store.datasets.verify import last_outcome
 
 log = logging.getLogger(__name__)
@@ -316,57 +316,34 @@ def _verify_hint(ds: store.ActivationDataset, uri: str) -> str:
 # -- 2. planning ------------------------------------------------------------------------------
 
 
-class _InOrder:
-    """CPU tasks of a streaming pass: ``submit(*args)`` runs ``fn(*args)`` as a Ray task (or, without
-    Ray, right here), at most ``window`` in flight; ``sink`` gets each result in submission order.
-    ``finish()`` waits for the rest."""
-
-    def __init__(self, fn: Callable[..., Any], sink: Callable[[Any], None], *, use_ray: bool, window: int) -> None:
-        self.sink, self.use_ray, self.window = sink, use_ray, window
-        if use_ray:
-            import ray
-
-            self._ray = ray
-            self.fn = ray.remote(num_cpus=1, max_retries=3)(fn).remote
-        else:
-            self.fn = fn
-        self._inflight: collections.deque[Any] = collections.deque()
-
-    def submit(self, *args: Any) -> None:
-        self._inflight.append(self.fn(*args))
-        self._drain(self.window)
-
-    def finish(self) -> None:
-        self._drain(0)
-
-    def _drain(self, limit: int) -> None:
-        while len(self._inflight) > limit:
-            got = self._inflight.popleft()
-            self.sink(self._ray.get(got) if self.use_ray else got)
+def _tasks(ex: Executor | None, window: int) -> Executor:
+    """CPU tasks of a streaming pass: ``window`` batches in flight (here when ``ex`` is None)."""
+    return (ex or Executor()).using(Tasks(num_cpus=1, max_in_flight=window, max_retries=3))
 
 
-def tokenize_into(spec: ExtractSpec, tok: TokenizerInfo, sink: Any, *, use_ray: bool = True, window: int = 4,
+def tokenize_into(spec: ExtractSpec, tok: TokenizerInfo, sink: Any, executor: Executor | None = None, *, window: int = 4,
                   keep_ids: bool = True) -> tuple[np.ndarray, dict[str, pa.Array]]:
-    """Tokenize the corpus in order, batch by batch (CPU Ray tasks, ``window`` in flight), into
-    ``sink.append(EncodedBatch)``; returns the document ids and the kept fields. Memory: a
-    few batches of texts, whatever the size of the corpus."""
+    """Tokenize the corpus in order, batch by batch (CPU tasks of ``executor``, ``window`` in
+    flight; here without one), into ``sink.append(EncodedBatch)``; returns the document ids and
+    the kept fields. Memory: a few batches of texts, whatever the size of the corpus."""
     ids: list[np.ndarray] = []
     fields: dict[str, list[pa.Array]] = {f: [] for f in spec.corpus.keep_fields}
-    tasks = _InOrder(encode_batch, sink.append, use_ray=use_ray, window=window)
-    if use_ray:
-        import ray
+    ex = _tasks(executor, window)
+    tj = ex.put(tok.backend_json)  # once, not with every batch
 
-        tj = ray.put(tok.backend_json)  # once, not with every batch
-    for batch in iter_corpus(spec.corpus, batch_docs=spec.tokenize.chunk_docs):
-        if keep_ids:  # else the caller has them from the corpus scan
-            ids.append(batch.doc_ids)
-        for f, values in batch.fields.items():
-            try:
-                fields[f].append(pa.array(values))
-            except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-                raise CorpusError(f"`corpus.keep_fields` {f!r}: its values do not form one column type ({e})") from None
-        tasks.submit(tj if use_ray else tok.backend_json, batch.texts)
-    tasks.finish()
+    def batches() -> Any:
+        for batch in iter_corpus(spec.corpus, batch_docs=spec.tokenize.chunk_docs):
+            if keep_ids:  # else the caller has them from the corpus scan
+                ids.append(batch.doc_ids)
+            for f, values in batch.fields.items():
+                try:
+                    fields[f].append(pa.array(values))
+                except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+                    raise CorpusError(f"`corpus.keep_fields` {f!r}: its values do not form one column type ({e})") from None
+            yield tj, batch.texts
+
+    for encoded in ex.imap(encode_batch, batches()):
+        sink.append(encoded)
     kept = {}
     for f, chunks in fields.items():
         try:
@@ -376,17 +353,22 @@ def tokenize_into(spec: ExtractSpec, tok: TokenizerInfo, sink: Any, *, use_ray: 
     return np.concatenate(ids) if ids else np.zeros(0, np.int64), kept
 
 
-def plan(p: Prepared, *, use_ray: bool = True, source: TokenSource | None = None) -> Plan:
-    """Tokenize (streaming the tokens to local files unless ``source`` is given) and plan: the
-    contexts, units and document index, from per-document token counts."""
+def plan(p: Prepared, executor: Executor | None = None, *, source: TokenSource | None = None,
+         use_ray: bool | None = None) -> Plan:
+    """Tokenize (streaming the tokens to local files unless ``source`` is given; as tasks of
+    ``executor``, or here without one) and plan: the contexts, units and document index, from
+    per-document token counts. ``use_ray=False`` is the old spelling of no executor (kept while
+    ``jobs.reprocess`` moves to the job kinds)."""
+    if use_ray:
+        raise TypeError("plan(use_ray=True) is gone: pass the job's Executor")
     if p.image is not None:
-        return plan_images(p, use_ray=use_ray)
+        return plan_images(p, executor)
     assert p.tokenizer is not None
     t = p.spec.tokenize
     if source is None:
         source = FileSource()
         # The scan already holds the document ids, in this order: not a second copy (memory).
-        _, fields = tokenize_into(p.spec, p.tokenizer, source, use_ray=use_ray, keep_ids=False)
+        _, fields = tokenize_into(p.spec, p.tokenizer, source, executor, keep_ids=False)
         source.close()
         doc_ids = p.scan.doc_ids
         if len(source.lens) != len(doc_ids):
@@ -400,8 +382,8 @@ def plan(p: Prepared, *, use_ray: bool = True, source: TokenSource | None = None
     return Plan(packer, units, p.unit_contexts, len(packer) - min(len(packer), units * p.unit_contexts), docs, dropped, dropped_docs, partial)
 
 
-def plan_images(p: Prepared, *, use_ray: bool = True, window: int = 4) -> Plan:
-    """Decode every image once (CPU Ray tasks, ``window`` batches in flight) to find those that
+def plan_images(p: Prepared, executor: Executor | None = None, *, window: int = 4) -> Plan:
+    """Decode every image once (CPU tasks of ``executor``, ``window`` batches in flight) to find those that
     do not decode, and plan one context per image that does. The document table gets each
     image's ``width``, ``height``, ``source`` (file, or file#row), ``error`` (why it was left out),
     its ``caption`` and the kept fields."""
@@ -410,15 +392,18 @@ def plan_images(p: Prepared, *, use_ray: bool = True, window: int = 4) -> Plan:
     scan = ImageScan()
     checked: list[tuple[int, int, str | None]] = []
     cols: dict[str, list[Any]] = {"source": [], **({"caption": []} if src.caption_field else {}), **{f: [] for f in src.keep_fields}}
-    tasks = _InOrder(check_images, checked.extend, use_ray=use_ray, window=window)
-    for b in iter_images(src, scan=scan):
-        cols["source"].extend(b.where)
-        if src.caption_field:
-            cols["caption"].extend(b.captions)
-        for f, v in b.fields.items():
-            cols[f].extend(v)
-        tasks.submit(b.payloads, b.errors)
-    tasks.finish()
+
+    def batches() -> Any:
+        for b in iter_images(src, scan=scan):
+            cols["source"].extend(b.where)
+            if src.caption_field:
+                cols["caption"].extend(b.captions)
+            for f, v in b.fields.items():
+                cols[f].extend(v)
+            yield b.payloads, b.errors
+
+    for got in _tasks(executor, window).imap(check_images, batches()):
+        checked.extend(got)
     if scan.fingerprint != p.scan.fingerprint:
         raise CorpusError(f"corpus {src.path!r} changed while it was read (its images differ between two passes)")
     ok = np.array([err is None for _, _, err in checked], dtype=bool)
@@ -451,7 +436,7 @@ def _first_context_of_doc(packer: Packer | ImagePacker, n: int) -> int:
     return int(packer.seg[n] // packer.body) if packer.packing == "concat" else int(packer.first[n])
 
 
-def _check_committed(p: Prepared, pl: Plan) -> None:
+def check_committed(p: Prepared, pl: Plan) -> None:
     """Committed units must be exactly what the current plan puts there."""
     ds = p.existing
     if ds is None:
@@ -537,11 +522,11 @@ def run_extract(
         result.seconds = time.perf_counter() - t_start
         return result
 
-    with connect(spec.compute.address) as cluster:
-        result.private_cluster, result.cluster_address = cluster.private, cluster.address
-        pl = plan(p)
+    with open_executor(spec.compute.executor, spec.compute.address) as ex:
+        result.private_cluster, result.cluster_address = ex.ray and ex.private, ex.address
+        pl = plan(p, ex)
         try:
-            _execute(p, pl, lease, cluster, result, t_start, worker_cls=worker_cls, on_unit=on_unit, progress=progress)
+            _execute(p, pl, lease, ex, result, t_start, worker_cls=worker_cls, on_unit=on_unit, progress=progress)
         finally:
             pl.packer.source.remove()  # type: ignore[attr-defined]
     result.seconds = time.perf_counter() - t_start
@@ -549,7 +534,7 @@ def run_extract(
     return result
 
 
-def _execute(p: Prepared, pl: Plan, lease: store.Lease, cluster: Any, result: ExtractResult, t_start: float, *,
+def _execute(p: Prepared, pl: Plan, lease: store.Lease, ex: Executor, result: ExtractResult, t_start: float, *,
              worker_cls: type[UnitWorker], on_unit: Callable[[dict[str, Any]], None] | None, progress: bool) -> None:
     spec = p.spec
     result.num_units, result.held_back_contexts = pl.units, pl.held_back_contexts
@@ -562,9 +547,9 @@ def _execute(p: Prepared, pl: Plan, lease: store.Lease, cluster: Any, result: Ex
         )
         log.warning(result.message)
         return
-    _check_committed(p, pl)
+    check_committed(p, pl)
     with lease:  # taken for real now (refused if a job started since the check above)
-        _run(p, pl, lease, cluster, result, worker_cls=worker_cls, on_unit=on_unit, progress=progress)
+        _run(p, pl, lease, ex, result, worker_cls=worker_cls, on_unit=on_unit, progress=progress)
     if not result.noop:
         seconds = time.perf_counter() - t_start
         result.message = (
@@ -587,7 +572,7 @@ def _committed_phrase(result: ExtractResult) -> str:
     return f"{result.units_skipped} unit(s) were already committed"
 
 
-def _run(p: Prepared, pl: Plan, lease: store.Lease, cluster: Any, result: ExtractResult, *,
+def _run(p: Prepared, pl: Plan, lease: store.Lease, ex: Executor, result: ExtractResult, *,
          worker_cls: type[UnitWorker], on_unit: Callable[[dict[str, Any]], None] | None, progress: bool) -> None:
     spec, s = p.spec, p.store
     d_model = int(p.meta["d_model"])
@@ -623,12 +608,12 @@ def _run(p: Prepared, pl: Plan, lease: store.Lease, cluster: Any, result: Extrac
         f"; {_committed_phrase(result)}" if result.hooks_committed else "",
         f"; {pl.held_back_contexts} contexts held back until the corpus fills a unit" if pl.held_back_contexts else "",
     )
-    shape = pool_shape(cluster.shape, num_workers=spec.compute.num_workers, cpus_per_worker=spec.compute.cpus_per_worker)
+    shape = pool_shape(ex.shape, num_workers=spec.compute.num_workers, cpus_per_worker=spec.compute.cpus_per_worker,
+                       max_restarts=spec.compute.max_restarts)
     cfg = WorkerConfig(
         store_uri=s.uri, dataset=spec.name, model=p.model, model_type=p.meta["model_type"], n_layers=p.meta["n_layers"],
         d_model=d_model, dtype=spec.dtype, batch_tokens=spec.compute.batch_tokens, threads=shape.threads,
-        # A cluster this job did not start gets no credentials: its workers use their own.
-        storage_options=spec.storage_options if cluster.private else public_options(spec.storage_options),
+        storage_options=ex.storage_options(spec.storage_options),
         fence=lease.token, image=p.image,
     )
     uc, n_ctx, cs = p.unit_contexts, pl.n_contexts, p.context_size
@@ -642,9 +627,9 @@ def _run(p: Prepared, pl: Plan, lease: store.Lease, cluster: Any, result: Extrac
         if on_unit is not None:
             on_unit(st)
 
-    pool = UnitPool(worker_cls, cfg, shape, max_restarts=spec.compute.max_restarts, desc=f"extract {spec.name}", progress=progress)
     try:
-        stats = pool.run(tasks, count=len(todo), total_weight=total, on_result=finished, check=lease.check)
+        stats = ex.using(shape).run(worker_cls, cfg, tasks, count=len(todo), total_weight=total, on_result=finished,
+                                    check=lease.check, desc=f"extract {spec.name}", progress=progress)
     finally:
         if not lease.lost:  # a job that lost its lease writes nothing more, not even the catalog
             try:

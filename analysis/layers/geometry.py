@@ -49,7 +49,8 @@ import numpy as np
 
 from strata.analysis.similarity._moments import Moments
 from strata.analysis.similarity._ridge import r2_from_moments
-from strata.analysis.similarity._tasks import Executor, StoreRef, split_ranges
+from strata.analysis.similarity._tasks import split_ranges
+from strata.pipeline.executor import Executor, StoreRef
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -223,7 +224,7 @@ def geometry(ds: ActivationDataset, hooks: Sequence[str], metrics: Sequence[str]
     hooks = list(hooks)
     for h in hooks:
         ds.check_hook(h)
-    ex = executor or Executor()
+    ex = executor or Executor.auto()
     writes = {i: src for i, h in enumerate(hooks) if (src := _stream_in(h, ds.hooks)) is not None} if "write_ratio" in metrics else {}
     plan = _Plan(hooks, sorted({s for s in writes.values() if s not in hooks}), [(i, i + 1) for i in range(len(hooks) - 1)],
                  writes, "linearity_next" in metrics)
@@ -237,7 +238,7 @@ def geometry(ds: ActivationDataset, hooks: Sequence[str], metrics: Sequence[str]
             raise AnalysisError(f"dataset {ds.name!r} has no unit committed for every hook of {hooks}")
         ulist = np.array(sorted(units))
         ranges = split_ranges(ulist, tasks or ex.default_tasks())
-        tot = _merge(ex.map(_geometry_task, [(ex.ref(ds), ds.name, plan, [int(u) for u in ulist[r]]) for r in ranges]))
+        tot = _merge(ex.map(_geometry_task, [(ex.store_ref(ds), ds.name, plan, [int(u) for u in ulist[r]]) for r in ranges]))
         n = tot["n"]
         if n < 2:
             raise AnalysisError(f"dataset {ds.name!r}: layer metrics need at least 2 non-special rows, got {n}")

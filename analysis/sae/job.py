@@ -1,5 +1,5 @@
-"""The SAE training job: plan, take every SAE's write lease, train (in this process or as Ray
-tasks), evaluate, commit. The core of ``strata sae train`` and ``python -m jobs.sae_train``.
+"""The SAE training job: plan, take every SAE's write lease, train (on the executor: in this
+process or as Ray tasks, :mod:`pipeline.executor`), evaluate, commit. The core of ``strata sae train`` and ``python -m jobs.sae_train``.
 
 Order of work:
 
@@ -33,11 +33,12 @@ from strata import store
 from strata.analysis.sae import checkpoint
 from strata.analysis.sae.config import SAETrainSpec
 from strata.analysis.sae.plan import Plan, PlannedRun, Task, plan
-from strata.pipeline.cluster import connect, in_ray_job
+from strata.pipeline.cluster import in_ray_job
 from strata.pipeline.errors import ClusterError, WorkerError
+from strata.pipeline.executor import Tasks, open_executor
 from strata.store.errors import LeaseHeldError, StrataError
 from strata.store.saes.handles import SAES
-from strata.store.storage import open_storage, public_options
+from strata.store.storage import open_storage
 
 if TYPE_CHECKING:
     from strata.store.commit.lease import Fence, Lease
@@ -194,55 +195,46 @@ def _outcome(d: dict[str, Any]) -> SAEOutcome:
     return SAEOutcome(d["name"], d["hook"], d["status"], d.get("resumed_from"), d.get("metrics", {}), d.get("seconds", 0.0))
 
 
-def _run_ray(spec: SAETrainSpec, p: Plan, tasks: list[Task], leases: dict[str, Lease], storage: Storage) -> list[SAEOutcome]:
-    import ray
-
-    with connect(spec.compute.address) as cluster:
-        gpus = cluster.shape.gpus
-        device = _device_for(spec, gpus)
-        use_gpu = gpus > 0 and device.startswith("cuda")
-        # A cluster this job did not start gets no credentials: its workers use their own.
-        task_storage = storage if cluster.private else open_storage(storage.uri, public_options(spec.storage_options))
-        fences = {n: dataclasses.replace(lease.fence(), storage=task_storage) for n, lease in leases.items()}
-        remote = ray.remote(run_task).options(num_cpus=spec.compute.cpus_per_task, num_gpus=1 if use_gpu else 0, max_retries=0)
-        refs = {}
-        for t in tasks:
-            inp = TaskInput(p.dataset, p.fingerprint, t, {r.name: fences[r.name] for r in t.todo}, device,
-                            spec.compute.threads or (None if use_gpu else spec.compute.cpus_per_task))
-            refs[remote.remote(inp)] = t
-        log.info("%d Ray task(s) (%s each) on %s", len(refs), "1 GPU" if use_gpu else f"{spec.compute.cpus_per_task} CPU", cluster.address)
-        outcomes: list[SAEOutcome] = []
-        failed: list[str] = []
-        pending = list(refs)
-        try:
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
-                for lease in leases.values():
-                    lease.check()
-                for ref in done:
-                    try:
-                        outcomes.extend(_outcome(d) for d in ray.get(ref))
-                    except ray.exceptions.RayError as e:
-                        cause = getattr(e, "cause", None)
-                        msg = str(cause) if isinstance(cause, StrataError) else (f"{type(cause).__name__}: {cause}" if cause else str(e).splitlines()[0])
-                        failed.append(f"{refs[ref].label}: {msg.splitlines()[0] if msg else type(e).__name__}")
-        finally:
-            for ref in pending:
-                ray.cancel(ref, force=True)
-    if failed:
-        raise WorkerError(f"{len(failed)} of {len(tasks)} SAE task(s) failed: " + "; ".join(failed))
-    return outcomes
-
-
-def _run_here(spec: SAETrainSpec, p: Plan, tasks: list[Task], leases: dict[str, Lease]) -> list[SAEOutcome]:
+def _run_tasks(spec: SAETrainSpec, p: Plan, tasks: list[Task], leases: dict[str, Lease], storage: Storage) -> tuple[list[SAEOutcome], bool]:
+    """Run every task on the job's executor (Ray tasks, or here: :func:`_use_ray`); returns the
+    outcomes and whether Ray ran them."""
     from strata.analysis.sae.train import resolve_device
 
-    device = resolve_device(spec.compute.device)
-    got: list[SAEOutcome] = []
-    for t in tasks:
-        fences: dict[str, Fence | Lease] = {r.name: leases[r.name] for r in t.todo}
-        got.extend(_outcome(d) for d in run_task(TaskInput(p.dataset, p.fingerprint, t, fences, device, spec.compute.threads)))
-    return got
+    use_ray = _use_ray(spec, len(tasks))
+    with open_executor("ray" if use_ray else "local", spec.compute.address if use_ray else None) as ex:
+        fences: dict[str, Fence | Lease]
+        if ex.ray:
+            gpus = ex.shape.gpus
+            device = _device_for(spec, gpus)
+            use_gpu = gpus > 0 and device.startswith("cuda")
+            # A cluster this job did not start gets no credentials: its workers use their own.
+            task_storage = storage if ex.private else open_storage(storage.uri, ex.storage_options(spec.storage_options))
+            fences = {n: dataclasses.replace(lease.fence(), storage=task_storage) for n, lease in leases.items()}
+            threads = spec.compute.threads or (None if use_gpu else spec.compute.cpus_per_task)
+            ex = ex.using(Tasks(num_cpus=spec.compute.cpus_per_task, num_gpus=1 if use_gpu else 0, max_retries=0))
+            log.info("%d Ray task(s) (%s each) on %s", len(tasks), "1 GPU" if use_gpu else f"{spec.compute.cpus_per_task} CPU", ex.address)
+        else:
+            device, fences, threads = resolve_device(spec.compute.device), dict(leases), spec.compute.threads
+
+        def check() -> None:
+            for lease in leases.values():
+                lease.check()
+
+        inputs = [(TaskInput(p.dataset, p.fingerprint, t, {r.name: fences[r.name] for r in t.todo}, device, threads),) for t in tasks]
+        # On Ray every task's failure is collected (one failed sweep combination does not hide
+        # the others); here the first error propagates as it is.
+        got = ex.map(run_task, inputs, check=check, return_exceptions=ex.ray)
+    outcomes: list[SAEOutcome] = []
+    failed: list[str] = []
+    for t, res in zip(tasks, got):
+        if isinstance(res, BaseException):
+            msg = str(res) if isinstance(res, StrataError) else f"{type(res).__name__}: {res}"
+            failed.append(f"{t.label}: {msg.splitlines()[0] if msg else type(res).__name__}")
+        else:
+            outcomes.extend(_outcome(d) for d in res)
+    if failed:
+        raise WorkerError(f"{len(failed)} of {len(tasks)} SAE task(s) failed: " + "; ".join(failed))
+    return outcomes, use_ray
 
 
 def run_job(spec: SAETrainSpec, *, fresh: bool = False) -> JobResult:
@@ -271,8 +263,7 @@ def run_job(spec: SAETrainSpec, *, fresh: bool = False) -> JobResult:
             if new:  # the dataset gained a hook matching `hooks` meanwhile
                 raise StrataError(f"dataset {p.dataset!r} changed while this job planned ({', '.join(new)} appeared); run it again")
             if tasks:
-                used_ray = _use_ray(spec, len(tasks))
-                got = _run_ray(spec, p, tasks, leases, s.storage) if used_ray else _run_here(spec, p, tasks, leases)
+                got, used_ray = _run_tasks(spec, p, tasks, leases, s.storage)
                 outcomes.update((o.name, o) for o in got)
     for r in p.runs:
         outcomes.setdefault(r.name, SAEOutcome(r.name, r.run.hook, "unchanged"))

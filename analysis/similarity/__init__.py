@@ -23,6 +23,8 @@ Over the store (rows paired by ``store.datasets.aligned``; partial moments as Ra
     similarity.match_saes((saeA, dsA, hookA), (saeB, dsB, hookB))                   # SAE feature matching
 """
 
+from strata.pipeline.executor import Executor
+
 from ._blocks import BlockMoments
 from ._cca import RANK_RTOL, cca, pwcca, svcca
 from ._cka import cosine, debiased_cka, linear_cka, procrustes
@@ -30,7 +32,6 @@ from ._moments import Moments
 from ._ridge import r2, r2_from_moments
 from ._sampled import minibatch_cka, mutual_knn, rbf_cka, rsa
 from ._streaming import STREAMING_METRICS, from_moments
-from ._tasks import Executor
 from .compare import METRICS, CompareOptions, compare, plan_compare, run_compare
 from .errors import AnalysisError
 from .heatmap import HeatmapOptions, HeatmapResult, layer_heatmap

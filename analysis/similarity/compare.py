@@ -33,13 +33,14 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
+from strata.pipeline.executor import Executor, StoreRef
 from strata.pipeline.vision import CLS_TOKEN  # a vision encoder's CLS row (registers -2, -3, ...; patches 0..P-1)
 
 from ._moments import Moments, check_precision
 from ._ridge import r2_from_moments
 from ._sampled import minibatch_cka, mutual_knn, rbf_cka, rsa
 from ._streaming import from_moments
-from ._tasks import Executor, StoreRef, split_ranges
+from ._tasks import split_ranges
 from .errors import AnalysisError
 
 if TYPE_CHECKING:
@@ -280,7 +281,7 @@ def _pooled(plan: ComparePlan, ex: Executor) -> tuple[np.ndarray, np.ndarray]:
         tasks = []
         for g in groups:
             sel = (pos >= g[0]) & (pos <= g[-1])
-            tasks.append((ex.ref(ds), ds.name, hook, rows[sel], pos[sel] - g[0], g.size, plan.opts.chunk_rows))
+            tasks.append((ex.store_ref(ds), ds.name, hook, rows[sel], pos[sel] - g[0], g.size, plan.opts.chunk_rows))
         res = ex.map(_pool_task, tasks)
         sums = np.concatenate([r["sums"] for r in res])
         counts = np.concatenate([r["counts"] for r in res])
@@ -320,7 +321,7 @@ def _streamed(plan: ComparePlan, ex: Executor) -> dict[str, Moments]:
     test = np.isin(units, plan.test_units) if plan.test_units else None
     ranges = split_ranges(units, plan.opts.tasks or ex.default_tasks())
     (ds_a, hook_a), (ds_b, hook_b) = plan.a, plan.b
-    ra, rb = ex.ref(ds_a), ex.ref(ds_b)
+    ra, rb = ex.store_ref(ds_a), ex.store_ref(ds_b)
     tasks = [(ra, ds_a.name, hook_a, rb, ds_b.name, hook_b, al.rows[0][r], al.rows[1][r],
               None if test is None else test[r], plan.opts.chunk_rows, plan.opts.precision, "cosine" in plan.metrics) for r in ranges]
     log.info("compare %s vs %s: %d pairs in %d task(s)", _label(plan.a), _label(plan.b), len(al), len(tasks))
@@ -364,7 +365,7 @@ def _linear_values(plan: ComparePlan, parts: dict[str, Moments]) -> dict[str, fl
 
 def run_compare(plan: ComparePlan, executor: Executor | None = None) -> tuple[dict[str, float], dict[str, Any]]:
     """The metrics of a plan and its provenance (alignment, rows, sample, settings)."""
-    ex = executor or Executor()
+    ex = executor or Executor.auto()
     values: dict[str, float] = {}
     if plan.align == "docs":
         x, y = _pooled(plan, ex)
@@ -413,4 +414,4 @@ def compare(a: Side, b: Side, metrics: Sequence[str] | None = None, *, align: Li
     except TypeError as e:
         raise AnalysisError(f"compare: {e}; options are: {', '.join(CompareOptions.__dataclass_fields__)}") from None
     plan = plan_compare(a, b, metrics, align=align, max_rows=max_rows, opts=opts, pool=pool)
-    return run_compare(plan, Executor(use_ray))[0]
+    return run_compare(plan, Executor.auto(use_ray))[0]

@@ -28,12 +28,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from strata.pipeline.executor import Executor, StoreRef
+
 from . import _cca, _cka, _sampled
 from ._blocks import BlockMoments
 from ._cca import Spectra
 from ._linalg import eigh_desc
 from ._streaming import from_moments
-from ._tasks import Executor, StoreRef, split_ranges
+from ._tasks import split_ranges
 from .compare import SAMPLED
 from .errors import AnalysisError
 
@@ -236,7 +238,7 @@ def plan_heatmap(a: tuple[ActivationDataset, Sequence[str]], b: tuple[Activation
 
 def run_heatmap(plan: HeatmapPlan, executor: Executor | None = None) -> HeatmapResult:
     """The heatmap of a plan (see the module docstring)."""
-    ex = executor or Executor()
+    ex = executor or Executor.auto()
     opts = plan.opts
     values = np.full((len(plan.hooks_a), len(plan.hooks_b)), np.nan)
     if plan.passes is None:
@@ -268,9 +270,9 @@ def _exact_heatmap(ds_a: ActivationDataset, ha: list[str], side_b: tuple[Activat
         log.info("heatmap pass %d/%d: %d + %d hooks over %d rows in %d task(s)", p + 1, len(passes), len(ia), len(ib), rows[0].size, len(ranges))
         tasks = []
         for r in ranges:
-            refs = [(ex.ref(ds_a), ds_a.name, [ha[i] for i in ia], rows[0][r])]
+            refs = [(ex.store_ref(ds_a), ds_a.name, [ha[i] for i in ia], rows[0][r])]
             if side_b is not None:
-                refs.append((ex.ref(side_b[0]), side_b[0].name, [side_b[1][j] for j in ib], rows[1][r]))
+                refs.append((ex.store_ref(side_b[0]), side_b[0].name, [side_b[1][j] for j in ib], rows[1][r]))
             tasks.append((refs, chunk, opts.metric == "cosine"))
         bm = BlockMoments.sum(BlockMoments.from_dict(d) for d in ex.map(_block_task, tasks))
         eig: dict[int, Any] = {}

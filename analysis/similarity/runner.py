@@ -30,7 +30,7 @@ from .spec import AnalyzeSpec, CompareSpec, HeatmapSpec, LayersSpec, MatchSpec, 
 if TYPE_CHECKING:
     from strata.store import ActivationDataset, Store
 
-    from ._tasks import Executor
+    from strata.pipeline.executor import Executor
 
 log = logging.getLogger(__name__)
 

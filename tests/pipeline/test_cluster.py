@@ -16,7 +16,7 @@ import pytest
 
 from strata import store
 from strata.pipeline.cluster import ClusterShape
-from strata.pipeline.pool import pool_shape
+from strata.pipeline.executor import pool_shape
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "strata-test-SECRET-in-the-driver-env"
@@ -29,14 +29,14 @@ def test_pool_shape_cpu_and_gpu_clusters():
     cpu = ClusterShape(cpus=16, gpus=0, max_node_cpus=8)
     assert pool_shape(cpu) == pool_shape(cpu, num_workers=1)
     one = pool_shape(cpu)
-    assert (one.workers, one.num_cpus, one.num_gpus, one.threads) == (1, 8, 0, 8)  # fits on one node
+    assert (one.replicas, one.num_cpus, one.num_gpus, one.threads) == (1, 8, 0, 8)  # fits on one node
     assert "num_gpus" not in one.resources  # never a GPU request a CPU cluster cannot meet
     four = pool_shape(cpu, num_workers=4)
-    assert (four.workers, four.num_cpus, four.threads) == (4, 4, 4)
+    assert (four.replicas, four.num_cpus, four.threads) == (4, 4, 4)
     assert pool_shape(cpu, num_workers=4, cpus_per_worker=1).threads == 1
     gpu = pool_shape(ClusterShape(cpus=64, gpus=8, max_node_cpus=32))
-    assert (gpu.workers, gpu.num_gpus, gpu.num_cpus, gpu.threads) == (8, 1, 1, None)
-    assert pool_shape(ClusterShape(cpus=64, gpus=8, max_node_cpus=32), num_workers=20).workers == 8
+    assert (gpu.replicas, gpu.num_gpus, gpu.num_cpus, gpu.threads) == (8, 1, 1, None)
+    assert pool_shape(ClusterShape(cpus=64, gpus=8, max_node_cpus=32), num_workers=20).replicas == 8
 
 
 def test_an_unreachable_address_fails_at_once():

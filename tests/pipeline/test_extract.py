@@ -1,5 +1,7 @@
-"""End-to-end extraction on the session Ray: exactly once, resume, crashes, incremental runs,
-the lease, determinism, secrets."""
+"""End-to-end extraction: exactly once, resume, crashes, incremental runs, the lease,
+determinism, secrets. In this process (``compute.executor: local``) where Ray is not the point;
+on the session Ray for restarts of killed workers, credentials handed to workers, and the
+check that both give the same bytes."""
 
 from __future__ import annotations
 
@@ -27,25 +29,24 @@ from strata.store.errors import DatasetExistsError, LeaseHeldError
 
 import _faults
 
-pytestmark = pytest.mark.ray
-
 CTX, UC = 16, 10
 HOOKS = ("blocks.*.hook_resid_post",)
 H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
 
 
 def _spec(tmp_path: Path, model: Path, corpus: Path, *, store_uri: str | None = None, hooks=HOOKS, dtype: str = "float32",
-          growing: bool = False, storage_options=None, **compute) -> ExtractSpec:
+          growing: bool = False, storage_options=None, executor: str = "local", **compute) -> ExtractSpec:
     return ExtractSpec(
         store=store_uri or str(tmp_path / "acts"), name="tiny", model={"id": str(model)},
         corpus={"path": str(corpus), "growing": growing}, tokenize={"context_size": CTX}, hooks=list(hooks), dtype=dtype,
-        compute={"unit_contexts": UC, "batch_tokens": UC * CTX, "max_restarts": 3, **compute}, storage_options=storage_options,
+        compute={"executor": executor, "unit_contexts": UC, "batch_tokens": UC * CTX, "max_restarts": 3, **compute},
+        storage_options=storage_options,
     )
 
 
 def _planned(spec: ExtractSpec):
     s = store.open(spec.store, storage_options=spec.storage_options)
-    return plan(prepare(spec, s), use_ray=False)
+    return plan(prepare(spec, s))
 
 
 def _reference(model_dir: Path, token_id: np.ndarray) -> dict[str, torch.Tensor]:
@@ -78,7 +79,7 @@ def _assert_exactly_once(root: Path, units: int, hooks: list[str], name: str = "
     assert rep.ok, str(rep)
 
 
-def test_extract_then_noop_then_added_hook(ray_session, tmp_path, tiny_gpt2, corpus_file):
+def test_extract_then_noop_then_added_hook(tmp_path, tiny_gpt2, corpus_file):
     spec = _spec(tmp_path, tiny_gpt2, corpus_file)
     pl = _planned(spec)
     ctx = pl.all_contexts()
@@ -87,7 +88,7 @@ def test_extract_then_noop_then_added_hook(ray_session, tmp_path, tiny_gpt2, cor
 
     r = run_extract(spec)
     assert (r.num_units, r.units_run, r.noop) == (units, units, False)
-    assert r.tokens == ctx.token_id.size and r.private_cluster
+    assert r.tokens == ctx.token_id.size and (r.private_cluster, r.cluster_address) == (False, "local")
     root = tmp_path / "acts"
     _assert_exactly_once(root, units, [H0, H1])
     ds = store.open(root).dataset("tiny")
@@ -128,7 +129,7 @@ def test_extract_then_noop_then_added_hook(ray_session, tmp_path, tiny_gpt2, cor
     assert store.open(root).dataset("tiny").hooks == ["blocks.0.hook_mlp_out", H0, H1]  # model order
 
 
-def test_concat_tail_and_the_local_model_identity(ray_session, tmp_path, tiny_gpt2, corpus_file):
+def test_concat_tail_and_the_local_model_identity(tmp_path, tiny_gpt2, corpus_file):
     """The tail shorter than one context is reported, not dropped silently; a local model is
     the same model whatever path names it."""
     spec = _spec(tmp_path, tiny_gpt2, corpus_file)
@@ -153,9 +154,10 @@ def test_concat_tail_and_the_local_model_identity(ray_session, tmp_path, tiny_gp
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_worker_killed_mid_unit_is_retried(ray_session, tmp_path, tiny_gpt2, corpus_file):
     marker = tmp_path / "crashed"
-    spec = _spec(tmp_path, tiny_gpt2, corpus_file)
+    spec = _spec(tmp_path, tiny_gpt2, corpus_file, executor="ray")
     r = run_extract(spec, worker_cls=_faults.crashing(after=1, marker=str(marker)))
     assert marker.exists()  # a worker did die in the middle of a unit
     root = tmp_path / "acts"
@@ -179,7 +181,7 @@ def _driver_script(spec: ExtractSpec, body: str) -> str:
 
 
 @pytest.mark.slow
-def test_killed_driver_then_rerun_computes_only_missing_units(ray_session, tmp_path, tiny_gpt2, corpus_file):
+def test_killed_driver_then_rerun_computes_only_missing_units(tmp_path, tiny_gpt2, corpus_file):
     spec = _spec(tmp_path, tiny_gpt2, corpus_file, cpus_per_worker=1)
     script = _driver_script(spec, """
         done = []
@@ -206,7 +208,7 @@ def test_killed_driver_then_rerun_computes_only_missing_units(ray_session, tmp_p
 
 
 @pytest.mark.slow
-def test_a_job_whose_lease_is_taken_over_stops_and_fails(ray_session, tmp_path, tiny_gpt2):
+def test_a_job_whose_lease_is_taken_over_stops_and_fails(tmp_path, tiny_gpt2):
     """Finding 8: job A is paused past its lease's stale time; job B takes the lease over and
     finishes. When A resumes it stops (its workers are fenced out) and exits non-zero, and no
     unit is committed twice or after the takeover by A."""
@@ -258,7 +260,7 @@ def test_a_job_whose_lease_is_taken_over_stops_and_fails(ray_session, tmp_path, 
                 assert t <= takeover + 1.0, rec
 
 
-def test_growing_corpus_adds_units_and_keeps_committed_ones(ray_session, tmp_path, tiny_gpt2):
+def test_growing_corpus_adds_units_and_keeps_committed_ones(tmp_path, tiny_gpt2):
     docs = synthetic_docs(40, seed=11)
     corpus = write_jsonl(tmp_path / "c.jsonl", docs[:20])
     spec = _spec(tmp_path, tiny_gpt2, corpus, growing=True)
@@ -299,7 +301,7 @@ def test_growing_corpus_adds_units_and_keeps_committed_ones(ray_session, tmp_pat
         run_extract(spec)
 
 
-def test_partial_last_unit_then_appended_corpus_is_refused(ray_session, tmp_path, tiny_gpt2):
+def test_partial_last_unit_then_appended_corpus_is_refused(tmp_path, tiny_gpt2):
     docs = synthetic_docs(40, seed=5)
     n = 20
     corpus = write_jsonl(tmp_path / "c.jsonl", docs[:n])
@@ -314,13 +316,13 @@ def test_partial_last_unit_then_appended_corpus_is_refused(ray_session, tmp_path
         run_extract(spec)
 
 
-def test_a_second_job_is_refused_before_anything_starts(ray_session, tmp_path, tiny_gpt2, corpus_file, monkeypatch):
+def test_a_second_job_is_refused_before_anything_starts(tmp_path, tiny_gpt2, corpus_file, monkeypatch):
     import strata.pipeline.extract as ex
 
     started = []
     monkeypatch.setattr(ex, "prepare", lambda *a, **k: started.append("prepare"))
-    monkeypatch.setattr(ex, "connect", lambda *a, **k: started.append("ray"))
-    spec = _spec(tmp_path, tiny_gpt2, corpus_file)
+    monkeypatch.setattr(ex, "open_executor", lambda *a, **k: started.append("ray"))
+    spec = _spec(tmp_path, tiny_gpt2, corpus_file, executor="ray")
     s = store.open(tmp_path / "acts")
     with s.lease("tiny", owner="another job"):
         with pytest.raises(LeaseHeldError) as info:
@@ -332,11 +334,12 @@ def test_a_second_job_is_refused_before_anything_starts(ray_session, tmp_path, t
 
 
 @pytest.mark.s3
+@pytest.mark.ray
 def test_extract_into_an_s3_store_records_no_secret(ray_session, s3_bucket, tmp_path, tiny_gpt2, corpus_file, caplog, capsys):
     secret = "strata-test-SECRET-5c1d9e"
     uri = f"{s3_bucket}/acts"
     spec = _spec(tmp_path, tiny_gpt2, corpus_file, store_uri=uri, hooks=(H1,), dtype="float16",
-                 storage_options={"key": "testing", "secret": secret, "client_kwargs": {"region_name": "us-east-1"}})
+                 storage_options={"key": "testing", "secret": secret, "client_kwargs": {"region_name": "us-east-1"}}, executor="ray")
     caplog.set_level("DEBUG")
     statuses: list = []
     r = run_extract(spec, worker_cls=_faults.EnvReporter, on_unit=statuses.append)
@@ -365,7 +368,7 @@ def test_extract_into_an_s3_store_records_no_secret(ray_session, s3_bucket, tmp_
     assert secret not in caplog.text
 
 
-def test_units_are_bit_identical_whatever_the_batch_or_thread_count(ray_session, tmp_path, tiny_gpt2, corpus_file):
+def test_units_are_bit_identical_whatever_the_batch_or_thread_count(tmp_path, tiny_gpt2, corpus_file):
     """Finding 16: a unit recomputed (other threads, other batch size) has the same bytes."""
     spec = _spec(tmp_path, tiny_gpt2, corpus_file, dtype="float16", cpus_per_worker=2)
     statuses: list[dict] = []
@@ -393,7 +396,7 @@ def test_units_are_bit_identical_whatever_the_batch_or_thread_count(ray_session,
             assert (a["table"], a["tail"], a["nbytes"]) == (b["table"], b["tail"], b["nbytes"]), (part, u)
 
 
-def test_tokenizer_character_spans_and_kept_document_fields(ray_session, tmp_path, tiny_gpt2):
+def test_tokenizer_character_spans_and_kept_document_fields(tmp_path, tiny_gpt2):
     texts = synthetic_docs(30, seed=9)
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": t, "label": i % 3, "lang": "en" if i % 2 else "fr"}) + "\n" for i, t in enumerate(texts)))
@@ -414,3 +417,31 @@ def test_tokenizer_character_spans_and_kept_document_fields(ray_session, tmp_pat
     again = run_extract(spec.model_copy(update={"corpus": spec.corpus.model_copy(update={"keep_fields": ["label"]})}))
     assert again.units_run == 0
     assert store.open(tmp_path / "acts").dataset("tiny").docs().column_names[-2:] == ["dropped_tokens", "label"]
+
+
+@pytest.mark.ray
+def test_local_and_ray_executors_store_the_same_bytes(ray_session, tmp_path, tiny_gpt2, corpus_file):
+    """``compute.executor: local`` (no Ray) and the Ray actor pool compute the same dataset:
+    every hook's rows, the token table and the document index are equal, exactly."""
+    hooks = ("blocks.*.hook_resid_post", "blocks.0.hook_mlp_out")
+    local = _spec(tmp_path, tiny_gpt2, corpus_file, store_uri=str(tmp_path / "local"), hooks=hooks, dtype="float16",
+                  cpus_per_worker=2)
+    on_ray = _spec(tmp_path, tiny_gpt2, corpus_file, store_uri=str(tmp_path / "ray"), hooks=hooks, dtype="float16",
+                   cpus_per_worker=2, executor="ray")
+    pids: list[int] = []
+    a = run_extract(local, progress=False, on_unit=lambda st: pids.append(st["pid"]))
+    assert a.cluster_address == "local" and set(pids) == {os.getpid()}  # no Ray: this process computed every unit
+    pids.clear()
+    b = run_extract(on_ray, progress=False, on_unit=lambda st: pids.append(st["pid"]))
+    assert b.private_cluster and os.getpid() not in pids  # a Ray worker did
+    assert a.units_run == b.units_run == a.num_units >= 3
+    da, db = store.open(tmp_path / "local").dataset("tiny"), store.open(tmp_path / "ray").dataset("tiny")
+    assert da.hooks == db.hooks and len(da.hooks) == 3
+    for h in da.hooks:
+        rows = da.num_rows(h)
+        assert rows == db.num_rows(h) == a.tokens
+        x, y = da.read(h, rows=slice(0, rows)), db.read(h, rows=slice(0, rows))
+        assert x.dtype == y.dtype == np.float16 and x.shape == y.shape == (rows, 32)
+        assert x.tobytes() == y.tobytes(), h
+    assert da.tokens().equals(db.tokens())
+    assert da.docs().equals(db.docs())

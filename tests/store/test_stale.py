@@ -14,7 +14,7 @@ import pytest
 from strata import store
 from strata.analysis.features.external import put_sae
 from strata.analysis.features.synthetic import random_topk_sae, synthetic_dataset, write_table
-from strata.analysis.similarity._tasks import Executor
+from strata.pipeline.executor import Executor
 from strata.analysis.similarity.runner import prepare
 from strata.analysis.similarity.spec import AnalyzeSpec
 from strata.jobs.cli import main
@@ -39,7 +39,7 @@ def _build(root):
     spec = AnalyzeSpec(store=str(root), analyses=[{"kind": "compare", "name": "cmp", "a": {"dataset": "syn", "hook": H},
                                                    "b": {"dataset": "syn", "hook": H}, "metrics": ["linear_cka"]}])
     (p,) = prepare(spec, s)
-    files, _ = p.compute(Executor(use_ray=False))
+    files, _ = p.compute(Executor())
     with s.artifact_lease(ANALYSES, "cmp") as lease:
         artifacts.put(s.storage, ANALYSES, "cmp", files, meta=p.identity, lease=lease)
     return s
@@ -126,7 +126,7 @@ def test_an_analysis_of_an_sae_committed_again_is_stale(tmp_path):
     spec = AnalyzeSpec(store=str(root), analyses=[{"kind": "sae_match", "name": "m", "a": {"sae": "sae"}, "b": {"sae": "sae2"},
                                                    "random_pairings": 2}])
     (p,) = prepare(spec, s)
-    files, _ = p.compute(Executor(use_ray=False))
+    files, _ = p.compute(Executor())
     with s.artifact_lease(ANALYSES, "m") as lease:
         artifacts.put(s.storage, ANALYSES, "m", files, meta=p.identity, lease=lease)
     assert s.analysis("m").stale_inputs is None

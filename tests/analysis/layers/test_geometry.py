@@ -51,7 +51,7 @@ def _linearity(x: np.ndarray, y: np.ndarray) -> float:
 def test_streamed_metrics_equal_direct_computations(geo, tasks):
     ds, x = geo
     streamed = ["norm", "write_ratio", "anisotropy", "cos_next", "linearity_next"]
-    table, prov = layers.geometry(ds, HOOKS, streamed, tasks=tasks, executor=Executor(False))
+    table, prov = layers.geometry(ds, HOOKS, streamed, tasks=tasks, executor=Executor())
     got = {c: np.asarray(table.column(c).to_numpy(zero_copy_only=False), float) for c in streamed}
     n = len(x[HOOKS[0]])
     assert prov["n"] == n
@@ -115,7 +115,7 @@ def test_prompt_entropy_and_curvature_match_their_definitions():
 def test_sampled_metrics_run_on_stated_samples(geo):
     ds, _ = geo
     table, prov = layers.geometry(ds, HOOKS[:2], ["intrinsic_dim", "prompt_entropy", "curvature"], sample_rows=300, sample_contexts=7,
-                                  executor=Executor(False))
+                                  executor=Executor())
     assert prov["intrinsic_dim_rows"] == 300 and prov["sample_contexts"] == 7
     ids = table.column("intrinsic_dim").to_pylist()
     assert 5 < ids[0] < 11  # 8-dimensional Gaussian rows

@@ -186,7 +186,7 @@ def test_set_hash_is_order_independent_and_streams(docs, seed):
 def test_the_spec_passes_pool_through_and_checks_it(paired, tmp_path):
     from pydantic import ValidationError
 
-    from strata.analysis.similarity._tasks import Executor
+    from strata.pipeline.executor import Executor
     from strata.analysis.similarity.runner import prepare
     from strata.analysis.similarity.spec import AnalyzeSpec
 
@@ -196,7 +196,7 @@ def test_the_spec_passes_pool_through_and_checks_it(paired, tmp_path):
     spec = AnalyzeSpec.model_validate({"store": str(va.store.uri), "analyses": [cmp]})
     (p,) = prepare(spec, va.store)
     assert p.plan.pool == ("cls", "last") and p.identity["spec"]["pool"] == ["cls", "last"]
-    _, meta = p.compute(Executor(False))
+    _, meta = p.compute(Executor())
     want = simref.linear_cka(_pool(paired["vit"][1], paired["vit"][2], "cls"), _pool(paired["lm"][1], paired["lm"][2], "last"))
     assert meta["provenance"]["alignment"]["pool"] == ["cls", "last"]
     assert meta["provenance"]["values"]["linear_cka"] == pytest.approx(want, rel=1e-10)
