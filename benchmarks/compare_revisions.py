@@ -29,8 +29,9 @@ and the whole output of every run is kept under ``--logs``. Figures compared:
   baseline) and the bytes per token on disk (which must not change at all).
 
 For each figure the report gives each revision's median and spread (min..max) over all its
-samples, after/before of the medians, and says whether after's median lies below before's whole
-range (a drop beyond the run-to-run spread). Check the load average printed beside it: figures
+samples, after/before of the medians, and whether after's median lies below before's by more
+than the run-to-run spread (the wider of the two revisions' max - min); ratios to a bare loop
+run differently in the two revisions are marked as not comparable. Check the load average printed beside it: figures
 taken while other work runs are noise.
 """
 
@@ -68,6 +69,8 @@ class Side:
     rev: str  # as given: a git revision, or "." for this checkout as it is
     folder: Path
     samples: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    bare_methods: set[str] = field(default_factory=set)  # how its extract.py ran the bare loop
+
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -130,6 +133,17 @@ def parse(bench: str, text: str) -> dict[str, list[float]]:
     return out
 
 
+def absorb(side: Side, bench: str, text: str) -> dict[str, list[float]]:
+    """Add the figures of one run's output to ``side``; return them."""
+    figures = parse(bench, text)
+    if bench == "extract" and figures:
+        fresh = "each baseline runs in a fresh process" in text
+        side.bare_methods.add("a fresh process with the workers' settings" if fresh else "the driver")
+    for k, v in figures.items():
+        side.samples[k].extend(v)
+    return figures
+
+
 def run_one(bench: str, side: Side, args: list[str], python: str, log: Path) -> bool:
     """Run one benchmark of one revision; keep its whole output in ``log``; add its figures."""
     script = side.folder / BENCHMARKS[bench]
@@ -141,9 +155,7 @@ def run_one(bench: str, side: Side, args: list[str], python: str, log: Path) -> 
     proc = subprocess.run([python, str(script), *args], cwd=side.folder, env=side.env(), stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log.write_text(proc.stdout)
-    figures = parse(bench, proc.stdout)
-    for k, v in figures.items():
-        side.samples[k].extend(v)
+    figures = absorb(side, bench, proc.stdout)
     ok = proc.returncode == 0 and bool(figures)
     print(f"  {bench} {side.label}: {'ok' if ok else f'FAILED (exit {proc.returncode}, {len(figures)} figures)'} in "
           f"{time.perf_counter() - t0:.0f} s, {sum(len(v) for v in figures.values())} samples; {load_average()}; log {log}", flush=True)
@@ -154,27 +166,56 @@ def fmt(x: float) -> str:
     return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}" if abs(x) < 10 else f"{x:.1f}"
 
 
+def verdict(b: list[float], a: list[float], *, lower_is_better: bool) -> str:
+    """Whether after's median fell below before's by more than the run-to-run spread (the wider
+    of the two revisions' max - min)."""
+    mb, ma = statistics.median(b), statistics.median(a)
+    if lower_is_better:
+        return "same" if ma == mb else "CHANGED"
+    if len(b) < 2 or len(a) < 2:
+        return "lower (one sample: no spread to judge by)" if ma < mb else "same or higher (one sample)"
+    drop, spread = mb - ma, max(max(b) - min(b), max(a) - min(a))
+    if drop > spread:
+        return f"DROP beyond the spread ({drop / mb:.0%} > {spread / mb:.0%})"
+    return f"lower, within the spread ({drop / mb:.0%} <= {spread / mb:.0%})" if drop > 0 else "same or higher"
+
+
 def report(before: Side, after: Side) -> list[str]:
     """One markdown table row per figure both revisions printed."""
     lines = ["| figure | before: median (min..max), n | after: median (min..max), n | after/before | verdict |",
              "| --- | --- | --- | --- | --- |"]
+    # A bare loop run another way is another baseline: its figures, and ratios to it, do not compare.
+    methods_differ = before.bare_methods != after.bare_methods
     for key in sorted(set(before.samples) | set(after.samples)):
         b, a = before.samples.get(key, []), after.samples.get(key, [])
         if not b or not a:
             lines.append(f"| {key} | {len(b)} samples | {len(a)} samples | | printed by one revision only |")
             continue
         mb, ma = statistics.median(b), statistics.median(a)
-        if "lower is better" in key:
-            verdict = "same" if ma == mb else "CHANGED"
-        elif ma < min(b):
-            verdict = "DROP beyond the spread"
-        elif ma < mb:
-            verdict = "lower, within the spread"
+        if methods_differ and "bare loop" in key:
+            verdict_ = (f"not comparable: the bare loop ran in {' / '.join(sorted(before.bare_methods))} before, "
+                        f"in {' / '.join(sorted(after.bare_methods))} after")
         else:
-            verdict = "same or higher"
+            verdict_ = verdict(b, a, lower_is_better="lower is better" in key)
         lines.append(f"| {key} | {fmt(mb)} ({fmt(min(b))}..{fmt(max(b))}), {len(b)} | {fmt(ma)} ({fmt(min(a))}..{fmt(max(a))}), {len(a)} "
-                     f"| {ma / mb:.2f} | {verdict} |")
+                     f"| {ma / mb:.2f} | {verdict_} |")
     return lines
+
+
+def report_logs(logs: Path) -> int:
+    """The report of runs kept in ``logs`` (``BENCH-SIDE-N.txt``), without running anything."""
+    sides = {label: Side(label, "?", logs) for label in ("before", "after")}
+    found = 0
+    for path in sorted(logs.glob("*-*-*.txt")):
+        bench, label, _ = path.stem.rsplit("-", 2)
+        if bench in BENCHMARKS and label in sides:
+            absorb(sides[label], bench, path.read_text())
+            found += 1
+    if not found:
+        raise SystemExit(f"no run logs (extract-before-1.txt, store_io-after-2.txt, ...) in {logs}")
+    print(f"{found} runs in {logs}\n")
+    print("\n".join(report(sides["before"], sides["after"])))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,7 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worktrees", default="/tmp", help="where the revisions' worktrees go (strata-before, strata-after)")
     ap.add_argument("--logs", default=None, help="folder for every run's full output (default: a new one under /tmp)")
     ap.add_argument("--python", default=sys.executable, help="the Python both revisions run with (default: this one)")
+    ap.add_argument("--report-only", action="store_true", help="run nothing: report the runs whose output --logs holds")
     a = ap.parse_args(argv)
+    if a.report_only:
+        if not a.logs or not Path(a.logs).is_dir():
+            ap.error(f"--report-only reads the runs kept in --logs: give an existing folder, got {a.logs!r}")
+        return report_logs(Path(a.logs))
     benches = [b.strip() for b in a.benchmarks.split(",") if b.strip()]
     unknown = [b for b in benches if b not in BENCHMARKS]
     if unknown or not benches:
