@@ -17,7 +17,8 @@ SAE = {"store": "acts", "dataset": "tiny", "hooks": [H], "name": "tsae", "archit
        "train": {"total_training_samples": 256, "batch_size": 64, "lr": 3e-3, "seed": 0, "n_batches_for_norm_estimate": 1,
                  "checkpoint_every": 0},
        "data": {"holdout_units": 1}, "eval": {"ce": False}, "compute": {"device": "cpu", "threads": 1}}
-FEATURES = {"store": "acts", "sae": "tsae", "name": "ft", "top_k": 8, "compute": {"batch_rows": 256, "num_workers": 1, "device": "cpu"}}
+FEATURES = {"store": "acts", "sae": "tsae", "name": "ft", "top_k": 8,
+            "compute": {"executor": "local", "batch_rows": 256, "num_workers": 1, "device": "cpu"}}
 
 
 def tokens(unit: int) -> pa.Table:

@@ -28,7 +28,7 @@ def spec(tmp_path, model_dir):
     raw = {
         "store": str(tmp_path / "acts"), "name": "cli", "model": {"id": str(model_dir)}, "corpus": {"path": str(corpus)},
         "tokenize": {"context_size": 16}, "hooks": ["blocks.*.hook_resid_post"], "dtype": "float16",
-        "compute": {"unit_contexts": 8, "batch_tokens": 128},
+        "compute": {"executor": "local", "unit_contexts": 8, "batch_tokens": 128},
     }
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -124,7 +124,8 @@ def test_cli_failures_are_one_line_with_exit_2(spec, tmp_path, capsys, monkeypat
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "strata.jobs.cli", "extract", str(spec), "--set", "compute.address=127.0.0.1:1", "--no-progress"],
+    r = subprocess.run([sys.executable, "-m", "strata.jobs.cli", "extract", str(spec), "--set", "compute.address=127.0.0.1:1",
+                        "--set", "compute.executor=auto", "--no-progress"],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot reach the Ray cluster at '127.0.0.1:1'" in r.stderr, r.stderr[-2000:]
     # A relative store inside a Ray job would land in Ray's temporary working directory.
@@ -154,8 +155,7 @@ def test_existing_dataset_with_another_identity_is_refused(spec, tmp_path, capsy
     assert rc == 2 and "already exists" in err and "choose a new `name`" in err
 
 
-@pytest.mark.ray
-def test_strata_extract_command_end_to_end(ray_session, spec, capsys):
+def test_strata_extract_command_end_to_end(spec, capsys):
     from strata.jobs.cli import main as cli_main
 
     rc = cli_main(["extract", str(spec), "--set", "dtype=bfloat16"])
@@ -168,3 +168,7 @@ def test_strata_extract_command_end_to_end(ray_session, spec, capsys):
     assert ds.info.meta["spec"]["dtype"] == "bfloat16"
     rc = cli_main(["extract", str(spec), "--set", "dtype=bfloat16"])
     assert rc == 0 and "nothing to do" in capsys.readouterr().out
+    # In this process, a cluster address is a contradiction, said in one line before anything runs.
+    rc = cli_main(["extract", str(spec), "--set", "compute.address=127.0.0.1:1", "--set", "name=other"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "`compute.executor` is local but `compute.address` is '127.0.0.1:1'" in err, err

@@ -1,6 +1,6 @@
-"""`run_encode` on the session Ray: statistics and queries equal a dense brute-force encode,
-growth encodes only new units, exactly once under a killed worker, every bad input refused with
-nothing written."""
+"""`run_encode`: statistics and queries equal a dense brute-force encode, growth encodes only new
+units, exactly once under a killed worker (on the session Ray's actor pool), every bad input
+refused with nothing written. Where Ray is not the point, in this process (`executor: local`)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,6 @@ from strata.store.errors import LeaseHeldError
 from strata.store.features.format import FeatureTableExistsError
 from strata.store.features.writer import table_lease
 
-pytestmark = pytest.mark.ray
-
 H = "blocks.0.hook_resid_post"
 D, D_SAE, CTX, UC = 16, 48, 16, 4
 UR = CTX * UC
@@ -41,7 +39,7 @@ def _store(tmp_path: Path, *, units: int = 4, write_units: int | None = None, la
 
 def _spec(tmp_path: Path, **kw) -> EncodeSpec:
     raw = {"store": str(tmp_path / "acts"), "sae": "sae", "top_k": 8, "block_features": 16, **kw}
-    raw["compute"] = {"batch_rows": 24, **kw.get("compute", {})}
+    raw["compute"] = {"executor": "local", "batch_rows": 24, **kw.get("compute", {})}
     return EncodeSpec(**raw)
 
 
@@ -80,7 +78,7 @@ def _commit_files(root: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in (root / "features" / "sae" / "commits").iterdir()}
 
 
-def test_encode_equals_brute_force_then_noop_then_growth(ray_session, tmp_path):
+def test_encode_equals_brute_force_then_noop_then_growth(tmp_path):
     s, w, sae = _store(tmp_path, units=6, write_units=3)
     seen = []
     r = run_encode(_spec(tmp_path), progress=False, on_unit=seen.append)
@@ -132,10 +130,11 @@ def crashing(after: int, marker: str) -> type[EncodeWorker]:
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
+@pytest.mark.ray
 def test_exactly_once_under_a_killed_worker(ray_session, tmp_path):
     s, _, sae = _store(tmp_path, units=5, last_contexts=2)
     marker = tmp_path / "crashed"
-    r = run_encode(_spec(tmp_path, compute={"max_restarts": 2}), progress=False, worker_cls=crashing(1, str(marker)))
+    r = run_encode(_spec(tmp_path, compute={"max_restarts": 2, "executor": "ray"}), progress=False, worker_cls=crashing(1, str(marker)))
     assert marker.exists() and r.units_run == 5
     fs = s.features("sae")
     assert fs.units == fs.merged_units == list(range(5)) and not fs.verify()
@@ -147,6 +146,7 @@ def _nothing_written(root: Path) -> None:
     assert not (root / "features").exists()
 
 
+@pytest.mark.ray
 def test_bad_inputs_fail_before_anything_is_written(ray_session, tmp_path):
     s, _, _ = _store(tmp_path)
     root = tmp_path / "acts"
@@ -168,5 +168,5 @@ def test_bad_inputs_fail_before_anything_is_written(ray_session, tmp_path):
             run_encode(_spec(tmp_path), progress=False)
         assert sorted(p.name for p in (root / "features" / "sae").iterdir()) == _nothing_written_yet == ["lease"]
     with pytest.raises(SpecError, match="`compute.device` is cuda, but the Ray cluster has no GPU"):
-        run_encode(_spec(tmp_path, compute={"device": "cuda"}), progress=False)
+        run_encode(_spec(tmp_path, compute={"device": "cuda", "executor": "ray"}), progress=False)
     assert not (root / "features" / "sae" / "manifest.json").exists()

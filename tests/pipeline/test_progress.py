@@ -1,13 +1,13 @@
-"""What a person waits on says what is done (issue 15, finding 8), through the real jobs on the
-session Ray: the encode bar of a finished job reads 100% of its rows (the last unit of a dataset
-is short), and adding hooks to a dataset says it computes the new hooks, not every hook."""
+"""What a person waits on says what is done (issue 15, finding 8), through the real jobs (in this
+process: the bar and the log are the driver's either way): the encode bar of a finished job reads
+100% of its rows (the last unit of a dataset is short), and adding hooks to a dataset says it
+computes the new hooks, not every hook."""
 
 from __future__ import annotations
 
 import logging
 import re
 
-import pytest
 
 from strata import store
 from strata.analysis.features.external import put_sae
@@ -15,8 +15,6 @@ from strata.analysis.features.synthetic import random_topk_sae, synthetic_datase
 from strata.pipeline.config import ExtractSpec
 from strata.pipeline.encode import EncodeSpec, run_encode
 from strata.pipeline.extract import run_extract
-
-pytestmark = pytest.mark.ray
 
 H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
 
@@ -26,7 +24,7 @@ def bar_positions(err: str) -> list[tuple[str, str, str]]:
     return re.findall(r"(\d+)%\|[^|]*\| ([\d.]+k?)/([\d.]+k?) \[", err)
 
 
-def test_a_finished_encode_bar_reads_all_its_rows(ray_session, tmp_path, capsys):
+def test_a_finished_encode_bar_reads_all_its_rows(tmp_path, capsys):
     s = store.open(tmp_path / "acts")
     # 5 units of 4 x 16 rows, the last with one context: 272 rows, not 5 x 64.
     synthetic_dataset(s, "syn", hook=H0, d=16, units=5, unit_contexts=4, context_size=16, last_contexts=1)
@@ -34,17 +32,18 @@ def test_a_finished_encode_bar_reads_all_its_rows(ray_session, tmp_path, capsys)
     rows = sum(s.dataset("syn").unit_counts(H0, u)[0] for u in range(5))
     assert rows == 4 * 64 + 16
     capsys.readouterr()
-    r = run_encode(EncodeSpec(store=str(tmp_path / "acts"), sae="sae", top_k=4, compute={"batch_rows": 64, "num_workers": 1}), progress=True)
+    r = run_encode(EncodeSpec(store=str(tmp_path / "acts"), sae="sae", top_k=4, compute={"executor": "local", "batch_rows": 64, "num_workers": 1}),
+                   progress=True)
     assert r.units_run == 5 and r.rows == rows
     bar = bar_positions(capsys.readouterr().err)
     assert bar and bar[-1] == ("100", str(rows), str(rows)), bar
 
 
-def test_added_hooks_are_said_to_be_what_is_computed(ray_session, tmp_path, tiny_gpt2, corpus_file, caplog):
+def test_added_hooks_are_said_to_be_what_is_computed(tmp_path, tiny_gpt2, corpus_file, caplog):
     def spec(hooks: list[str]) -> ExtractSpec:
         return ExtractSpec(store=str(tmp_path / "acts"), name="tiny", model={"id": str(tiny_gpt2)}, corpus={"path": str(corpus_file)},
                            tokenize={"context_size": 16}, hooks=hooks, dtype="float32",
-                           compute={"unit_contexts": 8, "batch_tokens": 128, "num_workers": 1})
+                           compute={"executor": "local", "unit_contexts": 8, "batch_tokens": 128, "num_workers": 1})
 
     first = run_extract(spec([H0]), progress=False)
     units = first.num_units

@@ -175,7 +175,7 @@ def test_image_corpora_end_to_end(ray_session, tmp_path, vision_models, images, 
 def vspec(tmp_path, vision_models, images):
     raw = {"store": str(tmp_path / "acts"), "name": "v", "model": {"id": str(vision_models("vit"))},
            "corpus": {"path": str(images), "format": "images"}, "hooks": ["blocks.*.hook_resid_post"], "dtype": "float16",
-           "compute": {"unit_contexts": 8}}
+           "compute": {"executor": "local", "unit_contexts": 8}}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -213,7 +213,7 @@ def test_bad_image_input_is_one_line_exit_2_nothing_written(vspec, tmp_path, tin
     assert not (root / "datasets").exists() or store.open(root).datasets() == []
 
 
-def test_paired_images_and_captions_recover_planted_structure(ray_session, tmp_path, vision_models, tiny_gpt2):
+def test_paired_images_and_captions_recover_planted_structure(tmp_path, vision_models, tiny_gpt2):
     """Images through a vision model and their captions through a language model, compared
     per document (``align="docs"``): mutual kNN is higher for captions that match the images
     than for the same captions shuffled among the images."""
@@ -235,11 +235,12 @@ def test_paired_images_and_captions_recover_planted_structure(ray_session, tmp_p
     for tag, folder in (("matched", matched), ("shuffled", shuffled)):
         run_extract(ExtractSpec(store=acts, name=f"img-{tag}", model={"id": str(vit)},
                                 corpus={"path": str(folder), "format": "images", "caption_field": "caption"},
-                                hooks=["blocks.1.hook_resid_post"], dtype="float32", compute={"unit_contexts": 16}), progress=False)
+                                hooks=["blocks.1.hook_resid_post"], dtype="float32", compute={"executor": "local", "unit_contexts": 16}),
+                    progress=False)
         run_extract(ExtractSpec(store=acts, name=f"cap-{tag}", model={"id": str(tiny_gpt2)},
                                 corpus={"path": str(folder / "metadata.jsonl"), "text_field": "caption", "id_field": "file_name"},
                                 tokenize={"context_size": 24, "packing": "truncate"}, hooks=["blocks.1.hook_resid_post"],
-                                dtype="float32", compute={"unit_contexts": 16}), progress=False)
+                                dtype="float32", compute={"executor": "local", "unit_contexts": 16}), progress=False)
     s = store.open(acts)
     res = {}
     for tag in ("matched", "shuffled"):
@@ -302,7 +303,7 @@ def test_image_sources_read_back_the_scanned_bytes(tmp_path, images):
     assert other.fingerprint != next(iter(fps))[0] and other.caption_set_hash == next(iter(fps))[2]
 
 
-def test_a_growing_image_folder_extracts_only_new_units(ray_session, tmp_path, vision_models, images):
+def test_a_growing_image_folder_extracts_only_new_units(tmp_path, vision_models, images):
     folder = tmp_path / "imgs"
     folder.mkdir()
     files = sorted(images.glob("*.png"))
@@ -310,7 +311,7 @@ def test_a_growing_image_folder_extracts_only_new_units(ray_session, tmp_path, v
         (folder / p.name).write_bytes(p.read_bytes())
     spec = ExtractSpec(store=str(tmp_path / "acts"), name="grow", model={"id": str(vision_models("siglip"))},
                        corpus={"path": str(folder), "format": "images", "growing": True},
-                       hooks=["blocks.1.hook_resid_post"], dtype="float32", compute={"unit_contexts": 4})
+                       hooks=["blocks.1.hook_resid_post"], dtype="float32", compute={"executor": "local", "unit_contexts": 4})
     r1 = run_extract(spec, progress=False)
     assert (r1.units_run, r1.num_units) == (3, 3)
     ds = store.open(tmp_path / "acts").dataset("grow")
