@@ -88,6 +88,8 @@ def ray_is_private() -> bool:
     :func:`connect` started. Only then may its workers be handed this job's credentials."""
     import ray  # lazy: ray starts slowly; only a process already on Ray asks
 
+    if not ray.is_initialized():
+        return False
     node = ray._private.worker.global_worker.node
     return bool(getattr(node, "head", False)) or (_private_address is not None and node.gcs_address == _private_address)
 

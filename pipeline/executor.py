@@ -41,7 +41,7 @@ from typing import Any, Literal
 from tqdm.auto import tqdm
 
 from strata.pipeline.cluster import ClusterShape, connect, ray_is_private
-from strata.pipeline.errors import SpecError, WorkerError
+from strata.pipeline.errors import ClusterError, SpecError, WorkerError
 from strata.store import ActivationDataset, Store
 from strata.store import open as store_open
 from strata.store.errors import StrataError
@@ -196,6 +196,17 @@ class _Progress:
                                  f"{st.bytes_written / max(now - self.t0, 1e-9) / 2**20:.0f} MiB/s")
 
 
+def _ray() -> Any:
+    """The Ray module, connected: a task submitted without a runtime would start a default Ray
+    on Ray's fixed ports (and a second job on the machine could not start its own)."""
+    import ray  # lazy: an in-process executor never imports Ray (a cold import costs seconds)
+
+    if not ray.is_initialized():
+        raise ClusterError("Ray is not running in this process: run the work under open_executor(...), "
+                           "or call ray.init() first, or use a Local() executor")
+    return ray
+
+
 def _first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else ""
 
@@ -267,11 +278,7 @@ class Executor:
 
     def put(self, value: Any) -> Any:
         """``value`` stored once for many tasks (Ray's object store), or as it is here."""
-        if not self.ray:
-            return value
-        import ray  # lazy: an in-process executor never imports Ray (a cold import costs seconds)
-
-        return ray.put(value)
+        return _ray().put(value) if self.ray else value
 
     # -- stateless functions --------------------------------------------------------------
 
@@ -305,8 +312,7 @@ class Executor:
     @staticmethod
     def _ray_imap(fn: Callable[..., Any], args: Iterable[tuple[Any, ...]], topo: Tasks, *, ordered: bool,
                   check: Callable[[], None] | None, return_exceptions: bool) -> Iterator[Any]:
-        import ray  # lazy: an in-process executor never imports Ray
-
+        ray = _ray()
         remote = ray.remote(fn).options(**topo.resources, max_retries=topo.max_retries)
         window = topo.max_in_flight or sys.maxsize
         pending = iter(args)
@@ -407,8 +413,7 @@ class Executor:
     def _run_pool(worker_cls: type, config: Any, tasks: Iterable[Task], shape: ActorPool, prog: _Progress, *,
                   count: int | None, on_result: Callable[[Task, dict[str, Any]], None] | None,
                   check: Callable[[], None] | None) -> None:
-        import ray  # lazy: an in-process executor never imports Ray
-
+        ray = _ray()
         n = min(shape.replicas, count) if count is not None else shape.replicas
         actor_cls = ray.remote(worker_cls).options(
             **shape.resources, max_restarts=shape.max_restarts, max_task_retries=shape.max_restarts, max_concurrency=2,

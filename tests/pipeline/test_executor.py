@@ -13,7 +13,7 @@ import pytest
 import ray.cloudpickle
 
 from strata.pipeline.cluster import ClusterShape
-from strata.pipeline.errors import SpecError, WorkerError
+from strata.pipeline.errors import ClusterError, SpecError, WorkerError
 from strata.pipeline.executor import (
     ActorPool, Executor, Local, PoolStats, Task, Tasks, open_executor, pool_shape, storage_options_for,
 )
@@ -84,6 +84,19 @@ def test_open_executor_local_starts_no_ray_and_refuses_an_address():
     with pytest.raises(SpecError, match="valid values are: auto, local, ray"):
         with open_executor("cloud"):  # type: ignore[arg-type]
             pass
+
+
+def test_ray_work_without_a_running_ray_is_refused_not_started():
+    """A Ray task submitted without a runtime would start a default Ray on fixed ports."""
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("Ray runs in this session already")
+    with pytest.raises(ClusterError, match="Ray is not running in this process"):
+        Executor(Tasks(), private=True, shape=ClusterShape(2, 0, 2)).map(_sleepy, [(0, 0.0)])
+    with pytest.raises(ClusterError, match="Ray is not running in this process"):
+        Executor(ActorPool(replicas=1), private=True, shape=ClusterShape(2, 0, 2)).run(_Counter, {}, [Task(0, (0,))], progress=False)
+    assert not ray.is_initialized()
 
 
 def test_pool_shape_carries_the_restarts():

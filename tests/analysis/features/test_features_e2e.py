@@ -17,7 +17,7 @@ from strata.pipeline.extract import run_extract
 
 from pagesparse import parse
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = [pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[3]
 HOOK = "blocks.3.hook_resid_post"
@@ -37,11 +37,11 @@ def _train_sae(ds, units: list[int]):
         return SAETrainer(cfg=cfg, sae=sae, data_provider=data).fit()
 
 
-def test_extract_train_encode_top_html(ray_session, quickstart_model, tmp_path, capsys):
+def test_extract_train_encode_top_html(quickstart_model, tmp_path, capsys):
     acts = tmp_path / "acts"
     spec = ExtractSpec(store=str(acts), name="tiny-gpt2-quickstart", model={"id": str(quickstart_model)},
                        corpus={"path": str(ROOT / "examples" / "corpus.jsonl")}, tokenize={"context_size": 128}, hooks=[HOOK],
-                       dtype="float16", compute={"unit_contexts": 32, "batch_tokens": 4096})
+                       dtype="float16", compute={"executor": "local", "unit_contexts": 32, "batch_tokens": 4096})
     r = run_extract(spec, progress=False)
     s = store.open(acts)
     ds = s.dataset("tiny-gpt2-quickstart")
@@ -51,7 +51,8 @@ def test_extract_train_encode_top_html(ray_session, quickstart_model, tmp_path, 
     put_sae(s, "tiny-topk", trained, dataset=ds.name, hook=HOOK, units=units[:-1], holdout_units=units[-1:])
     sae = s.sae("tiny-topk").load()
 
-    assert main(["features", "encode", str(ROOT / "examples" / "features.yaml"), "--set", f"store={acts}", "--no-progress"]) == 0
+    assert main(["features", "encode", str(ROOT / "examples" / "features.yaml"), "--set", f"store={acts}",
+                 "--set", "compute.executor=local", "--no-progress"]) == 0
     assert "feature table 'tiny-topk'" in capsys.readouterr().out
     fs = s.features("tiny-topk")
     assert fs.merged_units == units and fs.info.sae_lineage["holdout_units"] == units[-1:]

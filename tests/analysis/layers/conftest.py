@@ -63,7 +63,7 @@ def write_docs_dataset(root: Path, name: str, doc_lens: list[int], acts_of, *, f
 
 
 @pytest.fixture(scope="session")
-def tiny_lm(tmp_path_factory, ray_session):
+def tiny_lm(tmp_path_factory):
     """A tiny GPT-2 and its dataset at every hook, float32 (so the lens can match the logits)."""
     from strata.pipeline.config import ExtractSpec
     from strata.pipeline.extract import run_extract
@@ -75,5 +75,5 @@ def tiny_lm(tmp_path_factory, ray_session):
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in synthetic_docs(12, seed=2)), encoding="utf-8")
     run_extract(ExtractSpec(store=str(root / "acts"), name="lm", model={"id": str(model)}, corpus={"path": str(corpus)},
                             tokenize={"context_size": 24}, hooks=["hook_embed", "blocks.*", "ln_final.hook_normalized"], dtype="float32",
-                            compute={"unit_contexts": 8, "batch_tokens": 192}), progress=False)
+                            compute={"executor": "local", "unit_contexts": 8, "batch_tokens": 192}), progress=False)
     return store.open(root / "acts").dataset("lm"), model

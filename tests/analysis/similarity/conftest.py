@@ -36,7 +36,7 @@ def corpus_texts() -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def two_tokenizers(tmp_path_factory, ray_session, corpus_texts):
+def two_tokenizers(tmp_path_factory, corpus_texts):
     """Datasets of two tiny GPT-2s whose tokenizers differ (vocabularies of 400 and 300 learned
     on different text) over the same corpus: (store, dataset A, dataset B, corpus texts)."""
     from strata import store
@@ -57,7 +57,7 @@ def two_tokenizers(tmp_path_factory, ray_session, corpus_texts):
         run_extract(ExtractSpec(
             store=acts, name=f"tok_{key}", model={"id": str(model)}, corpus={"path": str(corpus), "keep_fields": ["label"]},
             tokenize={"context_size": 32}, hooks=["blocks.*.hook_resid_post"], dtype="float32",
-            compute={"unit_contexts": 4, "batch_tokens": 128},
+            compute={"executor": "local", "unit_contexts": 4, "batch_tokens": 128},
         ), progress=False)
     s = store.open(acts)
     return s, s.dataset("tok_a"), s.dataset("tok_b"), corpus_texts, {k: Path(v) for k, v in models.items()}

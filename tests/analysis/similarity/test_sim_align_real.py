@@ -66,7 +66,7 @@ def test_pairs_are_tokens_completing_the_same_prefix(two_tokenizers):
     assert len(al) == len(bounds["a"] & bounds["b"])
 
 
-def test_compare_and_batches_across_tokenizers(two_tokenizers):
+def test_compare_and_batches_across_tokenizers(two_tokenizers, ray_session):
     _, a, b, _, _ = two_tokenizers
     al = align_tokens([(a, H), (b, H)])
     x = np.asarray(a.read(H), np.float64)[al.rows[0]]
