@@ -151,7 +151,7 @@ def bench_read(root: Path, ds: store.ActivationDataset, full: np.ndarray, repeat
 
 def bench_partial(ds: store.ActivationDataset, repeats: int, queries: int = 400) -> dict[str, tuple[float, float]]:
     """Rows/s of partial reads with every block checked vs the very same reads with the block
-    checks switched off (``store.commit.protocol._CHECK_READS``): what checking costs, nothing else."""
+    checks switched off (``store.commit.protocol.CHECK_READS``): what checking costs, nothing else."""
     from strata.store.commit import protocol
 
     hook = "blocks.0.hook_resid_post"
@@ -169,11 +169,11 @@ def bench_partial(ds: store.ActivationDataset, repeats: int, queries: int = 400)
     for label, (run, rows) in shapes.items():
 
         def unchecked(run: Callable[[], object] = run) -> None:
-            protocol._CHECK_READS = False
+            protocol.CHECK_READS = False
             try:
                 run()
             finally:
-                protocol._CHECK_READS = True
+                protocol.CHECK_READS = True
 
         run(), unchecked()  # warm the page cache for both
         t_u, t_c = [], []

@@ -171,8 +171,8 @@ def _store_url(args: argparse.Namespace) -> str:
 
 def _auth_error(e: BaseException, args: argparse.Namespace) -> str | None:
     """A one-line message for a storage access refused for want of valid credentials (see
-    :func:`store.storage._auth.auth_failure`), else None. Names the URL, never the credentials."""
-    from strata.store.storage._auth import auth_failure
+    :func:`strata.store.storage.auth_failure`), else None. Names the URL, never the credentials."""
+    from strata.store.storage import auth_failure
 
     url = _store_url(args)
     why = auth_failure(e, remote=url.startswith(("s3://", "gs://", "gcs://")))

@@ -6,9 +6,19 @@
     x = ds.read("blocks.3.hook_resid_post", rows=slice(0, 4096))
 """
 
+from strata.store.analyses.handles import AnalysisHandle
+from strata.store.commit.artifacts import Artifact, ArtifactExistsError, ArtifactNotFoundError
+from strata.store.commit.lease import Fence, Lease
 from strata.store.core import Store, open
-from strata.store.datasets.reader import ActivationDataset
+from strata.store.datasets.aligned import AlignmentError, align_tokens, iter_aligned
+from strata.store.datasets.batches import BatchIterator
 from strata.store.datasets.documents import DOC_COLUMNS, DOC_SCHEMA
+from strata.store.datasets.manifest import DatasetInfo
+from strata.store.datasets.reader import ActivationDataset
+from strata.store.datasets.tokens import TOKEN_COLUMNS, TOKEN_SCHEMA
+from strata.store.datasets.verify import RepairReport, VerifyReport
+from strata.store.datasets.versions import DatasetVersion
+from strata.store.datasets.writer import DatasetWriter
 from strata.store.errors import (
     CorruptionError,
     CredentialsError,
@@ -29,24 +39,7 @@ from strata.store.errors import (
     UnknownDocumentError,
     WriteMismatchError,
 )
-from strata.store.datasets.aligned import AlignmentError, align_tokens, iter_aligned
-from strata.store.commit.artifacts import Artifact, ArtifactExistsError, ArtifactNotFoundError
-from strata.store.saes.handles import AnalysisHandle, SAEHandle
-from strata.store.commit.lease import Fence, Lease
-from strata.store.datasets.manifest import DatasetInfo
-from strata.store.datasets.tokens import TOKEN_COLUMNS, TOKEN_SCHEMA
-from strata.store.datasets.verify import RepairReport, VerifyReport
-from strata.store.datasets.versions import DatasetVersion
-from strata.store.datasets.writer import DatasetWriter
-
-
-def __getattr__(name: str):  # noqa: ANN202
-    # The batch iterator needs torch; importing it only when asked keeps `import store` light.
-    if name == "BatchIterator":
-        from strata.store.datasets.batches import BatchIterator
-
-        return BatchIterator
-    raise AttributeError(f"module 'store' has no attribute {name!r}")
+from strata.store.saes.handles import SAEHandle
 
 __all__ = [
     "open",

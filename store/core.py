@@ -12,33 +12,26 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from strata.store.datasets import catalog as _catalog
 from strata.store import layout
-from strata.store.dtypes import check_dtype
-from strata.store.errors import (
-    CredentialsError,
-    DatasetExistsError,
-    DatasetNotFoundError,
-    StorageError,
-    StoreNotFoundError,
-    StrataError,
-)
+from strata.store.analyses.handles import ANALYSES, AnalysisHandle
+from strata.store.commit import artifacts
 from strata.store.commit.lease import Lease
-from strata.store.datasets.manifest import IDENTITY_META_KEYS, DatasetInfo, fingerprint, load_manifest, write_manifest
 from strata.store.commit.protocol import utcnow
+from strata.store.datasets import catalog
+from strata.store.datasets.manifest import IDENTITY_META_KEYS, DatasetInfo, dataset_names, fingerprint, load_manifest, write_manifest
+from strata.store.datasets.reader import ActivationDataset, open_dataset
 from strata.store.datasets.shards import create_hook_array
 from strata.store.datasets.state import DatasetState
-from strata.store.storage import Storage, open_storage
-from strata.store.storage._auth import auth_failure
-from strata.store.datasets.writer import DatasetWriter, new_hook_info
+from strata.store.datasets.versions import DatasetVersion, versions
+from strata.store.datasets.writer import DatasetWriter, dataset_lease, new_hook_info
+from strata.store.dtypes import check_dtype
+from strata.store.errors import CredentialsError, DatasetExistsError, StorageError, StoreNotFoundError, StrataError
+from strata.store.features.table import FeatureTable, table_names
+from strata.store.saes.handles import SAES, SAEHandle
+from strata.store.storage import Storage, auth_failure, open_storage
 
 if TYPE_CHECKING:
     from zarr.abc.store import Store as ZarrStore
-
-    from strata.store.datasets.reader import ActivationDataset
-    from strata.store.features.table import FeatureTable
-    from strata.store.saes.handles import AnalysisHandle, SAEHandle
-    from strata.store.datasets.versions import DatasetVersion
 
 log = logging.getLogger(__name__)
 
@@ -72,24 +65,12 @@ class Store:
 
     def datasets(self) -> list[str]:
         """Names of the datasets whose manifest is committed."""
-        return [n for n in self.storage.list_dirs(layout.DATASETS) if self.storage.exists(layout.manifest_key(n))]
+        return dataset_names(self.storage)
 
     def dataset(self, name: str, *, version: str | None = None) -> ActivationDataset:
         """The dataset of exactly that name; with ``version``, one of the versions of ``name``
         (see :meth:`versions`): ``"latest"`` the newest, or a revision (a prefix of its hash)."""
-        from strata.store.datasets.reader import ActivationDataset
-
-        if version is not None:
-            from strata.store.datasets.versions import pick
-
-            name = pick(self, name, version)
-        try:
-            return ActivationDataset(self, name)
-        except DatasetNotFoundError:
-            names = self.datasets()
-            raise DatasetNotFoundError(
-                f"no dataset {name!r} in store {self.uri}; it holds: {', '.join(names) if names else 'no datasets'}"
-            ) from None
+        return open_dataset(self, name, version=version)
 
     def dataset_state(self, name: str) -> DatasetState:
         """What dataset ``name`` holds, as metadata only (identity, hooks, committed units per
@@ -100,8 +81,6 @@ class Store:
         """The versions of dataset ``name``, oldest first by creation time: the dataset itself and
         those made from it when its model's revision moved (``strata reprocess`` names them
         ``name@REVISION``). Each has ``.name``, ``.revision``, ``.short``, ``.created_at``."""
-        from strata.store.datasets.versions import versions
-
         return versions(self, name)
 
     def manifest(self, name: str) -> DatasetInfo:
@@ -116,11 +95,7 @@ class Store:
     def lease(self, name: str, *, owner: str = "", stale_after_s: float = 60.0) -> Lease:
         """A write lease on a dataset, for a job's driver: ``with store.lease(name) as lease:``;
         ``lease.token`` is the job's fencing token."""
-        layout.check_name(name)
-        return Lease(
-            self.storage, layout.dataset_dir(name), what=f"dataset {name!r}", owner=owner,
-            stale_after_s=stale_after_s, heartbeat_s=min(10.0, stale_after_s / 4),
-        )
+        return dataset_lease(self.storage, name, owner=owner, stale_after_s=stale_after_s)
 
     def create_dataset(
         self,
@@ -195,74 +170,51 @@ class Store:
     def delete_dataset(self, name: str) -> None:
         """Delete a dataset and its catalog entry, holding its write lease. The manifest goes
         first, so readers never see a half-deleted dataset."""
-        with self.lease(name, owner="delete") as lease:
-            self.manifest(name)
-            lease.check()
-            self.storage.delete(layout.manifest_key(name))
-            _catalog.delete_entry(self, name)
-            for key in self.storage.list(layout.dataset_dir(name)):
-                if not key.startswith(f"{layout.lease_dir(layout.dataset_dir(name))}/"):
-                    self.storage.delete(key)
+        catalog.delete_dataset(self, name)
 
     # -- other artifacts -------------------------------------------------------------------
 
     def saes(self) -> list[str]:
         """Names of the committed SAEs."""
-        from strata.store.commit import artifacts
-        from strata.store.saes.handles import SAES
-
         return artifacts.names(self.storage, SAES)
 
     def sae(self, name: str) -> SAEHandle:
         """A committed SAE (``.load()``, ``.lineage``, ``.metrics``, ``.path``)."""
-        from strata.store.saes.handles import SAEHandle
-
         return SAEHandle(self, name)
 
     def analyses(self) -> list[str]:
         """Names of the committed analysis results."""
-        from strata.store.commit import artifacts
-        from strata.store.saes.handles import ANALYSES
-
         return artifacts.names(self.storage, ANALYSES)
 
     def analysis(self, name: str, *, allow_stale: bool = False) -> AnalysisHandle:
         """A committed analysis result (``.table()``, ``.meta``). One computed from a dataset
         (or SAE) since replaced under the same name raises ``StaleArtifactError`` unless
         ``allow_stale`` (to inspect or remove it)."""
-        from strata.store.saes.handles import AnalysisHandle
-
         return AnalysisHandle(self, name, allow_stale=allow_stale)
 
     def features(self, name: str, *, allow_stale: bool = False) -> FeatureTable:
         """A feature table of SAE latents (``.stats()``, ``.top(f, k)``, ``.activations(f)``, ``.latents(rows=...)``).
         One whose dataset was replaced under the same name raises ``StaleArtifactError``
         unless ``allow_stale`` (to inspect or remove it)."""
-        from strata.store.features.table import FeatureTable
-
         return FeatureTable(self, name, allow_stale=allow_stale)
 
     def feature_tables(self) -> list[str]:
         """Names of the feature tables."""
-        from strata.store.features.table import table_names
-
         return table_names(self)
 
     def artifact_lease(self, kind: str, name: str, *, owner: str = "", stale_after_s: float = 60.0) -> Lease:
         """The write lease of an artifact folder (``saes``/``analyses``/... and a name)."""
-        from strata.store.commit import artifacts
-
         return artifacts.lease(self.storage, kind, name, owner=owner, stale_after_s=stale_after_s)
 
     def update_catalog(self, name: str) -> None:
         """Rewrite a dataset's catalog entry from its commit records (drivers do this)."""
-        _catalog.write_entry(self.dataset(name))
+        catalog.write_entry(self.dataset(name))
 
     def catalog(self, *, live: bool = False) -> pa.Table:
         """One row per dataset: identity, shape, committed units, rows and completeness (as of
         the last job; ``live=True`` recounts now). Also queryable with DuckDB:
         ``SELECT * FROM 'STORE/catalog/*.parquet'``. Never writes."""
-        return _catalog.read(self, live=live)
+        return catalog.read(self, live=live)
 
 
 def _check_marker(storage: Storage, *, create: bool) -> None:

@@ -3,9 +3,8 @@ logical dtype is recorded in the array's attributes; torch gets ``.view(torch.bf
 
 from __future__ import annotations
 
-from typing import Any
-
 import sys
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +19,7 @@ _STORAGE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": 
 
 
 def _torch():  # noqa: ANN202
-    import torch
+    import torch  # lazy: only torch conversions need it, and `import strata.store` must not pay its import
 
     return torch
 

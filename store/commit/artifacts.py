@@ -24,18 +24,17 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from strata.store.commit import protocol
-from strata.store.errors import CorruptionError, StrataError
-from strata.store.layout import check_name
 from strata.store.commit.lease import Fence, Lease
 from strata.store.commit.protocol import CommitRecord, FileEntry
-
-if TYPE_CHECKING:
-    from strata.store.storage import Storage
+from strata.store.errors import CorruptionError, StrataError
+from strata.store.layout import check_name
+from strata.store.root import StoreRoot
+from strata.store.storage import Storage
 
 _KIND = re.compile(r"^[a-z][a-z0-9_]*(/[A-Za-z0-9][A-Za-z0-9_.@+=-]*(/[a-z][a-z0-9_]*)?)*$")
 _FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@+=-]*(/[A-Za-z0-9_][A-Za-z0-9_.@+=-]*)*$")
@@ -153,6 +152,16 @@ def get(storage: Storage, kind: str, name: str) -> Artifact | None:
     return Artifact(storage, kind, name, rec)
 
 
+def require(store: StoreRoot, kind: str, name: str, *, what: str) -> Artifact:
+    """The committed artifact ``kind/name``; :class:`ArtifactNotFoundError` naming those the store
+    holds otherwise (``what`` names the kind in the message: ``"SAE"``, ``"analysis"``)."""
+    art = get(store.storage, kind, name)
+    if art is None:
+        have = names(store.storage, kind)
+        raise ArtifactNotFoundError(f"no {what} {name!r} in store {store.uri}; it holds: {', '.join(have) if have else f'no {what}s'}")
+    return art
+
+
 def names(storage: Storage, kind: str) -> list[str]:
     """Names of the committed artifacts of a kind."""
     return [n for n in storage.list_dirs(check_kind(kind)) if storage.exists(f"{kind}/{n}/{COMMIT}")]
@@ -188,7 +197,7 @@ def put(
             return existing
         raise ArtifactExistsError(f"{kind} {name!r} is committed already with other contents; choose a new name (or delete it first)")
     lease.check()
-    for e, (rel, b) in zip(entries, sorted(data.items())):
+    for e, (_rel, b) in zip(entries, sorted(data.items())):
         storage.write(e.key, b)  # replaces what a crashed attempt may have left: we hold the lease
     rec = CommitRecord(None, None, 0, entries, dict(writer or protocol.writer_identity()), protocol.utcnow(),
                        fence=lease.token, extra={"kind": kind, "meta": meta})

@@ -44,8 +44,7 @@ import xxhash
 
 from strata.store.commit import sealed
 from strata.store.errors import CorruptionError
-from strata.store.storage import Storage
-from strata.store.storage._base import Buffers, as_parts
+from strata.store.storage import Buffers, Storage, as_parts
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ DEFAULT_BLOCK = 4 << 20
 RECORD_VERSION = 2
 #: Benchmarks only (benchmarks/store_io.py measures what checking costs): False skips the block
 #: checksums of reads. Nothing else may turn it off.
-_CHECK_READS = True
+CHECK_READS = True
 
 
 def utcnow() -> str:
@@ -381,6 +380,13 @@ def _await_commit_or_orphan(storage: Storage, key: str, record_key: str, orphan_
 # the data blocks it describes are checked on every read.
 _TABLES: OrderedDict[tuple[str, str, str], np.ndarray] = OrderedDict()
 _TABLES_MAX = 1024
+
+
+def forget_checked_tables() -> None:
+    """Forget the digest tables checked so far, so the next read checks them again (as a fresh
+    process would): what tests that damage a table after reading it need."""
+    _TABLES.clear()
+
 #: What one hash call costs beyond its bytes, as bytes hashed (xxh3 runs at ~15 GB/s, a call
 #: from Python costs ~0.4 us): a range is checked at the granularity with the least
 #: ``bytes hashed + calls * _CALL_BYTES``, so a scattered row hashes its few-row block and a
@@ -551,7 +557,7 @@ def read_checked_many(
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     bufs = _read_ranges(storage, entry, wide, where=where)
-    if _CHECK_READS:
+    if CHECK_READS:
         spans = [(lo, hi, buf) for (lo, hi), buf in zip(wide, bufs)]
         if any(hi > entry.body_bytes for _, hi in wide):
             _check_regions(entry, spans, where=where)

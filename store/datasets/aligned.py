@@ -17,7 +17,7 @@ Special rows (BOS, separators, padding) never pair. Only units committed for a s
 used. "The same documents" is checked where the manifests say: datasets whose
 ``corpus_fingerprint`` differs hold different documents under the same ids and are refused,
 as are sides that have no token in common. (Pooled per document, an image corpus and its
-captions pair by their set hashes instead; see :func:`_check_documents` and
+captions pair by their set hashes instead; see :func:`check_same_corpus` and
 :mod:`store.datasets.pairing`. Their tokens never pair.)
 
 ``iter_aligned(sides, ...)`` yields tuples of row-aligned float32 tensors, one per side, for
@@ -38,15 +38,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from strata.store.datasets.reader import ActivationDataset
 from strata.store.dtypes import storage_dtype, to_torch
 from strata.store.errors import NotCommittedError, StrataError
 
 if TYPE_CHECKING:
     import torch
 
-    from strata.store.datasets.reader import ActivationDataset
-
-__all__ = ["AlignmentError", "Alignment", "AlignedBatches", "align_tokens", "iter_aligned"]
+__all__ = ["AlignmentError", "Alignment", "AlignedBatches", "align_tokens", "iter_aligned", "check_same_corpus"]
 
 SideRef = tuple["ActivationDataset", str]
 
@@ -121,7 +120,7 @@ def _paired_by_captions(a: ActivationDataset, b: ActivationDataset) -> bool:
                                  (mb.get("caption_set_hash"), ma.get("doc_set_hash"))))
 
 
-def _check_documents(sides: Sequence[SideRef], *, by_docs: bool = False) -> None:
+def check_same_corpus(sides: Sequence[SideRef], *, by_docs: bool = False) -> None:
     """Refuse sides extracted from different corpora. With ``by_docs`` (documents pooled, not
     tokens paired), an image corpus and its captions pair although their fingerprints differ,
     when the caption set hash of one equals the document set hash of the other."""
@@ -159,7 +158,7 @@ def align_tokens(sides: Sequence[SideRef], *, units: Sequence[int] | None = None
         ds.check_hook(hook)
     method = _method(sides)
     if method != "rows":
-        _check_documents(sides)
+        check_same_corpus(sides)
     if method == "rows":
         ds = sides[0][0]
         common = set(ds.committed_units(sides[0][1]))
@@ -262,7 +261,7 @@ class AlignedBatches:
     _gen: Iterator[tuple[Any, ...]] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        import torch
+        import torch  # lazy: batches are torch tensors, but `import strata.store` must not pay for torch
 
         self.dtype = self.dtype or torch.float32
         ur = self.sides[0][0].info.unit_rows
@@ -410,6 +409,7 @@ def iter_aligned(
     if len(al.rows) != len(sides):
         raise ValueError(f"`alignment` has {len(al.rows)} sides but {len(sides)} sides were given")
     if epochs is None and len(al) < batch_size:
-        raise ValueError(f"`batch_size` {batch_size} is larger than an epoch ({len(al)} aligned rows); an endless iterator would repeat rows within a batch")
+        raise ValueError(f"`batch_size` {batch_size} is larger than an epoch ({len(al)} aligned rows); "
+                         "an endless iterator would repeat rows within a batch")
     return AlignedBatches(sides, al, batch_size=batch_size, shuffle=bool(shuffle), seed=seed, epochs=epochs,
                           buffer_rows=buffer_rows, drop_last=bool(drop_last), dtype=dtype)

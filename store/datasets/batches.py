@@ -35,19 +35,40 @@ import threading
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
 
+from strata.store.datasets.manifest import DatasetInfo
 from strata.store.dtypes import storage_dtype, to_torch
 from strata.store.errors import NotCommittedError
 
 if TYPE_CHECKING:
-    from strata.store.datasets.reader import ActivationDataset
+    import torch
 
 _END = object()
-_TORCH_OUT = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+#: The output dtypes a batch may have, by name (``str(torch.float32) == "torch.float32"``).
+_TORCH_OUT = ("torch.float32", "torch.float16", "torch.bfloat16")
+
+
+class BatchSource(Protocol):
+    """What the iterator reads of a dataset (an
+    :class:`~strata.store.datasets.reader.ActivationDataset` is one)."""
+
+    name: str
+
+    @property
+    def info(self) -> DatasetInfo: ...
+
+    def check_hook(self, hook: str) -> str: ...
+
+    def committed_units(self, hook: str | None = None) -> list[int]: ...
+
+    def unit_counts(self, hook: str | None, unit: int) -> tuple[int, int]: ...
+
+    def special_mask(self, unit: int) -> np.ndarray: ...
+
+    def unit_array(self, hook: str, unit: int) -> np.ndarray: ...
 _LIVE: weakref.WeakSet[_Loader] = weakref.WeakSet()
 
 
@@ -112,7 +133,7 @@ class _Loader:
     """The two loader threads of one run of the iterator. They hold the dataset and the
     order, never the iterator, so an iterator that is dropped is collected and stops them."""
 
-    def __init__(self, ds: ActivationDataset, hooks: list[str], order: _Order, *, batch_size: int, epochs: int | None,
+    def __init__(self, ds: BatchSource, hooks: list[str], order: _Order, *, batch_size: int, epochs: int | None,
                  drop_last: bool, dtype: torch.dtype, prefetch: int, skip_special: bool, single: bool) -> None:
         self.ds, self.hooks, self.order = ds, hooks, order
         self.batch_size, self.epochs, self.drop_last = batch_size, epochs, drop_last
@@ -280,7 +301,7 @@ class BatchIterator:
 
     def __init__(
         self,
-        ds: ActivationDataset,
+        ds: BatchSource,
         hooks: str | Sequence[str],
         *,
         batch_size: int = 4096,
@@ -290,7 +311,7 @@ class BatchIterator:
         skip_special: bool = True,
         buffer_rows: int = 1 << 17,
         drop_last: bool = False,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         prefetch: int = 4,
         units: Sequence[int] | None = None,
     ) -> None:
@@ -308,7 +329,10 @@ class BatchIterator:
         seed = _check_int("seed", seed, minimum=0)
         if epochs is not None:
             epochs = _check_int("epochs", epochs, minimum=1)
-        if dtype not in _TORCH_OUT:
+        import torch  # lazy: batches are torch tensors, but `import strata.store` must not pay for torch
+
+        dtype = torch.float32 if dtype is None else dtype
+        if not isinstance(dtype, torch.dtype) or str(dtype) not in _TORCH_OUT:
             raise ValueError(f"`dtype` must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
         self.ds = ds
         self.batch_size, self.shuffle, self.seed, self.epochs = batch_size, bool(shuffle), seed, epochs

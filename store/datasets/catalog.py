@@ -9,18 +9,18 @@ records instead of trusting the counts of the last entry written.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 
 from strata.store import layout
 from strata.store.commit import parquet
+from strata.store.commit.protocol import utcnow
+from strata.store.datasets.manifest import IDENTITY_META_KEYS, dataset_names, load_manifest
+from strata.store.datasets.reader import ActivationDataset, open_dataset
+from strata.store.datasets.writer import dataset_lease
 from strata.store.errors import StrataError
-from strata.store.datasets.manifest import IDENTITY_META_KEYS
-
-if TYPE_CHECKING:
-    from strata.store.core import Store
-    from strata.store.datasets.reader import ActivationDataset
+from strata.store.root import StoreRoot
 
 SCHEMA = pa.schema(
     [
@@ -49,8 +49,6 @@ SCHEMA = pa.schema(
 
 def entry(ds: ActivationDataset) -> dict[str, Any]:
     """The catalog row of an open dataset, counted from its commit records."""
-    from strata.store.commit.protocol import utcnow
-
     s = ds.info.summary()
     row: dict[str, Any] = {k: s.get(k) for k in SCHEMA.names if k in s}
     for k in IDENTITY_META_KEYS:
@@ -73,18 +71,29 @@ def write_entry(ds: ActivationDataset) -> None:
     ds.storage.write(layout.catalog_key(ds.name), parquet.to_bytes(pa.Table.from_pylist([entry(ds)], schema=SCHEMA)))
 
 
-def delete_entry(store: Store, name: str) -> None:
+def delete_dataset(store: StoreRoot, name: str) -> None:
+    """Delete a dataset and its catalog entry, holding its write lease. The manifest goes
+    first, so readers never see a half-deleted dataset."""
+    with dataset_lease(store.storage, name, owner="delete") as lease:
+        load_manifest(store.storage, layout.check_name(name))
+        lease.check()
+        store.storage.delete(layout.manifest_key(name))
+        delete_entry(store, name)
+        for key in store.storage.list(layout.dataset_dir(name)):
+            if not key.startswith(f"{layout.lease_dir(layout.dataset_dir(name))}/"):
+                store.storage.delete(key)
+
+
+def delete_entry(store: StoreRoot, name: str) -> None:
     store.storage.delete(layout.catalog_key(name))
 
 
-def read(store: Store, *, live: bool = False) -> pa.Table:
+def read(store: StoreRoot, *, live: bool = False) -> pa.Table:
     """One row per dataset that exists. Entries are read as written; a dataset whose entry is
     missing, damaged or older than its manifest (or every dataset, with ``live``) is counted
     from its commit records. Never writes."""
-    from strata.store.datasets.manifest import load_manifest
-
     rows = []
-    for name in store.datasets():
+    for name in dataset_names(store.storage):
         row = None
         if not live:
             try:
@@ -99,7 +108,7 @@ def read(store: Store, *, live: bool = False) -> pa.Table:
                 row = None
         if row is None:
             try:
-                row = entry(store.dataset(name))
+                row = entry(open_dataset(store, name))
             except StrataError:
                 continue  # damaged or deleted meanwhile: `strata verify` reports it
         rows.append(row)

@@ -7,9 +7,10 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from strata.store.commit import sealed
+from strata.store.commit import protocol, sealed
+from strata.store.commit.protocol import FileEntry
 from strata.store.errors import CorruptionError, DatasetNotFoundError, FormatVersionError
-from strata.store.layout import hook_order, manifest_key
+from strata.store.layout import DATASETS, aux_dir, hook_order, manifest_key
 from strata.store.storage import Storage
 
 FORMAT = "strata.activations"
@@ -120,6 +121,11 @@ def fingerprint(*, context_size: int, dtype: str, meta: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def dataset_names(storage: Storage) -> list[str]:
+    """Names of the datasets whose manifest is committed."""
+    return [n for n in storage.list_dirs(DATASETS) if storage.exists(manifest_key(n))]
+
+
 def load_manifest(storage: Storage, name: str) -> DatasetInfo:
     """The committed manifest of dataset ``name``."""
     key = manifest_key(name)
@@ -133,3 +139,17 @@ def load_manifest(storage: Storage, name: str) -> DatasetInfo:
 def write_manifest(storage: Storage, info: DatasetInfo) -> None:
     """Write (replace, atomically) a manifest: driver only, holding the dataset's lease."""
     storage.write(manifest_key(info.name), info.to_json())
+
+
+def read_aux(storage: Storage, info: DatasetInfo, kind: str) -> tuple[str, bytes] | None:
+    """A driver-written file the manifest lists (``documents``, ``tokenizer``, ``commit_index``),
+    checked against the manifest's entry: ``(key, bytes)``; None when the manifest lists none."""
+    entry = info.aux.get(kind)
+    if entry is None:
+        return None
+    try:
+        fe = FileEntry.from_dict(entry)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptionError(f"dataset {info.name!r}: the manifest's entry for its {kind} file is damaged ({e})") from None
+    protocol.check_key(fe.key, protocol.check_inside(aux_dir(info.name)), where=f"dataset {info.name!r} manifest")
+    return fe.key, bytes(protocol.read_whole(storage, fe, where=f"dataset {info.name!r} {kind} ({fe.key})"))

@@ -6,7 +6,7 @@ corpus fingerprints, yet their documents correspond by id. The extraction record
 meta, ``doc_set_hash`` (every document of the corpus: its text, or an image's bytes) and, for an
 image corpus with captions, ``caption_set_hash`` (the images with a non-empty caption, over the
 caption text). ``align="docs"`` pairs two datasets of different corpora when one side's
-``caption_set_hash`` equals the other side's ``doc_set_hash`` (:func:`store.datasets.aligned._check_documents`).
+``caption_set_hash`` equals the other side's ``doc_set_hash`` (:func:`strata.store.datasets.aligned.check_same_corpus`).
 
 The hash of a set of ``(id, payload)`` documents is the sum modulo 2**64 of
 ``xxh3_64(id as 8 little-endian signed bytes + payload)``: a sum, so that documents may be added

@@ -1,38 +1,34 @@
 """Reading an activation dataset: committed units only, every byte checked, consistent while
-jobs still write."""
+jobs still write. What is committed is tracked by :mod:`strata.store.datasets.commits`; this
+module reads rows, tokens and documents of it, and hands out batches (:mod:`.batches`) and
+verification (:mod:`.verify`)."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
+from tokenizers import Tokenizer
 
-from strata.store import layout
-from strata.store.commit import parquet
 from strata.store.commit import protocol
+from strata.store.commit.protocol import CommitRecord
+from strata.store.datasets.batches import BatchIterator
+from strata.store.datasets.commits import IO_THREADS, CommitState
 from strata.store.datasets.documents import as_doc_ids, decode_documents, spans_of
-from strata.store.dtypes import storage_dtype, to_torch
-from strata.store.errors import CorruptionError, HookNotFoundError, NotCommittedError, RowOutOfRangeError, UnknownDocumentError
-from strata.store.datasets.manifest import DatasetInfo, load_manifest
-from strata.store.commit.protocol import CommitRecord, FileEntry
+from strata.store.datasets.manifest import DatasetInfo, dataset_names, read_aux
 from strata.store.datasets.shards import ShardLayout, shard_layout
 from strata.store.datasets.tokens import STORED_TOKEN_SCHEMA, decode_tokens, rows_of_docs
+from strata.store.datasets.verify import RepairReport, VerifyReport, repair, verify
+from strata.store.datasets.versions import pick
+from strata.store.dtypes import storage_dtype, to_torch
+from strata.store.errors import CorruptionError, DatasetNotFoundError, NotCommittedError, RowOutOfRangeError, UnknownDocumentError
+from strata.store.root import StoreRoot
 
 if TYPE_CHECKING:
     import torch
-
-    from strata.store.datasets.batches import BatchIterator
-    from strata.store.core import Store
-    from strata.store.datasets.verify import RepairReport, VerifyReport
-
-log = logging.getLogger(__name__)
-
-_IO_THREADS = 16
 
 
 def _resolve_out_dtype(stored: str, as_: str, dtype: Any) -> tuple[str, np.dtype]:
@@ -61,52 +57,11 @@ def _copy_into(out: np.ndarray, out_name: str, src: np.ndarray, src_name: str) -
         if wide is not out:
             out[...] = wide
     elif out_name == "bfloat16":
-        import torch
+        import torch  # lazy: only a bfloat16 read pays for torch; `import strata.store` stays light
 
         out[...] = torch.from_numpy(np.ascontiguousarray(src, np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     else:
         out[...] = src
-
-
-@dataclass(frozen=True)
-class _Indexed:
-    """A commit record as the commit index holds it: its counts, and its JSON, parsed when used."""
-
-    rows: int
-    special: int
-    key: str
-    raw: bytes
-
-
-INDEX_SCHEMA = pa.schema([("part", pa.string()), ("unit", pa.int64()), ("rows", pa.int64()), ("special", pa.int64()),
-                          ("key", pa.string()), ("record", pa.binary())])
-
-
-def decode_commit_index(data: bytes, *, where: str) -> dict[str | None, dict[int, _Indexed]]:
-    try:
-        t = parquet.read(data).cast(INDEX_SCHEMA)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, ValueError) as e:
-        raise CorruptionError(f"{where}: not a commit index ({e})") from None
-    out: dict[str | None, dict[int, _Indexed]] = {}
-    for part, unit, rows, special, key, raw in zip(*(t.column(c).to_pylist() for c in INDEX_SCHEMA.names)):
-        out.setdefault(part or None, {})[unit] = _Indexed(rows, special, key, raw)
-    return out
-
-
-def encode_commit_index(ds: ActivationDataset) -> bytes:
-    """Every valid commit record of a dataset, as the driver compacts them (see ``refresh``)."""
-    cols: dict[str, list[Any]] = {c: [] for c in INDEX_SCHEMA.names}
-    for hook in [None, *ds.info.hooks]:
-        for unit in sorted(ds._commits.get(hook, {})):  # noqa: SLF001 - the reader's own state
-            try:
-                rec = ds.record(hook, unit) if hook is None or unit in ds._commits.get(None, {}) else None  # noqa: SLF001
-            except CorruptionError:
-                continue
-            if rec is None:  # a hook's record whose token record is missing: keep it listed, not indexed
-                continue
-            for c, v in zip(INDEX_SCHEMA.names, (hook or "", unit, rec.rows, rec.special, layout.commit_key(ds.name, hook, unit), rec.to_json())):
-                cols[c].append(v)
-    return parquet.to_bytes(pa.table(cols, schema=INDEX_SCHEMA))
 
 
 class ActivationDataset:
@@ -118,176 +73,72 @@ class ActivationDataset:
     unreadable (:class:`CorruptionError`) and is reported by :meth:`verify`; other units stay
     readable."""
 
-    def __init__(self, store: Store, name: str, *, use_index: bool = True) -> None:
-        self.store = store
-        self._use_index = use_index  # False: list every record (what compacting the index needs)
+    def __init__(self, store: StoreRoot, name: str, *, use_index: bool = True) -> None:
+        self.store = store  # kept for callers that go on from a dataset to its store
         self.storage = store.storage
-        self.name = layout.check_name(name)
-        self.info: DatasetInfo = load_manifest(self.storage, name)
-        self._commits: dict[str | None, dict[int, CommitRecord | _Indexed]] = {}
-        self._index: tuple[str, dict[str | None, dict[int, _Indexed]]] | None = None
-        self.damaged: dict[tuple[str | None, int], str] = {}  # (hook or None, unit) -> what is wrong with its record
+        self.commits = CommitState(self.storage, name, use_index=use_index)
+        self.name = self.commits.name
         self._mapped: dict[tuple[str, int], np.ndarray] = {}
         self._tokens: dict[int, pa.Table] = {}
         self._docs: tuple[str, pa.Table] | None = None
         self.refresh()
 
     def __repr__(self) -> str:
-        units = len(self._commits.get(None, {}))
+        units = len(self.commits.records.get(None, {}))
         return f"ActivationDataset({self.name!r}, hooks={len(self.info.hooks)}, committed units={units}/{self.info.num_units})"
 
-    # -- commit state ---------------------------------------------------------------------
+    # -- commit state (see store.datasets.commits) --------------------------------------------
+
+    @property
+    def info(self) -> DatasetInfo:
+        """The manifest as of the last :meth:`refresh`."""
+        return self.commits.info
+
+    @property
+    def damaged(self) -> dict[tuple[str | None, int], str]:
+        """``(hook or None, unit) -> what is wrong with its commit record``, for damaged records."""
+        return self.commits.damaged
 
     def refresh(self) -> ActivationDataset:
         """Pick up units (and hooks, and growth) committed since the dataset was opened, and
         forget units whose records were removed (by a repair). Records come from the dataset's
         commit index (one read) and from listing only the record folders it does not cover."""
-        self.info = load_manifest(self.storage, self.name)
-        index = self._load_index()
-        n, group = self.info.num_units, layout.COMMIT_GROUP
-        todo: list[tuple[str | None, int, str]] = []
-        for hook in [None, *self.info.hooks]:
-            have = self._commits.setdefault(hook, {})
-            indexed = index.get(hook, {})
-            listed: dict[int, str] = {}
-            for g in range(-(-n // group)):
-                if all(u in indexed for u in range(g * group, min(n, (g + 1) * group))):
-                    continue  # the index holds every unit of this folder: no listing
-                for key in self.storage.list(layout.commit_group_dir(self.name, hook, g)):
-                    u = layout.unit_of_commit_key(key)
-                    if u is not None and key == layout.commit_key(self.name, hook, u):
-                        listed[u] = key
-            present = set(indexed) | set(listed)
-            for u in [u for u in have if u not in present]:
-                del have[u]
-                self._forget(hook, u)
-            for hu in [hu for hu in self.damaged if hu[0] == hook and hu[1] not in present]:
-                del self.damaged[hu]
-            for u, entry in indexed.items():
-                if u not in have and (hook, u) not in self.damaged:
-                    have[u] = entry
-            todo += [(hook, u, k) for u, k in listed.items() if u not in have and (hook, u) not in self.damaged]
-        with ThreadPoolExecutor(_IO_THREADS) as pool:
-            results = list(pool.map(lambda t: self._load_record(*t), todo))
-        for (hook, u, _), res in zip(todo, results):
-            if isinstance(res, CommitRecord):
-                self._commits[hook][u] = res
+        for hook, unit in self.commits.refresh():
+            if hook is None:
+                self._tokens.pop(unit, None)
             else:
-                self.damaged[(hook, u)] = res
+                self._mapped.pop((hook, unit), None)
         return self
-
-    def _load_index(self) -> dict[str | None, dict[int, _Indexed]]:
-        key = (self.info.aux.get("commit_index") or {}).get("key")
-        if key is None or not self._use_index:
-            return {}
-        if self._index is None or self._index[0] != key:
-            try:
-                _, data = self.aux_file("commit_index")  # type: ignore[misc]
-                self._index = (key, decode_commit_index(data, where=f"dataset {self.name!r} commit index ({key})"))
-            except CorruptionError as e:  # derived data: list every record instead (verify reports it)
-                log.warning("%s; reading the commit records themselves", e)
-                self._index = (key, {})
-        return self._index[1]
 
     def unit_counts(self, hook: str | None, unit: int) -> tuple[int, int]:
         """``(rows, special rows)`` of a committed unit, without parsing its record."""
-        entry = self._commits.get(hook, {}).get(unit)
-        damaged = (hook, unit) in self.damaged or (None, unit) in self.damaged
-        if entry is None or damaged or (hook is not None and unit not in self._commits.get(None, {})):
-            self.record(hook, unit)  # raises the error that says why
-        assert entry is not None
-        return entry.rows, entry.special
-
-    def _forget(self, hook: str | None, unit: int) -> None:
-        if hook is None:
-            self._tokens.pop(unit, None)
-        else:
-            self._mapped.pop((hook, unit), None)
-
-    def _load_record(self, hook: str | None, unit: int, key: str) -> CommitRecord | str:
-        """A commit record, validated against what a record of (hook, unit) may say; the
-        problem as text when it is damaged."""
-        try:
-            data = self.storage.read(key)
-        except FileNotFoundError:
-            return "commit record disappeared while reading (a repair?)"
-        return self._parse_record(hook, unit, key, data)
-
-    def _parse_record(self, hook: str | None, unit: int, key: str, data: bytes) -> CommitRecord | str:
-        try:
-            rec = CommitRecord.from_json(data, where=key)
-            info = self.info
-            if rec.unit != unit or rec.hook != hook or len(rec.files) != 1:
-                raise CorruptionError(f"{key}: damaged commit record (it describes unit {rec.unit} of {rec.hook or 'tokens'})")
-            if rec.rows <= 0 or rec.rows > info.unit_rows or rec.rows % info.context_size:
-                raise CorruptionError(f"{key}: damaged commit record ({rec.rows} rows for a unit of {info.unit_rows})")
-            if hook is None:
-                protocol.check_key(rec.file.key, layout.tokens_key_pattern(self.name, unit), where=key)
-            else:
-                protocol.check_key(rec.file.key, layout.shard_key(self.name, hook, unit), where=key)
-                sl = shard_layout(info, hook)
-                fine = rec.file.fine is not None  # shards written before fine tables have none
-                if (rec.file.nbytes != sl.shard_nbytes(rec.rows, fine=fine) or rec.file.body_bytes != sl.body_nbytes(rec.rows)
-                        or (fine and rec.file.fine_block_size != sl.fine_block_bytes)):
-                    raise CorruptionError(f"{key}: damaged commit record (file sizes do not match {rec.rows} rows)")
-            return rec
-        except CorruptionError as e:
-            return str(e)
+        return self.commits.unit_counts(hook, unit)
 
     @property
     def hooks(self) -> list[str]:
         """Hook points in model order: embed, blocks 0..L-1, final norm."""
-        return sorted(self.info.hooks, key=layout.hook_order)
+        return self.commits.hooks()
 
     def check_hook(self, hook: str) -> str:
-        if hook not in self.info.hooks:
-            raise HookNotFoundError(f"dataset {self.name!r} has no hook {hook!r}; it has: {', '.join(self.hooks)}")
-        return hook
+        """``hook``, when the dataset has it; HookNotFoundError naming those it has otherwise."""
+        return self.commits.check_hook(hook)
 
     def committed_units(self, hook: str | None = None) -> list[int]:
         """Units committed for ``hook`` (or whose token table is committed, for ``None``). A
         hook's unit counts only with its token table (the writer commits that first)."""
-        if hook is None:
-            return sorted(self._commits.get(None, {}))
-        self.check_hook(hook)
-        toks = self._commits.get(None, {})
-        return sorted(u for u in self._commits.get(hook, {}) if u in toks)
+        return self.commits.committed_units(hook)
 
     def num_rows(self, hook: str | None = None) -> int:
         """Committed token rows of ``hook`` (of the token table, for ``None``)."""
-        part = self._commits.get(hook, {})
-        return sum(part[u].rows for u in self.committed_units(hook))
+        return self.commits.num_rows(hook)
 
     @property
     def is_complete(self) -> bool:
-        return all(len(self.committed_units(h)) == self.info.num_units for h in [None, *self.info.hooks])
+        return self.commits.is_complete()
 
     def record(self, hook: str | None, unit: int) -> CommitRecord:
         """The commit record of one unit of ``hook`` (``None``: its token table)."""
-        for part in {hook, None}:
-            if (part, unit) in self.damaged:
-                raise CorruptionError(
-                    f"dataset {self.name!r} unit {unit}: {self.damaged[(part, unit)]} (run `strata verify --repair`)"
-                )
-        rec = self._commits.get(hook, {}).get(unit)
-        if isinstance(rec, _Indexed):  # from the commit index: parsed (and checked) when first used
-            parsed = self._parse_record(hook, unit, rec.key, rec.raw)
-            if isinstance(parsed, str):
-                self.damaged[(hook, unit)] = parsed
-                del self._commits[hook][unit]
-                return self.record(hook, unit)
-            self._commits[hook][unit] = rec = parsed
-        if rec is None or (hook is not None and unit not in self._commits.get(None, {})):
-            if hook is not None:
-                self.check_hook(hook)
-            committed = self.committed_units(hook)
-            have = f"{len(committed)} of {self.info.num_units} units committed" + (f", e.g. {committed[:8]}" if committed else "")
-            ur = self.info.unit_rows
-            raise NotCommittedError(
-                f"dataset {self.name!r} {'tokens' if hook is None else f'hook {hook!r}'}: unit {unit} (rows {unit * ur}.."
-                f"{(unit + 1) * ur - 1}) is not committed ({have}); call refresh() to see newer commits"
-            )
-        return rec
+        return self.commits.record(hook, unit)
 
     def _where(self, hook: str | None, unit: int, rec: CommitRecord) -> str:
         return f"dataset {self.name!r} {'tokens' if hook is None else f'hook {hook!r}'} unit {unit} ({rec.file.key})"
@@ -316,7 +167,7 @@ class ActivationDataset:
         row index that :meth:`read` takes). With ``hook``, only units committed for that hook, so
         the table is row-aligned with ``read(hook)``."""
         chosen = self.committed_units(hook) if units is None else sorted(int(u) for u in units)
-        with ThreadPoolExecutor(_IO_THREADS) as pool:
+        with ThreadPoolExecutor(IO_THREADS) as pool:
             tables = list(pool.map(self.unit_tokens, chosen))
         if not tables:
             return STORED_TOKEN_SCHEMA.empty_table()
@@ -325,15 +176,7 @@ class ActivationDataset:
 
     def aux_file(self, kind: str) -> tuple[str, bytes] | None:
         """A driver-written file (``documents``, ``tokenizer``), checked: (key, bytes)."""
-        entry = self.info.aux.get(kind)
-        if entry is None:
-            return None
-        try:
-            fe = FileEntry.from_dict(entry)
-        except (ValueError, KeyError, TypeError) as e:
-            raise CorruptionError(f"dataset {self.name!r}: the manifest's entry for its {kind} file is damaged ({e})") from None
-        protocol.check_key(fe.key, protocol.check_inside(layout.aux_dir(self.name)), where=f"dataset {self.name!r} manifest")
-        return fe.key, bytes(protocol.read_whole(self.storage, fe, where=f"dataset {self.name!r} {kind} ({fe.key})"))
+        return read_aux(self.storage, self.info, kind)
 
     def docs(self) -> pa.Table | None:
         """The document table: ``doc_id, row_start, row_end, dropped_tokens`` (every row of a
@@ -353,8 +196,6 @@ class ActivationDataset:
         got = self.aux_file("tokenizer")
         if got is None:
             return None
-        from tokenizers import Tokenizer
-
         try:
             return Tokenizer.from_str(got[1].decode("utf-8"))
         except Exception as e:  # tokenizers raises its own exception types
@@ -404,9 +245,8 @@ class ActivationDataset:
     def _extent(self, hook: str) -> int:
         """Rows of the dataset's row space: every unit full but the last, as committed (it may
         be short; taken as full while uncommitted)."""
-        last = self.info.num_units - 1
-        rec = self._commits.get(hook, {}).get(last)
-        return last * self.info.unit_rows + (rec.rows if rec is not None else self.info.unit_rows)
+        last_rows = self.commits.last_rows(hook)
+        return (self.info.num_units - 1) * self.info.unit_rows + (last_rows if last_rows is not None else self.info.unit_rows)
 
     def _unit_rows(self, hook: str, unit: int, local: np.ndarray | None, lo: int = 0, hi: int | None = None) -> np.ndarray:
         """Stored values ``[n, d]`` of one unit's rows: ``local`` (sorted unique indices within
@@ -585,8 +425,6 @@ class ActivationDataset:
         skip_special=True, buffer_rows=2**17, drop_last=False, dtype=torch.float32,
         prefetch=4, units=None``) are those of :class:`store.datasets.batches.BatchIterator`. Use it as
         a context manager (or call ``close()``) to stop its loader threads promptly."""
-        from strata.store.datasets.batches import BatchIterator
-
         return BatchIterator(self, hooks, **options)
 
     # -- verification ---------------------------------------------------------------------
@@ -594,13 +432,24 @@ class ActivationDataset:
     def verify(self, *, hooks: Sequence[str] | None = None, committed_only: bool = False) -> VerifyReport:
         """Check every committed unit against its commit record, and count what is committed.
         ``ok`` needs no problem and, unless ``committed_only``, every unit committed."""
-        from strata.store.datasets.verify import verify
-
         return verify(self, hooks=hooks, committed_only=committed_only)
 
     def repair(self, report: VerifyReport | None = None) -> RepairReport:
         """Remove the commit records (and files) of units that fail their check, so the next
         extraction recomputes exactly those. Takes the dataset's write lease."""
-        from strata.store.datasets.verify import repair
-
         return repair(self, report)
+
+
+def open_dataset(store: StoreRoot, name: str, *, version: str | None = None) -> ActivationDataset:
+    """The dataset of exactly that name (an error naming those the store holds otherwise); with
+    ``version``, one of the versions of ``name``: ``"latest"`` the newest, or a revision (a prefix
+    of its hash). What :meth:`strata.store.Store.dataset` does."""
+    if version is not None:
+        name = pick(store, name, version)
+    try:
+        return ActivationDataset(store, name)
+    except DatasetNotFoundError:
+        names = dataset_names(store.storage)
+        raise DatasetNotFoundError(
+            f"no dataset {name!r} in store {store.uri}; it holds: {', '.join(names) if names else 'no datasets'}"
+        ) from None

@@ -32,16 +32,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import zarr
 from google_crc32c import value as crc32c
 
-import zarr
-
 from strata.store import layout
-from strata.store.dtypes import storage_dtype
-from strata.store.datasets.manifest import DatasetInfo
 from strata.store.commit.protocol import FileEntry, block_digests
+from strata.store.datasets.manifest import DatasetInfo
+from strata.store.dtypes import storage_dtype
 from strata.store.storage import Storage
-
 
 
 def dimension_names(d: int) -> tuple[str, str]:

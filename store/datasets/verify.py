@@ -24,17 +24,44 @@ import json
 import logging
 import tempfile
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from strata.store import layout
 from strata.store.commit import protocol
-from strata.store.errors import CorruptionError
+from strata.store.datasets.commits import CommitState, decode_commit_index
+from strata.store.datasets.manifest import DatasetInfo, load_manifest, read_aux
+from strata.store.datasets.shards import create_hook_array
 from strata.store.datasets.tokens import decode_tokens
-
-if TYPE_CHECKING:
-    from strata.store.datasets.reader import ActivationDataset
+from strata.store.datasets.writer import DatasetWriter, dataset_lease
+from strata.store.errors import CorruptionError
+from strata.store.root import StoreRoot
+from strata.store.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
+
+
+class DatasetFiles(Protocol):
+    """What the checks read of a dataset: its name, storage and manifest (a
+    :class:`~strata.store.datasets.commits.CommitState` or an ``ActivationDataset``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def storage(self) -> Storage: ...
+
+    @property
+    def info(self) -> DatasetInfo: ...
+
+
+class Verifiable(DatasetFiles, Protocol):
+    """A dataset opened for reading (an ``ActivationDataset``): what :func:`verify` and
+    :func:`repair` refresh after they change it, and the store it lives in."""
+
+    @property
+    def store(self) -> StoreRoot: ...
+
+    def refresh(self) -> object: ...
 
 
 #: What a problem with a driver-written file is about (``Problem.unit`` is then -1).
@@ -126,13 +153,13 @@ class RepairReport:
         return "\n".join(lines)
 
 
-def verify(ds: ActivationDataset, *, hooks: list[str] | None = None, committed_only: bool = False) -> VerifyReport:
-    from strata.store.datasets.reader import ActivationDataset
-
-    ds.refresh()
+def verify(dataset: Verifiable, *, hooks: list[str] | None = None, committed_only: bool = False) -> VerifyReport:
+    """Check every committed unit of ``dataset`` (or of ``hooks``) and its driver-written files."""
+    dataset.refresh()
     # The records themselves, not the index readers use: a damaged record must not hide behind it.
-    ds = ActivationDataset(ds.store, ds.name, use_index=False)
-    hooks = ds.hooks if hooks is None else [ds.check_hook(h) for h in hooks]
+    ds = CommitState(dataset.storage, dataset.name, use_index=False)
+    ds.refresh()
+    hooks = ds.hooks() if hooks is None else [ds.check_hook(h) for h in hooks]
     report = VerifyReport(ds.name, num_units=ds.info.num_units, committed_only=committed_only)
     report.committed = {"tokens": len(ds.committed_units(None)), **{h: len(ds.committed_units(h)) for h in hooks}}
     for (hook, unit), msg in sorted(ds.damaged.items(), key=lambda x: (x[0][1], x[0][0] or "")):
@@ -157,7 +184,7 @@ def verify(ds: ActivationDataset, *, hooks: list[str] | None = None, committed_o
             units.add(unit)
     for kind, entry in ds.info.aux.items():
         try:
-            ds.aux_file(kind)
+            read_aux(ds.storage, ds.info, kind)
         except CorruptionError as e:
             report.problems.append(Problem(None, AUX, str(entry.get("key", kind)), str(e).split(": ", 1)[-1]))
         report.files_checked += 1
@@ -171,18 +198,16 @@ def verify(ds: ActivationDataset, *, hooks: list[str] | None = None, committed_o
     return report
 
 
-def _check_index(ds: ActivationDataset) -> Problem | None:
+def _check_index(ds: CommitState) -> Problem | None:
     """What is wrong with the commit index: damaged, or naming records that differ from the
     records themselves (the index is what readers see). Records
     missing from it are fine: it is compacted at the end of a job."""
-    from strata.store.datasets.reader import decode_commit_index
-
     entry = ds.info.aux.get("commit_index")
     if entry is None:
         return None
     key = str(entry.get("key", "commit_index"))
     try:
-        got = ds.aux_file("commit_index")
+        got = read_aux(ds.storage, ds.info, "commit_index")
         assert got is not None
         index = decode_commit_index(got[1], where=key)
     except CorruptionError:
@@ -210,12 +235,9 @@ def _same_record(a: bytes | None, b: bytes, *, where: str) -> bool:
         return False
 
 
-def _expected_zarr_metadata(ds: ActivationDataset) -> dict[str, Any]:
+def _expected_zarr_metadata(ds: DatasetFiles) -> dict[str, Any]:
     """The Zarr metadata documents (key -> parsed JSON) the dataset's manifest implies: made by
     the same code the driver uses, in a scratch store."""
-    from strata.store.datasets.shards import create_hook_array
-    from strata.store.storage import open_storage
-
     with tempfile.TemporaryDirectory(prefix="strata-verify-") as tmp:
         scratch = open_storage(tmp)
         for hook in ds.info.hooks:
@@ -224,7 +246,7 @@ def _expected_zarr_metadata(ds: ActivationDataset) -> dict[str, Any]:
         return {k: json.loads(scratch.read(k)) for k in scratch.list(prefix) if k.endswith("zarr.json")}
 
 
-def _check_zarr_metadata(ds: ActivationDataset) -> dict[str, str]:
+def _check_zarr_metadata(ds: DatasetFiles) -> dict[str, str]:
     """Damaged Zarr metadata files of the dataset (key -> what is wrong). Strata's reads do not
     use them (the manifest says where each unit is), but every other Zarr reader does."""
     out: dict[str, str] = {}
@@ -248,7 +270,7 @@ def _check_zarr_metadata(ds: ActivationDataset) -> dict[str, str]:
     return out
 
 
-def _record_outcome(ds: ActivationDataset, outcome: dict[str, Any]) -> None:
+def _record_outcome(ds: DatasetFiles, outcome: dict[str, Any]) -> None:
     # Best effort: a reader with read-only credentials verifies all the same.
     try:
         ds.storage.write(layout.verify_key(ds.name), json.dumps(outcome, sort_keys=True).encode())
@@ -256,7 +278,7 @@ def _record_outcome(ds: ActivationDataset, outcome: dict[str, Any]) -> None:
         log.debug("could not record the verify outcome of %r: %s", ds.name, e)
 
 
-def last_outcome(ds: ActivationDataset) -> dict[str, Any] | None:
+def last_outcome(ds: DatasetFiles) -> dict[str, Any] | None:
     """The outcome of the last verify or repair of the dataset, or None when it never ran."""
     try:
         out = json.loads(ds.storage.read(layout.verify_key(ds.name)))
@@ -265,9 +287,9 @@ def last_outcome(ds: ActivationDataset) -> dict[str, Any] | None:
         return None
 
 
-def repair(ds: ActivationDataset, report: VerifyReport | None = None) -> RepairReport:
+def repair(ds: Verifiable, report: VerifyReport | None = None) -> RepairReport:
     """Remove the records and files of every damaged unit part, holding the write lease."""
-    with ds.store.lease(ds.name, owner="strata verify --repair") as lease:
+    with dataset_lease(ds.storage, ds.name, owner="strata verify --repair") as lease:
         report = report if report is not None else verify(ds)
         out = RepairReport(ds.name)
         rebuild_index = False
@@ -287,8 +309,8 @@ def repair(ds: ActivationDataset, report: VerifyReport | None = None) -> RepairR
             out.removed.append(p)
         ds.refresh()
         if out.removed or rebuild_index:  # the commit index must not name the removed records
-            ds.store.writer(ds.name, fence=lease.token).compact_commits(full=True)
-            key = (ds.store.manifest(ds.name).aux.get("commit_index") or {}).get("key")
+            DatasetWriter(ds.store, ds.name, fence=lease.token).compact_commits(full=True)
+            key = (load_manifest(ds.storage, ds.name).aux.get("commit_index") or {}).get("key")
             if rebuild_index and key:
                 out.rebuilt.append(str(key))
             ds.refresh()
@@ -296,7 +318,7 @@ def repair(ds: ActivationDataset, report: VerifyReport | None = None) -> RepairR
     return out
 
 
-def _repair_aux(ds: ActivationDataset, p: Problem, out: RepairReport) -> bool:
+def _repair_aux(ds: DatasetFiles, p: Problem, out: RepairReport) -> bool:
     """Repair one damaged driver-written file; True when the commit index must be rebuilt."""
     name = p.file.rsplit("/", 1)[-1]
     if name.startswith("commit_index-"):

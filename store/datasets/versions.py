@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from strata.store.datasets.manifest import DatasetInfo, dataset_names, load_manifest
 from strata.store.errors import CorruptionError, DatasetNotFoundError, FormatVersionError
-from strata.store.datasets.manifest import DatasetInfo, load_manifest
-
-if TYPE_CHECKING:
-    from strata.store.core import Store
+from strata.store.root import StoreRoot
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +60,11 @@ def base_of(info: DatasetInfo, *, infos: dict[str, DatasetInfo]) -> str:
     return info.name
 
 
-def readable_infos(s: Store) -> dict[str, DatasetInfo]:
+def readable_infos(s: StoreRoot) -> dict[str, DatasetInfo]:
     """The manifests of every committed dataset that can be read (a damaged one is left out:
     `strata ls` and `strata verify` report it)."""
     out: dict[str, DatasetInfo] = {}
-    for name in s.datasets():
+    for name in dataset_names(s.storage):
         try:
             out[name] = load_manifest(s.storage, name)
         except (CorruptionError, FormatVersionError, DatasetNotFoundError) as e:
@@ -88,7 +85,7 @@ def families(infos: dict[str, DatasetInfo]) -> dict[str, list[DatasetVersion]]:
     return out
 
 
-def versions(s: Store, name: str) -> list[DatasetVersion]:
+def versions(s: StoreRoot, name: str) -> list[DatasetVersion]:
     """The versions of dataset ``name`` (or of the one ``name`` is a version of), oldest first; an
     unknown name is an error that lists the datasets."""
     infos = readable_infos(s)
@@ -106,7 +103,7 @@ def describe(vs: list[DatasetVersion]) -> str:
     return ", ".join(f"{v.name} (revision {v.short}, {v.created_at})" for v in vs)
 
 
-def pick(s: Store, name: str, version: str) -> str:
+def pick(s: StoreRoot, name: str, version: str) -> str:
     """The name of the dataset that ``s.dataset(name, version=...)`` opens: ``"latest"`` is the
     newest version; otherwise a revision prefix (or a version's own name) that picks exactly one."""
     if not isinstance(version, str) or not version:

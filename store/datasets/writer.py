@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -14,19 +14,29 @@ import xxhash
 
 from strata.store import layout
 from strata.store.commit import protocol
-from strata.store.datasets.documents import check_documents, encode_documents
-from strata.store.dtypes import storage_dtype, to_storage
-from strata.store.errors import HookNotFoundError, LeaseLostError, UnitOutOfRangeError, WriteMismatchError
-from strata.store.commit.lease import current_generation
-from strata.store.datasets.manifest import DatasetInfo, HookInfo, load_manifest, write_manifest
+from strata.store.commit.lease import Lease, current_generation
 from strata.store.commit.protocol import CommitRecord, FileEntry
+from strata.store.datasets.commits import CommitState, encode_commit_index
+from strata.store.datasets.documents import check_documents, encode_documents
+from strata.store.datasets.manifest import IDENTITY_META_KEYS, DatasetInfo, HookInfo, load_manifest, write_manifest
 from strata.store.datasets.shards import create_hook_array, pick_chunk_rows, resize_hook_array, shard_layout
 from strata.store.datasets.tokens import check_tokens, encode_tokens
-
-if TYPE_CHECKING:
-    from strata.store.core import Store
+from strata.store.dtypes import storage_dtype, to_storage
+from strata.store.errors import HookNotFoundError, LeaseLostError, UnitOutOfRangeError, WriteMismatchError
+from strata.store.root import StoreRoot
+from strata.store.storage import Storage
 
 log = logging.getLogger(__name__)
+
+
+def dataset_lease(storage: Storage, name: str, *, owner: str = "", stale_after_s: float = 60.0) -> Lease:
+    """The write lease of a dataset, for a job's driver (or a repair): ``with dataset_lease(...) as lease:``;
+    ``lease.token`` is the fencing token its writers carry."""
+    layout.check_name(name)
+    return Lease(
+        storage, layout.dataset_dir(name), what=f"dataset {name!r}", owner=owner,
+        stale_after_s=stale_after_s, heartbeat_s=min(10.0, stale_after_s / 4),
+    )
 
 
 def new_hook_info(unit_rows: int, d: int, dtype: str) -> HookInfo:
@@ -48,7 +58,7 @@ class DatasetWriter:
     # within milliseconds of its file appearing).
     orphan_after_s: float = 60.0
 
-    def __init__(self, store: Store, name: str, *, fence: int | None = None) -> None:
+    def __init__(self, store: StoreRoot, name: str, *, fence: int | None = None) -> None:
         self.store = store
         self.name = layout.check_name(name)
         self.storage = store.storage
@@ -124,14 +134,12 @@ class DatasetWriter:
         dataset with one read instead of one per record. Incremental by default (the old index
         for the record folders it covers, the records themselves for the rest); ``full``
         rereads every record (after a repair: the old index may name removed records)."""
-        from strata.store.datasets.reader import ActivationDataset, encode_commit_index
-
-        ds = ActivationDataset(self.store, self.name, use_index=not full)
-        return self._write_aux("commit_index", encode_commit_index(ds), "parquet")
+        state = CommitState(self.storage, self.name, use_index=not full)
+        state.refresh()
+        return self._write_aux("commit_index", encode_commit_index(state), "parquet")
 
     def update_meta(self, **meta: Any) -> DatasetInfo:
         """Update provenance fields of the manifest (driver only); identity fields are refused."""
-        from strata.store.datasets.manifest import IDENTITY_META_KEYS
 
         bad = [k for k in meta if k in IDENTITY_META_KEYS]
         if bad:

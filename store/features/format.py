@@ -31,12 +31,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from strata.store.commit import parquet
-from strata.store.commit import protocol
-from strata.store.commit import sealed
+from strata.store.commit import parquet, protocol, sealed
+from strata.store.commit.protocol import FileEntry
 from strata.store.errors import CorruptionError, FormatVersionError, StrataError
 from strata.store.layout import attempt_key, attempt_key_pattern, check_name
-from strata.store.commit.protocol import FileEntry
 from strata.store.storage import Storage
 
 FEATURES = "features"

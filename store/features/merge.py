@@ -31,8 +31,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from strata.store.commit import parquet
-from strata.store.commit import protocol
+from strata.store.commit import parquet, protocol
+from strata.store.commit.lease import Lease
+from strata.store.commit.protocol import CommitRecord, FileEntry
 from strata.store.errors import CorruptionError
 from strata.store.features.format import (
     BLOCK_CHECK_BYTES,
@@ -44,8 +45,6 @@ from strata.store.features.format import (
     read_table,
 )
 from strata.store.features.stats import BlockStats, block_stats, hist_edges
-from strata.store.commit.lease import Lease
-from strata.store.commit.protocol import CommitRecord, FileEntry
 from strata.store.storage import Storage
 
 log = logging.getLogger(__name__)

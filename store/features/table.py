@@ -36,6 +36,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from strata.store.commit import protocol
+from strata.store.datasets.reader import ActivationDataset, open_dataset
+from strata.store.datasets.stale import check_inputs, stale_inputs
 from strata.store.errors import CorruptionError, NotCommittedError, RowOutOfRangeError, StaleArtifactError
 from strata.store.features.format import (
     FEATURES,
@@ -53,13 +55,10 @@ from strata.store.features.format import (
 from strata.store.features.merge import INDEX_SCHEMA, Generation, load_generation
 from strata.store.features.stats import hist_edges
 from strata.store.layout import check_name
-from strata.store.lifecycle.stale import check_inputs, stale_inputs
+from strata.store.root import StoreRoot
 
 if TYPE_CHECKING:
     import torch
-
-    from strata.store.core import Store
-    from strata.store.datasets.reader import ActivationDataset
 
 __all__ = ["FeatureTable", "FeatureTableNotFoundError", "FeatureTableExistsError", "FeatureOutOfRangeError", "table_names"]
 
@@ -69,7 +68,7 @@ STATS_COLUMNS = ["feature", "count", "density", "mean_activation", "max_activati
 _UNIT_CACHE = 16
 
 
-def table_names(store: Store) -> list[str]:
+def table_names(store: StoreRoot) -> list[str]:
     """Names of the feature tables whose manifest is written."""
     return [n for n in store.storage.list_dirs(FEATURES) if store.storage.exists(f"{FEATURES}/{n}/manifest.json")]
 
@@ -77,7 +76,7 @@ def table_names(store: Store) -> list[str]:
 class FeatureTable:
     """A feature table opened for reading (see the module docstring)."""
 
-    def __init__(self, store: Store, name: str, *, allow_stale: bool = False) -> None:
+    def __init__(self, store: StoreRoot, name: str, *, allow_stale: bool = False) -> None:
         self.store = store
         self.allow_stale = allow_stale
         self.storage = store.storage
@@ -269,7 +268,7 @@ class FeatureTable:
         """The activation dataset the table encodes; :class:`StaleArtifactError` when the dataset
         under that name is no longer the one encoded (its tokens would not be the table's rows),
         even for a table opened with ``allow_stale``."""
-        ds = self.store.dataset(self.info.dataset)
+        ds = open_dataset(self.store, self.info.dataset)
         check_inputs(self.store, f"feature table {self.name!r}", [(ds.name, self.info.dataset_fingerprint)])
         return ds
 
@@ -353,7 +352,7 @@ class FeatureTable:
         """The latents ``[len(rows), d_sae]`` of global token rows (a slice or an index array),
         as a sparse COO tensor (``dense=True``: dense float32). Rows of units not encoded raise
         :class:`NotCommittedError`; rows past a unit's end raise :class:`RowOutOfRangeError`."""
-        import torch
+        import torch  # lazy: only latents are torch tensors; reading a table's stats must not pay for torch
 
         ur = self.info.unit_rows
         if isinstance(rows, slice):

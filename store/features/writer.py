@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from strata.store.commit import protocol
+from strata.store.commit.lease import Fence, Lease
+from strata.store.commit.protocol import CommitRecord, FileEntry
 from strata.store.errors import WriteMismatchError
 from strata.store.features.format import (
     FeatureTableExistsError,
@@ -36,11 +38,7 @@ from strata.store.features.format import (
     units_dir,
     write_info,
 )
-from strata.store.commit.lease import Fence, Lease
-from strata.store.commit.protocol import CommitRecord, FileEntry
-
-if TYPE_CHECKING:
-    from strata.store.storage import Storage
+from strata.store.storage import Storage
 
 log = logging.getLogger(__name__)
 

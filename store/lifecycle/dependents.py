@@ -17,17 +17,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from strata.store import layout
+from strata.store.analyses.handles import ANALYSES
 from strata.store.commit import artifacts
+from strata.store.commit.lease import Lease
+from strata.store.datasets.catalog import delete_dataset
 from strata.store.errors import LeaseHeldError, StrataError
 from strata.store.features.format import FEATURES, load_info, table_dir
-from strata.store.saes.handles import ANALYSES, SAES
-from strata.store.commit.lease import Lease
-
-if TYPE_CHECKING:
-    from strata.store.core import Store
+from strata.store.root import StoreRoot
+from strata.store.saes.handles import SAES
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def _names(value: Any, key: str) -> Iterator[str]:
             yield from _names(v, key)
 
 
-def _sae_sources(store: Store, name: str) -> set[Ref]:
+def _sae_sources(store: StoreRoot, name: str) -> set[Ref]:
     art = artifacts.get(store.storage, SAES, name)
     if art is None:
         return set()
@@ -122,12 +122,12 @@ def _sae_sources(store: Store, name: str) -> set[Ref]:
     return {Ref("dataset", d) for d in found}
 
 
-def _features_sources(store: Store, name: str) -> set[Ref]:
+def _features_sources(store: StoreRoot, name: str) -> set[Ref]:
     info = load_info(store.storage, name)
     return set() if info is None else {Ref("sae", info.sae), Ref("dataset", info.dataset)}
 
 
-def _analysis_sources(store: Store, name: str) -> set[Ref]:
+def _analysis_sources(store: StoreRoot, name: str) -> set[Ref]:
     art = artifacts.get(store.storage, ANALYSES, name)
     if art is None:
         return set()
@@ -146,7 +146,7 @@ def _valid(kind: str, name: str) -> bool:
     return True
 
 
-def graph(store: Store) -> Graph:
+def graph(store: StoreRoot) -> Graph:
     """The dependency graph of ``store``, read from its records (reads only)."""
     g = Graph()
     storage = store.storage
@@ -171,19 +171,19 @@ def graph(store: Store) -> Graph:
 # -- deleting ---------------------------------------------------------------------------------
 
 
-def exists(store: Store, ref: Ref) -> bool:
+def exists(store: StoreRoot, ref: Ref) -> bool:
     """Whether ``ref`` is in the store: committed, or (a feature table) its manifest written.
     A damaged record still counts: it can be deleted."""
     marker = "manifest.json" if ref.kind in ("dataset", "features") else artifacts.COMMIT
     return store.storage.exists(f"{ref.prefix}/{marker}")
 
 
-def names(store: Store, kind: str) -> list[str]:
+def names(store: StoreRoot, kind: str) -> list[str]:
     folder = FOLDERS[kind]
     return [n for n in store.storage.list_dirs(folder) if _valid(kind, n) and exists(store, Ref(kind, n))]
 
 
-def check_no_links(store: Store, ref: Ref) -> None:
+def check_no_links(store: StoreRoot, ref: Ref) -> None:
     """Refuse an artifact that is, or holds, a symbolic link: deleting through it would delete
     (or create lease files) outside the store."""
     found = store.storage.links(ref.prefix)
@@ -194,7 +194,7 @@ def check_no_links(store: Store, ref: Ref) -> None:
         )
 
 
-def check_not_held(store: Store, refs: list[Ref]) -> None:
+def check_not_held(store: StoreRoot, refs: list[Ref]) -> None:
     """Refuse at once when a live job holds the lease of any of ``refs``, before any of them is
     deleted (each delete takes its lease again, so a job starting meanwhile is still refused)."""
     for ref in refs:
@@ -204,16 +204,16 @@ def check_not_held(store: Store, refs: list[Ref]) -> None:
             raise LeaseHeldError(lease.held_message(cur))
 
 
-def _lease(store: Store, ref: Ref, owner: str) -> Lease:
+def _lease(store: StoreRoot, ref: Ref, owner: str) -> Lease:
     return Lease(store.storage, ref.prefix, what=str(ref), owner=owner)
 
 
-def delete(store: Store, ref: Ref, *, owner: str = "strata rm") -> None:
+def delete(store: StoreRoot, ref: Ref, *, owner: str = "strata rm") -> None:
     """Delete one artifact under its own lease (refused while a job holds it): the record that
     makes it visible first (its manifest or commit record), so readers never see half of it."""
     check_no_links(store, ref)
     if ref.kind == "dataset":
-        store.delete_dataset(ref.name)  # holds the dataset's lease, manifest first
+        delete_dataset(store, ref.name)  # holds the dataset's lease, manifest first
         return
     storage = store.storage
     with _lease(store, ref, owner) as lease:

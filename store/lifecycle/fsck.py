@@ -27,18 +27,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from strata.store import layout
-from strata.store.commit import artifacts
-from strata.store.features import format as feature_format
-from strata.store.commit import protocol
+from strata.store.analyses.handles import ANALYSES
+from strata.store.commit import artifacts, protocol
+from strata.store.datasets.manifest import dataset_names
+from strata.store.datasets.reader import open_dataset
+from strata.store.datasets.verify import VerifyReport
 from strata.store.errors import CorruptionError, FormatVersionError, StrataError
-from strata.store.saes.handles import ANALYSES, SAES
-
-if TYPE_CHECKING:
-    from strata.store.core import Store
-    from strata.store.datasets.verify import VerifyReport
+from strata.store.features import format as feature_format
+from strata.store.features.merge import load_generation
+from strata.store.features.table import table_names
+from strata.store.features.writer import table_lease
+from strata.store.root import StoreRoot
+from strata.store.saes.handles import SAES
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +107,12 @@ class StoreReport:
         return "\n".join(lines)
 
 
-def names_of(store: Store, kind: str) -> list[str]:
+def names_of(store: StoreRoot, kind: str) -> list[str]:
     """The artifacts of a kind that verify checks."""
     if kind == "dataset":
-        return store.datasets()
+        return dataset_names(store.storage)
     if kind == "features":
-        return store.feature_tables()
+        return table_names(store)
     return artifacts.names(store.storage, KINDS[kind])
 
 
@@ -121,7 +124,7 @@ def check_kinds(kinds: Sequence[str] | None) -> list[str]:
     return kinds
 
 
-def verify_store(store: Store, *, kinds: Sequence[str] | None = None, name: str | None = None,
+def verify_store(store: StoreRoot, *, kinds: Sequence[str] | None = None, name: str | None = None,
                  committed_only: bool = False) -> StoreReport:
     """Check every artifact of ``kinds`` (default all), or only those called ``name``. An
     unknown ``name`` raises :class:`~store.commit.artifacts.ArtifactNotFoundError` listing what there is."""
@@ -151,7 +154,7 @@ def verify_store(store: Store, *, kinds: Sequence[str] | None = None, name: str 
     return report
 
 
-def symlinks(store: Store) -> list[str]:
+def symlinks(store: StoreRoot) -> list[str]:
     """Keys of symbolic links inside the store (none can exist on S3); never followed."""
     return store.storage.links("")
 
@@ -159,9 +162,9 @@ def symlinks(store: Store) -> list[str]:
 # -- checks ------------------------------------------------------------------------------------
 
 
-def _check_dataset(store: Store, name: str, check: Check, *, committed_only: bool) -> None:
+def _check_dataset(store: StoreRoot, name: str, check: Check, *, committed_only: bool) -> None:
     try:
-        ds = store.dataset(name)
+        ds = open_dataset(store, name)
     except CorruptionError as e:
         check.problems.append(str(e))
         check.damaged["manifest"] = str(e)
@@ -200,20 +203,18 @@ def _check_folder(storage: Any, kind: str, name: str, check: Check) -> None:
         check.damaged.setdefault("folders", []).append((kind, name, art.record))
 
 
-def _check_sae(store: Store, name: str, check: Check, *, committed_only: bool) -> None:
+def _check_sae(store: StoreRoot, name: str, check: Check, *, committed_only: bool) -> None:
     _check_folder(store.storage, SAES, name, check)
     ckpt = f"{SAES}/{name}/checkpoints"
     for step in artifacts.names(store.storage, ckpt):
         _check_folder(store.storage, ckpt, step, check)
 
 
-def _check_analysis(store: Store, name: str, check: Check, *, committed_only: bool) -> None:
+def _check_analysis(store: StoreRoot, name: str, check: Check, *, committed_only: bool) -> None:
     _check_folder(store.storage, ANALYSES, name, check)
 
 
-def _check_features(store: Store, name: str, check: Check, *, committed_only: bool) -> None:
-    from strata.store.features.merge import load_generation
-
+def _check_features(store: StoreRoot, name: str, check: Check, *, committed_only: bool) -> None:
     storage = store.storage
     key = feature_format.manifest_key(name)
     try:
@@ -254,7 +255,7 @@ _CHECKERS = {"dataset": _check_dataset, "sae": _check_sae, "features": _check_fe
 # -- repair ------------------------------------------------------------------------------------
 
 
-def repair_store(store: Store, report: StoreReport) -> list[str]:
+def repair_store(store: StoreRoot, report: StoreReport) -> list[str]:
     """Repair what ``report`` found, artifact by artifact (each under its own write lease).
     Returns what was done and what to rerun, one line each."""
     out: list[str] = []
@@ -271,12 +272,12 @@ def repair_store(store: Store, report: StoreReport) -> list[str]:
     return out
 
 
-def _remove_link(store: Store, key: str) -> str:
+def _remove_link(store: StoreRoot, key: str) -> str:
     store.storage.delete(key)  # unlinks the link itself, never its target
     return f"{key}: removed the symbolic link"
 
 
-def _repair_dataset(store: Store, check: Check) -> list[str]:
+def _repair_dataset(store: StoreRoot, check: Check) -> list[str]:
     if check.dataset is None and "manifest" not in check.damaged:
         return [f"dataset {check.name}: not repaired: it could not be checked ({check.damaged.get('unreadable')})"]
     if check.dataset is None:
@@ -284,11 +285,11 @@ def _repair_dataset(store: Store, check: Check) -> list[str]:
                 f"restore {layout.manifest_key(check.name)} from a copy, or delete the dataset and {_RERUN['dataset']}"]
     if not check.dataset.problems:
         return []  # incomplete only: nothing is damaged
-    rep = store.dataset(check.name).repair(check.dataset)
+    rep = open_dataset(store, check.name).repair(check.dataset)
     return [str(rep)]
 
 
-def _repair_folders(store: Store, check: Check) -> list[str]:
+def _repair_folders(store: StoreRoot, check: Check) -> list[str]:
     out = []
     for kind, name, rec in check.damaged.get("folders", []):
         with artifacts.lease(store.storage, kind, name, owner="strata verify --repair") as lease:
@@ -303,9 +304,7 @@ def _repair_folders(store: Store, check: Check) -> list[str]:
     return out
 
 
-def _repair_features(store: Store, check: Check) -> list[str]:
-    from strata.store.features.writer import table_lease
-
+def _repair_features(store: StoreRoot, check: Check) -> list[str]:
     storage, name = store.storage, check.name
     out = []
     with table_lease(storage, name, owner="strata verify --repair") as lease:

@@ -28,19 +28,18 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from strata.store import layout
+from strata.store.analyses.handles import ANALYSES
 from strata.store.commit import artifacts
 from strata.store.commit.artifacts import COMMIT
+from strata.store.commit.lease import Lease
+from strata.store.datasets.reader import open_dataset
 from strata.store.errors import StrataError
 from strata.store.features.format import FEATURES, load_info, merged_dir, unit_records, units_dir
-from strata.store.saes.handles import ANALYSES, SAES
-from strata.store.commit.lease import Lease
-
-if TYPE_CHECKING:
-    from strata.store.core import Store
-    from strata.store.storage import Storage
+from strata.store.root import StoreRoot
+from strata.store.saes.handles import SAES
+from strata.store.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +135,7 @@ def _size(storage: Storage, key: str) -> int:
 
 
 class _Pass:
-    def __init__(self, store: Store, grace_s: float, report: GcReport) -> None:
+    def __init__(self, store: StoreRoot, grace_s: float, report: GcReport) -> None:
         self.store, self.storage, self.grace_s, self.report = store, store.storage, grace_s, report
         self.now = time.time()
         self.leases = _Leases(store.storage)
@@ -169,7 +168,7 @@ class _Pass:
         if self.live("dataset", name, prefix):
             return
         try:
-            ds = self.store.dataset(name)
+            ds = open_dataset(self.store, name)
         except StrataError as e:
             self.report.skipped.append(f"dataset {name!r}: {e}")
             return
@@ -298,7 +297,7 @@ class _Pass:
             self.garbage(key, "temporary file (of a write that died)")
 
 
-def collect(store: Store, *, grace_s: float = 3600.0, abandoned: Sequence[str] = ()) -> GcReport:
+def collect(store: StoreRoot, *, grace_s: float = 3600.0, abandoned: Sequence[str] = ()) -> GcReport:
     """What gc would delete (nothing is deleted). ``abandoned``: names (``NAME`` or
     ``KIND/NAME``, e.g. ``saes/run-1``) of work in progress to delete too, whatever its age;
     refused when one names nothing in progress or work a live job holds."""
@@ -340,7 +339,7 @@ def _order(keys: list[str]) -> list[str]:
     return sorted(keys, key=lambda k: (not (k.endswith(("/commit.json", "/manifest.json")) or "/commits/" in k), k))
 
 
-def apply(store: Store, report: GcReport, *, grace_s: float = 3600.0, abandoned: Sequence[str] = ()) -> GcReport:
+def apply(store: StoreRoot, report: GcReport, *, grace_s: float = 3600.0, abandoned: Sequence[str] = ()) -> GcReport:
     """Delete what ``collect`` found, after collecting again: a file is deleted only if it is
     still garbage now (a job may have committed it, or taken a lease, since the listing).
     Abandoned work is deleted under its own lease, so no job can start on it meanwhile."""

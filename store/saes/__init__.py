@@ -1,1 +1,1 @@
-"""SAEs (and analysis results) as seen from a notebook: committed artifact folders read through handles."""
+"""SAEs in the store: :class:`~strata.store.saes.handles.SAEHandle`."""

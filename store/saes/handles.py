@@ -1,36 +1,21 @@
-"""What the store holds besides activation datasets, as seen from a notebook: SAEs (in
-sae-lens's own layout) and analysis results, each a committed artifact folder
-(:mod:`store.commit.artifacts`)."""
+"""SAEs as a notebook sees them: each a committed artifact folder (:mod:`strata.store.commit.artifacts`)
+in sae-lens's own layout, with its lineage, metrics and training curves."""
 
 from __future__ import annotations
 
-import json
-from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 
-from strata.store.commit import artifacts
-from strata.store.commit import parquet
-from strata.store.lifecycle import stale
-from strata.store.commit.artifacts import Artifact, ArtifactNotFoundError
-from strata.store.errors import CorruptionError, FormatVersionError, StaleArtifactError
+from strata.store.commit import artifacts, parquet
+from strata.store.datasets import stale
+from strata.store.datasets.reader import open_dataset
+from strata.store.errors import CorruptionError, StaleArtifactError
+from strata.store.root import StoreRoot
 
-if TYPE_CHECKING:
-    from strata.store.core import Store
-
+#: The store folder SAEs live in.
 SAES = "saes"
-ANALYSES = "analyses"
-PROVENANCE = "provenance.json"  # an analysis's identity and provenance (analysis.similarity.runner writes it)
-
-
-def _get(store: Store, kind: str, name: str, what: str) -> Artifact:
-    art = artifacts.get(store.storage, kind, name)
-    if art is None:
-        have = artifacts.names(store.storage, kind)
-        raise ArtifactNotFoundError(f"no {what} {name!r} in store {store.uri}; it holds: {', '.join(have) if have else f'no {what}s'}")
-    return art
 
 
 class SAEHandle:
@@ -39,10 +24,10 @@ class SAEHandle:
     ``.curves()``, ``.unseen_units()``, ``.check()`` (every file), ``.stale_inputs`` (its dataset
     replaced since: the weights load, ``unseen_units()`` refuses)."""
 
-    def __init__(self, store: Store, name: str) -> None:
+    def __init__(self, store: StoreRoot, name: str) -> None:
         self.store = store
         self.name = name
-        self.artifact = _get(store, SAES, name, "SAE")
+        self.artifact = artifacts.require(store, SAES, name, what="SAE")
 
     def __repr__(self) -> str:
         lin = self.lineage
@@ -79,7 +64,7 @@ class SAEHandle:
 
     def load(self, device: str = "cpu") -> Any:
         """The SAE, through sae-lens (``SAE.load_from_disk``), after checking every file."""
-        from sae_lens import SAE
+        from sae_lens import SAE  # lazy: sae-lens (and torch under it) loads in seconds; listing SAEs must not wait
 
         return SAE.load_from_disk(str(self.path), device=device)
 
@@ -120,77 +105,6 @@ class SAEHandle:
         the dataset was replaced: its units are not the ones the lineage names."""
         self.check_inputs()
         lin = self.lineage
-        ds = self.store.dataset(lin["dataset"])
+        ds = open_dataset(self.store, lin["dataset"])
         seen = set(lin.get("units", [])) | set(lin.get("holdout_units", []))
         return [u for u in ds.committed_units(lin["hook"]) if u not in seen]
-
-
-class AnalysisHandle:
-    """A committed analysis result: ``.table()`` (its results), ``.meta`` (provenance),
-    ``.files`` and ``.read(name)``."""
-
-    def __init__(self, store: Store, name: str, *, allow_stale: bool = False) -> None:
-        self.store = store
-        self.name = name
-        self.artifact = _get(store, ANALYSES, name, "analysis")
-        if not allow_stale:
-            why = self.stale_inputs
-            if why is not None:
-                raise StaleArtifactError(why)
-
-    @property
-    def stale_inputs(self) -> str | None:
-        """Why the result no longer describes the store, or None: a dataset it read was replaced
-        under the same name (another fingerprint), or an SAE it read was committed again."""
-        if PROVENANCE not in self.artifact.files:
-            return None  # nothing checked to compare with; .meta says why
-        inputs = [i for i in self.meta.get("inputs") or [] if isinstance(i, dict)]
-        why = stale.stale_inputs(self.store, f"analysis {self.name!r}", [p for i in inputs for p in stale.dataset_inputs(i)])
-        if why is not None:
-            return why
-        for i in inputs:
-            if isinstance(i.get("sae"), str) and "committed_at" in i:
-                art = artifacts.get(self.store.storage, SAES, i["sae"])
-                if art is not None and art.record.committed_at != i["committed_at"]:
-                    return (f"analysis {self.name!r} read SAE {i['sae']!r} as committed at {i['committed_at']}, but that SAE was "
-                            f"committed again at {art.record.committed_at}; compute it again under a new name, or remove it")
-        return None
-
-    def __repr__(self) -> str:
-        return f"AnalysisHandle({self.name!r}, files={self.artifact.files})"
-
-    @cached_property
-    def meta(self) -> dict[str, Any]:
-        """Its identity and provenance (``kind``, ``spec``, ``inputs``, ``provenance``,
-        ``versions``), from ``provenance.json``: a checked file, the one source of these values.
-        Results written before this carried a copy in their commit record, which nothing reads."""
-        if PROVENANCE not in self.artifact.files:
-            raise FormatVersionError(
-                f"analysis {self.name!r} has no {PROVENANCE} (written by an older Strata): its provenance cannot be checked; "
-                f"run its spec again under a new name, or delete it"
-            )
-        meta = self.artifact.read_json(PROVENANCE)
-        if not isinstance(meta, dict):
-            raise CorruptionError(f"analysis {self.name!r}: {PROVENANCE} is not a JSON object")
-        return meta
-
-    @property
-    def files(self) -> list[str]:
-        return self.artifact.files
-
-    def read(self, rel: str) -> bytes:
-        return self.artifact.read(rel)
-
-    def table(self, rel: str = "results.parquet") -> pa.Table:
-        try:
-            return parquet.read(self.artifact.read(rel))
-        except pa.ArrowInvalid as e:
-            raise CorruptionError(f"analysis {self.name!r}: {rel} is not Parquet ({e})") from None
-
-    @property
-    def path(self) -> Path:
-        return self.artifact.local_path()
-
-
-def json_bytes(obj: Any) -> bytes:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()

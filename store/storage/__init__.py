@@ -6,11 +6,12 @@ import os
 from typing import Any
 
 from strata.store.errors import StorageError
-from strata.store.storage._base import Storage
+from strata.store.storage._auth import auth_failure
+from strata.store.storage._base import Buffers, Storage, as_parts
 from strata.store.storage._fsspec import FsspecStorage
 from strata.store.storage._local import LocalStorage
 
-__all__ = ["Storage", "LocalStorage", "FsspecStorage", "open_storage", "public_options"]
+__all__ = ["Storage", "Buffers", "as_parts", "LocalStorage", "FsspecStorage", "open_storage", "public_options", "auth_failure"]
 
 # fsspec/s3fs options that never carry a secret; everything else (key, secret, token,
 # profile names, session objects, ...) is used but never recorded, logged or sent to a

@@ -8,15 +8,14 @@ written once for every backend.
 from __future__ import annotations
 
 import abc
-
-from typing import Any, Union
+from typing import Any
 
 from zarr.abc.store import Store as ZarrStore
 
 # Data to write: one buffer, or several written one after the other (a shard's body, its table
 # of checksums and its index). A part may be a callable returning the buffer: it is called when
 # the writer gets to it, so a part can still be computed while the parts before it are written.
-Buffers = Union[bytes, bytearray, memoryview, list]
+Buffers = bytes | bytearray | memoryview | list
 
 
 def as_parts(data: Buffers) -> list:

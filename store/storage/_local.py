@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-
 from zarr.storage import LocalStore
 
 from strata.store.errors import StorageError, StoreNotFoundError

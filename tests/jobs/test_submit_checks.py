@@ -14,7 +14,7 @@ import yaml
 
 from strata.jobs.cli import main
 from strata.store.commit import artifacts
-from strata.store.saes.handles import ANALYSES
+from strata.store.analyses.handles import ANALYSES
 
 from _small_store import FEATURES, SAE, feature_manifest, small_store
 

@@ -14,10 +14,10 @@ import pyarrow as pa
 
 from strata import store
 from strata.analysis.features.synthetic import random_topk_sae, synthetic_dataset, write_table
-from strata.store.commit import artifacts
-from strata.store.commit import parquet
+from strata.store.analyses.handles import ANALYSES
+from strata.store.commit import artifacts, parquet
 from strata.store.errors import CorruptionError
-from strata.store.saes.handles import ANALYSES, SAES
+from strata.store.saes.handles import SAES
 
 H = "blocks.0.hook_resid_post"
 D, D_SAE, CTX, UC, UNITS = 8, 16, 16, 4, 2
@@ -117,7 +117,7 @@ def read_outcome(root: Path, kind: str) -> str | CorruptionError:
     """``read_all`` on a freshly opened store (no cached checks), or the CorruptionError it raised."""
     from strata.store.commit import protocol
 
-    protocol._TABLES.clear()  # a new process: shard digest tables are checked again
+    protocol.forget_checked_tables()  # a new process: shard digest tables are checked again
     try:
         return read_all(store.open(root, create=False), kind)
     except CorruptionError as e:

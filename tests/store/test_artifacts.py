@@ -8,8 +8,7 @@ import json
 import pytest
 
 from strata import store
-from strata.store.commit import artifacts
-from strata.store.commit import sealed
+from strata.store.commit import artifacts, sealed
 
 FILES = {"cfg.json": b'{"d_in": 4}', "weights.bin": bytes(range(256)) * 100, "sub/notes.txt": b"hello"}
 

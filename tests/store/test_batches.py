@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _data import CTX, UNIT_CONTEXTS, token_table
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from strata import store
-
-from _data import CTX, UNIT_CONTEXTS, token_table
 
 ROWS = UNIT_CONTEXTS * CTX
 NUM_UNITS = 6

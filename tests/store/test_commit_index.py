@@ -5,12 +5,11 @@ falls back to the records."""
 from __future__ import annotations
 
 import numpy as np
+from _data import UNIT_CONTEXTS, make_dataset, token_table
 
 from strata import store
 from strata.store import layout
 from strata.store.storage import LocalStorage
-
-from _data import UNIT_CONTEXTS, make_dataset, token_table
 
 H = "blocks.0.hook_resid_post"
 

@@ -8,12 +8,10 @@ import os
 import time
 
 import numpy as np
-import pytest
+from _data import CTX, HOOKS, UNIT_CONTEXTS, make_dataset, token_table, unit_values, write_units_in_process
 
 from strata import store
 from strata.store import layout
-
-from _data import CTX, HOOKS, UNIT_CONTEXTS, make_dataset, token_table, unit_values, write_units_in_process
 
 NUM_UNITS = 8
 

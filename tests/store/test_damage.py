@@ -12,15 +12,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import _full_store as F
 import pytest
 
+from strata import store
 from strata.jobs.cli import main
 from strata.store.errors import CorruptionError
 from strata.store.lifecycle.fsck import verify_store
-
-import _full_store as F
-
-from strata import store
 
 # Files whose damage a read survives with exactly the intact data (see the module docstring).
 _READ_NEED_NOT_RAISE = ("/zarr.json", "/aux/commit_index-", "datasets/ds/commits/")

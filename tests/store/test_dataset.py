@@ -6,11 +6,10 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 import torch
+from _data import CTX, HOOKS, UNIT_CONTEXTS, make_dataset, token_table
 
 from strata import store
 from strata.store import layout
-
-from _data import CTX, HOOKS, UNIT_CONTEXTS, make_dataset, token_table
 
 H0 = "blocks.0.hook_resid_post"
 ROWS = UNIT_CONTEXTS * CTX

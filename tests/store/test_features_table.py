@@ -13,9 +13,9 @@ import pytest
 
 from strata import store
 from strata.analysis.features.synthetic import synthetic_dataset, write_table, write_unit
-from strata.store.features import merge as feature_merge
 from strata.store.commit import sealed
 from strata.store.errors import CorruptionError, NotCommittedError, RowOutOfRangeError
+from strata.store.features import merge as feature_merge
 from strata.store.features.format import FeatureOutOfRangeError, FeatureTableExistsError, FeatureTableNotFoundError, unit_records
 from strata.store.features.writer import FeatureWriter, clean_orphans, create_or_open, table_lease
 

@@ -11,13 +11,12 @@ import json
 
 import numpy as np
 import pytest
+from _data import token_table
 
 from strata import store
 from strata.store import layout
 from strata.store.commit import protocol
 from strata.store.datasets import shards
-
-from _data import token_table
 
 H = "blocks.0.hook_resid_post"
 D = 768  # float32 rows of 3 KiB: two per 6 KiB fine block, 21 and a third per 64 KiB block
@@ -146,7 +145,7 @@ def test_a_damaged_fine_table_fails_scattered_reads_and_verify(fresh):
     root, s, ref = fresh
     f = _entry(root, 0)
     _flip(root / f["key"], f["fine"][0] + 8 * 40 + 2)  # the digest of rows 80 and 81
-    protocol._TABLES.clear()  # a fresh process: tables are checked when first loaded
+    protocol.forget_checked_tables()  # a fresh process: tables are checked when first loaded
     ds = s.dataset("ds")
     with pytest.raises(store.CorruptionError, match=r"unit 0 .*fine table of block checksums is damaged"):
         ds.read(H, rows=[7])

@@ -6,15 +6,12 @@ from __future__ import annotations
 import os
 import time
 
-import pytest
+from _data import UNIT_CONTEXTS, make_dataset, token_table
 
-from strata import store
 from strata.jobs.cli import main
 from strata.store import layout
 from strata.store.commit import artifacts
 from strata.store.lifecycle import gc
-
-from _data import UNIT_CONTEXTS, make_dataset, token_table, unit_values
 
 H = "blocks.0.hook_resid_post"
 

@@ -17,10 +17,10 @@ from strata.analysis.features.synthetic import synthetic_dataset, write_table
 from strata.analysis.sae import checkpoint
 from strata.jobs.cli import main
 from strata.store.commit import artifacts
-from strata.store.lifecycle import gc
 from strata.store.features.format import FeatureTableInfo, unit_key, unit_records
 from strata.store.features.stats import HIST_BINS, HIST_HI, HIST_LO
 from strata.store.features.writer import FeatureWriter, create_or_open, table_lease
+from strata.store.lifecycle import gc
 
 H = "blocks.0.hook_resid_post"
 

@@ -8,12 +8,11 @@ import os
 import time
 
 import pytest
+from _data import UNIT_CONTEXTS, make_dataset, token_table
 
 from strata import store
 from strata.store import layout
 from strata.store.commit.lease import current_generation, generations
-
-from _data import UNIT_CONTEXTS, make_dataset, token_table, unit_values
 
 PREFIX = layout.dataset_dir("ds")
 

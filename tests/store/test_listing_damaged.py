@@ -6,10 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from _full_store import H, build
 
 from strata.jobs.cli import main
-
-from _full_store import H, build
 
 LISTINGS = {"sae": "sae1", "features": "ft", "analyze": "cmp"}
 RECORD = {"sae": "saes/sae1/commit.json", "features": "features/ft/manifest.json", "analyze": "analyses/cmp/commit.json"}

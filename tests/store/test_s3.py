@@ -20,9 +20,9 @@ from strata import store
 from strata.store.storage import FsspecStorage
 
 try:
-    from tests.store.helpers import CONTEXT_SIZE, D, HOOK, HOOK2, UNIT_ROWS, create_small, token_table, unit_acts, write_units, writer_process
+    from tests.store.helpers import CONTEXT_SIZE, HOOK, HOOK2, UNIT_ROWS, D, create_small, token_table, unit_acts, write_units, writer_process
 except ImportError:  # pytest's default rootdir import mode puts tests/store itself on sys.path
-    from helpers import CONTEXT_SIZE, D, HOOK, HOOK2, UNIT_ROWS, create_small, token_table, unit_acts, write_units, writer_process
+    from helpers import CONTEXT_SIZE, HOOK, HOOK2, UNIT_ROWS, D, create_small, token_table, unit_acts, write_units, writer_process
 
 pytestmark = pytest.mark.s3
 

@@ -47,7 +47,7 @@ def test_opening_an_s3_store_without_credentials_is_one_line_naming_it(s3_bucket
 def test_other_failures_are_not_taken_for_credentials(tmp_path):
     with pytest.raises(store.StoreNotFoundError):
         store.open(tmp_path / "nothing-here", create=False)
-    from strata.store.storage._auth import auth_failure
+    from strata.store.storage import auth_failure
 
     assert auth_failure(PermissionError("local file"), remote=False) is None
     assert auth_failure(ValueError("bad"), remote=True) is None

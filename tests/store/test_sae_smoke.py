@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from _data import CTX, UNIT_CONTEXTS, token_table
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
 from strata import store
-
-from _data import CTX, UNIT_CONTEXTS, token_table
 
 D, UNITS = 16, 8
 

@@ -18,9 +18,9 @@ from strata.pipeline.executor import Executor
 from strata.analysis.similarity.runner import prepare
 from strata.analysis.similarity.spec import AnalyzeSpec
 from strata.jobs.cli import main
+from strata.store.analyses.handles import ANALYSES
 from strata.store.commit import artifacts
 from strata.store.errors import StaleArtifactError
-from strata.store.saes.handles import ANALYSES
 
 H = "blocks.0.hook_resid_post"
 D, D_SAE, UR = 8, 12, 64

@@ -13,8 +13,8 @@ import pytest
 from strata import store
 from strata.jobs.cli import main
 from strata.store.commit import artifacts
-from strata.store.lifecycle import gc
 from strata.store.errors import StorageError
+from strata.store.lifecycle import gc
 
 
 def _snapshot(root) -> dict[str, float]:

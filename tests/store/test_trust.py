@@ -14,12 +14,11 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
+from _data import CTX, UNIT_CONTEXTS, make_dataset, token_table
 
 from strata import store
 from strata.store import layout
 from strata.store.commit import sealed
-
-from _data import CTX, UNIT_CONTEXTS, make_dataset, token_table
 
 ROWS = UNIT_CONTEXTS * CTX
 D = 16384  # float32 rows of 64 KiB: a unit of 32 rows (2 MiB) spans two 1 MiB chunks

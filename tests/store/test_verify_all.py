@@ -6,17 +6,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import _full_store as F
 import pytest
 import zarr
+from _full_store import H
 
 from strata import store
 from strata.analysis.features.synthetic import word_tokenizer_json
 from strata.jobs.cli import main
 from strata.store import layout
 from strata.store.errors import CorruptionError, NotCommittedError
-
-import _full_store as F
-from _full_store import H
 
 
 @pytest.fixture

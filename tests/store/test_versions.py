@@ -12,9 +12,9 @@ import pytest
 
 from strata import store
 from strata.jobs.cli import main
-from strata.store.errors import DatasetNotFoundError
 from strata.store.datasets.manifest import load_manifest, write_manifest
-from tests.store.helpers import CONTEXT_SIZE, D, HOOK, UNIT_CONTEXTS, token_table
+from strata.store.errors import DatasetNotFoundError
+from tests.store.helpers import CONTEXT_SIZE, HOOK, UNIT_CONTEXTS, D, token_table
 
 REV_A = "a" * 8 + "1" * 32
 REV_B = "b" * 8 + "2" * 32

@@ -11,11 +11,10 @@ import pytest
 import torch
 import xxhash
 import zarr
+from _data import CTX, HOOKS, UNIT_CONTEXTS, make_dataset, token_table, unit_values
 
 from strata import store
 from strata.store import layout
-
-from _data import CTX, HOOKS, UNIT_CONTEXTS, make_dataset, token_table, unit_values
 
 ROWS = UNIT_CONTEXTS * CTX
 

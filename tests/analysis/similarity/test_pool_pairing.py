@@ -19,7 +19,7 @@ from strata import store
 from strata.analysis import similarity as sim
 from strata.analysis.similarity.compare import plan_compare, run_compare
 from strata.analysis.similarity.errors import AnalysisError
-from strata.store.datasets.aligned import AlignmentError, _check_documents
+from strata.store.datasets.aligned import AlignmentError, check_same_corpus
 from strata.store.datasets.pairing import SetHash, set_hash
 
 H = "blocks.0.hook_resid_post"
@@ -141,8 +141,8 @@ def test_bad_pools_are_refused_at_plan_time_in_one_line(paired):
 def test_an_image_corpus_pairs_with_its_captions_by_set_hash(paired):
     va, lm, other = paired["vit"][0], paired["lm"][0], paired["other_lm"][0]
     assert va.info.meta["corpus_fingerprint"] != lm.info.meta["corpus_fingerprint"]
-    _check_documents([(va, H), (lm, H)], by_docs=True)
-    _check_documents([(lm, H), (va, H)], by_docs=True)  # either direction
+    check_same_corpus([(va, H), (lm, H)], by_docs=True)
+    check_same_corpus([(lm, H), (va, H)], by_docs=True)  # either direction
     assert sim.compare((lm, H), (va, H), ["linear_cka"], align="docs", pool=("last", "cls"), use_ray=False)["n"] == N_IMAGES
     hint = re.escape("(for an image corpus and its captions, extract the captions from the same records: the caption set hashes must match)")
     with pytest.raises(AlignmentError, match="extracted from different corpora.*" + hint):
@@ -153,7 +153,7 @@ def test_an_image_corpus_pairs_with_its_captions_by_set_hash(paired):
     assert "caption set hashes" not in str(err.value)
     # Two caption corpora (document set hashes, no caption set hash) of different records do not pair.
     with pytest.raises(AlignmentError, match=hint):
-        _check_documents([(lm, H), (other, H)], by_docs=True)
+        check_same_corpus([(lm, H), (other, H)], by_docs=True)
 
 
 def _hash_one(doc_id: int, payload: bytes) -> int:

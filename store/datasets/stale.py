@@ -14,18 +14,18 @@ dataset that is gone altogether is not stale here: reads that need it fail on th
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from strata.store.datasets.manifest import load_manifest
 from strata.store.errors import DatasetNotFoundError, StaleArtifactError
+from strata.store.layout import check_name
+from strata.store.root import StoreRoot
 
-if TYPE_CHECKING:
-    from strata.store.core import Store
 
-
-def current_fingerprint(store: Store, dataset: str) -> str | None:
+def current_fingerprint(store: StoreRoot, dataset: str) -> str | None:
     """The fingerprint of the dataset now committed under ``dataset``, or None when there is none."""
     try:
-        return store.manifest(dataset).fingerprint
+        return load_manifest(store.storage, check_name(dataset)).fingerprint
     except (DatasetNotFoundError, FileNotFoundError):
         return None
 
@@ -40,7 +40,7 @@ def dataset_inputs(record: Mapping[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
-def stale_inputs(store: Store, what: str, inputs: Iterable[tuple[str, str]]) -> str | None:
+def stale_inputs(store: StoreRoot, what: str, inputs: Iterable[tuple[str, str]]) -> str | None:
     """Why ``what`` (e.g. ``"feature table 'ft'"``) no longer matches the store, or None."""
     for dataset, recorded in inputs:
         now = current_fingerprint(store, dataset)
@@ -50,7 +50,7 @@ def stale_inputs(store: Store, what: str, inputs: Iterable[tuple[str, str]]) -> 
     return None
 
 
-def check_inputs(store: Store, what: str, inputs: Iterable[tuple[str, str]]) -> None:
+def check_inputs(store: StoreRoot, what: str, inputs: Iterable[tuple[str, str]]) -> None:
     """Raise :class:`StaleArtifactError` when :func:`stale_inputs` finds a reason."""
     why = stale_inputs(store, what, inputs)
     if why is not None:

@@ -1,0 +1,1 @@
+"""Analysis results in the store: :class:`~strata.store.analyses.handles.AnalysisHandle`."""
