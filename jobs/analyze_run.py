@@ -63,11 +63,11 @@ def _split(s: Any, prepared: list) -> tuple[list, list[Outcome]]:
 def _committed(s: Any, p: Any) -> Outcome | None:
     """``unchanged`` when analysis ``p`` is committed with its identity, None when it is not
     committed; committed with another identity raises. The identity is read from the result's
-    checked ``provenance.json`` (:attr:`~store.saes.handles.AnalysisHandle.meta`), never from an
+    checked ``provenance.json`` (:attr:`~store.analyses.handles.AnalysisHandle.meta`), never from an
     unchecked copy."""
     from strata.store.commit import artifacts
     from strata.store.commit.artifacts import ArtifactExistsError
-    from strata.store.saes.handles import ANALYSES, AnalysisHandle
+    from strata.store.analyses.handles import ANALYSES, AnalysisHandle
 
     if artifacts.get(s.storage, ANALYSES, p.name) is None:
         return None
@@ -88,7 +88,7 @@ def run_analyze(spec: object) -> list[Outcome]:
     from strata.pipeline.executor import open_executor
     from strata.pipeline.extract import check_store_path
     from strata.store.commit import artifacts
-    from strata.store.saes.handles import ANALYSES
+    from strata.store.analyses.handles import ANALYSES
 
     check_store_path(spec)  # type: ignore[arg-type]
     s = store.open(spec.store, storage_options=spec.storage_options, create=False)  # type: ignore[attr-defined]
@@ -119,7 +119,7 @@ def _leases(s: Any, names: list[str], stack: ExitStack) -> dict[str, Any]:
     second run of the same names is refused at once, naming the holder, before anything is
     computed or a cluster started."""
     from strata.store.errors import LeaseHeldError
-    from strata.store.saes.handles import ANALYSES
+    from strata.store.analyses.handles import ANALYSES
 
     leases = {n: s.artifact_lease(ANALYSES, n, owner=f"strata analyze {n}") for n in names}
     for lease in leases.values():  # read-only first: refused before any lease is taken

@@ -243,9 +243,9 @@ def _side_doc_rows(ds: ActivationDataset, hook: str, pool: str = "mean") -> tupl
 
 
 def _doc_pairs(a: Side, b: Side, pool: tuple[str, str] = ("mean", "mean")) -> dict[str, Any]:
-    from strata.store.datasets.aligned import AlignmentError, _check_documents
+    from strata.store.datasets.aligned import AlignmentError, check_same_corpus
 
-    _check_documents([a, b], by_docs=True)
+    check_same_corpus([a, b], by_docs=True)
     ra, da, wa = _side_doc_rows(*a, pool[0])
     rb, db, wb = _side_doc_rows(*b, pool[1])
     ids = np.array(sorted(wa & wb & set(np.unique(da).tolist()) & set(np.unique(db).tolist())), dtype=np.int64)
