@@ -16,15 +16,16 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import xxhash
 
+from strata.pipeline.config import CorpusSpec
 from strata.pipeline.errors import CorpusError
-
-if TYPE_CHECKING:
-    from strata.pipeline.config import CorpusSpec
+from strata.store.datasets.pairing import SetHash
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ class Corpus:
         return {"docs": len(self.texts), "skipped_empty": self.skipped_empty, "chars": chars, "files": len(self.files)}
 
 
-def _stable_id(value: Any) -> int:
+def stable_id(value: Any) -> int:
+    """A document's id as an int: an integer as is, a string hashed to a stable 63-bit integer."""
     if isinstance(value, (bool, np.bool_)):
         raise CorpusError(f"document id {value!r} is a boolean; ids must be integers or strings")
     if isinstance(value, (int, np.integer)):
@@ -70,7 +72,9 @@ def _stable_id(value: Any) -> int:
     raise CorpusError(f"document id {value!r} has type {type(value).__name__}; ids must be integers or strings")
 
 
-def _files(src: CorpusSpec) -> list[str]:
+def corpus_files(src: CorpusSpec) -> list[str]:
+    """The files of a local corpus (a file, a glob, or a folder searched for ``corpus.format``'s
+    suffixes), sorted; a path that matches none is a one-line CorpusError."""
     p = src.path
     if any(c in p for c in "*?["):
         files = sorted(f for f in _glob.glob(p, recursive=True) if os.path.isfile(f))
@@ -86,7 +90,7 @@ def _files(src: CorpusSpec) -> list[str]:
     return files
 
 
-def _lines(f: str) -> Iterator[tuple[int, str]]:
+def text_lines(f: str) -> Iterator[tuple[int, str]]:
     """The lines of a UTF-8 text file; bytes that are not UTF-8 are a one-line error naming
     the file, line and byte offset."""
     with open(f, "rb") as fh:
@@ -104,7 +108,7 @@ def _lines(f: str) -> Iterator[tuple[int, str]]:
 
 def _records_jsonl(files: list[str], src: CorpusSpec) -> Iterator[tuple[Any, Any, str]]:
     for f in files:
-        for lineno, line in _lines(f):
+        for lineno, line in text_lines(f):
             if not line.strip():
                 continue
             try:
@@ -118,10 +122,6 @@ def _records_jsonl(files: list[str], src: CorpusSpec) -> Iterator[tuple[Any, Any
 
 
 def _records_parquet(files: list[str], src: CorpusSpec) -> Iterator[tuple[Any, Any, str]]:
-    import pyarrow.parquet as pq
-
-    import pyarrow as pa
-
     for f in files:
         try:
             pf = pq.ParquetFile(f)
@@ -130,11 +130,11 @@ def _records_parquet(files: list[str], src: CorpusSpec) -> Iterator[tuple[Any, A
                 f"{f}: not a Parquet file ({str(e).splitlines()[0]}); `corpus.format` is parquet: is it jsonl or text?"
             ) from None
         names = pf.schema_arrow.names
-        _check_field(src.text_field, names, "text_field", f)
+        check_field(src.text_field, names, "text_field", f)
         if src.id_field is not None:
-            _check_field(src.id_field, names, "id_field", f)
+            check_field(src.id_field, names, "id_field", f)
         for keep in src.keep_fields:
-            _check_field(keep, names, "keep_fields", f)
+            check_field(keep, names, "keep_fields", f)
         cols = list(dict.fromkeys([src.text_field] + ([src.id_field] if src.id_field else []) + list(src.keep_fields)))
         for batch in pf.iter_batches(columns=cols, batch_size=8192):
             for rec in batch.to_pylist():
@@ -144,16 +144,16 @@ def _records_parquet(files: list[str], src: CorpusSpec) -> Iterator[tuple[Any, A
 def _records_text(files: list[str], src: CorpusSpec) -> Iterator[tuple[Any, Any, str]]:
     for f in files:
         if src.text_unit == "file":
-            yield {"text": "".join(line for _, line in _lines(f)), "id": f}, ("text", "id"), f
+            yield {"text": "".join(line for _, line in text_lines(f)), "id": f}, ("text", "id"), f
         else:
-            for lineno, line in _lines(f):
+            for lineno, line in text_lines(f):
                 yield {"text": line.rstrip("\n")}, ("text",), f"{f}:{lineno}"
 
 
 def load_hf_dataset(src: CorpusSpec) -> Any:
     """The ``datasets.Dataset`` of an hf corpus (a folder saved with ``save_to_disk``, or a hub
     dataset at ``config`` / ``split``); a missing dataset or split is a one-line CorpusError."""
-    import datasets
+    import datasets  # lazy: HF datasets imports in ~1 s; only hf corpora need it
 
     try:
         if os.path.isdir(src.path):
@@ -174,18 +174,19 @@ def load_hf_dataset(src: CorpusSpec) -> Any:
 def _records_hf(src: CorpusSpec) -> Iterator[tuple[Any, Any, str]]:
     ds = load_hf_dataset(src)
     names = list(ds.column_names)
-    _check_field(src.text_field, names, "text_field", src.path)
+    check_field(src.text_field, names, "text_field", src.path)
     if src.id_field is not None:
-        _check_field(src.id_field, names, "id_field", src.path)
+        check_field(src.id_field, names, "id_field", src.path)
     for keep in src.keep_fields:
-        _check_field(keep, names, "keep_fields", src.path)
+        check_field(keep, names, "keep_fields", src.path)
     cols = list(dict.fromkeys([src.text_field] + ([src.id_field] if src.id_field else []) + list(src.keep_fields)))
     for batch in ds.select_columns(cols).iter(batch_size=8192):
         for i in range(len(batch[src.text_field])):
             yield {c: batch[c][i] for c in cols}, names, src.path
 
 
-def _check_field(name: str, fields: Any, key: str, where: str) -> None:
+def check_field(name: str, fields: Any, key: str, where: str) -> None:
+    """Raise a CorpusError naming `corpus.{key}` when ``name`` is not one of ``fields`` of ``where``."""
     if name not in fields:
         raise CorpusError(f"`corpus.{key}` {name!r} is not a field of {where}; its fields are: {', '.join(map(str, fields))}")
 
@@ -236,7 +237,7 @@ def iter_corpus(src: CorpusSpec, *, batch_docs: int = 4096, scan: CorpusScan | N
     if src.format == "hf":
         records = _records_hf(src)
     else:
-        scan.files = _files(src)
+        scan.files = corpus_files(src)
         reader = {"jsonl": _records_jsonl, "parquet": _records_parquet, "text": _records_text}[src.format]
         records = reader(scan.files, src)
     text_field = "text" if src.format == "text" else src.text_field
@@ -257,7 +258,7 @@ def iter_corpus(src: CorpusSpec, *, batch_docs: int = 4096, scan: CorpusScan | N
         if src.max_docs is not None and scan.docs >= src.max_docs:
             break
         if text_field not in rec:
-            _check_field(text_field, fields, "text_field", where)
+            check_field(text_field, fields, "text_field", where)
         text = rec[text_field]
         if text is None or (isinstance(text, str) and not text.strip()):
             scan.skipped_empty += 1
@@ -266,8 +267,8 @@ def iter_corpus(src: CorpusSpec, *, batch_docs: int = 4096, scan: CorpusScan | N
             raise CorpusError(f"{where}: `corpus.text_field` {text_field!r} holds a {type(text).__name__}, not a string")
         if id_field is not None:
             if id_field not in rec:
-                _check_field(id_field, fields, "id_field", where)
-            ids.append(_stable_id(rec[id_field]))
+                check_field(id_field, fields, "id_field", where)
+            ids.append(stable_id(rec[id_field]))
         else:
             ids.append(ordinal)
         batch.texts.append(text)
@@ -297,8 +298,6 @@ def iter_corpus(src: CorpusSpec, *, batch_docs: int = 4096, scan: CorpusScan | N
 def scan_corpus(src: CorpusSpec, *, prefix_docs: int | None = None) -> CorpusScan:
     """One streaming pass: sizes, ids, the fingerprint of every document and, with
     ``prefix_docs``, of the first ones (the part an existing dataset was made from)."""
-    from strata.store.datasets.pairing import SetHash
-
     scan = CorpusScan()
     h = xxhash.xxh3_128()
     pairs = SetHash()

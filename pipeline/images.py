@@ -4,7 +4,7 @@ dataset. One document per image.
 **Folder** (``format: images``): image files (``.png .jpg .jpeg .gif .bmp .webp .tif .tiff``)
 under ``path`` (or matching a glob), in sorted path order. A document's ``file_name`` is its
 path relative to the folder (for a glob, to the glob's first directory without wildcards), and
-its id is that name hashed to a stable 63-bit integer (:func:`pipeline.corpus._stable_id`, the
+its id is that name hashed to a stable 63-bit integer (:func:`strata.pipeline.corpus.stable_id`, the
 same hash a text corpus applies to string ids, so ``id_field: file_name`` over a captions file
 gives the same ids). An optional ``metadata.jsonl`` in the folder (the Hugging Face
 ``imagefolder`` convention: one JSON object per line with a ``file_name``) gives each image its
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xxhash
 
-from strata.pipeline.corpus import CorpusScan, _check_field, _lines, _stable_id, load_hf_dataset
+from strata.pipeline.corpus import CorpusScan, check_field, corpus_files, load_hf_dataset, stable_id, text_lines
 from strata.pipeline.errors import CorpusError
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ def _sidecar(root: str, src: CorpusSpec) -> dict[str, dict[str, Any]] | None:
         return None
     out: dict[str, dict[str, Any]] = {}
     names: set[str] = set()
-    for lineno, line in _lines(path):
+    for lineno, line in text_lines(path):
         if not line.strip():
             continue
         try:
@@ -149,7 +149,7 @@ def _sidecar(root: str, src: CorpusSpec) -> dict[str, dict[str, Any]] | None:
         out[Path(rec["file_name"]).as_posix()] = rec
     for key, name in (("id_field", src.id_field), ("caption_field", src.caption_field), *(("keep_fields", k) for k in src.keep_fields)):
         if name is not None:
-            _check_field(name, sorted(names), key, path)
+            check_field(name, sorted(names), key, path)
     return out
 
 
@@ -178,9 +178,8 @@ def _iter_parquet(src: CorpusSpec, files_out: list[str]) -> Iterator[tuple[Any, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from strata.pipeline.corpus import _files
 
-    files = _files(src)
+    files = corpus_files(src)
     files_out.extend(files)
     ordinal = 0
     for fi, f in enumerate(files):
@@ -202,10 +201,10 @@ def _iter_parquet(src: CorpusSpec, files_out: list[str]) -> Iterator[tuple[Any, 
 
 def _columns(src: CorpusSpec, names: list[str], where: str) -> list[str]:
     assert src.image_field is not None
-    _check_field(src.image_field, names, "image_field", where)
+    check_field(src.image_field, names, "image_field", where)
     for key, name in (("id_field", src.id_field), ("caption_field", src.caption_field), *(("keep_fields", k) for k in src.keep_fields)):
         if name is not None:
-            _check_field(name, names, key, where)
+            check_field(name, names, key, where)
     return list(dict.fromkeys([src.image_field, *(f for f in (src.id_field, src.caption_field) if f), *src.keep_fields]))
 
 
@@ -215,7 +214,7 @@ def load_hf(src: CorpusSpec) -> Any:
 
     ds = load_hf_dataset(src)
     assert src.image_field is not None
-    _check_field(src.image_field, list(ds.column_names), "image_field", src.path)
+    check_field(src.image_field, list(ds.column_names), "image_field", src.path)
     if isinstance(ds.features[src.image_field], datasets.Image):
         ds = ds.cast_column(src.image_field, datasets.Image(decode=False))
     return ds
@@ -264,7 +263,7 @@ def iter_images(src: CorpusSpec, *, batch_docs: int = 256, scan: ImageScan | Non
     for rid, data, err, where, loc, rec in reader(src, files):
         if src.max_docs is not None and scan.docs >= src.max_docs:
             break
-        doc_id = _stable_id(rid)
+        doc_id = stable_id(rid)
         caption = rec.get(src.caption_field) if src.caption_field else None
         if caption is not None and not isinstance(caption, str):
             raise CorpusError(f"{where}: `corpus.caption_field` {src.caption_field!r} holds a {type(caption).__name__}, not a string")

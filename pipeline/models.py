@@ -74,8 +74,8 @@ def folder_revision(folder: str) -> str:
 
 
 def _snapshot(model_id: str, revision: str | None) -> str:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
+    from huggingface_hub import snapshot_download  # lazy: huggingface_hub's errors import its HTTP stack (~130 ms); only a hub download needs it
+    from huggingface_hub.errors import (  # lazy: as above
         GatedRepoError,
         HFValidationError,
         LocalEntryNotFoundError,
@@ -119,7 +119,7 @@ def resolve(ref: ModelSpec) -> ResolvedModel:
 
 
 def load_config(m: ResolvedModel) -> Any:
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # lazy: transformers imports in seconds; only building or loading a model needs it
 
     try:
         return AutoConfig.from_pretrained(m.folder, trust_remote_code=m.trust_remote_code)
@@ -128,7 +128,7 @@ def load_config(m: ResolvedModel) -> Any:
 
 
 def load_tokenizer(m: ResolvedModel) -> Any:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: transformers imports in seconds; only building or loading a model needs it
 
     try:
         return AutoTokenizer.from_pretrained(m.folder, trust_remote_code=m.trust_remote_code)
@@ -150,9 +150,9 @@ def load_model(m: ResolvedModel, *, device: str = "cpu", model_class: str | None
     """The base model (``AutoModel``: no LM head, which no hook needs), in eval mode; or the
     ``transformers`` class ``model_class`` (a vision tower: ``CLIPVisionModel`` loads the
     vision half of a CLIP checkpoint)."""
-    import torch
-    import transformers
-    from transformers import AutoModel
+    import torch  # lazy: torch imports in ~2 s; only building or loading a model needs it
+    import transformers  # lazy: transformers imports in seconds; only building or loading a model needs it
+    from transformers import AutoModel  # lazy: as above
 
     cls = AutoModel if model_class is None else getattr(transformers, model_class)
     verbosity = transformers.utils.logging.get_verbosity()

@@ -9,10 +9,12 @@ contexts of a corpus are a prefix of the contexts of the same corpus with docume
 ``split_long`` a longer document continues in further contexts, each starting with BOS.
 
 Everything here is a pure function of the token ids, so a plan is the same on every run.
+:func:`strata.pipeline.plan.pack` packs a whole corpus in memory; :class:`~strata.pipeline.plan.Packer` any range.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from typing import Literal
@@ -20,6 +22,7 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import xxhash
+from tokenizers import Tokenizer
 
 Packing = Literal["concat", "truncate"]
 
@@ -99,10 +102,6 @@ class EncodedBatch:
 def encode_batch(backend_json: str, texts: list[str]) -> EncodedBatch:
     """Tokens of each text, without special tokens, with their character offsets, flat (runs
     in a CPU task)."""
-    import itertools
-
-    from tokenizers import Tokenizer
-
     tk = Tokenizer.from_str(backend_json)
     tk.no_truncation()
     tk.no_padding()
@@ -163,24 +162,6 @@ class Contexts:
                 "char_end": self.char_end.reshape(-1),
             }
         )
-
-
-def pack(
-    tokens: list[Encoded],
-    doc_ids: np.ndarray,
-    *,
-    tok: TokenizerInfo,
-    context_size: int,
-    packing: Packing,
-    prepend_bos: bool,
-    split_long: bool = True,
-) -> Contexts:
-    """Pack tokenized documents into contexts, all of them, in memory (see the module docstring;
-    :class:`pipeline.plan.Packer` builds any range of them from tokens kept out of memory)."""
-    from strata.pipeline.plan import MemorySource, Packer
-
-    p = Packer(MemorySource(tokens), np.asarray(doc_ids), tok, context_size, packing, prepend_bos, split_long)
-    return p.contexts(0, len(p))
 
 
 def num_units(n_contexts: int, unit_contexts: int, *, full_only: bool = False) -> int:

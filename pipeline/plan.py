@@ -13,17 +13,15 @@ corpora), :class:`FileSource` for tokens streamed to local files while planning.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 
-from strata.pipeline.packing import Contexts, Encoded, EncodedBatch, TokenizerInfo
-
-Packing = Literal["concat", "truncate"]
+from strata.pipeline.packing import Contexts, Encoded, EncodedBatch, Packing, TokenizerInfo
 
 
 class TokenSource:
@@ -90,8 +88,6 @@ class FileSource(TokenSource):
         return out[0], out[1], out[2]
 
     def remove(self) -> None:
-        import shutil
-
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -230,3 +226,19 @@ class Packer:
         for name, values in (fields or {}).items():
             table = table.append_column(name, values)
         return table, int(dropped.sum()), int(((present == 0) & (lens > 0)).sum()), int(((present > 0) & (dropped > 0)).sum())
+
+
+def pack(
+    tokens: list[Encoded],
+    doc_ids: np.ndarray,
+    *,
+    tok: TokenizerInfo,
+    context_size: int,
+    packing: Packing,
+    prepend_bos: bool,
+    split_long: bool = True,
+) -> Contexts:
+    """Pack tokenized documents into contexts, all of them, in memory (see :mod:`strata.pipeline.packing`;
+    :class:`Packer` builds any range of them from tokens kept out of memory)."""
+    p = Packer(MemorySource(tokens), np.asarray(doc_ids), tok, context_size, packing, prepend_bos, split_long)
+    return p.contexts(0, len(p))

@@ -2,10 +2,10 @@
 
 Tests, the quickstart and the benchmarks use these so that nothing is downloaded:
 
-    python -m pipeline.tiny ./models/tiny-gpt2 --family gpt2
-    python -m pipeline.tiny ./models/bench --family gpt2 --layers 4 --d-model 384
-    python -m pipeline.tiny ./models/tiny-vit --family vit           # a vision encoder (32x32 images)
-    python -m pipeline.tiny ./data/shapes --images 48                  # captioned synthetic images
+    python -m strata.pipeline.tiny ./models/tiny-gpt2 --family gpt2
+    python -m strata.pipeline.tiny ./models/bench --family gpt2 --layers 4 --d-model 384
+    python -m strata.pipeline.tiny ./models/tiny-vit --family vit           # a vision encoder (32x32 images)
+    python -m strata.pipeline.tiny ./data/shapes --images 48                  # captioned synthetic images
 
 The same arguments always give the same weights and tokenizer.
 """
@@ -18,6 +18,10 @@ import random
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 FAMILIES = ("gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "bert")
 VISION_FAMILIES = ("vit", "clip", "siglip", "dinov2", "dinov2_reg")
@@ -54,8 +58,7 @@ def write_jsonl(path: str | Path, docs: Iterable[str]) -> Path:
 
 def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 512, family: str = "gpt2"):
     """A byte-level BPE tokenizer trained on ``texts``, as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # lazy: transformers imports in seconds; only building or loading a model needs it
 
     specials = ["<|endoftext|>", "<|pad|>", "<|bos|>"] if family != "bert" else ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tk = Tokenizer(models.BPE())
@@ -75,7 +78,7 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 512, family: str 
 
 
 def tiny_config(family: str, *, layers: int, d_model: int, heads: int, max_positions: int, vocab_size: int):
-    import transformers as tf
+    import transformers as tf  # lazy: transformers imports in seconds; only building or loading a model needs it
 
     common = dict(vocab_size=vocab_size)
     if family == "gpt2":
@@ -119,8 +122,8 @@ def build_tiny(
 ) -> Path:
     """Build a seeded model of ``family`` and a tokenizer trained on ``texts`` (synthetic
     documents by default); save both to ``folder`` (Hugging Face layout) and return it."""
-    import torch
-    import transformers as tf
+    import torch  # lazy: torch imports in ~2 s; only building or loading a model needs it
+    import transformers as tf  # lazy: transformers imports in seconds; only building or loading a model needs it
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -147,9 +150,6 @@ def synthetic_images(folder: str | Path, n: int, *, seed: int = 0, size: int = 4
     place and size on a noisy grey background), with a ``metadata.jsonl`` holding each image's
     ``file_name``, ``caption`` ("a red circle ...") and ``label`` ("red circle"): a paired
     image-caption corpus whose structure is known. The same arguments give the same bytes."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -185,8 +185,8 @@ def build_tiny_vision(folder: str | Path, *, family: str = "vit", layers: int = 
     """Build a seeded vision encoder of ``family`` (``vit``, ``clip`` and ``siglip`` vision
     towers, ``dinov2``, ``dinov2_reg``: DINOv2 with ``registers`` register tokens) for
     ``image_size`` images, with its image processor; save both to ``folder``."""
-    import torch
-    import transformers as tf
+    import torch  # lazy: torch imports in ~2 s; only building or loading a model needs it
+    import transformers as tf  # lazy: transformers imports in seconds; only building or loading a model needs it
 
     common = dict(image_size=image_size, patch_size=patch_size, hidden_size=d_model, num_hidden_layers=layers,
                   num_attention_heads=heads, intermediate_size=4 * d_model)

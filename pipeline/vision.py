@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import xxhash
+from PIL import Image, UnidentifiedImageError
 
 from strata.pipeline.errors import ModelNotFoundError, SpecError
 from strata.pipeline.packing import Contexts
@@ -124,8 +126,8 @@ class ImagePrep:
 
 
 def load_processor(folder: str, overrides: dict[str, Any], *, model: str = "the model", trust_remote_code: bool = False) -> Any:
-    from transformers import AutoImageProcessor
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoImageProcessor  # lazy: transformers imports in seconds; only building or loading a model needs it
+    from transformers.utils import logging as hf_logging  # lazy: as above
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -183,8 +185,6 @@ def prepare_images(folder: str, config: Any, *, size: int | None, model: str, tr
 
 def _probe_image(size: tuple[int, int]) -> Any:
     """A small non-square image: what the processor makes of it shows its output size."""
-    from PIL import Image
-
     return Image.new("RGB", size, (127, 64, 200))
 
 
@@ -192,8 +192,6 @@ def _probe_image(size: tuple[int, int]) -> Any:
 
 
 def _open(data: bytes) -> Any:
-    from PIL import Image
-
     im = Image.open(io.BytesIO(data))
     im.load()
     return im
@@ -202,10 +200,6 @@ def _open(data: bytes) -> Any:
 def check_images(payloads: list[bytes | None], errors: list[str | None]) -> list[tuple[int, int, str | None]]:
     """(width, height, None) per image that decodes, (-1, -1, why) per one that does not (a
     CPU task while planning)."""
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
     out = []
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)

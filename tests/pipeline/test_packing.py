@@ -3,7 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from strata.pipeline.packing import Encoded, TokenizerInfo, encode_texts, num_units, pack, tokenizer_info
+from strata.pipeline.packing import Encoded, TokenizerInfo, encode_texts, num_units, tokenizer_info
+from strata.pipeline.plan import pack
 from strata.store.datasets.tokens import check_tokens
 
 TOK = TokenizerInfo(name="t", backend_json="{}", bos_id=1, sep_id=2, pad_id=0, special_ids=(0, 1, 2))

@@ -134,12 +134,12 @@ def test_image_corpora_end_to_end(ray_session, tmp_path, vision_models, images, 
                        hooks=["blocks.*.hook_resid_post", "ln_final.hook_normalized"], dtype="float32",
                        compute={"unit_contexts": 8, "batch_tokens": 4 * 21})
     r = run_extract(spec, progress=False)
-    from strata.pipeline.corpus import _stable_id
+    from strata.pipeline.corpus import stable_id
 
     bad = {b["doc_id"]: b["error"] for b in r.bad_images}
-    assert set(bad) == {_stable_id("img_0002b.png"), _stable_id("zz_empty.jpg")}
+    assert set(bad) == {stable_id("img_0002b.png"), stable_id("zz_empty.jpg")}
     assert all(e.startswith("does not decode") for e in bad.values())
-    assert "2 image(s) could not be read" in r.message and str(_stable_id("zz_empty.jpg")) in r.message
+    assert "2 image(s) could not be read" in r.message and str(stable_id("zz_empty.jpg")) in r.message
     assert r.num_units == 3 and r.tokens == 20 * 21  # 20 good images of 1 CLS + 4 registers + 16 patches
     ds = store.open(tmp_path / "acts").dataset("shapes")
     assert ds.info.context_size == 21 and ds.info.meta["modality"] == "image"
@@ -147,11 +147,11 @@ def test_image_corpora_end_to_end(ray_session, tmp_path, vision_models, images, 
     docs = ds.docs()
     assert docs.num_rows == 22
     d = {row["doc_id"]: row for row in docs.to_pylist()}
-    assert d[_stable_id("img_0002b.png")]["row_start"] == -1 and d[_stable_id("img_0002b.png")]["error"] is not None
-    first = d[_stable_id("img_0000.png")]
+    assert d[stable_id("img_0002b.png")]["row_start"] == -1 and d[stable_id("img_0002b.png")]["error"] is not None
+    first = d[stable_id("img_0000.png")]
     assert (first["width"], first["height"], first["label"]) == (48, 48, "red square") and first["caption"].startswith("A ")
     assert first["row_end"] - first["row_start"] == 21 and first["error"] is None
-    x = ds.read("blocks.1.hook_resid_post", docs=[_stable_id("img_0000.png")])
+    x = ds.read("blocks.1.hook_resid_post", docs=[stable_id("img_0000.png")])
     assert x.shape == (21, D)
     assert ds.verify().ok
     # A rerun is a no-op.
@@ -162,9 +162,9 @@ def test_image_corpora_end_to_end(ray_session, tmp_path, vision_models, images, 
     spec2 = spec.model_copy(update={"name": "shapes-pq", "corpus": CorpusSpec(
         path=str(pq_path), format="parquet", image_field="image", id_field="id", caption_field="caption")})
     r2 = run_extract(spec2, progress=False)
-    assert [b["doc_id"] for b in r2.bad_images] == [_stable_id("broken")]
+    assert [b["doc_id"] for b in r2.bad_images] == [stable_id("broken")]
     ds2 = store.open(tmp_path / "acts").dataset("shapes-pq")
-    ids = [_stable_id(f"img_{i:04d}.png") for i in (0, 5, 19)]
+    ids = [stable_id(f"img_{i:04d}.png") for i in (0, 5, 19)]
     for h in ("blocks.0.hook_resid_post", "ln_final.hook_normalized"):
         assert np.array_equal(ds.read(h, docs=ids), ds2.read(h, docs=ids)), h
     # Captions from the same records hash the same, whatever the corpus format.
@@ -218,7 +218,7 @@ def test_paired_images_and_captions_recover_planted_structure(tmp_path, vision_m
     per document (``align="docs"``): mutual kNN is higher for captions that match the images
     than for the same captions shuffled among the images."""
     from strata.analysis import similarity
-    from strata.pipeline.corpus import _stable_id
+    from strata.pipeline.corpus import stable_id
 
     n = 48
     matched = synthetic_images(tmp_path / "matched", n, seed=3)
@@ -255,7 +255,7 @@ def test_paired_images_and_captions_recover_planted_structure(tmp_path, vision_m
     other = similarity.compare((s.dataset("img-matched"), "blocks.1.hook_resid_post"), (s.dataset("cap-matched"), "blocks.1.hook_resid_post"),
                                metrics=["mutual_knn"], align="docs", pool=("cls", "last"), knn_k=4)
     assert other["n"] == n and 0.0 <= other["mutual_knn"] <= 1.0
-    assert _stable_id(meta[0]["file_name"]) in set(s.dataset("cap-matched").docs().column("doc_id").to_pylist())
+    assert stable_id(meta[0]["file_name"]) in set(s.dataset("cap-matched").docs().column("doc_id").to_pylist())
     # Images and captions never pair token by token.
     with pytest.raises(Exception, match="different corpora"):
         similarity.compare((s.dataset("img-matched"), "blocks.1.hook_resid_post"), (s.dataset("cap-matched"), "blocks.1.hook_resid_post"),
@@ -267,7 +267,7 @@ def test_image_sources_read_back_the_scanned_bytes(tmp_path, images):
     records, and reading any positions back gives exactly the scanned bytes."""
     import datasets
 
-    from strata.pipeline.corpus import _stable_id
+    from strata.pipeline.corpus import stable_id
 
     files = sorted(images.glob("*.png"))
     want = [p.read_bytes() for p in files]
@@ -284,7 +284,7 @@ def test_image_sources_read_back_the_scanned_bytes(tmp_path, images):
                  CorpusSpec(path=str(pq_path), format="parquet", image_field="image", id_field="id", caption_field="caption"),
                  CorpusSpec(path=str(hf_dir), format="hf", image_field="img", id_field="id", caption_field="caption")):
         scan = scan_images(spec)
-        assert scan.doc_ids.tolist() == [_stable_id(n) for n in names], spec.format
+        assert scan.doc_ids.tolist() == [stable_id(n) for n in names], spec.format
         got = ImageSource(spec, scan.files, scan.locators).read(pick)
         assert got == [want[i] for i in pick], spec.format
         fps.add((scan.fingerprint, scan.doc_set_hash, scan.caption_set_hash))

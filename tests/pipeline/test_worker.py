@@ -8,10 +8,11 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from strata import store
-from strata.pipeline.hooks import family_of, hook_sites
 from strata.pipeline.config import ModelSpec
+from strata.pipeline.hooks import family_of, hook_sites
 from strata.pipeline.models import resolve
-from strata.pipeline.packing import encode_texts, pack, tokenizer_info
+from strata.pipeline.packing import encode_texts, tokenizer_info
+from strata.pipeline.plan import pack
 from strata.pipeline.tiny import synthetic_docs
 from strata.pipeline.worker import UnitWorker, WorkerConfig
 
