@@ -40,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import _is_torch, as_matrix
-from ._moments import Moments, Precision, _centre32, _fill32, _not_finite, _shape, check_precision, is_half
+from ._checks import as_matrix, is_torch
+from ._moments import Moments, Precision, centre32, check_precision, fill32, is_half, not_finite_error, rows_and_width
 
 __all__ = ["BlockMoments"]
 
@@ -116,8 +116,8 @@ class BlockMoments:
 
     def _update32(self, blocks: Sequence[Any]) -> BlockMoments:
         """:meth:`update` with float32 products."""
-        blocks = [b if _is_torch(b) else np.asarray(b) for b in blocks]
-        shapes = [_shape(b, f"block {h}") for h, b in enumerate(blocks)]
+        blocks = [b if is_torch(b) else np.asarray(b) for b in blocks]
+        shapes = [rows_and_width(b, f"block {h}") for h, b in enumerate(blocks)]
         rows = shapes[0][0]
         for h, shape in enumerate(shapes):
             if shape != (rows, self.dims[h]):
@@ -127,7 +127,7 @@ class BlockMoments:
         if self._buf is None or self._buf.shape[0] < rows:
             self._buf = np.empty((rows, self.D), np.float32)
         z = self._buf[:rows]
-        filled = [_fill32(z[:, self.sl(h)], b) for h, b in enumerate(blocks)]
+        filled = [fill32(z[:, self.sl(h)], b) for h, b in enumerate(blocks)]
         chunk = BlockMoments(self.dims, precision=self.precision, cosine=self.cosine)
         chunk.n = rows
         if self.cosine:  # on the raw rows, before centring; with a float64 block, in float64
@@ -135,7 +135,7 @@ class BlockMoments:
                                [as_matrix(b, f"block {h}", finite=False)[0] for h, b in enumerate(blocks)])
         with np.errstate(over="ignore", invalid="ignore"):  # non-finite results are checked below
             # Block by block, the same float32 centring as Moments (the means are per column).
-            chunk.mean = np.concatenate([_centre32(z[:, self.sl(h)], b, f, f"block {h}") for h, (b, f) in enumerate(zip(blocks, filled))])
+            chunk.mean = np.concatenate([centre32(z[:, self.sl(h)], b, f, f"block {h}") for h, (b, f) in enumerate(zip(blocks, filled))])
             c = z.T @ z  # a float32 syrk: z.T and z share their buffer
             a = np.stack([np.einsum("ij,ij->i", z[:, self.sl(h)], z[:, self.sl(h)]) for h in range(self.k)])  # [k, rows]
             t = a @ z
@@ -143,7 +143,7 @@ class BlockMoments:
             chunk.c, chunk.q, chunk.t = c.astype(np.float64), a64 @ a64.T, t.astype(np.float64)
         # NaN or inf in a row spreads to its column's mean; a float32 overflow shows in diag(c), t or q.
         if not all(np.isfinite(v).all() for v in (chunk.mean, np.diagonal(chunk.c), chunk.t, chunk.q)):
-            raise _not_finite([(b, f"block {h}") for h, b in enumerate(blocks)])
+            raise not_finite_error([(b, f"block {h}") for h, b in enumerate(blocks)])
         if self.n == 0:
             self._take(chunk)
             return self

@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 
-def _is_torch(x: Any) -> bool:
+def is_torch(x: Any) -> bool:
     mod = type(x).__module__
     return mod.startswith("torch") and hasattr(x, "detach")
 
@@ -35,7 +35,7 @@ def as_matrix(x: Any, name: str = "X", *, finite: bool = True) -> tuple[np.ndarr
     The flag lets callers centre in place without touching the caller's memory: it is true only
     when a dtype or device conversion produced a new buffer.
     """
-    if _is_torch(x):
+    if is_torch(x):
         if x.is_complex():
             raise ValueError(f"{name} is a complex tensor ({x.dtype}); similarity metrics need real values")
         owned = str(x.dtype) != "torch.float64" or x.device.type != "cpu"

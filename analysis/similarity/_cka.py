@@ -95,7 +95,7 @@ def cka_from_stats(st: KernelStats) -> float:
     return float(st.hxy / math.sqrt(st.hxx * st.hyy))
 
 
-def _hsic_unbiased(h: float, t1: float, t2: float, q: float, n: int) -> float:
+def hsic_unbiased(h: float, t1: float, t2: float, q: float, n: int) -> float:
     """Song et al. (2012) unbiased HSIC for linear kernels, written in centred sums.
 
     With ``K~ = K - diag(K)`` the estimator is
@@ -111,9 +111,9 @@ def debiased_cka_from_stats(st: KernelStats) -> float:
     """Debiased linear CKA: CKA with every HSIC replaced by the unbiased estimator."""
     check_n(st.n, min_n=4, metric="debiased_cka")
     _require_variance(st.tx, st.ty, "debiased_cka")
-    hxy = _hsic_unbiased(st.hxy, st.tx, st.ty, st.xxyy, st.n)
-    hxx = _hsic_unbiased(st.hxx, st.tx, st.tx, st.xxxx, st.n)
-    hyy = _hsic_unbiased(st.hyy, st.ty, st.ty, st.yyyy, st.n)
+    hxy = hsic_unbiased(st.hxy, st.tx, st.ty, st.xxyy, st.n)
+    hxx = hsic_unbiased(st.hxx, st.tx, st.tx, st.xxxx, st.n)
+    hyy = hsic_unbiased(st.hyy, st.ty, st.ty, st.yyyy, st.n)
     for side, h in (("X", hxx), ("Y", hyy)):
         if not h > 0:
             raise ValueError(

@@ -67,7 +67,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ._checks import _is_torch, as_matrix
+from ._checks import as_matrix, is_torch
 
 __all__ = ["PRECISIONS", "Moments", "row_cosine_sum"]
 
@@ -100,18 +100,18 @@ def check_precision(precision: str) -> str:
 
 def is_half(x: Any) -> bool:
     """Whether ``x`` holds 16-bit floats (NumPy float16, torch float16 or bfloat16): exact in float32."""
-    if _is_torch(x):
+    if is_torch(x):
         return str(x.dtype) in ("torch.float16", "torch.bfloat16")
     return getattr(x, "dtype", None) == np.float16
 
 
-def _fill32(out: np.ndarray, x: Any) -> bool:
+def fill32(out: np.ndarray, x: Any) -> bool:
     """Copy ``x`` (NumPy float16/float32 or a torch float tensor, any device) into the float32
     buffer ``out``, exactly. Returns False, copying nothing, when ``x`` is float64 (or not a float
     array): the caller centres it in float64 first."""
     import torch
 
-    if _is_torch(x):
+    if is_torch(x):
         if x.is_complex() or not x.is_floating_point() or x.dtype == torch.float64:
             return False
         torch.from_numpy(out).copy_(x.detach())  # vectorised half -> float conversion
@@ -125,10 +125,10 @@ def _fill32(out: np.ndarray, x: Any) -> bool:
     return True
 
 
-def _centre32(buf: np.ndarray, x: Any, filled: bool, name: str) -> np.ndarray:
+def centre32(buf: np.ndarray, x: Any, filled: bool, name: str) -> np.ndarray:
     """Make ``buf`` hold ``x`` minus its column means, in float32; returns the float64 means.
 
-    ``filled``: ``buf`` already holds ``x`` exactly (:func:`_fill32`). Those rows are centred in
+    ``filled``: ``buf`` already holds ``x`` exactly (:func:`fill32`). Those rows are centred in
     two float32 steps: the mean rounded to float32, then what that rounding left, so they end up
     centred to ``eps32 |u| + eps32^2 |mean|``. Other rows (float64) are centred in float64 and
     then rounded.
@@ -147,7 +147,7 @@ def _centre32(buf: np.ndarray, x: Any, filled: bool, name: str) -> np.ndarray:
     return mean
 
 
-def _not_finite(sides: list[tuple[Any, str]]) -> ValueError:
+def not_finite_error(sides: list[tuple[Any, str]]) -> ValueError:
     """The error for a chunk whose float32 products came out non-finite: the first side holding
     NaN or inf, else (every value finite: float32 overflowed) the side of the largest centred value."""
     largest, worst = -1.0, ""
@@ -239,8 +239,8 @@ class Moments:
 
     def _add_chunk32(self, x: Any, y: Any) -> Moments:
         """:meth:`update` with float32 products (see the module docstring)."""
-        x, y = (t if _is_torch(t) else np.asarray(t) for t in (x, y))
-        (rows, w1), (rows_y, w2) = _shape(x, "x chunk"), _shape(y, "y chunk")
+        x, y = (t if is_torch(t) else np.asarray(t) for t in (x, y))
+        (rows, w1), (rows_y, w2) = rows_and_width(x, "x chunk"), rows_and_width(y, "y chunk")
         if rows != rows_y:
             raise ValueError(f"x chunk has {rows} rows but y chunk has {rows_y}; rows must be aligned (same n)")
         if (w1, w2) != (self.d1, self.d2):
@@ -250,7 +250,7 @@ class Moments:
         if self._bufs is None or self._bufs[0].shape[0] < rows:
             self._bufs = (np.empty((rows, self.d1), np.float32), np.empty((rows, self.d2), np.float32))
         u, v = self._bufs[0][:rows], self._bufs[1][:rows]  # leading rows: still C-contiguous
-        fx, fy = _fill32(u, x), _fill32(v, y)
+        fx, fy = fill32(u, x), fill32(v, y)
         cos: tuple[float, int] | None = None
         if self.cos_sum is not None:  # on the raw rows, before centring
             if fx and fy:
@@ -258,7 +258,7 @@ class Moments:
             else:  # a float64 side: in float64
                 cos = row_cosine_sum(as_matrix(x, "x chunk", finite=False)[0], as_matrix(y, "y chunk", finite=False)[0])
         with np.errstate(over="ignore", invalid="ignore"):  # non-finite results are checked below
-            mean_x, mean_y = _centre32(u, x, fx, "x chunk"), _centre32(v, y, fy, "y chunk")
+            mean_x, mean_y = centre32(u, x, fx, "x chunk"), centre32(v, y, fy, "y chunk")
             cxx, cyy, cxy = u.T @ u, v.T @ v, u.T @ v  # syrk, syrk, gemm: float32 BLAS
             a, b = np.einsum("ij,ij->i", u, u), np.einsum("ij,ij->i", v, v)
             ab = np.stack([a, b])  # [2, rows] float32: the third-order sums as two small GEMMs
@@ -269,7 +269,7 @@ class Moments:
         # sums; an overflow of the float32 products shows there too.
         checks = (mean_x, mean_y, np.diagonal(cxx), np.diagonal(cyy), tx, ty, [xxxx, yyyy, xxyy])
         if not all(np.isfinite(c).all() for c in checks):
-            raise _not_finite([(x, "x chunk"), (y, "y chunk")])
+            raise not_finite_error([(x, "x chunk"), (y, "y chunk")])
         chunk = Moments.__new__(Moments)
         chunk.d1, chunk.d2, chunk.precision, chunk._bufs = self.d1, self.d2, self.precision, None
         chunk.n, chunk.mean_x, chunk.mean_y = rows, mean_x, mean_y
@@ -440,9 +440,9 @@ class Moments:
         return f"Moments(d1={self.d1}, d2={self.d2}, n={self.n}, precision={self.precision!r})"
 
 
-def _shape(x: Any, name: str) -> tuple[int, int]:
+def rows_and_width(x: Any, name: str) -> tuple[int, int]:
     """``(rows, width)`` of a 2-D NumPy array or torch tensor of real numbers."""
-    if not _is_torch(x):
+    if not is_torch(x):
         x = np.asarray(x)
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_):
             raise ValueError(f"{name} has dtype {x.dtype}; expected a real numeric array (float, int or bool)")
@@ -454,7 +454,7 @@ def _shape(x: Any, name: str) -> tuple[int, int]:
 
 
 def _widths(x: Any, y: Any) -> tuple[int, int]:
-    (rx, dx), (ry, dy) = _shape(x, "X"), _shape(y, "Y")
+    (rx, dx), (ry, dy) = rows_and_width(x, "X"), rows_and_width(y, "Y")
     if rx != ry:
         raise ValueError(f"X has {rx} rows but Y has {ry}; rows must be aligned (same n)")
     return dx, dy

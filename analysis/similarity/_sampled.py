@@ -14,7 +14,7 @@ from scipy.spatial.distance import pdist
 from scipy.stats import rankdata
 
 from ._checks import as_matrix, check_pair, check_positive
-from ._cka import KernelStats, _hsic_unbiased
+from ._cka import KernelStats, hsic_unbiased
 
 __all__ = ["rbf_cka", "minibatch_cka", "mutual_knn", "rsa"]
 
@@ -102,9 +102,9 @@ def minibatch_cka(X: Any, Y: Any, *, batch_size: int = 256, seed: int | None = 0
         rows = order[b * batch_size : (b + 1) * batch_size]
         st = KernelStats.from_arrays(x[rows], y[rows], x_owned=True, y_owned=True)
         sums += (
-            _hsic_unbiased(st.hxy, st.tx, st.ty, st.xxyy, st.n),
-            _hsic_unbiased(st.hxx, st.tx, st.tx, st.xxxx, st.n),
-            _hsic_unbiased(st.hyy, st.ty, st.ty, st.yyyy, st.n),
+            hsic_unbiased(st.hxy, st.tx, st.ty, st.xxyy, st.n),
+            hsic_unbiased(st.hxx, st.tx, st.tx, st.xxxx, st.n),
+            hsic_unbiased(st.hyy, st.ty, st.ty, st.yyyy, st.n),
         )
     hxy, hxx, hyy = sums / batches
     if not (hxx > 0 and hyy > 0):
