@@ -67,7 +67,7 @@ UNIT_ROWS = CTX * UNIT_CONTEXTS  # 32,768 rows per unit
 HA, HB = "blocks.0.hook_resid_post", "blocks.6.hook_resid_post"
 PAIR, LAYERS = "pair", "layers"
 STREAM_METRICS = ["linear_cka", "debiased_cka", "svcca", "procrustes"]
-CHUNK = 16384  # CompareOptions.chunk_rows' default
+CHUNK = 16384  # the compute section's chunk_rows default
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -209,7 +209,7 @@ def run_child(spec: dict) -> None:
         import torch
 
         from strata import store
-        from strata.analysis.similarity import CompareOptions, plan_compare
+        from strata.analysis.similarity import plan_compare
         from strata.pipeline.executor import Executor
 
         cmp = sys.modules["strata.analysis.similarity.compare"]  # the module (the package exports the function under its name)
@@ -218,7 +218,7 @@ def run_child(spec: dict) -> None:
         # compare() = plan_compare + run_compare; for streaming metrics run_compare is
         # _linear_values(plan, _streamed(plan, ex)): called here step by step to time each step.
         t0 = time.perf_counter()
-        plan = plan_compare((ds, HA), (ds, HB), spec["metrics"], max_rows=spec["n"], opts=CompareOptions(chunk_rows=CHUNK))
+        plan = plan_compare((ds, HA), (ds, HB), spec["metrics"], max_rows=spec["n"], chunk_rows=CHUNK)
         t1 = time.perf_counter()
         parts = cmp._streamed(plan, Executor())
         t2 = time.perf_counter()
@@ -440,7 +440,7 @@ def part_gram(root: Path, n: int, d: int, gram_runs: int, summary: list) -> None
 
 def part_heatmap(root: Path, n: int, d: int, hooks: int, pairs_limit: int | None, rounds: int, summary: list) -> None:
     from strata import store
-    from strata.analysis.similarity import HeatmapOptions, compare, layer_heatmap
+    from strata.analysis.similarity import compare, layer_heatmap
     from strata.pipeline.executor import Executor
 
     ds = store.open(root, create=False).dataset(LAYERS)
@@ -454,7 +454,7 @@ def part_heatmap(root: Path, n: int, d: int, hooks: int, pairs_limit: int | None
 
     def heatmap() -> tuple[float, object]:
         t0 = time.perf_counter()
-        out = layer_heatmap((ds, ["blocks.*.hook_resid_post"]), opts=HeatmapOptions(metric="linear_cka"), executor=Executor())
+        out = layer_heatmap((ds, ["blocks.*.hook_resid_post"]), metric="linear_cka", executor=Executor())
         return time.perf_counter() - t0, out
 
     t_heat, t_pairs, maxdiff = [], [], 0.0

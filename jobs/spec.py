@@ -1,6 +1,7 @@
 """Loading job specs: YAML files validated into the job's one config type, with errors that
 name the bad key. The spec types live with the code that runs them (``pipeline.config``,
-``analysis.sae.config``); this module only reads files and ``--set`` overrides."""
+``pipeline.encode``, ``analysis.sae.config``, ``analysis.similarity.spec``), all on the base of
+``pipeline.spec``; this module only reads files and ``--set`` overrides and words their errors."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from strata.jobs._text import safe
 from strata.pipeline.config import ExtractSpec
 from strata.pipeline.errors import SpecError
+from strata.pipeline.spec import UNUSED_KEY, Section
 
 S = TypeVar("S", bound=BaseModel)
 
@@ -31,13 +33,19 @@ def _section_of(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel]
     return section if isinstance(section, type) and issubclass(section, BaseModel) else None
 
 
+def _keys_of(section: type[BaseModel]) -> tuple[str, ...]:
+    return section.spec_keys() if issubclass(section, Section) else tuple(section.model_fields)
+
+
 def format_error(err: dict[str, Any], model: type[BaseModel]) -> str:
     """One pydantic error as ``\\`key\\`: what is wrong``, naming the valid keys of a section."""
     loc = ".".join(str(x) for x in err["loc"])
-    if err["type"] == "extra_forbidden":
-        section = _section_of(model, err["loc"][:-1])
-        valid = ", ".join(section.model_fields) if section is not None else ""
-        return f"`{loc}` is not a spec key" + (f" (valid keys here: {valid})" if valid else "")
+    if err["type"] in ("extra_forbidden", UNUSED_KEY):
+        # An unused key (a compute key of another kind of job) is an unknown key for this kind.
+        path = tuple(err["loc"]) if err["type"] == "extra_forbidden" else (*err["loc"], err["ctx"]["key"])
+        section = _section_of(model, path[:-1])
+        valid = ", ".join(_keys_of(section)) if section is not None else ""
+        return f"`{'.'.join(str(x) for x in path)}` is not a spec key" + (f" (valid keys here: {valid})" if valid else "")
     if err["type"] == "missing":
         return f"`{loc}` is required"
     msg = err["msg"]

@@ -1,6 +1,7 @@
 """The extraction spec: the one config type of an extraction job, validated once when loaded
 (``jobs.spec`` reads YAML into it; tests and notebooks build it directly) and read as is by
-the pipeline.
+the pipeline. It is a :class:`pipeline.spec.JobSpec` (``store``, ``storage_options``,
+``compute``), its compute section narrowed to extraction's keys (:class:`ExtractCompute`).
 
     store: ./acts
     name: gpt2-small-docs
@@ -16,15 +17,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from strata.store.storage import public_options
-
-
-class Section(BaseModel):
-    """A frozen spec section: unknown keys are errors, field docstrings are descriptions."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+from strata.pipeline.spec import ComputeSpec, JobSpec, Section
+from strata.store.datasets.documents import DOC_COLUMNS
+from strata.store.layout import check_name
 
 
 class ModelSpec(Section):
@@ -91,8 +88,6 @@ class CorpusSpec(Section):
     @field_validator("keep_fields")
     @classmethod
     def _keep(cls, v: list[str]) -> list[str]:
-        from strata.store.datasets.documents import DOC_COLUMNS
-
         clash = [f for f in v if f in DOC_COLUMNS]
         if clash:
             raise ValueError(f"{clash} are columns of the document table itself ({', '.join(DOC_COLUMNS)}); keep other fields")
@@ -123,33 +118,13 @@ class ImageSpec(Section):
     other than the model's training size interpolates its position embeddings."""
 
 
-class ComputeSpec(Section):
-    address: str | None = None
-    """An existing Ray cluster to join (``auto``, ``HOST:6379``, ``ray://HOST:10001``), which gets
-    no credentials from this job. ``null`` always starts a private Ray in this process (the
-    entrypoint of a Ray job joins its own cluster instead)."""
-    executor: Literal["auto", "local", "ray"] = "auto"
-    """Where the work runs: ``local`` in this process, without Ray (one worker; tests, a quick
-    look); ``ray`` or ``auto`` on the Ray cluster that ``address`` names (see there)."""
-    batch_tokens: int = Field(default=8192, gt=0)
-    """Tokens per forward pass (rounded down to whole contexts, at least one)."""
-    unit_contexts: int = Field(default=256, gt=0)
-    """Contexts per unit: the unit of work, write, commit and retry. Fixed when a dataset is
-    created."""
-    num_workers: int | None = Field(default=None, gt=0)
-    """Model replicas: default one per GPU of the cluster, or one CPU worker without GPUs."""
-    cpus_per_worker: int | None = Field(default=None, gt=0)
-    """CPUs per worker (and torch threads of a CPU worker); default all CPUs shared evenly."""
-    max_restarts: int = Field(default=3, ge=0)
-    """How often a dead worker is restarted (its in-flight units retried) before the job fails."""
-    lease_stale_s: float = Field(default=60.0, gt=0)
-    """How long after its driver's last heartbeat a job's write lease may be taken over by
-    another job (the driver is then presumed dead; if it was only paused, it stops)."""
+class ExtractCompute(ComputeSpec):
+    """Extraction's keys of the compute section."""
+
+    keys = ("address", "executor", "batch_tokens", "unit_contexts", "num_workers", "cpus_per_worker", "max_restarts", "lease_stale_s")
 
 
-class ExtractSpec(Section):
-    store: str = Field(default="./acts", min_length=1)
-    """The store: a local folder or ``s3://bucket/prefix``."""
+class ExtractSpec(JobSpec):
     name: str
     """The dataset's name in the store."""
     model: ModelSpec
@@ -162,10 +137,8 @@ class ExtractSpec(Section):
     """Hook points, TransformerLens style, globs allowed: ``blocks.*.hook_resid_post``."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     """The dtype activations are stored in."""
-    compute: ComputeSpec = ComputeSpec()
-    storage_options: dict[str, Any] | None = None
-    """fsspec options for an S3 store (endpoint, region, credentials, ...). Credentials are used,
-    never recorded: the manifest keeps only the non-secret options."""
+    compute: ExtractCompute = ExtractCompute()
+    """Where and how extraction runs."""
     version_of: str | None = None
     """The dataset this one is a new version of (``strata reprocess`` sets it when a model's
     revision moved); recorded in the manifest, so ``Store.versions`` lists it."""
@@ -178,14 +151,6 @@ class ExtractSpec(Section):
     @field_validator("name", "version_of")
     @classmethod
     def _name(cls, v: str | None) -> str | None:
-        from strata.store.layout import check_name
-
         if v is not None:
             check_name(v)
         return v
-
-    def recorded(self) -> dict[str, Any]:
-        """The spec as the manifest records it: every key, but only non-secret storage options."""
-        d = self.model_dump(mode="json")
-        d["storage_options"] = public_options(self.storage_options)
-        return d

@@ -33,23 +33,24 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import xxhash
 from pydantic import Field, field_validator
 
 from strata import store
-from strata.pipeline.config import Section
 from strata.pipeline.errors import PipelineError, SpecError, WorkerError
 from strata.pipeline.executor import ActorPool, Executor, Task, open_executor, pool_shape
+from strata.pipeline.spec import ComputeSpec, JobSpec, Section
 from strata.pipeline.worker import peak_rss_bytes
+from strata.store.commit.lease import Fence
 from strata.store.errors import CorruptionError, LeaseHeldError
 from strata.store.features.format import FeatureTableExistsError, FeatureTableInfo, load_info, unit_records
 from strata.store.features.merge import build, load_generation
 from strata.store.features.stats import HIST_BINS, HIST_HI, HIST_LO
 from strata.store.features.writer import FeatureWriter, clean_orphans, create_or_open, identity_diff, publish, table_lease
-from strata.store.commit.lease import Fence
+from strata.store.layout import check_name
 
 log = logging.getLogger(__name__)
 
@@ -78,32 +79,17 @@ class SampleSpec(Section):
     """The sample's seed: the same seed picks the same rows, however units were split."""
 
 
-class EncodeComputeSpec(Section):
-    address: str | None = None
-    """An existing Ray cluster to join (gets no credentials from this job); ``null`` starts a
-    private Ray in this process (a Ray job's entrypoint joins its own cluster)."""
-    executor: Literal["auto", "local", "ray"] = "auto"
-    """Where the work runs: ``local`` in this process, without Ray (one worker); ``ray`` or
-    ``auto`` on the Ray cluster that ``address`` names."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """``auto``: one worker per GPU when the cluster has GPUs, CPU workers otherwise."""
-    num_workers: int | None = Field(default=None, gt=0)
-    """Workers: default one per GPU, or one CPU worker without GPUs."""
-    cpus_per_worker: int | None = Field(default=None, gt=0)
-    """CPUs (and torch threads) of a CPU worker; default all CPUs shared evenly."""
-    batch_rows: int = Field(default=4096, gt=0)
-    """Rows per ``sae.encode`` call."""
-    max_restarts: int = Field(default=3, ge=0)
-    """How often a dead worker is restarted (its in-flight units retried) before the job fails."""
-    lease_stale_s: float = Field(default=60.0, gt=0)
-    """How long after the driver's last heartbeat another job may take the table's lease over."""
-    merge_memory_gb: float = Field(default=4.0, gt=0)
-    """Memory the driver's merge may use; more entries than fit are merged in several passes."""
+class EncodeCompute(ComputeSpec):
+    """Feature encoding's keys of the compute section."""
+
+    keys = ("address", "executor", "device", "num_workers", "cpus_per_worker", "batch_rows", "max_restarts", "lease_stale_s", "merge_memory_gb")
+    devices = ("auto", "cpu", "cuda")  # ``auto``: one worker per GPU when the cluster has GPUs, CPU workers otherwise
 
 
-class EncodeSpec(Section):
-    store: str = Field(default="./acts", min_length=1)
-    """The store: a local folder or ``s3://bucket/prefix``, holding the SAE and its dataset."""
+class EncodeSpec(JobSpec):
+    """``strata features encode``: a stored SAE over its dataset into a feature table (the store
+    holds the SAE and its dataset)."""
+
     sae: str
     """The committed SAE to encode with (``s.saes()`` lists them)."""
     name: str | None = None
@@ -115,15 +101,12 @@ class EncodeSpec(Section):
     sample: SampleSpec = SampleSpec()
     block_features: int = Field(default=256, gt=0)
     """Features per file of the feature-major copy."""
-    compute: EncodeComputeSpec = EncodeComputeSpec()
-    storage_options: dict[str, Any] | None = None
-    """fsspec options for an S3 store; credentials are used, never recorded."""
+    compute: EncodeCompute = EncodeCompute()
+    """Where and how encoding runs."""
 
     @field_validator("sae", "name")
     @classmethod
     def _names(cls, v: str | None) -> str | None:
-        from strata.store.layout import check_name
-
         return v if v is None else check_name(v, what="SAE or feature table")
 
     @property

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from strata.pipeline.errors import UnknownHookError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    import torch
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(hook_\w+)$")
 
@@ -131,17 +132,30 @@ def describe_hooks(names: list[str]) -> str:
     return ", ".join(out)
 
 
+def match_hooks(patterns: Sequence[str], available: Sequence[str], *,
+                error: Callable[[str], Exception] | None = None, skip_missing: bool = False) -> list[str]:
+    """The hooks of ``available`` that match any of ``patterns`` (exact names or fnmatch globs
+    such as ``blocks.*.hook_resid_post``), each once, in ``available``'s order.
+
+    A pattern that matches nothing raises ``error(pattern)`` (default: an :class:`UnknownHookError`
+    listing ``available``), or is passed over with ``skip_missing``."""
+    chosen: set[str] = set()
+    for p in patterns:
+        hits = [h for h in available if fnmatch.fnmatchcase(h, p)]
+        if not hits and not skip_missing:
+            raise (error(p) if error is not None else
+                   UnknownHookError(f"{p!r} matches no hook; valid hooks: {describe_hooks(list(available))}"))
+        chosen.update(hits)
+    return [h for h in available if h in chosen]
+
+
 def expand_hooks(patterns: list[str], sites: dict[str, HookSite], *, model: str = "the model") -> list[str]:
     """Hook names matching ``patterns`` (exact names or globs like ``blocks.*.hook_resid_post``),
     in firing order. An unknown name or a pattern matching nothing is an error listing the
     valid hooks."""
-    chosen: set[str] = set()
-    for p in patterns:
-        hits = [h for h in sites if fnmatch.fnmatchcase(h, p)]
-        if not hits:
-            raise UnknownHookError(f"unknown hook {p!r} for {model}; valid hooks: {describe_hooks(list(sites))}")
-        chosen.update(hits)
-    return sorted(chosen, key=lambda h: sites[h].order)
+    ordered = sorted(sites, key=lambda h: sites[h].order)
+    return match_hooks(patterns, ordered,
+                       error=lambda p: UnknownHookError(f"unknown hook {p!r} for {model}; valid hooks: {describe_hooks(list(sites))}"))
 
 
 class _StopForward(Exception):
@@ -150,6 +164,8 @@ class _StopForward(Exception):
 
 def _first_tensor(x: Any) -> torch.Tensor:
     # transformers 5 decoder layers return a tensor; older code and some modules return tuples.
+    import torch  # lazy: spec checks import this module for `match_hooks` and must not pay for torch
+
     if isinstance(x, torch.Tensor):
         return x
     if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):

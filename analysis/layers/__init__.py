@@ -6,17 +6,17 @@ provenance; ``strata analyze`` commits them with a line plot per metric.
     from strata.analysis import layers
     table, prov = layers.geometry(ds, ds.hooks)
     table, prov = layers.logit_lens(ds, ["hook_embed", "blocks.0.hook_resid_post", ...])
-    table, prov = layers.probe(ds, hooks, layers.ProbeOptions(label="lang"))
+    table, prov = layers.probe(ds, hooks, label="lang")   # or a ProbeSettings section
 """
 
 from strata.analysis.layers.geometry import GEOMETRY_METRICS, curvature, geometry, prompt_entropy, twonn
 from strata.analysis.layers.lens import LENS_METRICS, lens_hooks, logit_lens
-from strata.analysis.layers.probes import ProbeOptions, label_fields, probe
+from strata.analysis.layers.probes import ProbeSettings, label_fields, probe
 
 __all__ = [
     "GEOMETRY_METRICS",
     "LENS_METRICS",
-    "ProbeOptions",
+    "ProbeSettings",
     "curvature",
     "geometry",
     "label_fields",

@@ -25,11 +25,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from strata.analysis.similarity.errors import AnalysisError
+from strata.analysis.similarity.spec import ProbeSettings, sections
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -38,21 +40,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ProbeOptions", "probe", "label_fields"]
+__all__ = ["ProbeSettings", "probe", "label_fields"]
 
 _INDEX_COLUMNS = ("doc_id", "row_start", "row_end", "dropped_tokens")
 _TOKEN_LABELS = ("token_id", "position", "doc_position")
-
-
-@dataclass(frozen=True)
-class ProbeOptions:
-    label: str
-    level: Literal["document", "token"] = "document"
-    test_fraction: float = 0.3
-    l2: float = 1e-3
-    max_examples: int = 20000
-    max_classes: int = 64
-    seed: int = 0
 
 
 def label_fields(ds: ActivationDataset, level: str) -> list[str]:
@@ -91,7 +82,7 @@ def _ridge(x: np.ndarray, y: np.ndarray, xt: np.ndarray, yt: np.ndarray, l2: flo
     return 1.0 - float(((yt - xt @ w - mu) ** 2).sum()) / tss if tss > 0 else math.nan
 
 
-def _examples(ds: ActivationDataset, hook: str, o: ProbeOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _examples(ds: ActivationDataset, hook: str, o: ProbeSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rows, their doc ids, token labels or None-placeholder) of the non-special committed tokens."""
     import pyarrow.compute as pc
 
@@ -111,12 +102,15 @@ def _encode(values: np.ndarray, max_classes: int) -> tuple[np.ndarray, list[Any]
     return inv.astype(np.int64), classes.tolist()
 
 
-def probe(ds: ActivationDataset, hooks: Sequence[str], opts: ProbeOptions) -> tuple[pa.Table, dict[str, Any]]:
-    """One probe and its control per hook (see the module docstring)."""
+def probe(ds: ActivationDataset, hooks: Sequence[str], settings: ProbeSettings | None = None, *, max_classes: int = 64,
+          **fields: Any) -> tuple[pa.Table, dict[str, Any]]:
+    """One probe and its control per hook (see the module docstring). ``settings``: a
+    :class:`ProbeSettings` (a ``kind: probe`` analysis of a spec is one), or its keys as keywords
+    (``label`` and optionally ``level``, ``test_fraction``, ``l2``, ...) with its defaults;
+    ``max_classes``: an integer label with more distinct values is a regression target."""
     import pyarrow as pa
 
-    from strata.analysis.similarity.errors import AnalysisError
-
+    opts, _ = sections("probe", ProbeSettings, settings, None, fields)
     valid = label_fields(ds, opts.level)
     if opts.label not in valid:
         have = ", ".join(valid) if valid else "none (extract with `corpus.keep_fields: [...]`)"
@@ -167,7 +161,7 @@ def probe(ds: ActivationDataset, hooks: Sequence[str], opts: ProbeOptions) -> tu
             feats[split], labels[split], ctrl[split] = x, y, yc
         if opts.level == "token" and opts.label in _TOKEN_LABELS:
             ctrl["train"] = np.random.default_rng([opts.seed, 9]).permutation(labels["train"])
-        both, classes = _encode(np.concatenate([labels["train"], labels["test"], ctrl["train"]]), opts.max_classes)
+        both, classes = _encode(np.concatenate([labels["train"], labels["test"], ctrl["train"]]), max_classes)
         ntr, nte = labels["train"].size, labels["test"].size
         ytr, yte, yctl = both[:ntr], both[ntr : ntr + nte], both[ntr + nte :]
         mu, sd = feats["train"].mean(0), feats["train"].std(0)
@@ -185,6 +179,7 @@ def probe(ds: ActivationDataset, hooks: Sequence[str], opts: ProbeOptions) -> tu
         for key, v in (("hook", hook), ("score", score), ("control", control), ("chance", chance),
                        ("selectivity", score - control), ("n_train", ntr), ("n_test", nte)):
             out[key].append(v)
-    prov = {**asdict(opts), "task": task, "metric": "accuracy" if task == "classification" else "r2",
+    prov = {**{k: getattr(opts, k) for k in ProbeSettings.model_fields}, "max_classes": max_classes, "task": task,
+            "metric": "accuracy" if task == "classification" else "r2",
             "train_docs": int(train_docs.size), "test_docs": int(test_docs.size)}
     return pa.table(out), prov

@@ -11,10 +11,10 @@ evaluation.
 """
 
 from strata.analysis.sae.config import (
-    ComputeSpec,
     DataSpec,
     EvalSpec,
     Run,
+    SAECompute,
     SAETrainSpec,
     TrainSpec,
     architectures,
@@ -33,7 +33,7 @@ __all__ = [
     "TrainSpec",
     "DataSpec",
     "EvalSpec",
-    "ComputeSpec",
+    "SAECompute",
     "Run",
     "architectures",
     "sae_options",

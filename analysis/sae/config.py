@@ -30,19 +30,21 @@ concrete spec (one hook, no sweep, ``name`` set to the run's name) that reproduc
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import itertools
 import os
 import re
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+=-]{0,199}$")
+from strata.pipeline.hooks import match_hooks
+from strata.pipeline.spec import ComputeSpec, JobSpec, Section
+from strata.store.errors import InvalidNameError
+from strata.store.layout import check_name
 
 # Fields of sae-lens's config dataclasses that a spec does not set: ``d_in`` is the hook's width
 # (``sae.d_in`` may be given, as a check that it is), ``device`` comes from ``compute.device``,
@@ -99,7 +101,7 @@ def architectures() -> list[str]:
     return sorted(training_registry())
 
 
-@lru_cache(maxsize=None)
+@cache
 def _option_types(architecture: str) -> dict[str, Any]:
     cfg_cls = training_registry()[architecture][1]
     hints = typing.get_type_hints(cfg_cls)
@@ -168,11 +170,7 @@ def _check_sae_options(architecture: str, options: dict[str, Any]) -> dict[str, 
 # -- the spec ------------------------------------------------------------------------------------
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-
-class TrainSpec(_Section):
+class TrainSpec(Section):
     """Options of sae-lens's ``SAETrainerConfig`` (same names and defaults, but ``batch_size`` for
     ``train_batch_size_samples``), plus the seed and the cadence of the recorded curves."""
 
@@ -258,7 +256,7 @@ class TrainSpec(_Section):
         )
 
 
-class DataSpec(_Section):
+class DataSpec(Section):
     shuffle_seed: int = 0
     """Seed of the store's shuffled batch order (``ds.iter_batches(seed=...)``)."""
     skip_special: bool = True
@@ -269,7 +267,7 @@ class DataSpec(_Section):
     """Rows per shuffle window of the batch iterator (larger mixes units better)."""
 
 
-class EvalSpec(_Section):
+class EvalSpec(Section):
     batch_size: int = Field(default=4096, gt=0)
     """Held-out rows per reconstruction batch."""
     dense_threshold: float = Field(default=0.1, gt=0, le=1)
@@ -285,31 +283,16 @@ class EvalSpec(_Section):
     """Contexts per forward pass of the spliced loss."""
 
 
-class ComputeSpec(_Section):
-    address: str | None = None
-    """The Ray cluster of the sweep's tasks (``HOST:PORT``, ``ray://...``, ``auto``); null starts
-    a private Ray in this process when one is needed (a Ray job's entrypoint joins its own)."""
-    device: str = Field(default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
-    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
-    ray: Literal["auto", "always", "never"] = "auto"
-    """``auto``: one Ray task per sweep combination when there are several, or when
-    ``address`` is set or this is a Ray job; a single pass otherwise runs in this process
-    (no Ray start-up). ``always``: Ray tasks even for one. ``never``: every pass in this process,
-    one after the other."""
-    cpus_per_task: int = Field(default=1, gt=0)
-    """CPUs of each Ray task (its torch threads on a cluster without GPUs; a GPU task gets one GPU)."""
-    threads: int | None = Field(default=None, gt=0)
-    """Torch threads of a pass run in this process (null: torch's default, one per core). Small
-    SAEs on a few cores train several times faster with 1: torch's spinning worker threads
-    then do not compete with the batch loader's two threads."""
-    lease_stale_s: float = Field(default=60.0, gt=0)
-    """A killed job's write leases (one per SAE name) may be taken over after this long without
-    a heartbeat (at once on the same machine, where a dead pid is known dead)."""
+class SAECompute(ComputeSpec):
+    """SAE training's keys of the compute section (``address``: the Ray cluster of the sweep's
+    tasks; ``device`` also takes ``cuda:N`` and ``mps``)."""
+
+    keys = ("address", "device", "ray", "cpus_per_task", "threads", "lease_stale_s")
 
 
-class SAETrainSpec(_Section):
-    store: str = "./acts"
-    """The store: a local folder or ``s3://bucket/prefix``."""
+class SAETrainSpec(JobSpec):
+    """``strata sae train``: SAEs of a dataset's hooks, one per hook and sweep combination."""
+
     dataset: str
     """The activation dataset's name in the store."""
     hooks: tuple[str, ...] = Field(min_length=1)
@@ -328,10 +311,8 @@ class SAETrainSpec(_Section):
     """Held-out evaluation."""
     sweep: dict[str, list[Any]] | None = None
     """Spec paths to vary, each with its values (``{"sae.k": [16, 32]}``): one SAE per combination."""
-    compute: ComputeSpec = ComputeSpec()
+    compute: SAECompute = SAECompute()
     """Where training runs."""
-    storage_options: dict[str, Any] | None = None
-    """fsspec options for an S3 store."""
 
     @field_validator("hooks", mode="before")
     @classmethod
@@ -341,8 +322,10 @@ class SAETrainSpec(_Section):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        check_name(v, key="name")
-        return v
+        try:
+            return check_name(v, what="SAE")
+        except InvalidNameError as e:  # named here too: sweeps re-raise this message on its own
+            raise ValueError(f"`name`: {e}") from None
 
     @field_validator("architecture")
     @classmethod
@@ -403,15 +386,6 @@ class SAETrainSpec(_Section):
         return self
 
 
-def check_name(name: str, *, key: str = "name") -> str:
-    """An SAE name must be safe as one path component of the store: raise naming ``key`` if not."""
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
-        raise ValueError(
-            f"`{key}` {name!r} is not a valid name: use 1-200 of A-Z a-z 0-9 _ . @ + = -, starting with a letter or digit, without '..'"
-        )
-    return name
-
-
 def _check_sweep_path(key: str, archs: set[str]) -> None:
     valid = ["architecture", "sae.<option>", *(f"{s}.{f}" for s in _SWEEPABLE_SECTIONS for f in SAETrainSpec.model_fields[s].annotation.model_fields)]
     section, _, leaf = key.partition(".")
@@ -465,13 +439,8 @@ def concrete(spec: SAETrainSpec, params: dict[str, Any], *, hook: str, name: str
 def resolve_hooks(patterns: Sequence[str], available: Sequence[str], *, dataset: str = "the dataset") -> list[str]:
     """Hooks of ``available`` matching ``patterns`` (names or fnmatch globs), in ``available``'s
     order. A pattern matching nothing is an error listing the available hooks."""
-    chosen: set[str] = set()
-    for p in patterns:
-        hits = [h for h in available if fnmatch.fnmatchcase(h, p)]
-        if not hits:
-            raise ValueError(f"`hooks`: {p!r} matches no hook of {dataset}; its hooks: {', '.join(available)}")
-        chosen.update(hits)
-    return [h for h in available if h in chosen]
+    return match_hooks(patterns, available,
+                       error=lambda p: ValueError(f"`hooks`: {p!r} matches no hook of {dataset}; its hooks: {', '.join(available)}"))
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.@+=-]")
@@ -509,7 +478,7 @@ def expand_runs(spec: SAETrainSpec, available_hooks: Sequence[str], *, dataset: 
     for hook in hooks:
         for params in combinations(spec):
             name = run_name(spec, hook=hook, params=params, several_hooks=len(hooks) > 1)
-            check_name(name, key="name")
+            check_name(name, what="SAE")
             runs.append(Run(name, hook, concrete(spec, params, hook=hook, name=name), params))
     seen: dict[str, Run] = {}
     for r in runs:

@@ -108,7 +108,7 @@ def _evaluate(results: list[Any], ds: store.ActivationDataset, device: str) -> d
             if why:
                 log.info("spliced loss skipped: %s", why)
         if ev.ce and model is None:
-            ev = ev.model_copy(update={"ce": False})
+            ev = ev.updated(ce=False)
         m = evaluate(r.sae, ds, r.hook, holdout, spec=ev, skip_special=r.spec.data.skip_special, device=device, model=model)
         if r.spec.eval.ce and model is None:
             m["ce_skipped"] = why

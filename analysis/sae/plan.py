@@ -214,7 +214,7 @@ def plan(spec: SAETrainSpec, s: Store, *, fresh: bool = False) -> Plan:
         for hook in hooks:
             name = run_name(spec, hook=hook, params=params, several_hooks=len(hooks) > 1)
             try:
-                check_name(name)
+                check_name(name, what="SAE")
             except ValueError as e:
                 raise SpecError(f"SAE name {name!r} (from `name`, the hook and the sweep values): {e}") from None
             if name in names:

@@ -32,20 +32,21 @@ from ._moments import Moments
 from ._ridge import r2, r2_from_moments
 from ._sampled import minibatch_cka, mutual_knn, rbf_cka, rsa
 from ._streaming import STREAMING_METRICS, from_moments
-from .compare import METRICS, CompareOptions, compare, plan_compare, run_compare
+from .compare import METRICS, compare, plan_compare, run_compare
 from .errors import AnalysisError
-from .heatmap import HeatmapOptions, HeatmapResult, layer_heatmap
-from .matching import MatchOptions, match_saes
+from .heatmap import HeatmapResult, layer_heatmap
+from .matching import match_saes
+from .spec import CompareSettings, HeatmapSettings, MatchSettings
 
 __all__ = [
     "AnalysisError",
     "BlockMoments",
-    "CompareOptions",
+    "CompareSettings",
     "Executor",
-    "HeatmapOptions",
+    "HeatmapSettings",
     "HeatmapResult",
     "METRICS",
-    "MatchOptions",
+    "MatchSettings",
     "Moments",
     "RANK_RTOL",
     "STREAMING_METRICS",

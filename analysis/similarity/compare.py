@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -42,6 +42,7 @@ from ._sampled import minibatch_cka, mutual_knn, rbf_cka, rsa
 from ._streaming import from_moments
 from ._tasks import split_ranges
 from .errors import AnalysisError
+from .spec import DEFAULT_METRICS, METRICS, POOLS, SAMPLED, STREAM, AnalyzeCompute, CompareSettings, sections
 
 if TYPE_CHECKING:
     from strata.store import ActivationDataset
@@ -49,45 +50,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["METRICS", "STREAM", "SAMPLED", "POOLS", "CompareOptions", "ComparePlan", "compare", "plan_compare", "run_compare", "min_rows"]
+__all__ = ["METRICS", "STREAM", "SAMPLED", "POOLS", "CompareSettings", "ComparePlan", "compare", "plan_compare", "run_compare", "min_rows"]
 
-STREAM: tuple[str, ...] = ("linear_cka", "debiased_cka", "cca", "svcca", "pwcca", "procrustes", "r2", "cosine")
-SAMPLED: tuple[str, ...] = ("rbf_cka", "minibatch_cka", "mutual_knn", "rsa")
-METRICS: tuple[str, ...] = STREAM + SAMPLED
-DEFAULT_METRICS: tuple[str, ...] = ("linear_cka", "debiased_cka", "svcca", "procrustes")
-Pool = Literal["mean", "cls", "last"]
-POOLS: tuple[str, ...] = get_args(Pool)
 Side = tuple["ActivationDataset", str]
+# The compute keys a comparison uses, and the settings recorded in its provenance (in this order).
+_COMPUTE_KEYS = ("chunk_rows", "tasks")
+_RECORDED = ("keep", "ridge", "holdout", "sample_rows", "seed", "sigma_frac", "knn_k", "minibatch_size", "rsa_metric",
+             "chunk_rows", "tasks", "precision")
 
 
-@dataclass(frozen=True)
-class CompareOptions:
-    """Settings of the metrics (recorded with every result)."""
-
-    keep: float = 0.99  # SVCCA: variance fraction kept per side
-    ridge: float = 1e-3  # r2: relative ridge (see analysis.similarity._ridge)
-    holdout: float = 0.2  # r2: fraction of side-A units (documents, with align="docs") held out
-    sample_rows: int = 2048  # sampled metrics: rows in the seeded sample
-    seed: int = 0  # the sample, the held-out units, minibatch shuffles
-    sigma_frac: float = 0.8  # rbf_cka: bandwidth as a fraction of the median distance
-    knn_k: int = 10  # mutual_knn: neighbours
-    minibatch_size: int = 256  # minibatch_cka: rows per batch
-    rsa_metric: str = "correlation"  # rsa: dissimilarity of two rows
-    chunk_rows: int = 16384  # rows per read (and per co-moment update) in a task
-    tasks: int | None = None  # partial-moment tasks; default: the cluster's CPUs (1 without Ray)
-    precision: str = "auto"  # per-chunk co-moment products: "auto" (float32 for 16-bit stores), "float32", "float64"
-
-    def __post_init__(self) -> None:
-        try:
-            check_precision(self.precision)
-        except ValueError as e:
-            raise AnalysisError(str(e)) from None
-
-
-def min_rows(metric: str, opts: CompareOptions) -> int:
+def min_rows(metric: str, settings: CompareSettings) -> int:
     """Fewest aligned rows ``metric`` is defined on."""
     return {"debiased_cka": 4, "cosine": 1, "rbf_cka": 3, "rsa": 3, "r2": 4,
-            "minibatch_cka": opts.minibatch_size, "mutual_knn": opts.knn_k + 1}.get(metric, 2)
+            "minibatch_cka": settings.minibatch_size, "mutual_knn": settings.knn_k + 1}.get(metric, 2)
 
 
 @dataclass
@@ -98,7 +73,8 @@ class ComparePlan:
     b: Side
     metrics: list[str]
     align: str
-    opts: CompareOptions
+    settings: CompareSettings
+    compute: AnalyzeCompute
     alignment: Alignment | None = None  # align="tokens"
     docs: dict[str, Any] = field(default_factory=dict)  # align="docs": ids, rows and doc index per side
     pool: tuple[str, str] = ("mean", "mean")  # align="docs": how each side's document becomes one row
@@ -107,11 +83,11 @@ class ComparePlan:
 
     @property
     def n_sample(self) -> int:
-        return min(self.opts.sample_rows, self.n) if any(m in SAMPLED for m in self.metrics) else 0
+        return min(self.settings.sample_rows, self.n) if any(m in SAMPLED for m in self.metrics) else 0
 
     def provenance(self) -> dict[str, Any]:
         out: dict[str, Any] = {"align": self.align, "n": self.n, "n_sample": self.n_sample, "metrics": self.metrics,
-                               "options": asdict(self.opts), "holdout_units": self.test_units}
+                               "options": self.options(), "holdout_units": self.test_units}
         if self.alignment is not None:
             out["alignment"] = self.alignment.summary()
             out["units_a"], out["units_b"] = list(self.alignment.units[0]), list(self.alignment.units[1])
@@ -119,6 +95,10 @@ class ComparePlan:
             out["alignment"] = {"method": "docs", "documents": self.n, "candidates": self.docs.get("candidates"),
                                 "pool": list(self.pool)}
         return out
+
+    def options(self) -> dict[str, Any]:
+        """The settings the values depend on, as every result records them."""
+        return {k: getattr(self.compute if k in _COMPUTE_KEYS else self.settings, k) for k in _RECORDED}
 
 
 def _label(side: Side) -> str:
@@ -145,25 +125,42 @@ def _check_pool(pool: Any, align: str) -> tuple[str, str]:
     return pair  # type: ignore[return-value]
 
 
-def plan_compare(a: Side, b: Side, metrics: Sequence[str] | None = None, *, align: Literal["tokens", "docs"] = "tokens",
-                 max_rows: int | None = None, opts: CompareOptions | None = None,
-                 pool: Pool | tuple[Pool, Pool] = "mean") -> ComparePlan:
+def plan_compare(a: Side, b: Side, metrics: Sequence[str] | None = None, *, settings: CompareSettings | None = None,
+                 compute: AnalyzeCompute | None = None, **fields: Any) -> ComparePlan:
     """Check the inputs and pair the rows; raises :class:`AnalysisError` (or the store's
     ``AlignmentError``/``HookNotFoundError``) with a one-line message before any activation is read.
-    ``pool`` (``align="docs"``): see the module docstring."""
+
+    ``settings``: a :class:`CompareSettings` (a ``kind: compare`` analysis of a spec is one), or
+    its keys as keywords (``align``, ``pool``, ``max_rows``, ``sample_rows``, ``seed``, ...) with its
+    defaults; ``compute``: the analyses' compute section, or its ``chunk_rows`` and ``tasks`` as
+    keywords. ``pool`` (``align="docs"``): see the module docstring."""
     from strata.store.datasets.aligned import align_tokens
 
-    opts = opts or CompareOptions()
-    names = _check_metrics(metrics)
-    pools = _check_pool(pool, align)
+    if settings is None:
+        # The keyword path words its errors for a Python caller (the spec's for a spec file).
+        fields["metrics"] = _check_metrics(metrics)
+        _check_pool(fields.get("pool", "mean"), fields.get("align", "tokens"))
+        if fields.get("align", "tokens") not in ("tokens", "docs"):
+            raise AnalysisError(f"`align` must be 'tokens' or 'docs', got {fields['align']!r}")
+        if fields.get("max_rows") is not None and fields["max_rows"] < 1:
+            raise AnalysisError(f"`max_rows` must be >= 1, got {fields['max_rows']}")
+        if "precision" in fields:
+            try:
+                check_precision(fields["precision"])
+            except ValueError as e:
+                raise AnalysisError(str(e)) from None
+    elif metrics is not None:
+        raise AnalysisError("compare: `metrics` given both in the settings and as an argument; give one")
+    settings, compute = sections("compare", CompareSettings, settings, compute, fields, compute_keys=_COMPUTE_KEYS,
+                                 explicit=("metrics", "align", "pool", "max_rows"))
+    names, align, max_rows = list(dict.fromkeys(settings.metrics)), settings.align, settings.max_rows
+    pools = _check_pool(settings.pool, align)
     for ds, hook in (a, b):
         ds.check_hook(hook)
     da, db = a[0].info.hooks[a[1]].d, b[0].info.hooks[b[1]].d
     if "cosine" in names and da != db:
         raise AnalysisError(f"cosine needs the same width on both sides, but {_label(a)} has d={da} and {_label(b)} d={db}")
-    if max_rows is not None and max_rows < 1:
-        raise AnalysisError(f"`max_rows` must be >= 1, got {max_rows}")
-    plan = ComparePlan(a, b, names, align, opts, pool=pools)
+    plan = ComparePlan(a, b, names, align, settings, compute, pool=pools)
     if align == "tokens":
         al = align_tokens([a, b])
         if max_rows is not None and max_rows < len(al):
@@ -173,10 +170,8 @@ def plan_compare(a: Side, b: Side, metrics: Sequence[str] | None = None, *, alig
         plan.docs = _doc_pairs(a, b, pools)
         ids = plan.docs["ids"][: max_rows or None]
         plan.docs["ids"], plan.n = ids, int(ids.size)
-    else:
-        raise AnalysisError(f"`align` must be 'tokens' or 'docs', got {align!r}")
     for m in names:
-        need = min_rows(m, opts)
+        need = min_rows(m, settings)
         n = plan.n_sample if m in SAMPLED else plan.n
         if n < need:
             what = "documents" if align == "docs" else "aligned rows"
@@ -192,8 +187,8 @@ def _holdout(plan: ComparePlan) -> list[int]:
     if groups.size < 2:
         what = "units" if plan.alignment is not None else "documents"
         raise AnalysisError(f"r2 fits on some {what} and scores on others, but {_label(plan.a)} has only {groups.size} {what[:-1]}")
-    k = min(groups.size - 1, max(1, int(round(plan.opts.holdout * groups.size))))
-    pick = np.random.default_rng([plan.opts.seed, 2]).permutation(groups.size)[:k]
+    k = min(groups.size - 1, max(1, int(round(plan.settings.holdout * groups.size))))
+    pick = np.random.default_rng([plan.settings.seed, 2]).permutation(groups.size)[:k]
     return sorted(int(g) for g in groups[pick])
 
 
@@ -270,7 +265,7 @@ def _pool_task(ref: StoreRef, name: str, hook: str, rows: np.ndarray, slot: np.n
 
 def _pooled(plan: ComparePlan, ex: Executor) -> tuple[np.ndarray, np.ndarray]:
     ids = plan.docs["ids"]
-    parts = max(1, plan.opts.tasks or ex.default_tasks())
+    parts = max(1, plan.compute.tasks or ex.default_tasks())
     groups = np.array_split(np.arange(ids.size), min(parts, ids.size))
     out = []
     for key, (ds, hook) in (("a", plan.a), ("b", plan.b)):
@@ -281,7 +276,7 @@ def _pooled(plan: ComparePlan, ex: Executor) -> tuple[np.ndarray, np.ndarray]:
         tasks = []
         for g in groups:
             sel = (pos >= g[0]) & (pos <= g[-1])
-            tasks.append((ex.store_ref(ds), ds.name, hook, rows[sel], pos[sel] - g[0], g.size, plan.opts.chunk_rows))
+            tasks.append((ex.store_ref(ds), ds.name, hook, rows[sel], pos[sel] - g[0], g.size, plan.compute.chunk_rows))
         res = ex.map(_pool_task, tasks)
         sums = np.concatenate([r["sums"] for r in res])
         counts = np.concatenate([r["counts"] for r in res])
@@ -319,11 +314,11 @@ def _streamed(plan: ComparePlan, ex: Executor) -> dict[str, Moments]:
     ur = plan.a[0].info.unit_rows
     units = al.rows[0] // ur
     test = np.isin(units, plan.test_units) if plan.test_units else None
-    ranges = split_ranges(units, plan.opts.tasks or ex.default_tasks())
+    ranges = split_ranges(units, plan.compute.tasks or ex.default_tasks())
     (ds_a, hook_a), (ds_b, hook_b) = plan.a, plan.b
     ra, rb = ex.store_ref(ds_a), ex.store_ref(ds_b)
     tasks = [(ra, ds_a.name, hook_a, rb, ds_b.name, hook_b, al.rows[0][r], al.rows[1][r],
-              None if test is None else test[r], plan.opts.chunk_rows, plan.opts.precision, "cosine" in plan.metrics) for r in ranges]
+              None if test is None else test[r], plan.compute.chunk_rows, plan.settings.precision, "cosine" in plan.metrics) for r in ranges]
     log.info("compare %s vs %s: %d pairs in %d task(s)", _label(plan.a), _label(plan.b), len(al), len(tasks))
     results = ex.map(_moments_task, tasks)
     keys = results[0].keys()
@@ -334,12 +329,12 @@ def _streamed(plan: ComparePlan, ex: Executor) -> dict[str, Moments]:
 
 
 def _sample_index(plan: ComparePlan) -> np.ndarray:
-    rng = np.random.default_rng([plan.opts.seed, 1])
+    rng = np.random.default_rng([plan.settings.seed, 1])
     return np.sort(rng.choice(plan.n, size=plan.n_sample, replace=False))
 
 
 def _sampled_values(plan: ComparePlan, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    o = plan.opts
+    o = plan.settings
     fns = {
         "rbf_cka": lambda: rbf_cka(x, y, sigma_frac=o.sigma_frac),
         "minibatch_cka": lambda: minibatch_cka(x, y, batch_size=o.minibatch_size, seed=o.seed),
@@ -354,9 +349,9 @@ def _linear_values(plan: ComparePlan, parts: dict[str, Moments]) -> dict[str, fl
     names = [m for m in plan.metrics if m in STREAM and m != "r2"]
     out: dict[str, float] = {}
     try:
-        out.update(from_moments(whole, names, keep=plan.opts.keep) if names else {})
+        out.update(from_moments(whole, names, keep=plan.settings.keep) if names else {})
         if "r2" in plan.metrics:
-            r2 = r2_from_moments(parts["train"], parts["test"], ridge=plan.opts.ridge)
+            r2 = r2_from_moments(parts["train"], parts["test"], ridge=plan.settings.ridge)
             out["r2_a_to_b"], out["r2_b_to_a"] = r2["x_to_y"], r2["y_to_x"]
     except ValueError as e:  # undefined on this data (zero variance, ...): one line, named
         raise AnalysisError(f"{_label(plan.a)} vs {_label(plan.b)}: {e}") from None
@@ -396,22 +391,19 @@ def run_compare(plan: ComparePlan, executor: Executor | None = None) -> tuple[di
     return values, plan.provenance()
 
 
-def compare(a: Side, b: Side, metrics: Sequence[str] | None = None, *, align: Literal["tokens", "docs"] = "tokens",
-            pool: Pool | tuple[Pool, Pool] = "mean", max_rows: int | None = None, use_ray: bool | None = None,
-            **options: Any) -> dict[str, float]:
+def compare(a: Side, b: Side, metrics: Sequence[str] | None = None, *, settings: CompareSettings | None = None,
+            compute: AnalyzeCompute | None = None, use_ray: bool | None = None, **fields: Any) -> dict[str, float]:
     """Similarity of ``a = (dsA, hookA)`` and ``b = (dsB, hookB)`` over their aligned rows.
 
     ``metrics``: names from :data:`METRICS` (default ``linear_cka, debiased_cka, svcca,
-    procrustes``); ``pool`` (``align="docs"``): ``mean``, ``cls`` or ``last``, or a pair of them
-    (side a, side b), see the module docstring; ``options``: fields of :class:`CompareOptions`
-    (``sample_rows``, ``seed``, ``ridge``, ``holdout``, ``tasks``, ...). Returns ``{metric: value}`` (``r2`` as ``r2_a_to_b``
-    and ``r2_b_to_a``) plus ``n`` (rows or documents of the streaming metrics) and, with a
-    sampled metric, ``n_sample``. Partial moments run as Ray tasks when Ray is running in this
-    process (``use_ray``), else here.
+    procrustes``); ``fields``: keys of :class:`CompareSettings` (``align="tokens"`` or ``"docs"``,
+    ``pool`` with ``align="docs"``: ``mean``, ``cls`` or ``last``, or a pair of them (side a, side b),
+    see the module docstring; ``max_rows``, ``sample_rows``, ``seed``, ``ridge``, ``holdout``, ...)
+    and of the compute section (``tasks``, ``chunk_rows``), or the sections themselves as
+    ``settings`` and ``compute``. Returns ``{metric: value}`` (``r2`` as ``r2_a_to_b`` and
+    ``r2_b_to_a``) plus ``n`` (rows or documents of the streaming metrics) and, with a sampled
+    metric, ``n_sample``. Partial moments run as Ray tasks when Ray is running in this process
+    (``use_ray``), else here.
     """
-    try:
-        opts = CompareOptions(**options)
-    except TypeError as e:
-        raise AnalysisError(f"compare: {e}; options are: {', '.join(CompareOptions.__dataclass_fields__)}") from None
-    plan = plan_compare(a, b, metrics, align=align, max_rows=max_rows, opts=opts, pool=pool)
+    plan = plan_compare(a, b, metrics, settings=settings, compute=compute, **fields)
     return run_compare(plan, Executor.auto(use_ray))[0]

@@ -19,16 +19,17 @@ small ``n`` (see ``debiased_cka``).
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from strata.pipeline.executor import Executor, StoreRef
+from strata.pipeline.hooks import match_hooks as _match
+from strata.store.errors import HookNotFoundError
 
 from . import _cca, _cka, _sampled
 from ._blocks import BlockMoments
@@ -36,31 +37,20 @@ from ._cca import Spectra
 from ._linalg import eigh_desc
 from ._streaming import from_moments
 from ._tasks import split_ranges
-from .compare import SAMPLED
 from .errors import AnalysisError
+from .spec import HEATMAP_METRICS, SAMPLED, AnalyzeCompute, HeatmapSettings, sections
 
 if TYPE_CHECKING:
     from strata.store import ActivationDataset
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HEATMAP_METRICS", "HeatmapOptions", "HeatmapPlan", "HeatmapResult", "layer_heatmap", "match_hooks", "plan_heatmap", "run_heatmap"]
+__all__ = ["HEATMAP_METRICS", "HeatmapSettings", "HeatmapPlan", "HeatmapResult", "layer_heatmap", "match_hooks", "plan_heatmap", "run_heatmap"]
 
-HEATMAP_METRICS = ("linear_cka", "debiased_cka", "cca", "svcca", "pwcca", "procrustes", "cosine", *SAMPLED)
+# The compute keys a heatmap uses, and the settings recorded in its provenance (in this order).
+_COMPUTE_KEYS = ("memory_budget_mb", "chunk_rows", "tasks")
+_RECORDED = ("metric", "method", "memory_budget_mb", "sample_rows", "seed", "keep", "chunk_rows", "tasks", "max_rows")
 _SYMMETRIC = {"linear_cka", "debiased_cka", "cca", "svcca", "procrustes", "cosine", "rbf_cka", "mutual_knn", "rsa", "minibatch_cka"}
-
-
-@dataclass(frozen=True)
-class HeatmapOptions:
-    metric: str = "linear_cka"
-    method: Literal["auto", "exact", "sample"] = "auto"
-    memory_budget_mb: float = 4096.0  # per task
-    sample_rows: int = 4096
-    seed: int = 0
-    keep: float = 0.99  # svcca
-    chunk_rows: int | None = None  # default: from the budget, at most 16384
-    tasks: int | None = None
-    max_rows: int | None = None
 
 
 @dataclass
@@ -86,16 +76,8 @@ class HeatmapResult:
 
 def match_hooks(ds: ActivationDataset, patterns: Sequence[str]) -> list[str]:
     """Hooks of ``ds`` matching names or globs, in model order; an unmatched pattern is an error."""
-    from strata.store.errors import HookNotFoundError
-
-    out: list[str] = []
-    for p in patterns:
-        hits = [h for h in ds.hooks if fnmatch.fnmatchcase(h, p)]
-        if not hits:
-            raise HookNotFoundError(f"dataset {ds.name!r} has no hook matching {p!r}; it has: {', '.join(ds.hooks)}")
-        out += [h for h in hits if h not in out]
-    order = {h: i for i, h in enumerate(ds.hooks)}
-    return sorted(out, key=order.__getitem__)
+    return _match(patterns, ds.hooks,
+                  error=lambda p: HookNotFoundError(f"dataset {ds.name!r} has no hook matching {p!r}; it has: {', '.join(ds.hooks)}"))
 
 
 def _bytes(dims: int, chunk: int) -> float:
@@ -193,7 +175,8 @@ class HeatmapPlan:
     side_b: tuple[ActivationDataset, list[str]] | None
     rows: list[np.ndarray]
     alignment: Any
-    opts: HeatmapOptions
+    settings: HeatmapSettings
+    compute: AnalyzeCompute
     passes: list[tuple[list[int], list[int]]] | None  # None: the sample method
     chunk: int
 
@@ -205,14 +188,27 @@ class HeatmapPlan:
     def n(self) -> int:
         return int(self.rows[0].size)
 
+    def options(self) -> dict[str, Any]:
+        """The settings the values depend on, as every result records them (``chunk_rows``: None
+        when it comes from the budget)."""
+        out = {k: getattr(self.compute if k in _COMPUTE_KEYS else self.settings, k) for k in _RECORDED}
+        if "chunk_rows" not in self.compute.model_fields_set:
+            out["chunk_rows"] = None
+        return out
+
 
 def plan_heatmap(a: tuple[ActivationDataset, Sequence[str]], b: tuple[ActivationDataset, Sequence[str]] | None = None,
-                 *, opts: HeatmapOptions | None = None) -> HeatmapPlan:
+                 *, settings: HeatmapSettings | None = None, compute: AnalyzeCompute | None = None, **fields: Any) -> HeatmapPlan:
     """Match the hooks, align the rows and choose the method (see the module docstring); raises
-    a one-line error for a bad metric, hook, alignment or too few rows."""
-    opts = opts or HeatmapOptions()
-    if opts.metric not in HEATMAP_METRICS:
-        raise AnalysisError(f"unknown heatmap metric {opts.metric!r}; valid: {', '.join(HEATMAP_METRICS)}")
+    a one-line error for a bad metric, hook, alignment or too few rows.
+
+    ``settings``: a :class:`HeatmapSettings` (a ``kind: heatmap`` analysis of a spec is one), or its
+    keys as keywords (``metric``, ``method``, ``sample_rows``, ...) with its defaults; ``compute``:
+    the analyses' compute section, or its ``memory_budget_mb``, ``chunk_rows`` (default: from the
+    budget, at most 16384) and ``tasks`` as keywords."""
+    if settings is None and fields.get("metric", "linear_cka") not in HEATMAP_METRICS:
+        raise AnalysisError(f"unknown heatmap metric {fields['metric']!r}; valid: {', '.join(HEATMAP_METRICS)}")
+    opts, compute = sections("layer_heatmap", HeatmapSettings, settings, compute, fields, compute_keys=_COMPUTE_KEYS)
     ds_a, ha = a[0], match_hooks(a[0], a[1])
     side_b = None if b is None else (b[0], match_hooks(b[0], b[1]))
     rows, al = _aligned_rows((ds_a, ha), side_b)
@@ -225,29 +221,29 @@ def plan_heatmap(a: tuple[ActivationDataset, Sequence[str]], b: tuple[Activation
     wa = [ds_a.info.hooks[h].d for h in ha]
     wb = None if side_b is None else [side_b[0].info.hooks[h].d for h in side_b[1]]
     total = sum(wa + (wb or []))
-    budget = opts.memory_budget_mb * 2**20
-    chunk = opts.chunk_rows or int(max(256, min(16384, (budget - 24.0 * total**2) / (16.0 * total))))
+    budget = compute.memory_budget_mb * 2**20
+    chunk = compute.chunk_rows if "chunk_rows" in compute.model_fields_set else int(max(256, min(16384, (budget - 24.0 * total**2) / (16.0 * total))))
     passes = None if (opts.method == "sample" or opts.metric in SAMPLED) else _plan_passes(wa, wb, budget, chunk)
     if passes is None and opts.method == "exact":
         raise AnalysisError(
-            f"`memory_budget_mb` {opts.memory_budget_mb:g} is too small for the exact co-moments of one pair of hooks "
+            f"`memory_budget_mb` {compute.memory_budget_mb:g} is too small for the exact co-moments of one pair of hooks "
             f"(widths {max(wa)} and {max(wb or wa)}); raise it or use `method: sample`"
         )
-    return HeatmapPlan(ds_a, ha, side_b, rows, al, opts, passes, chunk)
+    return HeatmapPlan(ds_a, ha, side_b, rows, al, opts, compute, passes, chunk)
 
 
 def run_heatmap(plan: HeatmapPlan, executor: Executor | None = None) -> HeatmapResult:
     """The heatmap of a plan (see the module docstring)."""
     ex = executor or Executor.auto()
-    opts = plan.opts
+    opts = plan.settings
     values = np.full((len(plan.hooks_a), len(plan.hooks_b)), np.nan)
     if plan.passes is None:
         method, n_used = "sample", _sampled_heatmap(plan.ds_a, plan.hooks_a, plan.side_b, plan.rows, opts, values)
     else:
         method, n_used = "exact", plan.n
-        _exact_heatmap(plan.ds_a, plan.hooks_a, plan.side_b, plan.rows, plan.passes, plan.chunk, opts, ex, values)
+        _exact_heatmap(plan.ds_a, plan.hooks_a, plan.side_b, plan.rows, plan.passes, plan.chunk, opts, plan.compute.tasks, ex, values)
     al = plan.alignment
-    prov = {"metric": opts.metric, "method": method, "n": n_used, "passes": len(plan.passes or [1]), "options": asdict(opts),
+    prov = {"metric": opts.metric, "method": method, "n": n_used, "passes": len(plan.passes or [1]), "options": plan.options(),
             "alignment": al.summary(), "units_a": list(al.units[0]), "chunk_rows": plan.chunk}
     if plan.side_b is not None:
         prov["units_b"] = list(al.units[1])
@@ -255,17 +251,19 @@ def run_heatmap(plan: HeatmapPlan, executor: Executor | None = None) -> HeatmapR
 
 
 def layer_heatmap(a: tuple[ActivationDataset, Sequence[str]], b: tuple[ActivationDataset, Sequence[str]] | None = None,
-                  *, opts: HeatmapOptions | None = None, executor: Executor | None = None) -> HeatmapResult:
-    """``opts.metric`` for every hook pair (see the module docstring). ``a``/``b``: a dataset and
-    hook names or globs; without ``b``, every pair of ``a``'s hooks."""
-    return run_heatmap(plan_heatmap(a, b, opts=opts), executor)
+                  *, settings: HeatmapSettings | None = None, compute: AnalyzeCompute | None = None,
+                  executor: Executor | None = None, **fields: Any) -> HeatmapResult:
+    """``metric`` for every hook pair (see the module docstring). ``a``/``b``: a dataset and
+    hook names or globs; without ``b``, every pair of ``a``'s hooks. Settings and compute keys as
+    :func:`plan_heatmap` takes them."""
+    return run_heatmap(plan_heatmap(a, b, settings=settings, compute=compute, **fields), executor)
 
 
 def _exact_heatmap(ds_a: ActivationDataset, ha: list[str], side_b: tuple[ActivationDataset, list[str]] | None,
-                   rows: list[np.ndarray], passes: list[tuple[list[int], list[int]]], chunk: int, opts: HeatmapOptions,
+                   rows: list[np.ndarray], passes: list[tuple[list[int], list[int]]], chunk: int, opts: HeatmapSettings, tasks: int | None,
                    ex: Executor, values: np.ndarray) -> None:
     units = rows[0] // ds_a.info.unit_rows
-    ranges = split_ranges(units, opts.tasks or ex.default_tasks())
+    ranges = split_ranges(units, tasks or ex.default_tasks())
     for p, (ia, ib) in enumerate(passes):
         log.info("heatmap pass %d/%d: %d + %d hooks over %d rows in %d task(s)", p + 1, len(passes), len(ia), len(ib), rows[0].size, len(ranges))
         tasks = []
@@ -288,7 +286,7 @@ def _exact_heatmap(ds_a: ActivationDataset, ha: list[str], side_b: tuple[Activat
                     values[i, j] = _value(bm, x, len(ia) + y, opts, eig, ha[i], side_b[1][j])
 
 
-def _value(bm: BlockMoments, x: int, y: int, opts: HeatmapOptions, eig: dict[int, Any], ha: str, hb: str) -> float:
+def _value(bm: BlockMoments, x: int, y: int, opts: HeatmapSettings, eig: dict[int, Any], ha: str, hb: str) -> float:
     try:
         return float(_pair_value(bm, x, y, opts.metric, eig, opts.keep))
     except ValueError as e:
@@ -296,7 +294,7 @@ def _value(bm: BlockMoments, x: int, y: int, opts: HeatmapOptions, eig: dict[int
 
 
 def _sampled_heatmap(ds_a: ActivationDataset, ha: list[str], side_b: tuple[ActivationDataset, list[str]] | None,
-                     rows: list[np.ndarray], opts: HeatmapOptions, values: np.ndarray) -> int:
+                     rows: list[np.ndarray], opts: HeatmapSettings, values: np.ndarray) -> int:
     n = rows[0].size
     k = min(opts.sample_rows, n)
     idx = np.sort(np.random.default_rng([opts.seed, 3]).choice(n, size=k, replace=False))

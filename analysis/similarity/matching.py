@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,6 +28,7 @@ import torch
 
 from ._cca import svcca
 from .errors import AnalysisError
+from .spec import MatchSettings, sections
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -38,18 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MatchOptions", "LatentCorrelations", "match_saes"]
-
-
-@dataclass(frozen=True)
-class MatchOptions:
-    chunk_rows: int = 4096
-    max_rows: int | None = None  # first aligned rows (side-A order); None: all
-    min_corr: float = 0.0
-    one_to_one: bool = False
-    keep: float = 0.99  # SVCCA variance fraction
-    random_pairings: int = 100
-    seed: int = 0
+__all__ = ["MatchSettings", "LatentCorrelations", "match_saes"]
 
 
 class LatentCorrelations:
@@ -104,14 +93,20 @@ def _decoder(sae: Any) -> np.ndarray:
 
 
 def match_saes(a: tuple[Any, ActivationDataset, str], b: tuple[Any, ActivationDataset, str], *,
-               opts: MatchOptions | None = None, alignment: Alignment | None = None) -> tuple[pa.Table, dict[str, float], dict[str, Any]]:
+               settings: MatchSettings | None = None, chunk_rows: int = 4096, alignment: Alignment | None = None,
+               **fields: Any) -> tuple[pa.Table, dict[str, float], dict[str, Any]]:
     """Match the latents of SAE ``a = (sae, dataset, hook)`` to those of ``b`` (see the module
-    docstring). Returns (a table with one row per A latent, the summary numbers, provenance)."""
+    docstring). ``settings``: a :class:`MatchSettings` (a ``kind: sae_match`` analysis of a spec is
+    one), or its keys as keywords (``min_corr``, ``one_to_one``, ``random_pairings``, ...) with its
+    defaults; ``chunk_rows``: aligned rows encoded per step. Returns (a table with one row per A
+    latent, the summary numbers, provenance)."""
     import pyarrow as pa
 
     from strata.store.datasets.aligned import align_tokens
 
-    opts = opts or MatchOptions()
+    opts, _ = sections("match_saes", MatchSettings, settings, None, fields)
+    if chunk_rows < 1:
+        raise AnalysisError(f"match_saes: `chunk_rows` must be >= 1, got {chunk_rows}")
     (sae_a, ds_a, hook_a), (sae_b, ds_b, hook_b) = a, b
     for sae, ds, hook in (a, b):
         d_in, d = int(sae.cfg.d_in), ds.info.hooks[ds.check_hook(hook)].d
@@ -123,9 +118,9 @@ def match_saes(a: tuple[Any, ActivationDataset, str], b: tuple[Any, ActivationDa
     if len(al) < 3:
         raise AnalysisError(f"SAE matching needs at least 3 aligned rows, got {len(al)}")
     acc = LatentCorrelations(int(sae_a.cfg.d_sae), int(sae_b.cfg.d_sae))
-    for s in range(0, len(al), opts.chunk_rows):
-        xa = ds_a.read(hook_a, rows=al.rows[0][s : s + opts.chunk_rows], dtype="float32")
-        xb = ds_b.read(hook_b, rows=al.rows[1][s : s + opts.chunk_rows], dtype="float32")
+    for s in range(0, len(al), chunk_rows):
+        xa = ds_a.read(hook_a, rows=al.rows[0][s : s + chunk_rows], dtype="float32")
+        xb = ds_b.read(hook_b, rows=al.rows[1][s : s + chunk_rows], dtype="float32")
         acc.update(_encode(sae_a, xa), _encode(sae_b, xb))
     corr, live_a, live_b = acc.correlations()
     if not live_a.any() or not live_b.any():
@@ -155,5 +150,6 @@ def match_saes(a: tuple[Any, ActivationDataset, str], b: tuple[Any, ActivationDa
         log.warning("SAE matching: %d matched pairs; SVCCA of decoder directions needs at least 3", pairs.size)
     table = pa.table({"latent_a": np.arange(corr.shape[0]), "best_b": best_b.astype(np.int64), "corr": max_a,
                       "live": live_a, "paired": np.isin(np.arange(corr.shape[0]), pairs)})
-    prov = {"options": asdict(opts), "alignment": al.summary(), "units_a": list(al.units[0]), "units_b": list(al.units[1])}
+    options = {"chunk_rows": chunk_rows, **{k: getattr(opts, k) for k in MatchSettings.model_fields}}
+    prov = {"options": options, "alignment": al.summary(), "units_a": list(al.units[0]), "units_b": list(al.units[1])}
     return table, summary, prov

@@ -21,16 +21,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from .compare import CompareOptions, plan_compare, run_compare
+from .compare import plan_compare, run_compare
 from .errors import AnalysisError
-from .heatmap import HeatmapOptions, match_hooks, plan_heatmap, run_heatmap
+from .heatmap import match_hooks, plan_heatmap, run_heatmap
 from .plots import heatmap_png, lines_png
 from .spec import AnalyzeSpec, CompareSpec, HeatmapSpec, LayersSpec, MatchSpec, ProbeSpec
 
 if TYPE_CHECKING:
-    from strata.store import ActivationDataset, Store
-
     from strata.pipeline.executor import Executor
+    from strata.store import ActivationDataset, Store
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +118,7 @@ def prepare(spec: AnalyzeSpec, s: Store) -> list[Prepared]:
 
 def _prep_compare(a: CompareSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
     da, db = s.dataset(a.a.dataset), s.dataset(a.b.dataset)
-    opts = CompareOptions(keep=a.keep, ridge=a.ridge, holdout=a.holdout, sample_rows=a.sample_rows, seed=a.seed,
-                          sigma_frac=a.sigma_frac, knn_k=a.knn_k, minibatch_size=a.minibatch_size, rsa_metric=a.rsa_metric,
-                          chunk_rows=spec.compute.chunk_rows, tasks=spec.compute.tasks, precision=a.precision)
-    plan = plan_compare((da, a.a.hook), (db, a.b.hook), list(a.metrics), align=a.align, max_rows=a.max_rows, opts=opts,
-                        pool=a.pool)
+    plan = plan_compare((da, a.a.hook), (db, a.b.hook), settings=a, compute=spec.compute)
     if plan.alignment is not None:
         ua, ub = plan.alignment.units
     else:
@@ -134,9 +129,10 @@ def _prep_compare(a: CompareSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
 def _prep_heatmap(a: HeatmapSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
     da = s.dataset(a.a.dataset)
     side_b = None if a.b is None else (s.dataset(a.b.dataset), a.b.hooks)
-    opts = HeatmapOptions(metric=a.metric, method=a.method, memory_budget_mb=spec.compute.memory_budget_mb, sample_rows=a.sample_rows,
-                          seed=a.seed, keep=a.keep, tasks=spec.compute.tasks, max_rows=a.max_rows)
-    plan = plan_heatmap((da, a.a.hooks), side_b, opts=opts)
+    # A heatmap's chunk comes from its memory budget, as it always has: the spec's `chunk_rows` is left unset.
+    c = spec.compute
+    compute = type(c).model_validate({k: getattr(c, k) for k in c.model_fields_set if k != "chunk_rows"})
+    plan = plan_heatmap((da, a.a.hooks), side_b, settings=a, compute=compute)
     inputs = [_dataset_input(da, plan.hooks_a, plan.alignment.units[0])]
     if plan.side_b is not None:
         inputs.append(_dataset_input(plan.side_b[0], plan.side_b[1], plan.alignment.units[1]))
@@ -257,27 +253,25 @@ def _run_layers(p: Prepared, ex: Executor) -> tuple[dict[str, bytes], dict[str, 
 
 
 def _run_probe(p: Prepared, ex: Executor) -> tuple[dict[str, bytes], dict[str, Any]]:
-    from strata.analysis.layers import ProbeOptions, probe
+    from strata.analysis.layers import probe
 
     ds, hooks = p.plan
     a: ProbeSpec = p.spec
-    table, prov = probe(ds, hooks, ProbeOptions(label=a.label, level=a.level, test_fraction=a.test_fraction, l2=a.l2,
-                                                max_examples=a.max_examples, seed=a.seed))
+    table, prov = probe(ds, hooks, a)
     series = {k: table.column(k).to_numpy() for k in ("score", "control", "chance")}
     png = lines_png(hooks, series, title=f"{ds.name}: probe of {a.label!r} ({a.level}, {prov['metric']})", ylabel=prov["metric"])
     return {"results.parquet": _parquet(table), "probe.png": png}, prov
 
 
 def _run_match(p: Prepared, ex: Executor) -> tuple[dict[str, bytes], dict[str, Any]]:
-    from .matching import MatchOptions, match_saes
+    from .matching import match_saes
 
     (side_a, side_b), al = p.plan
     a: MatchSpec = p.spec
     s = side_a[0].store
     sae_a, sae_b = s.sae(a.a.sae).load(), s.sae(a.b.sae).load()
-    opts = MatchOptions(chunk_rows=4096, max_rows=None, min_corr=a.min_corr, one_to_one=a.one_to_one, keep=a.keep,
-                        random_pairings=a.random_pairings, seed=a.seed)
-    table, summary, prov = match_saes((sae_a, *side_a), (sae_b, *side_b), opts=opts, alignment=al)
+    # The alignment is already cut to `max_rows` (when preparing), so the settings' own cut is a no-op.
+    table, summary, prov = match_saes((sae_a, *side_a), (sae_b, *side_b), settings=a, alignment=al)
     files = {"results.parquet": _parquet(table), "summary.parquet": _parquet(pa.table({k: [v] for k, v in summary.items()}))}
     return files, {**prov, "summary": summary}
 

@@ -11,18 +11,33 @@
       - {kind: sae_match, name: universal, a: {sae: saeA}, b: {sae: saeB}}
 
 Each analysis is committed to the store as ``analyses/NAME``.
+
+The settings of each kind of analysis are a section of their own (:class:`CompareSettings`,
+:class:`HeatmapSettings`, :class:`ProbeSettings`, :class:`MatchSettings`), which the analysis's spec
+extends with its name and inputs. The functions that compute them (``compare``,
+``layer_heatmap``, ``probe``, ``match_saes``) take that section, the spec's own analysis entry, or
+its fields as keywords with the section's defaults (:func:`sections`).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
-from pydantic import Field, field_validator, model_serializer, model_validator
+from pydantic import Field, ValidationError, field_validator, model_serializer, model_validator
 
-from strata.pipeline.config import Section
+from strata.pipeline.spec import ComputeSpec, JobSpec, Section
+from strata.store.layout import check_name
 
-from .compare import METRICS, POOLS, Pool
-from .heatmap import HEATMAP_METRICS
+from .errors import AnalysisError
+
+STREAM: tuple[str, ...] = ("linear_cka", "debiased_cka", "cca", "svcca", "pwcca", "procrustes", "r2", "cosine")
+SAMPLED: tuple[str, ...] = ("rbf_cka", "minibatch_cka", "mutual_knn", "rsa")
+METRICS: tuple[str, ...] = STREAM + SAMPLED
+DEFAULT_METRICS: tuple[str, ...] = ("linear_cka", "debiased_cka", "svcca", "procrustes")
+HEATMAP_METRICS: tuple[str, ...] = ("linear_cka", "debiased_cka", "cca", "svcca", "pwcca", "procrustes", "cosine", *SAMPLED)
+Pool = Literal["mean", "cls", "last"]
+POOLS: tuple[str, ...] = get_args(Pool)
 
 Metric = Literal[METRICS]  # type: ignore[valid-type]
 HeatmapMetric = Literal[HEATMAP_METRICS]  # type: ignore[valid-type]
@@ -31,8 +46,6 @@ LayerMetric = Literal["norm", "write_ratio", "anisotropy", "cos_next", "linearit
 
 
 def _name(v: str) -> str:
-    from strata.store.layout import check_name
-
     check_name(v, what="analysis")
     return v
 
@@ -66,10 +79,10 @@ class Analysis(Section):
         return _name(v)
 
 
-class CompareSpec(Analysis):
-    kind: Literal["compare"]
-    a: SideSpec
-    b: SideSpec
+class CompareSettings(Section):
+    """How ``compare`` measures two sides (the keys of a ``kind: compare`` analysis but its name
+    and sides)."""
+
     metrics: list[Metric] = Field(default=["linear_cka", "debiased_cka", "svcca", "procrustes"], min_length=1)  # type: ignore[valid-type]
     """Streaming: linear_cka, debiased_cka, cca, svcca, pwcca, procrustes, r2, cosine; sampled:
     rbf_cka, minibatch_cka, mutual_knn, rsa."""
@@ -83,16 +96,16 @@ class CompareSpec(Analysis):
     their captions."""
     max_rows: int | None = Field(default=None, gt=0)
     """Use only the first aligned rows (in side-A order)."""
+    keep: float = Field(default=0.99, gt=0, le=1)
+    """SVCCA: fraction of variance (squared singular values) kept per side."""
+    ridge: float = Field(default=1e-3, ge=0)
+    """r2: relative ridge, in units of the mean feature variance."""
+    holdout: float = Field(default=0.2, gt=0, lt=1)
+    """r2: fraction of side A's units (documents, with ``align: docs``) held out for scoring."""
     sample_rows: int = Field(default=2048, gt=0)
     """Rows in the seeded sample of the sampled metrics."""
     seed: int = Field(default=0, ge=0)
     """Seeds the sample, r2's held-out units and minibatch shuffles."""
-    ridge: float = Field(default=1e-3, ge=0)
-    """r2: relative ridge, in units of the mean feature variance."""
-    holdout: float = Field(default=0.2, gt=0, lt=1)
-    """r2: fraction of side A's units held out for scoring."""
-    keep: float = Field(default=0.99, gt=0, le=1)
-    """SVCCA: fraction of variance (squared singular values) kept per side."""
     sigma_frac: float = Field(default=0.8, gt=0)
     """rbf_cka: kernel bandwidth as a fraction of the median pairwise distance."""
     knn_k: int = Field(default=10, gt=0)
@@ -118,7 +131,7 @@ class CompareSpec(Analysis):
         return v
 
     @model_validator(mode="after")
-    def _pool_needs_docs(self) -> CompareSpec:
+    def _pool_needs_docs(self) -> CompareSettings:
         if self.align != "docs" and self.pool not in ("mean", ("mean", "mean")):
             raise ValueError(f"`pool` {self.pool!r} pools documents; it needs `align: docs`")
         return self
@@ -135,11 +148,16 @@ class CompareSpec(Analysis):
         return out
 
 
-class HeatmapSpec(Analysis):
-    kind: Literal["heatmap"]
-    a: HooksSpec
-    b: HooksSpec | None = None
-    """Another dataset's hooks: the heatmap is then every (hook of a, hook of b) pair."""
+class CompareSpec(CompareSettings, Analysis):
+    kind: Literal["compare"]
+    a: SideSpec
+    b: SideSpec
+
+
+class HeatmapSettings(Section):
+    """How ``layer_heatmap`` measures every pair of hooks (the keys of a ``kind: heatmap``
+    analysis but its name and hooks)."""
+
     metric: HeatmapMetric = "linear_cka"  # type: ignore[valid-type]
     """One metric (cosine needs equal widths; others are blank)."""
     method: Literal["auto", "exact", "sample"] = "auto"
@@ -153,6 +171,13 @@ class HeatmapSpec(Analysis):
     """Seeds the sample method."""
     keep: float = Field(default=0.99, gt=0, le=1)
     """SVCCA's variance fraction."""
+
+
+class HeatmapSpec(HeatmapSettings, Analysis):
+    kind: Literal["heatmap"]
+    a: HooksSpec
+    b: HooksSpec | None = None
+    """Another dataset's hooks: the heatmap is then every (hook of a, hook of b) pair."""
 
 
 class LayersSpec(Analysis):
@@ -174,12 +199,10 @@ class LayersSpec(Analysis):
     """Seeds the samples."""
 
 
-class ProbeSpec(Analysis):
-    kind: Literal["probe"]
-    dataset: str = Field(min_length=1)
-    """The dataset."""
-    hooks: list[str] = Field(default=["*"], min_length=1)
-    """Hook names or globs: one probe per hook."""
+class ProbeSettings(Section):
+    """How ``probe`` fits each hook's probe (the keys of a ``kind: probe`` analysis but its name,
+    dataset and hooks)."""
+
     label: str = Field(min_length=1)
     """A document field of ``ds.docs()`` (``corpus.keep_fields``), or at token level a token column
     (token_id, position, doc_position)."""
@@ -195,10 +218,18 @@ class ProbeSpec(Analysis):
     """Seeds the document split, the control's shuffle and the samples."""
 
 
-class MatchSpec(Analysis):
-    kind: Literal["sae_match"]
-    a: SAERefSpec
-    b: SAERefSpec
+class ProbeSpec(ProbeSettings, Analysis):
+    kind: Literal["probe"]
+    dataset: str = Field(min_length=1)
+    """The dataset."""
+    hooks: list[str] = Field(default=["*"], min_length=1)
+    """Hook names or globs: one probe per hook."""
+
+
+class MatchSettings(Section):
+    """How ``match_saes`` matches two SAEs' latents (the keys of a ``kind: sae_match`` analysis but
+    its name and SAEs)."""
+
     max_rows: int | None = Field(default=None, gt=0)
     """Use only the first aligned rows."""
     min_corr: float = Field(default=0.0, ge=-1, le=1)
@@ -213,29 +244,28 @@ class MatchSpec(Analysis):
     """Seeds the random pairings."""
 
 
+class MatchSpec(MatchSettings, Analysis):
+    kind: Literal["sae_match"]
+    a: SAERefSpec
+    b: SAERefSpec
+
+
 AnalysisSpec = Annotated[CompareSpec | HeatmapSpec | LayersSpec | ProbeSpec | MatchSpec, Field(discriminator="kind")]
 
 
-class ComputeSpec(Section):
-    address: str | None = None
-    """An existing Ray cluster to join; ``null`` starts a private Ray in this process (a Ray job's
-    entrypoint joins its own cluster)."""
-    tasks: int | None = Field(default=None, gt=0)
-    """Partial-moment tasks per pass (ranges of units); default: the cluster's CPUs."""
-    chunk_rows: int = Field(default=16384, gt=0)
-    """Rows per read and co-moment update inside a task."""
-    memory_budget_mb: float = Field(default=4096.0, gt=0)
-    """Memory one heatmap task may use for its co-moments; larger heatmaps take several passes."""
+class AnalyzeCompute(ComputeSpec):
+    """The analyses' keys of the compute section."""
+
+    keys = ("address", "tasks", "chunk_rows", "memory_budget_mb")
 
 
-class AnalyzeSpec(Section):
-    store: str = Field(default="./acts", min_length=1)
-    """The store: a local folder or ``s3://bucket/prefix``."""
+class AnalyzeSpec(JobSpec):
+    """``strata analyze``: analyses of a store's datasets and SAEs, each committed as a result."""
+
     analyses: list[AnalysisSpec] = Field(min_length=1)  # type: ignore[valid-type]
     """The analyses to run, in order; each becomes ``analyses/NAME`` in the store."""
-    compute: ComputeSpec = ComputeSpec()
-    storage_options: dict[str, Any] | None = None
-    """fsspec options for an S3 store; credentials are used, never recorded."""
+    compute: AnalyzeCompute = AnalyzeCompute()
+    """Where the analyses run."""
 
     @model_validator(mode="after")
     def _unique(self) -> AnalyzeSpec:
@@ -244,3 +274,32 @@ class AnalyzeSpec(Section):
         if dup:
             raise ValueError(f"analysis name(s) {dup} are used twice; every analysis needs its own `name`")
         return self
+
+
+S = TypeVar("S", bound=Section)
+
+
+def sections(what: str, settings_type: type[S], settings: S | None, compute: AnalyzeCompute | None, fields: dict[str, Any], *,
+             compute_keys: Sequence[str] = (), explicit: Sequence[str] = ()) -> tuple[S, AnalyzeCompute]:
+    """The settings and compute sections of a call from a notebook: ``settings`` (a section of
+    ``settings_type``, e.g. the spec's analysis entry) and ``compute`` as given, or built from the
+    keyword ``fields`` (keys of ``settings_type``, and the compute keys ``compute_keys``) with the
+    sections' defaults. ``explicit``: keys the function takes as its own arguments (left out of
+    the list of options an unknown one is told). A bad option raises one-line AnalysisError."""
+    own = {k: v for k, v in fields.items() if k in settings_type.model_fields}
+    comp = {k: v for k, v in fields.items() if k in compute_keys}
+    unknown = [k for k in fields if k not in own and k not in comp]
+    if unknown:
+        options = [k for k in settings_type.model_fields if k not in explicit] + [k for k in compute_keys]
+        raise AnalysisError(f"{what}: unknown option {unknown[0]!r}; options are: {', '.join(options)}")
+    for given, keys, kind in ((settings, own, "settings"), (compute, comp, "compute")):
+        if given is not None and keys:
+            raise AnalysisError(f"{what}: {', '.join(keys)} given both in the {kind} section and as keywords; give one")
+    try:
+        return (settings if settings is not None else settings_type.model_validate(own),
+                compute if compute is not None else AnalyzeCompute.model_validate(comp))
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        raise AnalysisError(f"{what}: `{key}`: {msg}" + (f" (got {err['input']!r})" if err["type"] != "value_error" else "")) from None

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModel
 
 from strata.pipeline.errors import UnknownHookError, UnsupportedModelError
-from strata.pipeline.hooks import Capture, expand_hooks, family_of, hook_sites
+from strata.pipeline.hooks import Capture, expand_hooks, family_of, hook_sites, match_hooks
 
 FAMILIES = ["gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "bert"]
 
@@ -79,3 +79,18 @@ def test_glob_expansion_order_and_unknown_hooks():
         expand_hooks(["blocks.7.hook_resid_post"], sites)
     with pytest.raises(UnsupportedModelError, match="supported model types"):
         family_of("t5")
+
+
+def test_match_hooks_keeps_the_order_of_the_available_hooks_once_each():
+    available = ["hook_embed", "blocks.0.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"]
+    assert match_hooks(["blocks.1.*", "blocks.*.hook_resid_post", "hook_embed"], available) == [
+        "hook_embed", "blocks.0.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"]
+    assert match_hooks(["*"], available) == available
+    assert match_hooks(["blocks.[01].hook_resid_post"], available) == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    # a pattern matching nothing: an error naming it and the valid hooks, the caller's own, or passed over
+    with pytest.raises(UnknownHookError, match=r"'blocks.9.\*' matches no hook; valid hooks: hook_embed, blocks.\{0..1\}.hook_resid_post"):
+        match_hooks(["blocks.9.*"], available)
+    with pytest.raises(KeyError, match="no blocks.9"):
+        match_hooks(["hook_embed", "blocks.9.*"], available, error=lambda p: KeyError(f"no {p[:8]}"))
+    assert match_hooks(["blocks.9.*", "hook_embed"], available, skip_missing=True) == ["hook_embed"]
+    assert match_hooks([], available) == []

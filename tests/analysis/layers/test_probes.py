@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import write_docs_dataset
 
 from strata.analysis import layers
 from strata.analysis.similarity import AnalysisError
-from conftest import write_docs_dataset
 
 PLANTED, NOISE, MEMO = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"
 
@@ -38,7 +38,7 @@ def labelled(tmp_path_factory):
 
 def test_planted_label_beats_its_control_and_noise_does_not(labelled):
     for level in ("document", "token"):
-        table, prov = layers.probe(labelled, [PLANTED, NOISE], layers.ProbeOptions(label="topic", level=level))
+        table, prov = layers.probe(labelled, [PLANTED, NOISE], label="topic", level=level)
         rows = {r["hook"]: r for r in table.to_pylist()}
         assert prov["task"] == "classification" and prov["train_docs"] + prov["test_docs"] == 400
         planted, noise = rows[PLANTED], rows[NOISE]
@@ -50,13 +50,13 @@ def test_planted_label_beats_its_control_and_noise_does_not(labelled):
 def test_no_document_is_on_both_sides(labelled):
     # Each document has its own vector and a random label: a token-level probe could only succeed
     # by recognising documents it was trained on. Held-out documents are new to it.
-    table, _ = layers.probe(labelled, [MEMO], layers.ProbeOptions(label="topic", level="token", l2=1e-6))
+    table, _ = layers.probe(labelled, [MEMO], label="topic", level="token", l2=1e-6)
     row = table.to_pylist()[0]
     assert row["score"] < row["chance"] + 0.2
 
 
 def test_numeric_label_is_a_regression(labelled):
-    table, prov = layers.probe(labelled, ["blocks.3.hook_resid_post", NOISE], layers.ProbeOptions(label="score"))
+    table, prov = layers.probe(labelled, ["blocks.3.hook_resid_post", NOISE], label="score")
     rows = {r["hook"]: r for r in table.to_pylist()}
     assert prov["task"] == "regression" and prov["metric"] == "r2"
     assert rows["blocks.3.hook_resid_post"]["score"] > 0.9 > 0.3 > rows[NOISE]["score"]
@@ -65,6 +65,6 @@ def test_numeric_label_is_a_regression(labelled):
 
 def test_labels_that_do_not_exist_are_listed(labelled):
     with pytest.raises(AnalysisError, match="no document-level label 'lang'; labels it has: topic, score"):
-        layers.probe(labelled, [PLANTED], layers.ProbeOptions(label="lang"))
+        layers.probe(labelled, [PLANTED], label="lang")
     with pytest.raises(AnalysisError, match="labels it has: topic, score, token_id, position, doc_position"):
-        layers.probe(labelled, [PLANTED], layers.ProbeOptions(label="lang", level="token"))
+        layers.probe(labelled, [PLANTED], label="lang", level="token")

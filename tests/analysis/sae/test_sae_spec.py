@@ -8,7 +8,8 @@ import re
 import pytest
 from pydantic import ValidationError
 
-from strata.analysis.sae.config import NAME_PATTERN, SAETrainSpec, TrainSpec, architectures, expand_runs, sae_options
+from strata.analysis.sae.config import SAETrainSpec, TrainSpec, architectures, expand_runs, sae_options
+from strata.store.layout import check_name
 
 BASE = {
     "store": "./acts",
@@ -162,7 +163,7 @@ def test_sweep_expands_to_one_run_per_combination():
     ]
     assert names == [r.name for r in expand_runs(s, HOOKS)]  # deterministic
     for n in names:
-        assert NAME_PATTERN.match(n) and ".." not in n and "/" not in n
+        assert check_name(n, what="SAE") == n and ".." not in n and "/" not in n  # the store's one name check
 
 
 def test_sweep_names_are_filesystem_safe_and_unambiguous():

@@ -4,15 +4,15 @@ two datasets; the sample method."""
 
 from __future__ import annotations
 
+import _simdata
 import numpy as np
 import pytest
 import simref
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import _simdata
 from strata.analysis import similarity as sim
-from strata.analysis.similarity.heatmap import HeatmapOptions, plan_heatmap
+from strata.analysis.similarity.heatmap import plan_heatmap
 from strata.pipeline.executor import Tasks
 from strata.store.errors import StrataError
 
@@ -82,7 +82,7 @@ REFS = {"linear_cka": simref.linear_cka, "debiased_cka": simref.debiased_cka, "c
 @pytest.mark.parametrize("metric", list(REFS))
 def test_every_cell_equals_the_reference_of_its_pair(layered, metric):
     ds, x = layered
-    res = sim.layer_heatmap((ds, ["*"]), opts=HeatmapOptions(metric=metric, tasks=3, chunk_rows=37), executor=sim.Executor())
+    res = sim.layer_heatmap((ds, ["*"]), metric=metric, tasks=3, chunk_rows=37, executor=sim.Executor())
     assert res.method == "exact" and res.passes == 1 and res.hooks_a == ds.hooks
     want = np.array([[REFS[metric](x[a], x[b]) for b in ds.hooks] for a in ds.hooks])
     np.testing.assert_allclose(res.values, want, rtol=1e-9, atol=1e-12)
@@ -90,9 +90,9 @@ def test_every_cell_equals_the_reference_of_its_pair(layered, metric):
 
 def test_small_budget_takes_several_exact_passes_with_the_same_values(layered):
     ds, _ = layered
-    one = sim.layer_heatmap((ds, ["*"]), opts=HeatmapOptions(metric="debiased_cka", chunk_rows=50), executor=sim.Executor())
+    one = sim.layer_heatmap((ds, ["*"]), metric="debiased_cka", chunk_rows=50, executor=sim.Executor())
     budget = 8 * (3 * 16**2 + 2 * 50 * 16) / 2**20  # room for two hooks of width <= 8, not for all five (31)
-    many = sim.layer_heatmap((ds, ["*"]), opts=HeatmapOptions(metric="debiased_cka", memory_budget_mb=budget, chunk_rows=50),
+    many = sim.layer_heatmap((ds, ["*"]), metric="debiased_cka", memory_budget_mb=budget, chunk_rows=50,
                              executor=sim.Executor())
     assert many.method == "exact" and many.passes > 1
     np.testing.assert_allclose(many.values, one.values, rtol=1e-10, atol=1e-13)
@@ -102,13 +102,13 @@ def test_small_budget_takes_several_exact_passes_with_the_same_values(layered):
 
 def test_too_small_a_budget_for_one_pair_falls_back_to_a_stated_sample(layered):
     ds, x = layered
-    opts = HeatmapOptions(metric="linear_cka", memory_budget_mb=1e-4, sample_rows=10**6)
-    res = sim.layer_heatmap((ds, ["*"]), opts=opts, executor=sim.Executor())
+    opts = dict(metric="linear_cka", memory_budget_mb=1e-4, sample_rows=10**6)
+    res = sim.layer_heatmap((ds, ["*"]), executor=sim.Executor(), **opts)
     assert res.method == "sample" and res.n == len(next(iter(x.values())))
     want = np.array([[simref.linear_cka(x[a], x[b]) for b in ds.hooks] for a in ds.hooks])
     np.testing.assert_allclose(res.values, want, rtol=1e-9)
     with pytest.raises(StrataError, match="too small for the exact co-moments of one pair"):
-        plan_heatmap((ds, ["*"]), opts=HeatmapOptions(method="exact", memory_budget_mb=1e-4))
+        plan_heatmap((ds, ["*"]), method="exact", memory_budget_mb=1e-4)
 
 
 def test_two_datasets_every_hook_of_a_against_every_hook_of_b(layered):
@@ -120,7 +120,7 @@ def test_two_datasets_every_hook_of_a_against_every_hook_of_b(layered):
     # Different documents: refused, naming why.
     with pytest.raises(StrataError, match="no common rows|different corpora"):
         sim.layer_heatmap((ds, ["*"]), (other, ["*"]), executor=sim.Executor())
-    res = sim.layer_heatmap((ds, ["blocks.*"]), (ds, ["hook_embed", "blocks.3.*"]), opts=HeatmapOptions(metric="linear_cka"),
+    res = sim.layer_heatmap((ds, ["blocks.*"]), (ds, ["hook_embed", "blocks.3.*"]), metric="linear_cka",
                             executor=sim.Executor())
     assert res.values.shape == (4, 2)
     want = np.array([[simref.linear_cka(x[a], x[b]) for b in res.hooks_b] for a in res.hooks_a])
@@ -130,8 +130,8 @@ def test_two_datasets_every_hook_of_a_against_every_hook_of_b(layered):
 @pytest.mark.ray
 def test_ray_tasks_give_the_in_process_heatmap(layered, ray_session):
     ds, _ = layered
-    local = sim.layer_heatmap((ds, ["*"]), opts=HeatmapOptions(metric="svcca", tasks=1), executor=sim.Executor())
-    remote = sim.layer_heatmap((ds, ["*"]), opts=HeatmapOptions(metric="svcca", tasks=2), executor=sim.Executor(Tasks()))
+    local = sim.layer_heatmap((ds, ["*"]), metric="svcca", tasks=1, executor=sim.Executor())
+    remote = sim.layer_heatmap((ds, ["*"]), metric="svcca", tasks=2, executor=sim.Executor(Tasks()))
     np.testing.assert_allclose(remote.values, local.values, rtol=1e-10)
 
 
@@ -140,9 +140,9 @@ def test_bad_heatmap_input(layered):
     with pytest.raises(StrataError, match="no hook matching 'blocks.7.*'; it has: hook_embed"):
         plan_heatmap((ds, ["blocks.7.*"]))
     with pytest.raises(StrataError, match="unknown heatmap metric 'r2'"):
-        plan_heatmap((ds, ["*"]), opts=HeatmapOptions(metric="r2"))
+        plan_heatmap((ds, ["*"]), metric="r2")
     with pytest.raises(StrataError, match="debiased_cka needs at least 4 aligned rows"):
-        plan_heatmap((ds, ["*"]), opts=HeatmapOptions(metric="debiased_cka", max_rows=3))
+        plan_heatmap((ds, ["*"]), metric="debiased_cka", max_rows=3)
 
 
 def test_block_moments_without_cosines_keep_every_other_field():

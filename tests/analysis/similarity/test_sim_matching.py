@@ -3,14 +3,14 @@ latents is recovered, its decoder SVCCA beats random pairings; SAEs committed to
 
 from __future__ import annotations
 
+import _simdata
 import numpy as np
 import pytest
 import simref
 import torch
 
-import _simdata
 from strata.analysis import similarity as sim
-from strata.analysis.similarity.matching import LatentCorrelations, MatchOptions
+from strata.analysis.similarity.matching import LatentCorrelations
 
 D, M = 8, 48
 HA, HB = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
@@ -63,7 +63,7 @@ def test_streamed_correlations_equal_dense_pearson():
 
 def test_planted_permutation_is_recovered_and_beats_random_pairings(planted):
     ds, sae_a, sae_b, perm = planted
-    table, summary, prov = sim.match_saes((sae_a, ds, HA), (sae_b, ds, HB), opts=MatchOptions(random_pairings=40, chunk_rows=53))
+    table, summary, prov = sim.match_saes((sae_a, ds, HA), (sae_b, ds, HB), random_pairings=40, chunk_rows=53)
     live = table.column("live").to_numpy(zero_copy_only=False)
     best = table.column("best_b").to_numpy()[live]
     inverse = np.argsort(perm)
@@ -85,7 +85,7 @@ def test_unrelated_saes_match_poorly(planted):
     ds, sae_a, _, _ = planted
     rng = np.random.default_rng(9)
     other = _sae(rng.standard_normal((D, M)), -0.8 * np.ones(M), rng.standard_normal((M, D)), np.zeros(D))
-    _, summary, _ = sim.match_saes((sae_a, ds, HA), (other, ds, HB), opts=MatchOptions(random_pairings=20))
+    _, summary, _ = sim.match_saes((sae_a, ds, HA), (other, ds, HB), random_pairings=20)
     assert summary["mean_max_corr_a"] < 0.9 and summary["p_value"] > 1 / 21
 
 
