@@ -239,7 +239,7 @@ def test_a_changed_local_model_makes_a_new_dataset_version(project):
 def test_a_run_while_another_process_holds_the_lease_exits_0(project):
     append_docs(project, 14, seed=5)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import store, time; l = store.open('acts').lease('tiny', owner='the other run'); l.acquire(); "
+        [sys.executable, "-c", "from strata import store; import time; l = store.open('acts').lease('tiny', owner='the other run'); l.acquire(); "
                                "print('held', flush=True); time.sleep(300)"],
         stdout=subprocess.PIPE, text=True, cwd=project)
     try:

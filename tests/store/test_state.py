@@ -11,7 +11,7 @@ import pytest
 from strata import store
 from strata.analysis.sae.plan import split_units
 from strata.store.datasets.state import DatasetState
-from tests.store.helpers import CONTEXT_SIZE, D, HOOK, HOOK2, UNIT_CONTEXTS, UNIT_ROWS, create_small, token_table, unit_acts
+from tests.store.helpers import CONTEXT_SIZE, HOOK, HOOK2, UNIT_CONTEXTS, UNIT_ROWS, D, create_small, token_table, unit_acts
 
 
 @pytest.fixture()
