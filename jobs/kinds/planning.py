@@ -207,7 +207,7 @@ def check_pattern(v: str, *, fields: tuple[str, ...], required: str) -> str:
     return v
 
 
-def open_store(uri: str, options: dict[str, Any] | None) -> store.Store | None:
+def open_store(uri: str, options: dict[str, Any] | None) -> Store | None:
     """The store at ``uri`` for reading, or None when there is none yet: planning never creates one."""
     try:
         return store.open(uri, storage_options=options, create=False)
@@ -215,7 +215,7 @@ def open_store(uri: str, options: dict[str, Any] | None) -> store.Store | None:
         return None
 
 
-def lease_holder(s: store.Store | None, names: Sequence[str]) -> str | None:
+def lease_holder(s: Store | None, names: Sequence[str]) -> str | None:
     """The message of the first of these datasets whose write lease another job holds."""
     if s is None:
         return None
