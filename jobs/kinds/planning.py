@@ -9,7 +9,6 @@ see the store as it will be, while nothing is written yet.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import string
 from collections.abc import Mapping, Sequence
@@ -20,6 +19,7 @@ from typing import Any
 from strata import store
 from strata.jobs.kinds.registry import JobKind, Policy
 from strata.pipeline.errors import SpecError
+from strata.pipeline.hooks import match_hooks
 from strata.store.commit import artifacts
 from strata.store.core import Store
 from strata.store.datasets.state import DatasetState
@@ -138,8 +138,8 @@ class PlanState:
 
     def gains(self, ds: DatasetState, patterns: Sequence[str]) -> set[int]:
         """Units this run adds to any hook of ``ds`` matching ``patterns``."""
-        hooks = [h for h in ds.hooks if any(fnmatch.fnmatchcase(h, p) for p in patterns)]
-        return set().union(*(self.gained(ds.name, h) for h in hooks)) if hooks else set()
+        hooks = match_hooks(patterns, ds.hooks, skip_missing=True)
+        return set().union(*(self.gained(ds.name, h) for h in hooks))
 
     def sae(self, name: str) -> SAERef:
         if name not in self.saes:
