@@ -88,7 +88,7 @@ def spec_for(root: Path, hooks: list[str], args: argparse.Namespace, steps: int)
 
 def fit_seconds(ds: store.ActivationDataset, spec: SAETrainSpec, hook: str, units: list[int], batches: list | None) -> tuple[float, dict]:
     """Seconds of ``fit()`` of one SAE, fed from the store (``batches`` None) or from memory."""
-    run = Run("bench", hook, spec.model_copy(update={"hooks": (hook,)}), {})
+    run = Run("bench", hook, spec.updated(hooks=[hook]), {})
     sae = build_sae(run.spec, ds.info.hooks[hook].d)
     if batches is None:
         data = ds.iter_batches([hook], batch_size=spec.train.batch_size, shuffle=True, seed=0, epochs=None,
@@ -130,7 +130,7 @@ def part_hooks(ds: store.ActivationDataset, root: Path, hooks: list[str], args: 
     units, holdout = split_units(ds, hooks, 1)
 
     def runs(hs: list[str]) -> list[Run]:
-        return [Run(f"bench.{h}", h, spec.model_copy(update={"hooks": (h,), "name": f"bench.{h}"}), {}) for h in hs]
+        return [Run(f"bench.{h}", h, spec.updated(hooks=[h], name=f"bench.{h}"), {}) for h in hs]
 
     best = {"one pass": float("inf"), "one job per hook": float("inf")}
     for rnd in range(args.rounds):

@@ -151,16 +151,16 @@ def test_bad_inputs_fail_before_anything_is_written(ray_session, tmp_path):
     s, _, _ = _store(tmp_path)
     root = tmp_path / "acts"
     with pytest.raises(ArtifactNotFoundError, match="no SAE 'nope' .* it holds: sae"):
-        run_encode(_spec(tmp_path).model_copy(update={"sae": "nope"}), progress=False)
+        run_encode(_spec(tmp_path).updated(sae="nope"), progress=False)
     put_sae(s, "wide", random_topk_sae(D + 1, 8), dataset="syn", hook=H)
     with pytest.raises(SAEMismatchError, match=r"SAE 'wide' takes d_in=17, but hook 'blocks.0.hook_resid_post' of dataset 'syn' is 16 wide"):
-        run_encode(_spec(tmp_path).model_copy(update={"sae": "wide"}), progress=False)
+        run_encode(_spec(tmp_path).updated(sae="wide"), progress=False)
     synthetic_dataset(s, "empty", hook=H, d=D, units=2, write_units=0)
     put_sae(s, "on-empty", random_topk_sae(D, 8), dataset="empty", hook=H)
     with pytest.raises(EmptyDatasetError, match="dataset 'empty' has no committed unit of hook"):
-        run_encode(_spec(tmp_path).model_copy(update={"sae": "on-empty"}), progress=False)
+        run_encode(_spec(tmp_path).updated(sae="on-empty"), progress=False)
     with pytest.raises(store.StoreNotFoundError):
-        run_encode(_spec(tmp_path).model_copy(update={"store": str(tmp_path / "no-store")}), progress=False)
+        run_encode(_spec(tmp_path).updated(store=str(tmp_path / "no-store")), progress=False)
     assert not (tmp_path / "no-store").exists()
     with table_lease(s.storage, "sae", owner="another job"):
         _nothing_written_yet = sorted(p.name for p in (root / "features" / "sae").iterdir())

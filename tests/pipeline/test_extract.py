@@ -119,7 +119,7 @@ def test_extract_then_noop_then_added_hook(tmp_path, tiny_gpt2, corpus_file):
     assert "never been verified" not in again.message  # _assert_exactly_once verified it
     assert _commits(root) == before
 
-    more = run_extract(spec.model_copy(update={"hooks": [*HOOKS, "blocks.0.hook_mlp_out"]}))
+    more = run_extract(spec.updated(hooks=[*HOOKS, "blocks.0.hook_mlp_out"]))
     assert more.units_run == units and more.hooks == ["blocks.0.hook_mlp_out", H0, H1]
     after = _commits(root)
     for k in before:  # old hooks and token tables untouched
@@ -149,7 +149,7 @@ def test_concat_tail_and_the_local_model_identity(tmp_path, tiny_gpt2, corpus_fi
     assert ds.info.meta["model"] == "local" and ds.info.meta["model_path"] == str(tiny_gpt2)
     # A relative path to the same folder is the same dataset: the rerun is a no-op.
     rel = os.path.relpath(tiny_gpt2)
-    again = run_extract(spec.model_copy(update={"model": spec.model.model_copy(update={"id": rel})}))
+    again = run_extract(spec.updated(model=spec.model.updated(id=rel)))
     assert again.noop
 
 
@@ -384,7 +384,7 @@ def test_units_are_bit_identical_whatever_the_batch_or_thread_count(tmp_path, ti
         s.storage.delete(layout.shard_key("tiny", H1, u))
     s.writer("tiny").compact_commits(full=True)  # as a repair does: the index forgets them too
     statuses.clear()
-    r = run_extract(spec.model_copy(update={"compute": spec.compute.model_copy(update={"cpus_per_worker": 1, "batch_tokens": 3 * CTX})}),
+    r = run_extract(spec.updated(compute=spec.compute.updated(cpus_per_worker=1, batch_tokens=3 * CTX)),
                     worker_cls=_faults.EnvReporter, on_unit=statuses.append)
     assert r.units_run == 2 and {st["threads"] for st in statuses} == {1}
     again = _commits(root)
@@ -400,8 +400,7 @@ def test_tokenizer_character_spans_and_kept_document_fields(tmp_path, tiny_gpt2)
     texts = synthetic_docs(30, seed=9)
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": t, "label": i % 3, "lang": "en" if i % 2 else "fr"}) + "\n" for i, t in enumerate(texts)))
-    spec = _spec(tmp_path, tiny_gpt2, corpus).model_copy(update={"corpus": ExtractSpec.model_fields["corpus"].annotation(
-        path=str(corpus), keep_fields=["label", "lang"])})
+    spec = _spec(tmp_path, tiny_gpt2, corpus).updated(corpus={"path": str(corpus), "keep_fields": ["label", "lang"]})
     run_extract(spec)
     ds = store.open(tmp_path / "acts").dataset("tiny")
     docs = ds.docs()
@@ -414,7 +413,7 @@ def test_tokenizer_character_spans_and_kept_document_fields(tmp_path, tiny_gpt2)
     for r in np.flatnonzero(body)[:200]:  # each token is exactly the text its span covers
         assert tok.decode([int(ids[r])]) == texts[doc[r]][start[r] : end[r]], r
     # Changing the kept fields later rewrites the document table (no unit is recomputed).
-    again = run_extract(spec.model_copy(update={"corpus": spec.corpus.model_copy(update={"keep_fields": ["label"]})}))
+    again = run_extract(spec.updated(corpus=spec.corpus.updated(keep_fields=["label"])))
     assert again.units_run == 0
     assert store.open(tmp_path / "acts").dataset("tiny").docs().column_names[-2:] == ["dropped_tokens", "label"]
 

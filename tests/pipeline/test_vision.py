@@ -159,8 +159,8 @@ def test_image_corpora_end_to_end(ray_session, tmp_path, vision_models, images, 
 
     # The same images from a Parquet image column (with the damaged one): identical activations.
     pq_path = _write_parquet(tmp_path / "shapes.parquet", images, broken=b"not an image")
-    spec2 = spec.model_copy(update={"name": "shapes-pq", "corpus": CorpusSpec(
-        path=str(pq_path), format="parquet", image_field="image", id_field="id", caption_field="caption")})
+    spec2 = spec.updated(name="shapes-pq", corpus=CorpusSpec(
+        path=str(pq_path), format="parquet", image_field="image", id_field="id", caption_field="caption"))
     r2 = run_extract(spec2, progress=False)
     assert [b["doc_id"] for b in r2.bad_images] == [stable_id("broken")]
     ds2 = store.open(tmp_path / "acts").dataset("shapes-pq")
