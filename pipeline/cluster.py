@@ -19,6 +19,7 @@ is, and is private when this process started it (or the private head it joined).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
@@ -64,7 +65,7 @@ class ClusterShape:
 
     @classmethod
     def of_ray(cls) -> ClusterShape:
-        import ray
+        import ray  # lazy: ray starts slowly and drags in its own dependencies; in-process runs never import it
 
         res = ray.cluster_resources()
         nodes = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
@@ -116,7 +117,7 @@ def check_reachable(url: str, *, timeout_s: float = 10.0, what: str = "the Ray c
 
 def _probe(address: str, timeout_s: float) -> None:
     """Fail fast (one line) when nothing answers at ``address``, instead of hanging in Ray."""
-    import ray
+    import ray  # lazy: ray starts slowly and drags in its own dependencies; in-process runs never import it
 
     target = address
     if address == "auto":
@@ -147,8 +148,6 @@ def _free_port() -> int:
 def _die_with_parent() -> None:
     """In the ``ray start`` child, before exec: SIGTERM when this process dies, even killed
     with SIGKILL, which makes ``ray start --block`` stop its head (no Ray left behind)."""
-    import ctypes
-
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -160,7 +159,7 @@ def _stop_head(proc: subprocess.Popen) -> None:
     ``ray start --block`` stops all of its processes; anything of its tree still running after
     that (a worker stuck in native code) is killed."""
     try:
-        import psutil
+        import psutil  # lazy: optional (ray[default] brings it); stopping a head works without it
 
         tree = psutil.Process(proc.pid).children(recursive=True)
     except Exception:  # ImportError, or the head already gone: nothing more to find
@@ -177,7 +176,7 @@ def _stop_head(proc: subprocess.Popen) -> None:
         pass
     proc.wait()
     if tree:
-        import psutil
+        import psutil  # lazy: as above
 
         _, alive = psutil.wait_procs(tree, timeout=15)
         for q in alive:  # Ray's workers run in process groups of their own
@@ -205,7 +204,7 @@ def _private_auth() -> Iterator[dict[str, str]]:
     join it) and in the head's environment, restored afterwards. Ray's default token file
     (~/.ray/auth_token) is a user's clusters' token: a private head neither reads nor writes it,
     and two private heads never race for it. ``RAY_AUTH_MODE=disabled`` is respected."""
-    from ray._raylet import AuthenticationTokenLoader, Config
+    from ray._raylet import AuthenticationTokenLoader, Config  # lazy: ray, only for a private head
 
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         yield {}
@@ -283,7 +282,7 @@ def connect(address: str | None, *, timeout_s: float = 10.0, num_cpus: int | Non
             log_to_driver: bool = True) -> Iterator[Cluster]:
     """Connect to (or start) the job's Ray cluster; disconnect (or stop it) afterwards when this
     call connected. ``num_cpus`` sizes a private Ray (default: this machine's CPUs)."""
-    import ray
+    import ray  # lazy: ray starts slowly and drags in its own dependencies; in-process runs never import it
 
     global _private_address
     if ray.is_initialized():

@@ -25,21 +25,23 @@ never dropped silently. Units read their images' bytes back by position through 
 from __future__ import annotations
 
 import glob as _glob
+import io
 import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import xxhash
 
+from strata.pipeline.config import CorpusSpec
 from strata.pipeline.corpus import CorpusScan, check_field, corpus_files, load_hf_dataset, stable_id, text_lines
 from strata.pipeline.errors import CorpusError
-
-if TYPE_CHECKING:
-    from strata.pipeline.config import CorpusSpec
+from strata.store.datasets.pairing import SetHash
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 SIDECAR = "metadata.jsonl"
@@ -86,7 +88,6 @@ def _payload(value: Any, *, base: str | None = None) -> tuple[bytes | None, str 
                 return None, f"cannot read {path!r}: {e.strerror or e}"
         return None, "no image (neither bytes nor path)"
     if hasattr(value, "save"):  # a decoded PIL image (a `datasets.Image` feature read decoded)
-        import io
 
         buf = io.BytesIO()
         value.save(buf, format="PNG")
@@ -175,9 +176,6 @@ def _iter_folder(src: CorpusSpec, files_out: list[str]) -> Iterator[tuple[Any, b
 
 
 def _iter_parquet(src: CorpusSpec, files_out: list[str]) -> Iterator[tuple[Any, bytes | None, str | None, str, tuple[int, int], dict[str, Any]]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
 
     files = corpus_files(src)
     files_out.extend(files)
@@ -210,7 +208,7 @@ def _columns(src: CorpusSpec, names: list[str], where: str) -> list[str]:
 
 def load_hf(src: CorpusSpec) -> Any:
     """The ``datasets.Dataset`` of an hf image corpus, its image column left undecoded."""
-    import datasets
+    import datasets  # lazy: HF datasets imports in ~1 s; only hf corpora need it
 
     ds = load_hf_dataset(src)
     assert src.image_field is not None
@@ -239,8 +237,6 @@ def _iter_hf(src: CorpusSpec, files_out: list[str]) -> Iterator[tuple[Any, bytes
 def iter_images(src: CorpusSpec, *, batch_docs: int = 256, scan: ImageScan | None = None) -> Iterator[ImageBatch]:
     """The corpus's images in a deterministic order, ``batch_docs`` at a time (memory: one
     batch of encoded images). ``scan``, when given, is filled in as the pass goes."""
-    from strata.store.datasets.pairing import SetHash
-
     scan = scan if scan is not None else ImageScan()
     reader = {"images": _iter_folder, "parquet": _iter_parquet, "hf": _iter_hf}[src.format]
     files: list[str] = []
@@ -347,8 +343,6 @@ class ImageSource:
         return self._read_parquet(locs)
 
     def _read_parquet(self, locs: np.ndarray) -> list[bytes | None]:
-        import pyarrow.parquet as pq
-
         out: dict[tuple[int, int], bytes | None] = {}
         for fi in np.unique(locs[:, 0]):
             f = self.files[int(fi)]

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from strata import store
 from strata.pipeline.hooks import Capture, family_of, hook_sites
 from strata.pipeline.models import ResolvedModel, load_model
 from strata.pipeline.packing import Contexts
@@ -64,10 +65,8 @@ def peak_rss_bytes() -> int:
 
 class UnitWorker:
     def __init__(self, cfg: WorkerConfig) -> None:
-        from strata import store
-
         try:
-            import transformers
+            import transformers  # lazy: seconds to import; only the replica's model needs it, and only here
 
             transformers.utils.logging.set_verbosity_error()
             transformers.utils.logging.disable_progress_bar()

@@ -45,17 +45,13 @@ LAZY_OK = {
     "transformers": "seconds to import; only loading a model needs it",
     "datasets": "HF datasets imports in ~1 s (pandas, its own fsspec setup); only hf corpora need it",
     "huggingface_hub": "its error types import its HTTP stack (~130 ms); only a hub download needs it",
+    "psutil": "optional (ray[default] brings it): stopping a private Ray head works without it",
 }
 
 #: Modules still being rewritten for issue 17 (item 2, one executor), exempt from the
 #: function-level-import check until that rewrite lands; see the report of issue 17 item 4.
 LAZY_PENDING = {
-    "strata.pipeline.extract",
     "strata.pipeline.encode",
-    "strata.pipeline.pool",
-    "strata.pipeline.images",
-    "strata.pipeline.cluster",
-    "strata.pipeline.worker",
 }
 #: ``(importer, private name)`` uses of another module's private name that wait on a rewrite
 #: in progress (issue 17 items 2, 3, 5); each file's owner removes its entry once the use is gone.
@@ -63,7 +59,6 @@ PRIVATE_PENDING = {
     ("strata.analysis.layers.geometry", "strata.analysis.similarity._moments"),  # item 2/5: analysis rewrite
     ("strata.analysis.layers.geometry", "strata.analysis.similarity._ridge"),
     ("strata.analysis.layers.geometry", "strata.analysis.similarity._tasks"),
-    ("benchmarks.similarity", "strata.analysis.similarity._tasks"),
     ("tests.analysis.sae.test_sae_job", "strata.analysis.sae.job._device_for"),
 }
 
@@ -361,7 +356,7 @@ def test_imports_at_module_level_in_store_and_pipeline() -> None:
 
 def test_lazy_pending_modules_exist() -> None:
     # An exemption for a module that was removed or renamed must go too.
-    assert LAZY_PENDING <= set(_files()) | {"strata.pipeline.pool"}, sorted(LAZY_PENDING - set(_files()))
+    assert LAZY_PENDING <= set(_files()), sorted(LAZY_PENDING - set(_files()))
 
 
 def test_import_strata_store_stays_light() -> None:
