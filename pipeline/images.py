@@ -307,7 +307,7 @@ def scan_images(src: CorpusSpec, *, prefix_docs: int | None = None) -> ImageScan
     if prefix_docs is not None and prefix_docs <= scan.docs:
         # A second, shorter pass: cheap next to the model, and only for a grown corpus.
         part = ImageScan()
-        for _ in iter_images(src.model_copy(update={"max_docs": prefix_docs}), scan=part):
+        for _ in iter_images(src.updated(max_docs=prefix_docs), scan=part):
             pass
         scan.prefix_fingerprint = part.fingerprint
     return scan
