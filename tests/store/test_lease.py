@@ -100,6 +100,7 @@ def _take_over(root: str, barrier, out) -> None:
         out.put(("refused", None))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trial", range(3))
 def test_six_processes_taking_over_a_stale_lease_at_once_one_wins(tmp_path, trial):
     make_dataset(tmp_path, num_units=1)

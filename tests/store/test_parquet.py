@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from strata.store.commit import parquet
 
@@ -52,6 +53,7 @@ for _ in range(3):
 """
 
 
+@pytest.mark.slow
 def test_processes_that_exit_right_after_reading_exit_cleanly():
     """64 processes each read a many-row-group file three times and exit at once; with
     ``pq.read_table`` about one in 30 aborted here (so this run would have caught it with

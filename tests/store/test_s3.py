@@ -362,6 +362,7 @@ def test_verify_report_text_names_file(written) -> None:
 # -- readers while a job writes ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_reader_opened_mid_write_sees_committed_units_only(s3_bucket: str, s3_env: str) -> None:
     uri = f"{s3_bucket}/mid"
     w = create_small(store.open(uri), "mid", num_units=4)

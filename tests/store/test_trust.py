@@ -303,6 +303,7 @@ def test_readers_never_create_a_store(tmp_path):
 # -- finding 13: iterators never abort the interpreter --------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("close", ["exit", "with", "del"])
 def test_taking_one_batch_and_exiting_ends_cleanly(tmp_path, close):
     make_dataset(tmp_path, num_units=4)
