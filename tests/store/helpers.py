@@ -43,7 +43,8 @@ def unit_acts(unit: int, *, rows: int = UNIT_ROWS, d: int = D, seed: int = 0) ->
     return np.random.default_rng([seed, unit]).standard_normal((rows, d)).astype(np.float32)
 
 
-def create_small(s: Any, name: str, *, dtype: str = "float16", num_units: int = 4, hooks: dict[str, int] | None = None, meta: dict[str, Any] | None = None) -> Any:
+def create_small(s: Any, name: str, *, dtype: str = "float16", num_units: int = 4, hooks: dict[str, int] | None = None,
+                 meta: dict[str, Any] | None = None) -> Any:
     """``create_dataset`` with the small shape every store test uses."""
     return s.create_dataset(
         name,

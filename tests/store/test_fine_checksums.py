@@ -76,7 +76,8 @@ def test_a_flipped_byte_anywhere_in_a_scattered_row_raises_at_the_fine_granulari
     _flip(root / layout.shard_key("ds", H, 1), row * RB + at)
     ds = s.dataset("ds")
     g = ROWS + row
-    with pytest.raises(store.CorruptionError, match=rf"unit 1 .*checksum mismatch in bytes {row * RB}\.\.{(row + 2) * RB - 1} \(fine block {row // 2}\)"):
+    want = rf"unit 1 .*checksum mismatch in bytes {row * RB}\.\.{(row + 2) * RB - 1} \(fine block {row // 2}\)"
+    with pytest.raises(store.CorruptionError, match=want):
         ds.read(H, rows=[5, g, 2 * ROWS + 9])
     # Rows of other fine blocks in the same 64 KiB block are intact, and a scattered read of
     # them checks only their own blocks: before fine checksums, the damaged 64 KiB block made

@@ -206,7 +206,8 @@ def processes_wrote(s3_server: str) -> tuple[str, dict[int, dict]]:
 
     with pytest.MonkeyPatch.context() as mp:
         # conftest's `s3_env` is per test; the same settings, for this module-scoped setup.
-        for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_server}.items():
+        env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_server}
+        for k, v in env.items():
             mp.setenv(k, v)
         mp.delenv("AWS_PROFILE", raising=False)
         bucket = f"strata-mp-{uuid.uuid4().hex[:8]}"

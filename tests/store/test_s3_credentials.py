@@ -41,7 +41,8 @@ def test_opening_an_s3_store_without_credentials_is_one_line_naming_it(s3_bucket
     p = subprocess.run([sys.executable, "-c", SCRIPT, uri], capture_output=True, text=True, cwd=ROOT, env=_env(tmp_path), timeout=300)
     kind, _, msg = p.stdout.strip().partition("\t")
     assert kind == "CredentialsError", p.stdout + p.stderr
-    assert msg == f"cannot open store {uri}: no credentials were found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the spec's storage_options)"
+    assert msg == (f"cannot open store {uri}: no credentials were found "
+                   "(set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the spec's storage_options)")
 
 
 def test_other_failures_are_not_taken_for_credentials(tmp_path):

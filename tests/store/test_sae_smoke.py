@@ -19,7 +19,8 @@ def test_topk_sae_trains_from_iter_batches(tmp_path):
     rng = np.random.default_rng(0)
     dirs = rng.standard_normal((8, D)).astype(np.float32)
     s = store.open(tmp_path)
-    w = s.create_dataset("sae", hooks={"blocks.0.hook_resid_post": D}, context_size=CTX, dtype="float32", num_units=UNITS, unit_contexts=UNIT_CONTEXTS)
+    w = s.create_dataset("sae", hooks={"blocks.0.hook_resid_post": D}, context_size=CTX, dtype="float32", num_units=UNITS,
+                         unit_contexts=UNIT_CONTEXTS)
     rows = UNIT_CONTEXTS * CTX
     for u in range(UNITS):
         codes = rng.exponential(1.0, (rows, 8)).astype(np.float32) * (rng.random((rows, 8)) < 0.25)

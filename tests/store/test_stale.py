@@ -14,10 +14,10 @@ import pytest
 from strata import store
 from strata.analysis.features.external import put_sae
 from strata.analysis.features.synthetic import random_topk_sae, synthetic_dataset, write_table
-from strata.pipeline.executor import Executor
 from strata.analysis.similarity.runner import prepare
 from strata.analysis.similarity.spec import AnalyzeSpec
 from strata.jobs.cli import main
+from strata.pipeline.executor import Executor
 from strata.store.analyses.handles import ANALYSES
 from strata.store.commit import artifacts
 from strata.store.errors import StaleArtifactError

@@ -216,7 +216,7 @@ class StorageTests:
             barrier = threading.Barrier(n)
             payloads = [f"writer {i} ".encode() * (2000 + i) for i in range(n)]
 
-            def go(i: int) -> bool:
+            def go(i: int, barrier: threading.Barrier = barrier, key: str = key, payloads: list[bytes] = payloads) -> bool:
                 barrier.wait(timeout=30)
                 return storage.put_if_absent(key, payloads[i])
 

@@ -57,7 +57,8 @@ def test_partial_reads_of_a_damaged_chunk_raise(wide, how):
     sel = {"slice": dict(rows=slice(2 * ROWS + 4, 2 * ROWS + 6)), "index": dict(rows=[3, 2 * ROWS + 5]),
            "docs": dict(docs=[(2 * ROWS + 5) // 11])}[how]  # _data's documents are 11 rows long
     # Row 5 is 64 KiB, exactly checksum block 5 of its shard.
-    with pytest.raises(store.CorruptionError, match=r"hook 'blocks\.0\.hook_resid_post' unit 2 .*checksum mismatch in bytes 327680\.\.393215 \(block 5\)"):
+    want = r"hook 'blocks\.0\.hook_resid_post' unit 2 .*checksum mismatch in bytes 327680\.\.393215 \(block 5\)"
+    with pytest.raises(store.CorruptionError, match=want):
         ds.read(H, **sel)
     # Rows of other blocks of the same unit are intact and read (each block checked on its own).
     far = 2 * ROWS + chunk_rows + 1
@@ -309,7 +310,8 @@ def test_taking_one_batch_and_exiting_ends_cleanly(tmp_path, close):
     make_dataset(tmp_path, num_units=4)
     body = {
         "exit": "it = ds.iter_batches(H, batch_size=8, epochs=None)\nnext(it)",
-        "with": "with ds.iter_batches(H, batch_size=8) as it:\n    next(it)\nassert not [t for t in threading.enumerate() if t.name.startswith('strata-batches')]",
+        "with": ("with ds.iter_batches(H, batch_size=8) as it:\n    next(it)\n"
+                 "assert not [t for t in threading.enumerate() if t.name.startswith('strata-batches')]"),
         "del": "it = ds.iter_batches(H, batch_size=8, epochs=None)\nnext(it)\ndel it\nimport gc; gc.collect(); time.sleep(0.5)\n"
                "assert not [t for t in threading.enumerate() if t.name.startswith('strata-batches')]",
     }[close]

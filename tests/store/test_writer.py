@@ -131,10 +131,11 @@ def test_grow_and_add_hook(tmp_path):
 
 def test_create_existing(tmp_path):
     s, _ = make_dataset(tmp_path, num_units=2)
+    shape = dict(hooks=HOOKS, context_size=CTX, dtype="float32", num_units=2, unit_contexts=UNIT_CONTEXTS)
     with pytest.raises(store.DatasetExistsError, match="exist_ok"):
-        s.create_dataset("ds", hooks=HOOKS, context_size=CTX, dtype="float32", num_units=2, unit_contexts=UNIT_CONTEXTS, meta={"model": "tiny", "revision": "r0"})
+        s.create_dataset("ds", **shape, meta={"model": "tiny", "revision": "r0"})
     with pytest.raises(store.DatasetExistsError, match=r"revision: 'r0' -> 'r1'"):
-        s.create_dataset("ds", hooks=HOOKS, context_size=CTX, dtype="float32", num_units=2, unit_contexts=UNIT_CONTEXTS, meta={"model": "tiny", "revision": "r1"}, exist_ok=True)
+        s.create_dataset("ds", **shape, meta={"model": "tiny", "revision": "r1"}, exist_ok=True)
     w = s.create_dataset("ds", hooks={**HOOKS, "blocks.3.hook_resid_post": 2}, context_size=CTX, dtype="float32", num_units=5,
                          unit_contexts=UNIT_CONTEXTS, meta={"model": "tiny", "revision": "r0"}, exist_ok=True)
     assert w.info.num_units == 5 and "blocks.3.hook_resid_post" in w.info.hooks
@@ -154,18 +155,20 @@ def ready(tmp_path):
 def _bad_writes(data):
     good = data[1]
     h0 = "blocks.0.hook_resid_post"
+    t1 = token_table(1, 4)
     return [
-        (store.HookNotFoundError, r"unknown hook.*blocks\.9", dict(unit=1, tokens=token_table(1, 4), acts={**good, "blocks.9.hook_x": good[h0]})),
-        (store.WriteMismatchError, r"shape \(32, 15\), expected \(32, 16\)", dict(unit=1, tokens=token_table(1, 4), acts={**good, h0: good[h0][:, :15]})),
-        (store.WriteMismatchError, r"shape \(31, 16\)", dict(unit=1, tokens=token_table(1, 4), acts={**good, h0: good[h0][:31]})),
-        (store.WriteMismatchError, r"dtype int64 is not floating", dict(unit=1, tokens=token_table(1, 4), acts={**good, h0: good[h0].astype(np.int64)})),
+        (store.HookNotFoundError, r"unknown hook.*blocks\.9", dict(unit=1, tokens=t1, acts={**good, "blocks.9.hook_x": good[h0]})),
+        (store.WriteMismatchError, r"shape \(32, 15\), expected \(32, 16\)", dict(unit=1, tokens=t1, acts={**good, h0: good[h0][:, :15]})),
+        (store.WriteMismatchError, r"shape \(31, 16\)", dict(unit=1, tokens=t1, acts={**good, h0: good[h0][:31]})),
+        (store.WriteMismatchError, r"dtype int64 is not floating", dict(unit=1, tokens=t1, acts={**good, h0: good[h0].astype(np.int64)})),
         (store.WriteMismatchError, r"multiple of context_size=8", dict(unit=1, tokens=token_table(1, 4).slice(0, 30), acts=good)),
         (store.WriteMismatchError, r"up to unit_rows=32", dict(unit=1, tokens=token_table(1, 5), acts=good)),
         (store.WriteMismatchError, r"not contexts 4\.\. of unit 1", dict(unit=1, tokens=token_table(2, 4), acts=good)),
         (store.WriteMismatchError, r"lacks column\(s\) \['special'\]", dict(unit=1, tokens=token_table(1, 4).drop(["special"]), acts=good)),
         (store.UnitOutOfRangeError, r"units 0\.\.2", dict(unit=3, tokens=token_table(3, 4), acts=good)),
         (store.UnitOutOfRangeError, r"units 0\.\.2", dict(unit=-1, tokens=token_table(0, 4), acts=good)),
-        (store.WriteMismatchError, r"already committed with 32 rows, this write has 16", dict(unit=0, tokens=token_table(0, 2), acts={h: a[:16] for h, a in data[0].items()})),
+        (store.WriteMismatchError, r"already committed with 32 rows, this write has 16",
+         dict(unit=0, tokens=token_table(0, 2), acts={h: a[:16] for h, a in data[0].items()})),
     ]
 
 
