@@ -25,6 +25,7 @@ import ast
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -74,6 +75,10 @@ class Import:
     line: int
     in_function: bool
     text: str  # the source line, for messages and the `# lazy:` comment
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def _module_name(path: Path) -> str:
@@ -211,27 +216,54 @@ def test_no_import_cycles(package: str) -> None:
     )
 
 
-def test_the_cycle_finder_finds_a_type_only_circle(tmp_path: Path) -> None:
-    # The checks above pass on the tree; this shows they could fail: a circle closed only by a
-    # TYPE_CHECKING import inside a function is found, and named.
-    fake = {"strata.store.a": "from strata.store import b\n",
-            "strata.store.b": "from typing import TYPE_CHECKING\ndef f():\n    if TYPE_CHECKING:\n        from strata.store.a import x\n"}
+@contextmanager
+def _fake_modules(tmp_path: Path, fake: dict[str, str]) -> Iterator[None]:
+    """The tree as seen by these checks, plus the modules ``fake`` gives (name -> source)."""
     saved = dict(_files())
-    try:
-        for mod, text in fake.items():
-            path = tmp_path / (mod.rpartition(".")[2] + ".py")
-            path.write_text(text)
-            _files()[mod] = path
+
+    def forget() -> None:
         _parsed.cache_clear()
         imports_of.cache_clear()
         _project_modules.cache_clear()
-        assert ["strata.store.a", "strata.store.b"] in _cycles("strata.store")
+
+    try:
+        for mod, text in fake.items():
+            path = tmp_path / (mod.replace(".", "_") + ".py")
+            path.write_text(text)
+            _files()[mod] = path
+        forget()
+        yield
     finally:
         _files().clear()
         _files().update(saved)
-        _parsed.cache_clear()
-        imports_of.cache_clear()
-        _project_modules.cache_clear()
+        forget()
+
+
+# The checks pass on the tree; these show each could fail.
+
+
+def test_the_cycle_finder_finds_a_type_only_circle(tmp_path: Path) -> None:
+    # A circle closed only by a TYPE_CHECKING import inside a function is found, and named.
+    fake = {"strata.store.a": "from strata.store import b\n",
+            "strata.store.b": "from typing import TYPE_CHECKING\ndef f():\n    if TYPE_CHECKING:\n        from strata.store.a import x\n"}
+    with _fake_modules(tmp_path, fake):
+        assert ["strata.store.a", "strata.store.b"] in _cycles("strata.store")
+
+
+def test_the_checks_find_private_names_lazy_imports_and_bare_imports(tmp_path: Path) -> None:
+    fake = {
+        "strata.pipeline.fake": ("from strata.pipeline.corpus import _hidden\nfrom strata.pipeline import corpus\n"
+                                 "x = corpus._also_hidden\n"
+                                 "def f():\n    import yaml\n    import torch\n    import ray  # lazy: a reason\n"),
+        "strata.analysis.elsewhere": "from strata.analysis.similarity import _moments\n",
+        "tests.fake_test": "import store\nfrom pipeline.plan import pack\n",
+    }
+    with _fake_modules(tmp_path, fake):
+        private = sorted(name for m in fake for _, _, name in _private_uses(m))
+        assert private == ["strata.analysis.similarity._moments", "strata.pipeline.corpus._also_hidden", "strata.pipeline.corpus._hidden"]
+        lazy = [v.split(": ", 1)[1] for v in _lazy_imports() if "fake" in v]
+        assert lazy == ["import yaml (only " + ", ".join(LAZY_OK) + " may be lazy)", "import torch (say why with a `# lazy: ...` comment)"]
+        assert [v.split(": ", 1)[1] for v in _bare_imports()] == ["import store", "from pipeline.plan import pack"]
 
 
 #: The layers of ``store/``, bottom first; a module may import from its own layer or lower ones.
@@ -258,7 +290,7 @@ def test_store_is_layered() -> None:
     for m in _modules_under("strata.store"):
         for i in imports_of(m):
             if i.target.startswith("strata.store") and i.target != "strata.store" and _store_layer(i.target) > _store_layer(m):
-                bad.append(f"{_files()[m].relative_to(ROOT)}:{i.line}: {m} (layer {_store_layer(m)}) imports {i.target} "
+                bad.append(f"{_rel(_files()[m])}:{i.line}: {m} (layer {_store_layer(m)}) imports {i.target} "
                            f"(layer {_store_layer(i.target)})")
     assert not bad, "store/ imports upward:\n" + "\n".join(bad)
 
@@ -268,13 +300,13 @@ def test_store_is_layered() -> None:
     ("strata.pipeline", ("strata.analysis", "strata.jobs")),
 ])
 def test_data_flows_one_way(package: str, forbidden: tuple[str, ...]) -> None:
-    bad = [f"{_files()[m].relative_to(ROOT)}:{i.line}: {i.text.strip()}"
+    bad = [f"{_rel(_files()[m])}:{i.line}: {i.text.strip()}"
            for m in _modules_under(package) for i in imports_of(m)
            if any(i.target == f or i.target.startswith(f + ".") for f in forbidden)]
     assert not bad, f"{package} must not import {', '.join(forbidden)}:\n" + "\n".join(bad)
 
 
-def test_no_bare_package_imports() -> None:
+def _bare_imports() -> list[str]:
     bad = []
     for m, path in _files().items():
         for i in imports_of(m):
@@ -282,7 +314,12 @@ def test_no_bare_package_imports() -> None:
             if not i.module:  # `import x`: what was written is the target's own text
                 written = i.text.strip().split()[1].split(",")[0]
             if written.split(".")[0] in PACKAGES and not i.text.lstrip().startswith("from ."):
-                bad.append(f"{path.relative_to(ROOT)}:{i.line}: {i.text.strip()}")
+                bad.append(f"{_rel(path)}:{i.line}: {i.text.strip()}")
+    return list(dict.fromkeys(bad))
+
+
+def test_no_bare_package_imports() -> None:
+    bad = _bare_imports()
     assert not bad, "bare imports of the packages (the distribution installs them as strata.*):\n" + "\n".join(bad)
 
 
@@ -333,11 +370,11 @@ def test_no_private_names_across_modules() -> None:
     for m, path in _files().items():
         for line, what, name in _private_uses(m):
             if (m, name) not in PRIVATE_PENDING:
-                bad.append(f"{path.relative_to(ROOT)}:{line}: {what}")
+                bad.append(f"{_rel(path)}:{line}: {what}")
     assert not bad, "private names used across modules (give them a public name):\n" + "\n".join(bad)
 
 
-def test_imports_at_module_level_in_store_and_pipeline() -> None:
+def _lazy_imports() -> list[str]:
     bad: list[str] = []
     for package in ("strata.store", "strata.pipeline"):
         for m in _modules_under(package):
@@ -348,10 +385,15 @@ def test_imports_at_module_level_in_store_and_pipeline() -> None:
                     continue
                 top = i.target.split(".")[0] if not i.target.startswith("strata") else i.target
                 if top not in LAZY_OK:
-                    bad.append(f"{_files()[m].relative_to(ROOT)}:{i.line}: {i.text.strip()} (only {', '.join(LAZY_OK)} may be lazy)")
+                    bad.append(f"{_rel(_files()[m])}:{i.line}: {i.text.strip()} (only {', '.join(LAZY_OK)} may be lazy)")
                 elif "# lazy:" not in i.text:
-                    bad.append(f"{_files()[m].relative_to(ROOT)}:{i.line}: {i.text.strip()} (say why with a `# lazy: ...` comment)")
-    assert not bad, "function-level imports in store/ and pipeline/:\n" + "\n".join(dict.fromkeys(bad))
+                    bad.append(f"{_rel(_files()[m])}:{i.line}: {i.text.strip()} (say why with a `# lazy: ...` comment)")
+    return list(dict.fromkeys(bad))
+
+
+def test_imports_at_module_level_in_store_and_pipeline() -> None:
+    bad = _lazy_imports()
+    assert not bad, "function-level imports in store/ and pipeline/:\n" + "\n".join(bad)
 
 
 def test_lazy_pending_modules_exist() -> None:
