@@ -28,14 +28,15 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import scipy.sparse as sp
 import torch
 
 from strata.analysis.similarity.errors import AnalysisError
 from strata.analysis.similarity.spec import ProbeSettings, sections
 
 if TYPE_CHECKING:
-    import pyarrow as pa
-
     from strata.store import ActivationDataset
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,6 @@ def _ridge(x: np.ndarray, y: np.ndarray, xt: np.ndarray, yt: np.ndarray, l2: flo
 
 def _examples(ds: ActivationDataset, hook: str, o: ProbeSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rows, their doc ids, token labels or None-placeholder) of the non-special committed tokens."""
-    import pyarrow.compute as pc
-
     t = ds.tokens(hook)
     t = t.filter(pc.and_(pc.invert(t.column("special")), pc.greater_equal(t.column("doc_id"), 0)))
     lab = t.column(o.label).to_numpy() if o.label in _TOKEN_LABELS else np.zeros(t.num_rows)
@@ -108,8 +107,6 @@ def probe(ds: ActivationDataset, hooks: Sequence[str], settings: ProbeSettings |
     :class:`ProbeSettings` (a ``kind: probe`` analysis of a spec is one), or its keys as keywords
     (``label`` and optionally ``level``, ``test_fraction``, ``l2``, ...) with its defaults;
     ``max_classes``: an integer label with more distinct values is a regression target."""
-    import pyarrow as pa
-
     opts, _ = sections("probe", ProbeSettings, settings, None, fields)
     valid = label_fields(ds, opts.level)
     if opts.label not in valid:
@@ -140,8 +137,6 @@ def probe(ds: ActivationDataset, hooks: Sequence[str], settings: ProbeSettings |
         for split, chosen in (("train", train_docs), ("test", test_docs)):
             sel = np.flatnonzero(np.isin(docs, chosen))
             if opts.level == "document":
-                import scipy.sparse as sp
-
                 d_ids, inv = np.unique(docs[sel], return_inverse=True)
                 tok = np.asarray(ds.read(hook, rows=rows[sel]), dtype=np.float64)
                 pool = sp.csr_matrix((np.ones(sel.size), (inv, np.arange(sel.size))), shape=(d_ids.size, sel.size))

@@ -32,9 +32,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow.compute as pc
+import scipy.sparse as sp
 
 from strata.pipeline.executor import Executor, StoreRef
 from strata.pipeline.vision import CLS_TOKEN  # a vision encoder's CLS row (registers -2, -3, ...; patches 0..P-1)
+from strata.store.datasets.aligned import AlignmentError, align_tokens, check_same_corpus
 
 from ._moments import Moments, check_precision
 from ._ridge import r2_from_moments
@@ -134,8 +137,6 @@ def plan_compare(a: Side, b: Side, metrics: Sequence[str] | None = None, *, sett
     its keys as keywords (``align``, ``pool``, ``max_rows``, ``sample_rows``, ``seed``, ...) with its
     defaults; ``compute``: the analyses' compute section, or its ``chunk_rows`` and ``tasks`` as
     keywords. ``pool`` (``align="docs"``): see the module docstring."""
-    from strata.store.datasets.aligned import align_tokens
-
     if settings is None:
         # The keyword path words its errors for a Python caller (the spec's for a spec file).
         fields["metrics"] = _check_metrics(metrics)
@@ -201,8 +202,6 @@ def _side_doc_rows(ds: ActivationDataset, hook: str, pool: str = "mean") -> tupl
     non-special token; ``cls``: the CLS row; ``last``: the non-special token of largest
     ``doc_position``; one row per document but for ``mean``), and the documents known to be
     whole (every row in a committed unit)."""
-    import pyarrow.compute as pc
-
     t = ds.tokens(hook)
     if pool == "cls":
         cls = pc.and_(t.column("special"), pc.equal(t.column("token_id"), CLS_TOKEN))
@@ -238,8 +237,6 @@ def _side_doc_rows(ds: ActivationDataset, hook: str, pool: str = "mean") -> tupl
 
 
 def _doc_pairs(a: Side, b: Side, pool: tuple[str, str] = ("mean", "mean")) -> dict[str, Any]:
-    from strata.store.datasets.aligned import AlignmentError, check_same_corpus
-
     check_same_corpus([a, b], by_docs=True)
     ra, da, wa = _side_doc_rows(*a, pool[0])
     rb, db, wb = _side_doc_rows(*b, pool[1])
@@ -251,8 +248,6 @@ def _doc_pairs(a: Side, b: Side, pool: tuple[str, str] = ("mean", "mean")) -> di
 
 def _pool_task(ref: StoreRef, name: str, hook: str, rows: np.ndarray, slot: np.ndarray, n_docs: int, chunk_rows: int) -> dict[str, np.ndarray]:
     """Sums and counts of ``rows`` per document slot (``slot[i]`` of row ``i``)."""
-    import scipy.sparse as sp
-
     ds = ref.dataset(name)
     sums = np.zeros((n_docs, ds.info.hooks[hook].d))
     for s in range(0, rows.size, chunk_rows):

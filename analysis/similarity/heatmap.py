@@ -26,9 +26,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 
 from strata.pipeline.executor import Executor, StoreRef
 from strata.pipeline.hooks import match_hooks as _match
+from strata.store.datasets.aligned import align_tokens
 from strata.store.errors import HookNotFoundError
 
 from . import _cca, _cka, _sampled
@@ -64,8 +66,6 @@ class HeatmapResult:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def table(self) -> Any:
-        import pyarrow as pa
-
         ia, ib = np.meshgrid(np.arange(len(self.hooks_a)), np.arange(len(self.hooks_b)), indexing="ij")
         return pa.table({
             "hook_a": [self.hooks_a[i] for i in ia.ravel()], "hook_b": [self.hooks_b[j] for j in ib.ravel()],
@@ -148,8 +148,6 @@ def _pair_value(bm: BlockMoments, i: int, j: int, metric: str, eig: dict[int, An
 
 
 def _aligned_rows(a: tuple[ActivationDataset, list[str]], b: tuple[ActivationDataset, list[str]] | None) -> tuple[list[np.ndarray], Any]:
-    from strata.store.datasets.aligned import align_tokens
-
     ds_a, ha = a
     if b is None:
         al = align_tokens([(ds_a, h) for h in ha] if len(ha) > 1 else [(ds_a, ha[0]), (ds_a, ha[0])])

@@ -24,15 +24,17 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
+import scipy.sparse as sp
 import torch
+
+from strata.store.datasets.aligned import align_tokens
 
 from ._cca import svcca
 from .errors import AnalysisError
 from .spec import MatchSettings, sections
 
 if TYPE_CHECKING:
-    import pyarrow as pa
-
     from strata.store import ActivationDataset
     from strata.store.datasets.aligned import Alignment
 
@@ -51,8 +53,6 @@ class LatentCorrelations:
         self.cross = np.zeros((m_a, m_b))
 
     def update(self, fa: Any, fb: Any) -> LatentCorrelations:
-        import scipy.sparse as sp
-
         a = sp.csr_matrix(np.asarray(fa, dtype=np.float64))  # keeps the non-zeros only
         b = sp.csr_matrix(np.asarray(fb, dtype=np.float64))
         if a.shape[0] != b.shape[0]:
@@ -100,10 +100,6 @@ def match_saes(a: tuple[Any, ActivationDataset, str], b: tuple[Any, ActivationDa
     one), or its keys as keywords (``min_corr``, ``one_to_one``, ``random_pairings``, ...) with its
     defaults; ``chunk_rows``: aligned rows encoded per step. Returns (a table with one row per A
     latent, the summary numbers, provenance)."""
-    import pyarrow as pa
-
-    from strata.store.datasets.aligned import align_tokens
-
     opts, _ = sections("match_saes", MatchSettings, settings, None, fields)
     if chunk_rows < 1:
         raise AnalysisError(f"match_saes: `chunk_rows` must be >= 1, got {chunk_rows}")

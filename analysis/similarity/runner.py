@@ -21,9 +21,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from strata.analysis.layers import geometry, label_fields, lens_hooks, logit_lens, probe
+from strata.store.commit import parquet
+from strata.store.datasets.aligned import align_tokens
+
 from .compare import plan_compare, run_compare
 from .errors import AnalysisError
 from .heatmap import match_hooks, plan_heatmap, run_heatmap
+from .matching import match_saes
 from .plots import heatmap_png, lines_png
 from .spec import AnalyzeSpec, CompareSpec, HeatmapSpec, LayersSpec, MatchSpec, ProbeSpec
 
@@ -47,8 +52,6 @@ def versions() -> dict[str, str]:
 
 
 def _parquet(table: pa.Table) -> bytes:
-    from strata.store.commit import parquet
-
     return parquet.to_bytes(table)
 
 
@@ -140,8 +143,6 @@ def _prep_heatmap(a: HeatmapSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
 
 
 def _prep_layers(a: LayersSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
-    from strata.analysis.layers import lens_hooks
-
     ds = s.dataset(a.dataset)
     hooks = match_hooks(ds, a.hooks)
     units = _common_units(ds, hooks)
@@ -149,7 +150,7 @@ def _prep_layers(a: LayersSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
         raise AnalysisError(f"dataset {ds.name!r} has no unit committed for every hook of {hooks}")
     p = Prepared(a, [_dataset_input(ds, hooks, units)], (ds, hooks))
     if "logit_lens" in a.metrics:
-        from strata.analysis.sae.evaluate import load_causal_lm
+        from strata.analysis.sae.evaluate import load_causal_lm  # lazy: strata.analysis.sae imports sae_lens (~3 s)
 
         if not lens_hooks(hooks):
             raise AnalysisError(f"`logit_lens` needs residual-stream hooks (hook_embed, blocks.L.hook_resid_pre/post); {a.name!r} has {hooks}")
@@ -161,8 +162,6 @@ def _prep_layers(a: LayersSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
 
 
 def _prep_probe(a: ProbeSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
-    from strata.analysis.layers import label_fields
-
     ds = s.dataset(a.dataset)
     hooks = match_hooks(ds, a.hooks)
     valid = label_fields(ds, a.level)
@@ -173,8 +172,6 @@ def _prep_probe(a: ProbeSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
 
 
 def _prep_match(a: MatchSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
-    from strata.store.datasets.aligned import align_tokens
-
     sides, saes = [], []
     for ref in (a.a, a.b):
         h = s.sae(ref.sae)
@@ -232,8 +229,6 @@ def _line_plots(table: pa.Table, title: str, skip: tuple[str, ...] = ("hook",)) 
 
 
 def _run_layers(p: Prepared, ex: Executor) -> tuple[dict[str, bytes], dict[str, Any]]:
-    from strata.analysis.layers import geometry, logit_lens
-
     ds, hooks = p.plan
     a: LayersSpec = p.spec
     geo = [m for m in a.metrics if m != "logit_lens"]
@@ -253,8 +248,6 @@ def _run_layers(p: Prepared, ex: Executor) -> tuple[dict[str, bytes], dict[str, 
 
 
 def _run_probe(p: Prepared, ex: Executor) -> tuple[dict[str, bytes], dict[str, Any]]:
-    from strata.analysis.layers import probe
-
     ds, hooks = p.plan
     a: ProbeSpec = p.spec
     table, prov = probe(ds, hooks, a)
@@ -264,8 +257,6 @@ def _run_probe(p: Prepared, ex: Executor) -> tuple[dict[str, bytes], dict[str, A
 
 
 def _run_match(p: Prepared, ex: Executor) -> tuple[dict[str, bytes], dict[str, Any]]:
-    from .matching import match_saes
-
     (side_a, side_b), al = p.plan
     a: MatchSpec = p.spec
     s = side_a[0].store
