@@ -245,6 +245,7 @@ def test_the_table_covers_every_command():
     print(f"{len(BAD)} bad inputs in the table")
 
 
+@pytest.mark.slow
 def test_an_anchor_bomb_costs_a_few_kilobytes_and_little_memory(env):
     """16.13: before, `format_error` repr()ed the whole expanded input (312 MB of stderr, 1.4 GB
     RSS for this 1 KB file). The child's peak RSS is read by a wrapper whose only child it is."""

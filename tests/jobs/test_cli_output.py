@@ -196,6 +196,7 @@ def _wait(c, job_id: str, statuses: tuple[str, ...], timeout: float = 240) -> st
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_jobs_status_exit_codes_times_and_unknown_ids(ray_head, monkeypatch):
     from strata.jobs.submit import client
 

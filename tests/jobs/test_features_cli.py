@@ -51,6 +51,7 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+@pytest.mark.slow
 def test_encode_then_ls_show_top(encoded, capsys):
     tmp, spec, out = encoded
     acts = str(tmp / "acts")
@@ -80,6 +81,7 @@ def test_encode_then_ls_show_top(encoded, capsys):
         {"index.html", *(f"feature-{i}.html" for i in {0, 1, 2, 5, f})})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("argv", "pattern"),
     [
@@ -100,6 +102,7 @@ def test_bad_queries_are_one_line_and_exit_2(encoded, capsys, argv, pattern):
     assert sorted(p.relative_to(tmp) for p in tmp.rglob("*")) == before  # nothing written, no store created
 
 
+@pytest.mark.slow
 def test_bad_encode_specs_exit_2_naming_the_problem(encoded, capsys, tmp_path):
     tmp, spec, _ = encoded
     cases = [

@@ -235,6 +235,7 @@ def test_a_changed_local_model_makes_a_new_dataset_version(project):
     assert plan["norms-keep.yaml"].kept == ["norms-keep"]
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_a_run_while_another_process_holds_the_lease_exits_0(project):
     append_docs(project, 14, seed=5)
@@ -254,6 +255,7 @@ def test_a_run_while_another_process_holds_the_lease_exits_0(project):
         holder.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_submit_runs_the_planned_jobs_as_ray_jobs_in_order(project, monkeypatch):
     """`--submit` hands each job with work to `jobs.submit.submit`, waiting for each; the `--set`

@@ -120,6 +120,7 @@ def test_topk_recovers_most_atoms_of_the_dictionary(trained):
     assert m["explained_variance"] == pytest.approx(ev, rel=1e-9) and m["tokens"] == len(x)
 
 
+@pytest.mark.slow
 def test_the_sae_loads_with_sae_lens_alone_in_a_fresh_process(trained, tmp_path):
     root, *_ = trained
     h = store.open(root).sae("dict-topk")

@@ -130,6 +130,7 @@ def crashing(after: int, marker: str) -> type[EncodeWorker]:
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_exactly_once_under_a_killed_worker(ray_session, tmp_path):
     s, _, sae = _store(tmp_path, units=5, last_contexts=2)

@@ -333,6 +333,7 @@ def test_a_second_job_is_refused_before_anything_starts(tmp_path, tiny_gpt2, cor
     assert s.datasets() == []
 
 
+@pytest.mark.slow
 @pytest.mark.s3
 @pytest.mark.ray
 def test_extract_into_an_s3_store_records_no_secret(ray_session, s3_bucket, tmp_path, tiny_gpt2, corpus_file, caplog, capsys):
@@ -418,6 +419,7 @@ def test_tokenizer_character_spans_and_kept_document_fields(tmp_path, tiny_gpt2)
     assert store.open(tmp_path / "acts").dataset("tiny").docs().column_names[-2:] == ["dropped_tokens", "label"]
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_local_and_ray_executors_store_the_same_bytes(ray_session, tmp_path, tiny_gpt2, corpus_file):
     """``compute.executor: local`` (no Ray) and the Ray actor pool compute the same dataset:

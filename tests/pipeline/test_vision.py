@@ -119,6 +119,7 @@ def _write_parquet(path: Path, folder: Path, *, broken: bytes | None = None) -> 
     return path
 
 
+@pytest.mark.slow
 def test_image_corpora_end_to_end(ray_session, tmp_path, vision_models, images, caplog):
     # A folder with a damaged file and an empty one: both counted and reported, the job goes on.
     folder = tmp_path / "imgs"
@@ -213,6 +214,7 @@ def test_bad_image_input_is_one_line_exit_2_nothing_written(vspec, tmp_path, tin
     assert not (root / "datasets").exists() or store.open(root).datasets() == []
 
 
+@pytest.mark.slow
 def test_paired_images_and_captions_recover_planted_structure(tmp_path, vision_models, tiny_gpt2):
     """Images through a vision model and their captions through a language model, compared
     per document (``align="docs"``): mutual kNN is higher for captions that match the images

@@ -8,6 +8,7 @@ import os
 import time
 
 import numpy as np
+import pytest
 from _data import CTX, HOOKS, UNIT_CONTEXTS, make_dataset, token_table, unit_values, write_units_in_process
 
 from strata import store
@@ -16,6 +17,7 @@ from strata.store import layout
 NUM_UNITS = 8
 
 
+@pytest.mark.slow
 def test_processes_writing_different_units_at_once(tmp_path):
     s, _ = make_dataset(tmp_path, num_units=NUM_UNITS, write=False)
     plan = [[0, 4], [1, 5], [2, 6], [3, 7]]

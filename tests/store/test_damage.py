@@ -41,6 +41,7 @@ def _flip(path: Path, at: int) -> bytes:
     return raw
 
 
+@pytest.mark.slow
 def test_every_damaged_file_is_reported_and_never_read(full_store, capsys):
     root, baseline = full_store
     files = F.artifact_files(root)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from _data import CTX, UNIT_CONTEXTS, token_table
 from sae_lens.config import SAETrainerConfig
@@ -14,6 +15,7 @@ from strata import store
 D, UNITS = 16, 8
 
 
+@pytest.mark.slow
 def test_topk_sae_trains_from_iter_batches(tmp_path):
     # Activations with low-rank structure an SAE can learn: sparse codes over 8 directions.
     rng = np.random.default_rng(0)

@@ -67,6 +67,7 @@ def test_any_number_of_tasks_and_chunk_size_gives_the_same_values(two_hook, task
     _close(got, base, rel=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_ray_tasks_give_the_in_process_values(two_hook, ray_session):
     local = sim.compare((two_hook, H0), (two_hook, H1), [*LINEAR, "r2"], use_ray=False, tasks=1)
