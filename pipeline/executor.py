@@ -296,18 +296,30 @@ class Executor:
         one-line errors as they are), or, with ``return_exceptions``, takes the task's place."""
         if isinstance(self.topology, ActorPool):
             raise TypeError("an actor pool runs a worker class: use Executor.run, or a Tasks topology for a function")
-        if isinstance(self.topology, Local):
-            for a in args:
-                if check is not None:
-                    check()
-                try:
-                    yield fn(*a)
-                except Exception as e:
-                    if not return_exceptions:
-                        raise
-                    yield e
-            return
-        yield from self._ray_imap(fn, args, self.topology, ordered=ordered, check=check, return_exceptions=return_exceptions)
+        if isinstance(self.topology, Tasks):
+            self._check_gpus(self.topology.num_gpus)
+            return self._ray_imap(fn, args, self.topology, ordered=ordered, check=check, return_exceptions=return_exceptions)
+        return self._local_imap(fn, args, check=check, return_exceptions=return_exceptions)
+
+    def _check_gpus(self, wanted: float) -> None:
+        """A GPU request a cluster without GPUs cannot meet waits forever: refuse it at once."""
+        if wanted and self.shape.gpus == 0:
+            raise ClusterError(f"the work asks for {wanted:g} GPU(s) per task but the Ray cluster at {self.address!r} has none "
+                               "(it would wait forever); run it on CPU workers")
+
+    @staticmethod
+    def _local_imap(fn: Callable[..., Any], args: Iterable[tuple[Any, ...]], *, check: Callable[[], None] | None,
+                    return_exceptions: bool) -> Iterator[Any]:
+        for a in args:
+            if check is not None:
+                check()
+            try:
+                out = fn(*a)
+            except Exception as e:
+                if not return_exceptions:
+                    raise
+                out = e
+            yield out
 
     @staticmethod
     def _ray_imap(fn: Callable[..., Any], args: Iterable[tuple[Any, ...]], topo: Tasks, *, ordered: bool,
@@ -385,6 +397,7 @@ class Executor:
             if isinstance(self.topology, Local):
                 self._run_here(worker_cls, config, tasks, prog, on_result=on_result, check=check)
             else:
+                self._check_gpus(self.topology.num_gpus)
                 self._run_pool(worker_cls, config, tasks, self.topology, prog, count=count, on_result=on_result, check=check)
         finally:
             prog.bar.close()

@@ -242,3 +242,14 @@ def test_an_actor_pool_builds_one_worker_per_replica(ray_session, tmp_path):
         ex.run(_Counter, {"builds": str(builds), "bad": 3}, [Task(f"unit {u}", (u,)) for u in range(5)], progress=False)
     with pytest.raises(TypeError, match="use Executor.run"):
         ex.map(_sleepy, [(0, 0.0)])
+    with pytest.raises(TypeError, match="use Executor.run"):
+        ex.imap(_sleepy, [(0, 0.0)])  # at the call, not at the first result
+
+
+@pytest.mark.ray
+def test_a_gpu_request_on_a_cluster_without_gpus_is_refused_not_left_waiting(ray_session, tmp_path):
+    cpu_only = Executor(Tasks(), private=True, shape=ClusterShape(2, 0, 2))
+    with pytest.raises(ClusterError, match=r"asks for 1 GPU\(s\) per task but the Ray cluster .* has none"):
+        cpu_only.using(Tasks(num_gpus=1)).map(_sleepy, [(0, 0.0)])
+    with pytest.raises(ClusterError, match="would wait forever"):
+        cpu_only.using(ActorPool(replicas=1, num_gpus=1)).run(_Counter, {"builds": str(tmp_path / "b")}, [Task(0, (0,))], progress=False)

@@ -26,9 +26,16 @@ from strata.store import layout
 from strata.store.commit import protocol
 
 import _faults_ops
-from test_extract import CTX, H0, H1, UC, _planned, _reference, _spec
+from test_extract import CTX, H0, H1, UC, _planned, _reference
+from test_extract import _spec as _extract_spec
 
 pytestmark = pytest.mark.ray
+
+
+def _spec(*args: object, executor: str = "ray", **kw: object):
+    """test_extract's spec, on Ray: the faults here happen to Ray workers and nodes (and a full
+    disk is a worker process's file-size limit, which must not be the test process's)."""
+    return _extract_spec(*args, executor=executor, **kw)  # type: ignore[arg-type]
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -43,7 +50,7 @@ def clean(ray_session, tmp_path_factory, tiny_gpt2):
     whose unit 0 equals a direct forward pass."""
     folder = tmp_path_factory.mktemp("clean")
     corpus = write_jsonl(folder / "corpus.jsonl", synthetic_docs(24, seed=7))
-    spec = _spec(folder, tiny_gpt2, corpus)
+    spec = _spec(folder, tiny_gpt2, corpus, executor="local")  # the reference: in this process, no Ray
     r = run_extract(spec, progress=False)
     assert r.units_run == r.num_units >= 10
     ds = store.open(folder / "acts", create=False).dataset("tiny")
