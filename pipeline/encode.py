@@ -140,7 +140,7 @@ class EncodeWorker:
     writes."""
 
     def __init__(self, cfg: EncodeConfig) -> None:
-        import torch
+        import torch  # lazy: ~2 s to import; only the encoding replica needs it, not the driver's planning
 
         self.cfg = cfg
         s = store.open(cfg.store_uri, storage_options=cfg.storage_options, create=False)
@@ -158,7 +158,7 @@ class EncodeWorker:
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The non-zero latents of rows ``x`` ``[n, d_in]`` (stored dtype): ``(row in x,
         feature, value)``, sorted by row, then feature."""
-        import torch
+        import torch  # lazy: as above
 
         if self.cfg.threads and torch.get_num_threads() != self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)  # in this thread: OpenMP's count is per thread

@@ -49,11 +49,9 @@ LAZY_OK = {
     "psutil": "optional (ray[default] brings it): stopping a private Ray head works without it",
 }
 
-#: Modules still being rewritten for issue 17 (item 2, one executor), exempt from the
-#: function-level-import check until that rewrite lands; see the report of issue 17 item 4.
-LAZY_PENDING = {
-    "strata.pipeline.encode",
-}
+#: Modules exempt from the function-level-import check while a rewrite of them is under way
+#: (name each with the reason); empty since the one-executor rewrite (issue 17 item 2) landed.
+LAZY_PENDING: set[str] = set()
 #: ``(importer, private name)`` uses of another module's private name that wait on a rewrite
 #: in progress (issue 17 items 2, 3, 5); each file's owner removes its entry once the use is gone.
 PRIVATE_PENDING = {
