@@ -58,7 +58,6 @@ PRIVATE_PENDING = {
     ("strata.analysis.layers.geometry", "strata.analysis.similarity._moments"),  # item 2/5: analysis rewrite
     ("strata.analysis.layers.geometry", "strata.analysis.similarity._ridge"),
     ("strata.analysis.layers.geometry", "strata.analysis.similarity._tasks"),
-    ("tests.analysis.sae.test_sae_job", "strata.analysis.sae.job._device_for"),
 }
 
 

@@ -169,7 +169,7 @@ def _use_ray(spec: SAETrainSpec, n_tasks: int) -> bool:
     return mode == "always" or (mode == "auto" and (n_tasks > 1 or spec.compute.address is not None or in_ray_job()))
 
 
-def _device_for(spec: SAETrainSpec, gpus: int) -> str:
+def task_device(spec: SAETrainSpec, gpus: int) -> str:
     """The task device on a cluster with ``gpus`` GPUs (never CUDA on a cluster without)."""
     dev = spec.compute.device
     if dev == "auto":
@@ -205,7 +205,7 @@ def _run_tasks(spec: SAETrainSpec, p: Plan, tasks: list[Task], leases: dict[str,
         fences: dict[str, Fence | Lease]
         if ex.ray:
             gpus = ex.shape.gpus
-            device = _device_for(spec, gpus)
+            device = task_device(spec, gpus)
             use_gpu = gpus > 0 and device.startswith("cuda")
             # A cluster this job did not start gets no credentials: its workers use their own.
             task_storage = storage if ex.private else open_storage(storage.uri, ex.storage_options(spec.storage_options))

@@ -10,7 +10,7 @@ import torch
 
 from strata import store
 from strata.analysis.sae import SAETrainSpec, run_job, train
-from strata.analysis.sae.job import _device_for
+from strata.analysis.sae.job import task_device
 from strata.analysis.sae.plan import config_hash, plan
 from strata.pipeline.errors import ClusterError
 
@@ -145,9 +145,9 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path):
 
 def test_the_task_device_never_asks_a_gpu_less_cluster_for_cuda():
     spec = make_spec("/x", compute={"device": "auto"})
-    assert _device_for(spec, 0) == "cpu" and _device_for(spec, 2) == "cuda"
+    assert task_device(spec, 0) == "cpu" and task_device(spec, 2) == "cuda"
     with pytest.raises(ClusterError, match="no GPU"):
-        _device_for(make_spec("/x", compute={"device": "cuda"}), 0)
+        task_device(make_spec("/x", compute={"device": "cuda"}), 0)
 
 
 @pytest.mark.slow
