@@ -58,17 +58,17 @@ from strata.pipeline.cluster import in_ray_job
 from strata.pipeline.config import ExtractSpec, ImageSpec
 from strata.pipeline.corpus import CorpusScan, iter_corpus, scan_corpus
 from strata.pipeline.errors import CorpusError, SpecError, WorkerError
+from strata.pipeline.executor import Executor, Task, Tasks, open_executor, pool_shape
 from strata.pipeline.hooks import expand_hooks, family_of, hook_sites
 from strata.pipeline.images import ImageScan, ImageSource, iter_images, scan_images
 from strata.pipeline.packing import Contexts, TokenizerInfo, encode_batch, num_units, tokenizer_info
 from strata.pipeline.plan import FileSource, Packer, TokenSource
-from strata.pipeline.executor import Executor, Task, Tasks, open_executor, pool_shape
 from strata.pipeline.vision import CLS_TOKEN, ImagePacker, ImagePrep, check_images, prepare_images, vision_config
 from strata.pipeline.worker import UnitWorker, WorkerConfig, peak_rss_bytes
-from strata.store.errors import DatasetExistsError, LeaseHeldError, StorageError
 from strata.store.datasets.manifest import IDENTITY_META_KEYS
 from strata.store.datasets.manifest import fingerprint as dataset_fingerprint
 from strata.store.datasets.verify import last_outcome
+from strata.store.errors import DatasetExistsError, LeaseHeldError, StorageError
 
 log = logging.getLogger(__name__)
 

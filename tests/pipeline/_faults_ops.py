@@ -205,13 +205,13 @@ def multinode_main(spec_json: str, report: str, seconds_per_unit: float) -> None
     """Head (no CPUs: it runs no work) and two worker nodes of 2 CPUs; an extraction with two
     workers of one CPU joins it by address; once a unit is committed, the node that ran the
     worker which committed it is removed (its processes killed). Writes a JSON report."""
+    import _faults
     import psutil  # noqa: F401 - fail early when missing
     from ray.cluster_utils import Cluster
 
-    import _faults
+    from strata import store
     from strata.pipeline.config import ExtractSpec
     from strata.pipeline.extract import run_extract
-    from strata import store
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": False, "dashboard_agent_listen_port": _free_port(),

@@ -15,7 +15,15 @@ import ray.cloudpickle
 from strata.pipeline.cluster import ClusterShape
 from strata.pipeline.errors import ClusterError, SpecError, WorkerError
 from strata.pipeline.executor import (
-    ActorPool, Executor, Local, PoolStats, Task, Tasks, open_executor, pool_shape, storage_options_for,
+    ActorPool,
+    Executor,
+    Local,
+    PoolStats,
+    Task,
+    Tasks,
+    open_executor,
+    pool_shape,
+    storage_options_for,
 )
 from strata.store.errors import LeaseLostError
 

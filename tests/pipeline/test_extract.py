@@ -14,6 +14,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import _faults
 import numpy as np
 import pytest
 import torch
@@ -26,8 +27,6 @@ from strata.pipeline.extract import plan, prepare, run_extract
 from strata.pipeline.tiny import synthetic_docs, write_jsonl
 from strata.store import layout
 from strata.store.errors import DatasetExistsError, LeaseHeldError
-
-import _faults
 
 CTX, UC = 16, 10
 HOOKS = ("blocks.*.hook_resid_post",)

@@ -13,10 +13,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+import _faults_ops
 import numpy as np
 import pytest
 import torch
 import yaml
+from test_extract import CTX, H0, H1, UC, _planned, _reference
+from test_extract import _spec as _extract_spec
 
 from strata import store
 from strata.pipeline.errors import WorkerError
@@ -24,10 +27,6 @@ from strata.pipeline.extract import run_extract
 from strata.pipeline.tiny import synthetic_docs, write_jsonl
 from strata.store import layout
 from strata.store.commit import protocol
-
-import _faults_ops
-from test_extract import CTX, H0, H1, UC, _planned, _reference
-from test_extract import _spec as _extract_spec
 
 pytestmark = pytest.mark.ray
 

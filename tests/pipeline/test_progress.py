@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import re
 
-
 from strata import store
 from strata.analysis.features.external import put_sae
 from strata.analysis.features.synthetic import random_topk_sae, synthetic_dataset
