@@ -52,13 +52,9 @@ LAZY_OK = {
 #: Modules exempt from the function-level-import check while a rewrite of them is under way
 #: (name each with the reason); empty since the one-executor rewrite (issue 17 item 2) landed.
 LAZY_PENDING: set[str] = set()
-#: ``(importer, private name)`` uses of another module's private name that wait on a rewrite
-#: in progress (issue 17 items 2, 3, 5); each file's owner removes its entry once the use is gone.
-PRIVATE_PENDING = {
-    ("strata.analysis.layers.geometry", "strata.analysis.similarity._moments"),  # item 2/5: analysis rewrite
-    ("strata.analysis.layers.geometry", "strata.analysis.similarity._ridge"),
-    ("strata.analysis.layers.geometry", "strata.analysis.similarity._tasks"),
-}
+#: ``(importer, private name)`` uses of another module's private name allowed while a rewrite is
+#: under way (say which); empty now: every name another module uses is public.
+PRIVATE_PENDING: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)

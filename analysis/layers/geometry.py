@@ -47,9 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from strata.analysis.similarity._moments import Moments
-from strata.analysis.similarity._ridge import r2_from_moments
-from strata.analysis.similarity._tasks import split_ranges
+from strata.analysis.similarity import Moments, r2_from_moments, split_ranges
 from strata.pipeline.executor import Executor, StoreRef
 
 if TYPE_CHECKING:

@@ -32,6 +32,7 @@ from ._moments import Moments
 from ._ridge import r2, r2_from_moments
 from ._sampled import minibatch_cka, mutual_knn, rbf_cka, rsa
 from ._streaming import STREAMING_METRICS, from_moments
+from ._tasks import split_ranges
 from .compare import METRICS, compare, plan_compare, run_compare
 from .errors import AnalysisError
 from .heatmap import HeatmapResult, layer_heatmap
@@ -68,5 +69,6 @@ __all__ = [
     "rbf_cka",
     "rsa",
     "run_compare",
+    "split_ranges",
     "svcca",
 ]
