@@ -193,6 +193,7 @@ def _run_module(module: str, *args: str, cwd: Path) -> subprocess.CompletedProce
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_entrypoint_refuses_bad_input_before_starting_ray(tmp_path, root):
     spec = _spec(tmp_path, root, [{**ANALYSES[0], "metrics": ["debiased_cka"], "max_rows": 2}])
     res = _run_module("strata.jobs.analyze", spec, cwd=tmp_path)

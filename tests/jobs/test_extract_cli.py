@@ -111,6 +111,7 @@ def test_bad_input_is_one_line_before_anything_runs(spec, capsys, sets, pattern)
     assert not (root / "datasets").exists() or store.open(root).datasets() == []
 
 
+@pytest.mark.slow
 def test_cli_failures_are_one_line_with_exit_2(spec, tmp_path, capsys, monkeypatch):
     # A folder as the spec, a malformed --set value, a corpus that is not UTF-8, a dead address.
     latin = tmp_path / "latin.jsonl"

@@ -127,6 +127,7 @@ def test_two_datasets_every_hook_of_a_against_every_hook_of_b(layered):
     np.testing.assert_allclose(res.values, want, rtol=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_ray_tasks_give_the_in_process_heatmap(layered, ray_session):
     ds, _ = layered

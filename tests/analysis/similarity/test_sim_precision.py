@@ -50,6 +50,7 @@ def _within(got: dict, want: dict, tol: dict) -> None:
         assert got[k] == pytest.approx(v, rel=tol[k], abs=1e-12), k
 
 
+@pytest.mark.slow
 def test_auto_is_float32_for_16_bit_floats_and_float64_otherwise():
     x, y = _half_pair()
     ref = _references(x, y)
@@ -103,6 +104,7 @@ def test_float32_products_centre_before_rounding_so_an_offset_costs_nothing():
         _within(sim.from_moments(_streamed(xs, ys, 333, "float32"), list(ref)), ref, TOL)
 
 
+@pytest.mark.slow
 def test_block_moments_take_float32_products_for_half_blocks():
     rng = np.random.default_rng(4)
     base = rng.standard_normal((1000, 8)) * np.geomspace(3, 0.3, 8)
