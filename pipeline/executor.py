@@ -407,20 +407,30 @@ class Executor:
     def _run_here(worker_cls: type, config: Any, tasks: Iterable[Task], prog: _Progress, *,
                   on_result: Callable[[Task, dict[str, Any]], None] | None, check: Callable[[], None] | None) -> None:
         worker = None
-        for task in tasks:
-            if check is not None:
-                check()
-            if worker is None:  # built once, when there is work: the model loads once
-                worker = worker_cls(config)
-            try:
-                res = worker.process(*task.args)
-            except StrataError:
-                raise  # a one-line error of ours, e.g. a lost lease
-            except Exception as e:
-                raise WorkerError(f"{task.key} failed: {type(e).__name__}: {_first_line(e)}") from e
-            prog.add(task, res)
-            if on_result is not None:
-                on_result(task, res)
+        threads: int | None = None
+        try:
+            for task in tasks:
+                if check is not None:
+                    check()
+                if worker is None:  # built once, when there is work: the model loads once
+                    worker = worker_cls(config)
+                    # A worker sets the torch threads of the thread it computes in (an actor's
+                    # own): here that is the caller's, so they are put back afterwards.
+                    torch = sys.modules.get("torch")
+                    threads = torch.get_num_threads() if torch is not None else None
+                try:
+                    res = worker.process(*task.args)
+                except StrataError:
+                    raise  # a one-line error of ours, e.g. a lost lease
+                except Exception as e:
+                    raise WorkerError(f"{task.key} failed: {type(e).__name__}: {_first_line(e)}") from e
+                prog.add(task, res)
+                if on_result is not None:
+                    on_result(task, res)
+        finally:
+            torch = sys.modules.get("torch")
+            if threads is not None and torch is not None and torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
 
     @staticmethod
     def _run_pool(worker_cls: type, config: Any, tasks: Iterable[Task], shape: ActorPool, prog: _Progress, *,

@@ -384,9 +384,11 @@ def test_units_are_bit_identical_whatever_the_batch_or_thread_count(tmp_path, ti
         s.storage.delete(layout.shard_key("tiny", H1, u))
     s.writer("tiny").compact_commits(full=True)  # as a repair does: the index forgets them too
     statuses.clear()
+    threads = torch.get_num_threads()
     r = run_extract(spec.updated(compute=spec.compute.updated(cpus_per_worker=1, batch_tokens=3 * CTX)),
                     worker_cls=_faults.EnvReporter, on_unit=statuses.append)
     assert r.units_run == 2 and {st["threads"] for st in statuses} == {1}
+    assert torch.get_num_threads() == threads  # a local worker's threads were this process's for the run only
     again = _commits(root)
     for part in (f"acts/{H0}", f"acts/{H1}"):
         for u in (1, 2):
