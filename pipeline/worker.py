@@ -1,8 +1,8 @@
 """The model replica: runs units through the model with hooks and writes them to the store.
 
-One :class:`UnitWorker` per GPU (or a CPU worker when there is none), wrapped as a Ray actor by
-:mod:`pipeline.extract`. It can also be used directly, in-process, which is how tests compare
-it with a plain forward pass.
+One :class:`UnitWorker` per GPU (or a CPU worker when there is none), a Ray actor of the
+executor's pool (:mod:`pipeline.executor`), or one built in the job's own process with
+``compute.executor: local``. Tests also use it directly, to compare it with a plain forward pass.
 
 Each unit is computed in batches sized by tokens into one host buffer per hook (pinned memory
 on CUDA, filled by non-blocking copies on a separate stream, so device-to-host copies overlap
