@@ -102,7 +102,7 @@ def run_analyze(spec: object) -> list[Outcome]:
         again, found = _split(s, todo)
         out.extend(found)
         if again:
-            with open_executor("ray", spec.compute.address) as ex:  # type: ignore[attr-defined]
+            with open_executor(spec.compute.executor, spec.compute.address) as ex:  # type: ignore[attr-defined]
                 for p in again:
                     log.info("analysis %r (%s): computing", p.name, p.spec.kind)
                     files, _ = p.compute(ex)
