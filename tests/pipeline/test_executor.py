@@ -5,7 +5,9 @@ test_extract.py / test_encode.py / test_faults_ops.py."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import textwrap
 import time
 from typing import Any
 
@@ -95,16 +97,27 @@ def test_open_executor_local_starts_no_ray_and_refuses_an_address():
 
 
 def test_ray_work_without_a_running_ray_is_refused_not_started():
-    """A Ray task submitted without a runtime would start a default Ray on fixed ports."""
-    import ray
-
-    if ray.is_initialized():
-        pytest.skip("Ray runs in this session already")
-    with pytest.raises(ClusterError, match="Ray is not running in this process"):
-        Executor(Tasks(), private=True, shape=ClusterShape(2, 0, 2)).map(_sleepy, [(0, 0.0)])
-    with pytest.raises(ClusterError, match="Ray is not running in this process"):
-        Executor(ActorPool(replicas=1), private=True, shape=ClusterShape(2, 0, 2)).run(_Counter, {}, [Task(0, (0,))], progress=False)
-    assert not ray.is_initialized()
+    """A Ray task submitted without a runtime would start a default Ray on fixed ports. In a
+    fresh process: this one may have the session's Ray already."""
+    script = textwrap.dedent("""
+        import ray
+        from strata.pipeline.cluster import ClusterShape
+        from strata.pipeline.errors import ClusterError
+        from strata.pipeline.executor import ActorPool, Executor, Task, Tasks
+        for ex, call in ((Executor(Tasks(), shape=ClusterShape(2, 0, 2)), lambda ex: ex.map(print, [(0,)])),
+                         (Executor(ActorPool(replicas=1), shape=ClusterShape(2, 0, 2)),
+                          lambda ex: ex.run(dict, {}, [Task(0, (0,))], progress=False))):
+            assert not ex.private  # no Ray of this process's own to hand credentials to
+            try:
+                call(ex)
+            except ClusterError as e:
+                print("REFUSED", e)
+        print("STARTED" if ray.is_initialized() else "NOT STARTED")
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    lines = r.stdout.splitlines()
+    assert [ln.startswith("REFUSED Ray is not running in this process") for ln in lines] == [True, True, False], (r.stdout, r.stderr[-2000:])
+    assert lines[-1] == "NOT STARTED"
 
 
 def test_pool_shape_carries_the_restarts():
