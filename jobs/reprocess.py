@@ -43,7 +43,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from strata import store
 from strata.jobs import submit as submission
-from strata.jobs.kinds import Policy, Ref, detect
+from strata.jobs.kinds import KINDS, Policy, Ref, detect
 from strata.jobs.kinds.planning import Job, PlanContext, PlanState, Step, check_pattern, lease_holder, open_store, store_holds
 from strata.jobs.spec import format_error, read_raw
 from strata.pipeline.cluster import connect
@@ -143,7 +143,8 @@ def load_pipeline(path: str | os.PathLike[str], *, store_uri: str | None = None)
         if p.storage_options is not None:
             job_raw["storage_options"] = dict(p.storage_options)
         if entry.on_change is not None and kind.policy is None:
-            raise SpecError(f"{where}: `on_change` applies to SAE and analysis jobs; {kind.name} jobs are always incremental")
+            kinds = " and ".join(k.name for k in KINDS if k.policy is not None)
+            raise SpecError(f"{where}: `on_change` applies to {kinds} jobs; {kind.name} jobs are always incremental")
         spec = kind.validate(job_raw, entry.spec)
         jobs.append(Job(i, entry.spec, file, kind, job_raw, spec, entry.on_change or kind.policy, tuple(entry.set)))
     stores = {(u.rstrip("/") if "://" in u else os.path.abspath(os.path.expanduser(u))): u for u in (j.spec.store for j in jobs)}
@@ -156,12 +157,10 @@ def load_pipeline(path: str | os.PathLike[str], *, store_uri: str | None = None)
 
 
 def _provider(need: Ref, writes: dict[Ref, Job]) -> Job | None:
-    kind, name = need
-    if kind != "sae":
-        return writes.get(need)
-    # An SAE job writes the stem of its SAEs' names (``name``, ``name.HOOK``, ``name.HOOK.k=32``).
-    stems = [(stem, j) for (k, stem), j in writes.items() if k == "sae" and (name == stem or name.startswith(stem + "."))]
-    return max(stems, key=lambda x: len(x[0]))[1] if stems else None
+    """The job writing what ``need`` names (the most specific one, when several kinds' outputs
+    provide it: an SAE stem ``name`` provides ``name.HOOK``)."""
+    found = [(w, j) for w, j in writes.items() if j.kind.provides(w, need)]
+    return max(found, key=lambda x: len(x[0][1]))[1] if found else None
 
 
 def _order(jobs: list[Job], where: str) -> list[Job]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from strata.jobs.kinds.planning import Job, PlanContext, PlanState, SAERef, Step, names, retrained_name, version_hash
-from strata.jobs.kinds.registry import JobKind, Ref, register
+from strata.jobs.kinds.planning import Job, JobKind, PlanContext, PlanState, Ref, SAERef, Step, names, retrained_name, version_hash
+from strata.jobs.kinds.registry import register
 from strata.pipeline.errors import SpecError
 from strata.store.commit.artifacts import ArtifactExistsError
 from strata.store.saes.handles import SAES
@@ -21,6 +21,11 @@ Run = tuple[str, str, dict[str, Any], str]  # (name as the spec makes it, hook, 
 
 
 class SAEKind(JobKind):
+    def provides(self, written: Ref, need: Ref) -> bool:
+        """An SAE job writes the stem of its SAEs' names: ``name`` provides ``name``, ``name.HOOK``
+        and ``name.HOOK.k=32``."""
+        return written[0] == need[0] == "sae" and (need[1] == written[1] or need[1].startswith(written[1] + "."))
+
     def io(self, spec: Any) -> tuple[set[Ref], set[Ref]]:
         # The stem of its SAEs' names: ``name``, ``name.HOOK``, ``name.HOOK.k=32``, ...
         return {("sae", spec.name)}, {("dataset", spec.dataset)}

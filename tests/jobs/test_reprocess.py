@@ -290,7 +290,7 @@ def test_submit_runs_the_planned_jobs_as_ray_jobs_in_order(project, monkeypatch)
         ({"store": "./acts", "jobs": ["extract.yaml", {"spec": "features.yaml", "set": ["sae=other"]}]},
          r"features.yaml reads sae 'other', which no job of the pipeline writes"),
         ({"store": "./acts", "jobs": ["extract.yaml", "extract.yaml"]}, r"jobs extract.yaml and extract.yaml both write dataset 'tiny'"),
-        ({"store": "./acts", "jobs": [{"spec": "extract.yaml", "on_change": "keep"}]}, r"`on_change` applies to SAE and analysis jobs"),
+        ({"store": "./acts", "jobs": [{"spec": "extract.yaml", "on_change": "keep"}]}, r"`on_change` applies to sae and analysis jobs"),
         ({"store": "./acts", "jobs": [{"spec": "sae.yaml", "on_change": "sometimes"}]},
          r"`jobs.0.on_change`: Input should be 'retrain', 'keep' or 'recompute'"),
         ({"store": "./acts", "version_pattern": "{name}-new", "jobs": ["extract.yaml"]},
