@@ -5,7 +5,8 @@ why) and runs them; ``strata reprocess`` only composes them, and ``strata submit
 kind here. A new kind is one module: subclass :class:`JobKind` and :func:`register` it.
 """
 
-from strata.jobs.kinds.registry import KINDS, JobKind, Policy, Ref, detect, kind, localize, register, unregister
+from strata.jobs.kinds.planning import JobKind, Policy, Ref
+from strata.jobs.kinds.registry import KINDS, detect, kind, localize, register, unregister
 
 # Imported to register them, in this order: a spec whose keys match no kind's signature is tried
 # against each kind in turn, and errors list the kinds in this order.

@@ -15,8 +15,8 @@ from typing import Any
 
 from strata import store
 from strata.jobs.analyze_run import run_analyze
-from strata.jobs.kinds.planning import Job, PlanContext, PlanState, Step, names, renamed, retrained_name, rewrite, version_hash
-from strata.jobs.kinds.registry import JobKind, Ref, register
+from strata.jobs.kinds.planning import Job, JobKind, PlanContext, PlanState, Ref, Step, names, renamed, retrained_name, rewrite, version_hash
+from strata.jobs.kinds.registry import register
 from strata.store.analyses.handles import ANALYSES
 from strata.store.commit import artifacts
 from strata.store.layout import check_name

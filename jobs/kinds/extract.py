@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from strata.jobs.kinds.planning import Job, NoStore, PlanContext, PlanState, Step, revision_value
-from strata.jobs.kinds.registry import JobKind, Ref, register
+from strata.jobs.kinds.planning import Job, JobKind, NoStore, PlanContext, PlanState, Ref, Step, revision_value
+from strata.jobs.kinds.registry import register
 from strata.pipeline import models
 from strata.pipeline.errors import SpecError
 from strata.store.datasets.manifest import fingerprint

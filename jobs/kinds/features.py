@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from strata.jobs.kinds.planning import Job, PlanContext, PlanState, Step, retrained_name
-from strata.jobs.kinds.registry import JobKind, Ref, register
+from strata.jobs.kinds.planning import Job, JobKind, PlanContext, PlanState, Ref, Step, retrained_name
+from strata.jobs.kinds.registry import register
 from strata.store.features.format import FeatureTableExistsError, load_info, unit_records
 from strata.store.features.merge import load_generation
 from strata.store.layout import unit_ranges as ranges

@@ -10,14 +10,17 @@ see the store as it will be, while nothing is written yet.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ValidationError
 
 from strata import store
-from strata.jobs.kinds.registry import JobKind, Policy
+from strata.jobs.spec import format_error
 from strata.pipeline.errors import SpecError
 from strata.pipeline.hooks import match_hooks
 from strata.store.commit import artifacts
@@ -27,6 +30,65 @@ from strata.store.errors import StoreNotFoundError
 from strata.store.layout import check_name
 
 _SAMPLE_HEX = "0123456789abcdef0123456789abcdef01234567"
+
+Policy = Literal["retrain", "keep", "recompute"]
+Ref = tuple[str, str]  # (artifact kind, name): ("dataset", "tiny"), ("sae", "tsae"), ...
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """One kind of job. Subclasses give :meth:`io`, :meth:`plan` and :meth:`run`."""
+
+    name: str
+    spec_path: str  # "module:Class" of the spec type
+    entry: str  # module run as `python -m ENTRY SPEC.yaml`
+    path_keys: tuple[str, ...]  # dotted spec keys holding local paths (resolved before a submission)
+    signature: tuple[str, ...]  # top-level keys that only this kind's specs have
+    policy: Policy | None = None  # reprocess's default `on_change`; None: the kind is always incremental
+
+    def spec_type(self) -> type[BaseModel] | None:
+        module, _, cls = self.spec_path.partition(":")
+        try:
+            return getattr(importlib.import_module(module), cls)
+        except (ImportError, AttributeError):
+            return None  # a kind whose code is not installed here
+
+    def validate(self, raw: dict[str, Any], where: str) -> Any:
+        """``raw`` as this kind's spec; a bad key or value is a :class:`SpecError` naming ``where``."""
+        spec_type = self.spec_type()
+        if spec_type is None:
+            raise SpecError(f"{where}: the code of {self.name} jobs ({self.spec_path}) is not installed here")
+        try:
+            return spec_type.model_validate(raw)
+        except ValidationError as e:
+            raise SpecError(f"{where}: " + "; ".join(format_error(x, spec_type) for x in e.errors())) from None
+
+    def io(self, spec: Any) -> tuple[set[Ref], set[Ref]]:
+        """(what a job of this spec writes, what it reads). A stem an SAE job writes (``sae``,
+        ``name``) provides every SAE named ``name.…``."""
+        raise NotImplementedError(f"job kind {self.name!r} does not say what it reads and writes")
+
+    def provides(self, written: Ref, need: Ref) -> bool:
+        """Whether an output this kind writes (one of :meth:`io`'s) is what a job ``need``s
+        (by default the same reference)."""
+        return written == need
+
+    def plan(self, state: PlanState, job: Job, ctx: PlanContext) -> Step:
+        """What the job must do so the store holds its outputs, and why (reads only). Records in
+        ``state`` what the store will hold after it, for the jobs that read its outputs."""
+        raise NotImplementedError(f"job kind {self.name!r} has no plan")
+
+    def prepare(self, step: Step) -> None:
+        """What runs before the job, in this process even when it is submitted (nothing by default)."""
+
+    def run(self, spec: Any) -> None:
+        """Run a job of this spec here, printing its outcome in a line or a few."""
+        raise NotImplementedError(f"job kind {self.name!r} cannot run here")
+
+    def needs_ray(self, spec: Any) -> bool:
+        """Whether running it here starts (or joins) Ray, so reprocess shares one among its jobs."""
+        return False
+
 
 
 @dataclass(frozen=True)
