@@ -256,7 +256,7 @@ AnalysisSpec = Annotated[CompareSpec | HeatmapSpec | LayersSpec | ProbeSpec | Ma
 class AnalyzeCompute(ComputeSpec):
     """The analyses' keys of the compute section."""
 
-    keys = ("address", "tasks", "chunk_rows", "memory_budget_mb")
+    keys = ("address", "executor", "tasks", "chunk_rows", "memory_budget_mb")
 
 
 class AnalyzeSpec(JobSpec):

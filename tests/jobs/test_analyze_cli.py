@@ -206,3 +206,16 @@ def test_ray_job_entrypoint_runs_a_spec(tmp_path, root):
     res = _run_module("strata.jobs.analyze_run", spec, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert store.open(root, create=False).analyses() == ["cmp", "hm"]
+
+
+def test_analyses_run_in_this_process_with_the_local_executor(tmp_path, root, capsys):
+    """`compute.executor: local`: no Ray at all; the committed values are the in-memory ones."""
+    spec = _spec(tmp_path, root, ANALYSES[:1])
+    assert main(["analyze", spec, "--set", "compute.executor=local"]) == 0
+    assert capsys.readouterr().out.count(": written:") == 1
+    s = store.open(root, create=False)
+    ds = s.dataset("d")
+    got = {r["metric"]: r["value"] for r in s.analysis("cmp").table().to_pylist()}
+    want = sim.compare((ds, H0), (ds, H1), ["linear_cka", "debiased_cka", "svcca", "procrustes", "r2", "rbf_cka"], use_ray=False, sample_rows=100)
+    for k in ("linear_cka", "debiased_cka", "svcca", "procrustes", "r2_a_to_b", "r2_b_to_a", "rbf_cka"):
+        assert got[k] == pytest.approx(want[k], rel=1e-10), k
