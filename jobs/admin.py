@@ -6,6 +6,11 @@ import argparse
 import re
 import sys
 
+from strata import store
+from strata.store.errors import StrataError
+from strata.store.lifecycle import dependents, gc
+from strata.store.lifecycle.dependents import Ref
+
 
 def _duration(text: str) -> float:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
@@ -15,8 +20,6 @@ def _duration(text: str) -> float:
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:
-    from strata import store
-    from strata.store.lifecycle import gc
 
     s = store.open(args.store, create=False)
     abandoned = args.abandoned or []
@@ -34,10 +37,6 @@ def _cmd_gc(args: argparse.Namespace) -> int:
 
 
 def _cmd_rm(args: argparse.Namespace) -> int:
-    from strata import store
-    from strata.store.lifecycle import dependents
-    from strata.store.lifecycle.dependents import Ref
-    from strata.store.errors import StrataError
 
     s = store.open(args.store, create=False)
     ref = Ref(args.kind, args.name)  # an invalid name is a one-line error before anything is read

@@ -15,11 +15,14 @@ import json
 import sys
 from typing import Any
 
+from strata import store
 from strata.jobs._text import safe
+from strata.jobs.analyze_run import main as run_main
+from strata.pipeline.errors import SpecError
+from strata.store.errors import CorruptionError, FormatVersionError
 
 
 def _open(uri: str) -> Any:
-    from strata import store
 
     return store.open(uri, create=False)  # reading never creates a store
 
@@ -34,7 +37,6 @@ def _input_names(meta: dict[str, Any]) -> str:
 
 
 def _cmd_ls(store_uri: str) -> int:
-    from strata.store.errors import CorruptionError, FormatVersionError
 
     s = _open(store_uri)
     names = s.analyses()
@@ -112,7 +114,6 @@ def _cmd_show(store_uri: str, name: str, rows: int, *, as_json: bool = False) ->
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from strata.pipeline.errors import SpecError
 
     target, rest = args.target, list(args.rest)
     if target == "ls":
@@ -127,7 +128,6 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         return _cmd_show(rest[0], rest[1], args.rows, as_json=args.json)
     if rest:
         raise SpecError(f"unexpected arguments after the spec: {' '.join(rest)}; usage: strata analyze SPEC.yaml [--set key=value ...]")
-    from strata.jobs.analyze_run import main as run_main
 
     return run_main([target, *sum((["--set", kv] for kv in args.set or []), [])])
 

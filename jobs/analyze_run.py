@@ -27,6 +27,14 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
+from strata import store
+from strata.jobs.spec import load_spec
+from strata.pipeline.executor import open_executor
+from strata.store.analyses.handles import ANALYSES, AnalysisHandle
+from strata.store.commit import artifacts
+from strata.store.commit.artifacts import ArtifactExistsError
+from strata.store.errors import LeaseHeldError, StrataError
+
 log = logging.getLogger(__name__)
 
 
@@ -42,7 +50,7 @@ def check_committed(spec: object, s: object) -> tuple[list, list[Outcome], list]
     """(analyses to compute, those committed with the same identity, all of them prepared), read
     from store ``s``; one committed with another identity raises. Reads only: the job and
     ``strata submit``'s pre-submit check (:mod:`jobs.checks`) refuse through this one function."""
-    from strata.analysis.similarity.runner import prepare
+    from strata.analysis.similarity.runner import prepare  # lazy: torch: CLI start-up
 
     prepared = prepare(spec, s)  # type: ignore[arg-type]
     return (*_split(s, prepared), prepared)
@@ -65,9 +73,6 @@ def _committed(s: Any, p: Any) -> Outcome | None:
     committed; committed with another identity raises. The identity is read from the result's
     checked ``provenance.json`` (:attr:`~store.analyses.handles.AnalysisHandle.meta`), never from an
     unchecked copy."""
-    from strata.store.commit import artifacts
-    from strata.store.commit.artifacts import ArtifactExistsError
-    from strata.store.analyses.handles import ANALYSES, AnalysisHandle
 
     if artifacts.get(s.storage, ANALYSES, p.name) is None:
         return None
@@ -84,11 +89,7 @@ def _committed(s: Any, p: Any) -> Outcome | None:
 
 def run_analyze(spec: object) -> list[Outcome]:
     """Run an :class:`~analysis.similarity.spec.AnalyzeSpec` (see the module docstring)."""
-    from strata import store
-    from strata.pipeline.executor import open_executor
-    from strata.pipeline.extract import check_store_path
-    from strata.store.commit import artifacts
-    from strata.store.analyses.handles import ANALYSES
+    from strata.pipeline.extract import check_store_path  # lazy: torch: CLI start-up
 
     check_store_path(spec)  # type: ignore[arg-type]
     s = store.open(spec.store, storage_options=spec.storage_options, create=False)  # type: ignore[attr-defined]
@@ -118,8 +119,6 @@ def _leases(s: Any, names: list[str], stack: ExitStack) -> dict[str, Any]:
     """Take the write lease of every analysis to compute, up front, as ``sae train`` does: a
     second run of the same names is refused at once, naming the holder, before anything is
     computed or a cluster started."""
-    from strata.store.errors import LeaseHeldError
-    from strata.store.analyses.handles import ANALYSES
 
     leases = {n: s.artifact_lease(ANALYSES, n, owner=f"strata analyze {n}") for n in names}
     for lease in leases.values():  # read-only first: refused before any lease is taken
@@ -140,9 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from strata.analysis.similarity.spec import AnalyzeSpec
-    from strata.jobs.spec import load_spec
-    from strata.store.errors import StrataError
+    from strata.analysis.similarity.spec import AnalyzeSpec  # lazy: torch: CLI start-up
 
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:

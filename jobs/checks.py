@@ -24,6 +24,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from strata import store
+from strata.jobs.analyze_run import check_committed
 from strata.store.errors import StoreNotFoundError, StrataError
 
 log = logging.getLogger(__name__)
@@ -34,22 +36,21 @@ def check_job(kind: str, spec: Any, s: Any) -> None:
     the job would raise. Checks whose inputs the store does not hold yet are skipped (another
     job may be making them)."""
     if kind == "extract":
-        from strata.pipeline.extract import prepare
+        from strata.pipeline.extract import prepare  # lazy: torch: CLI start-up
 
         if spec.name in s.datasets():  # a new dataset cannot conflict; its checks need the corpus
             prepare(spec, s)
     elif kind == "sae":
-        from strata.analysis.sae.plan import plan
+        from strata.analysis.sae.plan import plan  # lazy: torch, sae_lens: CLI start-up
 
         if spec.dataset in s.datasets():
             plan(spec, s)
     elif kind == "features":
-        from strata.pipeline.encode import check_table
+        from strata.pipeline.encode import check_table  # lazy: torch: CLI start-up
 
         if spec.sae in s.saes():
             check_table(spec, s)
     elif kind == "analysis":
-        from strata.jobs.analyze_run import check_committed
 
         check_committed(spec, s)
 
@@ -57,7 +58,6 @@ def check_job(kind: str, spec: Any, s: Any) -> None:
 def presubmit(kind: str, spec: Any) -> None:
     """``strata submit``'s check before anything is shipped: a conflict with what the store
     holds raises (see the module docstring); the store not existing here is no conflict."""
-    from strata import store
 
     try:
         s = store.open(spec.store, storage_options=spec.storage_options, create=False)

@@ -10,7 +10,15 @@ import sys
 import typing
 from collections.abc import Sequence
 
+from strata import store
 from strata.jobs._text import configure_logging, safe
+from strata.jobs.extract import main as extract_main
+from strata.jobs.spec import read_raw
+from strata.store.datasets.manifest import DatasetInfo
+from strata.store.datasets.versions import families
+from strata.store.errors import CorruptionError, FormatVersionError, StrataError
+from strata.store.lifecycle.fsck import repair_store, verify_store
+from strata.store.storage import auth_failure
 
 # Modules adding subcommands: each has `register(subparsers)`; a handler returns the exit code
 # and raises StrataError for a one-line error (exit 2).
@@ -19,15 +27,11 @@ COMMAND_MODULES = ("strata.jobs.sae", "strata.jobs.features", "strata.jobs.analy
 
 
 def _open(uri: str):  # noqa: ANN202
-    from strata import store
 
     return store.open(uri, create=False)  # reading never creates a store
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
-    from strata.store.errors import CorruptionError, FormatVersionError
-    from strata.store.datasets.manifest import DatasetInfo
-    from strata.store.datasets.versions import families
 
     s = _open(args.store)
     names = s.datasets()
@@ -81,7 +85,6 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from strata.store.lifecycle.fsck import repair_store, verify_store
 
     s = _open(args.store)
     kinds = [args.kind] if args.kind else None
@@ -102,7 +105,6 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from strata.jobs.extract import main as extract_main
 
     argv = [args.spec, *sum((["--set", kv] for kv in args.set or []), [])]
     return extract_main(argv + (["--no-progress"] if args.no_progress else []))
@@ -159,7 +161,6 @@ def _store_url(args: argparse.Namespace) -> str:
     spec = getattr(args, "spec", None) or getattr(args, "target", None)
     if isinstance(spec, str):
         try:
-            from strata.jobs.spec import read_raw
 
             url = read_raw(spec).get("store")
             if isinstance(url, str):
@@ -172,7 +173,6 @@ def _store_url(args: argparse.Namespace) -> str:
 def _auth_error(e: BaseException, args: argparse.Namespace) -> str | None:
     """A one-line message for a storage access refused for want of valid credentials (see
     :func:`strata.store.storage.auth_failure`), else None. Names the URL, never the credentials."""
-    from strata.store.storage import auth_failure
 
     url = _store_url(args)
     why = auth_failure(e, remote=url.startswith(("s3://", "gs://", "gcs://")))
@@ -182,7 +182,6 @@ def _auth_error(e: BaseException, args: argparse.Namespace) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one `strata` command. Exit codes: 0 done, 1 a failed or stopped job or a found
     problem, 2 bad input (one line on stderr), 3 a job still running."""
-    from strata.store.errors import StrataError
 
     args = build_parser().parse_args(argv)
     configure_logging(verbose=args.verbose)

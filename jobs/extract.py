@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from strata.jobs.spec import load_extract_spec
+from strata.store.errors import StrataError
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from strata.pipeline.extract import run_extract
-    from strata.store.errors import StrataError
+    from strata.pipeline.extract import run_extract  # lazy: torch: CLI start-up
 
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:

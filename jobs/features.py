@@ -15,18 +15,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from strata import store
+from strata.analysis.features import write_pages
 from strata.jobs._text import safe
-
+from strata.jobs.features_encode import main as encode_main
+from strata.pipeline.errors import SpecError
+from strata.store.errors import CorruptionError
 
 STORE_HELP = "the store: a local folder or s3://bucket/prefix"
 NAME_HELP = "a feature table of the store (see `strata features ls STORE`)"
 
 
 def _open(uri: str) -> Any:
-    from strata import store
 
     return store.open(uri, create=False)
 
@@ -55,7 +59,6 @@ def parse_features(items: list[str] | None, *, d_sae: int | None = None) -> list
 
 def feature_ranges(items: list[str], *, d_sae: int | None = None) -> list[tuple[int, int]]:
     """The inclusive ``(low, high)`` ranges of ``--features`` arguments, checked; a SpecError names a bad one."""
-    from strata.pipeline.errors import SpecError
 
     ranges: list[tuple[int, int]] = []
     for item in items:
@@ -76,7 +79,6 @@ def feature_ranges(items: list[str], *, d_sae: int | None = None) -> list[tuple[
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
-    from strata.jobs.features_encode import main as encode_main
 
     argv = [args.spec, *sum((["--set", kv] for kv in args.set or []), [])]
     return encode_main(argv + (["--no-progress"] if args.no_progress else []))
@@ -88,7 +90,6 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     if not names:
         print(f"{s.uri}: no feature tables")
         return 0
-    from strata.store.errors import CorruptionError
 
     bad = 0
     for name in names:
@@ -107,7 +108,6 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
 
     fs = _open(args.store).features(args.name, allow_stale=True)  # shown, marked `stale_inputs`
     out = asdict(fs.info)
@@ -142,8 +142,6 @@ def _cmd_top(args: argparse.Namespace) -> int:
 
 
 def _cmd_html(args: argparse.Namespace) -> int:
-    from strata.analysis.features import write_pages
-    from strata.pipeline.errors import SpecError
 
     if args.features:
         feature_ranges(args.features)  # the syntax, before the store is opened

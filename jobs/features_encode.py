@@ -11,6 +11,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from strata.jobs.spec import load_spec
+from strata.store.errors import StrataError
+
 log = logging.getLogger(__name__)
 
 
@@ -23,9 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from strata.jobs.spec import load_spec
-    from strata.pipeline.encode import EncodeSpec, run_encode
-    from strata.store.errors import StrataError
+    from strata.pipeline.encode import EncodeSpec, run_encode  # lazy: torch: CLI start-up
 
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:

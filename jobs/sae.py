@@ -11,17 +11,18 @@ import argparse
 import json
 from typing import Any
 
+from strata import store
 from strata.jobs._text import safe
+from strata.jobs.sae_train import add_arguments, train_command
+from strata.store.errors import CorruptionError
 
 
 def _open(uri: str):  # noqa: ANN202
-    from strata import store
 
     return store.open(uri, create=False)  # reading never creates a store
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from strata.jobs.sae_train import train_command
 
     return train_command(args.spec, args.set, fresh=args.fresh)
 
@@ -31,8 +32,7 @@ def _num(x: Any, fmt: str) -> str:
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
-    from strata.analysis.sae import checkpoint
-    from strata.store.errors import CorruptionError
+    from strata.analysis.sae import checkpoint  # lazy: torch, sae_lens: CLI start-up
 
     s = _open(args.store)
     names = s.saes()
@@ -81,7 +81,6 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argparse's own type
     """Add this module's subcommands to the `strata` parser."""
-    from strata.jobs.sae_train import add_arguments
 
     p = sub.add_parser("sae", help="train SAEs from a store's activations; list and show them")
     ssub = p.add_subparsers(dest="sae_command", required=True)

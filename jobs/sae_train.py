@@ -13,6 +13,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from strata.jobs.spec import load_spec
+from strata.store.errors import StrataError
+
 log = logging.getLogger(__name__)
 
 
@@ -42,9 +45,8 @@ def _fmt(m: dict[str, Any]) -> str:
 
 def train_command(spec_path: str, overrides: Sequence[str], *, fresh: bool) -> int:
     """Load the spec, run the job, print what happened to each SAE. Raises StrataError."""
-    from strata.analysis.sae.config import SAETrainSpec
-    from strata.analysis.sae.job import run_job
-    from strata.jobs.spec import load_spec
+    from strata.analysis.sae.config import SAETrainSpec  # lazy: torch, sae_lens: CLI start-up
+    from strata.analysis.sae.job import run_job  # lazy: torch, sae_lens: CLI start-up
 
     spec = load_spec(SAETrainSpec, spec_path, list(overrides))
     result = run_job(spec, fresh=fresh)
@@ -62,7 +64,6 @@ def train_command(spec_path: str, overrides: Sequence[str], *, fresh: bool) -> i
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from strata.store.errors import StrataError
 
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:

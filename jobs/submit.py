@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -27,7 +28,14 @@ from typing import Any
 
 import yaml
 
+import strata
+from strata import analysis, jobs, pipeline, store
 from strata.jobs._text import safe, safe_lines
+from strata.jobs.checks import presubmit
+from strata.jobs.kinds import detect, localize
+from strata.pipeline.cluster import check_reachable
+from strata.pipeline.errors import ClusterError, SpecError
+from strata.pipeline.executor import storage_options_for
 
 ACTIVE = ("PENDING", "RUNNING")
 
@@ -50,10 +58,8 @@ def _auth_headers() -> dict[str, str]:
 
 def client(address: str | None) -> Any:
     """A Ray Jobs client for ``address`` (or ``RAY_API_SERVER_ADDRESS``), checked to answer."""
-    from ray.job_submission import JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient  # lazy: ray starts slowly; `strata submit`'s bad-input paths must not pay for it
 
-    from strata.pipeline.cluster import check_reachable
-    from strata.pipeline.errors import ClusterError, SpecError
 
     addr = address or os.environ.get("RAY_API_SERVER_ADDRESS") or ""
     if not addr and os.environ.get("RAY_ADDRESS", "").startswith("http"):
@@ -73,10 +79,7 @@ def _package(into: str) -> str:
     """The ``strata`` package as installed here, staged as one folder under ``into`` for
     ``py_modules``: the cluster imports ``strata.jobs...`` exactly as this machine does, and
     nothing named bare ``store`` or ``jobs`` lands on its path."""
-    import shutil
 
-    import strata
-    from strata import analysis, jobs, pipeline, store
 
     dest = Path(into, "strata")
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
@@ -89,8 +92,6 @@ def _package(into: str) -> str:
 
 def prepare(spec_path: str, overrides: list[str]) -> tuple[Any, dict[str, Any], str, str]:
     """(kind, resolved spec mapping, submission id base, spec YAML), validated, with no secret."""
-    from strata.jobs.kinds import detect, localize
-    from strata.pipeline.executor import storage_options_for
 
     kind, _, raw = detect(spec_path, overrides)
     raw = localize(kind, raw)
@@ -108,8 +109,6 @@ def check_store(spec_path: str, overrides: list[str]) -> None:
     """Before anything is shipped: the job's own checks against the store as seen from here,
     so a conflict with what it holds (an SAE name with another config, a feature table, dataset
     or analysis with another identity) is one line here, not a failure on the cluster."""
-    from strata.jobs.checks import presubmit
-    from strata.jobs.kinds import detect
 
     kind, spec, _ = detect(spec_path, overrides)  # with its storage options: the store is read from here
     presubmit(kind.name, spec)
@@ -201,7 +200,6 @@ def _took(start_ms: int | None, end_ms: int | None) -> str:
 
 def _job_info(c: Any, job_id: str) -> Any:
     """The job's details; an id the cluster does not know is bad input (exit 2), not a traceback."""
-    from strata.pipeline.errors import SpecError
 
     try:
         return c.get_job_info(job_id)
@@ -213,7 +211,6 @@ def _job_info(c: Any, job_id: str) -> Any:
 
 def _cmd_jobs(args: argparse.Namespace) -> int:
     if args.action != "ls" and not args.job:
-        from strata.pipeline.errors import SpecError
 
         raise SpecError(f"`strata jobs {args.action}` needs a job id (see `strata jobs ls`)")
     c = client(args.address)

@@ -13,8 +13,13 @@
 - No module uses another module's private names (``from x import _y``, or ``x._y`` on an
   imported module). A private module (``_moments.py``) is imported only from within its own
   package (tests may import it to test it).
-- In ``store/`` and ``pipeline/`` imports sit at module level, except the slow third-party
-  libraries in :data:`LAZY_OK`, each with a ``# lazy: why`` comment on the import's line.
+- Imports sit at module level in every package, except the slow third-party libraries in
+  :data:`LAZY_OK`, each with a ``# lazy: why`` comment on the import's line.
+  ``analysis/`` and ``jobs/`` may also import a project module inside a function, with the same
+  comment, where that module pulls one of those libraries at import time and the importer does
+  not already (the CLI's ``strata --help`` must not wait for torch).
+- No import cycles among ``strata.analysis.*`` nor among ``strata.jobs.*`` modules either, and
+  nothing outside ``jobs/`` imports ``strata.jobs``.
 - No bare ``import store|pipeline|analysis|jobs`` anywhere: the distribution installs them as
   ``strata.store`` and so on only.
 """
@@ -47,6 +52,7 @@ LAZY_OK = {
     "datasets": "HF datasets imports in ~1 s (pandas, its own fsspec setup); only hf corpora need it",
     "huggingface_hub": "its error types import its HTTP stack (~130 ms); only a hub download needs it",
     "psutil": "optional (ray[default] brings it): stopping a private Ray head works without it",
+    "matplotlib": "~0.5 s to import; only the plots need it, and the analyses' workers never draw",
 }
 
 #: Modules exempt from the function-level-import check while a rewrite of them is under way
@@ -201,7 +207,7 @@ def _describe_cycle(comp: list[str]) -> str:
     return "\n".join(lines)
 
 
-@pytest.mark.parametrize("package", ["strata.store", "strata.pipeline"])
+@pytest.mark.parametrize("package", ["strata.store", "strata.pipeline", "strata.analysis", "strata.jobs"])
 def test_no_import_cycles(package: str) -> None:
     cycles = _cycles(package)
     assert not cycles, f"import cycles in {package} (lazy and TYPE_CHECKING imports count):\n" + "\n\n".join(
@@ -291,6 +297,7 @@ def test_store_is_layered() -> None:
 @pytest.mark.parametrize(("package", "forbidden"), [
     ("strata.store", ("strata.pipeline", "strata.analysis", "strata.jobs")),
     ("strata.pipeline", ("strata.analysis", "strata.jobs")),
+    ("strata.analysis", ("strata.jobs",)),
 ])
 def test_data_flows_one_way(package: str, forbidden: tuple[str, ...]) -> None:
     bad = [f"{_rel(_files()[m])}:{i.line}: {i.text.strip()}"
@@ -367,26 +374,105 @@ def test_no_private_names_across_modules() -> None:
     assert not bad, "private names used across modules (give them a public name):\n" + "\n".join(bad)
 
 
+def _type_checking_lines(tree: ast.Module) -> set[int]:
+    """Lines of the imports under a module-level ``if TYPE_CHECKING:`` (never run)."""
+    lines: set[int] = set()
+    for node in tree.body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            lines |= {n.lineno for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    return lines
+
+
+def _parents(module: str) -> list[str]:
+    parts = module.split(".")
+    return [".".join(parts[:k]) for k in range(1, len(parts))]
+
+
+@cache
+def _pulls(module: str) -> frozenset[str]:
+    """The :data:`LAZY_OK` libraries that importing ``module`` imports, through the module-level
+    imports of the project modules it runs (its parent packages' ``__init__`` included)."""
+    seen: set[str] = set()
+    heavy: set[str] = set()
+    todo = [module, *_parents(module)]
+    while todo:
+        m = todo.pop()
+        if m in seen or m not in _files():
+            continue
+        seen.add(m)
+        skip = _type_checking_lines(_parsed(m)[0])
+        for i in imports_of(m):
+            if i.in_function or i.line in skip:
+                continue
+            if i.target.startswith("strata"):
+                todo += [i.target, *_parents(i.target)]
+            elif i.target.split(".")[0] in LAZY_OK:
+                heavy.add(i.target.split(".")[0])
+    return frozenset(heavy)
+
+
+#: Packages whose modules may import a project module inside a function (see :func:`_lazy_imports`).
+LAZY_PROJECT_OK = ("strata.analysis", "strata.jobs")
+
+
 def _lazy_imports() -> list[str]:
+    """Function-level imports that break the rule, one line each.
+
+    A lazy third-party import must be one of :data:`LAZY_OK` and say why; in ``analysis/`` and
+    ``jobs/`` also one the module does not import at import time anyway (its own or its
+    packages' module-level imports, or those of the project modules they import). There a lazy
+    project import is allowed, saying why, only where the module imported pulls
+    a :data:`LAZY_OK` library that the importer itself does not (so the laziness buys something)."""
     bad: list[str] = []
-    for package in ("strata.store", "strata.pipeline"):
+    for package in PACKAGES.values():
         for m in _modules_under(package):
             if m in LAZY_PENDING:
                 continue
             for i in imports_of(m):
                 if not i.in_function:
                     continue
+                where = f"{_rel(_files()[m])}:{i.line}: {i.text.strip()}"
+                if i.target.startswith("strata") and package in LAZY_PROJECT_OK:
+                    gain = _pulls(i.target) - _pulls(m)
+                    if not gain:
+                        bad.append(f"{where} (pulls no LAZY_OK library that {m} does not already: move it to module level)")
+                    elif "# lazy:" not in i.text:
+                        bad.append(f"{where} (say why with a `# lazy: ...` comment; it pulls {', '.join(sorted(gain))})")
+                    continue
                 top = i.target.split(".")[0] if not i.target.startswith("strata") else i.target
                 if top not in LAZY_OK:
-                    bad.append(f"{_rel(_files()[m])}:{i.line}: {i.text.strip()} (only {', '.join(LAZY_OK)} may be lazy)")
+                    bad.append(f"{where} (only {', '.join(LAZY_OK)} may be lazy)")
+                elif package in LAZY_PROJECT_OK and top in _pulls(m):
+                    bad.append(f"{where} ({m} imports {top} at import time already: move it to module level)")
                 elif "# lazy:" not in i.text:
-                    bad.append(f"{_rel(_files()[m])}:{i.line}: {i.text.strip()} (say why with a `# lazy: ...` comment)")
+                    bad.append(f"{where} (say why with a `# lazy: ...` comment)")
     return list(dict.fromkeys(bad))
 
 
-def test_imports_at_module_level_in_store_and_pipeline() -> None:
+def test_imports_at_module_level() -> None:
     bad = _lazy_imports()
-    assert not bad, "function-level imports in store/ and pipeline/:\n" + "\n".join(bad)
+    assert not bad, "function-level imports:\n" + "\n".join(bad)
+
+
+def test_lazy_project_imports_must_buy_something(tmp_path: Path) -> None:
+    # A lazy import of a module that pulls torch is allowed with its reason; one of a module
+    # that pulls nothing heavy, or from a module that already pulls torch, is not.
+    fake = {
+        "strata.analysis.fake_heavy": "import torch\n",
+        "strata.analysis.fake_light": "import json\n",
+        "strata.jobs.fake_cmd": ("def f():\n    from strata.analysis.fake_heavy import x  # lazy: torch: CLI start-up\n"
+                                 "    from strata.analysis.fake_light import y  # lazy: no reason\n"),
+        "strata.jobs.fake_torch": "import torch\ndef f():\n    from strata.analysis.fake_heavy import x  # lazy: torch\n",
+    }
+    with _fake_modules(tmp_path, fake):
+        _pulls.cache_clear()
+        try:
+            assert _pulls("strata.jobs.fake_cmd") == frozenset() and _pulls("strata.analysis.fake_heavy") == {"torch"}
+            flagged = sorted(v.split(": ", 1)[1] for v in _lazy_imports() if "fake" in v)
+        finally:
+            _pulls.cache_clear()
+        assert [v.split(" (")[0] for v in flagged] == ["from strata.analysis.fake_heavy import x  # lazy: torch",
+                                                       "from strata.analysis.fake_light import y  # lazy: no reason"]
 
 
 def test_lazy_pending_modules_exist() -> None:

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from strata.store.features.stats import hist_edges
+
 if TYPE_CHECKING:
     from strata.store.features.table import FeatureTable
 
@@ -94,7 +96,6 @@ def _rows_table(fs: FeatureTable, rows: np.ndarray, values: np.ndarray, act: dic
 
 def feature_page(fs: FeatureTable, feature: int, *, k: int = 20, before: int = 8, after: int = 4) -> str:
     """The HTML of one feature's page."""
-    from strata.store.features.stats import hist_edges
 
     st = fs.stats().slice(feature, 1).to_pylist()[0]
     acts = fs.activations(feature)

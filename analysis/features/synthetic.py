@@ -12,6 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+
+from strata.store.features.format import FeatureTableInfo, unit_records
+from strata.store.features.merge import build, load_generation
+from strata.store.features.stats import HIST_BINS, HIST_HI, HIST_LO
+from strata.store.features.writer import FeatureWriter, create_or_open, publish, table_lease
 
 if TYPE_CHECKING:
     from strata.store.core import Store
@@ -22,9 +30,6 @@ BOS = 0
 
 def word_tokenizer_json(vocab: int) -> str:
     """A ``tokenizers`` word-level tokenizer of ``vocab`` words (``w0``, ``w1``, ...), ``w0`` being BOS."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
 
     tok = Tokenizer(WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w1"))
     tok.pre_tokenizer = Whitespace()
@@ -79,8 +84,8 @@ def random_topk_sae(d_in: int, d_sae: int, *, k: int = 4, seed: int = 0, dyadic:
     inputs that are multiples of 1/4 (``synthetic_dataset(step=0.25)``) every latent is exact in
     float32 whatever the batching or summation order, and no two latents of a row tie: tests can
     compare an encode job with a dense brute force bit for bit."""
-    import torch
-    from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+    import torch  # lazy: ~2 s; only the synthetic SAE needs torch
+    from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig  # lazy: imports torch and transformers; only the synthetic SAE needs it
 
     g = torch.Generator().manual_seed(seed)
     sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k, dtype="float32", device="cpu"))
@@ -103,10 +108,6 @@ def write_table(store: Store, name: str, *, dataset: str, hook: str, d_sae: int,
     """Write a feature table straight through the store's writer, without an SAE or Ray (tests
     and the query benchmark): ``entries(unit)`` gives ``(row, feature, value, encoded_rows)``
     of a unit, global rows sorted by row then feature. Returns the opened table."""
-    from strata.store.features.format import FeatureTableInfo, unit_records
-    from strata.store.features.merge import build
-    from strata.store.features.stats import HIST_BINS, HIST_HI, HIST_LO
-    from strata.store.features.writer import FeatureWriter, create_or_open, publish, table_lease
 
     ds = store.dataset(dataset)
     info = FeatureTableInfo(
@@ -124,7 +125,6 @@ def write_table(store: Store, name: str, *, dataset: str, hook: str, d_sae: int,
         records, _ = unit_records(store.storage, info)
         prev = None
         if info.merged:
-            from strata.store.features.merge import load_generation
 
             prev = load_generation(store.storage, info, info.merged)
         gen = build(store.storage, info, records, previous=prev, lease=lease, memory_bytes=memory_bytes)

@@ -46,13 +46,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 
 from strata.analysis.similarity import Moments, r2_from_moments, split_ranges
+from strata.analysis.similarity.errors import AnalysisError
 from strata.pipeline.executor import Executor, StoreRef
 
 if TYPE_CHECKING:
-    import pyarrow as pa
-
     from strata.store import ActivationDataset
 
 log = logging.getLogger(__name__)
@@ -211,9 +211,7 @@ def geometry(ds: ActivationDataset, hooks: Sequence[str], metrics: Sequence[str]
              sample_rows: int = 2048, sample_contexts: int = 64, seed: int = 0, tasks: int | None = None,
              executor: Executor | None = None) -> tuple[pa.Table, dict[str, Any]]:
     """Per-hook geometry metrics (see the module docstring) and their provenance."""
-    import pyarrow as pa
 
-    from strata.analysis.similarity.errors import AnalysisError
 
     metrics = list(metrics or GEOMETRY_METRICS)
     bad = [m for m in metrics if m not in GEOMETRY_METRICS]

@@ -28,13 +28,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from strata.analysis.layers.geometry import pick_contexts
+from strata.analysis.similarity.errors import AnalysisError
+from strata.pipeline.hooks import family_of
 
 if TYPE_CHECKING:
-    import pyarrow as pa
-
     from strata.store import ActivationDataset
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,6 @@ def lens_hooks(hooks: Sequence[str]) -> list[str]:
 
 def _unembed(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, float | None]:
     """(final norm, unembedding, soft-cap) of a causal LM, found through the extraction hook map."""
-    from strata.pipeline.hooks import family_of
 
     fam = family_of(model.config.model_type)
     if fam.ln_final is None:
@@ -66,10 +66,8 @@ def _unembed(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, 
 def logit_lens(ds: ActivationDataset, hooks: Sequence[str], *, contexts: int = 32, seed: int = 0,
                model: torch.nn.Module | None = None, batch_contexts: int = 8) -> tuple[pa.Table, dict[str, Any]]:
     """Per-hook logit-lens metrics (see the module docstring) and their provenance."""
-    import pyarrow as pa
 
-    from strata.analysis.sae.evaluate import load_causal_lm
-    from strata.analysis.similarity.errors import AnalysisError
+    from strata.analysis.sae.evaluate import load_causal_lm  # lazy: strata.analysis.sae imports sae_lens (~3 s); only the logit lens loads a model
 
     chosen = lens_hooks(hooks)
     if not chosen:

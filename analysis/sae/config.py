@@ -40,6 +40,9 @@ from functools import cache
 from typing import Any, Literal
 
 from pydantic import Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
+from sae_lens.config import LoggingConfig, SAETrainerConfig
+from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY  # importing sae_lens registers the built-in architectures
+from sae_lens.util import str_to_dtype
 
 from strata.pipeline.hooks import match_hooks
 from strata.pipeline.spec import ComputeSpec, JobSpec, Section
@@ -61,7 +64,7 @@ _TRAIN_BYTES_PER_PARAM = 16
 
 def _available_memory() -> int:
     try:
-        import psutil  # counts reclaimable page cache, as the kernel would hand it out
+        import psutil  # lazy: optional (ray[default] brings it); counts reclaimable page cache as the kernel would
 
         return int(psutil.virtual_memory().available)
     except ImportError:
@@ -90,8 +93,6 @@ _SWEEPABLE_SECTIONS = ("train", "data")
 
 def training_registry() -> dict[str, tuple[type, type]]:
     """sae-lens's training-class registry: architecture name -> (training SAE, its config class)."""
-    import sae_lens  # noqa: F401  (importing the package registers the built-in architectures)
-    from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 
     return SAE_TRAINING_CLASS_REGISTRY
 
@@ -155,7 +156,6 @@ def _check_sae_options(architecture: str, options: dict[str, Any]) -> dict[str, 
     if out.get("k") is not None and out["k"] < 1:
         raise ValueError(f"`sae.k` (latents kept per token) must be at least 1, got {out['k']}")
     if "dtype" in out:
-        from sae_lens.util import str_to_dtype
 
         try:
             str_to_dtype(out["dtype"])
@@ -231,7 +231,6 @@ class TrainSpec(Section):
     def trainer_config(self, device: str) -> Any:
         """The sae-lens ``SAETrainerConfig`` of this section: wandb off, no checkpoints (the
         result is saved by :mod:`analysis.sae.save`)."""
-        from sae_lens.config import LoggingConfig, SAETrainerConfig
 
         return SAETrainerConfig(
             total_training_samples=self.total_training_samples,

@@ -159,8 +159,8 @@ def plot_curves(curves: pa.Table, path: str | Path, *, title: str = "", window: 
     """Render the main curves against samples seen into a PNG. Returns ``path``, or None (and
     logs a warning) when matplotlib is not installed."""
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib (~0.5 s) only for the PNG
+        from matplotlib.figure import Figure  # lazy: as above
     except ImportError:
         log.warning("matplotlib is not installed: %s not written", path)
         return None

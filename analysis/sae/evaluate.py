@@ -36,6 +36,8 @@ import numpy as np
 import torch
 
 from strata.analysis.sae.config import EvalSpec
+from strata.pipeline.hooks import FAMILIES, family_of, hook_sites
+from strata.pipeline.models import folder_revision
 from strata.store.layout import unit_ranges
 
 if TYPE_CHECKING:
@@ -203,9 +205,8 @@ def load_causal_lm(meta: dict[str, Any], *, device: str = "cpu") -> tuple[torch.
     """(model, None) when the dataset's causal LM is on this machine at the recorded revision,
     else (None, why). A local folder is checked against the revision hash recorded at
     extraction; a hub id is looked up in the local cache only (never downloaded)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM  # lazy: seconds to import; only loading a model needs it
 
-    from strata.pipeline.hooks import FAMILIES
 
     model_id = meta.get("model_path") or meta.get("model")
     if not model_id:
@@ -215,7 +216,6 @@ def load_causal_lm(meta: dict[str, Any], *, device: str = "cpu") -> tuple[torch.
     folder = os.path.expanduser(str(model_id))
     if os.path.isdir(folder):
         if isinstance(revision, str) and revision.startswith("local-"):
-            from strata.pipeline.models import folder_revision
 
             now = folder_revision(folder)
             if now != revision:
@@ -243,7 +243,6 @@ def load_causal_lm(meta: dict[str, Any], *, device: str = "cpu") -> tuple[torch.
 def hook_site(model: torch.nn.Module, hook: str, meta: dict[str, Any] | None = None) -> HookSite:
     """The extraction pipeline's site of ``hook`` in ``model`` (checked against the hook map the
     dataset recorded, when it has one)."""
-    from strata.pipeline.hooks import family_of, hook_sites
 
     cfg = model.config
     sites = hook_sites(family_of(cfg.model_type), int(cfg.num_hidden_layers))

@@ -29,13 +29,19 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from strata import store
 from strata.analysis.sae import checkpoint
 from strata.analysis.sae.config import SAETrainSpec
+from strata.analysis.sae.evaluate import evaluate, load_causal_lm
 from strata.analysis.sae.plan import Plan, PlannedRun, Task, plan
+from strata.analysis.sae.save import commit_sae
+from strata.analysis.sae.train import Checkpointing, resolve_device, train_pass
 from strata.pipeline.cluster import in_ray_job
 from strata.pipeline.errors import ClusterError, WorkerError
 from strata.pipeline.executor import Tasks, open_executor
+from strata.pipeline.extract import check_store_path
 from strata.store.errors import LeaseHeldError, StrataError
 from strata.store.saes.handles import SAES
 from strata.store.storage import open_storage
@@ -92,7 +98,6 @@ class TaskInput:
 def _evaluate(results: list[Any], ds: store.ActivationDataset, device: str) -> dict[str, dict[str, Any]]:
     """Held-out metrics of each trained SAE; the dataset's model (for the spliced loss) is
     loaded once, when it is on this machine."""
-    from strata.analysis.sae.evaluate import evaluate, load_causal_lm
 
     model, why, loaded = None, None, False
     out: dict[str, dict[str, Any]] = {}
@@ -119,7 +124,6 @@ def _evaluate(results: list[Any], ds: store.ActivationDataset, device: str) -> d
 def run_task(inp: TaskInput) -> list[dict[str, Any]]:
     """Train, evaluate and commit the SAEs of one task still to train (see the module
     docstring); returns one small status dict per SAE. Runs in a Ray worker or in-process."""
-    import torch
 
     threads = torch.get_num_threads()
     if inp.threads:
@@ -131,8 +135,6 @@ def run_task(inp: TaskInput) -> list[dict[str, Any]]:
 
 
 def _run_task(inp: TaskInput) -> list[dict[str, Any]]:
-    from strata.analysis.sae.save import commit_sae
-    from strata.analysis.sae.train import Checkpointing, train_pass
 
     t0 = time.perf_counter()
     todo: list[PlannedRun] = inp.task.todo
@@ -198,7 +200,6 @@ def _outcome(d: dict[str, Any]) -> SAEOutcome:
 def _run_tasks(spec: SAETrainSpec, p: Plan, tasks: list[Task], leases: dict[str, Lease], storage: Storage) -> tuple[list[SAEOutcome], bool]:
     """Run every task on the job's executor (Ray tasks, or here: :func:`_use_ray`); returns the
     outcomes and whether Ray ran them."""
-    from strata.analysis.sae.train import resolve_device
 
     use_ray = _use_ray(spec, len(tasks))
     with open_executor("ray" if use_ray else "local", spec.compute.address if use_ray else None) as ex:
@@ -240,7 +241,6 @@ def _run_tasks(spec: SAETrainSpec, p: Plan, tasks: list[Task], leases: dict[str,
 def run_job(spec: SAETrainSpec, *, fresh: bool = False) -> JobResult:
     """Run an SAE training job end to end (see the module docstring). ``fresh``: delete
     checkpoints instead of resuming from them (also those of another config)."""
-    from strata.pipeline.extract import check_store_path  # here: Ray workers running tasks need not import extraction
 
     t0 = time.perf_counter()
     check_store_path(spec)  # reads only `spec.store`

@@ -23,13 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from sae_lens import SAE
+from sae_lens.constants import SPARSITY_FILENAME
+from safetensors.torch import save_file
 
 from strata.analysis.sae.curves import plot_curves
-from strata.store.commit import parquet
+from strata.store.commit import artifacts, parquet
+from strata.store.saes.handles import SAES
 
 if TYPE_CHECKING:
-    from sae_lens import SAE
-
     from strata.analysis.sae.train import TrainedSAE
     from strata.store.commit.artifacts import Artifact
     from strata.store.commit.lease import Fence, Lease
@@ -77,8 +79,6 @@ def _held_out_metadata(sae: SAE, metrics: Mapping[str, Any] | None) -> None:
 def save_sae(result: TrainedSAE, folder: str | Path, *, metrics: dict[str, Any] | None = None) -> Path:
     """Write ``result`` (and its held-out ``metrics``) into ``folder``, which must be absent or
     empty. Returns the folder."""
-    from safetensors.torch import save_file
-    from sae_lens.constants import SPARSITY_FILENAME
 
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
@@ -101,8 +101,6 @@ def commit_sae(storage: Storage, result: TrainedSAE, *, metrics: dict[str, Any] 
                lease: Lease | Fence) -> Artifact:
     """Write ``result``'s folder and commit it as the artifact ``saes/NAME`` with ``meta`` (the
     config hash), fenced with the SAE's lease."""
-    from strata.store.commit import artifacts
-    from strata.store.saes.handles import SAES
 
     with tempfile.TemporaryDirectory(prefix="strata-sae-") as tmp:
         folder = save_sae(result, Path(tmp) / "sae", metrics=metrics)
@@ -124,7 +122,6 @@ class SavedSAE:
 
 def load_sae(folder: str | Path, *, device: str = "cpu") -> SavedSAE:
     """Read a folder written by :func:`save_sae` (the SAE through ``SAE.load_from_disk``)."""
-    from sae_lens import SAE
 
     folder = Path(folder)
     sae = SAE.load_from_disk(folder, device=device)

@@ -33,14 +33,16 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import torch
+from sae_lens import SAE
 
+from strata import store
 from strata.analysis.sae import checkpoint
 from strata.analysis.sae.config import Run, SAETrainSpec, combinations, expand_runs, training_registry
 from strata.analysis.sae.curves import RecordingMultiSAETrainer, curves_table
 from strata.analysis.sae.plan import d_sae_of, heldout_contexts_needed, split_units
 
 if TYPE_CHECKING:
-    from sae_lens import SAE, TrainingSAE
+    from sae_lens import TrainingSAE
 
     from strata.store import ActivationDataset
     from strata.store.commit.lease import Fence, Lease
@@ -112,7 +114,6 @@ def build_sae(spec: SAETrainSpec, d_in: int, *, device: str = "cpu", metadata: d
 def to_inference(sae: TrainingSAE) -> SAE:
     """sae-lens's inference SAE of a training SAE, through its own save/load (the only
     conversion it offers): exactly what loading the saved folder gives. On the CPU."""
-    from sae_lens import SAE
 
     with tempfile.TemporaryDirectory(prefix="strata-sae-") as tmp:
         sae.save_inference_model(tmp)
@@ -274,7 +275,6 @@ def train(spec: SAETrainSpec, *, ds: ActivationDataset | None = None) -> list[Tr
     :func:`analysis.sae.job.run_job` commit them): one pass per sweep combination, each over
     every hook. ``ds`` defaults to ``spec.dataset`` of ``spec.store``."""
     if ds is None:
-        from strata import store
 
         ds = store.open(spec.store, storage_options=spec.storage_options, create=False).dataset(spec.dataset)
     runs = expand_runs(spec, ds.hooks, dataset=f"dataset {ds.name!r}")

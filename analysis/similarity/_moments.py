@@ -66,6 +66,7 @@ from os import PathLike
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
 from ._checks import as_matrix, is_torch
 
@@ -109,7 +110,6 @@ def fill32(out: np.ndarray, x: Any) -> bool:
     """Copy ``x`` (NumPy float16/float32 or a torch float tensor, any device) into the float32
     buffer ``out``, exactly. Returns False, copying nothing, when ``x`` is float64 (or not a float
     array): the caller centres it in float64 first."""
-    import torch
 
     if is_torch(x):
         if x.is_complex() or not x.is_floating_point() or x.dtype == torch.float64:

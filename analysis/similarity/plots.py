@@ -22,7 +22,7 @@ def short_hook(hook: str) -> str:
 
 
 def _png(fig: object) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: ~0.5 s; the analyses' workers never draw
 
     FigureCanvasAgg(fig)  # attaches itself to the figure
     buf = io.BytesIO()
@@ -34,7 +34,7 @@ def heatmap_png(values: np.ndarray, rows: Sequence[str], cols: Sequence[str], *,
                 metric: str) -> bytes:
     """A heatmap of ``values[i, j]`` (row ``rows[i]``, column ``cols[j]``), the numbers written in
     the cells when there are at most 24 x 24 of them."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: as above
 
     r, c = values.shape
     fig = Figure(figsize=(max(4.0, 0.55 * c + 2.5), max(3.5, 0.5 * r + 2.0)))
@@ -61,7 +61,7 @@ def heatmap_png(values: np.ndarray, rows: Sequence[str], cols: Sequence[str], *,
 
 def lines_png(x: Sequence[str], series: Mapping[str, Sequence[float]], *, title: str, ylabel: str, xlabel: str = "hook") -> bytes:
     """One line per series over the hooks ``x`` (model order)."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: as above
 
     fig = Figure(figsize=(max(5.0, 0.45 * len(x) + 2.5), 3.8))
     ax = fig.add_subplot()

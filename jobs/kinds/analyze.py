@@ -58,7 +58,7 @@ class AnalysisKind(JobKind):
 
     def plan(self, state: PlanState, job: Job, ctx: PlanContext) -> Step:
         # lazy: the runner imports torch for its metrics; detecting a spec's kind must not pay for it
-        from strata.analysis.similarity.runner import prepare
+        from strata.analysis.similarity.runner import prepare  # lazy: torch: CLI start-up
 
         spec = job.spec
         step = Step(job, "analysis " + ", ".join(a.name for a in spec.analyses))

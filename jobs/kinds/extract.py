@@ -27,8 +27,8 @@ class ExtractKind(JobKind):
 
     def plan(self, state: PlanState, job: Job, ctx: PlanContext) -> Step:
         # lazy: the extraction code imports torch; detecting a spec's kind must not pay for it
-        from strata.pipeline.extract import check_committed, prepare
-        from strata.pipeline.extract import plan as plan_units
+        from strata.pipeline.extract import check_committed, prepare  # lazy: torch: CLI start-up
+        from strata.pipeline.extract import plan as plan_units  # lazy: torch: CLI start-up
 
         spec = job.spec
         base, target, moved = spec.name, spec.name, ""
@@ -102,7 +102,7 @@ class ExtractKind(JobKind):
 
     def run(self, spec: Any) -> None:
         # lazy: the extraction code imports torch; detecting a spec's kind must not pay for it
-        from strata.pipeline.extract import run_extract
+        from strata.pipeline.extract import run_extract  # lazy: torch: CLI start-up
 
         print(run_extract(spec, progress=sys.stderr.isatty()).message)
 

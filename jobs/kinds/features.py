@@ -22,7 +22,7 @@ class FeaturesKind(JobKind):
 
     def plan(self, state: PlanState, job: Job, ctx: PlanContext) -> Step:
         # lazy: the encoder imports torch; detecting a spec's kind must not pay for it
-        from strata.pipeline.encode import check_table
+        from strata.pipeline.encode import check_table  # lazy: torch: CLI start-up
 
         spec = job.spec
         sv = state.sae(spec.sae)
@@ -69,7 +69,7 @@ class FeaturesKind(JobKind):
 
     def run(self, spec: Any) -> None:
         # lazy: the encoder imports torch; detecting a spec's kind must not pay for it
-        from strata.pipeline.encode import run_encode
+        from strata.pipeline.encode import run_encode  # lazy: torch: CLI start-up
 
         print(run_encode(spec, progress=sys.stderr.isatty()).message)
 

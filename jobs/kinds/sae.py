@@ -32,8 +32,14 @@ class SAEKind(JobKind):
 
     def plan(self, state: PlanState, job: Job, ctx: PlanContext) -> Step:
         # lazy: the SAE code imports torch and sae_lens; detecting a spec's kind must not pay for it
-        from strata.analysis.sae.config import combinations, concrete, resolve_hooks, run_name
-        from strata.analysis.sae.plan import config_hash, describe_diff, heldout_contexts_needed, resolved_config, split_units
+        from strata.analysis.sae.config import combinations, concrete, resolve_hooks, run_name  # lazy: torch, sae_lens: CLI start-up
+        from strata.analysis.sae.plan import (  # lazy: torch, sae_lens: CLI start-up
+            config_hash,
+            describe_diff,
+            heldout_contexts_needed,
+            resolved_config,
+            split_units,
+        )
 
         spec = job.spec
         ds = state.dataset(spec.dataset)
@@ -96,7 +102,7 @@ class SAEKind(JobKind):
 
     def run(self, spec: Any) -> None:
         # lazy: the SAE code imports torch and sae_lens; detecting a spec's kind must not pay for it
-        from strata.analysis.sae.job import run_job
+        from strata.analysis.sae.job import run_job  # lazy: torch, sae_lens: CLI start-up
 
         for o in run_job(spec).outcomes:
             print(f"SAE {o.name}: {o.status}" + (f" in {o.seconds:.1f}s" if o.status != "unchanged" else ""))
@@ -109,8 +115,8 @@ def _check_checkpoints(job: Job, state: PlanState, runs: list[tuple[str, dict[st
     """An SAE this run trains must not have checkpoints of another config: the job refuses to
     resume them (:func:`analysis.sae.plan.plan`), so the plan refuses first, before any work."""
     # lazy: the SAE code imports torch and sae_lens; detecting a spec's kind must not pay for it
-    from strata.analysis.sae import checkpoint
-    from strata.analysis.sae.plan import describe_diff
+    from strata.analysis.sae import checkpoint  # lazy: torch, sae_lens: CLI start-up
+    from strata.analysis.sae.plan import describe_diff  # lazy: torch, sae_lens: CLI start-up
 
     if state.s is None:
         return
