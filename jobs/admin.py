@@ -80,7 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argpars
                         "which gc otherwise never collects; NAME or KIND/NAME (e.g. saes/run-1); repeatable")
     q.set_defaults(func=_cmd_gc)
 
-    q = sub.add_parser("rm", help="delete a dataset, SAE, feature table or analysis; refused while a job holds its lease or (without --cascade) while something was built from it")
+    q = sub.add_parser("rm", help="delete a dataset, SAE, feature table or analysis; refused while a job holds its lease "
+                                  "or (without --cascade) while something was built from it")
     q.add_argument("store", help="the store: a local folder or s3://bucket/prefix")
     q.add_argument("name", help="what to delete: a dataset's name (or an SAE's, feature table's or analysis's, with --kind)")
     q.add_argument("--kind", choices=("dataset", "sae", "features", "analysis"), default="dataset")

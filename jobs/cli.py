@@ -23,7 +23,8 @@ from strata.store.storage import auth_failure
 # Modules adding subcommands: each has `register(subparsers)`; a handler returns the exit code
 # and raises StrataError for a one-line error (exit 2).
 STORE_HELP = "the store: a local folder or s3://bucket/prefix"
-COMMAND_MODULES = ("strata.jobs.sae", "strata.jobs.features", "strata.jobs.analyze", "strata.jobs.admin", "strata.jobs.submit", "strata.jobs.reprocess")
+COMMAND_MODULES = ("strata.jobs.sae", "strata.jobs.features", "strata.jobs.analyze", "strata.jobs.admin", "strata.jobs.submit",
+                   "strata.jobs.reprocess")
 
 
 def _open(uri: str):  # noqa: ANN202
@@ -124,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name", help="a dataset of the store (see `strata ls STORE`)")
     q.set_defaults(func=_cmd_show)
 
-    q = sub.add_parser("verify", help="check every artifact of a store (datasets, SAEs, feature tables, analyses); exit 1 on a problem or a missing unit")
+    q = sub.add_parser("verify", help="check every artifact of a store (datasets, SAEs, feature tables, analyses); "
+                                      "exit 1 on a problem or a missing unit")
     q.add_argument("store", help=STORE_HELP)
     q.add_argument("name", nargs="?", help="check only the artifacts of this name (default: every artifact of the store)")
     q.add_argument("--kind", choices=["dataset", "sae", "features", "analysis"], help="check only artifacts of this kind")

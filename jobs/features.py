@@ -130,8 +130,8 @@ def _cmd_top(args: argparse.Namespace) -> int:
         print(json.dumps(t.to_pylist(), indent=1))
         return 0
     st = fs.stats().slice(f, 1).to_pylist()[0]
-    print(f"feature {f} of {safe(repr(fs.name))} (SAE {safe(repr(fs.info.sae))}, {safe(fs.info.dataset)}:{safe(fs.info.hook)}): count {st['count']:,}, "
-          f"density {st['density']:.4g}, mean {st['mean_activation']:.4g}, max {st['max_activation']:.4g}")
+    print(f"feature {f} of {safe(repr(fs.name))} (SAE {safe(repr(fs.info.sae))}, {safe(fs.info.dataset)}:{safe(fs.info.hook)}): "
+          f"count {st['count']:,}, density {st['density']:.4g}, mean {st['mean_activation']:.4g}, max {st['max_activation']:.4g}")
     print(f"{'#':>3} {'activation':>10} {'row':>10} {'doc':>8} {'pos':>4}  context")
     for i, r in enumerate(t.to_pylist(), 1):
         ctx = safe(r["context"])  # corpus text: no raw ESC/BEL reaches the terminal

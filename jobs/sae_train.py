@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _fmt(m: dict[str, Any]) -> str:
     if not m or "explained_variance" not in m:
         return m.get("skipped", "") if m else ""
-    parts = [f"explained variance {m['explained_variance']:.3f}", f"L0 {m['l0']:.1f}", f"dead {100 * m['dead_fraction']:.1f}% (no held-out token fires them)"]
+    parts = [f"explained variance {m['explained_variance']:.3f}", f"L0 {m['l0']:.1f}",
+             f"dead {100 * m['dead_fraction']:.1f}% (no held-out token fires them)"]
     if m.get("loss_recovered") is not None:
         parts.append(f"loss recovered {m['loss_recovered']:.3f}")
     return "held out: " + ", ".join(parts)

@@ -177,7 +177,8 @@ def read_raw(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> d
             value = _safe_load(v, f"--set {k.strip()}")
         except yaml.YAMLError as e:
             shown = "<hidden>" if k.strip().split(".")[0] in _SECRET_SECTIONS else short_repr(v)
-            raise SpecError(f"--set {k.strip()}={shown}: the value is not valid YAML ({str(e).splitlines()[0]}); quote strings, e.g. 'a: b'") from None
+            raise SpecError(f"--set {k.strip()}={shown}: the value is not valid YAML ({str(e).splitlines()[0]}); "
+                            "quote strings, e.g. 'a: b'") from None
         _set(raw, k.strip(), value)
     return raw
 

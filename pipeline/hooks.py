@@ -183,7 +183,8 @@ class Capture:
     :meth:`forward` to run the model up to the deepest hook.
     """
 
-    def __init__(self, model: torch.nn.Module, sites: dict[str, HookSite], hooks: list[str], sink: Callable[[str, torch.Tensor], None], *, stop_early: bool = True) -> None:
+    def __init__(self, model: torch.nn.Module, sites: dict[str, HookSite], hooks: list[str], sink: Callable[[str, torch.Tensor], None], *,
+                 stop_early: bool = True) -> None:
         self.model = model
         self.sites = [sites[h] for h in hooks]
         self.sink = sink

@@ -26,10 +26,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 FAMILIES = ("gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "bert")
 VISION_FAMILIES = ("vit", "clip", "siglip", "dinov2", "dinov2_reg")
 
-_SUBJECTS = "the river|a small robot|my neighbour|the old library|every student|the committee|a red fox|the server|our team|the orchestra|a quiet village|the telescope".split("|")
+_SUBJECTS = ("the river|a small robot|my neighbour|the old library|every student|the committee|a red fox|the server|our team|"
+             "the orchestra|a quiet village|the telescope").split("|")
 _VERBS = "watched|built|described|painted|measured|ignored|discovered|repaired|counted|remembered|followed|questioned".split("|")
-_OBJECTS = "the northern lights|a broken bridge|seven green bottles|the last train|an ancient map|the morning news|a strange signal|the price of bread|a paper boat|the winter storm|two hundred birds|the first chapter".split("|")
-_TAILS = "before dawn|after the rain|without a word|with great care|in the cold|for the third time|near the harbour|during the festival|at midnight|under the bridge".split("|")
+_OBJECTS = ("the northern lights|a broken bridge|seven green bottles|the last train|an ancient map|the morning news|a strange signal|"
+            "the price of bread|a paper boat|the winter storm|two hundred birds|the first chapter").split("|")
+_TAILS = ("before dawn|after the rain|without a word|with great care|in the cold|for the third time|near the harbour|during the festival|"
+          "at midnight|under the bridge").split("|")
 
 
 def synthetic_docs(n: int, *, seed: int = 0) -> list[str]:

@@ -15,10 +15,10 @@ from strata import store
 from strata.analysis.features.synthetic import synthetic_dataset, write_table
 from strata.jobs.cli import main
 from strata.store.commit import artifacts
-from strata.store.lifecycle import dependents
-from strata.store.lifecycle.dependents import Ref
 from strata.store.features.format import load_info, write_info
 from strata.store.features.writer import table_lease
+from strata.store.lifecycle import dependents
+from strata.store.lifecycle.dependents import Ref
 
 H = "blocks.0.hook_resid_post"
 

@@ -163,6 +163,6 @@ def test_values_come_from_checked_files_and_a_flip_in_the_record_is_caught_or_un
     prov = root / "analyses" / "cmp" / "provenance.json"
     prov.write_bytes(prov.read_bytes().replace(b'"linear_cka": 1', b'"linear_cka": 7', 1))
     with pytest.raises(CorruptionError, match="provenance.json"):
-        store.open(root, create=False).analysis("cmp").meta
+        _ = store.open(root, create=False).analysis("cmp").meta  # reading it checks the file
     with pytest.raises(CorruptionError, match="provenance.json"):
         run_analyze(spec)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -71,7 +70,8 @@ def env(tmp_path_factory) -> dict[str, str]:
     root = base / "acts"
     make_store(root)
     fmt = {"root": str(root), "tmp": str(base), "hook": H}
-    for name, text in {"sae.yaml": SAE_SPEC, "sae-ef.yaml": SAE_SPEC.replace("d_sae: 16", "expansion_factor: 2"), "extract.yaml": EXTRACT_SPEC, "encode.yaml": ENCODE_SPEC, "analyze.yaml": ANALYZE_SPEC,
+    for name, text in {"sae.yaml": SAE_SPEC, "sae-ef.yaml": SAE_SPEC.replace("d_sae: 16", "expansion_factor: 2"), "extract.yaml": EXTRACT_SPEC,
+                       "encode.yaml": ENCODE_SPEC, "analyze.yaml": ANALYZE_SPEC,
                        "pipeline.yaml": PIPELINE, "bomb.yaml": BOMB, "list.yaml": "- 1\n- 2\n", "broken.yaml": "a: [1, 2\n",
                        "recursive.yaml": "store: &a [*a]\n"}.items():
         (base / name).write_text(text.format(**fmt))
@@ -111,7 +111,8 @@ BAD: list[tuple[list[str], str]] = [
     (["sae", "train", S, "--set", "sae.k=0"], "`sae.k` (latents kept per token) must be at least 1, got 0"),
     (["features", "html", R, "ft", "--out", T + "/pages", "--features", "5-2"], "a range runs from low to high (write 2-5)"),
     (["features", "html", R, "ft", "--out", T + "/pages", "--features", "3,x"], "--features takes indices and ranges"),
-    (["features", "html", R, "ft", "--out", T + "/pages", "--features", "0-99999999999"], "feature 99999999999 is out of range; the table has features 0-19"),
+    (["features", "html", R, "ft", "--out", T + "/pages", "--features", "0-99999999999"],
+     "feature 99999999999 is out of range; the table has features 0-19"),
     (["features", "html", R, "ft", "--out", T + "/pages", "--features", ","], "--features: no feature given"),
     (["analyze", "show", R, "cmp", "--rows", "-1"], "--rows must be 0 or more"),
     # 16.14: existing file as --out

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _cli_store import EVIL, H, RESULTS, make_store
+from _cli_store import RESULTS, make_store
 
 from strata import store
 from strata.jobs._text import REDACTED, RedactingFilter, safe

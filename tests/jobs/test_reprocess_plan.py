@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _small_store import FEATURES, SAE, feature_manifest, small_store
 
 from strata import store
 from strata.jobs.cli import main
@@ -20,8 +21,6 @@ from strata.jobs.reprocess import load_pipeline, plan_pipeline
 from strata.store.commit import artifacts
 from strata.store.features.format import FeatureTableExistsError, load_info
 from strata.store.saes.handles import SAES
-
-from _small_store import FEATURES, SAE, feature_manifest, small_store
 
 PIPELINE = {"store": "./acts", "jobs": ["sae.yaml", "features.yaml"]}
 

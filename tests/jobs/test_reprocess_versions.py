@@ -82,7 +82,7 @@ def test_a_model_change_keeps_the_old_versions_results_and_names_the_new_ones(ra
     assert s.dataset("tiny").name == "tiny" and s.dataset("tiny", version="latest").name == version
     assert s.dataset("tiny", version=rev).name == version
     rc, out, _ = cli("ls", "acts")
-    assert rc == 0 and f"  versions of tiny, oldest first: tiny (revision " in out and f"{version} (revision {rev}" in out
+    assert rc == 0 and "  versions of tiny, oldest first: tiny (revision " in out and f"{version} (revision {rev}" in out
 
     # A rerun does nothing; the versioned result is up to date, not recomputed.
     before = listing(root / "acts", skip_leases=True)

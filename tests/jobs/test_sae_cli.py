@@ -215,7 +215,8 @@ def test_an_unknown_store_is_not_created(trained, tmp_path):
 
 
 def strata(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "strata.jobs.cli", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen([sys.executable, "-m", "strata.jobs.cli", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
 
 
 @pytest.mark.slow

@@ -99,7 +99,8 @@ def test_submit_wait_then_resubmit_then_jobs_commands(ray_head, spec, tmp_path, 
 
 
 def test_bad_submissions_are_one_line_and_start_nothing(ray_head, spec, tmp_path, capsys):
-    for argv in (["submit", str(spec), "--address", "http://127.0.0.1:1"], ["submit", str(tmp_path / "nope.yaml"), "--address", ray_head["dashboard"]],
+    for argv in (["submit", str(spec), "--address", "http://127.0.0.1:1"],
+                 ["submit", str(tmp_path / "nope.yaml"), "--address", ray_head["dashboard"]],
                  ["submit", str(spec), "--set", "bogus=1", "--address", ray_head["dashboard"]], ["jobs", "ls", "--address", "http://127.0.0.1:1"]):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _small_store import FEATURES, SAE, feature_manifest, small_store
 
 from strata.jobs.cli import main
-from strata.store.commit import artifacts
 from strata.store.analyses.handles import ANALYSES
-
-from _small_store import FEATURES, SAE, feature_manifest, small_store
+from strata.store.commit import artifacts
 
 NOWHERE = "http://127.0.0.1:1"
 NORMS = {"store": "acts", "compute": {"tasks": 1},

@@ -219,8 +219,8 @@ def multinode_main(spec_json: str, report: str, seconds_per_unit: float) -> None
     })
     out: dict[str, Any] = {}
     try:
-        workers = [cluster.add_node(num_cpus=2, dashboard_agent_listen_port=_free_port(), runtime_env_agent_port=_free_port(), metrics_agent_port=_free_port(),
-                                    metrics_export_port=_free_port()) for _ in range(2)]
+        workers = [cluster.add_node(num_cpus=2, dashboard_agent_listen_port=_free_port(), runtime_env_agent_port=_free_port(),
+                                    metrics_agent_port=_free_port(), metrics_export_port=_free_port()) for _ in range(2)]
         spec = ExtractSpec.model_validate(json.loads(spec_json))
         spec = spec.updated(compute=spec.compute.updated(address=cluster.address))
 

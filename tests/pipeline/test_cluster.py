@@ -131,7 +131,8 @@ def test_the_readme_ray_job_command_works_as_written(stranger, tmp_path, tiny_gp
     relative one is refused with a clear message instead of vanishing with Ray's temporary
     working directory."""
     readme = (ROOT / "README.md").read_text()
-    cmd = "ray job submit --working-dir . -- python -m strata.jobs.extract examples/quickstart.yaml --set store=$PWD/acts --set model.id=$PWD/models/tiny-gpt2"
+    cmd = ("ray job submit --working-dir . -- python -m strata.jobs.extract examples/quickstart.yaml "
+           "--set store=$PWD/acts --set model.id=$PWD/models/tiny-gpt2")
     assert cmd in readme
     ray_bin = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "RAY_API_SERVER_ADDRESS": stranger["dashboard"], "RAY_AUTH_MODE": "token", "PWD": str(tmp_path)}

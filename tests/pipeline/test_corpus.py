@@ -9,11 +9,11 @@ import pytest
 
 from strata.pipeline.config import CorpusSpec
 from strata.pipeline.corpus import read_corpus
+from strata.pipeline.errors import CorpusError
 
 
 def CorpusSource(path, **kw) -> CorpusSpec:  # noqa: N802 - reads like the spec section it builds
     return CorpusSpec(path=str(path), **kw)
-from strata.pipeline.errors import CorpusError
 
 
 def _jsonl(path, recs):

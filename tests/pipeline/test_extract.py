@@ -228,7 +228,8 @@ def test_a_job_whose_lease_is_taken_over_stops_and_fails(tmp_path, tiny_gpt2):
             sys.exit(2)
         print("A finished")
     """)
-    a = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "RAY_ADDRESS": ""})
+    a = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "RAY_ADDRESS": ""})
     try:
         deadline = time.time() + 180
         while not (progress.exists() and progress.read_text().strip()) and time.time() < deadline and a.poll() is None:

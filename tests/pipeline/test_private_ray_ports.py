@@ -177,7 +177,7 @@ def test_two_private_rays_side_by_side_hold_no_fixed_port(tmp_path, agent_port_h
         for proc, _ in drivers.values():
             proc.stdin.write("\n")
             proc.stdin.flush()
-        for name, (proc, _) in drivers.items():
+        for proc, _ in drivers.values():
             out, err = proc.communicate(timeout=180)
             assert proc.returncode == 0 and "DONE True" in out, (out[-1000:], err[-3000:])
         for name, tree in trees.items():

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 
-
 _VOID = {"meta", "br", "img", "link", "input", "hr"}
 
 

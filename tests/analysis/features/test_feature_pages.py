@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from pagesparse import parse
 
 from strata import store
 from strata.analysis.features import write_pages
 from strata.analysis.features.synthetic import synthetic_dataset, write_table
 from strata.store.features.format import FeatureOutOfRangeError
-
-from pagesparse import parse
 
 H = "blocks.0.hook_resid_post"
 D_SAE, CTX, UC = 24, 16, 4

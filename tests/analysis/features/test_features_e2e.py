@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pagesparse import parse
 
 from strata import store
 from strata.analysis.features.external import put_sae
 from strata.jobs.cli import main
 from strata.pipeline.config import ExtractSpec
 from strata.pipeline.extract import run_extract
-
-from pagesparse import parse
 
 pytestmark = [pytest.mark.slow]
 

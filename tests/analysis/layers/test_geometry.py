@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.linalg
+from conftest import write_docs_dataset
 from scipy.spatial.distance import cdist
 
 from strata.analysis import layers
 from strata.analysis.similarity import AnalysisError, Executor
-from conftest import write_docs_dataset
 
 HOOKS = ["blocks.0.hook_resid_pre", "blocks.0.hook_attn_out", "blocks.0.hook_mlp_out", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 

@@ -133,7 +133,7 @@ def lm_dataset(root: Path, model_folder: Path, name: str = "lm", *, units: int =
         ids = all_ids[u * LM_UNIT_CONTEXTS : (u + 1) * LM_UNIT_CONTEXTS]
         special = all_special[u * LM_UNIT_CONTEXTS : (u + 1) * LM_UNIT_CONTEXTS]
         got: dict[str, torch.Tensor] = {}
-        with torch.no_grad(), Capture(model, sites, list(LM_HOOKS), lambda h, t: got.__setitem__(h, t.detach().clone())) as cap:
+        with torch.no_grad(), Capture(model, sites, list(LM_HOOKS), lambda h, t, got=got: got.__setitem__(h, t.detach().clone())) as cap:
             cap.forward(input_ids=torch.from_numpy(ids), use_cache=False)
         acts = {h: got[h].reshape(-1, cfg.hidden_size).numpy() for h in LM_HOOKS}
         w.write_unit(u, tokens=token_table(u, LM_UNIT_CONTEXTS, context_size=LM_CTX, unit_contexts=LM_UNIT_CONTEXTS,

@@ -9,13 +9,11 @@ import json
 
 import pytest
 import torch
+from _sae_data import HOOKS, planted_dataset
 
 from strata import store
-from strata.analysis.sae import SAETrainSpec, run_job
-from strata.analysis.sae import checkpoint
+from strata.analysis.sae import SAETrainSpec, checkpoint, run_job
 from strata.analysis.sae.plan import plan
-
-from _sae_data import HOOKS, planted_dataset
 
 STEPS, BATCH, EVERY = 70, 64, 20
 

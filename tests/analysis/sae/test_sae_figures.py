@@ -9,12 +9,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from _sae_data import LM_CTX, LM_UNIT_CONTEXTS, lm_dataset, train_tiny_lm
 
 from strata import store
 from strata.analysis.sae import SAETrainSpec, run_job
 from strata.pipeline.errors import SpecError
-
-from _sae_data import LM_CTX, LM_UNIT_CONTEXTS, lm_dataset, train_tiny_lm
 
 HOOK = "blocks.1.hook_resid_post"
 UNITS = 4

@@ -7,14 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _sae_data import CTX, HOOKS, UNIT_CONTEXTS, D, planted_dataset, token_table
 
 from strata import store
 from strata.analysis.sae import SAETrainSpec, run_job, train
 from strata.analysis.sae.job import task_device
 from strata.analysis.sae.plan import config_hash, plan
 from strata.pipeline.errors import ClusterError
-
-from _sae_data import CTX, D, HOOKS, UNIT_CONTEXTS, planted_dataset, token_table
 
 STEPS, BATCH = 60, 64
 
@@ -123,7 +122,8 @@ def test_a_grown_dataset_shows_unseen_units_and_is_another_config(tmp_path):
     w = s.writer("planted")
     rng = np.random.default_rng(9)
     for u in (4, 5):
-        w.write_unit(u, tokens=token_table(u, UNIT_CONTEXTS), acts={hk: rng.standard_normal((UNIT_CONTEXTS * CTX, D)).astype(np.float32) for hk in HOOKS})
+        w.write_unit(u, tokens=token_table(u, UNIT_CONTEXTS),
+                     acts={hk: rng.standard_normal((UNIT_CONTEXTS * CTX, D)).astype(np.float32) for hk in HOOKS})
     assert s.sae("grow").unseen_units() == [4, 5]
     with pytest.raises(store.ArtifactExistsError, match=r"holdout_units: \[3\] -> \[5\], units: \[0, 1, 2\] -> 5 units 0..4"):
         run_job(spec)

@@ -10,13 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _sae_data import LM_CTX, LM_HOOKS, LM_UNIT_CONTEXTS, lm_dataset, train_tiny_lm
 
 from strata import store
-
 from strata.analysis.sae import SAETrainSpec, next_token_ce, run_job, spliced_ce
 from strata.analysis.sae.evaluate import heldout_contexts, hook_site, load_causal_lm
-
-from _sae_data import LM_CTX, LM_HOOKS, LM_UNIT_CONTEXTS, lm_dataset, train_tiny_lm
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,10 @@ from __future__ import annotations
 import re
 
 import pytest
+from _sae_data import planted_dataset
 
 from strata import store
 from strata.analysis.sae import SAETrainSpec, checkpoint, run_job
-
-from _sae_data import planted_dataset
 
 STEPS, BATCH, EVERY = 60, 64, 20
 

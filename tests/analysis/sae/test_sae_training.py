@@ -9,11 +9,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from _sae_data import CTX, HOOKS, UNIT_CONTEXTS, D, planted_dataset
 
 from strata.analysis.sae import SAETrainSpec, build_sae, evaluate, load_sae, save_sae, train
 from strata.analysis.sae.config import EvalSpec
-
-from _sae_data import CTX, D, HOOKS, UNIT_CONTEXTS, planted_dataset
 
 STEPS, BATCH, K, D_SAE = 200, 64, 4, 32
 NO_CE = EvalSpec(ce=False)
@@ -106,7 +105,8 @@ def test_two_hooks_in_one_pass_give_two_loadable_saes(planted, two_hooks, tmp_pa
     for r in two_hooks:
         folder = save_sae(r, tmp_path / r.name, metrics={"fvu": 0.1, "ce_zero_ablated": math.inf})
         names = sorted(p.name for p in folder.iterdir())
-        assert names == ["cfg.json", "curves.parquet", "curves.png", "lineage.json", "metrics.json", "sae_weights.safetensors", "sparsity.safetensors"]
+        assert names == ["cfg.json", "curves.parquet", "curves.png", "lineage.json", "metrics.json", "sae_weights.safetensors",
+                         "sparsity.safetensors"]
         assert (folder / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         loaded = SAE.load_from_disk(folder)
         assert type(loaded) is type(r.sae) and same_weights(loaded, r.sae)

@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import _simdata
 import pytest
 import torch
-
-import _simdata
 
 
 @pytest.fixture(autouse=True, scope="module")

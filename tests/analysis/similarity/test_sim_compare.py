@@ -3,13 +3,13 @@ number of tasks and any chunk size, as Ray tasks or here; documents pooled; bad 
 
 from __future__ import annotations
 
+import _simdata
 import numpy as np
 import pytest
 import simref
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import _simdata
 from strata.analysis import similarity as sim
 from strata.analysis.similarity.compare import plan_compare
 from strata.store.datasets.aligned import AlignmentError

@@ -13,12 +13,12 @@ what a bug in the centring, merging or accumulation gives (overlapping or misali
 
 from __future__ import annotations
 
+import _simdata
 import numpy as np
 import pytest
 import simref
 import torch
 
-import _simdata
 from strata.analysis import similarity as sim
 
 METRICS = ["linear_cka", "debiased_cka", "cca", "svcca", "pwcca", "procrustes", "cosine"]
