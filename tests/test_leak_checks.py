@@ -100,7 +100,7 @@ def test_ray_actors_left_behind_fail_the_test(tmp_path: Path) -> None:
 
         def test_earlier_actors_are_not_this_tests(ray_session):
             assert len(KEEP) == 1  # still alive, created by the test before
-    ''')
+    ''', grace_s=3.0)
     out = got.pop("_output")
     assert got == {
         "test_killed_actor_is_fine": "passed",
@@ -108,4 +108,4 @@ def test_ray_actors_left_behind_fail_the_test(tmp_path: Path) -> None:
         "test_leaks_an_actor": "error",
         "test_earlier_actors_are_not_this_tests": "passed",
     }, out
-    assert "test leaked Ray actors (still alive 10 s after it ended): ['Leaky']" in out
+    assert "test leaked Ray actors (still alive 3 s after it ended): ['Leaky']" in out
