@@ -53,7 +53,7 @@ def test_each_kind_keeps_its_defaults():
     (ExtractSpec, EXTRACT, "batch_rows", "address, executor, batch_tokens, unit_contexts"),
     (EncodeSpec, {"sae": "s"}, "batch_tokens", "address, executor, device, num_workers"),
     (SAETrainSpec, SAE, "chunk_rows", "address, device, ray, cpus_per_task, threads, lease_stale_s"),
-    (AnalyzeSpec, ANALYZE, "lease_stale_s", "address, tasks, chunk_rows, memory_budget_mb"),
+    (AnalyzeSpec, ANALYZE, "lease_stale_s", "address, executor, tasks, chunk_rows, memory_budget_mb"),
 ])
 def test_a_compute_key_of_another_kind_is_refused_as_an_unknown_key(tmp_path, spec_type, raw, key, listed):
     with pytest.raises(ValidationError):

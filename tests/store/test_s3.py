@@ -388,7 +388,9 @@ def test_reader_opened_mid_write_sees_committed_units_only(s3_bucket: str, s3_en
     assert ds.verify(committed_only=True).ok  # uncommitted files are not the reader's business
     assert not ds.verify().ok  # but the dataset is incomplete
 
-    # The worker now finishes unit 2: the open reader keeps its consistent view until refresh().
+    # The worker now finishes unit 2 (replacing the planted shard once it counts as orphaned: 1 s
+    # here instead of a minute): the open reader keeps its consistent view until refresh().
+    w.orphan_after_s = 1.0
     assert w.write_unit(2, tokens=token_table(2), acts={HOOK: unit_acts(2)})[HOOK] == "committed"
     with pytest.raises(store.NotCommittedError):
         ds.read(HOOK, rows=[2 * UNIT_ROWS])
