@@ -131,7 +131,7 @@ class AnalysisKind(JobKind):
             print(f"analysis {name}: old result deleted (`{step.job.policy}`)")
 
     def needs_ray(self, spec: Any) -> bool:
-        return True
+        return spec.compute.executor != "local"
 
     def run(self, spec: Any) -> None:
         for o in run_analyze(spec):

@@ -98,7 +98,7 @@ class ExtractKind(JobKind):
         return step
 
     def needs_ray(self, spec: Any) -> bool:
-        return True
+        return spec.compute.executor != "local"
 
     def run(self, spec: Any) -> None:
         # lazy: the extraction code imports torch; detecting a spec's kind must not pay for it

@@ -65,7 +65,7 @@ class FeaturesKind(JobKind):
         return step
 
     def needs_ray(self, spec: Any) -> bool:
-        return True
+        return spec.compute.executor != "local"
 
     def run(self, spec: Any) -> None:
         # lazy: the encoder imports torch; detecting a spec's kind must not pay for it

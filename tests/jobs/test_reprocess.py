@@ -30,16 +30,16 @@ H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
 
 EXTRACT = {"store": "acts", "name": "tiny", "model": {"id": "./model"}, "corpus": {"path": "corpus.jsonl", "growing": True},
            "tokenize": {"context_size": 16}, "hooks": ["blocks.*.hook_resid_post"], "dtype": "float32",
-           "compute": {"unit_contexts": 8, "batch_tokens": 256, "num_workers": 1}}
+           "compute": {"executor": "local", "unit_contexts": 8, "batch_tokens": 256, "num_workers": 1}}
 SAE = {"store": "acts", "dataset": "tiny", "hooks": [H1], "name": "tsae", "architecture": "topk", "sae": {"d_sae": 64, "k": 4},
        "train": {"total_training_samples": 512, "batch_size": 128, "lr": 3e-3, "seed": 0, "n_batches_for_norm_estimate": 2,
                  "checkpoint_every": 0},
        "data": {"holdout_units": 1}, "eval": {"ce": False}, "compute": {"device": "cpu", "threads": 1}}
-FEATURES = {"store": "acts", "sae": "tsae", "name": "ft", "top_k": 8, "compute": {"batch_rows": 256, "num_workers": 1, "device": "cpu"}}
+FEATURES = {"store": "acts", "sae": "tsae", "name": "ft", "top_k": 8, "compute": {"executor": "local", "batch_rows": 256, "num_workers": 1, "device": "cpu"}}
 
 
 def _norms(name: str) -> dict:
-    return {"store": "acts", "compute": {"tasks": 1},
+    return {"store": "acts", "compute": {"executor": "local", "tasks": 1},
             "analyses": [{"kind": "layers", "name": name, "dataset": "tiny", "hooks": ["blocks.*.hook_resid_post"], "metrics": ["norm"]}]}
 
 
