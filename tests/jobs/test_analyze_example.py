@@ -53,10 +53,10 @@ def test_example_runs_on_a_tiny_quickstart_dataset(tmp_path, ray_session, monkey
     acts = tmp_path / "acts"
     run_extract(load_extract_spec(REPO / "examples" / "quickstart.yaml", [
         f"store={acts}", f"model.id={model}", f"corpus.path={corpus}", "tokenize.context_size=32",
-        "compute.unit_contexts=8", "compute.batch_tokens=256",
+        "compute.unit_contexts=8", "compute.batch_tokens=256", "compute.executor=local",
     ]), progress=False)
 
-    kind, spec, _ = detect(EXAMPLE, [f"store={acts}"])
+    kind, spec, _ = detect(EXAMPLE, [f"store={acts}", "compute.executor=local"])
     assert kind.name == "analysis"
     outcomes = run_analyze(spec)
     assert [o.status for o in outcomes] == ["written"] * len(spec.analyses)
