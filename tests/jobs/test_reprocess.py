@@ -35,7 +35,8 @@ SAE = {"store": "acts", "dataset": "tiny", "hooks": [H1], "name": "tsae", "archi
        "train": {"total_training_samples": 512, "batch_size": 128, "lr": 3e-3, "seed": 0, "n_batches_for_norm_estimate": 2,
                  "checkpoint_every": 0},
        "data": {"holdout_units": 1}, "eval": {"ce": False}, "compute": {"device": "cpu", "threads": 1}}
-FEATURES = {"store": "acts", "sae": "tsae", "name": "ft", "top_k": 8, "compute": {"executor": "local", "batch_rows": 256, "num_workers": 1, "device": "cpu"}}
+FEATURES = {"store": "acts", "sae": "tsae", "name": "ft", "top_k": 8,
+            "compute": {"executor": "local", "batch_rows": 256, "num_workers": 1, "device": "cpu"}}
 
 
 def _norms(name: str) -> dict:
