@@ -16,7 +16,7 @@ import pytest
 from strata.jobs.cli import main
 from strata.pipeline.tiny import build_tiny
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("## Reading the store from a notebook", "## SAEs: ", "## Feature tables: ")
@@ -71,10 +71,11 @@ def run_python(code: str, ns: dict) -> int:
 
 
 @pytest.fixture(scope="module")
-def quickstart(ray_session, tmp_path_factory) -> Path:
+def quickstart(tmp_path_factory) -> Path:
     """A folder holding the quickstart's store as ./acts: its dataset (examples/quickstart.yaml on
     the model examples/quickstart.sh builds), the SAE of examples/sae.yaml (fewer samples: what is
-    tested is the snippets, not the SAE) and its feature table (examples/features.yaml)."""
+    tested is the snippets, not the SAE) and its feature table (examples/features.yaml). Extraction
+    and encoding run in this process (`compute.executor=local`: the same bytes as on Ray)."""
     work = tmp_path_factory.mktemp("readme")
     corpus = ROOT / "examples" / "corpus.jsonl"
     texts = [json.loads(ln)["text"] for ln in corpus.read_text(encoding="utf-8").splitlines() if ln.strip()]
@@ -83,10 +84,11 @@ def quickstart(ray_session, tmp_path_factory) -> Path:
     acts = work / "acts"
     ex = ROOT / "examples"
     assert main(["extract", str(ex / "quickstart.yaml"), "--set", f"store={acts}", "--set", f"model.id={model}",
-                 "--set", f"corpus.path={corpus}", "--no-progress"]) == 0
+                 "--set", f"corpus.path={corpus}", "--set", "compute.executor=local", "--no-progress"]) == 0
     assert main(["sae", "train", str(ex / "sae.yaml"), "--set", f"store={acts}", "--set", "train.total_training_samples=100000",
                  "--set", "eval.ce=false", "--no-progress"]) == 0
-    assert main(["features", "encode", str(ex / "features.yaml"), "--set", f"store={acts}", "--no-progress"]) == 0
+    assert main(["features", "encode", str(ex / "features.yaml"), "--set", f"store={acts}", "--set", "compute.executor=local",
+                 "--no-progress"]) == 0
     return work
 
 
