@@ -228,14 +228,20 @@ def _private_auth() -> Iterator[dict[str, str]]:
         AuthenticationTokenLoader.instance().reset_cache()
 
 
-@contextmanager
-def _private_head(*, num_cpus: int | None = None, timeout_s: float | None = None) -> Iterator[str]:
-    """Start a private Ray head with no fixed port; yield its bootstrap address; stop it, on
-    errors and Ctrl-C too. It inherits this process's environment (the job's credentials)."""
-    timeout_s = PRIVATE_START_TIMEOUT_S if timeout_s is None else timeout_s
-    root = os.environ.get("RAY_TMPDIR") or ("/tmp" if os.path.isdir("/tmp") else None)  # short: Ray's socket paths
-    tmp = Path(tempfile.mkdtemp(prefix="strata-ray-", dir=root))
-    log_path = tmp / "ray-start.log"
+# A port picked free can be taken by another process before the head binds it (two jobs
+# starting at once): such a start is tried again on other free ports, this many times in all.
+PRIVATE_START_ATTEMPTS = 3
+
+
+def _port_taken(log_path: Path) -> bool:
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return False
+    return "used by other components" in text or "Address already in use" in text
+
+
+def _start_head(tmp: Path, log_path: Path, num_cpus: int | None) -> subprocess.Popen:
     ports = {flag: _free_port() for flag in ("--dashboard-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                                              "--runtime-env-agent-port", "--metrics-export-port", "--ray-client-server-port")}
     argv = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--port", "0",  # 0: Ray picks a free one
@@ -244,18 +250,39 @@ def _private_head(*, num_cpus: int | None = None, timeout_s: float | None = None
     # Node-manager, object-manager and worker ports are Ray's free picks already when not set.
     # PR_SET_PDEATHSIG fires when the forking *thread* ends, so only from the main thread.
     die_with_parent = sys.platform == "linux" and threading.current_thread() is threading.main_thread()
+    with open(log_path, "w") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, preexec_fn=_die_with_parent if die_with_parent else None)
+
+
+@contextmanager
+def _private_head(*, num_cpus: int | None = None, timeout_s: float | None = None) -> Iterator[str]:
+    """Start a private Ray head with no fixed port; yield its bootstrap address; stop it, on
+    errors and Ctrl-C too. It inherits this process's environment (the job's credentials)."""
+    timeout_s = PRIVATE_START_TIMEOUT_S if timeout_s is None else timeout_s
+    root = os.environ.get("RAY_TMPDIR") or ("/tmp" if os.path.isdir("/tmp") else None)  # short: Ray's socket paths
+    tmp = Path(tempfile.mkdtemp(prefix="strata-ray-", dir=root))
+    log_path = tmp / "ray-start.log"
     t0 = time.monotonic()
     with _private_auth():  # in os.environ, so the head gets it with the rest of this process's environment
-        with open(log_path, "w") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, preexec_fn=_die_with_parent if die_with_parent else None)
         ok = False
+        proc = None
         try:
-            address = _await_head(proc, tmp, log_path, t0=t0, timeout_s=timeout_s)
+            for attempt in range(1, PRIVATE_START_ATTEMPTS + 1):
+                proc = _start_head(tmp, log_path, num_cpus)
+                try:
+                    address = _await_head(proc, tmp, log_path, t0=t0, timeout_s=timeout_s)
+                    break
+                except ClusterError:
+                    if attempt == PRIVATE_START_ATTEMPTS or proc.poll() is None or not _port_taken(log_path):
+                        raise
+                    _stop_head(proc)
+                    log.info("a port picked for the private Ray was taken before it bound it; starting it on other free ports")
             yield address
             ok = True
         finally:
-            _stop_head(proc)  # before the token goes from this process's environment
+            if proc is not None:
+                _stop_head(proc)  # before the token goes from this process's environment
             if ok:
                 shutil.rmtree(tmp, ignore_errors=True)
             else:

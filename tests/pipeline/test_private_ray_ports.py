@@ -30,7 +30,10 @@ RAY_DEFAULT_PORTS = {6379, 10001, 8265, AGENT_DEFAULT_PORT}
 # A driver: start the private Ray, report its tree's pid and what its workers saw, then wait
 # for a line on stdin (or a signal) before leaving the cluster.
 DRIVER = textwrap.dedent("""
-    import json, os, sys
+    import json, os, signal, sys
+    # As a terminal's foreground process: Ctrl-C raises KeyboardInterrupt even when the test
+    # session was started in the background (whose children inherit SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import ray
     import strata.pipeline.cluster as cluster
     from strata.pipeline.errors import ClusterError
