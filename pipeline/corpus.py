@@ -9,27 +9,23 @@ and string ids are hashed to a stable 63-bit integer.
 
 from __future__ import annotations
 
-import glob as _glob
-import json
 import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import xxhash
 
 from strata.pipeline.config import CorpusSpec
 from strata.pipeline.errors import CorpusError
+from strata.pipeline.sources import ShardReader, list_shards
+from strata.pipeline.sources import check_field as check_field  # re-exported: readers of other corpora use it
+from strata.pipeline.sources import text_lines as text_lines  # re-exported: images.py reads metadata.jsonl with it
 from strata.store.datasets.pairing import SetHash
 
 log = logging.getLogger(__name__)
-
-_SUFFIXES = {"jsonl": (".jsonl", ".json", ".ndjson"), "parquet": (".parquet",), "text": (".txt", ".md", ".text")}
 
 
 @dataclass
@@ -73,81 +69,17 @@ def stable_id(value: Any) -> int:
 
 
 def corpus_files(src: CorpusSpec) -> list[str]:
-    """The files of a local corpus (a file, a glob, or a folder searched for ``corpus.format``'s
-    suffixes), sorted; a path that matches none is a one-line CorpusError."""
-    p = src.path
-    if any(c in p for c in "*?["):
-        files = sorted(f for f in _glob.glob(p, recursive=True) if os.path.isfile(f))
-    elif os.path.isdir(p):
-        suffixes = _SUFFIXES[src.format]
-        files = sorted(str(f) for f in Path(p).rglob("*") if f.is_file() and f.name.endswith(suffixes))
-    elif os.path.isfile(p):
-        files = [p]
-    else:
-        raise CorpusError(f"corpus path {p!r} does not exist (expected a file, a glob or a folder)")
-    if not files:
-        raise CorpusError(f"corpus path {p!r} matches no {src.format} files")
-    return files
+    """The files of a corpus (a file, a glob, or a folder or prefix searched for ``corpus.format``'s
+    suffixes, ``.gz`` / ``.zst`` included), sorted: local paths, or fsspec URLs for a remote
+    corpus; a path that matches none is a one-line CorpusError."""
+    return list(dict.fromkeys(r.url for r in list_shards(src, split_parquet=False)))
 
 
-def text_lines(f: str) -> Iterator[tuple[int, str]]:
-    """The lines of a UTF-8 text file; bytes that are not UTF-8 are a one-line error naming
-    the file, line and byte offset."""
-    with open(f, "rb") as fh:
-        offset = 0
-        for lineno, raw in enumerate(fh, 1):
-            try:
-                yield lineno, raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise CorpusError(
-                    f"{f}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {offset + e.start}); "
-                    "re-encode the corpus as UTF-8"
-                ) from None
-            offset += len(raw)
-
-
-def _records_jsonl(files: list[str], src: CorpusSpec) -> Iterator[tuple[Any, Any, str]]:
-    for f in files:
-        for lineno, line in text_lines(f):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                hint = " (is it a Parquet file? set `corpus.format: parquet`)" if line.startswith("PAR1") else ""
-                raise CorpusError(f"{f}:{lineno}: not valid JSON ({e.msg}){hint}") from None
-            if not isinstance(rec, dict):
-                raise CorpusError(f"{f}:{lineno}: expected a JSON object per line, got {type(rec).__name__}")
-            yield rec, rec.keys(), f"{f}:{lineno}"
-
-
-def _records_parquet(files: list[str], src: CorpusSpec) -> Iterator[tuple[Any, Any, str]]:
-    for f in files:
-        try:
-            pf = pq.ParquetFile(f)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise CorpusError(
-                f"{f}: not a Parquet file ({str(e).splitlines()[0]}); `corpus.format` is parquet: is it jsonl or text?"
-            ) from None
-        names = pf.schema_arrow.names
-        check_field(src.text_field, names, "text_field", f)
-        if src.id_field is not None:
-            check_field(src.id_field, names, "id_field", f)
-        for keep in src.keep_fields:
-            check_field(keep, names, "keep_fields", f)
-        cols = list(dict.fromkeys([src.text_field] + ([src.id_field] if src.id_field else []) + list(src.keep_fields)))
-        for batch in pf.iter_batches(columns=cols, batch_size=8192):
-            for rec in batch.to_pylist():
-                yield rec, names, f
-
-
-def _records_text(files: list[str], src: CorpusSpec) -> Iterator[tuple[Any, Any, str]]:
-    for f in files:
-        if src.text_unit == "file":
-            yield {"text": "".join(line for _, line in text_lines(f)), "id": f}, ("text", "id"), f
-        else:
-            for lineno, line in text_lines(f):
-                yield {"text": line.rstrip("\n")}, ("text",), f"{f}:{lineno}"
+def _records_files(src: CorpusSpec, scan: CorpusScan) -> Iterator[tuple[Any, Any, str]]:
+    shards = list_shards(src, split_parquet=False)
+    scan.files = list(dict.fromkeys(r.url for r in shards))
+    for ref in shards:
+        yield from ShardReader(ref, src).records()
 
 
 def load_hf_dataset(src: CorpusSpec) -> Any:
@@ -183,12 +115,6 @@ def _records_hf(src: CorpusSpec) -> Iterator[tuple[Any, Any, str]]:
     for batch in ds.select_columns(cols).iter(batch_size=8192):
         for i in range(len(batch[src.text_field])):
             yield {c: batch[c][i] for c in cols}, names, src.path
-
-
-def check_field(name: str, fields: Any, key: str, where: str) -> None:
-    """Raise a CorpusError naming `corpus.{key}` when ``name`` is not one of ``fields`` of ``where``."""
-    if name not in fields:
-        raise CorpusError(f"`corpus.{key}` {name!r} is not a field of {where}; its fields are: {', '.join(map(str, fields))}")
 
 
 @dataclass
@@ -237,9 +163,7 @@ def iter_corpus(src: CorpusSpec, *, batch_docs: int = 4096, scan: CorpusScan | N
     if src.format == "hf":
         records = _records_hf(src)
     else:
-        scan.files = corpus_files(src)
-        reader = {"jsonl": _records_jsonl, "parquet": _records_parquet, "text": _records_text}[src.format]
-        records = reader(scan.files, src)
+        records = _records_files(src, scan)
     text_field = "text" if src.format == "text" else src.text_field
     id_field = ("id" if src.text_unit == "file" else None) if src.format == "text" else src.id_field
     seen_fields: set[str] = set()

@@ -36,3 +36,7 @@ class WorkerError(PipelineError, RuntimeError):
 
 class ClusterError(PipelineError, ConnectionError):
     """A Ray cluster that cannot be reached or joined."""
+
+
+class ShardChangedError(CorpusError):
+    """A corpus shard whose size, mtime, ETag or version differs from what was listed."""
