@@ -144,6 +144,12 @@ def _hidden(rel: str) -> bool:
     return any(part.startswith((".", "_")) for part in rel.replace("\\", "/").split("/") if part)
 
 
+def _glob_root(pattern: str) -> str:
+    """The folder part of a glob before its first wildcard (``d/x/**/*.jsonl`` -> ``d/x/``)."""
+    head = pattern[: min(i for i in (pattern.find(c) for c in "*?[") if i >= 0)]
+    return head[: head.rfind("/") + 1]
+
+
 def is_remote(path: str) -> bool:
     """A path with a protocol other than ``file://``."""
     return fsspec.core.split_protocol(path)[0] not in _LOCAL_PROTOCOLS
@@ -172,14 +178,16 @@ def storage_error(e: BaseException, url: str, *, storage_options: dict[str, Any]
     reading it (credentials, a missing bucket, an unreachable endpoint, ...); never shows a value
     of ``storage_options`` (botocore's messages can carry the key id or the endpoint)."""
     proto = fsspec.core.split_protocol(url)[0]
-    auth = auth_failure(e, remote=True)
-    if auth is not None:
-        return CorpusError(f"{url}: {auth}")
     chain: list[BaseException] = []
     cur: BaseException | None = e
     while cur is not None and cur not in chain:
         chain.append(cur)
         cur = cur.__cause__ or cur.__context__
+    # The innermost botocore error first: its code (InvalidAccessKeyId, ...) says more than s3fs's PermissionError.
+    for c in [*(c for c in chain if isinstance(getattr(c, "response", None), dict)), e]:
+        auth = auth_failure(c, remote=True)
+        if auth is not None:
+            return CorpusError(f"{url}: {auth}")
     for c in chain:
         code = str((getattr(c, "response", None) or {}).get("Error", {}).get("Code", "")) if isinstance(getattr(c, "response", None), dict) else ""
         if code == "NoSuchBucket" or "bucket does not exist" in str(c).lower():
@@ -273,7 +281,8 @@ def _list_local(src: CorpusSpec) -> list[ShardRef]:
     if p.startswith("file://"):
         p = p[len("file://"):]
     if any(c in p for c in "*?["):
-        names = [(f, os.path.basename(f)) for f in _glob.glob(p, recursive=True) if os.path.isfile(f)]
+        root = _glob_root(p)
+        names = [(f, f[len(root):]) for f in _glob.glob(p, recursive=True) if os.path.isfile(f)]
         files = _pick(src, names, is_glob=True)
     elif os.path.isdir(p):
         names = [(str(f), str(f.relative_to(p))) for f in Path(p).rglob("*") if f.is_file()]
@@ -297,7 +306,8 @@ def _list_remote(src: CorpusSpec, storage_options: dict[str, Any] | None) -> lis
             infos = {k: v for k, v in found.items() if v.get("type") == "file"}
             if not infos:
                 raise CorpusError(f"corpus path {url!r} matches no files")
-            names = [(k, k.rsplit("/", 1)[-1]) for k in infos]
+            root = _glob_root(path)
+            names = [(k, k[len(root):]) for k in infos]
             picked = _pick(src, names, is_glob=True)
         else:
             try:
