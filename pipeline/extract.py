@@ -41,6 +41,8 @@ Units committed by earlier appends are compared with the new plan token by token
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import time
@@ -51,11 +53,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import xxhash
 
 from strata import store
 from strata.pipeline import models
 from strata.pipeline.cluster import in_ray_job
-from strata.pipeline.config import ExtractSpec, ImageSpec
+from strata.pipeline.config import CorpusSpec, ExtractSpec, ImageSpec
 from strata.pipeline.corpus import CorpusScan, iter_corpus, scan_corpus
 from strata.pipeline.errors import CorpusError, SpecError, WorkerError
 from strata.pipeline.executor import Executor, Task, Tasks, open_executor, pool_shape
@@ -63,10 +66,15 @@ from strata.pipeline.hooks import expand_hooks, family_of, hook_sites
 from strata.pipeline.images import ImageScan, ImageSource, iter_images, scan_images
 from strata.pipeline.packing import Contexts, TokenizerInfo, encode_batch, num_units, tokenizer_info
 from strata.pipeline.plan import FileSource, Packer, TokenSource
+from strata.pipeline.sharded import ShardedExtraction, ShardSettings, known_results, plan_shards, reconcile
+from strata.pipeline.sources import ShardRef, list_shards
 from strata.pipeline.vision import CLS_TOKEN, ImagePacker, ImagePrep, check_images, prepare_images, vision_config
 from strata.pipeline.worker import UnitWorker, WorkerConfig, peak_rss_bytes
+from strata.store import layout
+from strata.store.commit import artifacts
 from strata.store.datasets.manifest import IDENTITY_META_KEYS
 from strata.store.datasets.manifest import fingerprint as dataset_fingerprint
+from strata.store.datasets.tokenized import shards_kind
 from strata.store.datasets.verify import last_outcome
 from strata.store.errors import DatasetExistsError, LeaseHeldError, StorageError
 
@@ -103,6 +111,9 @@ class ExtractResult:
     prepare_seconds: float = 0.0  # workers' time decoding and preprocessing images (overlaps compute)
     compute_seconds: float = 0.0  # workers' time in the model (including waits for the model)
     message: str = ""
+    units_recomputed: list[int] = field(default_factory=list)  # committed units a changed shard invalidated
+    shards: int = 0  # a sharded corpus: its shards
+    shards_tokenized: int = 0  # ... of which this run tokenized (the others were tokenized before)
 
     @property
     def tokens_per_s(self) -> float:
@@ -132,6 +143,8 @@ class Prepared:
     unit_contexts: int
     context_size: int  # tokens per context: the spec's for text, the model's sequence for an image
     image: ImagePrep | None = None  # image models: preprocessing and token layout
+    shards: list[ShardRef] | None = None  # a sharded corpus: its shards, as listed (see pipeline.sharded)
+    settings: ShardSettings | None = None  # ... and what its tokenized shards depend on
 
 
 @dataclass
@@ -153,6 +166,11 @@ class Plan:
     def unit(self, u: int) -> Contexts:
         """The contexts of unit ``u``."""
         return self.packer.contexts(u * self.unit_contexts, (u + 1) * self.unit_contexts)
+
+    def contexts_in(self, u: int) -> int:
+        """Contexts of unit ``u``."""
+        uc = self.unit_contexts
+        return max(0, min(self.n_contexts, (u + 1) * uc) - u * uc)
 
     def all_contexts(self) -> Contexts:
         """Every planned context at once (small corpora, tests)."""
@@ -233,15 +251,21 @@ def prepare(spec: ExtractSpec, s: store.Store) -> Prepared:
 
     existing = s.dataset(spec.name) if spec.name in s.datasets() else None
     n_old = int(existing.info.meta.get("corpus_docs", -1)) if existing is not None else -1
-    # One streaming pass (no tokenizer, no Ray): every corpus error surfaces here, and the
-    # fingerprints tell whether an existing dataset is this corpus, or a prefix of it.
-    scan_fn = scan_images if image else scan_corpus
-    scan = scan_fn(spec.corpus, prefix_docs=n_old if n_old > 0 else None)
-    corpus_fp, corpus_docs = scan.fingerprint, scan.docs
+    kind, refs = plan_kind(spec.corpus, existing.info.meta if existing is not None else None)
+    if kind == "sharded":
+        # Listing only: the shards are read by the tokenization tasks, where they run.
+        scan: Any = CorpusScan()
+        corpus_fp, corpus_docs = source_fingerprint(spec.corpus), 0
+    else:
+        # One streaming pass (no tokenizer, no Ray): every corpus error surfaces here, and the
+        # fingerprints tell whether an existing dataset is this corpus, or a prefix of it.
+        scan_fn = scan_images if image else scan_corpus
+        scan = scan_fn(spec.corpus, prefix_docs=n_old if n_old > 0 else None)
+        corpus_fp, corpus_docs = scan.fingerprint, scan.docs
     unit_contexts = spec.compute.unit_contexts
     if existing is not None:
         old = existing.info.meta
-        if 0 < n_old <= scan.docs and scan.prefix_fingerprint == old.get("corpus_fingerprint"):
+        if kind != "sharded" and 0 < n_old <= scan.docs and scan.prefix_fingerprint == old.get("corpus_fingerprint"):
             corpus_fp, corpus_docs = old["corpus_fingerprint"], n_old
         if existing.info.unit_contexts != unit_contexts:
             log.info("dataset %r keeps its %d contexts per unit (spec asks %d)", spec.name, existing.info.unit_contexts, unit_contexts)
@@ -250,6 +274,8 @@ def prepare(spec: ExtractSpec, s: store.Store) -> Prepared:
     t = spec.tokenize
     c = spec.corpus
     corpus_meta: dict[str, Any] = {"path": c.path, "format": c.format, **scan.stats}
+    if refs is not None:
+        corpus_meta = {"path": c.path, "format": c.format, "shards": len(refs)}
     corpus_meta.update({"image_field": c.image_field, "caption_field": c.caption_field} if image else {"text_field": c.text_field})
     meta = {
         "model": m.identity,
@@ -278,6 +304,7 @@ def prepare(spec: ExtractSpec, s: store.Store) -> Prepared:
         "growing": spec.corpus.growing,
         "keep_fields": list(spec.corpus.keep_fields),
         "doc_set_hash": scan.doc_set_hash,
+        "plan_kind": kind,
         "spec": spec.recorded(),
         "version_of": spec.version_of,  # the base name of a new version (Store.versions)
     }
@@ -294,7 +321,49 @@ def prepare(spec: ExtractSpec, s: store.Store) -> Prepared:
                 f"dataset {spec.name!r} already exists in {s.uri} with a different identity ({'; '.join(diff)}); "
                 "a changed model, tokenizer, corpus, context, packing or dtype makes a new dataset: choose a new `name`"
             )
+    if refs is not None:
+        meta["corpus_scan"] = None
+        assert tok is not None
+        settings = ShardSettings.of(spec.corpus, spec.tokenize, tok)
+        return Prepared(spec, s, m, config, tok, hooks, scan, corpus_fp, corpus_docs, meta, existing, unit_contexts, ctx_size, img,
+                        shards=refs, settings=settings)
     return Prepared(spec, s, m, config, tok, hooks, scan, corpus_fp, corpus_docs, meta, existing, unit_contexts, ctx_size, img)
+
+
+def plan_kind(src: CorpusSpec, old: dict[str, Any] | None) -> tuple[str, list[ShardRef] | None]:
+    """How the corpus is planned (``corpus.plan``; see :class:`~strata.pipeline.config.CorpusSpec`), and its
+    shards when sharded. A dataset keeps the plan it was made with (datasets made before sharded
+    plans existed are ``documents``)."""
+    want = src.plan
+    if src.is_images or src.format == "hf":
+        if want == "sharded":
+            raise SpecError(f"`corpus.plan: sharded` is for jsonl, parquet and text corpora; corpus {src.path!r} is "
+                            f"{'an image corpus' if src.is_images else 'a Hugging Face dataset'}: leave `corpus.plan` at auto")
+        return "documents", None
+    had = None if old is None else str(old.get("plan_kind") or "documents")
+    if had is not None and want not in ("auto", had):
+        raise SpecError(f"`corpus.plan: {want}`: the dataset was planned as {had!r}; another plan is another dataset: "
+                        "choose a new `name`, or leave `corpus.plan` at auto")
+    kind = had or (want if want != "auto" else None)
+    if kind == "documents":
+        return kind, None
+    refs = list_shards(src, storage_options=src.storage_options)
+    if kind is None:
+        kind = "sharded" if "://" in src.path and not src.path.startswith("file://") or len({r.url for r in refs}) > 1 else "documents"
+        if kind == "documents":
+            return kind, None
+    if src.max_docs is not None:
+        raise SpecError(f"`corpus.max_docs` reads a corpus as one stream of documents; corpus {src.path!r} is planned by shards "
+                        f"({len(refs)}): name fewer shards (a glob), or set `corpus.plan: documents`")
+    return "sharded", refs
+
+
+def source_fingerprint(src: CorpusSpec) -> str:
+    """The identity of a sharded corpus: where it is and how it is read. Its contents are the
+    shards table's fingerprints, which may change (a changed shard is recomputed in place)."""
+    d = {"path": src.path.rstrip("/"), "format": src.format, "text_field": src.text_field, "id_field": src.id_field,
+         "text_unit": src.text_unit, "keep_fields": list(src.keep_fields)}
+    return f"sharded:xxh3_128:{xxhash.xxh3_128_hexdigest(json.dumps(d, sort_keys=True).encode())}"
 
 
 def _complete(ds: store.ActivationDataset, hooks: list[str]) -> bool:
@@ -468,14 +537,16 @@ def check_committed(p: Prepared, pl: Plan) -> None:
             )
 
 
-def _dropped_note(pl: Plan, spec: ExtractSpec) -> str:
+def _dropped_note(pl: Plan | ShardedExtraction, spec: ExtractSpec) -> str:
     if not pl.dropped_tokens:
         return ""
     if pl.bad_images:
         ids = ", ".join(str(b["doc_id"]) for b in pl.bad_images[:5]) + (", ..." if len(pl.bad_images) > 5 else "")
         return (f"; {len(pl.bad_images)} image(s) could not be read and were left out (ids {ids}; `ds.docs()` says why, "
                 "column `error`)")
-    why = ("the corpus tail shorter than one context (it joins a context once more documents are appended)"
+    why = ("each shard's concat tail shorter than one context (contexts never span two shards)"
+           if isinstance(pl, ShardedExtraction) and spec.tokenize.packing == "concat" else
+           "the corpus tail shorter than one context (it joins a context once more documents are appended)"
            if spec.corpus.growing and spec.tokenize.packing == "concat" else
            "the concat tail shorter than one context" if spec.tokenize.packing == "concat" else
            "documents cut at one context (`tokenize.split_long: false`)")
@@ -505,6 +576,11 @@ def run_extract(
         raise LeaseHeldError(lease.held_message(holder))
     p = prepare(spec, s)
     result = ExtractResult(spec.name, s.uri, num_units=0, hooks=p.hooks)
+    if p.shards is not None:
+        _extract_sharded(p, lease, result, t_start, worker_cls=worker_cls, on_unit=on_unit, progress=progress)
+        result.seconds = time.perf_counter() - t_start
+        result.driver_peak_rss = peak_rss_bytes()
+        return result
 
     ds = p.existing
     same_docs = ds is not None and ds.info.meta.get("keep_fields", []) == list(spec.corpus.keep_fields) and (
@@ -534,8 +610,75 @@ def run_extract(
     return result
 
 
-def _execute(p: Prepared, pl: Plan, lease: store.Lease, ex: Executor, result: ExtractResult, t_start: float, *,
-             worker_cls: type[UnitWorker], on_unit: Callable[[dict[str, Any]], None] | None, progress: bool) -> None:
+def shards_known(p: Prepared) -> tuple[dict[str, dict[str, Any]], pa.Table | None]:
+    """Counts of the shards an existing dataset planned before (no task reads them again), and its shards table."""
+    old = p.existing.shards() if p.existing is not None else None
+    return known_results(old), old
+
+
+def plan_sharded(p: Prepared, ex: Executor | None, *, fence: Any = None, write: bool = True) -> ShardedExtraction:
+    """Tokenize the shards (tasks of ``ex``, committing each tokenized shard unless ``write`` is
+    false) and plan the units from their counts; with an existing dataset, what changed."""
+    assert p.shards is not None and p.settings is not None
+    spec, ex_ = p.spec, ex or Executor()
+    known, old = shards_known(p)
+    store_opts = getattr(p.store.storage, "storage_options", None) or None
+    plan = plan_shards(p.shards, p.settings, src=spec.corpus, store_uri=p.store.uri, store_options=ex_.storage_options(store_opts),
+                       corpus_options=ex_.storage_options(spec.corpus.storage_options), dataset=spec.name,
+                       unit_contexts=p.unit_contexts, executor=ex, fence=fence, write=write, known=known)
+    forget, changed = reconcile(old, plan, on_change=spec.corpus.on_change, dataset=spec.name, path=spec.corpus.path)
+    return ShardedExtraction(plan, p.settings, spec.name, forget, changed)
+
+
+def _extract_sharded(p: Prepared, lease: store.Lease, result: ExtractResult, t_start: float, *, worker_cls: type[UnitWorker],
+                     on_unit: Callable[[dict[str, Any]], None] | None, progress: bool) -> None:
+    """A sharded corpus: a quick no-op when its listing is the one planned before; else, under the
+    dataset's lease, tokenize the shards as tasks, plan, recompute what changed, and run."""
+    spec, s, ds = p.spec, p.store, p.existing
+    assert p.shards is not None and p.settings is not None
+    if ds is not None and _complete(ds, p.hooks):
+        old = ds.shards()
+        if old is not None and old.column("key").to_pylist() == [p.settings.key_for(r) for r in p.shards]:
+            result.num_units = result.units_skipped = ds.info.num_units
+            result.noop = True
+            result.message = (f"nothing to do: dataset {spec.name!r} in {s.uri} already has all {ds.info.num_units} units of "
+                              f"{len(p.hooks)} hook(s) committed, and its {len(p.shards)} shard(s) are as listed before"
+                              + _verify_hint(ds, spec.store))
+            return
+    kind = shards_kind(spec.name)
+    fresh = not s.storage.list(layout.dataset_dir(spec.name))
+    before = set(s.storage.list_dirs(kind))
+    try:
+        with open_executor(spec.compute.executor, spec.compute.address) as ex:
+            result.private_cluster, result.cluster_address = ex.ray and ex.private, ex.address
+            with lease:
+                try:
+                    pl = plan_sharded(p, ex, fence=lease.fence())
+                except Exception:
+                    _drop_new_shards(s, spec.name, before, lease)
+                    raise
+                result.shards = len(pl.plan.keys)
+                result.shards_tokenized = sum(1 for r in pl.plan.results if not r.get("reused"))
+                _execute(p, pl, lease, ex, result, t_start, worker_cls=worker_cls, on_unit=on_unit, progress=progress, held=True)
+    finally:
+        if fresh and not s.storage.exists(layout.manifest_key(spec.name)) and not any(s.storage.list(kind)):
+            for key in s.storage.list(layout.dataset_dir(spec.name)):  # only the lease's own records: nothing was planned
+                s.storage.delete(key)
+
+
+def _drop_new_shards(s: store.Store, name: str, before: set[str], lease: store.Lease) -> None:
+    """Remove the tokenized shards a failed planning committed (bad input writes nothing)."""
+    kind = shards_kind(name)
+    for key in set(s.storage.list_dirs(kind)) - before:
+        try:
+            artifacts.delete(s.storage, kind, key, lease=lease)
+        except Exception as e:  # pragma: no cover - best effort; gc collects what is left
+            log.warning("could not remove tokenized shard %s of %r: %s", key, name, e)
+
+
+def _execute(p: Prepared, pl: Plan | ShardedExtraction, lease: store.Lease, ex: Executor, result: ExtractResult, t_start: float, *,
+             worker_cls: type[UnitWorker], on_unit: Callable[[dict[str, Any]], None] | None, progress: bool,
+             held: bool = False) -> None:
     spec = p.spec
     result.num_units, result.held_back_contexts = pl.units, pl.held_back_contexts
     result.dropped_tokens, result.dropped_docs, result.partial_docs = pl.dropped_tokens, pl.dropped_docs, pl.partial_docs
@@ -547,8 +690,9 @@ def _execute(p: Prepared, pl: Plan, lease: store.Lease, ex: Executor, result: Ex
         )
         log.warning(result.message)
         return
-    check_committed(p, pl)
-    with lease:  # taken for real now (refused if a job started since the check above)
+    if isinstance(pl, Plan):
+        check_committed(p, pl)
+    with contextlib.nullcontext() if held else lease:  # taken for real now (refused if a job started since the check above)
         _run(p, pl, lease, ex, result, worker_cls=worker_cls, on_unit=on_unit, progress=progress)
     if not result.noop:
         seconds = time.perf_counter() - t_start
@@ -572,18 +716,35 @@ def _committed_phrase(result: ExtractResult) -> str:
     return f"{result.units_skipped} unit(s) were already committed"
 
 
-def _run(p: Prepared, pl: Plan, lease: store.Lease, ex: Executor, result: ExtractResult, *,
+def _run(p: Prepared, pl: Plan | ShardedExtraction, lease: store.Lease, ex: Executor, result: ExtractResult, *,
          worker_cls: type[UnitWorker], on_unit: Callable[[dict[str, Any]], None] | None, progress: bool) -> None:
     spec, s = p.spec, p.store
     d_model = int(p.meta["d_model"])
     meta = {**p.meta, "plan": pl.summary()}
     if pl.bad_images:
         meta["unreadable_images"] = {"count": len(pl.bad_images), "first": pl.bad_images[:100]}
+    sharded = isinstance(pl, ShardedExtraction)
+    if sharded:
+        if pl.forget and p.existing is not None:
+            gone = s.writer(spec.name, fence=lease.token).forget_units(pl.forget)
+            log.warning("dataset %r: shard(s) %s changed: %d committed unit(s) will be recomputed", spec.name,
+                        ", ".join(pl.changed[:3]) + ("..." if len(pl.changed) > 3 else ""), len(gone))
+            result.units_recomputed = gone
+        c = meta["corpus"]
+        meta["corpus"] = {**c, "docs": pl.plan.total("docs"), "skipped_empty": pl.plan.total("skipped_empty"),
+                          "chars": pl.plan.total("chars"), "tokens": pl.plan.total("tokens")}
+        meta["doc_set_hash"] = pl.plan.doc_set_hash()
+        meta["corpus_state"] = pl.plan.state_fingerprint()
     w = s.create_dataset(
         spec.name, hooks={h: d_model for h in p.hooks}, context_size=p.context_size, dtype=spec.dtype,
-        num_units=pl.units, unit_contexts=p.unit_contexts, meta=meta, exist_ok=True, fence=lease.token,
+        num_units=max(1, pl.units), unit_contexts=p.unit_contexts, meta=meta, exist_ok=True, fence=lease.token,
     )
-    w.write_documents(pl.documents)
+    if sharded:
+        if w.info.num_units > pl.units:  # a changed shard packs into fewer units: its old tail is gone
+            w.shrink(pl.units)
+        w.write_shards_table(pl.plan.table())
+    else:
+        w.write_documents(pl.documents)
     if p.tokenizer is not None:
         w.write_tokenizer(p.tokenizer.backend_json)
     w.update_meta(**{k: v for k, v in meta.items() if k not in IDENTITY_META_KEYS})
@@ -616,10 +777,11 @@ def _run(p: Prepared, pl: Plan, lease: store.Lease, ex: Executor, result: Extrac
         storage_options=ex.storage_options(spec.storage_options),
         fence=lease.token, image=p.image,
     )
-    uc, n_ctx, cs = p.unit_contexts, pl.n_contexts, p.context_size
-    # Built lazily, as workers free up: only units in flight have their contexts in memory.
-    tasks = (Task(f"unit {u}", (u, pl.unit(u), hooks), (min(n_ctx, (u + 1) * uc) - u * uc) * cs) for u, hooks in todo)
-    total = sum((min(n_ctx, (u + 1) * uc) - u * uc) * cs for u, _ in todo)
+    cs = p.context_size
+    # Built lazily, as workers free up: only units in flight have their contexts in memory (a
+    # sharded unit is built by its worker, from its shard's tokens in the store).
+    tasks = (Task(f"unit {u}", (u, pl.unit(u), hooks), pl.contexts_in(u) * cs) for u, hooks in todo)
+    total = sum(pl.contexts_in(u) * cs for u, _ in todo)
 
     def finished(task: Task, st: dict[str, Any]) -> None:
         result.prepare_seconds += float(st.get("prepare_s", 0.0))

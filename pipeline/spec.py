@@ -176,4 +176,7 @@ class JobSpec(Section):
         """The spec as a record keeps it: every key, but only non-secret storage options."""
         d = self.model_dump(mode="json")
         d["storage_options"] = public_options(self.storage_options)
+        corpus = d.get("corpus")
+        if isinstance(corpus, dict) and "storage_options" in corpus:  # a corpus's credentials, likewise
+            corpus["storage_options"] = public_options(corpus["storage_options"])
         return d

@@ -36,6 +36,7 @@ from strata import store
 from strata.pipeline.hooks import Capture, family_of, hook_sites
 from strata.pipeline.models import ResolvedModel, load_model
 from strata.pipeline.packing import Contexts
+from strata.pipeline.sharded import ShardUnit
 from strata.pipeline.vision import ImageContexts, ImagePrep, load_processor, preprocess
 
 log = logging.getLogger(__name__)
@@ -87,9 +88,12 @@ class UnitWorker:
 
     # -- compute --------------------------------------------------------------------------
 
-    def prepare(self, contexts: Contexts) -> Contexts:
-        """Model inputs that need no model: an image unit's pixel values (decoded and
-        preprocessed here, outside the compute lock, while another unit computes)."""
+    def prepare(self, contexts: Contexts | ShardUnit) -> Contexts:
+        """Model inputs that need no model: a sharded unit's contexts (built from its shard's
+        tokens in the store), an image unit's pixel values (decoded and preprocessed here, outside
+        the compute lock, while another unit computes)."""
+        if isinstance(contexts, ShardUnit):
+            contexts = contexts.load(self.writer.storage)
         if isinstance(contexts, ImageContexts) and contexts.pixels is None:
             assert self.processor is not None, "an image unit needs an image model"
             contexts.pixels = preprocess(self.processor, contexts.images, ids=contexts.doc_id[:, 0])

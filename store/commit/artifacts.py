@@ -176,12 +176,14 @@ def put(
     meta: Mapping[str, Any] | None = None,
     lease: Lease | Fence,
     writer: Mapping[str, Any] | None = None,
+    block_size: int | None = None,
 ) -> Artifact:
     """Write the files of an artifact and commit them: the caller holds the folder's ``lease``,
     or works for its holder with its :class:`~store.commit.lease.Fence` (a Ray task, say).
     ``files`` maps names (relative, ``/`` allowed) to bytes or to local files to copy. If the
     artifact is committed already, nothing is written: its record is returned when its files and
-    ``meta`` are the same, else :class:`ArtifactExistsError`."""
+    ``meta`` are the same, else :class:`ArtifactExistsError`. ``block_size``: bytes per checksum
+    block (default: one block per 4 MiB), smaller for files read in small ranges."""
     prefix = folder(kind, name)
     if not files:
         raise ValueError(f"{kind} {name!r}: an artifact needs at least one file")
@@ -189,7 +191,8 @@ def put(
     for rel, src in files.items():
         check_file_name(rel)
         data[rel] = Path(src).read_bytes() if isinstance(src, (str, os.PathLike)) else bytes(memoryview(src).cast("B"))
-    entries = tuple(FileEntry.of(f"{prefix}/{rel}", b) for rel, b in sorted(data.items()))
+    entries = tuple(FileEntry.of(f"{prefix}/{rel}", b, block_size=block_size and max(1, min(block_size, len(b))))
+                    for rel, b in sorted(data.items()))
     meta = json.loads(json.dumps(dict(meta or {}), default=str))  # plain JSON, or an error now
     existing = get(storage, kind, name)
     if existing is not None:

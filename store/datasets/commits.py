@@ -45,6 +45,17 @@ INDEX_SCHEMA = pa.schema([("part", pa.string()), ("unit", pa.int64()), ("rows", 
                           ("key", pa.string()), ("record", pa.binary())])
 
 
+def _same_commit(old: Any, new: IndexedRecord) -> bool:
+    """Whether a record held is the one the index now holds (a unit whose commit was removed and
+    made again, by a recompute, has a new one)."""
+    if isinstance(old, IndexedRecord):
+        return old.raw == new.raw
+    try:
+        return bool(old.committed_at == CommitRecord.from_json(new.raw, where=new.key).committed_at)
+    except CorruptionError:
+        return True  # a damaged index entry: the record held stands; verify reports the index
+
+
 def decode_commit_index(data: bytes, *, where: str) -> dict[str | None, dict[int, IndexedRecord]]:
     """The records a commit index holds, by part (a hook, or None for the token tables) and unit."""
     try:
@@ -95,7 +106,9 @@ class CommitState:
         drops what it cached of them. Records come from the dataset's commit index (one read)
         and from listing only the record folders it does not cover."""
         self.info = load_manifest(self.storage, self.name)
+        prev = self._index[0] if self._index is not None else None
         index = self._load_index()
+        new_index = self._index is not None and self._index[0] != prev  # rewritten: a unit may have been recommitted
         n, group = self.info.num_units, layout.COMMIT_GROUP
         todo: list[tuple[str | None, int, str]] = []
         forgotten: list[tuple[str | None, int]] = []
@@ -117,6 +130,9 @@ class CommitState:
             for hu in [hu for hu in self.damaged if hu[0] == hook and hu[1] not in present]:
                 del self.damaged[hu]
             for u, entry in indexed.items():
+                if new_index and u in have and not _same_commit(have[u], entry):  # recommitted (a changed corpus shard): drop the old
+                    del have[u]
+                    forgotten.append((hook, u))
                 if u not in have and (hook, u) not in self.damaged:
                     have[u] = entry
             todo += [(hook, u, k) for u, k in listed.items() if u not in have and (hook, u) not in self.damaged]

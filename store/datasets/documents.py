@@ -83,18 +83,20 @@ def as_doc_ids(docs: Iterable[Any]) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def spans_of(index: pa.Table, docs: np.ndarray, *, dataset: str) -> list[tuple[int, int, int]]:
+def spans_of(index: pa.Table, docs: np.ndarray, *, dataset: str, total: int | None = None,
+             id_range: tuple[int, int] | None = None) -> list[tuple[int, int, int]]:
     """``(doc, row_start, row_end)`` of each document, in the order given. Unknown ids, and
-    documents that no row holds, raise :class:`UnknownDocumentError` naming them."""
+    documents that no row holds, raise :class:`UnknownDocumentError` naming them. ``total`` and
+    ``id_range`` describe the whole index when ``index`` is only the part that can hold ``docs``."""
     ids = index.column("doc_id").to_numpy()
     at = np.searchsorted(ids, docs)
     found = (at < ids.size) & (ids[np.minimum(at, max(ids.size - 1, 0))] == docs) if ids.size else np.zeros(docs.size, bool)
     if not found.all():
         unknown = [int(d) for d in docs[~found]]
-        lo, hi = (int(ids[0]), int(ids[-1])) if ids.size else (0, -1)
+        lo, hi = id_range if id_range is not None else ((int(ids[0]), int(ids[-1])) if ids.size else (0, -1))
         raise UnknownDocumentError(
             f"dataset {dataset!r} has no document(s) {unknown[:10]}{' ...' if len(unknown) > 10 else ''}; "
-            f"it holds {ids.size} documents with ids from {lo} to {hi} (see ds.documents())"
+            f"it holds {ids.size if total is None else total} documents with ids from {lo} to {hi} (see ds.documents())"
         )
     start = index.column("row_start").to_numpy()[at]
     end = index.column("row_end").to_numpy()[at]

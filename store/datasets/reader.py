@@ -20,6 +20,7 @@ from strata.store.datasets.commits import IO_THREADS, CommitState
 from strata.store.datasets.documents import as_doc_ids, decode_documents, spans_of
 from strata.store.datasets.manifest import DatasetInfo, dataset_names, read_aux
 from strata.store.datasets.shards import ShardLayout, shard_layout
+from strata.store.datasets.tokenized import ShardedDocuments, decode_shards_table
 from strata.store.datasets.tokens import STORED_TOKEN_SCHEMA, decode_tokens, rows_of_docs
 from strata.store.datasets.verify import RepairReport, VerifyReport, repair, verify
 from strata.store.datasets.versions import pick
@@ -81,6 +82,7 @@ class ActivationDataset:
         self._mapped: dict[tuple[str, int], np.ndarray] = {}
         self._tokens: dict[int, pa.Table] = {}
         self._docs: tuple[str, pa.Table] | None = None
+        self._sharded: tuple[str, ShardedDocuments] | None = None
         self.refresh()
 
     def __repr__(self) -> str:
@@ -178,13 +180,32 @@ class ActivationDataset:
         """A driver-written file (``documents``, ``tokenizer``), checked: (key, bytes)."""
         return read_aux(self.storage, self.info, kind)
 
+    def shards(self) -> pa.Table | None:
+        """The plan of a sharded corpus, one row per shard in corpus order (its name, fingerprint,
+        counts, first unit and units, document-id offset); None for a corpus planned as one
+        stream of documents."""
+        docs = self._sharded_documents()
+        return None if docs is None else docs.shards
+
+    def _sharded_documents(self) -> ShardedDocuments | None:
+        key = (self.info.aux.get("shards") or {}).get("key")
+        if key is None:
+            return None
+        if self._sharded is None or self._sharded[0] != key:
+            k, data = self.aux_file("shards")  # type: ignore[misc]
+            table = decode_shards_table(data, where=f"dataset {self.name!r} shards table ({k})")
+            self._sharded = (k, ShardedDocuments(self.storage, self.name, table, unit_rows=self.info.unit_rows))
+        return self._sharded[1]
+
     def docs(self) -> pa.Table | None:
         """The document table: ``doc_id, row_start, row_end, dropped_tokens`` (every row of a
         document lies in ``[row_start, row_end)``) and the document fields the extraction kept
-        (``corpus.keep_fields``); None for a dataset written without one."""
+        (``corpus.keep_fields``); None for a dataset written without one. A sharded corpus's
+        index is stored in parts, one per shard, assembled here."""
         key = (self.info.aux.get("documents") or {}).get("key")
         if key is None:
-            return None
+            sharded = self._sharded_documents()
+            return None if sharded is None else sharded.table()
         if self._docs is None or self._docs[0] != key:
             k, data = self.aux_file("documents")  # type: ignore[misc]
             self._docs = (k, decode_documents(data, where=f"dataset {self.name!r} document index ({k})"))
@@ -206,9 +227,10 @@ class ActivationDataset:
         ids = as_doc_ids(docs)
         if ids.size == 0:
             return np.zeros(0, np.int64)
-        index = self.docs()
+        sharded = self._sharded_documents()
+        index = self.docs() if sharded is None else None
         ur = self.info.unit_rows
-        if index is None:
+        if index is None and sharded is None:
             # Without an index only a fully committed hook can say a document is whole.
             committed = self.committed_units(hook)
             if len(committed) < self.info.num_units:
@@ -223,7 +245,8 @@ class ActivationDataset:
             if not found.all():
                 raise UnknownDocumentError(f"dataset {self.name!r} has no document(s) {[int(d) for d in ids[~found]][:10]}")
             return rows
-        spans = sorted(spans_of(index, ids, dataset=self.name), key=lambda s: s[1])
+        found = sharded.spans(ids) if sharded is not None else spans_of(index, ids, dataset=self.name)  # type: ignore[arg-type]
+        spans = sorted(found, key=lambda s: s[1])
         committed = set(self.committed_units(hook))
         for doc, a, b in spans:
             units = range(a // ur, (b - 1) // ur + 1)

@@ -20,6 +20,7 @@ from strata.store.datasets.commits import CommitState, encode_commit_index
 from strata.store.datasets.documents import check_documents, encode_documents
 from strata.store.datasets.manifest import IDENTITY_META_KEYS, DatasetInfo, HookInfo, load_manifest, write_manifest
 from strata.store.datasets.shards import create_hook_array, pick_chunk_rows, resize_hook_array, shard_layout
+from strata.store.datasets.tokenized import check_shards_table
 from strata.store.datasets.tokens import check_tokens, encode_tokens
 from strata.store.dtypes import storage_dtype, to_storage
 from strata.store.errors import HookNotFoundError, LeaseLostError, UnitOutOfRangeError, WriteMismatchError
@@ -82,6 +83,50 @@ class DatasetWriter:
         for hook in new.hooks:
             resize_hook_array(self.storage, new, hook)
         return self._publish(new)
+
+    def forget_units(self, units: list[int]) -> list[int]:
+        """Remove every commit of ``units`` (token table and every hook), records first, then their
+        files (driver only, holding the lease: a sharded corpus whose shard changed recomputes the
+        units it feeds). Returns the units that had a commit."""
+        if not units:
+            return []
+        self._check_fence()
+        state = CommitState(self.storage, self.name)
+        state.refresh()
+        gone = set()
+        for hook in [None, *self.info.hooks]:
+            have = set(state.committed_units(hook))
+            for u in sorted(set(units) & have):
+                self.storage.delete(layout.commit_key(self.name, hook, u))
+                gone.add(u)
+        for u in sorted(gone):
+            for key in self.storage.list(layout.tokens_dir(self.name)):
+                if layout.tokens_key_pattern(self.name, u).fullmatch(key):
+                    self.storage.delete(key)
+            for hook in self.info.hooks:
+                self.storage.delete(layout.shard_key(self.name, hook, u))
+        self.compact_commits(full=True)  # the index must not name the removed records
+        return sorted(gone)
+
+    def shrink(self, num_units: int) -> DatasetInfo:
+        """Drop units at the end (driver only); refused while any of them is committed."""
+        info = self.refresh()
+        if num_units >= info.num_units:
+            return info
+        state = CommitState(self.storage, self.name)
+        state.refresh()
+        held = sorted({u for h in [None, *info.hooks] for u in state.committed_units(h) if u >= num_units})
+        if held:
+            raise ValueError(f"cannot shrink dataset {self.name!r} to {num_units} units: units {held[:10]} are committed")
+        new = info.with_changes(num_units=int(num_units))
+        for hook in new.hooks:
+            resize_hook_array(self.storage, new, hook)
+        return self._publish(new)
+
+    def write_shards_table(self, table: pa.Table) -> DatasetInfo:
+        """Record the plan of a sharded corpus (driver only): one row per shard, see
+        :data:`strata.store.datasets.tokenized.SHARDS_SCHEMA`."""
+        return self._write_aux("shards", encode_documents(check_shards_table(table)), "parquet")
 
     def add_hooks(self, hooks: Mapping[str, int]) -> DatasetInfo:
         """Add hook points (driver only). Hooks already present must keep their width."""
