@@ -196,10 +196,8 @@ def storage_error(e: BaseException, url: str, *, storage_options: dict[str, Any]
         if type(c).__name__ in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ClientConnectorError") or isinstance(
             c, (ConnectionError, TimeoutError)
         ):
-            return CorpusError(
-                f"{url}: cannot reach the {proto or 'storage'} endpoint ({type(c).__name__}); check the network and the endpoint "
-                "(`storage_options.client_kwargs.endpoint_url` or AWS_ENDPOINT_URL)"
-            )
+            where = " and the endpoint (`storage_options.client_kwargs.endpoint_url` or AWS_ENDPOINT_URL)" if proto in ("s3", "s3a") else ""
+            return CorpusError(f"{url}: cannot reach the {proto or 'storage'} endpoint ({type(c).__name__}); check the network{where}")
     first = (str(e).strip().splitlines() or [""])[0]
     return CorpusError(f"{url}: {type(e).__name__}: {_scrub(first, storage_options)}")
 
@@ -208,7 +206,7 @@ def _options(protocol: str, storage_options: dict[str, Any] | None) -> dict[str,
     # A deep copy: botocore rewrites a `retries` dict it is given.
     opts = copy.deepcopy(dict(storage_options or {}))
     if protocol in ("s3", "s3a"):
-        config = opts.setdefault("config_kwargs", {})
+        config = opts["config_kwargs"] = dict(opts.get("config_kwargs") or {})
         for k, v in _S3_FAIL_FAST.items():
             config.setdefault(k, copy.deepcopy(v))
     return opts

@@ -202,6 +202,9 @@ def test_local_errors_are_one_line(tmp_path):
         list_shards(CorpusSpec(path=str(tmp_path / "nothing")))
     with pytest.raises(CorpusError, match=r"foo://x/y: fsspec has no protocol 'foo'"):
         list_shards(CorpusSpec(path="foo://x/y"))
+    # hf:// is fsspec's (HfFileSystem), unchanged: offline, it cannot be reached; it is not an unknown protocol.
+    with pytest.raises(CorpusError, match=r"^hf://datasets/someone/c/\*\.parquet: cannot reach the hf endpoint"):
+        list_shards(CorpusSpec(path="hf://datasets/someone/c/*.parquet", format="parquet"))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None, reason="gcsfs is installed")
@@ -264,6 +267,7 @@ def test_s3_parquet_split_and_explicit_storage_options(tmp_path, s3_env, s3_buck
     refs = list_shards(src, shard_bytes=1)
     assert [r.row_groups for r in refs] == [(i, i + 1) for i in range(8)]
     assert _read(refs, src) == [{"text": r["text"]} for r in recs]
+    assert opts == {"client_kwargs": {"endpoint_url": s3_env}, "key": "testing", "secret": "testing"}  # not changed
 
 
 @pytest.mark.s3
@@ -307,3 +311,18 @@ def test_s3_truncated_zst_and_errors_are_one_line_without_secrets(s3_env, s3_buc
         list_shards(CorpusSpec(path="s3://somebucket/c/", storage_options=closed))
     assert time.monotonic() - t < 8
     assert SECRET not in str(info.value) and "\n" not in str(info.value) and str(port) not in str(info.value)
+
+
+def test_multi_frame_files_larger_than_a_read_chunk(tmp_path):
+    """Frames and gzip members that straddle the 1 MiB reads, and a line longer than one read."""
+    rng = __import__("random").Random(0)
+    recs = [{"text": "".join(rng.choice("abcdefghij ") for _ in range(rng.randint(1, 3000)))} for _ in range(3000)]
+    recs.append({"text": "x" * (3 << 20)})
+    plain = _jsonl_bytes(recs)
+    thirds = [plain[: len(plain) // 3], plain[len(plain) // 3: 2 * len(plain) // 3], plain[2 * len(plain) // 3:]]
+    (tmp_path / "c.jsonl.zst").write_bytes(b"".join(zstandard.ZstdCompressor(level=1).compress(p) for p in thirds))
+    (tmp_path / "c.jsonl.gz").write_bytes(b"".join(gzip.compress(p, compresslevel=1) for p in thirds))
+    assert min((tmp_path / n).stat().st_size for n in ("c.jsonl.gz", "c.jsonl.zst")) > 1 << 20
+    for name in ("c.jsonl.zst", "c.jsonl.gz"):
+        src = CorpusSpec(path=str(tmp_path / name))
+        assert _read(list_shards(src), src) == recs
