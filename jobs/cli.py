@@ -108,7 +108,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_extract(args: argparse.Namespace) -> int:
 
     argv = [args.spec, *sum((["--set", kv] for kv in args.set or []), [])]
-    return extract_main(argv + (["--no-progress"] if args.no_progress else []))
+    return extract_main(argv + (["--no-progress"] if args.no_progress else []) + (["--dry-run"] if args.dry_run else []))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("spec", help="an extraction spec (YAML)")
     q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key, e.g. compute.batch_tokens=4096")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.add_argument("--dry-run", action="store_true", help="plan without writing a dataset: shards, documents, tokens, contexts, "
+                                                          "units and bytes per hook (tokenized shards are kept for the real run)")
     q.set_defaults(func=_cmd_extract)
 
     # Each job kind's commands live in its own module, which adds them here.

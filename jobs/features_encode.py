@@ -38,8 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(result.message)
     print(
         "query it from a notebook:\n"
-        "    import store\n"
-        f"    fs = store.open({result.store!r}).features({result.name!r})\n"
+        "    import strata\n"
+        f"    fs = strata.open({result.store!r}).features({result.name!r})\n"
         "    fs.stats(); fs.top(0, k=20); fs.activations(0); fs.latents(rows=slice(0, 128))"
     )
     return 0

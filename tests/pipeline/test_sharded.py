@@ -185,3 +185,23 @@ def test_dataset_meta_records_no_corpus_secret(tmp_path, tiny_gpt2):
     blob = json.dumps(store.open(str(tmp_path / "acts")).dataset("sh").info.meta)
     assert "s3cr3t-value" not in blob and "AKIAXX" not in blob
     assert os.path.isdir(tmp_path / "acts" / "datasets" / "sh" / "shards")
+
+
+def test_dry_run_plans_without_a_dataset_and_the_real_run_reuses_its_shards(tmp_path, tiny_gpt2, capsys):
+    from strata.jobs.cli import main
+
+    shards = _shards(tmp_path / "corpus", [9, 6, 11])
+    spec = _spec(tmp_path, tiny_gpt2, str(tmp_path / "corpus"))
+    path = tmp_path / "spec.yaml"
+    path.write_text(json.dumps(spec.recorded()))
+    assert main(["extract", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    s = store.open(str(tmp_path / "acts"))
+    assert s.datasets() == []
+    want = _expected(tiny_gpt2, shards)
+    assert f"{len(want)} of {UC} contexts" in out
+    assert "3 shard(s), 3 tokenized by this run" in out
+    rows = sum(c.token_id.size for c in want)
+    assert f"{rows * 32 * 4:,} bytes" in out  # d_model 32, float32, per hook
+    res = run_extract(spec, progress=False)
+    assert res.shards == 3 and res.shards_tokenized == 0 and res.num_units == len(want)
