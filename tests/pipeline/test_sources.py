@@ -80,6 +80,7 @@ def test_local_file_folder_and_glob_list_the_same_records(tmp_path):
     assert _read(folder, src) == expect
     glob = list_shards(CorpusSpec(path=str(tmp_path / "c" / "**" / "*.jsonl")))
     assert [r.url for r in glob] == [r.url for r in folder]
+    assert list_shards(CorpusSpec(path=f"file://{tmp_path / 'c'}")) == folder
     one = list_shards(CorpusSpec(path=str(tmp_path / "c" / "sub" / "b.jsonl")))
     assert len(one) == 1 and _read(one, src) == expect[5:8]
 
