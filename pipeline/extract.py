@@ -114,6 +114,7 @@ class ExtractResult:
     units_recomputed: list[int] = field(default_factory=list)  # committed units a changed shard invalidated
     shards: int = 0  # a sharded corpus: its shards
     shards_tokenized: int = 0  # ... of which this run tokenized (the others were tokenized before)
+    shard_nodes: dict[str, str] = field(default_factory=dict)  # ... each by name: the Ray node id (or host) its task ran on
 
     @property
     def tokens_per_s(self) -> float:
@@ -659,6 +660,7 @@ def _extract_sharded(p: Prepared, lease: store.Lease, result: ExtractResult, t_s
                     raise
                 result.shards = len(pl.plan.keys)
                 result.shards_tokenized = sum(1 for r in pl.plan.results if not r.get("reused"))
+                result.shard_nodes = {n: str(r["node"]) for n, r in zip(pl.plan.names, pl.plan.results) if not r.get("reused")}
                 _execute(p, pl, lease, ex, result, t_start, worker_cls=worker_cls, on_unit=on_unit, progress=progress, held=True)
     finally:
         if fresh and not s.storage.exists(layout.manifest_key(spec.name)) and not any(s.storage.list(kind)):
