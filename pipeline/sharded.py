@@ -41,6 +41,7 @@ from strata.pipeline.sources import ShardReader, ShardRef
 from strata.store.commit.lease import Fence
 from strata.store.datasets.pairing import SetHash
 from strata.store.datasets.tokenized import SHARDS_SCHEMA, TokenizedShard, write_shard
+from strata.store.errors import StrataError
 from strata.store.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,13 @@ def tokenize_shard(job: ShardJob, settings: ShardSettings) -> dict[str, Any]:
     again. Every problem with the shard's contents is a one-line :class:`CorpusError` naming it."""
     from strata.store import open as store_open  # lazy: store.core imports the whole read path; tasks that reuse never need it
 
-    storage = store_open(job.store_uri, storage_options=job.store_options, create=False).storage
-    done = TokenizedShard.open(storage, job.dataset, job.key)
+    try:
+        storage: Storage | None = store_open(job.store_uri, storage_options=job.store_options, create=False).storage
+    except StrataError:
+        if job.write:
+            raise
+        storage = None  # a count for a plan, before the store exists
+    done = TokenizedShard.open(storage, job.dataset, job.key) if storage is not None else None
     if done is not None:
         return {**done.meta, "key": job.key, "reused": True, "node": _where_am_i(), "pid": os.getpid()}
     ref = ShardRef.from_listing(job.listing)
@@ -136,7 +142,7 @@ def tokenize_shard(job: ShardJob, settings: ShardSettings) -> dict[str, Any]:
     counts, ids_l, parts, docs = _tokenize(reader, ref, job.src, settings)
     meta = {"shard": ref.name, "listing": job.listing, "fingerprint": reader.fingerprint, **counts}
     if job.write:
-        assert job.fence is not None
+        assert job.fence is not None and storage is not None
         tokens = [np.concatenate([getattr(p, a) for p in parts]) if parts else np.zeros(0, np.int32) for a in ("ids", "start", "end")]
         write_shard(storage, job.dataset, job.key, ids=tokens[0], start=tokens[1], end=tokens[2], docs=docs, meta=meta, lease=job.fence)
     del ids_l

@@ -27,7 +27,7 @@ class ExtractKind(JobKind):
 
     def plan(self, state: PlanState, job: Job, ctx: PlanContext) -> Step:
         # lazy: the extraction code imports torch; detecting a spec's kind must not pay for it
-        from strata.pipeline.extract import check_committed, prepare  # lazy: torch: CLI start-up
+        from strata.pipeline.extract import check_committed, plan_sharded, prepare  # lazy: torch: CLI start-up
         from strata.pipeline.extract import plan as plan_units  # lazy: torch: CLI start-up
 
         spec = job.spec
@@ -44,7 +44,15 @@ class ExtractKind(JobKind):
                 moved = f"{revision_value(str(old.get('revision')))[:12]} -> {revision_value(m.revision)[:12]}"
         pr = prepare(job.updated(name=target), st if st is not None else NoStore())
         ds = pr.existing
-        if ds is not None and pr.scan.docs == pr.corpus_docs:
+        recompute: list[int] = []
+        if pr.shards is not None:  # sharded: the listing says whether anything changed
+            old_keys = ds.shards().column("key").to_pylist() if ds is not None and ds.shards() is not None else None
+            if old_keys is not None and old_keys == [pr.settings.key_for(r) for r in pr.shards]:  # type: ignore[union-attr]
+                n = ds.info.num_units  # type: ignore[union-attr]
+            else:  # new or changed shards: counted here (tokenized, nothing written)
+                sp = plan_sharded(pr, None, write=False)
+                n, recompute = sp.units, sp.forget
+        elif ds is not None and pr.scan.docs == pr.corpus_docs:
             n = ds.info.num_units  # the corpus is the one the dataset was made of: its units are known
         else:
             pl = plan_units(pr)  # tokenizes in this process (no executor) to count the units
@@ -57,6 +65,8 @@ class ExtractKind(JobKind):
         have: dict[str | None, set[int]] = {h: set(ds.committed_units(h)) if h in old_hooks else set() for h in pr.hooks}
         have[None] = set(ds.committed_units(None)) if ds is not None else set()
         planned = set(range(n))
+        for h in have:  # units a changed shard invalidates are computed again
+            have[h] -= set(recompute)
         missing = {h: sorted(planned - have[h]) for h in pr.hooks if planned - have[h]}
         units = sorted(set().union(*missing.values(), planned - have[None]))
 
@@ -92,6 +102,9 @@ class ExtractKind(JobKind):
             why.append(f"the corpus grew: {len(new_units)} new unit(s)")
         if new_hooks:
             why.append(f"new hook(s) {', '.join(new_hooks)}")
+        old_missing = [u for u in old_missing if u not in set(recompute)]
+        if recompute:
+            why.append(f"corpus shard(s) changed: unit(s) {ranges(set(recompute))} recomputed")
         if old_missing:
             why.append(f"unit(s) {ranges(set(old_missing))} unfinished (an earlier run stopped)")
         step.why = "; ".join(why)

@@ -205,3 +205,32 @@ def test_dry_run_plans_without_a_dataset_and_the_real_run_reuses_its_shards(tmp_
     assert f"{rows * 32 * 4:,} bytes" in out  # d_model 32, float32, per hook
     res = run_extract(spec, progress=False)
     assert res.shards == 3 and res.shards_tokenized == 0 and res.num_units == len(want)
+
+
+def test_reprocess_plans_appended_and_changed_shards(tmp_path, tiny_gpt2, monkeypatch):
+    import yaml
+
+    from strata.jobs.reprocess import load_pipeline, plan_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "corpus"
+    shards = _shards(folder, [9, 6])
+    spec = _spec(tmp_path, tiny_gpt2, str(folder))
+    (tmp_path / "extract.yaml").write_text(yaml.safe_dump({**spec.recorded(), "store": str(tmp_path / "acts")}))
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({"store": str(tmp_path / "acts"), "jobs": ["extract.yaml"]}))
+    run_extract(spec, progress=False)
+    step = plan_pipeline(load_pipeline("pipeline.yaml")).steps[0]
+    assert not step.run and step.why == "up to date"
+    n0 = store.open(str(tmp_path / "acts")).dataset("sh").info.num_units
+    write_jsonl(folder / "part-002.jsonl", synthetic_docs(7, seed=50))
+    step = plan_pipeline(load_pipeline("pipeline.yaml")).steps[0]
+    want = _expected(tiny_gpt2, [*shards, synthetic_docs(7, seed=50)])
+    assert step.run and step.units == list(range(n0, len(want))) and "the corpus grew" in step.why
+    run_extract(spec, progress=False)
+    docs = shards[0]
+    docs[0] = docs[0] + " and more words"
+    write_jsonl(folder / "part-000.jsonl", docs)
+    before = sorted(p.name for p in (tmp_path / "acts" / "datasets" / "sh" / "shards").iterdir())
+    step = plan_pipeline(load_pipeline("pipeline.yaml")).steps[0]
+    assert step.run and "corpus shard(s) changed" in step.why and step.units and step.units[0] == 0
+    assert sorted(p.name for p in (tmp_path / "acts" / "datasets" / "sh" / "shards").iterdir()) == before  # a plan writes nothing
