@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import time
+import urllib.request
 from pathlib import Path
 
 import boto3
@@ -327,3 +328,28 @@ def test_multi_frame_files_larger_than_a_read_chunk(tmp_path):
     for name in ("c.jsonl.zst", "c.jsonl.gz"):
         src = CorpusSpec(path=str(tmp_path / name))
         assert _read(list_shards(src), src) == recs
+
+
+@pytest.fixture
+def s3_auth(s3_env):
+    """moto's server checking credentials (it accepts any by default) for one test: keys it
+    never issued are then refused with InvalidAccessKeyId, as S3 refuses them."""
+    def post(value: str) -> str:
+        with urllib.request.urlopen(urllib.request.Request(f"{s3_env}/moto-api/reset-auth", data=value.encode(), method="POST",
+                                                           headers={"Content-Type": "application/octet-stream"})) as r:
+            return json.loads(r.read())["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"]
+
+    previous = post("0")
+    try:
+        yield s3_env
+    finally:
+        post(previous)
+
+
+@pytest.mark.s3
+def test_s3_wrong_credentials_are_one_line_without_the_secret(s3_bucket, s3_auth):
+    src = CorpusSpec(path=f"{s3_bucket}/c/", storage_options={"key": "AKIANOTISSUED000", "secret": SECRET})
+    # A refused HEAD has no body, so only its status (403) names the refusal.
+    with pytest.raises(CorpusError, match=r"^s3://strata-\w+/c/: access refused \((InvalidAccessKeyId|403)\)") as info:
+        list_shards(src)
+    assert SECRET not in str(info.value) and "AKIANOTISSUED000" not in str(info.value) and "\n" not in str(info.value)
