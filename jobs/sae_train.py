@@ -60,7 +60,8 @@ def train_command(spec_path: str, overrides: Sequence[str], *, fresh: bool) -> i
     if result.noop:
         print(f"nothing to do: every SAE of the spec is committed in {result.store} with this config")
     first = result.outcomes[0].name
-    print(f"open one from a notebook:\n    import strata\n    sae = strata.open({spec.store!r}).sae({first!r})   # .load(), .lineage, .metrics, .path")
+    print(f"open one from a notebook:\n    import strata\n    sae = strata.open({spec.store!r}).sae({first!r})"
+          "   # .load(), .lineage, .metrics, .path")
     return 0
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
+from strata import store
 from strata.pipeline.config import CorpusSpec, TokenizeSpec
 from strata.pipeline.corpus import check_field, stable_id
 from strata.pipeline.errors import CorpusError
@@ -126,10 +127,8 @@ def tokenize_shard(job: ShardJob, settings: ShardSettings) -> dict[str, Any]:
     """Tokenize and pack one shard, commit its token stream and document part (unless a dry run),
     and return its counts. A shard committed already (same listing and settings) is not read
     again. Every problem with the shard's contents is a one-line :class:`CorpusError` naming it."""
-    from strata.store import open as store_open  # lazy: store.core imports the whole read path; tasks that reuse never need it
-
     try:
-        storage: Storage | None = store_open(job.store_uri, storage_options=job.store_options, create=False).storage
+        storage: Storage | None = store.open(job.store_uri, storage_options=job.store_options, create=False).storage
     except StrataError:
         if job.write:
             raise
@@ -520,9 +519,7 @@ def _check_unique_ids(plan: ShardPlan, src: CorpusSpec, ex: Executor, store_uri:
 def duplicate_ids(store_uri: str, store_options: dict[str, Any] | None, dataset: str, keys: list[str],
                   names: list[str]) -> tuple[int, str, str] | None:
     """A document id two of these tokenized shards share (id, one shard, the other), or None (a task)."""
-    from strata.store import open as store_open  # lazy: store.core imports the whole read path
-
-    storage = store_open(store_uri, storage_options=store_options, create=False).storage
+    storage = store.open(store_uri, storage_options=store_options, create=False).storage
     ids, owner = [], []
     for j, k in enumerate(keys):
         sh = TokenizedShard.open(storage, dataset, k)
