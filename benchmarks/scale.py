@@ -14,6 +14,23 @@
   packing, the document index) — peak driver RSS and tokens/s.
 * ``s3batches``: ``iter_batches`` from an S3 store (moto on loopback) vs the same data on local
   disk, rows/s.
+
+Sharded corpora (issue 23), each measured run in a fresh process (so its peak RSS is its own),
+every figure a ratio against a baseline of the same run; ``--json`` writes the figures:
+
+* ``dryrun``: driver peak RSS of ``strata extract --dry-run`` (``compute.executor: ray``: shards
+  are tokenized in Ray tasks) for ``--dry-shards`` JSON-lines shards of ``--shard-docs`` short
+  documents against 2 such shards (target: ratio <= 1.10); and the documents plan (the old
+  planner, ``corpus.plan: documents``) on the same 2 and 16 shards, whose driver grows by bytes
+  per document.
+* ``planrate``: planning throughput (tokens/s, 2 CPUs) of the sharded dry run vs the documents
+  plan on the same ``--planrate-tokens`` corpus of 16 shards (target: ratio >= 1.0); and the
+  sharded rate on documents of about 1,000 tokens (``--long-tokens``), for the README's scale model.
+* ``s3extract``: extraction tokens/s of a sharded corpus on S3 (moto on loopback) vs the same
+  shards on local disk, same tiny model (target: ratio >= 0.8); the two datasets' token tables
+  and activations must be identical.
+
+    python benchmarks/scale.py --parts dryrun,planrate,s3extract --json scale.json
 """
 
 from __future__ import annotations
@@ -23,15 +40,18 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
+from _machine import cpu_model, load_average, memory_gib  # noqa: E402
 
 from strata import store  # noqa: E402
 from strata.store import layout  # noqa: E402
@@ -257,6 +277,236 @@ def bench_plan(root: Path, tokens: int) -> None:
               f"{got['tokens'] / got['tokenize_s'] / 1e6:.2f} M tokens/s; driver peak RSS {got['rss_mib']:,.0f} MiB (target < 1024)")
 
 
+# -- sharded corpora (issue 23) -------------------------------------------------------------------
+
+BENCH_DIR = Path(__file__).resolve().parent
+CTX, UNIT_CONTEXTS = 1024, 256  # the scale model's unit: 256 contexts of 1,024 tokens
+
+
+def _fresh(fn: str, **kwargs: Any) -> dict[str, Any]:
+    """``fn(**kwargs)`` of this module in a fresh Python process (its peak RSS is that run's own);
+    its JSON result."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import scale; "
+            "print('RESULT ' + json.dumps(getattr(scale, sys.argv[2])(**json.loads(sys.argv[3]))))")
+    r = subprocess.run([sys.executable, "-c", code, str(BENCH_DIR), fn, json.dumps(kwargs)], capture_output=True, text=True, timeout=7200)
+    if r.returncode != 0:
+        raise RuntimeError(f"{fn} failed:\n{r.stderr[-4000:]}")
+    return json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")).removeprefix("RESULT "))
+
+
+def _spec(store_uri: str, model: str, corpus: str, plan: str, executor: str, dtype: str = "bfloat16") -> Any:
+    from strata.pipeline.config import ExtractSpec
+
+    return ExtractSpec(store=store_uri, name="scale", model={"id": model}, corpus={"path": corpus, "plan": plan}, hooks=[HOOK],
+                       dtype=dtype, tokenize={"context_size": CTX}, compute={"executor": executor, "unit_contexts": UNIT_CONTEXTS})
+
+
+def child_dry_run(store_uri: str, model: str, corpus: str, plan: str, cpus: int) -> dict[str, Any]:
+    """A dry run as ``strata extract SPEC --dry-run`` does it, tokenizing in Ray tasks (a private
+    Ray of ``cpus`` CPUs, started first so that ``seconds`` is the dry run alone)."""
+    from strata.pipeline.cluster import connect
+    from strata.pipeline.dryrun import dry_run_extract
+
+    spec = _spec(store_uri, model, corpus, plan, "ray")
+    t0 = time.perf_counter()
+    with connect(None, num_cpus=cpus):
+        ray_s = time.perf_counter() - t0
+        dry = dry_run_extract(spec)
+    return {"plan": dry.plan_kind, "shards": dry.shards, "docs": dry.docs, "tokens": dry.corpus_tokens, "contexts": dry.contexts,
+            "dropped_tokens": dry.dropped_tokens, "units": dry.units, "seconds": dry.seconds, "ray_start_s": ray_s,
+            "rss": dry.driver_peak_rss, "table": dry.table()}
+
+
+def child_extract(store_uri: str, model: str, corpus: str, executor: str) -> dict[str, Any]:
+    """A real extraction of a sharded corpus; its throughput and peak RSS."""
+    from strata.pipeline.extract import run_extract
+
+    res = run_extract(_spec(store_uri, model, corpus, "sharded", executor), progress=False)
+    return {"tokens": res.tokens, "seconds": res.seconds, "tokens_per_s": res.tokens_per_s, "steady_tokens_per_s": res.steady_tokens_per_s,
+            "units": res.num_units, "shards": res.shards, "bytes": res.bytes_written, "rss": res.driver_peak_rss}
+
+
+def child_plan_state(shards: int) -> dict[str, Any]:
+    """Bytes the driver's sharded plan holds per shard: a :class:`ShardPlan` of ``shards`` shards
+    (one real shard's counts, key and listing repeated with distinct names) and its shards table,
+    measured with tracemalloc."""
+    import tracemalloc
+
+    from strata.pipeline.sharded import ShardPlan
+
+    base = {"records": 200_000, "docs": 200_000, "skipped_empty": 0, "chars": 12_000_000, "tokens": 100_000_000, "contexts": 97_000,
+            "dropped_tokens": 500, "dropped_docs": 0, "partial_docs": 1, "id_min": 0, "id_max": 199_999, "doc_set": [0, 0],
+            "fields_seen": [], "reused": False, "node": "f" * 56, "pid": 12345,
+            "fingerprint": "xxh3_128:" + "0" * 32}
+    tracemalloc.start()
+    results, names, keys = [], [], []
+    for i in range(shards):
+        name = f"s3://bucket/corpus/part-{i:06d}.jsonl.zst"
+        results.append({**base, "shard": name, "key": f"{i:032x}",
+                        "listing": {"url": name, "format": "jsonl", "compression": "zstd", "size": 1 << 30,
+                                    "etag": f"{i:032x}", "version": None, "mtime_ns": None, "row_groups": None}})
+        names.append(name)
+        keys.append(f"{i:032x}")
+    plan = ShardPlan(names, keys, results, UNIT_CONTEXTS, CTX, True)
+    table = plan.table()
+    now, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {"shards": shards, "bytes": now, "peak": peak, "table_bytes": table.nbytes, "units": plan.units}
+
+
+def _short_docs(n: int, seed: int) -> list[str]:
+    """Short documents: the single sentences of :func:`synthetic_docs` (about 14 tokens each)."""
+    from strata.pipeline.tiny import synthetic_docs
+
+    out: list[str] = []
+    for d in synthetic_docs(n, seed=seed):
+        out += [s.strip() + "." for s in d.split(".") if s.strip()]
+    return out[:n]
+
+
+def _write_shards(folder: Path, n_shards: int, docs_per_shard: int, pool: list[str]) -> Path:
+    """``n_shards`` JSON-lines files of ``docs_per_shard`` documents each, cycling through ``pool``
+    (shard ``i`` starts ``i`` documents into it, so no two shards are the same bytes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"text": d}) + "\n" for d in pool]
+    for i in range(n_shards):
+        with open(folder / f"part-{i:03d}.jsonl", "w") as f:
+            left, j = docs_per_shard, i % len(lines)
+            while left:
+                take = lines[j: j + left]
+                f.writelines(take)
+                left -= len(take)
+                j = 0
+    return folder
+
+
+def _tokens_per_doc(model: Path, docs: list[str]) -> float:
+    from transformers import AutoTokenizer
+
+    return sum(len(x) for x in AutoTokenizer.from_pretrained(model)(docs)["input_ids"]) / len(docs)
+
+
+def _tiny(root: Path) -> Path:
+    from strata.pipeline.tiny import build_tiny
+
+    return build_tiny(root / "model", family="gpt2", layers=2, d_model=64, heads=4, max_positions=CTX, vocab_size=1024, seed=0)
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:,.0f} MiB"
+
+
+def bench_dryrun(root: Path, model: Path, n_shards: int, shard_docs: int, cpus: int, out: dict[str, Any]) -> None:
+    pool = _short_docs(20_000, seed=5)
+    corpora = {n: _write_shards(root / f"dry-{n}", n, shard_docs, pool) for n in (2, n_shards)}
+    runs: dict[str, dict[str, Any]] = {}
+    for plan in ("sharded", "documents"):
+        for n, folder in corpora.items():
+            tag = f"{plan}-{n}"
+            runs[tag] = got = _fresh("child_dry_run", store_uri=str(root / f"acts-dry-{tag}"), model=str(model), corpus=str(folder),
+                                     plan=plan, cpus=cpus)
+            print(f"  dry run, {plan:9s} plan, {n:2d} shards: {got['docs']:,} documents, {got['tokens']:,} tokens, {got['units']:,} units "
+                  f"in {got['seconds']:.1f} s; driver peak RSS {_mib(got['rss'])}")
+            shutil.rmtree(root / f"acts-dry-{tag}", ignore_errors=True)
+    print(runs[f"sharded-{n_shards}"]["table"])
+    for folder in corpora.values():
+        shutil.rmtree(folder, ignore_errors=True)
+    small, big = runs["sharded-2"], runs[f"sharded-{n_shards}"]
+    old_small, old_big = runs["documents-2"], runs[f"documents-{n_shards}"]
+    ratio, old_ratio = big["rss"] / small["rss"], old_big["rss"] / old_small["rss"]
+    per_doc = (old_big["rss"] - old_small["rss"]) / (old_big["docs"] - old_small["docs"])
+    per_shard = (big["rss"] - small["rss"]) / (n_shards - 2)
+    print(f"dryrun: driver peak RSS of the sharded dry run, {n_shards} shards ({big['docs']:,} documents, {big['tokens']:,} tokens) "
+          f"vs 2 shards ({small['docs']:,} documents, {small['tokens']:,} tokens): {_mib(big['rss'])} vs {_mib(small['rss'])}, "
+          f"ratio {ratio:.2f} (target <= 1.10); the documents plan (old planner) on the same shards: {_mib(old_big['rss'])} vs "
+          f"{_mib(old_small['rss'])}, ratio {old_ratio:.2f}, {per_doc:.0f} bytes a document")
+    state = _fresh("child_plan_state", shards=100_000)
+    print(f"dryrun: the sharded plan's driver state (tracemalloc): {state['bytes'] / state['shards']:,.0f} bytes a shard "
+          f"({_mib(state['bytes'])} for {state['shards']:,} shards; the shards table {state['table_bytes'] / state['shards']:,.0f} bytes a shard); "
+          f"RSS slope here: {per_shard / 2**10:,.1f} KiB a shard (noise: the RSS of a Ray driver varies by MiBs)")
+    out["dryrun"] = {"runs": {k: {x: v[x] for x in v if x != "table"} for k, v in runs.items()}, "ratio": ratio, "documents_ratio": old_ratio,
+                     "documents_bytes_per_doc": per_doc, "rss_bytes_per_shard": per_shard,
+                     "plan_state_bytes_per_shard": state["bytes"] / state["shards"],
+                     "shards_table_bytes_per_shard": state["table_bytes"] / state["shards"],
+                     "table": big["table"]}
+
+
+def bench_planrate(root: Path, model: Path, tokens: int, long_tokens: int, cpus: int, out: dict[str, Any]) -> None:
+    from strata.pipeline.tiny import synthetic_docs
+
+    pool = synthetic_docs(20_000, seed=3)
+    per_doc = _tokens_per_doc(model, pool[:2000])
+    n_shards = 16
+    folder = _write_shards(root / "rate", n_shards, int(tokens / per_doc / n_shards), pool)
+    runs = {}
+    for plan in ("documents", "sharded"):
+        runs[plan] = got = _fresh("child_dry_run", store_uri=str(root / f"acts-rate-{plan}"), model=str(model), corpus=str(folder),
+                                  plan=plan, cpus=cpus)
+        got["rate"] = got["tokens"] / got["seconds"]
+        print(f"  planning, {plan:9s} plan: {got['tokens']:,} tokens ({got['docs']:,} documents, {got['tokens'] / got['docs']:.0f} tokens "
+              f"each) in {got['seconds']:.1f} s: {got['rate'] / 1e6:.2f} M tokens/s; driver peak RSS {_mib(got['rss'])}")
+        shutil.rmtree(root / f"acts-rate-{plan}", ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    long_pool = [" ".join(pool[i: i + 24]) for i in range(0, len(pool) - 24, 24)]
+    long_per_doc = _tokens_per_doc(model, long_pool[:200])
+    folder = _write_shards(root / "rate-long", n_shards, max(1, int(long_tokens / long_per_doc / n_shards)), long_pool)
+    runs["long"] = got = _fresh("child_dry_run", store_uri=str(root / "acts-rate-long"), model=str(model), corpus=str(folder),
+                                plan="sharded", cpus=cpus)
+    got["rate"] = got["tokens"] / got["seconds"]
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(root / "acts-rate-long", ignore_errors=True)
+    print(f"  planning, sharded plan, long documents: {got['tokens']:,} tokens ({got['docs']:,} documents, "
+          f"{got['tokens'] / got['docs']:.0f} tokens each) in {got['seconds']:.1f} s: {got['rate'] / 1e6:.2f} M tokens/s")
+    ratio = runs["sharded"]["rate"] / runs["documents"]["rate"]
+    print(f"planrate: {cpus} CPUs, {n_shards} shards, {runs['sharded']['tokens']:,} tokens: sharded dry run "
+          f"{runs['sharded']['rate'] / 1e6:.2f} M tokens/s vs the documents plan {runs['documents']['rate'] / 1e6:.2f} M tokens/s: "
+          f"ratio {ratio:.2f} (target >= 1.0); per CPU: {runs['sharded']['rate'] / cpus / 1e6:.2f} M tokens/s at "
+          f"{runs['sharded']['tokens'] / runs['sharded']['docs']:.0f} tokens a document, {got['rate'] / cpus / 1e6:.2f} M tokens/s at "
+          f"{got['tokens'] / got['docs']:.0f}")
+    out["planrate"] = {"runs": {k: {x: v[x] for x in v if x != "table"} for k, v in runs.items()}, "ratio": ratio, "cpus": cpus}
+
+
+def _same_datasets(a: str, b: str) -> int:
+    """Assert the two stores' datasets hold the same token tables and activations, unit by unit; the rows compared."""
+    da, db = store.open(a, create=False).dataset("scale"), store.open(b, create=False).dataset("scale")
+    assert da.info.num_units == db.info.num_units, (da.info.num_units, db.info.num_units)
+    rows = 0
+    for u in range(da.info.num_units):
+        ta, tb = da.unit_tokens(u), db.unit_tokens(u)
+        assert ta.equals(tb), f"unit {u}: token tables differ"
+        xa, xb = da.unit_array(HOOK, u), db.unit_array(HOOK, u)
+        assert xa.tobytes() == xb.tobytes(), f"unit {u}: activations differ"
+        rows += ta.num_rows
+    return rows
+
+
+def bench_s3extract(root: Path, model: Path, n_shards: int, shard_docs: int, executor: str, out: dict[str, Any]) -> None:
+    import boto3
+
+    from strata.pipeline.tiny import synthetic_docs
+
+    folder = _write_shards(root / "ex", n_shards, shard_docs, synthetic_docs(4000, seed=7))
+    server = _moto()
+    try:
+        s3 = boto3.client("s3")
+        for f in sorted(folder.iterdir()):
+            s3.upload_file(str(f), "bench", f"corpus/{f.name}")
+        sides = {"local": (str(folder), str(root / "acts-ex-local")), "s3": ("s3://bench/corpus/", str(root / "acts-ex-s3"))}
+        runs = {}
+        for name, (corpus, acts) in sides.items():
+            runs[name] = got = _fresh("child_extract", store_uri=acts, model=str(model), corpus=corpus, executor=executor)
+            print(f"  extract from {name:5s}: {got['tokens']:,} tokens, {got['units']} units, {got['shards']} shards in {got['seconds']:.1f} s: "
+                  f"{got['tokens_per_s']:,.0f} tokens/s ({got['steady_tokens_per_s']:,.0f} steady); driver peak RSS {_mib(got['rss'])}")
+        rows = _same_datasets(sides["local"][1], sides["s3"][1])
+    finally:
+        server.stop()
+    ratio = runs["s3"]["tokens_per_s"] / runs["local"]["tokens_per_s"]
+    print(f"s3extract: extraction ({executor} executor, {n_shards} shards, {runs['s3']['tokens']:,} tokens) from S3 (moto on loopback) "
+          f"{runs['s3']['tokens_per_s']:,.0f} tokens/s vs local disk {runs['local']['tokens_per_s']:,.0f} tokens/s: ratio {ratio:.2f} "
+          f"(target >= 0.8); token tables and activations identical ({rows:,} rows)")
+    out["s3extract"] = {"runs": runs, "ratio": ratio, "rows_compared": rows, "executor": executor}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="open,s3open")
@@ -264,9 +514,20 @@ def main() -> None:
     p.add_argument("--s3-units", type=int, default=3_000)
     p.add_argument("--plan-tokens", type=int, default=200_000_000)
     p.add_argument("--batch-units", type=int, default=8, help="units of 8,192 rows (d=768) for s3batches")
+    p.add_argument("--dry-shards", type=int, default=16, help="dryrun: shards of the larger corpus (the smaller has 2)")
+    p.add_argument("--shard-docs", type=int, default=200_000, help="dryrun: short documents a shard")
+    p.add_argument("--planrate-tokens", type=int, default=60_000_000, help="planrate: tokens of the corpus (16 shards)")
+    p.add_argument("--long-tokens", type=int, default=20_000_000, help="planrate: tokens of the corpus of ~1,000-token documents")
+    p.add_argument("--cpus", type=int, default=2, help="dryrun, planrate: CPUs of the private Ray")
+    p.add_argument("--extract-shards", type=int, default=8, help="s3extract: shards")
+    p.add_argument("--extract-docs", type=int, default=5_000, help="s3extract: documents a shard")
+    p.add_argument("--extract-executor", default="local", choices=["local", "ray"], help="s3extract: compute.executor")
+    p.add_argument("--json", default=None, help="write the figures here as JSON")
     p.add_argument("--dir", default=None)
     a = p.parse_args()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    machine = f"{platform.machine()} {cpu_model()}, {os.cpu_count()} cores, {memory_gib():.0f} GiB, python {platform.python_version()}"
+    print(f"machine: {machine}; {load_average()} at the start")
+    out: dict[str, Any] = {"machine": machine, "load_start": load_average(), "argv": sys.argv[1:]}
     root = Path(tempfile.mkdtemp(prefix="strata-scale-", dir=a.dir))
     try:
         parts = set(a.parts.split(","))
@@ -278,8 +539,24 @@ def main() -> None:
             bench_plan(root, a.plan_tokens)
         if "s3batches" in parts:
             bench_s3_batches(root, a.batch_units)
+        model = _tiny(root) if parts & {"dryrun", "planrate", "s3extract"} else None
+        def save() -> None:  # after every part: a later part's failure keeps the figures of those before
+            out["load_end"] = load_average()
+            if a.json:
+                Path(a.json).write_text(json.dumps(out, indent=1))
+
+        if "dryrun" in parts:
+            bench_dryrun(root, model, a.dry_shards, a.shard_docs, a.cpus, out)
+            save()
+        if "planrate" in parts:
+            bench_planrate(root, model, a.planrate_tokens, a.long_tokens, a.cpus, out)
+            save()
+        if "s3extract" in parts:
+            bench_s3extract(root, model, a.extract_shards, a.extract_docs, a.extract_executor, out)
+            save()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    print(f"machine: {load_average()} at the end")
 
 
 if __name__ == "__main__":
