@@ -13,7 +13,16 @@ the Zarr metadata (against what the manifest says it must be).
 dataset's write lease, so the next extraction recomputes exactly those units; rebuilds the
 commit index from the records and the Zarr metadata from the manifest; and removes a damaged
 document index or tokenizer, which only the extraction can write again (its driver replaces a
-content-named file whose bytes do not match). The outcome of
+content-named file whose bytes do not match).
+
+A dataset of a sharded corpus also has its plan (the ``shards`` table, a driver-written file) and,
+beside it, a tokenized shard per row (:mod:`strata.store.datasets.tokenized`): ``verify`` checks
+that each one is committed, that its files match their checksums and its document part reads, and
+that its recorded counts are the plan's. ``repair`` removes a damaged or missing tokenized shard and
+the units its contexts fed (the plan's ``first_unit`` and ``units``), and renames the plan's row
+to ``KEY.removed`` (:data:`REMOVED`): the row keeps its counts and place, but the next extraction,
+which trusts a row only under the key it would give the shard, tokenizes that shard again and
+recomputes exactly those units. The outcome of
 the last verify or repair is kept in ``datasets/NAME/verify.json`` so a later
 ``strata extract`` that finds nothing to do can say whether the data was ever checked.
 """
@@ -26,11 +35,15 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import pyarrow as pa
+
 from strata.store import layout
-from strata.store.commit import protocol
+from strata.store.commit import artifacts, protocol
+from strata.store.commit.lease import Lease
 from strata.store.datasets.commits import CommitState, decode_commit_index
 from strata.store.datasets.manifest import DatasetInfo, load_manifest, read_aux
 from strata.store.datasets.shards import create_hook_array
+from strata.store.datasets.tokenized import TokenizedShard, decode_shards_table, shards_kind
 from strata.store.datasets.tokens import decode_tokens
 from strata.store.datasets.writer import DatasetWriter, dataset_lease
 from strata.store.errors import CorruptionError
@@ -66,14 +79,19 @@ class Verifiable(DatasetFiles, Protocol):
 
 #: What a problem with a driver-written file is about (``Problem.unit`` is then -1).
 AUX = -1
+#: What a problem with a tokenized corpus shard is about (``Problem.unit`` is then -2, ``Problem.shard`` its key).
+SHARD = -2
+#: The suffix :func:`repair` gives the plan's key of a tokenized shard it removed (see the module's docstring).
+REMOVED = ".removed"
 
 
 @dataclass
 class Problem:
     hook: str | None  # None: the unit's token table
-    unit: int  # AUX: a driver-written file (document index, tokenizer, commit index, Zarr metadata)
+    unit: int  # AUX: a driver-written file (document index, tokenizer, commit index, Zarr metadata); SHARD: a tokenized shard
     file: str
     message: str
+    shard: str | None = None  # SHARD: the key the dataset's plan names the tokenized shard by
 
     def __str__(self) -> str:
         if self.unit < 0:
@@ -127,18 +145,21 @@ class RepairReport:
     removed: list[Problem] = field(default_factory=list)  # units whose records were removed
     rebuilt: list[str] = field(default_factory=list)  # driver-written files written again from what they derive from
     removed_files: list[str] = field(default_factory=list)  # damaged driver-written files only the extraction can rewrite
+    removed_shards: list[Problem] = field(default_factory=list)  # damaged or missing tokenized shards, removed
+    shard_units: list[int] = field(default_factory=list)  # committed units those shards fed, removed with them
+    left: list[str] = field(default_factory=list)  # what repair cannot fix, and what to do instead
 
     @property
     def units(self) -> list[int]:
-        return sorted({p.unit for p in self.removed})
+        return sorted({p.unit for p in self.removed} | set(self.shard_units))
 
     @property
     def rerun(self) -> bool:
         """Whether the extraction job must run again to rebuild what was removed."""
-        return bool(self.removed or self.removed_files)
+        return bool(self.removed or self.removed_files or self.removed_shards)
 
     def __str__(self) -> str:
-        if not (self.removed or self.rebuilt or self.removed_files):
+        if not (self.removed or self.rebuilt or self.removed_files or self.removed_shards or self.left):
             return f"{self.dataset}: nothing to repair"
         lines = []
         if self.removed:
@@ -146,7 +167,12 @@ class RepairReport:
             lines += [f"  {p}" for p in self.removed]
         lines += [f"{self.dataset}: rebuilt {k}" for k in self.rebuilt]
         lines += [f"{self.dataset}: removed the damaged {k}" for k in self.removed_files]
-        if self.removed:
+        lines += [f"{self.dataset}: removed tokenized shard {p.shard} ({p.message})" for p in self.removed_shards]
+        if self.removed_shards:
+            lines.append(f"  and the {len(self.shard_units)} committed unit(s) they fed: {self.shard_units}" if self.shard_units
+                         else "  (no committed unit was fed by them)")
+        lines += [f"{self.dataset}: not repaired: {k}" for k in self.left]
+        if self.removed or self.removed_shards:
             lines.append("  the next `strata extract` of this dataset recomputes exactly those")
         if self.removed_files:
             lines.append(f"  rerun the extraction job of dataset {self.dataset!r} (`strata extract SPEC`) to rebuild the removed file(s)")
@@ -182,12 +208,17 @@ def verify(dataset: Verifiable, *, hooks: list[str] | None = None, committed_onl
             report.files_checked += 1
             report.bytes_checked += rec.file.nbytes
             units.add(unit)
+    shards = None
     for kind, entry in ds.info.aux.items():
         try:
-            read_aux(ds.storage, ds.info, kind)
+            got = read_aux(ds.storage, ds.info, kind)
+            if kind == "shards" and got is not None:  # the bytes are what was written; check they are a plan
+                shards = decode_shards_table(got[1], where=got[0])
         except CorruptionError as e:
             report.problems.append(Problem(None, AUX, str(entry.get("key", kind)), str(e).split(": ", 1)[-1]))
         report.files_checked += 1
+    if shards is not None:
+        _check_tokenized_shards(ds, shards, report)
     index_problem = _check_index(ds)
     if index_problem is not None:
         report.problems.append(index_problem)
@@ -196,6 +227,48 @@ def verify(dataset: Verifiable, *, hooks: list[str] | None = None, committed_onl
     report.units_checked = len(units)
     _record_outcome(ds, report.to_dict())
     return report
+
+
+def _check_tokenized_shards(ds: DatasetFiles, shards: Any, report: VerifyReport) -> None:
+    """Every tokenized shard the plan names: committed, its files intact, its document part
+    readable, its recorded counts the plan's (a shard planned from other counts packs other units)."""
+    kind = shards_kind(ds.name)
+    for row in shards.select(["key", "name", "fingerprint", "records", "docs", "tokens", "contexts", "first_unit", "units"]).to_pylist():
+        key, units = row["key"], range(row["first_unit"], row["first_unit"] + row["units"])
+        what = f"tokenized shard of {row['name']} (units {units.start}-{units.stop - 1})" if units else f"tokenized shard of {row['name']} (no units)"
+
+        def problem(file: str, msg: str, key: str = key, what: str = what) -> None:
+            report.problems.append(Problem(None, SHARD, file, f"{what}: {msg}", shard=key))
+
+        if key.endswith(REMOVED):
+            problem(f"{kind}/{key[: -len(REMOVED)]}", "removed by a repair; the next extraction tokenizes it again")
+            continue
+        prefix = f"{kind}/{key}"
+        try:
+            sh = TokenizedShard.open(ds.storage, ds.name, key)
+        except (CorruptionError, ValueError) as e:
+            problem(f"{prefix}/{artifacts.COMMIT}", f"its commit record is damaged ({str(e).split(': ', 1)[-1]})")
+            continue
+        if sh is None:
+            problem(prefix, "missing (no commit record)")
+            continue
+        report.files_checked += 1 + len(sh.art.record.files)
+        report.bytes_checked += sum(f.nbytes for f in sh.art.record.files)
+        bad = artifacts.verify(ds.storage, sh.art)
+        if bad:
+            file, msg = bad[0].split(": ", 1)
+            problem(file, msg + (f" (and {len(bad) - 1} more file(s))" if len(bad) > 1 else ""))
+            continue
+        try:
+            sh.docs()
+        except CorruptionError as e:
+            problem(f"{prefix}/docs.parquet", str(e).split(": ", 1)[-1])
+            continue
+        meta = sh.meta
+        differ = [f"{c} {meta.get(c)} (the plan says {row[c]})" for c in ("records", "docs", "tokens", "contexts", "fingerprint")
+                  if c in meta and meta[c] != row[c]]
+        if differ:
+            problem(f"{prefix}/{artifacts.COMMIT}", f"its record differs from the plan: {', '.join(differ)}")
 
 
 def _check_index(ds: CommitState) -> Problem | None:
@@ -293,8 +366,11 @@ def repair(ds: Verifiable, report: VerifyReport | None = None) -> RepairReport:
         report = report if report is not None else verify(ds)
         out = RepairReport(ds.name)
         rebuild_index = False
+        shard_problems = [p for p in report.problems if p.unit == SHARD]
         for p in report.problems:
             lease.check()
+            if p.unit == SHARD:
+                continue  # below, all together: one new plan
             if p.unit < 0:
                 rebuild_index |= _repair_aux(ds, p, out)
                 continue
@@ -307,6 +383,8 @@ def repair(ds: Verifiable, report: VerifyReport | None = None) -> RepairReport:
             else:
                 ds.storage.delete(layout.shard_key(ds.name, p.hook, p.unit))
             out.removed.append(p)
+        if shard_problems:
+            _repair_shards(ds, shard_problems, lease, out)
         ds.refresh()
         if out.removed or rebuild_index:  # the commit index must not name the removed records
             DatasetWriter(ds.store, ds.name, fence=lease.token).compact_commits(full=True)
@@ -314,13 +392,44 @@ def repair(ds: Verifiable, report: VerifyReport | None = None) -> RepairReport:
             if rebuild_index and key:
                 out.rebuilt.append(str(key))
             ds.refresh()
-        _record_outcome(ds, {**report.to_dict(), "repaired_units": out.units, "ok": False if out.removed else report.ok})
+        _record_outcome(ds, {**report.to_dict(), "repaired_units": out.units,
+                              "ok": False if out.removed or out.removed_shards else report.ok})
     return out
+
+
+def _repair_shards(ds: Verifiable, problems: list[Problem], lease: Lease, out: RepairReport) -> None:
+    """Remove damaged or missing tokenized shards and the committed units their contexts fed (the
+    records first: the units vanish before their shard), then rename their rows of the plan to
+    ``KEY.removed`` so the next extraction tokenizes them again (see the module's docstring)."""
+    got = read_aux(ds.storage, load_manifest(ds.storage, ds.name), "shards")
+    if got is None:  # pragma: no cover - a SHARD problem comes from the plan
+        return
+    table = decode_shards_table(got[1], where=got[0])
+    keys = table.column("key").to_pylist()
+    first, count = table.column("first_unit").to_pylist(), table.column("units").to_pylist()
+    bad = {p.shard for p in problems}
+    units = sorted({u for i, k in enumerate(keys) if k in bad for u in range(first[i], first[i] + count[i])})
+    w = DatasetWriter(ds.store, ds.name, fence=lease.token)
+    out.shard_units = w.forget_units(units)
+    for k in sorted(k for k in bad if k is not None):
+        lease.check()
+        artifacts.delete(ds.storage, shards_kind(ds.name), k.removesuffix(REMOVED), lease=lease)
+    out.removed_shards = [p for p in problems if p.shard is not None and not p.shard.endswith(REMOVED)]
+    renamed = [k + REMOVED if k in bad and not k.endswith(REMOVED) else k for k in keys]
+    if renamed != keys:
+        lease.check()
+        w.write_shards_table(table.set_column(table.schema.get_field_index("key"), "key", pa.array(renamed, pa.string())))
 
 
 def _repair_aux(ds: DatasetFiles, p: Problem, out: RepairReport) -> bool:
     """Repair one damaged driver-written file; True when the commit index must be rebuilt."""
     name = p.file.rsplit("/", 1)[-1]
+    if p.file == (ds.info.aux.get("shards") or {}).get("key"):
+        # The plan is the only record of which committed units came from which shard: without it
+        # no extraction can tell what to keep, so removing it would strand the dataset.
+        out.left.append(f"{p.file}: the plan of its sharded corpus is damaged, and only it says which units came from which shard; "
+                        f"delete the dataset (`strata rm STORE {ds.name}`) and extract it again")
+        return False
     if name.startswith("commit_index-"):
         return True  # rebuilt from the records themselves (compact_commits writes it again, replacing damage)
     if name == "zarr.json":

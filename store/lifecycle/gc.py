@@ -4,7 +4,10 @@ losing attempts, older than a grace period.
 What is collected, per dataset: token files of attempts that lost or crashed (a committed unit's
 token file is the one its record names); shards of units with no commit record (a writer died
 between its shard and its record); document-index and tokenizer files the manifest no longer
-points at; temporary ``.partial`` files. Per feature table: unit files no commit record names
+points at; temporary ``.partial`` files; tokenized corpus shards
+(``datasets/NAME/shards/KEY/``) the dataset's plan (its shards table) no longer names (a changed
+shard's old tokenization, a failed attempt's), and the files of a shard folder never committed (a
+task that died before its record). Per feature table: unit files no commit record names
 (a failed attempt's) and merged generations that were never committed. Per artifact folder
 (SAEs, analyses, checkpoints): the files of a folder that was never committed. Never a file a
 commit record names.
@@ -12,7 +15,8 @@ commit record names.
 Work in progress is listed apart (:attr:`GcReport.in_progress`) and never collected, whatever
 its age: anything under a lease a live job holds (its in-flight attempts included), the
 checkpoints of an unfinished SAE run (its rerun resumes from them), a feature table whose encode
-job has not finished. Only ``abandoned=[NAME]`` (``strata gc --abandoned NAME``) deletes one,
+job has not finished, a dataset folder with committed tokenized shards and no manifest (a
+``strata extract --dry-run``'s: the extraction that follows reuses them). Only ``abandoned=[NAME]`` (``strata gc --abandoned NAME``) deletes one,
 under its lease.
 
 Safety: a damaged commit record makes what it may name off limits (we cannot tell what it
@@ -35,6 +39,8 @@ from strata.store.commit import artifacts
 from strata.store.commit.artifacts import COMMIT
 from strata.store.commit.lease import Lease
 from strata.store.datasets.reader import open_dataset
+from strata.store.datasets.tokenized import shards_kind
+from strata.store.datasets.verify import REMOVED
 from strata.store.errors import StrataError
 from strata.store.features.format import FEATURES, load_info, merged_dir, unit_records, units_dir
 from strata.store.root import StoreRoot
@@ -179,7 +185,15 @@ class _Pass:
             for u in ds.committed_units(hook):
                 referenced.update(f.key for f in ds.record(hook, u).files)
         referenced.update(e["key"] for e in ds.info.aux.values())
-        keep_prefixes = (f"{prefix}/commits/", f"{prefix}/lease/", f"{prefix}/manifest.json", f"{prefix}/verify.json")
+        try:
+            plan = ds.shards()
+        except StrataError as e:  # a damaged plan: we cannot tell which tokenized shards it names
+            self.report.skipped.append(f"dataset {name!r}: its shards table is unreadable ({e}); its tokenized shards are left alone")
+        else:
+            named = set() if plan is None else {k.removesuffix(REMOVED) for k in plan.column("key").to_pylist()}
+            self.tokenized_shards(name, named)
+        keep_prefixes = (f"{prefix}/commits/", f"{prefix}/lease/", f"{prefix}/manifest.json", f"{prefix}/verify.json",
+                         f"{shards_kind(name)}/")
         for key in self.storage.list(prefix):
             if key in referenced or key.startswith(keep_prefixes) or key.endswith("zarr.json"):
                 continue
@@ -198,6 +212,57 @@ class _Pass:
                 why = "temporary file"
             if why is not None:
                 self.garbage(key, why)
+
+    def tokenized_shards(self, name: str, named: set[str] | None) -> int:
+        """Collect the tokenized shards of dataset ``name`` its plan does not name (``named``; None:
+        no dataset yet, so every committed shard is kept), and the files of shard folders never
+        committed. Returns how many committed shards are kept."""
+        kind = shards_kind(name)
+        kept = 0
+        for key in self.storage.list_dirs(kind):
+            prefix = f"{kind}/{key}"
+            files = self.files(prefix)
+            committed = self.storage.exists(f"{prefix}/{COMMIT}")
+            if committed and named is not None and key not in named:
+                # Whole or not at all (a record naming deleted files would be reused by the next
+                # extraction), and the record first: the shard vanishes before its files go.
+                if files and min(_age(self.storage, f, self.now) for f in files) >= self.grace_s:
+                    for f in sorted(files, key=lambda k: k != f"{prefix}/{COMMIT}"):
+                        self.garbage(f, "tokenized shard the dataset's plan no longer names")
+                continue
+            if committed:
+                kept += 1
+                try:
+                    art = artifacts.get(self.storage, kind, key)
+                except (StrataError, ValueError) as e:
+                    self.report.skipped.append(f"{prefix}: damaged commit record ({e}); its files are left alone")
+                    continue
+                listed = {f.key for f in art.record.files} if art is not None else set(files)
+                for f in files:
+                    if f not in listed and f != f"{prefix}/{COMMIT}":
+                        self.garbage(f, "file its commit record does not name")
+            elif named is None or key not in named:
+                for f in files:
+                    self.garbage(f, "file of a tokenized shard that was never committed (its task died)")
+            # a named shard with no record: damage `strata verify` reports and repairs; its files are evidence
+        return kept
+
+    def planned(self, name: str) -> None:
+        """A dataset folder with no manifest: a dry run's tokenized shards (work in progress, kept
+        for the extraction that reuses them) and the files of shard folders never committed."""
+        try:
+            prefix = layout.dataset_dir(name)
+        except StrataError:
+            return  # a name Strata never writes: left alone
+        if not self.storage.list_dirs(shards_kind(name)) or self.live("dataset", name, prefix):
+            return  # nothing of ours, or an extraction planning it now
+        kept = self.tokenized_shards(name, None)
+        if kept:
+            listed = {g.key for g in self.report.garbage}
+            keys = [k for k in self.files(prefix) + self.storage.list_temporary(prefix) if k not in listed]
+            self.report.in_progress.append(InProgress(
+                "dataset", name, prefix, f"planned by a dry run: {kept} tokenized shard(s), no dataset yet (its extraction reuses them)",
+                keys, sum(_size(self.storage, k) for k in keys), False))
 
     # -- feature tables -----------------------------------------------------------------------
 
@@ -304,8 +369,8 @@ def collect(store: StoreRoot, *, grace_s: float = 3600.0, abandoned: Sequence[st
     report = GcReport()
     p = _Pass(store, grace_s, report)
     storage = store.storage
-    work = [(p.dataset, layout.DATASETS, n) for n in storage.list_dirs(layout.DATASETS)
-            if storage.exists(f"{layout.DATASETS}/{n}/manifest.json")]
+    work = [(p.dataset if storage.exists(f"{layout.DATASETS}/{n}/manifest.json") else p.planned, layout.DATASETS, n)
+            for n in storage.list_dirs(layout.DATASETS)]
     work += [(p.feature_table, FEATURES, n) for n in storage.list_dirs(FEATURES)]
     work += [(functools.partial(p.artifact, kind), kind, n) for kind in ARTIFACT_KINDS for n in storage.list_dirs(kind)]
     for step, folder, name in work:
@@ -317,8 +382,10 @@ def collect(store: StoreRoot, *, grace_s: float = 3600.0, abandoned: Sequence[st
     report.foreign = links(storage)
     for want in abandoned:
         run = _pick(report, want)
+        listed = {g.key for g in report.garbage}
         for key in run.keys:
-            report.garbage.append(Garbage(key, _size(storage, key), _age(storage, key, p.now), f"abandoned {run.prefix}: {run.state}"))
+            if key not in listed:
+                report.garbage.append(Garbage(key, _size(storage, key), _age(storage, key, p.now), f"abandoned {run.prefix}: {run.state}"))
     return report
 
 
