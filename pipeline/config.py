@@ -42,21 +42,6 @@ class CorpusSpec(Section):
     (``s3://bucket/corpus/``, ``gs://...``, ``hf://datasets/OWNER/NAME/...``); for ``format: hf``
     a hub dataset name or a folder saved by ``datasets.save_to_disk``; for ``format: images`` a
     folder (or glob) of image files. ``.gz`` and ``.zst`` files are decompressed."""
-    storage_options: dict[str, Any] | None = Field(default=None, repr=False)
-    """fsspec options for a remote corpus (endpoint, region, credentials, ...): used, never
-    recorded, logged or printed (records keep only the non-secret options, as for the store)."""
-    plan: Literal["auto", "sharded", "documents"] = "auto"
-    """How the corpus is planned. ``sharded``: every file (or Parquet row-group range) is a
-    shard, tokenized by a task where it runs into the store; contexts never span two shards and
-    the driver holds O(shards + units). ``documents``: the whole corpus is one stream of
-    documents planned on the driver (a one-file corpus that grows by appended documents).
-    ``auto``: ``documents`` for one local file, an HF dataset or images, ``sharded`` otherwise."""
-    shard_mb: int = Field(default=512, gt=0)
-    """A Parquet file larger than this (MiB, on disk) splits into row-group ranges of about
-    this size, each a shard."""
-    on_change: Literal["recompute", "refuse"] = "recompute"
-    """Sharded corpora: when a shard's bytes changed since it was extracted, recompute the
-    units it feeds (``recompute``), or stop with an error naming it (``refuse``)."""
     format: Literal["jsonl", "parquet", "text", "hf", "images"] = "jsonl"
     """How to read ``path``. ``images``: a folder of image files, one document per image, in
     sorted path order (an optional ``metadata.jsonl`` beside them, keyed by ``file_name``, gives
@@ -88,6 +73,21 @@ class CorpusSpec(Section):
     keep_fields: list[str] = []
     """Document fields to keep (``label``, ``lang``, ...): recorded per document in the
     dataset's document table, ``ds.docs()`` (jsonl, parquet and hf corpora)."""
+    storage_options: dict[str, Any] | None = Field(default=None, repr=False)
+    """fsspec options for a remote corpus (endpoint, region, credentials, ...): used, never
+    recorded, logged or printed (records keep only the non-secret options, as for the store)."""
+    plan: Literal["auto", "sharded", "documents"] = "auto"
+    """How the corpus is planned. ``sharded``: every file (or Parquet row-group range) is a
+    shard, tokenized by a task where it runs into the store; contexts never span two shards and
+    the driver holds O(shards + units). ``documents``: the whole corpus is one stream of
+    documents planned on the driver (a one-file corpus that grows by appended documents).
+    ``auto``: ``documents`` for one local file, an HF dataset or images, ``sharded`` otherwise."""
+    shard_mb: int = Field(default=512, gt=0)
+    """A Parquet file larger than this (MiB, on disk) splits into row-group ranges of about
+    this size, each a shard."""
+    on_change: Literal["recompute", "refuse"] = "recompute"
+    """Sharded corpora: when a shard's bytes changed since it was extracted, recompute the
+    units it feeds (``recompute``), or stop with an error naming it (``refuse``)."""
 
     @property
     def is_images(self) -> bool:
