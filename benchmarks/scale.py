@@ -23,6 +23,8 @@ every figure a ratio against a baseline of the same run; ``--json`` writes the f
   documents against 2 such shards (target: ratio <= 1.10); and the documents plan (the old
   planner, ``corpus.plan: documents``) on the same 2 and 16 shards, whose driver grows by bytes
   per document.
+* ``planstate``: bytes of the driver's sharded plan a shard (tracemalloc, 20k vs 100k shards; part
+  of ``dryrun``), and of a run's list of units a unit.
 * ``planrate``: planning throughput (tokens/s, 2 CPUs) of the sharded dry run vs the documents
   plan on the same ``--planrate-tokens`` corpus of 16 shards (target: ratio >= 1.0); and the
   sharded rate on documents of about 1,000 tokens (``--long-tokens``), for the README's scale model.
@@ -326,18 +328,17 @@ def child_extract(store_uri: str, model: str, corpus: str, executor: str) -> dic
             "units": res.num_units, "shards": res.shards, "bytes": res.bytes_written, "rss": res.driver_peak_rss}
 
 
-def child_plan_state(shards: int) -> dict[str, Any]:
-    """Bytes the driver's sharded plan holds per shard: a :class:`ShardPlan` of ``shards`` shards
-    (one real shard's counts, key and listing repeated with distinct names) and its shards table,
-    measured with tracemalloc."""
+def _plan_state(shards: int) -> tuple[int, int]:
+    """Bytes held (tracemalloc) by a :class:`ShardPlan` of ``shards`` shards and its shards
+    table: one real-looking shard's counts and listing, repeated under distinct names and keys;
+    and the table's Arrow bytes."""
     import tracemalloc
 
     from strata.pipeline.sharded import ShardPlan
 
     base = {"records": 200_000, "docs": 200_000, "skipped_empty": 0, "chars": 12_000_000, "tokens": 100_000_000, "contexts": 97_000,
             "dropped_tokens": 500, "dropped_docs": 0, "partial_docs": 1, "id_min": 0, "id_max": 199_999, "doc_set": [0, 0],
-            "fields_seen": [], "reused": False, "node": "f" * 56, "pid": 12345,
-            "fingerprint": "xxh3_128:" + "0" * 32}
+            "fields_seen": [], "reused": False, "node": "f" * 56, "pid": 12345, "fingerprint": "xxh3_128:" + "0" * 32}
     tracemalloc.start()
     results, names, keys = [], [], []
     for i in range(shards):
@@ -349,9 +350,32 @@ def child_plan_state(shards: int) -> dict[str, Any]:
         keys.append(f"{i:032x}")
     plan = ShardPlan(names, keys, results, UNIT_CONTEXTS, CTX, True)
     table = plan.table()
-    now, peak = tracemalloc.get_traced_memory()
+    held = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
-    return {"shards": shards, "bytes": now, "peak": peak, "table_bytes": table.nbytes, "units": plan.units}
+    del plan
+    return held, table.nbytes
+
+
+def child_plan_state(shards: int) -> dict[str, Any]:
+    """Bytes the driver's sharded plan holds per shard: the slope between plans of ``shards`` // 5
+    and ``shards`` shards (tracemalloc: Python objects; plus the shards table's Arrow bytes, which
+    tracemalloc does not see); and a run's bytes per unit."""
+    import tracemalloc
+
+    b1, t1 = _plan_state(shards // 5)
+    b2, t2 = _plan_state(shards)
+    n = shards - shards // 5
+    # A run's per-unit state besides the plan: the list of (unit, hooks) it has to compute, as
+    # pipeline.extract runs it for a fresh dataset of one hook (a resumed one holds a set of
+    # committed unit numbers per hook instead, which is smaller).
+    tracemalloc.start()
+    n_units = 100_000
+    todo = [(u, [HOOK]) for u in range(1000, 1000 + n_units)]
+    unit_bytes = tracemalloc.get_traced_memory()[0] / n_units
+    tracemalloc.stop()
+    del todo
+    return {"shards": shards, "bytes": b2 + t2, "bytes_per_shard": (b2 - b1 + t2 - t1) / n, "table_bytes_per_shard": (t2 - t1) / n,
+            "run_bytes_per_unit": unit_bytes, "table_bytes": t2}
 
 
 def _short_docs(n: int, seed: int) -> list[str]:
@@ -420,15 +444,19 @@ def bench_dryrun(root: Path, model: Path, n_shards: int, shard_docs: int, cpus: 
           f"vs 2 shards ({small['docs']:,} documents, {small['tokens']:,} tokens): {_mib(big['rss'])} vs {_mib(small['rss'])}, "
           f"ratio {ratio:.2f} (target <= 1.10); the documents plan (old planner) on the same shards: {_mib(old_big['rss'])} vs "
           f"{_mib(old_small['rss'])}, ratio {old_ratio:.2f}, {per_doc:.0f} bytes a document")
-    state = _fresh("child_plan_state", shards=100_000)
-    print(f"dryrun: the sharded plan's driver state (tracemalloc): {state['bytes'] / state['shards']:,.0f} bytes a shard "
-          f"({_mib(state['bytes'])} for {state['shards']:,} shards; the shards table {state['table_bytes'] / state['shards']:,.0f} bytes a shard); "
-          f"RSS slope here: {per_shard / 2**10:,.1f} KiB a shard (noise: the RSS of a Ray driver varies by MiBs)")
+    bench_planstate(out, rss_per_shard=per_shard)
     out["dryrun"] = {"runs": {k: {x: v[x] for x in v if x != "table"} for k, v in runs.items()}, "ratio": ratio, "documents_ratio": old_ratio,
-                     "documents_bytes_per_doc": per_doc, "rss_bytes_per_shard": per_shard,
-                     "plan_state_bytes_per_shard": state["bytes"] / state["shards"],
-                     "shards_table_bytes_per_shard": state["table_bytes"] / state["shards"],
-                     "table": big["table"]}
+                     "documents_bytes_per_doc": per_doc, "rss_bytes_per_shard": per_shard, "table": big["table"]}
+
+
+def bench_planstate(out: dict[str, Any], rss_per_shard: float | None = None) -> None:
+    state = _fresh("child_plan_state", shards=100_000)
+    rss = (f"; the RSS slope of the dry runs: {rss_per_shard / 2**10:,.1f} KiB a shard (noise: a Ray driver's RSS varies by MiBs)"
+           if rss_per_shard is not None else "")
+    print(f"planstate: the sharded plan's driver state: {state['bytes_per_shard']:,.0f} bytes a shard "
+          f"({_mib(state['bytes'])} for {state['shards']:,} shards; of which the shards table {state['table_bytes_per_shard']:,.0f} bytes "
+          f"a shard); a run's list of units to compute: {state['run_bytes_per_unit']:.0f} bytes a unit{rss}")
+    out["planstate"] = state
 
 
 def bench_planrate(root: Path, model: Path, tokens: int, long_tokens: int, cpus: int, out: dict[str, Any]) -> None:
@@ -507,6 +535,52 @@ def bench_s3extract(root: Path, model: Path, n_shards: int, shard_docs: int, exe
     out["s3extract"] = {"runs": runs, "ratio": ratio, "rows_compared": rows, "executor": executor}
 
 
+def scale_model(fig: dict[str, Any], *, shard_tokens: int = 100_000_000, cpus_per_gpu: int = 8, d: int = 4096, itemsize: int = 2,
+                hooks: int = 1) -> str:
+    """The README's scale model: a markdown table for 1B, 10B and 100B tokens, documents of 40
+    and 1,000 tokens, on 8, 64 and 512 GPUs, from the slopes of a run's JSON (``dryrun`` and
+    ``planrate`` parts). Formulas in the README, beside the table."""
+    runs = fig["planrate"]["runs"]
+    cpus = fig["planrate"]["cpus"]
+    per_cpu = {40: runs["sharded"]["rate"] / cpus, 1000: runs["long"]["rate"] / cpus}  # tokens/s a CPU, sharded plan
+    rho = {40: runs["sharded"]["contexts"] * CTX / runs["sharded"]["tokens"],  # token rows a corpus token (EOS, BOS, dropped tails)
+           1000: runs["long"]["contexts"] * CTX / runs["long"]["tokens"]}
+    b_shard, b_unit = fig["planstate"]["bytes_per_shard"], fig["planstate"]["run_bytes_per_unit"]
+    b_doc = fig["dryrun"]["documents_bytes_per_doc"]
+    unit_rows = UNIT_CONTEXTS * CTX
+
+    def size(b: float) -> str:
+        for unit, div in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+            if b >= div:
+                return f"{b / div:,.1f} {unit}"
+        return f"{b:,.0f} B"
+
+    def hours(sec: float) -> str:
+        return f"{sec / 3600:,.1f} h" if sec >= 3600 else f"{sec / 60:,.0f} min" if sec >= 60 else f"{sec:.0f} s"
+
+    head = ("| tokens | tokens a document | shards | units | commit records | driver plan state (documents plan) | planning CPU time "
+            "| planning on 8 / 64 / 512 GPUs | bytes per hook |")
+    lines = [head, "| " + " | ".join(["---"] * 9) + " |"]
+    for total in (10**9, 10**10, 10**11):
+        for doc in (40, 1000):
+            shards = -(-total // shard_tokens)
+            units = shards * -(-int(shard_tokens * rho[doc]) // unit_rows)
+            records = units * (1 + hooks) + shards
+            state = shards * b_shard + units * b_unit
+            old = total / doc * b_doc
+            cpu_s = total / per_cpu[doc]
+            walls = [-(-shards // min(shards, cpus_per_gpu * g)) * shard_tokens / per_cpu[doc] for g in (8, 64, 512)]
+            stored = total * rho[doc] * d * itemsize
+            lines.append(f"| {total / 1e9:.0f}B | {doc:,} | {shards:,} | {units:,} | {records:,} | {size(state)} ({size(old)}) | "
+                         f"{hours(cpu_s)} | {' / '.join(hours(w) for w in walls)} | {size(stored)} |")
+    rates = ", ".join(f"{per_cpu[k] / 1e6:.3f}M tokens/s at {k:,}-token documents" for k in (40, 1000))
+    rows = ", ".join(f"{rho[k]:.4f} at {k:,}" for k in (40, 1000))
+    lines.append("")
+    lines.append(f"slopes: {b_shard:,.0f} B a shard, {b_unit:.0f} B a unit, documents plan {b_doc:.0f} B a document; {rates} a CPU; "
+                 f"token rows a corpus token {rows}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="open,s3open")
@@ -523,8 +597,16 @@ def main() -> None:
     p.add_argument("--extract-docs", type=int, default=5_000, help="s3extract: documents a shard")
     p.add_argument("--extract-executor", default="local", choices=["local", "ray"], help="s3extract: compute.executor")
     p.add_argument("--json", default=None, help="write the figures here as JSON")
+    p.add_argument("--model-from", default=None, help="print the README's scale model from these JSON files (comma-separated) of runs of "
+                   "dryrun (or planstate) and planrate, and exit")
     p.add_argument("--dir", default=None)
     a = p.parse_args()
+    if a.model_from:
+        fig: dict[str, Any] = {}
+        for f in a.model_from.split(","):
+            fig.update(json.loads(Path(f).read_text()))
+        print(scale_model(fig))
+        return
     machine = f"{platform.machine()} {cpu_model()}, {os.cpu_count()} cores, {memory_gib():.0f} GiB, python {platform.python_version()}"
     print(f"machine: {machine}; {load_average()} at the start")
     out: dict[str, Any] = {"machine": machine, "load_start": load_average(), "argv": sys.argv[1:]}
@@ -547,6 +629,9 @@ def main() -> None:
 
         if "dryrun" in parts:
             bench_dryrun(root, model, a.dry_shards, a.shard_docs, a.cpus, out)
+            save()
+        if "planstate" in parts and "dryrun" not in parts:
+            bench_planstate(out)
             save()
         if "planrate" in parts:
             bench_planrate(root, model, a.planrate_tokens, a.long_tokens, a.cpus, out)
