@@ -11,7 +11,10 @@ something other than what was committed.
 Repair removes what is damaged, holding the artifact's write lease, and says which job to rerun:
 
 * dataset: :func:`store.datasets.verify.repair` (damaged units, commit index, Zarr metadata, document
-  index, tokenizer); rerun the extraction.
+  index, tokenizer, tokenized corpus shards and the units they fed); rerun the extraction.
+* a dataset folder with tokenized shards and no manifest (a ``strata extract --dry-run``'s, kept for
+  the extraction that reuses them): not damage, checked all the same (a damaged shard would fail that
+  extraction) and noted as planned; repair removes a damaged shard (the extraction tokenizes it again).
 * SAE, analysis, checkpoint: the commit record (the artifact vanishes whole), then the files it
   names; rerun the training or analysis job (training resumes from intact checkpoints).
 * feature table: a damaged unit's record and file (the encode job recomputes that unit); a damaged
@@ -34,7 +37,9 @@ from strata.store.analyses.handles import ANALYSES
 from strata.store.commit import artifacts, protocol
 from strata.store.datasets.manifest import dataset_names
 from strata.store.datasets.reader import open_dataset
+from strata.store.datasets.tokenized import shards_kind
 from strata.store.datasets.verify import VerifyReport
+from strata.store.datasets.writer import dataset_lease
 from strata.store.errors import CorruptionError, FormatVersionError, StrataError
 from strata.store.features import format as feature_format
 from strata.store.features.merge import load_generation
@@ -78,7 +83,7 @@ class Check:
     def __str__(self) -> str:
         if self.dataset is not None:
             lines = [f"dataset {self.dataset}"]
-        elif self.kind == "dataset" and self.problems:  # its manifest: nothing else could be checked
+        elif self.kind == "dataset" and self.problems and "shards" not in self.damaged:  # its manifest: nothing else could be checked
             lines = [f"dataset {self.name}: {'DAMAGED' if 'manifest' in self.damaged else 'UNREADABLE'}: {p}" for p in self.problems]
         else:
             state = "OK" if self.ok else f"{len(self.problems) + len(self.links)} problem(s)"
@@ -110,10 +115,23 @@ class StoreReport:
 def names_of(store: StoreRoot, kind: str) -> list[str]:
     """The artifacts of a kind that verify checks."""
     if kind == "dataset":
-        return dataset_names(store.storage)
+        return sorted(dataset_names(store.storage) + planned_names(store))
     if kind == "features":
         return table_names(store)
     return artifacts.names(store.storage, KINDS[kind])
+
+
+def planned_names(store: StoreRoot) -> list[str]:
+    """Dataset folders with committed tokenized shards and no manifest: a dry run's plan."""
+    out = []
+    for n in store.storage.list_dirs(layout.DATASETS):
+        try:
+            kind = shards_kind(n)
+        except StrataError:  # a name Strata never writes: not ours to check
+            continue
+        if not store.storage.exists(layout.manifest_key(n)) and artifacts.names(store.storage, kind):
+            out.append(n)
+    return out
 
 
 def check_kinds(kinds: Sequence[str] | None) -> list[str]:
@@ -163,6 +181,9 @@ def symlinks(store: StoreRoot) -> list[str]:
 
 
 def _check_dataset(store: StoreRoot, name: str, check: Check, *, committed_only: bool) -> None:
+    if not store.storage.exists(layout.manifest_key(name)):
+        _check_planned(store, name, check)
+        return
     try:
         ds = open_dataset(store, name)
     except CorruptionError as e:
@@ -173,6 +194,25 @@ def _check_dataset(store: StoreRoot, name: str, check: Check, *, committed_only:
         check.problems.append(str(e))
         return
     check.dataset = ds.verify(committed_only=committed_only)
+
+
+def _check_planned(store: StoreRoot, name: str, check: Check) -> None:
+    """A dry run's tokenized shards (no dataset yet): each record and the files it names."""
+    kind = shards_kind(name)
+    keys = artifacts.names(store.storage, kind)
+    for key in keys:
+        try:
+            art = artifacts.get(store.storage, kind, key)
+        except CorruptionError as e:
+            check.problems.append(f"{kind}/{key}/{artifacts.COMMIT}: {e}")
+            check.damaged.setdefault("shards", []).append(key)
+            continue
+        if art is None:
+            continue  # removed meanwhile
+        check.files += 1
+        if _check_files(store.storage, art.record.files, check):
+            check.damaged.setdefault("shards", []).append(key)
+    check.notes.append(f"planned by a dry run: {len(keys)} tokenized shard(s), no dataset yet (its extraction reuses them)")
 
 
 def _check_files(storage: Any, files: Sequence[protocol.FileEntry], check: Check) -> list[str]:
@@ -278,6 +318,13 @@ def _remove_link(store: StoreRoot, key: str) -> str:
 
 
 def _repair_dataset(store: StoreRoot, check: Check) -> list[str]:
+    if check.damaged.get("shards"):  # a dry run's: no units were made from them yet
+        out = []
+        with dataset_lease(store.storage, check.name, owner="strata verify --repair") as lease:
+            for key in check.damaged["shards"]:
+                artifacts.delete(store.storage, shards_kind(check.name), key, lease=lease)
+                out.append(f"{shards_kind(check.name)}/{key}: removed the damaged tokenized shard (the extraction tokenizes it again)")
+        return out
     if check.dataset is None and "manifest" not in check.damaged:
         return [f"dataset {check.name}: not repaired: it could not be checked ({check.damaged.get('unreadable')})"]
     if check.dataset is None:

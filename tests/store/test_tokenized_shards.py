@@ -201,11 +201,11 @@ def test_gc_keeps_a_dry_runs_shards_until_abandoned_and_verify_ignores_them(extr
     assert (w.kind, w.name, w.prefix, w.live) == ("dataset", "sh", "datasets/sh", False)
     assert w.state == "planned by a dry run: 3 tokenized shard(s), no dataset yet (its extraction reuses them)"
     assert len(w.keys) == 9 and all(k.startswith(f"{kind}/") for k in w.keys)
-    # Not damage: verify has no dataset to check, and says nothing is wrong.
+    # Not damage: verify checks the shards and notes them as planned.
     rep = verify_store(s)
-    assert rep.ok and rep.checks == []
+    assert rep.ok and [(c.kind, c.name, c.files) for c in rep.checks] == [("dataset", "sh", 9)]
     assert main(["verify", str(tmp_path / "acts")]) == 0
-    capsys.readouterr()
+    assert "dataset sh: OK: 9 files" in capsys.readouterr().out and w.state in str(rep)
     # Plain gc keeps them; --abandoned deletes them (and the dead attempt), under the lease.
     assert main(["gc", str(tmp_path / "acts"), "--grace", "0", "--apply"]) == 0
     assert len(artifacts.names(s.storage, kind)) == 3 and not dead.exists()
@@ -237,3 +237,23 @@ def test_rm_deletes_the_tokenized_shards_with_the_dataset(work):
     assert main(["rm", str(root / "acts"), "sh", "--yes"]) == 0
     assert s.datasets() == [] and not [p for p in (root / "acts" / "datasets" / "sh").rglob("*") if p.is_file() and "/lease/" not in str(p)]
     assert gc.collect(s, grace_s=0).in_progress == []
+
+
+def test_a_damaged_dry_run_shard_is_reported_removed_and_tokenized_again(extracted, tmp_path, capsys):
+    model, base = extracted
+    spec = _spec(tmp_path, model, base / "corpus")
+    dry_run_extract(spec)
+    s = store.open(str(tmp_path / "acts"))
+    kind = shards_kind("sh")
+    key = artifacts.names(s.storage, kind)[0]
+    path = tmp_path / "acts" / kind / key / TOKENS
+    raw = bytearray(path.read_bytes())
+    raw[0] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    rep = verify_store(s, name="sh")
+    assert not rep.ok and [p.split(": ", 1)[0] for p in rep.checks[0].problems] == [f"{kind}/{key}/{TOKENS}"]
+    assert main(["verify", str(tmp_path / "acts"), "sh", "--repair"]) == 1
+    assert f"{kind}/{key}: removed the damaged tokenized shard" in capsys.readouterr().out
+    assert artifacts.get(s.storage, kind, key) is None and len(artifacts.names(s.storage, kind)) == 2
+    res = run_extract(spec, progress=False)
+    assert res.shards_tokenized == 1 and s.dataset("sh").verify().ok
