@@ -39,7 +39,7 @@ from strata.store.commit import artifacts
 from strata.store.commit.artifacts import COMMIT
 from strata.store.commit.lease import Lease
 from strata.store.datasets.reader import open_dataset
-from strata.store.datasets.tokenized import shards_kind
+from strata.store.datasets.tokenized import DOCS, TOKENS, shards_kind
 from strata.store.datasets.verify import REMOVED
 from strata.store.errors import StrataError
 from strata.store.features.format import FEATURES, load_info, merged_dir, unit_records, units_dir
@@ -216,22 +216,28 @@ class _Pass:
     def tokenized_shards(self, name: str, named: set[str] | None) -> int:
         """Collect the tokenized shards of dataset ``name`` its plan does not name (``named``; None:
         no dataset yet, so every committed shard is kept), and the files of shard folders never
-        committed. Returns how many committed shards are kept."""
+        committed. Returns how many committed shards are kept. One listing for all of them (a
+        corpus may have many thousands of shards)."""
         kind = shards_kind(name)
+        folders: dict[str, list[str]] = {}
+        for f in self.storage.list(kind):
+            folders.setdefault(f[len(kind) + 1 :].split("/", 1)[0], []).append(f)
         kept = 0
-        for key in self.storage.list_dirs(kind):
+        for key, files in sorted(folders.items()):
             prefix = f"{kind}/{key}"
-            files = self.files(prefix)
-            committed = self.storage.exists(f"{prefix}/{COMMIT}")
+            files = [f for f in files if not f.startswith(f"{prefix}/lease/")]
+            committed = f"{prefix}/{COMMIT}" in files
             if committed and named is not None and key not in named:
                 # Whole or not at all (a record naming deleted files would be reused by the next
                 # extraction), and the record first: the shard vanishes before its files go.
-                if files and min(_age(self.storage, f, self.now) for f in files) >= self.grace_s:
+                if min(_age(self.storage, f, self.now) for f in files) >= self.grace_s:
                     for f in sorted(files, key=lambda k: k != f"{prefix}/{COMMIT}"):
                         self.garbage(f, "tokenized shard the dataset's plan no longer names")
                 continue
             if committed:
                 kept += 1
+                if {f.rsplit("/", 1)[-1] for f in files} <= {COMMIT, TOKENS, DOCS}:
+                    continue  # what every tokenized shard holds: no record to read
                 try:
                     art = artifacts.get(self.storage, kind, key)
                 except (StrataError, ValueError) as e:
