@@ -163,7 +163,7 @@ def test_strata_extract_command_end_to_end(spec, capsys):
     rc = cli_main(["extract", str(spec), "--set", "dtype=bfloat16"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "computed" in out and "store.open(" in out
+    assert "computed" in out and "strata.open(" in out
     root = Path(yaml.safe_load(spec.read_text())["store"])
     ds = store.open(root).dataset("cli")
     assert ds.info.dtype == "bfloat16" and ds.is_complete and ds.verify().ok

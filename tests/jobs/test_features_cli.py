@@ -55,7 +55,7 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
 def test_encode_then_ls_show_top(encoded, capsys):
     tmp, spec, out = encoded
     acts = str(tmp / "acts")
-    assert "feature table 'ft': encoded 3 unit(s)" in out and "fs = store.open(" in out
+    assert "feature table 'ft': encoded 3 unit(s)" in out and "fs = strata.open(" in out
     code, out, _ = _run(capsys, "features", "encode", str(spec), "--no-progress")
     assert code == 0 and "nothing to do" in out
     code, out, _ = _run(capsys, "features", "ls", acts)
