@@ -108,6 +108,7 @@ def _no_files(root: Path, name: str) -> None:
     assert not left, left
 
 
+@pytest.mark.slow
 def test_s3_prefix_extracts_as_local_files_and_keeps_no_secret(tmp_path, tiny_gpt2, s3_bucket, no_aws_env, caplog, capsys):
     caplog.set_level(logging.DEBUG, logger="strata")
     docs = _corpus()
@@ -143,6 +144,7 @@ def test_s3_prefix_extracts_as_local_files_and_keeps_no_secret(tmp_path, tiny_gp
         assert not any(secret.encode() in b for b in blobs)
 
 
+@pytest.mark.slow
 def test_an_overwritten_s3_object_is_refused_or_recomputed(tmp_path, tiny_gpt2, s3_bucket, no_aws_env):
     docs = _corpus(seed=10)
     files = {n: _encode(n, d) for n, d in docs.items()}
