@@ -257,3 +257,39 @@ def test_a_damaged_dry_run_shard_is_reported_removed_and_tokenized_again(extract
     assert artifacts.get(s.storage, kind, key) is None and len(artifacts.names(s.storage, kind)) == 2
     res = run_extract(spec, progress=False)
     assert res.shards_tokenized == 1 and s.dataset("sh").verify().ok
+
+
+def test_on_s3_verify_repair_and_gc_of_tokenized_shards(extracted, s3_bucket):
+    model, base = extracted
+    uri = f"{s3_bucket}/acts"
+    spec = ExtractSpec.model_validate({**_spec(base, model, base / "corpus").model_dump(), "store": uri})
+    run_extract(spec, progress=False)
+    s = store.open(uri)
+    ds = s.dataset("sh")
+    before = _snapshot(ds)
+    sh = ds.shards().to_pylist()[0]
+    kind = shards_kind("sh")
+    key = f"{kind}/{sh['key']}/{TOKENS}"
+    raw = bytearray(s.storage.read(key))
+    raw[-1] ^= 0x01
+    s.storage.write(key, bytes(raw))
+    rep = ds.verify()
+    assert [(p.shard, p.file) for p in rep.problems] == [(sh["key"], key)]
+    assert ds.repair(rep).shard_units == list(range(sh["first_unit"], sh["first_unit"] + sh["units"]))
+    assert not s.storage.list(f"{kind}/{sh['key']}")
+    res = run_extract(spec, progress=False)
+    assert res.shards_tokenized == 1 and res.units_run == sh["units"]
+    ds = s.dataset("sh")
+    assert ds.verify().ok
+    got = _snapshot(ds)
+    assert got[0] == before[0] and got[2] == before[2]
+    # gc on S3: a shard no plan names, and a dead task's file.
+    with s.lease("sh", owner="test") as lease:
+        artifacts.put(s.storage, kind, "sold", {TOKENS: b"\0" * 12}, meta={}, lease=lease)
+    s.storage.write(f"{kind}/sdead/{TOKENS}", b"half")
+    report = gc.collect(s, grace_s=0)
+    mine = [g.key for g in report.garbage if g.key.startswith(f"{kind}/")]
+    assert mine == [f"{kind}/sdead/{TOKENS}", f"{kind}/sold/{artifacts.COMMIT}", f"{kind}/sold/{TOKENS}"]  # a record before its files
+    gc.apply(s, report, grace_s=0)
+    assert sorted(artifacts.names(s.storage, kind)) == sorted(ds.shards().column("key").to_pylist())
+    assert not s.storage.list(f"{kind}/sdead") and ds.verify().ok
