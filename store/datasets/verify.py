@@ -29,6 +29,7 @@ the last verify or repair is kept in ``datasets/NAME/verify.json`` so a later
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tempfile
@@ -234,12 +235,8 @@ def _check_tokenized_shards(ds: DatasetFiles, shards: Any, report: VerifyReport)
     readable, its recorded counts the plan's (a shard planned from other counts packs other units)."""
     kind = shards_kind(ds.name)
     for row in shards.select(["key", "name", "fingerprint", "records", "docs", "tokens", "contexts", "first_unit", "units"]).to_pylist():
-        key, units = row["key"], range(row["first_unit"], row["first_unit"] + row["units"])
-        what = f"tokenized shard of {row['name']} (units {units.start}-{units.stop - 1})" if units else f"tokenized shard of {row['name']} (no units)"
-
-        def problem(file: str, msg: str, key: str = key, what: str = what) -> None:
-            report.problems.append(Problem(None, SHARD, file, f"{what}: {msg}", shard=key))
-
+        key = row["key"]
+        problem = functools.partial(_shard_problem, report, row)
         if key.endswith(REMOVED):
             problem(f"{kind}/{key[: -len(REMOVED)]}", "removed by a repair; the next extraction tokenizes it again")
             continue
@@ -269,6 +266,13 @@ def _check_tokenized_shards(ds: DatasetFiles, shards: Any, report: VerifyReport)
                   if c in meta and meta[c] != row[c]]
         if differ:
             problem(f"{prefix}/{artifacts.COMMIT}", f"its record differs from the plan: {', '.join(differ)}")
+
+
+def _shard_problem(report: VerifyReport, row: dict[str, Any], file: str, msg: str) -> None:
+    """Report a problem with the tokenized shard of the plan's ``row``, naming the corpus shard and its units."""
+    first, n = row["first_unit"], row["units"]
+    units = f"units {first}-{first + n - 1}" if n else "no units"
+    report.problems.append(Problem(None, SHARD, file, f"tokenized shard of {row['name']} ({units}): {msg}", shard=row["key"]))
 
 
 def _check_index(ds: CommitState) -> Problem | None:
