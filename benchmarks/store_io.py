@@ -9,7 +9,10 @@
    was checked);
 4. `iter_batches` shuffled float32 batches of 4096 rows vs sae-lens's `ActivationsStore`
    reading the same activations from its own cached-activations format;
-5. bytes per token on disk per stored dtype.
+5. bytes per token on disk per stored dtype;
+6. ``docindex``: `read(docs=[d])` and `ds.docs()` of a dataset whose document index is stored in
+   parts (a sharded corpus: one part per tokenized shard, ``--index-parts`` of them) vs the same
+   dataset with the index in one file (the corpus planned as one stream).
 
 Reads run from the page cache (the data was just written): they measure the software path,
 which is what the store adds on top of the disk. Timings are medians of `--repeats` runs, the
@@ -103,7 +106,7 @@ def bench_write(root: Path, d: int, units: int, unit_contexts: int, dtype: str, 
     return nbytes / statistics.median(t_plain), nbytes / statistics.median(t_strata)
 
 
-def build(root: Path, d: int, units: int, unit_contexts: int, dtype: str) -> tuple[store.ActivationDataset, np.ndarray]:
+def build(root: Path, d: int, units: int, unit_contexts: int, dtype: str, doc_rows: int = 1000) -> tuple[store.ActivationDataset, np.ndarray]:
     rows = unit_contexts * CTX
     s = store.open(root)
     w = s.create_dataset(f"r-{dtype}", hooks={"blocks.0.hook_resid_post": d}, context_size=CTX, dtype=dtype, num_units=units,
@@ -114,10 +117,72 @@ def build(root: Path, d: int, units: int, unit_contexts: int, dtype: str) -> tup
         w.write_unit(u, tokens=token_table(u, unit_contexts), acts={"blocks.0.hook_resid_post": x})
         parts.append(x)
     n = units * rows  # documents of 1000 rows (see token_table), so `docs=` finds them in the index
-    ids = np.arange(-(-n // 1000))
-    w.write_documents(pa.table({"doc_id": ids, "row_start": ids * 1000, "row_end": np.minimum(ids * 1000 + 1000, n),
+    ids = np.arange(-(-n // doc_rows))
+    w.write_documents(pa.table({"doc_id": ids, "row_start": ids * doc_rows, "row_end": np.minimum(ids * doc_rows + doc_rows, n),
                                 "dropped_tokens": np.zeros(ids.size, np.int64)}))
     return s.dataset(f"r-{dtype}"), np.concatenate(parts)
+
+
+def parted_index(ds: store.ActivationDataset, parts: int) -> store.ActivationDataset:
+    """``ds`` with its document index moved into ``parts`` tokenized-shard parts (by id range,
+    rows as they are) and a shards table naming them, as a sharded extraction stores it."""
+    from strata.store.datasets.tokenized import write_shard
+    from strata.store.datasets.writer import dataset_lease
+
+    docs = ds.docs()
+    n = docs.num_rows
+    cuts = np.linspace(0, n, parts + 1).astype(int)
+    rows = []
+    with dataset_lease(ds.storage, ds.name, owner="bench") as lease:
+        for i in range(parts):
+            part = docs.slice(int(cuts[i]), int(cuts[i + 1] - cuts[i]))
+            part = part.add_column(1, "n_tokens", pa.array(np.zeros(part.num_rows, np.int64)))
+            key = f"bench-{i:04d}"
+            z = np.zeros(0, np.int32)
+            write_shard(ds.storage, ds.name, key, ids=z, start=z, end=z, docs=part, meta={"shard": key}, lease=lease)
+            ids = part.column("doc_id").to_numpy()
+            rows.append({"key": key, "name": key, "fingerprint": key, "listing": "{}", "records": part.num_rows, "docs": part.num_rows,
+                         "tokens": 0, "contexts": 0, "first_unit": 0, "units": 0, "id_offset": 0, "id_min": int(ids.min()),
+                         "id_max": int(ids.max()), "skipped_empty": 0, "chars": 0, "dropped_tokens": 0, "dropped_docs": 0,
+                         "partial_docs": 0, "doc_set": "0:0"})
+        w = ds.store.writer(ds.name, fence=lease.token)
+        w.write_shards_table(pa.Table.from_pylist(rows))
+        info = w.refresh()
+        w._publish(info.with_changes(aux={k: v for k, v in info.aux.items() if k != "documents"}))  # the parts only
+    return ds.store.dataset(ds.name)
+
+
+def bench_docindex(root: Path, d: int, units: int, unit_contexts: int, repeats: int, parts: int,
+                   queries: int = 400) -> dict[str, tuple[float, float]]:
+    """Queries/s with the document index in one file (baseline) vs in ``parts`` parts."""
+    hook = "blocks.0.hook_resid_post"
+    # Short documents, so the index has many rows (what the parts are about); d is small, the
+    # activations are not what is timed.
+    one, _ = build(root / "one", 8, units, unit_contexts, "float32", doc_rows=4)
+    many, _ = build(root / "many", 8, units, unit_contexts, "float32", doc_rows=4)
+    many = parted_index(many, parts)
+    assert many.docs().equals(one.docs()), "the parted index must read back as the one-file index"
+    n_docs = one.docs().num_rows
+    rng = np.random.default_rng(0)
+    docs = [int(x) for x in rng.integers(0, n_docs, queries)]
+    out = {}
+    for label, fn, count in (
+        ("read(docs=[d]), 4 rows each, 400 queries on a fresh dataset object", lambda ds: [ds.read(hook, docs=[x]) for x in docs], queries),
+        ("ds.docs(), fresh dataset object", lambda ds: ds.docs(), 1),
+    ):
+        def base(fn=fn) -> None:
+            fn(store.open(root / "one").dataset(one.name))
+
+        def ours(fn=fn) -> None:
+            fn(store.open(root / "many").dataset(many.name))
+
+        base(), ours()
+        t_b, t_o = [], []
+        for _ in range(repeats):
+            t_b.append(median_time(base, 1))
+            t_o.append(median_time(ours, 1))
+        out[label] = (count / statistics.median(t_b), count / statistics.median(t_o))
+    return out
 
 
 def bench_read(root: Path, ds: store.ActivationDataset, full: np.ndarray, repeats: int) -> tuple[float, float]:
@@ -242,7 +307,9 @@ def main() -> None:
     p.add_argument("--unit-contexts", type=int, default=256)
     p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--dir", default=None, help="where to write (default: a temp folder)")
-    p.add_argument("--parts", default="write,read,partial,batches,bytes", help="comma-separated subset of write,read,partial,batches,bytes")
+    p.add_argument("--parts", default="write,read,partial,batches,bytes,docindex",
+                   help="comma-separated subset of write,read,partial,batches,bytes,docindex")
+    p.add_argument("--index-parts", type=int, default=16, help="docindex: parts of the sharded document index")
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="strata-bench-", dir=args.dir))
     torch.set_num_threads(os.cpu_count() or 1)
@@ -264,6 +331,12 @@ def main() -> None:
             ds, _ = build(root / "p", args.d, args.units, args.unit_contexts, "float32")
             for label, (base, ours) in bench_partial(ds, args.repeats).items():
                 print(f"partial read, {label}: checked {ours / 1e6:.2f} M rows/s vs unchecked {base / 1e6:.2f} M rows/s  "
+                      f"ratio {ours / base:.2f}  (target >= 0.9)")
+        if "docindex" in parts:
+            docs = args.units * args.unit_contexts * CTX  # 4x the units, 4 rows a document
+            for label, (base, ours) in bench_docindex(root / "docindex", args.d, 4 * args.units, args.unit_contexts, args.repeats,
+                                                      args.index_parts).items():
+                print(f"document index of {docs:,} documents in {args.index_parts} parts, {label}: {ours:,.0f}/s vs one file {base:,.0f}/s  "
                       f"ratio {ours / base:.2f}  (target >= 0.9)")
         if "batches" in parts:
             ds, full = build(root / "b", args.d, args.units, args.unit_contexts, "float32")

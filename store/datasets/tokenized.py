@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,7 @@ from strata.store.commit import artifacts, parquet
 from strata.store.commit.artifacts import Artifact
 from strata.store.commit.lease import Fence, Lease
 from strata.store.commit.protocol import read_checked
-from strata.store.datasets.documents import DOC_COLUMNS, spans_of
+from strata.store.datasets.documents import DOC_COLUMNS, DOC_SCHEMA, spans_of
 from strata.store.errors import CorruptionError
 from strata.store.storage import Storage
 
@@ -186,6 +187,7 @@ class ShardedDocuments:
         self._max = shards.column("id_max").to_numpy()
         self._docs = shards.column("docs").to_numpy()
         self._parts: dict[int, pa.Table] = {}
+        self._index: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def part(self, i: int) -> pa.Table:
         """Shard ``i``'s part with dataset ids and rows."""
@@ -212,22 +214,47 @@ class ShardedDocuments:
         return t
 
     def table(self) -> pa.Table:
-        parts = [self.part(i) for i in range(len(self._keys)) if self._docs[i] > 0]
+        with ThreadPoolExecutor(8) as pool:  # parts are independent reads: overlap their latency (S3)
+            parts = list(pool.map(self.part, [i for i in range(len(self._keys)) if self._docs[i] > 0]))
         if not parts:
             return pa.table({c: pa.array([], pa.int64()) for c in DOC_COLUMNS})
-        t = pa.concat_tables(parts, promote_options="permissive")
+        t = pa.concat_tables(parts, promote_options="permissive").combine_chunks()
+        t = t.cast(pa.schema([*DOC_SCHEMA, *(f for f in t.schema if f.name not in DOC_COLUMNS)]))  # as the one-file index reads
         ids = t.column("doc_id").to_numpy()
         return t if ids.size < 2 or bool((np.diff(ids) > 0).all()) else t.sort_by("doc_id")
 
+    def _arrays(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Part ``i``'s ``doc_id`` (sorted), ``row_start``, ``row_end``, as arrays (cached)."""
+        got = self._index.get(i)
+        if got is None:
+            t = self.part(i)
+            ids = t.column("doc_id").to_numpy()
+            order = np.argsort(ids, kind="stable") if ids.size > 1 and not bool((np.diff(ids) > 0).all()) else None
+            cols = [t.column(c).to_numpy() for c in ("doc_id", "row_start", "row_end")]
+            got = tuple(c if order is None else c[order] for c in cols)  # type: ignore[assignment]
+            self._index[i] = got  # type: ignore[assignment]
+        return got  # type: ignore[return-value]
+
     def spans(self, ids: np.ndarray) -> list[tuple[int, int, int]]:
         """``(doc, row_start, row_end)`` of each id, in the order given (errors as
-        :func:`store.datasets.documents.spans_of`)."""
-        want = np.unique(ids)
-        parts = [i for i in range(len(self._keys)) if self._docs[i] > 0
-                 and bool(((want >= self._min[i]) & (want <= self._max[i])).any())]
-        if not parts:
-            index = pa.table({"doc_id": pa.array([], pa.int64()), "row_start": pa.array([], pa.int64()), "row_end": pa.array([], pa.int64())})
-        else:
-            index = pa.concat_tables([self.part(i).select(["doc_id", "row_start", "row_end"]) for i in parts]).sort_by("doc_id")
-        lo, hi = (int(self._min[self._docs > 0].min()), int(self._max[self._docs > 0].max())) if (self._docs > 0).any() else (0, -1)
+        :func:`store.datasets.documents.spans_of`). Reads only the parts whose id range can hold them."""
+        found_id, found_a, found_b = [], [], []
+        for i in range(len(self._keys)):
+            if self._docs[i] == 0:
+                continue
+            sel = ids[(ids >= self._min[i]) & (ids <= self._max[i])]
+            if not sel.size:
+                continue
+            d, a, b = self._arrays(i)
+            at = np.minimum(np.searchsorted(d, sel), d.size - 1)
+            hit = at[d[at] == sel]
+            found_id.append(d[hit])
+            found_a.append(a[hit])
+            found_b.append(b[hit])
+        index = pa.table({c: np.concatenate(xs) if xs else np.zeros(0, np.int64)
+                          for c, xs in (("doc_id", found_id), ("row_start", found_a), ("row_end", found_b))})
+        if index.num_rows > 1:
+            index = index.sort_by("doc_id")
+        has = self._docs > 0
+        lo, hi = (int(self._min[has].min()), int(self._max[has].max())) if has.any() else (0, -1)
         return spans_of(index, ids, dataset=self.dataset, total=int(self._docs.sum()), id_range=(lo, hi))
