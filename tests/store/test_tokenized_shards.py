@@ -131,15 +131,23 @@ def test_a_missing_tokenized_shard_and_a_damaged_plan(work, capsys):
     _, root = work
     s = store.open(str(root / "acts"))
     ds = s.dataset("sh")
-    key = ds.shards().column("key").to_pylist()[2]
+    first, key = ds.shards().column("key").to_pylist()[0::2]
     (root / "acts" / shards_kind("sh") / key / artifacts.COMMIT).unlink()
+    docs = root / "acts" / shards_kind("sh") / first / "docs.parquet"
+    raw = bytearray(docs.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    docs.write_bytes(bytes(raw))
     rep = ds.verify()
-    assert [(p.shard, p.message.rsplit(": ", 1)[-1]) for p in rep.problems] == [(key, "missing (no commit record)")]
+    assert [(p.shard, p.file) for p in rep.problems] == [(first, f"{shards_kind('sh')}/{first}/docs.parquet"),
+                                                         (key, f"{shards_kind('sh')}/{key}")]
+    assert rep.problems[1].message.endswith("missing (no commit record)") and "checksum" in rep.problems[0].message
     # `strata verify STORE` goes through the same checks, and repairs the same way.
     assert main(["verify", str(root / "acts"), "--repair"]) != 0
     out = capsys.readouterr().out
-    assert key in out and "removed tokenized shard" in out
-    assert ds.refresh() is not None and ds.shards().column("key").to_pylist()[2] == key + REMOVED
+    assert key in out and first in out and "removed tokenized shard" in out
+    assert ds.refresh() is not None and ds.shards().column("key").to_pylist()[0::2] == [first + REMOVED, key + REMOVED]
+    assert ds.committed_units(None) == [u for u in range(ds.info.num_units)
+                                        if not any(r["first_unit"] <= u < r["first_unit"] + r["units"] for r in ds.shards().to_pylist()[0::2])]
     # A damaged plan is reported, and left for the user (it alone says which unit came from which shard).
     plan_key = ds.info.aux["shards"]["key"]
     p = root / "acts" / plan_key
