@@ -207,22 +207,24 @@ def storage_error(e: BaseException, url: str, *, storage_options: dict[str, Any]
     return CorpusError(f"{url}: {type(e).__name__}: {_scrub(first, storage_options)}")
 
 
-def _options(protocol: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+def _options(protocol: str, storage_options: dict[str, Any] | None, *, fail_fast: bool = True) -> dict[str, Any]:
     # A deep copy: botocore rewrites a `retries` dict it is given.
     opts = copy.deepcopy(dict(storage_options or {}))
     if protocol in ("s3", "s3a"):
         config = opts["config_kwargs"] = dict(opts.get("config_kwargs") or {})
         for k, v in _S3_FAIL_FAST.items():
-            config.setdefault(k, copy.deepcopy(v))
+            if fail_fast or k != "retries":  # reading a shard keeps botocore's retries: a transient error must not fail a job
+                config.setdefault(k, copy.deepcopy(v))
     return opts
 
 
-def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+def filesystem(url: str, storage_options: dict[str, Any] | None = None, *, fail_fast: bool = True) -> tuple[Any, str]:
     """fsspec's filesystem for ``url`` and the path in it; an unknown protocol, or one whose
-    package is missing, is a one-line CorpusError naming the URL."""
+    package is missing, is a one-line CorpusError naming the URL. ``fail_fast`` (listing, before
+    any work): one attempt at an endpoint; reading a shard retries as botocore does."""
     protocol = fsspec.core.split_protocol(url)[0] or "file"
     try:
-        return fsspec.core.url_to_fs(url, **_options(protocol, storage_options))
+        return fsspec.core.url_to_fs(url, **_options(protocol, storage_options, fail_fast=fail_fast))
     except ImportError as e:
         hint = "`pip install strata[gcs]` (gcsfs)" if protocol in ("gs", "gcs") else f"the package fsspec names ({_scrub(str(e), storage_options)})"
         raise CorpusError(f"{url}: reading {protocol}:// needs a package that is not installed: {hint}") from None
@@ -386,7 +388,7 @@ def _open_raw(ref: ShardRef, storage_options: dict[str, Any] | None) -> IO[bytes
             return open(path, "rb")
         except FileNotFoundError:
             raise ShardChangedError(f"{ref.name}: the shard no longer exists (it was listed; was the corpus changed?)") from None
-    fs, path = filesystem(ref.url, storage_options)
+    fs, path = filesystem(ref.url, storage_options, fail_fast=False)
     try:
         return fs.open(path, "rb")
     except FileNotFoundError:
