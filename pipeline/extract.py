@@ -612,9 +612,15 @@ def run_extract(
 
 
 def shards_known(p: Prepared) -> tuple[dict[str, dict[str, Any]], pa.Table | None]:
-    """Counts of the shards an existing dataset planned before (no task reads them again), and its shards table."""
+    """Counts of the shards an existing dataset planned before (no task reads them again), and its
+    shards table. A shard whose tokenized folder is gone (removed by a repair, or by hand) is not
+    known: its task tokenizes it again (one listing of the shards folder tells)."""
     old = p.existing.shards() if p.existing is not None else None
-    return known_results(old), old
+    known = known_results(old)
+    if known:
+        present = set(p.store.storage.list_dirs(shards_kind(p.spec.name)))
+        known = {k: v for k, v in known.items() if k in present}
+    return known, old
 
 
 def plan_sharded(p: Prepared, ex: Executor | None, *, fence: Any = None, write: bool = True) -> ShardedExtraction:
