@@ -316,7 +316,16 @@ def child_dry_run(store_uri: str, model: str, corpus: str, plan: str, cpus: int)
         dry = dry_run_extract(spec)
     return {"plan": dry.plan_kind, "shards": dry.shards, "docs": dry.docs, "tokens": dry.corpus_tokens, "contexts": dry.contexts,
             "dropped_tokens": dry.dropped_tokens, "units": dry.units, "seconds": dry.seconds, "ray_start_s": ray_s,
-            "rss": dry.driver_peak_rss, "table": dry.table()}
+            "rss": dry.driver_peak_rss, "rss_end": _rss_now(), "table": dry.table()}
+
+
+def _rss_now() -> int:
+    """This process's resident set now (VmRSS), bytes; 0 where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
 
 
 def child_extract(store_uri: str, model: str, corpus: str, executor: str) -> dict[str, Any]:
@@ -430,7 +439,7 @@ def bench_dryrun(root: Path, model: Path, n_shards: int, shard_docs: int, cpus: 
             runs[tag] = got = _fresh("child_dry_run", store_uri=str(root / f"acts-dry-{tag}"), model=str(model), corpus=str(folder),
                                      plan=plan, cpus=cpus)
             print(f"  dry run, {plan:9s} plan, {n:2d} shards: {got['docs']:,} documents, {got['tokens']:,} tokens, {got['units']:,} units "
-                  f"in {got['seconds']:.1f} s; driver peak RSS {_mib(got['rss'])}")
+                  f"in {got['seconds']:.1f} s; driver peak RSS {_mib(got['rss'])} ({_mib(got['rss_end'])} at the end)")
             shutil.rmtree(root / f"acts-dry-{tag}", ignore_errors=True)
     print(runs[f"sharded-{n_shards}"]["table"])
     for folder in corpora.values():
@@ -459,7 +468,7 @@ def bench_planstate(out: dict[str, Any], rss_per_shard: float | None = None) -> 
     out["planstate"] = state
 
 
-def bench_planrate(root: Path, model: Path, tokens: int, long_tokens: int, cpus: int, out: dict[str, Any]) -> None:
+def bench_planrate(root: Path, model: Path, tokens: int, long_tokens: int, cpus: int, out: dict[str, Any], first: str = "documents") -> None:
     from strata.pipeline.tiny import synthetic_docs
 
     pool = synthetic_docs(20_000, seed=3)
@@ -467,7 +476,7 @@ def bench_planrate(root: Path, model: Path, tokens: int, long_tokens: int, cpus:
     n_shards = 16
     folder = _write_shards(root / "rate", n_shards, int(tokens / per_doc / n_shards), pool)
     runs = {}
-    for plan in ("documents", "sharded"):
+    for plan in ("documents", "sharded") if first == "documents" else ("sharded", "documents"):
         runs[plan] = got = _fresh("child_dry_run", store_uri=str(root / f"acts-rate-{plan}"), model=str(model), corpus=str(folder),
                                   plan=plan, cpus=cpus)
         got["rate"] = got["tokens"] / got["seconds"]
@@ -475,6 +484,14 @@ def bench_planrate(root: Path, model: Path, tokens: int, long_tokens: int, cpus:
               f"each) in {got['seconds']:.1f} s: {got['rate'] / 1e6:.2f} M tokens/s; driver peak RSS {_mib(got['rss'])}")
         shutil.rmtree(root / f"acts-rate-{plan}", ignore_errors=True)
     shutil.rmtree(folder, ignore_errors=True)
+    ratio = runs["sharded"]["rate"] / runs["documents"]["rate"]
+    print(f"planrate: {cpus} CPUs, {n_shards} shards, {runs['sharded']['tokens']:,} tokens ({first} plan first): sharded dry run "
+          f"{runs['sharded']['rate'] / 1e6:.2f} M tokens/s vs the documents plan {runs['documents']['rate'] / 1e6:.2f} M tokens/s: "
+          f"ratio {ratio:.2f} (target >= 1.0); per CPU: {runs['sharded']['rate'] / cpus / 1e6:.2f} M tokens/s at "
+          f"{runs['sharded']['tokens'] / runs['sharded']['docs']:.0f} tokens a document")
+    out["planrate"] = {"runs": {k: {x: v[x] for x in v if x != "table"} for k, v in runs.items()}, "ratio": ratio, "cpus": cpus, "first": first}
+    if long_tokens <= 0:
+        return
     long_pool = [" ".join(pool[i: i + 24]) for i in range(0, len(pool) - 24, 24)]
     long_per_doc = _tokens_per_doc(model, long_pool[:200])
     folder = _write_shards(root / "rate-long", n_shards, max(1, int(long_tokens / long_per_doc / n_shards)), long_pool)
@@ -485,13 +502,9 @@ def bench_planrate(root: Path, model: Path, tokens: int, long_tokens: int, cpus:
     shutil.rmtree(root / "acts-rate-long", ignore_errors=True)
     print(f"  planning, sharded plan, long documents: {got['tokens']:,} tokens ({got['docs']:,} documents, "
           f"{got['tokens'] / got['docs']:.0f} tokens each) in {got['seconds']:.1f} s: {got['rate'] / 1e6:.2f} M tokens/s")
-    ratio = runs["sharded"]["rate"] / runs["documents"]["rate"]
-    print(f"planrate: {cpus} CPUs, {n_shards} shards, {runs['sharded']['tokens']:,} tokens: sharded dry run "
-          f"{runs['sharded']['rate'] / 1e6:.2f} M tokens/s vs the documents plan {runs['documents']['rate'] / 1e6:.2f} M tokens/s: "
-          f"ratio {ratio:.2f} (target >= 1.0); per CPU: {runs['sharded']['rate'] / cpus / 1e6:.2f} M tokens/s at "
-          f"{runs['sharded']['tokens'] / runs['sharded']['docs']:.0f} tokens a document, {got['rate'] / cpus / 1e6:.2f} M tokens/s at "
-          f"{got['tokens'] / got['docs']:.0f}")
-    out["planrate"] = {"runs": {k: {x: v[x] for x in v if x != "table"} for k, v in runs.items()}, "ratio": ratio, "cpus": cpus}
+    print(f"planrate: sharded plan, {cpus} CPUs, {n_shards} shards of documents of {got['tokens'] / got['docs']:.0f} tokens: "
+          f"{got['rate'] / cpus / 1e6:.2f} M tokens/s a CPU")
+    out["planrate"]["runs"]["long"] = {x: got[x] for x in got if x != "table"}
 
 
 def _same_datasets(a: str, b: str) -> int:
@@ -591,7 +604,8 @@ def main() -> None:
     p.add_argument("--dry-shards", type=int, default=16, help="dryrun: shards of the larger corpus (the smaller has 2)")
     p.add_argument("--shard-docs", type=int, default=200_000, help="dryrun: short documents a shard")
     p.add_argument("--planrate-tokens", type=int, default=60_000_000, help="planrate: tokens of the corpus (16 shards)")
-    p.add_argument("--long-tokens", type=int, default=20_000_000, help="planrate: tokens of the corpus of ~1,000-token documents")
+    p.add_argument("--long-tokens", type=int, default=20_000_000, help="planrate: tokens of the corpus of ~1,000-token documents (0: none)")
+    p.add_argument("--planrate-first", default="documents", choices=["documents", "sharded"], help="planrate: which plan runs first")
     p.add_argument("--cpus", type=int, default=2, help="dryrun, planrate: CPUs of the private Ray")
     p.add_argument("--extract-shards", type=int, default=8, help="s3extract: shards")
     p.add_argument("--extract-docs", type=int, default=5_000, help="s3extract: documents a shard")
@@ -634,7 +648,7 @@ def main() -> None:
             bench_planstate(out)
             save()
         if "planrate" in parts:
-            bench_planrate(root, model, a.planrate_tokens, a.long_tokens, a.cpus, out)
+            bench_planrate(root, model, a.planrate_tokens, a.long_tokens, a.cpus, out, first=a.planrate_first)
             save()
         if "s3extract" in parts:
             bench_s3extract(root, model, a.extract_shards, a.extract_docs, a.extract_executor, out)
