@@ -33,6 +33,10 @@ every figure a ratio against a baseline of the same run; ``--json`` writes the f
   and activations must be identical.
 
     python benchmarks/scale.py --parts dryrun,planrate,s3extract --json scale.json
+    python benchmarks/scale.py --model-from scale.json     # the README's scale model from those figures
+
+``--planrate-first sharded`` runs planrate's two plans in the other order (the machine's load
+drifts over minutes: run both orders to see how much).
 """
 
 from __future__ import annotations
