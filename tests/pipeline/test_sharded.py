@@ -234,3 +234,20 @@ def test_reprocess_plans_appended_and_changed_shards(tmp_path, tiny_gpt2, monkey
     step = plan_pipeline(load_pipeline("pipeline.yaml")).steps[0]
     assert step.run and "corpus shard(s) changed" in step.why and step.units and step.units[0] == 0
     assert sorted(p.name for p in (tmp_path / "acts" / "datasets" / "sh" / "shards").iterdir()) == before  # a plan writes nothing
+
+
+def test_a_multi_file_dataset_stored_by_the_old_planner_keeps_its_plan_and_reruns_as_a_no_op(tmp_path, tiny_gpt2):
+    from strata.store.datasets.writer import dataset_lease
+
+    _shards(tmp_path / "corpus", [5, 4])
+    run_extract(_spec(tmp_path, tiny_gpt2, str(tmp_path / "corpus"), plan="documents"), progress=False)
+    s = store.open(str(tmp_path / "acts"))
+    with dataset_lease(s.storage, "sh") as lease:  # as the planner before sharded plans wrote it: no `plan_kind`
+        w = s.writer("sh", fence=lease.token)
+        w._publish(w.info.with_changes(meta={k: v for k, v in w.info.meta.items() if k != "plan_kind"}))
+    ds = s.dataset("sh")
+    assert "plan_kind" not in ds.info.meta and ds.shards() is None and ds.docs().num_rows == 5 + 4
+    again = run_extract(_spec(tmp_path, tiny_gpt2, str(tmp_path / "corpus")), progress=False)  # plan: auto
+    assert again.noop and again.shards == 0
+    with pytest.raises(SpecError, match="planned as 'documents'"):
+        run_extract(_spec(tmp_path, tiny_gpt2, str(tmp_path / "corpus"), plan="sharded"), progress=False)
