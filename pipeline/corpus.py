@@ -117,6 +117,23 @@ def _records_hf(src: CorpusSpec) -> Iterator[tuple[Any, Any, str]]:
             yield {c: batch[c][i] for c in cols}, names, src.path
 
 
+def document_of(rec: Any, fields: Any, where: str, *, text_field: str, id_field: str | None, ordinal: int) -> tuple[str, int] | None:
+    """A record's ``(text, document id)``, or None for an empty one (no text, or only blanks);
+    a missing field or a text that is not a string is a one-line :class:`CorpusError`."""
+    if text_field not in rec:
+        check_field(text_field, fields, "text_field", where)
+    text = rec[text_field]
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    if not isinstance(text, str):
+        raise CorpusError(f"{where}: `corpus.text_field` {text_field!r} holds a {type(text).__name__}, not a string")
+    if id_field is None:
+        return text, ordinal
+    if id_field not in rec:
+        check_field(id_field, fields, "id_field", where)
+    return text, stable_id(rec[id_field])
+
+
 @dataclass
 class CorpusBatch:
     """Consecutive documents of a corpus: texts, ids and kept fields."""
@@ -181,20 +198,12 @@ def iter_corpus(src: CorpusSpec, *, batch_docs: int = 4096, scan: CorpusScan | N
     for ordinal, (rec, fields, where) in enumerate(records):
         if src.max_docs is not None and scan.docs >= src.max_docs:
             break
-        if text_field not in rec:
-            check_field(text_field, fields, "text_field", where)
-        text = rec[text_field]
-        if text is None or (isinstance(text, str) and not text.strip()):
+        doc = document_of(rec, fields, where, text_field=text_field, id_field=id_field, ordinal=ordinal)
+        if doc is None:
             scan.skipped_empty += 1
             continue
-        if not isinstance(text, str):
-            raise CorpusError(f"{where}: `corpus.text_field` {text_field!r} holds a {type(text).__name__}, not a string")
-        if id_field is not None:
-            if id_field not in rec:
-                check_field(id_field, fields, "id_field", where)
-            ids.append(stable_id(rec[id_field]))
-        else:
-            ids.append(ordinal)
+        text, doc_id = doc
+        ids.append(doc_id)
         batch.texts.append(text)
         for f, values in batch.fields.items():
             if f in rec:

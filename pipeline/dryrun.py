@@ -17,11 +17,10 @@ from typing import Any
 
 from strata.pipeline.config import ExtractSpec
 from strata.pipeline.executor import open_executor
-from strata.pipeline.extract import Plan, check_store_path, open_store, plan, plan_sharded, prepare
+from strata.pipeline.extract import Plan, plan, plan_sharded, start
 from strata.pipeline.sharded import ShardedExtraction
 from strata.pipeline.worker import peak_rss_bytes
 from strata.store.dtypes import storage_dtype
-from strata.store.errors import LeaseHeldError
 
 
 @dataclass
@@ -87,13 +86,7 @@ def _size(n: int) -> str:
 def dry_run_extract(spec: ExtractSpec) -> DryRun:
     """Plan ``spec`` as :func:`strata.pipeline.extract.run_extract` would, without creating the dataset."""
     t0 = time.perf_counter()
-    check_store_path(spec)
-    s = open_store(spec)
-    lease = s.lease(spec.name, owner="strata extract --dry-run", stale_after_s=spec.compute.lease_stale_s)
-    holder = lease.holder()
-    if holder is not None:
-        raise LeaseHeldError(lease.held_message(holder))
-    p = prepare(spec, s)
+    s, lease, p = start(spec, owner="strata extract --dry-run")
     pl: Plan | ShardedExtraction
     with open_executor(spec.compute.executor, spec.compute.address) as ex:
         if p.shards is not None:

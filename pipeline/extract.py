@@ -558,6 +558,20 @@ def _dropped_note(pl: Plan | ShardedExtraction, spec: ExtractSpec) -> str:
 # -- 3. running -------------------------------------------------------------------------------
 
 
+def start(spec: ExtractSpec, *, owner: str) -> tuple[store.Store, store.Lease, Prepared]:
+    """The checks every extraction (and its dry run) makes first: the store path and that it is
+    writable, that no job holds the dataset's lease (read-only: a second job fails in a second),
+    then everything :func:`prepare` resolves. Returns the store, the (not yet taken) lease and the
+    prepared job."""
+    check_store_path(spec)
+    s = open_store(spec)
+    lease = s.lease(spec.name, owner=owner, stale_after_s=spec.compute.lease_stale_s)
+    holder = lease.holder()
+    if holder is not None:
+        raise LeaseHeldError(lease.held_message(holder))
+    return s, lease, prepare(spec, s)
+
+
 def run_extract(
     spec: ExtractSpec,
     *,
@@ -569,13 +583,7 @@ def run_extract(
     of :class:`UnitWorker`) and ``on_unit`` (called with each finished unit's status) are
     seams for tests and tools."""
     t_start = time.perf_counter()
-    check_store_path(spec)
-    s = open_store(spec)
-    lease = s.lease(spec.name, owner="strata extract", stale_after_s=spec.compute.lease_stale_s)
-    holder = lease.holder()
-    if holder is not None:
-        raise LeaseHeldError(lease.held_message(holder))
-    p = prepare(spec, s)
+    s, lease, p = start(spec, owner="strata extract")
     result = ExtractResult(spec.name, s.uri, num_units=0, hooks=p.hooks)
     if p.shards is not None:
         _extract_sharded(p, lease, result, t_start, worker_cls=worker_cls, on_unit=on_unit, progress=progress)

@@ -33,7 +33,7 @@ import xxhash
 
 from strata import store
 from strata.pipeline.config import CorpusSpec, TokenizeSpec
-from strata.pipeline.corpus import check_field, stable_id
+from strata.pipeline.corpus import document_of
 from strata.pipeline.errors import CorpusError
 from strata.pipeline.executor import Executor, Tasks
 from strata.pipeline.packing import Contexts, EncodedBatch, TokenizerInfo, encode_batch
@@ -173,20 +173,11 @@ def _tokenize(reader: ShardReader, ref: ShardRef, src: CorpusSpec,
     pairs = SetHash()
     for ordinal, (rec, names, where) in enumerate(reader.records()):
         records += 1
-        if text_field not in rec:
-            check_field(text_field, names, "text_field", where)
-        text = rec[text_field]
-        if text is None or (isinstance(text, str) and not text.strip()):
+        doc = document_of(rec, names, where, text_field=text_field, id_field=id_field, ordinal=ordinal)
+        if doc is None:
             skipped += 1
             continue
-        if not isinstance(text, str):
-            raise CorpusError(f"{where}: `corpus.text_field` {text_field!r} holds a {type(text).__name__}, not a string")
-        if id_field is not None:
-            if id_field not in rec:
-                check_field(id_field, names, "id_field", where)
-            doc_id = stable_id(rec[id_field])
-        else:
-            doc_id = ordinal
+        text, doc_id = doc
         ids.append(doc_id)
         texts.append(text)
         chars += len(text)
