@@ -96,7 +96,7 @@ def spans_of(index: pa.Table, docs: np.ndarray, *, dataset: str, total: int | No
         lo, hi = id_range if id_range is not None else ((int(ids[0]), int(ids[-1])) if ids.size else (0, -1))
         raise UnknownDocumentError(
             f"dataset {dataset!r} has no document(s) {unknown[:10]}{' ...' if len(unknown) > 10 else ''}; "
-            f"it holds {ids.size if total is None else total} documents with ids from {lo} to {hi} (see ds.documents())"
+            f"it holds {ids.size if total is None else total} documents with ids from {lo} to {hi} (see ds.docs())"
         )
     start = index.column("row_start").to_numpy()[at]
     end = index.column("row_end").to_numpy()[at]

@@ -22,7 +22,7 @@ offset, so the whole document index is the parts shifted, by arithmetic
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -188,6 +188,10 @@ class ShardedDocuments:
         self._docs = shards.column("docs").to_numpy()
         self._parts: dict[int, pa.Table] = {}
         self._index: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        held = np.flatnonzero(self._docs > 0)
+        order = held[np.argsort(self._min[held], kind="stable")]
+        disjoint = bool((self._min[order][1:] > self._max[order][:-1]).all())
+        self._disjoint = (order, self._min[order]) if disjoint else None
 
     def part(self, i: int) -> pa.Table:
         """Shard ``i``'s part with dataset ids and rows."""
@@ -223,6 +227,27 @@ class ShardedDocuments:
         ids = t.column("doc_id").to_numpy()
         return t if ids.size < 2 or bool((np.diff(ids) > 0).all()) else t.sort_by("doc_id")
 
+    def _candidates(self, ids: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """``(part, positions in ids)`` for the parts that can hold some of ``ids``. Parts of
+        disjoint id ranges (ordinal ids: every shard's range follows the one before) are found by
+        one binary search; overlapping ones (hashed ``id_field`` ids) by checking each."""
+        if self._disjoint is not None:
+            order, mins = self._disjoint
+            j = np.searchsorted(mins, ids, side="right") - 1
+            part = order[np.maximum(j, 0)]
+            ok = (j >= 0) & (ids <= self._max[part])
+            if ok.all() and part.size and (part == part[0]).all():
+                yield int(part[0]), np.arange(ids.size)
+                return
+            for i in np.unique(part[ok]):
+                yield int(i), np.flatnonzero(ok & (part == i))
+            return
+        for i in range(len(self._keys)):
+            if self._docs[i] > 0:
+                pos = np.flatnonzero((ids >= self._min[i]) & (ids <= self._max[i]))
+                if pos.size:
+                    yield i, pos
+
     def _arrays(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Part ``i``'s ``doc_id`` (sorted), ``row_start``, ``row_end``, as arrays (cached)."""
         got = self._index.get(i)
@@ -238,23 +263,19 @@ class ShardedDocuments:
     def spans(self, ids: np.ndarray) -> list[tuple[int, int, int]]:
         """``(doc, row_start, row_end)`` of each id, in the order given (errors as
         :func:`store.datasets.documents.spans_of`). Reads only the parts whose id range can hold them."""
-        found_id, found_a, found_b = [], [], []
-        for i in range(len(self._keys)):
-            if self._docs[i] == 0:
-                continue
-            sel = ids[(ids >= self._min[i]) & (ids <= self._max[i])]
-            if not sel.size:
-                continue
+        start = np.full(ids.size, -2, np.int64)
+        end = np.full(ids.size, -2, np.int64)
+        for i, pos in self._candidates(ids):
             d, a, b = self._arrays(i)
-            at = np.minimum(np.searchsorted(d, sel), d.size - 1)
-            hit = at[d[at] == sel]
-            found_id.append(d[hit])
-            found_a.append(a[hit])
-            found_b.append(b[hit])
-        index = pa.table({c: np.concatenate(xs) if xs else np.zeros(0, np.int64)
-                          for c, xs in (("doc_id", found_id), ("row_start", found_a), ("row_end", found_b))})
-        if index.num_rows > 1:
-            index = index.sort_by("doc_id")
-        has = self._docs > 0
-        lo, hi = (int(self._min[has].min()), int(self._max[has].max())) if has.any() else (0, -1)
-        return spans_of(index, ids, dataset=self.dataset, total=int(self._docs.sum()), id_range=(lo, hi))
+            want = ids[pos]
+            at = np.minimum(np.searchsorted(d, want), d.size - 1)
+            hit = d[at] == want
+            start[pos[hit]], end[pos[hit]] = a[at[hit]], b[at[hit]]
+        if (start < 0).any():  # unknown ids, or documents with no rows: the index's own message
+            known = start != -2
+            index = pa.table({"doc_id": ids[known], "row_start": start[known], "row_end": end[known]})
+            index = index.sort_by("doc_id") if index.num_rows > 1 else index
+            has = self._docs > 0
+            lo, hi = (int(self._min[has].min()), int(self._max[has].max())) if has.any() else (0, -1)
+            return spans_of(index, ids, dataset=self.dataset, total=int(self._docs.sum()), id_range=(lo, hi))
+        return [(int(x), int(a), int(b)) for x, a, b in zip(ids, start, end)]

@@ -98,6 +98,11 @@ def test_sharded_units_tokens_activations_and_documents(tmp_path, tiny_gpt2):
     got = ds.read(H0, docs=some)
     spans = {d: (a, b) for d, a, b in zip(*(docs.column(c).to_pylist() for c in ("doc_id", "row_start", "row_end")))}
     np.testing.assert_array_equal(got, np.concatenate([ds.read(H0, rows=slice(*spans[d])) for d in some]))
+    from strata.store.errors import UnknownDocumentError
+
+    with pytest.raises(UnknownDocumentError, match=r"no document\(s\) \[11, 999\]; it holds 26 documents with ids from 0 to 26 \(see ds.docs\(\)\)"):
+        ds.read(H0, docs=[3, 11, 999])  # 11: shard 1's empty record
+    assert [a for _, a, _ in ds._sharded_documents().spans(np.array([25, 0, 12]))] == [spans[25][0], spans[0][0], spans[12][0]]
     # Rerun: a no-op from the listing alone.
     again = run_extract(_spec(tmp_path, tiny_gpt2, str(tmp_path / "corpus")), progress=False)
     assert again.noop and "as listed before" in again.message
