@@ -154,6 +154,9 @@ class ExtractSpec(JobSpec):
     """Hook points, TransformerLens style, globs allowed: ``blocks.*.hook_resid_post``."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     """The dtype activations are stored in."""
+    max_bytes_per_token: int = Field(default=4 << 20, gt=0)
+    """The most bytes a token may take over every hook asked for (a guard against a glob that
+    would store, say, every head's ``attn.hook_result`` of every layer); 4 MiB by default."""
     compute: ExtractCompute = ExtractCompute()
     """Where and how extraction runs."""
     version_of: str | None = None

@@ -76,6 +76,7 @@ from strata.store.datasets.manifest import IDENTITY_META_KEYS
 from strata.store.datasets.manifest import fingerprint as dataset_fingerprint
 from strata.store.datasets.tokenized import shards_kind
 from strata.store.datasets.verify import last_outcome
+from strata.store.dtypes import storage_dtype
 from strata.store.errors import DatasetExistsError, LeaseHeldError, StorageError
 
 log = logging.getLogger(__name__)
@@ -234,8 +235,15 @@ def prepare(spec: ExtractSpec, s: store.Store) -> Prepared:
         raise SpecError(f"`image` settings are for image models; model {spec.model.id!r} ({model_type}) reads text")
     vc = vision_config(config) if image else config
     n_layers = int(vc.num_hidden_layers)
-    sites = hook_sites(fam, n_layers)
+    sites = hook_sites(fam, n_layers, vc)
     hooks = expand_hooks(list(spec.hooks), sites, model=f"model {spec.model.id!r} ({model_type}, {n_layers} layers)")
+    per_token = {h: (sites[h].width or int(vc.hidden_size)) * storage_dtype(spec.dtype).itemsize for h in hooks}
+    if sum(per_token.values()) > spec.max_bytes_per_token:
+        big = sorted(per_token.items(), key=lambda kv: -kv[1])[:3]
+        raise SpecError(
+            f"the hooks asked for store {sum(per_token.values()):,} bytes a token in {spec.dtype} ({len(hooks)} hooks; largest: "
+            f"{', '.join(f'{h} {b:,}' for h, b in big)}), over `max_bytes_per_token` {spec.max_bytes_per_token:,}: "
+            "ask for fewer hooks, or raise `max_bytes_per_token`")
     tok: TokenizerInfo | None = None
     img: ImagePrep | None = None
     if image:
@@ -299,6 +307,8 @@ def prepare(spec: ExtractSpec, s: store.Store) -> Prepared:
         "d_model": int(vc.hidden_size),
         "torch_dtype": spec.model.torch_dtype,
         "hook_modules": {h: site.describe() for h, site in sites.items()},
+        "hook_meanings": {h: site.meaning for h, site in sites.items()},
+        "hook_widths": {h: site.width for h, site in sites.items()},
         "tokenizer_name": None if image else tok.name,  # type: ignore[union-attr]
         "special_tokens": ({"cls": CLS_TOKEN if img.layout.cls else None, "registers": img.layout.registers} if img is not None  # type: ignore[union-attr]
                            else {"bos": tok.bos_id, "sep": tok.sep_id, "pad": tok.pad_id}),  # type: ignore[union-attr]
@@ -752,7 +762,7 @@ def _run(p: Prepared, pl: Plan | ShardedExtraction, lease: store.Lease, ex: Exec
         meta["doc_set_hash"] = pl.plan.doc_set_hash()
         meta["corpus_state"] = pl.plan.state_fingerprint()
     w = s.create_dataset(
-        spec.name, hooks={h: d_model for h in p.hooks}, context_size=p.context_size, dtype=spec.dtype,
+        spec.name, hooks={h: int(p.meta["hook_widths"].get(h) or d_model) for h in p.hooks}, context_size=p.context_size, dtype=spec.dtype,
         num_units=max(1, pl.units), unit_contexts=p.unit_contexts, meta=meta, exist_ok=True, fence=lease.token,
     )
     if sharded:

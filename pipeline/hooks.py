@@ -86,35 +86,182 @@ def family_of(model_type: str) -> Family:
 
 
 @dataclass(frozen=True)
+class Transform:
+    """What is done to a captured tensor before it is stored (picklable: sites are rebuilt in
+    every worker). ``kind``: ``normalize`` (``args``: ``"layer"`` or ``"rms"``, eps: a norm's
+    input normalized, before its weight and bias, as TransformerLens's ``hook_normalized``);
+    ``slice`` (start, stop: one of q, k, v of a fused projection laid out ``[q | k | v]``);
+    ``head_slice`` (heads, d_head, j: of one laid out per head, ``[h, (q k v), d_head]``);
+    ``result`` (heads, d_head, conv1d: each head's write ``z_h @ W_O[h]``, bias left out, from
+    the output projection's input); ``tokens`` (a ``[batch * seq, n]`` result as ``[batch, seq, n]``)."""
+
+    kind: str
+    args: tuple[Any, ...] = ()
+
+    def describe(self) -> str:
+        return f"{self.kind}({', '.join(map(str, self.args))})" if self.args else self.kind
+
+
+@dataclass(frozen=True)
 class HookSite:
     """Where a canonical hook is captured: a module path in the base model, and whether its
-    input (``resid_pre``) or its output is taken. ``order`` sorts hooks by when they fire."""
+    input (``resid_pre``) or its output is taken; ``order`` sorts hooks by when they fire.
+    ``width`` is the values stored per token (0: not known without the model's config);
+    ``transform`` what is done to the tensor first; ``meaning`` one line for the manifest and
+    the README; ``explicit`` hooks are only captured when named (a glob never picks them)."""
 
     hook: str
     module: str
     io: str  # "input" | "output"
     order: tuple[int, int]
+    width: int = 0
+    transform: Transform | None = None
+    meaning: str = ""
+    explicit: bool = False
 
     def describe(self) -> str:
-        return f"{self.module}:{self.io}"
+        return f"{self.module}:{self.io}" + (f"+{self.transform.describe()}" if self.transform is not None else "")
 
 
-def hook_sites(family: Family, n_layers: int) -> dict[str, HookSite]:
-    """Every canonical hook of a model, in firing order."""
-    sites = {"hook_embed": HookSite("hook_embed", family.embed, "output", (-1, 0))}
+#: Firing order of the hooks inside one block (the forward stops after the deepest asked for).
+_SUB_ORDER = {
+    "hook_resid_pre": 0, "ln1.hook_normalized": 1, "attn.hook_q": 2, "attn.hook_k": 3, "attn.hook_v": 4, "attn.hook_z": 5,
+    "attn.hook_result": 6, "hook_attn_out": 7, "hook_resid_mid": 8, "ln2.hook_normalized": 9, "mlp.hook_in": 10,
+    "mlp.hook_pre": 11, "mlp.hook_pre_linear": 12, "mlp.hook_post": 13, "hook_mlp_out": 14, "hook_resid_post": 15,
+}
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The widths a model's hooks need, from its config."""
+
+    d_model: int
+    n_heads: int
+    d_head: int
+    n_kv_heads: int
+    d_mlp: int
+    eps: float
+
+    @classmethod
+    def of(cls, config: Any) -> Dims:
+        c = config
+        d = int(getattr(c, "hidden_size", None) or getattr(c, "n_embd", 0) or getattr(c, "d_model", 0))
+        h = int(getattr(c, "num_attention_heads", None) or getattr(c, "n_head", 0) or getattr(c, "num_heads", 0) or 1)
+        dh = int(getattr(c, "head_dim", None) or (d // h if h else 0))
+        kv = int(getattr(c, "num_key_value_heads", None) or h)
+        d_mlp = int(getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or getattr(c, "d_ff", None) or 4 * d)
+        eps = float(next((getattr(c, a) for a in ("layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps", "norm_eps")
+                          if getattr(c, a, None) is not None), 1e-5))
+        return cls(d, h, dh, kv, d_mlp, eps)
+
+
+def _sub_sites(family: Family, layer: int, dims: Dims, config: Any) -> list[tuple[str, str, str, int, Transform | None, str, bool]]:
+    """The block's hooks beyond the residual stream and the sub-block outputs, for families with
+    a map of them: (kind, module, io, width, transform, meaning, explicit)."""
+    b = f"{family.layers}.{layer}"
+    d, h, dh, kv, dm, eps = dims.d_model, dims.n_heads, dims.d_head, dims.n_kv_heads, dims.d_mlp, dims.eps
+    z = "each head's output before the output projection, heads side by side ([tokens, n_heads * d_head])"
+    res = "each head's write to the residual stream (z_h @ W_O[h], bias left out), heads side by side ([tokens, n_heads * d_model]); large"
+    out: list[tuple[str, str, str, int, Transform | None, str, bool]] = []
+    if family.name == "gpt2":
+        norm = Transform("normalize", ("layer", eps))
+        out += [
+            ("ln1.hook_normalized", f"{b}.ln_1", "input", d, norm, "ln_1's input normalized, before its weight and bias", False),
+            ("attn.hook_q", f"{b}.attn.c_attn", "output", d, Transform("slice", (0, d)), "queries, heads side by side", False),
+            ("attn.hook_k", f"{b}.attn.c_attn", "output", d, Transform("slice", (d, 2 * d)), "keys, heads side by side", False),
+            ("attn.hook_v", f"{b}.attn.c_attn", "output", d, Transform("slice", (2 * d, 3 * d)), "values, heads side by side", False),
+            ("attn.hook_z", f"{b}.attn.c_proj", "input", h * dh, None, z, False),
+            ("attn.hook_result", f"{b}.attn.c_proj", "input", h * d, Transform("result", (h, dh, True)), res, True),
+            ("hook_resid_mid", f"{b}.ln_2", "input", d, None, "the residual stream between attention and MLP", False),
+            ("ln2.hook_normalized", f"{b}.ln_2", "input", d, norm, "ln_2's input normalized, before its weight and bias", False),
+            ("mlp.hook_in", f"{b}.ln_2", "output", d, None, "the MLP's input: ln_2's output (TransformerLens's ln2.hook_out)", False),
+            ("mlp.hook_pre", f"{b}.mlp.c_fc", "output", dm, None, "MLP neurons before the activation (c_fc's output)", False),
+            ("mlp.hook_post", f"{b}.mlp.c_proj", "input", dm, None, "MLP neurons after the activation (c_proj's input)", False),
+        ]
+    elif family.name == "gpt_neox":
+        norm = Transform("normalize", ("layer", eps))
+        out += [
+            ("ln1.hook_normalized", f"{b}.input_layernorm", "input", d, norm,
+             "input_layernorm's input normalized, before its weight and bias", False),
+            *[(f"attn.hook_{n}", f"{b}.attention.query_key_value", "output", h * dh, Transform("head_slice", (h, dh, j)),
+               f"{name}, heads side by side", False) for j, (n, name) in enumerate((("q", "queries"), ("k", "keys"), ("v", "values")))],
+            ("attn.hook_z", f"{b}.attention.dense", "input", h * dh, None, z, False),
+            ("attn.hook_result", f"{b}.attention.dense", "input", h * d, Transform("result", (h, dh, False)), res, True),
+        ]
+        if not getattr(config, "use_parallel_residual", True):
+            out.append(("hook_resid_mid", f"{b}.post_attention_layernorm", "input", d, None, "the residual stream between attention and MLP", False))
+        out += [
+            ("ln2.hook_normalized", f"{b}.post_attention_layernorm", "input", d, norm,
+             "post_attention_layernorm's input normalized, before its weight and bias", False),
+            ("mlp.hook_in", f"{b}.post_attention_layernorm", "output", d, None, "the MLP's input: post_attention_layernorm's output", False),
+            ("mlp.hook_pre", f"{b}.mlp.dense_h_to_4h", "output", dm, None, "MLP neurons before the activation", False),
+            ("mlp.hook_post", f"{b}.mlp.dense_4h_to_h", "input", dm, None, "MLP neurons after the activation", False),
+        ]
+    elif family.name in ("llama", "gemma2"):
+        norm = Transform("normalize", ("rms", eps))
+        ln2 = "post_attention_layernorm" if family.name == "llama" else "pre_feedforward_layernorm"
+        out += [
+            ("ln1.hook_normalized", f"{b}.input_layernorm", "input", d, norm, "input_layernorm's input divided by its RMS, before its weight", False),
+            ("attn.hook_q", f"{b}.self_attn.q_proj", "output", h * dh, None, "queries before rotary embedding, heads side by side", False),
+            ("attn.hook_k", f"{b}.self_attn.k_proj", "output", kv * dh, None,
+             f"keys before rotary embedding, the {kv} key/value heads side by side", False),
+            ("attn.hook_v", f"{b}.self_attn.v_proj", "output", kv * dh, None, f"values, the {kv} key/value heads side by side", False),
+            ("attn.hook_z", f"{b}.self_attn.o_proj", "input", h * dh, None, z, False),
+            ("attn.hook_result", f"{b}.self_attn.o_proj", "input", h * d, Transform("result", (h, dh, False)), res, True),
+            ("hook_resid_mid", f"{b}.{ln2}", "input", d, None, "the residual stream between attention and MLP", False),
+            ("ln2.hook_normalized", f"{b}.{ln2}", "input", d, norm, f"{ln2}'s input divided by its RMS, before its weight", False),
+            ("mlp.hook_in", f"{b}.{ln2}", "output", d, None, f"the MLP's input: {ln2}'s output", False),
+            ("mlp.hook_pre", f"{b}.mlp.gate_proj", "output", dm, None,
+             "gated MLP: the gate projection before its activation (TransformerLens's hook_pre)", False),
+            ("mlp.hook_pre_linear", f"{b}.mlp.up_proj", "output", dm, None,
+             "gated MLP: the up projection (TransformerLens's hook_pre_linear)", False),
+            ("mlp.hook_post", f"{b}.mlp.down_proj", "input", dm, None, "gated MLP neurons: act(gate) * up, the down projection's input", False),
+        ]
+    elif family.name == "bert":
+        out += [
+            ("attn.hook_q", f"{b}.attention.self.query", "output", h * dh, None, "queries, heads side by side", False),
+            ("attn.hook_k", f"{b}.attention.self.key", "output", h * dh, None, "keys, heads side by side", False),
+            ("attn.hook_v", f"{b}.attention.self.value", "output", h * dh, None, "values, heads side by side", False),
+            ("attn.hook_z", f"{b}.attention.output.dense", "input", h * dh, None, z, False),
+            ("attn.hook_result", f"{b}.attention.output.dense", "input", h * d, Transform("result", (h, dh, False)), res, True),
+            ("mlp.hook_pre", f"{b}.intermediate.dense", "output", dm, None, "MLP neurons before the activation", False),
+            ("mlp.hook_post", f"{b}.output.dense", "input", dm, None, "MLP neurons after the activation", False),
+        ]
+    return out
+
+
+def hook_sites(family: Family, n_layers: int, config: Any = None) -> dict[str, HookSite]:
+    """Every canonical hook of a model, in firing order. With the model's ``config``, also the
+    hooks inside each block (neurons, attention heads, norms) and every hook's width."""
+    dims = Dims.of(config) if config is not None else None
+    d = dims.d_model if dims is not None else 0
+    sites = {"hook_embed": HookSite("hook_embed", family.embed, "output", (-1, 0), d, meaning="the token embeddings")}
     for layer in range(n_layers):
         block = f"{family.layers}.{layer}"
-        for hook, module, io, o in (
-            ("hook_resid_pre", block, "input", 0),
-            ("hook_attn_out", f"{block}.{family.attn}", "output", 1),
-            ("hook_mlp_out", f"{block}.{family.mlp}", "output", 2),
-            ("hook_resid_post", block, "output", 3),
+        for hook, module, io, meaning in (
+            ("hook_resid_pre", block, "input", "the residual stream entering the block"),
+            ("hook_attn_out", f"{block}.{family.attn}", "output", "what attention adds to the residual stream"),
+            ("hook_mlp_out", f"{block}.{family.mlp}", "output", "what the MLP adds to the residual stream"),
+            ("hook_resid_post", block, "output", "the residual stream leaving the block"),
         ):
             name = f"blocks.{layer}.{hook}"
-            sites[name] = HookSite(name, module, io, (layer, o))
+            sites[name] = HookSite(name, module, io, (layer, _SUB_ORDER[hook]), d, meaning=meaning)
+        if dims is not None:
+            for kind, module, io, width, tf, meaning, explicit in _sub_sites(family, layer, dims, config):
+                name = f"blocks.{layer}.{kind}"
+                sites[name] = HookSite(name, module, io, (layer, _SUB_ORDER[kind]), width, tf, meaning, explicit)
     if family.ln_final is not None:
-        sites["ln_final.hook_normalized"] = HookSite("ln_final.hook_normalized", family.ln_final, "output", (n_layers, 0))
-    return sites
+        if dims is not None and family.modality == "text" and family.name != "bert":
+            kind = "rms" if family.name in ("llama", "gemma2") else "layer"
+            sites["ln_final.hook_normalized"] = HookSite(
+                "ln_final.hook_normalized", family.ln_final, "input", (n_layers, 0), d, Transform("normalize", (kind, dims.eps)),
+                "the final norm's input normalized, before its weight and bias (TransformerLens's meaning)")
+            sites["ln_final.hook_out"] = HookSite("ln_final.hook_out", family.ln_final, "output", (n_layers, 1), d,
+                                                  meaning="the final norm's output (what the unembedding reads)")
+        else:
+            sites["ln_final.hook_normalized"] = HookSite("ln_final.hook_normalized", family.ln_final, "output", (n_layers, 0), d,
+                                                         meaning="the final norm's output")
+    return dict(sorted(sites.items(), key=lambda kv: kv[1].order))
 
 
 def describe_hooks(names: list[str]) -> str:
@@ -152,10 +299,16 @@ def match_hooks(patterns: Sequence[str], available: Sequence[str], *,
 def expand_hooks(patterns: list[str], sites: dict[str, HookSite], *, model: str = "the model") -> list[str]:
     """Hook names matching ``patterns`` (exact names or globs like ``blocks.*.hook_resid_post``),
     in firing order. An unknown name or a pattern matching nothing is an error listing the
-    valid hooks."""
+    valid hooks. An ``explicit`` hook (``attn.hook_result``: large) is taken only by a pattern
+    that names it (``blocks.*.attn.hook_result``), never by a wider glob."""
     ordered = sorted(sites, key=lambda h: sites[h].order)
-    return match_hooks(patterns, ordered,
-                       error=lambda p: UnknownHookError(f"unknown hook {p!r} for {model}; valid hooks: {describe_hooks(list(sites))}"))
+    out: list[str] = []
+    for p in patterns:
+        pool = [h for h in ordered if not sites[h].explicit or h.rsplit(".", 1)[-1] in p]
+        out += match_hooks([p], pool, error=lambda p: UnknownHookError(
+            f"unknown hook {p!r} for {model}; valid hooks: {describe_hooks([h for h in ordered if not sites[h].explicit])}"
+            + ("" if not any(sites[h].explicit for h in ordered) else "; and, only when named: blocks.*.attn.hook_result")))
+    return [h for h in ordered if h in set(out)]
 
 
 class _StopForward(Exception):
@@ -175,6 +328,34 @@ def _first_tensor(x: Any) -> torch.Tensor:
     raise TypeError(f"cannot find the hidden states in a module result of type {type(x).__name__}")
 
 
+def apply_transform(tf: Transform, module: Any, x: torch.Tensor, batch_seq: tuple[int, int] | None = None) -> torch.Tensor:
+    """``x`` as the hook stores it (see :class:`Transform`)."""
+    import torch  # lazy: spec checks import this module for `match_hooks` and must not pay for torch
+
+    k, a = tf.kind, tf.args
+    if k == "normalize":
+        xf = x.float()
+        if a[0] == "layer":
+            xf = xf - xf.mean(-1, keepdim=True)
+        return (xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + a[1])).to(x.dtype)
+    if k == "slice":
+        return x[..., a[0] : a[1]]
+    if k == "head_slice":
+        h, dh, j = a
+        return x.reshape(*x.shape[:-1], h, 3 * dh)[..., j * dh : (j + 1) * dh].reshape(*x.shape[:-1], h * dh)
+    if k == "result":
+        h, dh, conv1d = a
+        w = module.weight if conv1d else module.weight.t()  # [h * dh, d]
+        z = x.reshape(*x.shape[:-1], h, dh)
+        out = torch.einsum("...he,hed->...hd", z, w.reshape(h, dh, -1).to(z.dtype))
+        return out.reshape(*x.shape[:-1], -1)
+    if k == "tokens":
+        if batch_seq is None:
+            raise ValueError("a per-token result needs the batch's shape")
+        return x.reshape(batch_seq[0], batch_seq[1], -1)
+    raise ValueError(f"unknown hook transform {k!r}")
+
+
 class Capture:
     """Forward hooks on a model for a set of canonical hooks.
 
@@ -190,21 +371,26 @@ class Capture:
         self.sink = sink
         self.deepest = max(self.sites, key=lambda s: s.order).hook if stop_early else None
         self._handles: list[Any] = []
+        self.batch_seq: tuple[int, int] | None = None
 
     def _make(self, site: HookSite) -> Callable[..., None]:
         stop = site.hook == self.deepest
-        sink, hook = self.sink, site.hook
+        sink, hook, tf = self.sink, site.hook, site.transform
+
+        def emit(module: Any, t: Any) -> None:
+            sink(hook, t if tf is None else apply_transform(tf, module, t, self.batch_seq))
+
         if site.io == "input":
 
             def pre(module, args, kwargs):
-                sink(hook, args[0] if args else kwargs["hidden_states"])
+                emit(module, args[0] if args else kwargs["hidden_states"])
                 if stop:
                     raise _StopForward
 
             return pre
 
         def post(module, args, output):
-            sink(hook, _first_tensor(output))
+            emit(module, _first_tensor(output))
             if stop:
                 raise _StopForward
 
@@ -229,6 +415,8 @@ class Capture:
         self._handles.clear()
 
     def forward(self, **inputs: Any) -> None:
+        first = next((v for v in inputs.values() if hasattr(v, "shape")), None)
+        self.batch_seq = (int(first.shape[0]), int(first.shape[1])) if first is not None and len(first.shape) >= 2 else None
         try:
             self.model(**inputs)
         except _StopForward:

@@ -79,7 +79,7 @@ class UnitWorker:
         self.model = load_model(cfg.model, device=str(self.device), model_class=img.model_class if img else None)
         self.processor = (load_processor(cfg.model.fetch(), img.processor_overrides, model=cfg.model.id,
                                          trust_remote_code=cfg.model.trust_remote_code) if img else None)
-        self.sites = hook_sites(family_of(cfg.model_type), cfg.n_layers)
+        self.sites = hook_sites(family_of(cfg.model_type), cfg.n_layers, self.model.config)
         self.writer = store.open(cfg.store_uri, storage_options=cfg.storage_options, create=False).writer(cfg.dataset, fence=cfg.fence)
         self.out_dtype = _STORE_DTYPES[cfg.dtype]
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -110,7 +110,7 @@ class UnitWorker:
         n, s = contexts.token_id.shape
         rows = n * s
         pin = self.device.type == "cuda"
-        bufs = {h: torch.empty((rows, self.cfg.d_model), dtype=self.out_dtype, pin_memory=pin) for h in hooks}
+        bufs = {h: torch.empty((rows, self.sites[h].width or self.cfg.d_model), dtype=self.out_dtype, pin_memory=pin) for h in hooks}
         per_batch = max(1, self.cfg.batch_tokens // s)
         ids_all = torch.from_numpy(contexts.token_id.astype("int64", copy=False))
         mask_all = torch.from_numpy(np.array(contexts.mask)) if contexts.padded else None  # a copy: Ray's arrays are read-only
