@@ -145,6 +145,7 @@ class Prepared:
     unit_contexts: int
     context_size: int  # tokens per context: the spec's for text, the model's sequence for an image
     image: ImagePrep | None = None  # image models: preprocessing and token layout
+    rehook: list[str] = field(default_factory=list)  # hooks the dataset holds with another meaning: captured again
     shards: list[ShardRef] | None = None  # a sharded corpus: its shards, as listed (see pipeline.sharded)
     settings: ShardSettings | None = None  # ... and what its tokenized shards depend on
 
@@ -332,13 +333,21 @@ def prepare(spec: ExtractSpec, s: store.Store) -> Prepared:
                 f"dataset {spec.name!r} already exists in {s.uri} with a different identity ({'; '.join(diff)}); "
                 "a changed model, tokenizer, corpus, context, packing or dtype makes a new dataset: choose a new `name`"
             )
+    rehook: list[str] = []
+    if existing is not None:  # a hook stored with another meaning (ln_final.hook_normalized before it took TransformerLens's)
+        recorded = existing.info.meta.get("hook_modules") or {}
+        rehook = [h for h in hooks if h in existing.info.hooks and recorded.get(h) not in (None, sites[h].describe())]
+        if rehook:
+            log.warning("dataset %r holds %s captured as %s; this Strata captures them as %s: they are captured again",
+                        spec.name, rehook, [recorded[h] for h in rehook], [sites[h].describe() for h in rehook])
     if refs is not None:
         meta["corpus_scan"] = None
         assert tok is not None
         settings = ShardSettings.of(spec.corpus, spec.tokenize, tok)
         return Prepared(spec, s, m, config, tok, hooks, scan, corpus_fp, corpus_docs, meta, existing, unit_contexts, ctx_size, img,
-                        shards=refs, settings=settings)
-    return Prepared(spec, s, m, config, tok, hooks, scan, corpus_fp, corpus_docs, meta, existing, unit_contexts, ctx_size, img)
+                        rehook=rehook, shards=refs, settings=settings)
+    return Prepared(spec, s, m, config, tok, hooks, scan, corpus_fp, corpus_docs, meta, existing, unit_contexts, ctx_size, img,
+                    rehook=rehook)
 
 
 def plan_kind(src: CorpusSpec, old: dict[str, Any] | None) -> tuple[str, list[ShardRef] | None]:
@@ -606,7 +615,7 @@ def run_extract(
         p.image is not None or "tokenizer" in ds.info.aux)
     same_corpus = p.scan.docs == p.corpus_docs or (
         ds is not None and ds.info.meta.get("corpus_scan") == {"docs": p.scan.docs, "fingerprint": p.scan.fingerprint})
-    if ds is not None and same_docs and same_corpus and _complete(ds, p.hooks):
+    if ds is not None and same_docs and same_corpus and not p.rehook and _complete(ds, p.hooks):
         result.num_units = ds.info.num_units
         result.noop = True
         result.units_skipped = ds.info.num_units
@@ -661,7 +670,7 @@ def _extract_sharded(p: Prepared, lease: store.Lease, result: ExtractResult, t_s
     dataset's lease, tokenize the shards as tasks, plan, recompute what changed, and run."""
     spec, s, ds = p.spec, p.store, p.existing
     assert p.shards is not None and p.settings is not None
-    if ds is not None and _complete(ds, p.hooks):
+    if ds is not None and not p.rehook and _complete(ds, p.hooks):
         old = ds.shards()
         if old is not None and old.column("key").to_pylist() == [p.settings.key_for(r) for r in p.shards]:
             result.num_units = result.units_skipped = ds.info.num_units
@@ -750,6 +759,8 @@ def _run(p: Prepared, pl: Plan | ShardedExtraction, lease: store.Lease, ex: Exec
     if pl.bad_images:
         meta["unreadable_images"] = {"count": len(pl.bad_images), "first": pl.bad_images[:100]}
     sharded = isinstance(pl, ShardedExtraction)
+    if p.rehook and p.existing is not None:
+        s.writer(spec.name, fence=lease.token).forget_units(list(range(p.existing.info.num_units)), hooks=p.rehook)
     if sharded:
         if pl.forget and p.existing is not None:
             gone = s.writer(spec.name, fence=lease.token).forget_units(pl.forget)

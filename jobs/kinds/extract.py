@@ -67,6 +67,8 @@ class ExtractKind(JobKind):
         planned = set(range(n))
         for h in have:  # units a changed shard invalidates are computed again
             have[h] -= set(recompute)
+        for h in pr.rehook:  # a hook stored with another meaning is captured again
+            have[h] = set()
         missing = {h: sorted(planned - have[h]) for h in pr.hooks if planned - have[h]}
         units = sorted(set().union(*missing.values(), planned - have[None]))
 
@@ -96,7 +98,7 @@ class ExtractKind(JobKind):
         step.missing = _missing(missing, units, len(pr.hooks))
         new_units = [u for u in units if u >= ds.info.num_units]
         new_hooks = [h for h in pr.hooks if h not in old_hooks]
-        old_missing = [u for h, us in missing.items() if h in old_hooks for u in us if u < ds.info.num_units]
+        old_missing = [u for h, us in missing.items() if h in old_hooks and h not in pr.rehook for u in us if u < ds.info.num_units]
         why = []
         if new_units:
             why.append(f"the corpus grew: {len(new_units)} new unit(s)")
@@ -105,6 +107,8 @@ class ExtractKind(JobKind):
         old_missing = [u for u in old_missing if u not in set(recompute)]
         if recompute:
             why.append(f"corpus shard(s) changed: unit(s) {ranges(set(recompute))} recomputed")
+        if pr.rehook:
+            why.append(f"hook(s) {', '.join(pr.rehook)} stored with an older meaning: captured again")
         if old_missing:
             why.append(f"unit(s) {ranges(set(old_missing))} unfinished (an earlier run stopped)")
         step.why = "; ".join(why)

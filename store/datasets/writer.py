@@ -84,26 +84,28 @@ class DatasetWriter:
             resize_hook_array(self.storage, new, hook)
         return self._publish(new)
 
-    def forget_units(self, units: list[int]) -> list[int]:
-        """Remove every commit of ``units`` (token table and every hook), records first, then their
-        files (driver only, holding the lease: a sharded corpus whose shard changed recomputes the
-        units it feeds). Returns the units that had a commit."""
+    def forget_units(self, units: list[int], *, hooks: list[str] | None = None) -> list[int]:
+        """Remove every commit of ``units`` (token table and every hook, or only ``hooks``), records
+        first, then their files (driver only, holding the lease: a sharded corpus whose shard
+        changed recomputes the units it feeds; a hook whose meaning changed is captured again).
+        Returns the units that had a commit."""
         if not units:
             return []
         self._check_fence()
         state = CommitState(self.storage, self.name)
         state.refresh()
         gone = set()
-        for hook in [None, *self.info.hooks]:
+        for hook in [None, *self.info.hooks] if hooks is None else hooks:
             have = set(state.committed_units(hook))
             for u in sorted(set(units) & have):
                 self.storage.delete(layout.commit_key(self.name, hook, u))
                 gone.add(u)
         for u in sorted(gone):
-            for key in self.storage.list(layout.tokens_dir(self.name)):
-                if layout.tokens_key_pattern(self.name, u).fullmatch(key):
-                    self.storage.delete(key)
-            for hook in self.info.hooks:
+            if hooks is None:
+                for key in self.storage.list(layout.tokens_dir(self.name)):
+                    if layout.tokens_key_pattern(self.name, u).fullmatch(key):
+                        self.storage.delete(key)
+            for hook in self.info.hooks if hooks is None else hooks:
                 self.storage.delete(layout.shard_key(self.name, hook, u))
         self.compact_commits(full=True)  # the index must not name the removed records
         return sorted(gone)
