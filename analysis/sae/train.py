@@ -39,6 +39,7 @@ from strata import store
 from strata.analysis.sae import checkpoint
 from strata.analysis.sae.config import Run, SAETrainSpec, combinations, expand_runs, training_registry
 from strata.analysis.sae.curves import RecordingMultiSAETrainer, curves_table
+from strata.analysis.sae.identity import model_identity
 from strata.analysis.sae.plan import d_sae_of, heldout_contexts_needed, split_units
 
 if TYPE_CHECKING:
@@ -121,10 +122,11 @@ def to_inference(sae: TrainingSAE) -> SAE:
 
 
 def _sae_metadata(ds: ActivationDataset, run: Run) -> dict[str, Any]:
-    """sae-lens metadata fields (what Neuronpedia and HookedSAETransformer read)."""
+    """sae-lens metadata fields (what Neuronpedia and HookedSAETransformer read). The model is
+    named so that sae-lens's loaders take it, with its fingerprint (:mod:`analysis.sae.identity`)."""
     meta = ds.info.meta
     return {
-        "model_name": meta.get("model"),
+        **model_identity(meta).metadata(),
         "hook_name": run.hook,
         "context_size": ds.info.context_size,
         "prepend_bos": meta.get("prepend_bos"),
@@ -166,6 +168,7 @@ def _lineage(ds: ActivationDataset, r: Run, runs: Sequence[Run], trainer: Any, t
         "fingerprint": ds.info.fingerprint,
         "model": ds.info.meta.get("model"),
         "revision": ds.info.meta.get("revision"),
+        "model_path": ds.info.meta.get("model_path"),
         "hook": r.hook,
         "d_in": ds.info.hooks[r.hook].d,
         "units": list(units),
