@@ -145,7 +145,7 @@ def probe_modules(
         if hook in fired or errors:
             return
         fired[hook] = len(fired)
-        tensor = _first_tensor(value)
+        tensor = module_tensor(value)
         if tensor is None or tensor.ndim != 3 or tuple(tensor.shape[:2]) != (batch, seq) or not tensor.is_floating_point():
             errors.append(_shape_error(hook, value, tensor, batch, seq))
             return
@@ -154,7 +154,7 @@ def probe_modules(
             sink(hook, tensor)
 
     def on_input(hook: str) -> Callable[..., None]:
-        return lambda module, args, kwargs: take(hook, _module_input(args, kwargs))
+        return lambda module, args, kwargs: take(hook, module_input(args, kwargs))
 
     def on_output(hook: str) -> Callable[..., None]:
         return lambda module, args, output: take(hook, output)
@@ -218,7 +218,10 @@ def _probe_inputs(inputs: Mapping[str, Any]) -> tuple[int, int, dict[str, Any]]:
     return 2, seq, run
 
 
-def _module_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def module_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """What an ``input`` hook reads from a forward pre-hook's ``(args, kwargs)``: the first positional
+    argument, else the ``hidden_states`` keyword, else the first tensor keyword (``None`` if none).
+    A capture of module hooks should read with this and :func:`module_tensor`, as the probe does."""
     import torch  # lazy: as in probe_modules
 
     if args:
@@ -228,7 +231,9 @@ def _module_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
 
 
-def _first_tensor(value: Any) -> torch.Tensor | None:
+def module_tensor(value: Any) -> torch.Tensor | None:
+    """The tensor a hook stores from a module's output (or input): the value itself, a tuple's or
+    list's first element, or a ``ModelOutput``'s ``last_hidden_state``; ``None`` when there is none."""
     import torch  # lazy: as in probe_modules
 
     if isinstance(value, torch.Tensor):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM
+from transformers.modeling_outputs import BaseModelOutput
 
 from strata.pipeline.errors import SpecError, UnknownHookError
 from strata.pipeline.modules import (
@@ -13,6 +14,8 @@ from strata.pipeline.modules import (
     check_bytes_per_token,
     is_module_hook,
     module_hook_name,
+    module_input,
+    module_tensor,
     parse_module_hook,
     probe_modules,
     resolve_module_path,
@@ -218,6 +221,17 @@ def test_probe_refuses_unreached_shared_and_integer_modules():
         probe_modules(toy, [("e", "embed", "output"), ("e", "embed", "input")], ids)
     with pytest.raises(ValueError, match="input_ids"):
         probe_modules(toy, [("e", "embed", "output")], {"x": torch.zeros(2, 4)})
+
+
+def test_what_a_hook_reads():
+    a, b = torch.ones(1, 2, 3), torch.zeros(1, 2, 3)
+    assert module_input((a, b), {"hidden_states": b}) is a
+    assert module_input((), {"mask": None, "hidden_states": b, "x": a}) is b
+    assert module_input((), {"mask": None, "x": a}) is a
+    assert module_input((), {"mask": None}) is None
+    assert module_tensor(a) is a and module_tensor((b, a)) is b and module_tensor([b]) is b
+    assert module_tensor(BaseModelOutput(last_hidden_state=a)) is a
+    assert module_tensor((None, a)) is None and module_tensor(()) is None and module_tensor(None) is None
 
 
 # -- byte budget ------------------------------------------------------------------------------------
