@@ -24,7 +24,9 @@ The fingerprint goes beside the name: ``model_identity`` (the dataset's ``model`
 that the folder still holds the weights the SAE was trained on
 (:func:`strata.pipeline.models.folder_revision`). No revision goes into
 ``model_from_pretrained_kwargs``: sae-lens warns on every load of an SAE whose kwargs are not
-empty.
+empty. ``hook_name`` stays Strata's (TransformerLens's) name; sae-lens's ``HookedProxyLM`` (what
+``AutoModelForCausalLM`` gives) names hooks by module path, which the dataset's meta
+``hook_modules`` gives for each hook.
 """
 
 from __future__ import annotations
