@@ -1,9 +1,18 @@
 """The logit lens (nostalgebraist 2020) over stored residual streams of a causal LM.
 
 Each residual-stream hook's stored activations ``h`` (``hook_embed``, ``blocks.L.hook_resid_pre``,
-``blocks.L.hook_resid_post``) are decoded as the model decodes its last one: the final norm,
-then the unembedding, ``logits = W_U norm(h)`` (``ln_final.hook_normalized`` is already normed:
-unembedding only; Gemma 2's final logit soft-capping is applied when the model has one). On a
+``blocks.L.hook_resid_mid``, ``blocks.L.hook_resid_post``) are decoded as the model decodes its
+last one: the final norm, then the unembedding, ``logits = W_U norm(h)`` (Gemma 2's final logit
+soft-capping is applied when the model has one). The final norm's hooks, by what the dataset
+recorded they hold (``hook_modules``): ``ln_final.hook_out``, and ``ln_final.hook_normalized``
+of a dataset that recorded it as the norm's ``:output`` (its meaning before it took
+TransformerLens's; also when nothing is recorded), are the norm's output: unembedding only.
+``ln_final.hook_normalized`` as TransformerLens means it (normalized, before the norm's weight
+and bias) gets the norm's affine part only (:func:`norm_affine`: ``w * h + b``, RMSNorm's
+``w * h``, Gemma's ``(1 + w) * h``), which is exactly the norm's output. Running the norm on it
+again is not: it divides by ``sqrt(var(h) + eps)`` once more, and ``var(h) = v / (v + eps)`` is
+visibly below 1 where the stream's variance ``v`` is not far above ``eps`` (1% off on a tiny
+seeded GPT-2). On a
 seeded sample of contexts, at every position whose next token is not special (as the model's own
 loss counts them), per hook:
 
@@ -40,15 +49,40 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LENS_METRICS", "lens_hooks", "logit_lens"]
+__all__ = ["LENS_METRICS", "lens_hooks", "logit_lens", "norm_affine", "normed_already"]
 
 LENS_METRICS = ("ce", "entropy", "kl_to_final", "top1_agreement", "max_abs_logit_diff")
-_RESID = re.compile(r"^(hook_embed|blocks\.\d+\.hook_resid_(pre|post)|ln_final\.hook_normalized)$")
+_RESID = re.compile(r"^(hook_embed|blocks\.\d+\.hook_resid_(pre|mid|post)|ln_final\.hook_(normalized|out))$")
 
 
 def lens_hooks(hooks: Sequence[str]) -> list[str]:
     """The residual-stream hooks among ``hooks`` (the ones the lens applies to)."""
     return [h for h in hooks if _RESID.match(h)]
+
+
+def normed_already(meta: dict[str, Any], hook: str) -> bool:
+    """Whether ``hook``'s stored values are the final norm's output (unembedded as they are)."""
+    if hook == "ln_final.hook_out":
+        return True
+    if hook == "ln_final.hook_normalized":
+        recorded = (meta.get("hook_modules") or {}).get(hook)
+        return recorded is None or str(recorded).endswith(":output")
+    return False
+
+
+def norm_affine(norm: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The output of the final norm ``norm`` whose normalized input is ``h``: its elementwise
+    weight and bias (a LayerNorm's ``w * h + b``; an RMSNorm's ``w * h``; Gemma's RMSNorms
+    scale by ``1 + w``; a norm without parameters, OLMo's, is ``h``)."""
+    w = getattr(norm, "weight", None)
+    b = getattr(norm, "bias", None)
+    if not isinstance(w, torch.Tensor):
+        y = h
+    elif type(norm).__name__.startswith("Gemma"):  # Gemma, Gemma 2, Gemma 3: `output * (1.0 + weight)`
+        y = (h.float() * (1.0 + w.float())).to(h.dtype)
+    else:
+        y = h * w
+    return y + b if isinstance(b, torch.Tensor) else y
 
 
 def _unembed(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, float | None]:
@@ -71,12 +105,14 @@ def logit_lens(ds: ActivationDataset, hooks: Sequence[str], *, contexts: int = 3
 
     chosen = lens_hooks(hooks)
     if not chosen:
-        raise AnalysisError(f"logit lens needs residual-stream hooks (hook_embed, blocks.L.hook_resid_pre/post); got {list(hooks)}")
+        raise AnalysisError(f"logit lens needs residual-stream hooks (hook_embed, blocks.L.hook_resid_pre/mid/post, ln_final.*); got {list(hooks)}")
     if model is None:
         model, why = load_causal_lm(ds.info.meta)
         if model is None:
             raise AnalysisError(f"logit lens of dataset {ds.name!r} needs its model: {why}")
     norm, unembed, cap = _unembed(model)
+    as_is = {h: normed_already(ds.info.meta, h) for h in chosen}
+    affine = {h: h == "ln_final.hook_normalized" and not as_is[h] for h in chosen}
     toks, n_ctx, pick = pick_contexts(ds, chosen, contexts, (seed, 6))
     cs = ds.info.context_size
     ids = torch.from_numpy(toks.column("token_id").to_numpy().astype(np.int64).reshape(n_ctx, cs)[pick])
@@ -102,7 +138,7 @@ def logit_lens(ds: ActivationDataset, hooks: Sequence[str], *, contexts: int = 3
         for h in chosen:
             x = ds.read(h, rows=rows[c0 : c0 + batch_contexts].reshape(-1), as_="torch", dtype=torch.float32)
             x = x.reshape(b_ids.shape[0], cs, -1).to(dtype)
-            logits = unembed(x if h.startswith("ln_final") else norm(x)).double()
+            logits = unembed(x if as_is[h] else norm_affine(norm, x) if affine[h] else norm(x)).double()
             if cap is not None:
                 logits = torch.tanh(logits / cap) * cap
             here = logits[:, :-1][ok]

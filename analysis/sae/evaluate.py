@@ -17,10 +17,15 @@ Spliced loss (:func:`spliced_ce`), for causal LMs whose model is on this machine
 next-token cross-entropy on held-out contexts, clean, with the SAE's reconstruction in place
 of the hook's activations, and with them zeroed; ``loss_recovered = (ce_zero - ce_spliced) /
 (ce_zero - ce_clean)``. The hook is replaced at the module the extraction pipeline captured it
-from (``pipeline.hooks.hook_sites``), at every position except special ones (BOS, separators,
-padding), which the SAE never saw in training and which keep the model's own activations.
-Targets that are special tokens are left out of the loss. When the model is not available the
-result says why, under ``ce_skipped``.
+from (``pipeline.hooks.hook_sites`` with the model's config): a hook taken from a module's input
+(``mlp.hook_post``: the down projection's input; ``attn.hook_z``: the output projection's input)
+replaces that input, one taken from its output replaces the output; at every position except
+special ones (BOS, separators, padding), which the SAE never saw in training and which keep the
+model's own activations. Targets that are special tokens are left out of the loss. A hook
+stored transformed (``ln*.hook_normalized``: before the norm's weight and bias; ``attn.hook_q``
+sliced out of a fused projection) is no tensor of the forward pass and cannot be spliced. When
+the model is not available or the hook cannot be spliced, the result says why, under
+``ce_skipped``.
 """
 
 from __future__ import annotations
@@ -36,14 +41,13 @@ import numpy as np
 import torch
 
 from strata.analysis.sae.config import EvalSpec
-from strata.pipeline.hooks import FAMILIES, family_of, hook_sites
+from strata.pipeline.hooks import FAMILIES, HookSite, family_of, hook_sites
 from strata.pipeline.models import folder_revision
 from strata.store.layout import unit_ranges
 
 if TYPE_CHECKING:
     from sae_lens import SAE
 
-    from strata.pipeline.hooks import HookSite
     from strata.store import ActivationDataset
 
 log = logging.getLogger(__name__)
@@ -241,18 +245,30 @@ def load_causal_lm(meta: dict[str, Any], *, device: str = "cpu") -> tuple[torch.
 
 
 def hook_site(model: torch.nn.Module, hook: str, meta: dict[str, Any] | None = None) -> HookSite:
-    """The extraction pipeline's site of ``hook`` in ``model`` (checked against the hook map the
-    dataset recorded, when it has one)."""
+    """The extraction pipeline's site of ``hook`` in ``model``, built with the model's config (so
+    neurons, attention heads and norms are found too). When the dataset recorded where the hook
+    was captured (``hook_modules``) and that differs from today's map, the record wins if it
+    names a plain module input or output of this model (a dataset stored before a hook's meaning
+    changed, such as ``ln_final.hook_normalized`` as the final norm's output, holds what it
+    recorded); any other difference is an error."""
 
     cfg = model.config
-    sites = hook_sites(family_of(cfg.model_type), int(cfg.num_hidden_layers))
+    sites = hook_sites(family_of(cfg.model_type), int(cfg.num_hidden_layers), cfg)
     if hook not in sites:
         raise ValueError(f"model {cfg.model_type!r} has no hook {hook!r}")
     site = sites[hook]
     recorded = (meta or {}).get("hook_modules", {}).get(hook)
-    if recorded is not None and recorded != site.describe():
-        raise ValueError(f"hook {hook!r} was captured at {recorded} but maps to {site.describe()} now")
-    return site
+    if recorded is None or recorded == site.describe():
+        return site
+    module, _, io = str(recorded).rpartition(":")
+    if io in ("input", "output") and "+" not in recorded:
+        try:
+            model.base_model.get_submodule(module)
+        except AttributeError:
+            pass
+        else:
+            return HookSite(hook, module, io, site.order, site.width, None, f"as recorded at extraction: {recorded}")
+    raise ValueError(f"hook {hook!r} was captured at {recorded} but maps to {site.describe()} now")
 
 
 def heldout_contexts(ds: ActivationDataset, units: list[int], max_contexts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -288,6 +304,11 @@ def spliced_ce(
         site = hook_site(model, hook, ds.info.meta)
     except Exception as e:
         return {"ce_skipped": str(e)}
+    if site.transform is not None:
+        why = (f"hook {hook!r} is {site.module}'s {site.io} transformed ({site.transform.describe()}), not a module's input or output "
+               "as it is: it cannot be spliced back into the model")
+        log.info("spliced loss skipped: %s", why)
+        return {"ce_skipped": why}
     ids, special, mask = heldout_contexts(ds, units, contexts)
     if ids.shape[0] == 0:
         return {"ce_skipped": "the held-out units hold no whole context"}
