@@ -1,0 +1,284 @@
+"""Hook meanings checked against TransformerLens 3.x, offline.
+
+A seeded tiny GPT-2, Llama-style (grouped-query attention: 2 key/value heads for 4 query heads) and
+Gemma-2 model have every weight perturbed with a fixed seed (norm weights not 1, biases not 0: unit
+norms would hide the difference between a norm's normalized input and its output) and are saved
+again. A ``HookedTransformer`` is built from a ``HookedTransformerConfig`` written out from the
+Hugging Face config, with the HF weights converted by ``transformer_lens.pretrained.weight_conversions``
+and ``fold_ln`` / ``center_writing_weights`` / ``center_unembed`` off, so that it holds the same
+function; the HF model runs with ``attn_implementation="eager"`` (``sdpa`` drifts by about 1e-3).
+Every hook that both offer must agree to 1e-5 in float32.
+
+What TransformerLens gives, and what these tests pin:
+
+- ``attn.hook_q|k|v|z`` are ``[batch, pos, heads, d_head]``; Strata stores heads side by side
+  (``[tokens, heads * d_head]``). With grouped-query attention TransformerLens's ``hook_k`` and
+  ``hook_v`` have the ``n_key_value_heads`` heads, not repeated to ``n_heads``: so do Strata's.
+  ``hook_q`` / ``hook_k`` are before the rotary embedding (TransformerLens's ``hook_rot_q|k`` after).
+- ``attn.hook_result`` (``set_use_attn_result(True)``) is ``[batch, pos, heads, d_model]``, the bias
+  of the output projection left out; Strata's is the same, flattened.
+- ``ln*.hook_normalized`` is the norm's input normalized, before its weight and bias.
+- ``mlp.hook_in`` has no ``HookedTransformer`` name (it is ``TransformerBridge``'s): it is the
+  MLP's input, the second norm's output. ``HookedTransformer``'s ``hook_mlp_in``
+  (``set_use_hook_mlp_in(True)``) is something else: ``resid_mid``, before the norm.
+- ``ln_final.hook_out`` is the HF final norm's output (what the unembedding reads).
+- Gemma-2: ``hook_attn_out`` / ``hook_mlp_out`` are after the post-norms (``ln1_post`` / ``ln2_post``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.pretrained.weight_conversions import convert_gemma_weights, convert_gpt2_weights, convert_llama_weights
+from transformers import AutoModelForCausalLM
+
+from strata import store
+from strata.pipeline.config import ExtractSpec
+from strata.pipeline.extract import run_extract
+from strata.pipeline.hooks import Capture, family_of, hook_sites
+from strata.pipeline.tiny import synthetic_docs, write_jsonl
+
+FAMILIES = ["gpt2", "llama", "gemma2"]
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+#: Strata hooks with no HookedTransformer name of the same meaning (checked separately below).
+STRATA_ONLY = {"attn.hook_result", "mlp.hook_in", "ln_final.hook_out"}
+#: transformer-lens 3.x warns that HookedTransformer goes in 4.0; pyproject pins <4.
+pytestmark = pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def perturbed(tiny_models, tmp_path_factory):
+    """A factory: ``perturbed(family)`` -> folder of the tiny model of ``family`` with every
+    weight perturbed (seeded) and its tokenizer."""
+    built: dict[str, Path] = {}
+    root = tmp_path_factory.mktemp("tl_perturbed")
+
+    def get(family: str) -> Path:
+        if family not in built:
+            src = tiny_models(family)
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+            g = torch.Generator().manual_seed(11)
+            with torch.no_grad():
+                for _, p in sorted(model.named_parameters()):
+                    p.add_((0.3 if p.ndim == 1 else 0.02) * torch.randn(p.shape, generator=g))
+            out = root / family
+            model.save_pretrained(out)
+            for f in src.iterdir():
+                if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+                    (out / f.name).write_bytes(f.read_bytes())
+            built[family] = out
+        return built[family]
+
+    return get
+
+
+def _rope_theta(c) -> float:
+    return float((getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", 10000.0)))
+
+
+def _transformer_lens(hf, family: str) -> HookedTransformer:
+    """A HookedTransformer holding ``hf``'s weights, unfolded and uncentred."""
+    c = hf.config
+    if family == "gpt2":
+        cfg = HookedTransformerConfig(
+            d_model=c.n_embd, d_head=c.n_embd // c.n_head, n_heads=c.n_head, d_mlp=c.n_inner or 4 * c.n_embd, n_layers=c.n_layer,
+            n_ctx=c.n_positions, eps=c.layer_norm_epsilon, d_vocab=c.vocab_size, act_fn=c.activation_function, normalization_type="LN",
+            original_architecture="GPT2LMHeadModel", dtype=torch.float32, device="cpu")
+        convert = convert_gpt2_weights
+    else:
+        rotary = dict(
+            d_model=c.hidden_size, d_head=c.head_dim, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size,
+            n_layers=c.num_hidden_layers, n_ctx=c.max_position_embeddings, eps=c.rms_norm_eps, d_vocab=c.vocab_size,
+            n_key_value_heads=c.num_key_value_heads, normalization_type="RMS", positional_embedding_type="rotary",
+            rotary_adjacent_pairs=False, rotary_dim=c.head_dim, rotary_base=_rope_theta(c), final_rms=True, gated_mlp=True,
+            dtype=torch.float32, device="cpu")
+        if family == "llama":
+            cfg = HookedTransformerConfig(**rotary, act_fn=c.hidden_act, original_architecture="LlamaForCausalLM")
+            convert = convert_llama_weights
+        else:
+            cfg = HookedTransformerConfig(
+                **rotary, act_fn=c.hidden_activation, original_architecture="Gemma2ForCausalLM", use_normalization_before_and_after=True,
+                attn_scale=math.sqrt(c.query_pre_attn_scalar), use_local_attn=True, window_size=c.sliding_window,
+                attn_types=["local" if t == "sliding_attention" else "global" for t in c.layer_types],
+                attn_scores_soft_cap=c.attn_logit_softcapping, output_logits_soft_cap=c.final_logit_softcapping)
+            convert = convert_gemma_weights
+    tl = HookedTransformer(cfg)
+    tl.load_and_process_state_dict(convert(hf, cfg), fold_ln=False, center_writing_weights=False, center_unembed=False,
+                                   fold_value_biases=False, refactor_factored_attn_matrices=False)
+    return tl.eval()
+
+
+def _load(folder: Path):
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def _ids(hf, batch: int = 2, seq: int = 16) -> torch.Tensor:
+    return torch.randint(5, hf.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+
+def _strata(hf, ids: torch.Tensor) -> tuple[dict, dict[str, torch.Tensor]]:
+    c = hf.config
+    sites = hook_sites(family_of(c.model_type), c.num_hidden_layers, c)
+    got: dict[str, torch.Tensor] = {}
+    with torch.no_grad(), Capture(hf.base_model, sites, list(sites), lambda h, t: got.__setitem__(h, t.clone()), stop_early=False) as cap:
+        cap.forward(input_ids=ids)
+    return sites, got
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """TransformerLens's per-head ``[batch, pos, heads, d]`` as Strata stores it, heads side by side."""
+    return t.flatten(-2) if t.ndim == 4 else t
+
+
+@pytest.fixture(scope="module")
+def runs(perturbed):
+    """A factory: ``runs(family)`` -> (hf, tl, ids, sites, strata captures, TransformerLens cache)."""
+    done: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in done:
+            hf = _load(perturbed(family))
+            tl = _transformer_lens(hf, family)
+            tl.set_use_attn_result(True)
+            tl.set_use_hook_mlp_in(True)
+            ids = _ids(hf)
+            with torch.no_grad():
+                logits, cache = tl.run_with_cache(ids)
+                ref = hf(input_ids=ids).logits
+            torch.testing.assert_close(logits, ref, **TOL)  # the two hold the same function
+            sites, got = _strata(hf, ids)
+            done[family] = (hf, tl, ids, sites, got, cache)
+        return done[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_shared_hook_equals_transformer_lens(runs, family):
+    hf, tl, ids, sites, got, cache = runs(family)
+    n = hf.config.num_hidden_layers
+    compared = []
+    for h in sites:
+        kind = h.split(".", 2)[-1] if h.startswith("blocks.") else h
+        if kind in STRATA_ONLY:
+            assert h not in cache.cache_dict or kind == "attn.hook_result"
+            continue
+        assert h in cache.cache_dict, f"{h} has no TransformerLens hook"
+        torch.testing.assert_close(got[h], _flat(cache[h]), **TOL, msg=lambda m, h=h: f"{h}: {m}")
+        compared.append(h)
+    per_block = ["hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "hook_attn_out",
+                 "hook_resid_mid", "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "hook_resid_post"]
+    if family != "gpt2":
+        per_block.append("mlp.hook_pre_linear")
+    want = {"hook_embed", "ln_final.hook_normalized"} | {f"blocks.{layer}.{k}" for layer in range(n) for k in per_block}
+    assert want <= set(compared), sorted(want - set(compared))
+    # The perturbation shows: a norm's normalized input is not its output.
+    assert (got["blocks.0.mlp.hook_in"] - got["blocks.0.ln2.hook_normalized"]).abs().max() > 0.05
+    assert (got["ln_final.hook_out"] - got["ln_final.hook_normalized"]).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attn_result_is_each_heads_write(runs, family):
+    hf, tl, ids, sites, got, cache = runs(family)
+    c = hf.config
+    for layer in range(c.num_hidden_layers):
+        h = f"blocks.{layer}.attn.hook_result"
+        assert sites[h].explicit and cache[h].shape == (*ids.shape, c.num_attention_heads, tl.cfg.d_model)
+        assert sites[h].width == c.num_attention_heads * tl.cfg.d_model == got[h].shape[-1]
+        torch.testing.assert_close(got[h], _flat(cache[h]), **TOL)
+        if family != "gemma2":  # the heads' writes and the output bias sum to attn_out (Gemma-2: before ln1_post)
+            summed = cache[h].sum(-2) + tl.blocks[layer].attn.b_O
+            torch.testing.assert_close(summed, got[f"blocks.{layer}.hook_attn_out"], **TOL)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mlp_in_is_the_second_norms_output(runs, family):
+    hf, tl, ids, sites, got, cache = runs(family)
+    layers = hf.base_model.layers if family != "gpt2" else hf.base_model.h
+    for layer, block in enumerate(layers):
+        norm = block.ln_2 if family == "gpt2" else block.post_attention_layernorm if family == "llama" else block.pre_feedforward_layernorm
+        resid_mid = cache[f"blocks.{layer}.hook_resid_mid"]
+        with torch.no_grad():
+            direct = norm(resid_mid)
+        torch.testing.assert_close(got[f"blocks.{layer}.mlp.hook_in"], direct, **TOL)
+        # = TransformerLens's ln2.hook_normalized with the norm's weight (and bias) applied
+        ln2 = tl.blocks[layer].ln2
+        scaled = cache[f"blocks.{layer}.ln2.hook_normalized"] * ln2.w + (ln2.b if family == "gpt2" else 0)
+        torch.testing.assert_close(got[f"blocks.{layer}.mlp.hook_in"], scaled, **TOL)
+        # HookedTransformer's own hook_mlp_in is resid_mid, before the norm: not Strata's mlp.hook_in
+        torch.testing.assert_close(cache[f"blocks.{layer}.hook_mlp_in"], got[f"blocks.{layer}.hook_resid_mid"], **TOL)
+        assert (cache[f"blocks.{layer}.hook_mlp_in"] - got[f"blocks.{layer}.mlp.hook_in"]).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ln_final_hook_out_is_the_final_norms_output(runs, family):
+    hf, tl, ids, sites, got, cache = runs(family)
+    with torch.no_grad():
+        last = hf.base_model(input_ids=ids, output_hidden_states=True).hidden_states[-1]  # transformers 5: after the final norm
+    torch.testing.assert_close(got["ln_final.hook_out"], last, **TOL)
+    ln = tl.ln_final
+    scaled = cache["ln_final.hook_normalized"] * ln.w + (ln.b if family == "gpt2" else 0)
+    torch.testing.assert_close(got["ln_final.hook_out"], scaled, **TOL)
+    if family != "gemma2":  # Gemma-2 soft-caps the logits after the unembedding
+        torch.testing.assert_close(tl.unembed(got["ln_final.hook_out"]), hf.lm_head(last), **TOL)
+
+
+def test_grouped_query_attention_keeps_the_key_value_heads(runs):
+    hf, tl, ids, sites, got, cache = runs("llama")
+    c = hf.config
+    h, kv, dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    assert kv < h and tl.cfg.n_key_value_heads == kv
+    b, s = ids.shape
+    for layer in range(c.num_hidden_layers):
+        for k in ("k", "v"):  # TransformerLens: [batch, pos, n_key_value_heads, d_head], not repeated per query head
+            assert cache[f"blocks.{layer}.attn.hook_{k}"].shape == (b, s, kv, dh)
+            assert sites[f"blocks.{layer}.attn.hook_{k}"].width == kv * dh == got[f"blocks.{layer}.attn.hook_{k}"].shape[-1]
+        for k in ("q", "z"):
+            assert cache[f"blocks.{layer}.attn.hook_{k}"].shape == (b, s, h, dh)
+            assert sites[f"blocks.{layer}.attn.hook_{k}"].width == h * dh
+        # the rotary embedding comes after hook_q / hook_k, in both
+        assert (cache[f"blocks.{layer}.attn.hook_rot_k"] - cache[f"blocks.{layer}.attn.hook_k"]).abs().max() > 1e-3
+
+
+CTX = 16
+EXTRACTED = ["blocks.0.hook_resid_mid", "blocks.0.ln2.hook_normalized", "blocks.0.mlp.hook_in", "blocks.*.attn.hook_k",
+             "blocks.1.attn.hook_z", "blocks.1.attn.hook_result", "blocks.1.mlp.hook_pre_linear", "blocks.1.mlp.hook_post",
+             "ln_final.hook_normalized", "ln_final.hook_out"]
+
+
+def test_extracted_dataset_equals_transformer_lens(tmp_path, perturbed):
+    """End to end: a local extraction of a perturbed GQA Llama, read back, against run_with_cache on the stored tokens."""
+    folder = perturbed("llama")
+    corpus = write_jsonl(tmp_path / "c.jsonl", synthetic_docs(12, seed=2))
+    spec = ExtractSpec(store=str(tmp_path / "acts"), name="tl", model={"id": str(folder)}, corpus={"path": str(corpus)},
+                       tokenize={"context_size": CTX}, hooks=EXTRACTED, dtype="float32",
+                       compute={"executor": "local", "unit_contexts": 4, "batch_tokens": 64})
+    run_extract(spec, progress=False)
+    ds = store.open(str(tmp_path / "acts")).dataset("tl")
+    ids = torch.from_numpy(ds.tokens().column("token_id").to_numpy().astype(np.int64).reshape(-1, CTX))
+    hf = _load(folder)
+    tl = _transformer_lens(hf, "llama")
+    tl.set_use_attn_result(True)
+    with torch.no_grad():
+        _, cache = tl.run_with_cache(ids)
+    hooks = sorted(ds.info.hooks)
+    assert len(hooks) == 11 and "blocks.0.attn.hook_k" in hooks and "blocks.1.attn.hook_k" in hooks
+    for h in hooks:
+        if h == "blocks.0.mlp.hook_in":
+            block = hf.model.layers[0]
+            with torch.no_grad():
+                want = block.post_attention_layernorm(cache["blocks.0.hook_resid_mid"])
+        elif h == "ln_final.hook_out":
+            want = cache["ln_final.hook_normalized"] * tl.ln_final.w
+        else:
+            want = _flat(cache[h])
+        want = want.detach().reshape(-1, want.shape[-1]).numpy()
+        assert ds.info.hooks[h].d == want.shape[-1], h
+        np.testing.assert_allclose(ds.read(h), want, err_msg=h, **TOL)
+    assert ds.info.hooks["blocks.0.attn.hook_k"].d == hf.config.num_key_value_heads * hf.config.head_dim
+    assert "before its weight" in ds.info.meta["hook_meanings"]["blocks.0.ln2.hook_normalized"]
