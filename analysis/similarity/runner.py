@@ -153,7 +153,8 @@ def _prep_layers(a: LayersSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
         from strata.analysis.sae.evaluate import load_causal_lm  # lazy: strata.analysis.sae imports sae_lens (~3 s)
 
         if not lens_hooks(hooks):
-            raise AnalysisError(f"`logit_lens` needs residual-stream hooks (hook_embed, blocks.L.hook_resid_pre/post); {a.name!r} has {hooks}")
+            raise AnalysisError(f"`logit_lens` needs residual-stream hooks (hook_embed, blocks.L.hook_resid_pre/mid/post, ln_final.*); "
+                                f"{a.name!r} has {hooks}")
         model, why = load_causal_lm(ds.info.meta)
         if model is None:
             raise AnalysisError(f"`logit_lens` of dataset {ds.name!r} needs its causal LM on this machine: {why}")

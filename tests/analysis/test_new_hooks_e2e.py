@@ -23,7 +23,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from strata import store
-from strata.analysis.layers import logit_lens
+from strata.analysis.layers import geometry, logit_lens
 from strata.analysis.layers.lens import norm_affine
 from strata.analysis.sae import SAETrainSpec, next_token_ce, run_job, spliced_ce
 from strata.analysis.sae.evaluate import heldout_contexts, hook_site
@@ -299,3 +299,31 @@ def test_the_final_norms_affine_part_gives_its_output_from_its_normalized_input(
         x = 0.05 * torch.randn(3, 5, D, generator=g) + 0.01
         got = norm_affine(norm, apply_transform(site.transform, norm, x))
         assert torch.allclose(got, norm(x), atol=1e-5, rtol=1e-5)
+
+
+def test_layer_metrics_over_hooks_of_different_widths(lm):
+    _, ds, _, _ = lm
+    hooks = [Z1, POST, "blocks.1.hook_resid_post"]
+    table, _ = geometry(ds, hooks, ["norm", "cos_next", "linearity_next"], tasks=1)
+    got = {r["hook"]: r for r in table.to_pylist()}
+    keep = ~ds.tokens(POST).column("special").to_numpy(zero_copy_only=False)
+    for h in hooks:
+        x = ds.read(h, as_="numpy").astype(np.float64)[keep]
+        assert got[h]["norm"] == pytest.approx(float(np.linalg.norm(x, axis=1).mean()), rel=1e-9)
+    assert np.isnan(got[Z1]["cos_next"]) and np.isnan(got[POST]["cos_next"])  # 32 -> 128 -> 32 wide: no cosine
+    # linearity_next: R^2 of a least-squares map from one hook to the next, here checked with numpy.
+    x = ds.read(Z1, as_="numpy").astype(np.float64)[keep]
+    y = ds.read(POST, as_="numpy").astype(np.float64)[keep]
+    xa = np.c_[x, np.ones(len(x))]
+    resid = y - xa @ np.linalg.lstsq(xa, y, rcond=None)[0]
+    assert got[Z1]["linearity_next"] == pytest.approx(1 - (resid**2).sum() / ((y - y.mean(0)) ** 2).sum(), abs=1e-6)
+
+
+def test_the_splice_site_follows_what_the_dataset_recorded(lm):
+    _, ds, _, model = lm
+    assert hook_site(model, NORMALIZED, ds.info.meta).transform is not None  # today's meaning: not spliceable
+    old = {"hook_modules": {NORMALIZED: "ln_f:output"}}
+    site = hook_site(model, NORMALIZED, old)  # stored before the meaning changed: ln_f's output, spliceable
+    assert (site.module, site.io, site.transform) == ("ln_f", "output", None)
+    with pytest.raises(ValueError, match="captured at h.0.nope:output"):
+        hook_site(model, POST, {"hook_modules": {POST: "h.0.nope:output"}})
