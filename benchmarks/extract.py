@@ -142,6 +142,7 @@ class Baseline:
     rate: float  # tokens/s (text) or images/s (vision)
     peak_rss_mib: float
     threads: int  # torch's thread count in that process, read back
+    forward_rate: float | None = None  # transformer-lens: its own forward pass without the cache, same process
 
 
 def run_baseline(kind: str, settings: WorkerSettings, work: Path, **args: Any) -> Baseline:
@@ -158,7 +159,7 @@ def run_baseline(kind: str, settings: WorkerSettings, work: Path, **args: Any) -
         raise RuntimeError(f"the {kind} baseline process failed (exit {proc.returncode}): {tail}")
     out = json.loads(result.read_text())
     result.unlink()
-    return Baseline(rate=out["rate"], peak_rss_mib=out["peak_rss_mib"], threads=out["threads"])
+    return Baseline(rate=out["rate"], peak_rss_mib=out["peak_rss_mib"], threads=out["threads"], forward_rate=out.get("forward_rate"))
 
 
 def child_main(job_path: str) -> int:
@@ -168,6 +169,7 @@ def child_main(job_path: str) -> int:
         torch.set_num_threads(job["threads"])  # as the worker does, before its first forward pass
     quiet_libraries()
     kind = job["kind"]
+    forward_rate = None
     if kind == "bare":
         rate = bare_loop(Path(job["folder"]), np.load(job["tokens"]), job["unit_contexts"], job["per_batch"], job["warmup_s"])
     elif kind == "bare-vision":
@@ -175,9 +177,13 @@ def child_main(job_path: str) -> int:
                                 job["per_batch"], job["warmup_s"])
     elif kind == "sae-lens":
         rate = sae_lens_rate(Path(job["folder"]), np.load(job["tokens"]), job["hook_layer"], job["per_batch"], job["d"], Path(job["out"]))
+    elif kind == "transformer-lens":
+        rate, forward_rate = transformer_lens_rates(Path(job["folder"]), np.load(job["tokens"]), job["unit_contexts"], job["per_batch"],
+                                                    job["warmup_s"])
     else:
-        raise SystemExit(f"unknown baseline kind {kind!r}: expected bare, bare-vision or sae-lens")
-    Path(job["result"]).write_text(json.dumps({"rate": rate, "peak_rss_mib": rss_mb(), "threads": torch.get_num_threads()}))
+        raise SystemExit(f"unknown baseline kind {kind!r}: expected bare, bare-vision, sae-lens or transformer-lens")
+    Path(job["result"]).write_text(json.dumps({"rate": rate, "peak_rss_mib": rss_mb(), "threads": torch.get_num_threads(),
+                                               "forward_rate": forward_rate}))
     return 0
 
 
@@ -268,6 +274,59 @@ def sae_lens_rate(folder: Path, token_id: np.ndarray, hook_layer: int, per_batch
     t0 = time.perf_counter()
     runner.run()
     return n_tokens / (time.perf_counter() - t0)
+
+
+CAPTURE_HOOKS = ("blocks.*.mlp.hook_post", "blocks.*.attn.hook_z")  # the capture case's hooks, every layer
+
+
+def tl_names_filter(name: str) -> bool:
+    """TransformerLens's names for the capture case's hooks (module level: a lambda would do the same)."""
+    return name.endswith("mlp.hook_post") or name.endswith("attn.hook_z")
+
+
+def hooked_transformer(folder: Path) -> Any:
+    """A TransformerLens ``HookedTransformer`` holding the GPT-2 weights saved in ``folder``,
+    unprocessed (no folding or centering), so its hooks hold what the Hugging Face model computes;
+    checked against the Hugging Face model's logits before any timing."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig  # lazy: only this baseline's process needs it
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights  # lazy: as above
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    c = hf.config
+    if c.model_type != "gpt2":
+        raise RuntimeError(f"the transformer-lens baseline converts GPT-2 weights; {folder} holds a {c.model_type} model")
+    cfg = HookedTransformerConfig(
+        n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.n_positions, d_head=c.n_embd // c.n_head, n_heads=c.n_head,
+        d_mlp=c.n_inner or 4 * c.n_embd, d_vocab=c.vocab_size, act_fn=c.activation_function, normalization_type="LN",
+        eps=c.layer_norm_epsilon, positional_embedding_type="standard", original_architecture="GPT2LMHeadModel",
+        default_prepend_bos=False, device=device().type,
+    )
+    model = HookedTransformer(cfg)
+    model.load_and_process_state_dict(convert_gpt2_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
+                                      center_unembed=False, fold_value_biases=False)
+    model.eval()
+    probe = torch.arange(min(64, c.vocab_size), dtype=torch.int64).reshape(2, -1) % c.vocab_size
+    with torch.inference_mode():
+        gap = (model(probe.to(device())).cpu() - hf(input_ids=probe).logits).abs().max().item()
+    if gap > 1e-3:
+        raise RuntimeError(f"the HookedTransformer built from {folder} differs from the Hugging Face model by {gap:.2e} in its logits")
+    return model
+
+
+def transformer_lens_rates(folder: Path, token_id: np.ndarray, unit_contexts: int, per_batch: int, warmup_s: float) -> tuple[float, float]:
+    """tokens/s of TransformerLens's ``run_with_cache`` keeping every layer's ``mlp.hook_post``
+    and ``attn.hook_z`` over the pipeline's batches, and of its plain forward pass in the same
+    process right before it. ``return_type=None`` stops after the final norm, as the bare loop's
+    ``AutoModel`` does (no unembedding); the cache stays in memory (nothing is written)."""
+    model = hooked_transformer(folder)
+    dev = device()
+    ids = torch.from_numpy(token_id.astype(np.int64))
+    batches = [ids[c].to(dev) for c in unit_batches(len(ids), unit_contexts, per_batch)]
+    first = -(-unit_contexts // per_batch)
+    dt_forward = timed_loop(lambda b: model(b, return_type=None), batches, first, warmup_s)
+    dt_cache = timed_loop(lambda b: model.run_with_cache(b, names_filter=tl_names_filter, return_type=None), batches, first, 0.0)
+    return ids.numel() / dt_cache, ids.numel() / dt_forward
 
 
 class BareVisionActor:
@@ -374,36 +433,62 @@ def vision_case(a: argparse.Namespace, work: Path, cpus: int) -> None:
           f"{max(x.worker_peak_rss for x in runs) / 2**20:,.0f} MiB; {load_average()} at the end")
 
 
-def text_case(a: argparse.Namespace, work: Path, cpus: int) -> None:
+@dataclass(frozen=True)
+class TextSetup:
+    """What both text cases share: the model folder, the planned contexts (saved for the
+    baseline processes) and a spec maker for the pipeline's jobs."""
+
+    folder: Path
+    corpus: Path
+    token_id: np.ndarray
+    per_batch: int
+    last: str  # the last block's resid_post: one hook that makes the whole model run
+
+    @property
+    def n_tok(self) -> int:
+        return int(self.token_id.size)
+
+
+def text_setup(a: argparse.Namespace, work: Path, cpus: int) -> TextSetup:
+    """Build the seeded GPT-2-shaped model and the synthetic corpus, plan the contexts once,
+    save their tokens for the baseline processes and print the machine and model lines."""
     folder = work / "model"
     if not (folder / "config.json").exists():
         build_tiny(folder, family="gpt2", layers=a.layers, d_model=a.d_model, heads=a.heads, max_positions=max(512, a.context_size),
                    vocab_size=2048, seed=0)
     n_docs = max(50, a.tokens // 40)
     corpus = write_jsonl(work / "corpus.jsonl", synthetic_docs(n_docs, seed=1))
-
-    def job(name: str, hooks: tuple[str, ...]) -> ExtractSpec:
-        return ExtractSpec(
-            store=str(work / "acts"), name=name, model={"id": str(folder)}, corpus={"path": str(corpus)}, hooks=list(hooks),
-            tokenize={"context_size": a.context_size}, dtype=a.dtype,
-            compute={"unit_contexts": a.unit_contexts, "batch_tokens": a.batch_tokens},
-        )
-
     last = f"blocks.{a.layers - 1}.hook_resid_post"
-    spec = job("plan", (last,))
+    spec = text_job(a, work, folder, corpus, "plan", (last,))
     p = prepare(spec, store.open(spec.store))
     token_id = plan(p, use_ray=False).all_contexts().token_id
     if len(token_id) <= a.unit_contexts:
         raise SystemExit(f"--tokens {a.tokens} packs into {len(token_id)} contexts, at most one unit of --unit-contexts {a.unit_contexts}: "
                          "the pipeline's steady rate needs units after the first; raise --tokens or lower --unit-contexts")
     np.save(work / "tokens.npy", token_id)  # for the baseline processes: the very same contexts
-    per_batch = max(1, a.batch_tokens // a.context_size)
-    n_tok = int(token_id.size)
+    t = TextSetup(folder=folder, corpus=corpus, token_id=token_id, per_batch=max(1, a.batch_tokens // a.context_size), last=last)
     d = a.d_model
     params = sum(np.prod(s) for s in [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)]) * a.layers
     print(machine_line(cpus))
     print(f"model: GPT-2 shape, {a.layers} layers, d_model {a.d_model}, ~{params / 1e6:.1f}M block parameters; "
-          f"{n_tok:,} tokens = {len(token_id)} contexts x {a.context_size}, {a.batch_tokens} tokens per batch, {a.unit_contexts} contexts per unit")
+          f"{t.n_tok:,} tokens = {len(token_id)} contexts x {a.context_size}, {a.batch_tokens} tokens per batch, {a.unit_contexts} contexts per unit")
+    return t
+
+
+def text_job(a: argparse.Namespace, work: Path, folder: Path, corpus: Path, name: str, hooks: tuple[str, ...]) -> ExtractSpec:
+    return ExtractSpec(
+        store=str(work / "acts"), name=name, model={"id": str(folder)}, corpus={"path": str(corpus)}, hooks=list(hooks),
+        tokenize={"context_size": a.context_size}, dtype=a.dtype,
+        compute={"unit_contexts": a.unit_contexts, "batch_tokens": a.batch_tokens},
+    )
+
+
+def text_case(a: argparse.Namespace, work: Path, cpus: int) -> None:
+    t = text_setup(a, work, cpus)
+    folder, per_batch, n_tok, last = t.folder, t.per_batch, t.n_tok, t.last
+
+    def job(name: str, hooks: tuple[str, ...]) -> ExtractSpec:
+        return text_job(a, work, folder, t.corpus, name, hooks)
 
     one: list = []
     every: list = []
@@ -469,12 +554,76 @@ def text_case(a: argparse.Namespace, work: Path, cpus: int) -> None:
     print(f"{load_average()} at the end")
 
 
+def capture_case(a: argparse.Namespace, work: Path, cpus: int) -> None:
+    """Every layer's ``mlp.hook_post`` and ``attn.hook_z`` stored by the pipeline, against the
+    bare forward loop and TransformerLens's ``run_with_cache`` with a names filter over the same
+    batches; the canonical one-hook case runs in every round too, against the same bare loops."""
+    t = text_setup(a, work, cpus)
+    n_tok = t.n_tok
+    acts = store.open(str(work / "acts"))
+    one: list = []
+    cap: list = []
+    tl: list[Baseline] = []
+    r_one: list[float] = []
+    r_cap: list[float] = []
+    r_tl: list[float] = []
+    r_cap_tl: list[float] = []
+    cap_hooks: list[str] = []
+    with connect(None, num_cpus=cpus, log_to_driver=False) as cluster:  # a private Ray on free ports
+        settings = WorkerSettings.of(pool_shape(cluster.shape))
+        print(f"each baseline runs in a fresh process with the worker's settings: {settings.describe()}", flush=True)
+        base_args = {"folder": str(t.folder), "tokens": str(work / "tokens.npy"), "per_batch": t.per_batch,
+                     "unit_contexts": a.unit_contexts, "warmup_s": a.warmup_s}
+
+        bares = [run_baseline("bare", settings, work, **base_args)]
+        for rnd in range(a.rounds):
+            one.append(run_extract(text_job(a, work, t.folder, t.corpus, f"one-hook-{rnd}", (t.last,)), progress=False))
+            name = f"capture-{rnd}"
+            cap.append(run_extract(text_job(a, work, t.folder, t.corpus, name, CAPTURE_HOOKS), progress=False))
+            cap_hooks = acts.dataset(name).hooks
+            acts.delete_dataset(name)  # hundreds of MiB a run: keep the page cache and the disk for the next ones
+            tl.append(run_baseline("transformer-lens", settings, work, **base_args))
+            bares.append(run_baseline("bare", settings, work, **base_args))
+            ref = (bares[-2].rate + bares[-1].rate) / 2
+            r_one.append(one[-1].steady_tokens_per_s / ref)
+            r_cap.append(cap[-1].steady_tokens_per_s / ref)
+            r_tl.append(tl[-1].rate / ref)
+            r_cap_tl.append(cap[-1].steady_tokens_per_s / tl[-1].rate)
+            print(f"round {rnd}: bare {ref:,.0f}, pipeline 1 hook {one[-1].steady_tokens_per_s:,.0f}, mlp.hook_post + attn.hook_z "
+                  f"{cap[-1].steady_tokens_per_s:,.0f}, transformer-lens run_with_cache {tl[-1].rate:,.0f} (its forward alone "
+                  f"{tl[-1].forward_rate:,.0f}) tokens/s | bare {bares[-2].rate:,.0f} before, {bares[-1].rate:,.0f} after | ratios 1 hook "
+                  f"{r_one[-1]:.2f}, capture {r_cap[-1]:.2f}, transformer-lens {r_tl[-1]:.2f}, capture/transformer-lens {r_cap_tl[-1]:.2f} "
+                  f"| load average {os.getloadavg()[0]:.1f}", flush=True)
+    for label, runs in (("1 hook", one), ("capture", cap)):
+        for r in runs:
+            if r.tokens != n_tok:
+                raise RuntimeError(f"{label}: the pipeline computed {r.tokens:,} tokens, the baselines {n_tok:,}: the figures would not compare")
+    per_token = cap[-1].bytes_written / n_tok
+    print(f"\n{a.rounds} interleaved rounds, same model, same {n_tok:,} tokens, same batches; figures are median (min..max) over "
+          f"rounds, ratios per round against the mean of the two bare loops bracketing it; the capture stores {len(cap_hooks)} hooks "
+          f"({', '.join(CAPTURE_HOOKS)}), {per_token:,.0f} bytes a token written ({a.dtype}):")
+    print(f"{'bare torch.inference_mode() forward loop:':58s}{spread([b.rate for b in bares]):>28s} tokens/s   (the bound; "
+          f"{len(bares)} fresh processes, torch threads {bares[0].threads})")
+    for label, runs, ratios in ((f"pipeline, 1 hook ({t.last}):", one, r_one), ("pipeline, every mlp.hook_post + attn.hook_z:", cap, r_cap)):
+        bps = [r.bytes_written * (r.steady_tokens / r.tokens) / r.steady_seconds for r in runs]
+        print(f"{label:58s}{spread([r.steady_tokens_per_s for r in runs]):>28s} tokens/s   ratio {spread(ratios, '.2f')}   "
+              f"{statistics.median(bps) / 2**20:7.1f} MiB/s written   [job end to end: {spread([r.seconds for r in runs], '.1f')} s]")
+    print(f"{'transformer-lens run_with_cache, names filter:':58s}{spread([b.rate for b in tl]):>28s} tokens/s   ratio {spread(r_tl, '.2f')}   "
+          f"pipeline capture / transformer-lens {spread(r_cap_tl, '.2f')}")
+    fwd = [b.forward_rate for b in tl if b.forward_rate]
+    print(f"{'transformer-lens forward alone (same process, no cache):':58s}{spread(fwd):>28s} tokens/s   "
+          f"run_with_cache / its forward {spread([b.rate / b.forward_rate for b in tl if b.forward_rate], '.2f')}")
+    print(f"peak RSS: worker {max(r.worker_peak_rss for r in one + cap) / 2**20:,.0f} MiB, bare-loop process "
+          f"{max(b.peak_rss_mib for b in bares):,.0f} MiB, transformer-lens process {max(b.peak_rss_mib for b in tl):,.0f} MiB")
+    print(f"{load_average()} at the end")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == [CHILD_FLAG]:
         return child_main(argv[1])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", choices=("text", "vision"), default="text")
+    ap.add_argument("--case", choices=("text", "vision", "capture"), default="text")
     ap.add_argument("--images", type=int, default=512, help="vision: generated images")
     ap.add_argument("--vision-layers", type=int, default=6)
     ap.add_argument("--vision-d", type=int, default=384)
@@ -504,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     cpus = os.cpu_count() or 1
     try:
-        (vision_case if a.case == "vision" else text_case)(a, work, cpus)
+        {"text": text_case, "vision": vision_case, "capture": capture_case}[a.case](a, work, cpus)
     finally:
         gc.collect()
         if not a.work:
