@@ -20,6 +20,23 @@ MLP outputs for ViT, CLIP and SigLIP, and the layer-scaled ones for DINOv2;
 ``ln_final.hook_normalized`` is the final LayerNorm over every token (ViT ``layernorm``, DINOv2
 ``layernorm``, SigLIP ``post_layernorm``). CLIP's ``post_layernorm`` normalizes only the pooled
 CLS vector, not the sequence, so CLIP has no ``ln_final`` hook.
+
+Beyond transformers (each with a map of the hooks inside its blocks):
+
+- Mamba (``mamba``) has no attention and no MLP: a block is ``x + mixer(norm(x))``. ``hook_resid_pre``
+  / ``hook_resid_post`` are the residual stream entering and leaving a block, ``blocks.{l}.hook_out_proj``
+  (MambaLens's name) the mixer's output, what the block adds to the residual stream, ``mixer.hook_in``
+  the mixer's input (the block norm's output), ``ln1.hook_normalized`` the norm's input divided by its
+  RMS; ``ln_final`` is ``norm_f``. No ``hook_attn_out`` or ``hook_mlp_out``.
+- T5 (``t5``): the encoder of the encoder-decoder, loaded as ``T5EncoderModel`` (the family's
+  ``model_class``: ``AutoModel`` would build the whole encoder-decoder, whose forward needs decoder
+  inputs). Pre-norm blocks with RMS norms (no mean subtraction, no bias); ``hook_attn_out`` /
+  ``hook_mlp_out`` are ``SelfAttention`` / ``DenseReluDense`` outputs before the residual add;
+  ``ln_final`` is the encoder's ``final_layer_norm``.
+- Mixtral (``mixtral``): Llama's attention and norms; the MLP is the sparse mixture of experts, so
+  ``hook_mlp_out`` is the MoE block's output (the experts' weighted sum) and there are no per-token
+  neurons; ``mlp.hook_router_logits`` (Strata's own name) holds the router's logits per token, one per
+  expert, before the softmax and top-k.
 """
 
 from __future__ import annotations
@@ -27,7 +44,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from strata.pipeline.errors import UnknownHookError, UnsupportedModelError
@@ -35,7 +52,7 @@ from strata.pipeline.errors import UnknownHookError, UnsupportedModelError
 if TYPE_CHECKING:
     import torch
 
-_BLOCK = re.compile(r"^blocks\.(\d+)\.(hook_\w+)$")
+_BLOCK = re.compile(r"^blocks\.(\d+)\.((?:\w+\.)?hook_\w+)$")  # kinds inside a block too: attn.hook_q
 
 
 @dataclass(frozen=True)
@@ -44,11 +61,12 @@ class Family:
     model_types: tuple[str, ...]
     embed: str
     layers: str
-    attn: str  # relative to a layer
-    mlp: str  # relative to a layer
+    attn: str | None  # relative to a layer; None: no attention (Mamba)
+    mlp: str | None  # relative to a layer; None: no MLP (Mamba)
     ln_final: str | None
     modality: str = "text"  # "image": a vision encoder (pixel_values in)
 
+    model_class: str | None = None  # the transformers class to load when AutoModel's is not the one hooked (T5: its encoder)
 
 FAMILIES = (
     Family("gpt2", ("gpt2",), "wte", "h", "attn", "mlp", "ln_f"),
@@ -73,7 +91,20 @@ FAMILIES = (
     Family("siglip_vision", ("siglip", "siglip_vision_model"), "embeddings", "encoder.layers", "self_attn", "mlp", "post_layernorm", "image"),
     Family("dinov2", ("dinov2", "dinov2_with_registers"), "embeddings", "encoder.layer", "layer_scale1", "layer_scale2", "layernorm", "image"),
 )
+    Family("mamba", ("mamba",), "embeddings", "layers", None, None, "norm_f"),
+    Family("t5", ("t5",), "encoder.embed_tokens", "encoder.block", "layer.0.SelfAttention", "layer.1.DenseReluDense",
+           "encoder.final_layer_norm", model_class="T5EncoderModel"),
+    Family("mixtral", ("mixtral",), "embed_tokens", "layers", "self_attn", "mlp", "norm"),
 
+
+#: Families whose norms are RMS norms (no mean subtraction).
+_RMS_FAMILIES = ("llama", "gemma2", "mamba", "t5", "mixtral")
+
+
+def model_class_of(model_type: str) -> str | None:
+    """The transformers class that loads a model of ``model_type`` for capture, when it is not
+    ``AutoModel``'s (T5: ``T5EncoderModel``); None otherwise, and for unknown types."""
+    return next((f.model_class for f in FAMILIES if model_type in f.model_types), None)
 
 def family_of(model_type: str) -> Family:
     for f in FAMILIES:
@@ -129,6 +160,8 @@ _SUB_ORDER = {
     "attn.hook_result": 6, "hook_attn_out": 7, "hook_resid_mid": 8, "ln2.hook_normalized": 9, "mlp.hook_in": 10,
     "mlp.hook_pre": 11, "mlp.hook_pre_linear": 12, "mlp.hook_post": 13, "hook_mlp_out": 14, "hook_resid_post": 15,
 }
+    # Mamba's mixer (no attention, no MLP) and an MoE's router (no mlp.hook_pre) take free places.
+    "mixer.hook_in": 10, "mlp.hook_router_logits": 11, "hook_out_proj": 14,
 
 
 @dataclass(frozen=True)
@@ -228,6 +261,46 @@ def _sub_sites(family: Family, layer: int, dims: Dims, config: Any) -> list[tupl
             ("mlp.hook_post", f"{b}.output.dense", "input", dm, None, "MLP neurons after the activation", False),
         ]
     return out
+    elif family.name == "mamba":
+        out += [
+            ("ln1.hook_normalized", f"{b}.norm", "input", d, Transform("normalize", ("rms", eps)),
+             "the block norm's input divided by its RMS, before its weight", False),
+            ("mixer.hook_in", f"{b}.norm", "output", d, None, "the mixer's input: the block norm's output", False),
+            ("hook_out_proj", f"{b}.mixer", "output", d, None,
+             "the mixer's output (its out_proj): what the block adds to the residual stream", False),
+        ]
+    elif family.name == "t5":
+        norm = Transform("normalize", ("rms", eps))
+        sa, ff = f"{b}.layer.0", f"{b}.layer.1"
+        mlp = f"{ff}.DenseReluDense"
+        out += [
+            ("ln1.hook_normalized", f"{sa}.layer_norm", "input", d, norm, "layer.0.layer_norm's input divided by its RMS, before its weight", False),
+            *[(f"attn.hook_{n}", f"{sa}.SelfAttention.{n}", "output", h * dh, None,
+               f"{name}, heads side by side (positions enter as relative biases, not in {name})", False)
+              for n, name in (("q", "queries"), ("k", "keys"), ("v", "values"))],
+            ("attn.hook_z", f"{sa}.SelfAttention.o", "input", h * dh, None, z, False),
+            ("attn.hook_result", f"{sa}.SelfAttention.o", "input", h * d, Transform("result", (h, dh, False)), res, True),
+            ("hook_resid_mid", ff, "input", d, None, "the residual stream between attention and MLP", False),
+            ("ln2.hook_normalized", f"{ff}.layer_norm", "input", d, norm, "layer.1.layer_norm's input divided by its RMS, before its weight", False),
+            ("mlp.hook_in", f"{ff}.layer_norm", "output", d, None, "the MLP's input: layer.1.layer_norm's output", False),
+        ]
+        if getattr(config, "is_gated_act", False):
+            out += [
+                ("mlp.hook_pre", f"{mlp}.wi_0", "output", dm, None, "gated MLP: the gate projection (wi_0) before its activation", False),
+                ("mlp.hook_pre_linear", f"{mlp}.wi_1", "output", dm, None, "gated MLP: the linear projection (wi_1)", False),
+                ("mlp.hook_post", f"{mlp}.wo", "input", dm, None, "gated MLP neurons: act(wi_0) * wi_1, wo's input", False),
+            ]
+        else:
+            out += [
+                ("mlp.hook_pre", f"{mlp}.wi", "output", dm, None, "MLP neurons before the activation (wi's output)", False),
+                ("mlp.hook_post", f"{mlp}.wo", "input", dm, None, "MLP neurons after the activation (wo's input)", False),
+            ]
+    elif family.name == "mixtral":
+        # Llama's attention and norms; the MoE block has no per-token neurons to offer, its router does.
+        out += [s for s in _sub_sites(replace(family, name="llama"), layer, dims, config) if not s[0].startswith("mlp.hook_p")]
+        n_experts = int(config.num_local_experts)
+        out.append(("mlp.hook_router_logits", f"{b}.mlp.gate", "output", n_experts, Transform("tokens"),
+                    f"the router's logits per token, one per expert ({n_experts}), before softmax and top-k", False))
 
 
 def hook_sites(family: Family, n_layers: int, config: Any = None) -> dict[str, HookSite]:
@@ -240,11 +313,13 @@ def hook_sites(family: Family, n_layers: int, config: Any = None) -> dict[str, H
         block = f"{family.layers}.{layer}"
         for hook, module, io, meaning in (
             ("hook_resid_pre", block, "input", "the residual stream entering the block"),
-            ("hook_attn_out", f"{block}.{family.attn}", "output", "what attention adds to the residual stream"),
-            ("hook_mlp_out", f"{block}.{family.mlp}", "output", "what the MLP adds to the residual stream"),
+            ("hook_attn_out", family.attn and f"{block}.{family.attn}", "output", "what attention adds to the residual stream"),
+            ("hook_mlp_out", family.mlp and f"{block}.{family.mlp}", "output", "what the MLP adds to the residual stream"),
             ("hook_resid_post", block, "output", "the residual stream leaving the block"),
         ):
             name = f"blocks.{layer}.{hook}"
+            if module is None:  # Mamba: no attention, no MLP
+                continue
             sites[name] = HookSite(name, module, io, (layer, _SUB_ORDER[hook]), d, meaning=meaning)
         if dims is not None:
             for kind, module, io, width, tf, meaning, explicit in _sub_sites(family, layer, dims, config):
@@ -252,7 +327,7 @@ def hook_sites(family: Family, n_layers: int, config: Any = None) -> dict[str, H
                 sites[name] = HookSite(name, module, io, (layer, _SUB_ORDER[kind]), width, tf, meaning, explicit)
     if family.ln_final is not None:
         if dims is not None and family.modality == "text" and family.name != "bert":
-            kind = "rms" if family.name in ("llama", "gemma2") else "layer"
+            kind = "rms" if family.name in _RMS_FAMILIES else "layer"
             sites["ln_final.hook_normalized"] = HookSite(
                 "ln_final.hook_normalized", family.ln_final, "input", (n_layers, 0), d, Transform("normalize", (kind, dims.eps)),
                 "the final norm's input normalized, before its weight and bias (TransformerLens's meaning)")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import xxhash
 
 from strata.pipeline.errors import ModelNotFoundError
+from strata.pipeline.hooks import model_class_of
 
 if TYPE_CHECKING:
     from strata.pipeline.config import ModelSpec
@@ -149,14 +150,18 @@ def max_context(config: Any) -> int | None:
 def load_model(m: ResolvedModel, *, device: str = "cpu", model_class: str | None = None) -> Any:
     """The base model (``AutoModel``: no LM head, which no hook needs), in eval mode; or the
     ``transformers`` class ``model_class`` (a vision tower: ``CLIPVisionModel`` loads the
-    vision half of a CLIP checkpoint)."""
+    vision half of a CLIP checkpoint). Without ``model_class``, a family that names its own
+    (:func:`strata.pipeline.hooks.model_class_of`: ``T5EncoderModel`` loads the encoder of a T5
+    checkpoint) gets that one."""
     import torch  # lazy: torch imports in ~2 s; only building or loading a model needs it
     import transformers  # lazy: transformers imports in seconds; only building or loading a model needs it
     from transformers import AutoModel  # lazy: as above
 
+    if model_class is None:
+        model_class = model_class_of(getattr(load_config(m), "model_type", ""))
     cls = AutoModel if model_class is None else getattr(transformers, model_class)
     verbosity = transformers.utils.logging.get_verbosity()
-    if model_class is not None:  # a two-tower checkpoint: the text tower's weights are unused, by design
+    if model_class is not None:  # a two-tower checkpoint (or T5's decoder): the other half's weights are unused, by design
         transformers.utils.logging.set_verbosity_error()
     try:
         model = cls.from_pretrained(m.fetch(), dtype=getattr(torch, m.torch_dtype), trust_remote_code=m.trust_remote_code)

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-FAMILIES = ("gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "bert")
+FAMILIES = ("gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "bert", "mamba", "t5", "mixtral")
 VISION_FAMILIES = ("vit", "clip", "siglip", "dinov2", "dinov2_reg")
 
 _SUBJECTS = ("the river|a small robot|my neighbour|the old library|every student|the committee|a red fox|the server|our team|"
@@ -108,6 +108,19 @@ def tiny_config(family: str, *, layers: int, d_model: int, heads: int, max_posit
             num_hidden_layers=layers, hidden_size=d_model, num_attention_heads=heads, intermediate_size=4 * d_model,
             max_position_embeddings=max_positions, **common,
         )
+    if family == "mamba":  # no positions: max_positions is unused
+        return tf.MambaConfig(num_hidden_layers=layers, hidden_size=d_model, state_size=8, expand=2, conv_kernel=4, **common)
+    if family == "t5":  # T5 v1.1 / Flan-T5 style: gated-GELU MLP, relative position biases (max_positions is unused)
+        return tf.T5Config(
+            num_layers=layers, num_decoder_layers=layers, d_model=d_model, num_heads=heads, d_kv=d_model // heads, d_ff=3 * d_model,
+            feed_forward_proj="gated-gelu", decoder_start_token_id=0, **common,
+        )
+    if family == "mixtral":
+        return tf.MixtralConfig(
+            num_hidden_layers=layers, hidden_size=d_model, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+            intermediate_size=2 * d_model, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=max_positions,
+            sliding_window=None, **common,
+        )
     raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
 
 
@@ -134,7 +147,12 @@ def build_tiny(
     cfg = tiny_config(family, layers=layers, d_model=d_model, heads=heads, max_positions=max_positions, vocab_size=len(tok))
     cfg.pad_token_id = tok.pad_token_id
     torch.manual_seed(seed)
-    model = tf.BertModel(cfg) if family == "bert" else tf.AutoModelForCausalLM.from_config(cfg)
+    if family == "bert":
+        model = tf.BertModel(cfg)
+    elif family == "t5":  # the whole encoder-decoder, as T5 checkpoints are published; capture loads its encoder
+        model = tf.T5ForConditionalGeneration(cfg)
+    else:
+        model = tf.AutoModelForCausalLM.from_config(cfg)
     model.eval()
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
