@@ -1,9 +1,9 @@
 """Hook meanings checked against TransformerLens 3.x, offline.
 
-A seeded tiny GPT-2, Llama-style (grouped-query attention: 2 key/value heads for 4 query heads) and
-Gemma-2 model have every weight perturbed with a fixed seed (norm weights not 1, biases not 0: unit
-norms would hide the difference between a norm's normalized input and its output) and are saved
-again. A ``HookedTransformer`` is built from a ``HookedTransformerConfig`` written out from the
+A seeded tiny GPT-2, GPT-NeoX (parallel attention and MLP, partial rotary), Llama-style (grouped-query
+attention: 2 key/value heads for 4 query heads) and Gemma-2 model have every weight perturbed with a
+fixed seed (norm weights not 1, biases not 0: unit norms would hide the difference between a norm's
+normalized input and its output) and are saved again. A ``HookedTransformer`` is built from a ``HookedTransformerConfig`` written out from the
 Hugging Face config, with the HF weights converted by ``transformer_lens.pretrained.weight_conversions``
 and ``fold_ln`` / ``center_writing_weights`` / ``center_unembed`` off, so that it holds the same
 function; the HF model runs with ``attn_implementation="eager"`` (``sdpa`` drifts by about 1e-3).
@@ -18,6 +18,8 @@ What TransformerLens gives, and what these tests pin:
 - ``attn.hook_result`` (``set_use_attn_result(True)``) is ``[batch, pos, heads, d_model]``, the bias
   of the output projection left out; Strata's is the same, flattened.
 - ``ln*.hook_normalized`` is the norm's input normalized, before its weight and bias.
+- GPT-NeoX with parallel attention and MLP has no ``hook_resid_mid`` in either; its q, k, v come
+  from the fused ``query_key_value`` laid out per head (``head_slice``).
 - ``mlp.hook_in`` has no ``HookedTransformer`` name (it is ``TransformerBridge``'s): it is the
   MLP's input, the second norm's output. ``HookedTransformer``'s ``hook_mlp_in``
   (``set_use_hook_mlp_in(True)``) is something else: ``resid_mid``, before the norm.
@@ -34,7 +36,7 @@ import numpy as np
 import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformer_lens.pretrained.weight_conversions import convert_gemma_weights, convert_gpt2_weights, convert_llama_weights
+from transformer_lens.pretrained.weight_conversions import convert_gemma_weights, convert_gpt2_weights, convert_llama_weights, convert_neox_weights
 from transformers import AutoModelForCausalLM
 
 from strata import store
@@ -43,7 +45,7 @@ from strata.pipeline.extract import run_extract
 from strata.pipeline.hooks import Capture, family_of, hook_sites
 from strata.pipeline.tiny import synthetic_docs, write_jsonl
 
-FAMILIES = ["gpt2", "llama", "gemma2"]
+FAMILIES = ["gpt2", "gpt_neox", "llama", "gemma2"]
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 #: Strata hooks with no HookedTransformer name of the same meaning (checked separately below).
 STRATA_ONLY = {"attn.hook_result", "mlp.hook_in", "ln_final.hook_out"}
@@ -90,6 +92,15 @@ def _transformer_lens(hf, family: str) -> HookedTransformer:
             n_ctx=c.n_positions, eps=c.layer_norm_epsilon, d_vocab=c.vocab_size, act_fn=c.activation_function, normalization_type="LN",
             original_architecture="GPT2LMHeadModel", dtype=torch.float32, device="cpu")
         convert = convert_gpt2_weights
+    elif family == "gpt_neox":
+        d_head = c.hidden_size // c.num_attention_heads
+        cfg = HookedTransformerConfig(
+            d_model=c.hidden_size, d_head=d_head, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size, n_layers=c.num_hidden_layers,
+            n_ctx=c.max_position_embeddings, eps=c.layer_norm_eps, d_vocab=c.vocab_size, act_fn=c.hidden_act, normalization_type="LN",
+            parallel_attn_mlp=c.use_parallel_residual, positional_embedding_type="rotary", rotary_adjacent_pairs=False,
+            rotary_dim=round(c.rope_parameters.get("partial_rotary_factor", 1.0) * d_head), rotary_base=_rope_theta(c),
+            original_architecture="GPTNeoXForCausalLM", dtype=torch.float32, device="cpu")
+        convert = convert_neox_weights
     else:
         rotary = dict(
             d_model=c.hidden_size, d_head=c.head_dim, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size,
@@ -173,8 +184,11 @@ def test_every_shared_hook_equals_transformer_lens(runs, family):
         compared.append(h)
     per_block = ["hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "hook_attn_out",
                  "hook_resid_mid", "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "hook_resid_post"]
-    if family != "gpt2":
+    if family in ("llama", "gemma2"):
         per_block.append("mlp.hook_pre_linear")
+    if family == "gpt_neox":  # parallel attention and MLP: no resid_mid, in either
+        per_block.remove("hook_resid_mid")
+        assert not any(h.endswith("hook_resid_mid") for h in list(sites) + list(cache.cache_dict))
     want = {"hook_embed", "ln_final.hook_normalized"} | {f"blocks.{layer}.{k}" for layer in range(n) for k in per_block}
     assert want <= set(compared), sorted(want - set(compared))
     # The perturbation shows: a norm's normalized input is not its output.
@@ -201,17 +215,18 @@ def test_mlp_in_is_the_second_norms_output(runs, family):
     hf, tl, ids, sites, got, cache = runs(family)
     layers = hf.base_model.layers if family != "gpt2" else hf.base_model.h
     for layer, block in enumerate(layers):
-        norm = block.ln_2 if family == "gpt2" else block.post_attention_layernorm if family == "llama" else block.pre_feedforward_layernorm
-        resid_mid = cache[f"blocks.{layer}.hook_resid_mid"]
+        norm = block.ln_2 if family == "gpt2" else block.pre_feedforward_layernorm if family == "gemma2" else block.post_attention_layernorm
+        # what the MLP's norm reads: resid_mid, or resid_pre with NeoX's parallel attention and MLP
+        read = f"blocks.{layer}.hook_resid_pre" if family == "gpt_neox" else f"blocks.{layer}.hook_resid_mid"
         with torch.no_grad():
-            direct = norm(resid_mid)
+            direct = norm(cache[read])
         torch.testing.assert_close(got[f"blocks.{layer}.mlp.hook_in"], direct, **TOL)
         # = TransformerLens's ln2.hook_normalized with the norm's weight (and bias) applied
         ln2 = tl.blocks[layer].ln2
-        scaled = cache[f"blocks.{layer}.ln2.hook_normalized"] * ln2.w + (ln2.b if family == "gpt2" else 0)
+        scaled = cache[f"blocks.{layer}.ln2.hook_normalized"] * ln2.w + (ln2.b if family in ("gpt2", "gpt_neox") else 0)
         torch.testing.assert_close(got[f"blocks.{layer}.mlp.hook_in"], scaled, **TOL)
-        # HookedTransformer's own hook_mlp_in is resid_mid, before the norm: not Strata's mlp.hook_in
-        torch.testing.assert_close(cache[f"blocks.{layer}.hook_mlp_in"], got[f"blocks.{layer}.hook_resid_mid"], **TOL)
+        # HookedTransformer's own hook_mlp_in is resid_mid (NeoX: resid_pre), before the norm: not Strata's mlp.hook_in
+        torch.testing.assert_close(cache[f"blocks.{layer}.hook_mlp_in"], got[read], **TOL)
         assert (cache[f"blocks.{layer}.hook_mlp_in"] - got[f"blocks.{layer}.mlp.hook_in"]).abs().max() > 0.05
 
 
@@ -222,10 +237,10 @@ def test_ln_final_hook_out_is_the_final_norms_output(runs, family):
         last = hf.base_model(input_ids=ids, output_hidden_states=True).hidden_states[-1]  # transformers 5: after the final norm
     torch.testing.assert_close(got["ln_final.hook_out"], last, **TOL)
     ln = tl.ln_final
-    scaled = cache["ln_final.hook_normalized"] * ln.w + (ln.b if family == "gpt2" else 0)
+    scaled = cache["ln_final.hook_normalized"] * ln.w + (ln.b if family in ("gpt2", "gpt_neox") else 0)
     torch.testing.assert_close(got["ln_final.hook_out"], scaled, **TOL)
     if family != "gemma2":  # Gemma-2 soft-caps the logits after the unembedding
-        torch.testing.assert_close(tl.unembed(got["ln_final.hook_out"]), hf.lm_head(last), **TOL)
+        torch.testing.assert_close(tl.unembed(got["ln_final.hook_out"]), hf.get_output_embeddings()(last), **TOL)
 
 
 def test_grouped_query_attention_keeps_the_key_value_heads(runs):
