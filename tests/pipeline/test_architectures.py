@@ -163,9 +163,12 @@ def test_every_hook_matches_a_direct_forward(tmp_path, perturbed, family):
         assert got.shape == tuple(w.shape), hook
         assert ds.info.meta["hook_widths"][hook] == w.shape[1], hook
         np.testing.assert_allclose(got, w.numpy(), atol=1e-5, rtol=0, err_msg=hook)
-    for hook in ("blocks.1.ln1.hook_normalized", "ln_final.hook_normalized"):  # the norms' weights matter: before them, not after
-        assert np.abs(ds.read(hook) - ds.read(hook.replace("ln1.hook_normalized", "mixer.hook_in" if family == "mamba" else "hook_attn_out")
-                                                .replace("ln_final.hook_normalized", "ln_final.hook_out"))).max() > 0.05
+    # the norms' weights matter: each hook_normalized is taken before them, the norm's output after
+    block = ("blocks.1.ln1.hook_normalized", "blocks.1.mixer.hook_in") if family == "mamba" else \
+        ("blocks.1.ln2.hook_normalized", "blocks.1.mlp.hook_in")
+    pairs = [("ln_final.hook_normalized", "ln_final.hook_out"), block]
+    for before, after in pairs:
+        assert np.abs(ds.read(before) - ds.read(after)).max() > 0.05, before
     meta = ds.info.meta
     assert meta["family"] == family.removesuffix("_relu") and all(meta["hook_meanings"][h] for h in ds.hooks)
     if family == "mixtral":
