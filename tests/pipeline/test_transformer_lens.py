@@ -25,6 +25,11 @@ What TransformerLens gives, and what these tests pin:
   (``set_use_hook_mlp_in(True)``) is something else: ``resid_mid``, before the norm.
 - ``ln_final.hook_out`` is the HF final norm's output (what the unembedding reads).
 - Gemma-2: ``hook_attn_out`` / ``hook_mlp_out`` are after the post-norms (``ln1_post`` / ``ln2_post``).
+- BERT (post-LN, ``HookedEncoder``): q, k, v, z, result, neurons, ``hook_attn_out``, ``hook_mlp_out``
+  and ``hook_resid_pre`` agree. ``hook_resid_post`` does NOT: TransformerLens's is before the block's
+  output LayerNorm, Strata's is the block's output, after it (TransformerLens's
+  ``hook_normalized_resid_post``, and the next block's ``hook_resid_pre`` in both). Strata's
+  ``hook_embed`` is TransformerLens's ``embed.hook_embed`` (word embeddings only).
 """
 
 from __future__ import annotations
@@ -35,9 +40,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformer_lens.pretrained.weight_conversions import convert_gemma_weights, convert_gpt2_weights, convert_llama_weights, convert_neox_weights
-from transformers import AutoModelForCausalLM
+from transformer_lens import HookedEncoder, HookedTransformer, HookedTransformerConfig
+from transformer_lens.pretrained.weight_conversions import (
+    convert_bert_weights,
+    convert_gemma_weights,
+    convert_gpt2_weights,
+    convert_llama_weights,
+    convert_neox_weights,
+)
+from transformers import AutoModelForCausalLM, BertForPreTraining
 
 from strata import store
 from strata.pipeline.config import ExtractSpec
@@ -49,8 +60,8 @@ FAMILIES = ["gpt2", "gpt_neox", "llama", "gemma2"]
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 #: Strata hooks with no HookedTransformer name of the same meaning (checked separately below).
 STRATA_ONLY = {"attn.hook_result", "mlp.hook_in", "ln_final.hook_out"}
-#: transformer-lens 3.x warns that HookedTransformer goes in 4.0; pyproject pins <4.
-pytestmark = pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning")
+#: transformer-lens 3.x warns that HookedTransformer and HookedEncoder go in 4.0; pyproject pins <4.
+pytestmark = pytest.mark.filterwarnings("ignore:Hooked(Transformer|Encoder) is deprecated:DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
@@ -297,3 +308,38 @@ def test_extracted_dataset_equals_transformer_lens(tmp_path, perturbed):
         np.testing.assert_allclose(ds.read(h), want, err_msg=h, **TOL)
     assert ds.info.hooks["blocks.0.attn.hook_k"].d == hf.config.num_key_value_heads * hf.config.head_dim
     assert "before its weight" in ds.info.meta["hook_meanings"]["blocks.0.ln2.hook_normalized"]
+
+
+def test_bert_hooks_against_hooked_encoder(tiny_models):
+    hf = BertForPreTraining.from_pretrained(tiny_models("bert"), dtype=torch.float32, attn_implementation="eager").eval()
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for _, p in sorted(hf.named_parameters()):
+            p.add_((0.3 if p.ndim == 1 else 0.02) * torch.randn(p.shape, generator=g))
+    c = hf.config
+    cfg = HookedTransformerConfig(
+        d_model=c.hidden_size, d_head=c.hidden_size // c.num_attention_heads, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size,
+        n_layers=c.num_hidden_layers, n_ctx=c.max_position_embeddings, eps=c.layer_norm_eps, d_vocab=c.vocab_size, act_fn="gelu",
+        attention_dir="bidirectional", original_architecture="BertForMaskedLM", dtype=torch.float32, device="cpu")
+    tl = HookedEncoder(cfg, move_to_device=False)
+    tl.load_state_dict(convert_bert_weights(hf, cfg), strict=False)  # only the causal mask buffers are missing
+    tl.eval()
+    tl.cfg.use_attn_result = True
+    ids = _ids(hf)
+    with torch.no_grad():
+        _, cache = tl.run_with_cache(ids)
+    sites = hook_sites(family_of("bert"), c.num_hidden_layers, c)
+    got: dict[str, torch.Tensor] = {}
+    with torch.no_grad(), Capture(hf.bert, sites, list(sites), lambda h, t: got.__setitem__(h, t.clone()), stop_early=False) as cap:
+        cap.forward(input_ids=ids)
+    torch.testing.assert_close(got["hook_embed"], cache["embed.hook_embed"], **TOL)
+    same = ["hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_result", "hook_attn_out",
+            "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out"]
+    assert {h.split(".", 2)[-1] for h in sites if h.startswith("blocks.")} == {*same, "hook_resid_post"}
+    for layer in range(c.num_hidden_layers):
+        for k in same:
+            h = f"blocks.{layer}.{k}"
+            torch.testing.assert_close(got[h], _flat(cache[h]), **TOL, msg=lambda m, h=h: f"{h}: {m}")
+        post = got[f"blocks.{layer}.hook_resid_post"]
+        torch.testing.assert_close(post, cache[f"blocks.{layer}.hook_normalized_resid_post"], **TOL)
+        assert (post - cache[f"blocks.{layer}.hook_resid_post"]).abs().max() > 0.05  # TransformerLens's: before the LayerNorm
