@@ -62,8 +62,9 @@ from strata.pipeline.config import CorpusSpec, ExtractSpec, ImageSpec
 from strata.pipeline.corpus import CorpusScan, iter_corpus, scan_corpus
 from strata.pipeline.errors import CorpusError, SpecError, WorkerError
 from strata.pipeline.executor import Executor, Task, Tasks, open_executor, pool_shape
-from strata.pipeline.hooks import expand_hooks, family_of, hook_sites
+from strata.pipeline.hooks import HookSite, expand_hooks, family_of, hook_sites
 from strata.pipeline.images import ImageScan, ImageSource, iter_images, scan_images
+from strata.pipeline.modules import check_bytes_per_token, is_module_hook, module_hook_name, parse_module_hook, probe_modules, resolve_module_path
 from strata.pipeline.packing import Contexts, TokenizerInfo, encode_batch, num_units, tokenizer_info
 from strata.pipeline.plan import FileSource, Packer, TokenSource
 from strata.pipeline.sharded import ShardedExtraction, ShardSettings, known_results, plan_shards, reconcile
@@ -146,6 +147,8 @@ class Prepared:
     context_size: int  # tokens per context: the spec's for text, the model's sequence for an image
     image: ImagePrep | None = None  # image models: preprocessing and token layout
     rehook: list[str] = field(default_factory=list)  # hooks the dataset holds with another meaning: captured again
+    module_sites: dict[str, HookSite] = field(default_factory=dict)  # module:PATH hooks, probed by a dry forward
+    stop_after: str | None = None  # with module:PATH hooks: the hook the dry forward saw fire last
     shards: list[ShardRef] | None = None  # a sharded corpus: its shards, as listed (see pipeline.sharded)
     settings: ShardSettings | None = None  # ... and what its tokenized shards depend on
 
@@ -237,14 +240,18 @@ def prepare(spec: ExtractSpec, s: store.Store) -> Prepared:
     vc = vision_config(config) if image else config
     n_layers = int(vc.num_hidden_layers)
     sites = hook_sites(fam, n_layers, vc)
-    hooks = expand_hooks(list(spec.hooks), sites, model=f"model {spec.model.id!r} ({model_type}, {n_layers} layers)")
-    per_token = {h: (sites[h].width or int(vc.hidden_size)) * storage_dtype(spec.dtype).itemsize for h in hooks}
-    if sum(per_token.values()) > spec.max_bytes_per_token:
-        big = sorted(per_token.items(), key=lambda kv: -kv[1])[:3]
-        raise SpecError(
-            f"the hooks asked for store {sum(per_token.values()):,} bytes a token in {spec.dtype} ({len(hooks)} hooks; largest: "
-            f"{', '.join(f'{h} {b:,}' for h, b in big)}), over `max_bytes_per_token` {spec.max_bytes_per_token:,}: "
-            "ask for fewer hooks, or raise `max_bytes_per_token`")
+    canonical = [h for h in spec.hooks if not is_module_hook(h)]
+    hooks = expand_hooks(canonical, sites, model=f"model {spec.model.id!r} ({model_type}, {n_layers} layers)") if canonical else []
+    stop_after: str | None = None
+    found: dict[str, HookSite] = {}
+    if len(canonical) < len(spec.hooks):
+        if image:
+            raise SpecError(f"`module:PATH` hooks are for text models; model {spec.model.id!r} ({model_type}) reads images")
+        found, stop_after = module_sites(m, sites, hooks, [h for h in spec.hooks if is_module_hook(h)])
+        sites = {**sites, **found}
+        hooks = [*hooks, *(h for h in found if h not in hooks)]
+    check_bytes_per_token({h: sites[h].width or int(vc.hidden_size) for h in hooks}, storage_dtype(spec.dtype).itemsize,
+                          spec.max_bytes_per_token)
     tok: TokenizerInfo | None = None
     img: ImagePrep | None = None
     if image:
@@ -345,9 +352,34 @@ def prepare(spec: ExtractSpec, s: store.Store) -> Prepared:
         assert tok is not None
         settings = ShardSettings.of(spec.corpus, spec.tokenize, tok)
         return Prepared(spec, s, m, config, tok, hooks, scan, corpus_fp, corpus_docs, meta, existing, unit_contexts, ctx_size, img,
-                        rehook=rehook, shards=refs, settings=settings)
+                        rehook=rehook, module_sites=found, stop_after=stop_after, shards=refs, settings=settings)
     return Prepared(spec, s, m, config, tok, hooks, scan, corpus_fp, corpus_docs, meta, existing, unit_contexts, ctx_size, img,
-                    rehook=rehook)
+                    rehook=rehook, module_sites=found, stop_after=stop_after)
+
+
+def module_sites(m: models.ResolvedModel, sites: dict[str, HookSite], hooks: list[str],
+                 names: list[str]) -> tuple[dict[str, HookSite], str]:
+    """Sites of ``module:PATH`` hooks: paths resolved in the base model Strata loads (``AutoModel``,
+    no task head), widths and firing order from one dry forward on this machine's CPU, together with
+    the canonical hooks asked for. Returns the sites (named by their resolved path) and the hook
+    that fires last (where the forward may stop)."""
+    import torch  # lazy: only module:PATH hooks load the model in the driver
+
+    model = models.load_model(m, device="cpu")
+    wanted: dict[str, tuple[str, str]] = {}
+    for name in names:
+        path, io = parse_module_hook(name)
+        resolved = resolve_module_path(model, path)
+        wanted[module_hook_name(resolved, io)] = (resolved, io)
+    plain = [(h, sites[h].module, sites[h].io) for h in hooks if sites[h].transform is None or sites[h].transform.kind != "tokens"]  # type: ignore[union-attr]
+    vocab = int(getattr(model.config, "vocab_size", 2) or 2)
+    ids = torch.arange(8, dtype=torch.long).reshape(1, 8) % vocab
+    probed = probe_modules(model, [*((h, p, io) for h, (p, io) in wanted.items()), *plain], {"input_ids": ids})
+    last = max(probed, key=lambda h: probed[h][1])
+    out = {h: HookSite(h, p, io, (10**9, probed[h][1]), probed[h][0], meaning=f"the {io} of module {p} (module:PATH)")
+           for h, (p, io) in wanted.items()}
+    del model
+    return out, last
 
 
 def plan_kind(src: CorpusSpec, old: dict[str, Any] | None) -> tuple[str, list[ShardRef] | None]:
@@ -812,7 +844,7 @@ def _run(p: Prepared, pl: Plan | ShardedExtraction, lease: store.Lease, ex: Exec
         store_uri=s.uri, dataset=spec.name, model=p.model, model_type=p.meta["model_type"], n_layers=p.meta["n_layers"],
         d_model=d_model, dtype=spec.dtype, batch_tokens=spec.compute.batch_tokens, threads=shape.threads,
         storage_options=ex.storage_options(spec.storage_options),
-        fence=lease.token, image=p.image,
+        fence=lease.token, image=p.image, module_sites=p.module_sites, stop_after=p.stop_after,
     )
     cs = p.context_size
     # Built lazily, as workers free up: only units in flight have their contexts in memory (a

@@ -48,6 +48,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from strata.pipeline.errors import UnknownHookError, UnsupportedModelError
+from strata.pipeline.modules import module_input, module_tensor
 
 if TYPE_CHECKING:
     import torch
@@ -65,8 +66,8 @@ class Family:
     mlp: str | None  # relative to a layer; None: no MLP (Mamba)
     ln_final: str | None
     modality: str = "text"  # "image": a vision encoder (pixel_values in)
-
     model_class: str | None = None  # the transformers class to load when AutoModel's is not the one hooked (T5: its encoder)
+
 
 FAMILIES = (
     Family("gpt2", ("gpt2",), "wte", "h", "attn", "mlp", "ln_f"),
@@ -90,12 +91,11 @@ FAMILIES = (
     Family("clip_vision", ("clip", "clip_vision_model"), "embeddings", "encoder.layers", "self_attn", "mlp", None, "image"),
     Family("siglip_vision", ("siglip", "siglip_vision_model"), "embeddings", "encoder.layers", "self_attn", "mlp", "post_layernorm", "image"),
     Family("dinov2", ("dinov2", "dinov2_with_registers"), "embeddings", "encoder.layer", "layer_scale1", "layer_scale2", "layernorm", "image"),
-)
     Family("mamba", ("mamba",), "embeddings", "layers", None, None, "norm_f"),
     Family("t5", ("t5",), "encoder.embed_tokens", "encoder.block", "layer.0.SelfAttention", "layer.1.DenseReluDense",
            "encoder.final_layer_norm", model_class="T5EncoderModel"),
     Family("mixtral", ("mixtral",), "embed_tokens", "layers", "self_attn", "mlp", "norm"),
-
+)
 
 #: Families whose norms are RMS norms (no mean subtraction).
 _RMS_FAMILIES = ("llama", "gemma2", "mamba", "t5", "mixtral")
@@ -105,6 +105,7 @@ def model_class_of(model_type: str) -> str | None:
     """The transformers class that loads a model of ``model_type`` for capture, when it is not
     ``AutoModel``'s (T5: ``T5EncoderModel``); None otherwise, and for unknown types."""
     return next((f.model_class for f in FAMILIES if model_type in f.model_types), None)
+
 
 def family_of(model_type: str) -> Family:
     for f in FAMILIES:
@@ -159,9 +160,9 @@ _SUB_ORDER = {
     "hook_resid_pre": 0, "ln1.hook_normalized": 1, "attn.hook_q": 2, "attn.hook_k": 3, "attn.hook_v": 4, "attn.hook_z": 5,
     "attn.hook_result": 6, "hook_attn_out": 7, "hook_resid_mid": 8, "ln2.hook_normalized": 9, "mlp.hook_in": 10,
     "mlp.hook_pre": 11, "mlp.hook_pre_linear": 12, "mlp.hook_post": 13, "hook_mlp_out": 14, "hook_resid_post": 15,
-}
     # Mamba's mixer (no attention, no MLP) and an MoE's router (no mlp.hook_pre) take free places.
     "mixer.hook_in": 10, "mlp.hook_router_logits": 11, "hook_out_proj": 14,
+}
 
 
 @dataclass(frozen=True)
@@ -260,7 +261,6 @@ def _sub_sites(family: Family, layer: int, dims: Dims, config: Any) -> list[tupl
             ("mlp.hook_pre", f"{b}.intermediate.dense", "output", dm, None, "MLP neurons before the activation", False),
             ("mlp.hook_post", f"{b}.output.dense", "input", dm, None, "MLP neurons after the activation", False),
         ]
-    return out
     elif family.name == "mamba":
         out += [
             ("ln1.hook_normalized", f"{b}.norm", "input", d, Transform("normalize", ("rms", eps)),
@@ -301,6 +301,7 @@ def _sub_sites(family: Family, layer: int, dims: Dims, config: Any) -> list[tupl
         n_experts = int(config.num_local_experts)
         out.append(("mlp.hook_router_logits", f"{b}.mlp.gate", "output", n_experts, Transform("tokens"),
                     f"the router's logits per token, one per expert ({n_experts}), before softmax and top-k", False))
+    return out
 
 
 def hook_sites(family: Family, n_layers: int, config: Any = None) -> dict[str, HookSite]:
@@ -317,9 +318,9 @@ def hook_sites(family: Family, n_layers: int, config: Any = None) -> dict[str, H
             ("hook_mlp_out", family.mlp and f"{block}.{family.mlp}", "output", "what the MLP adds to the residual stream"),
             ("hook_resid_post", block, "output", "the residual stream leaving the block"),
         ):
-            name = f"blocks.{layer}.{hook}"
             if module is None:  # Mamba: no attention, no MLP
                 continue
+            name = f"blocks.{layer}.{hook}"
             sites[name] = HookSite(name, module, io, (layer, _SUB_ORDER[hook]), d, meaning=meaning)
         if dims is not None:
             for kind, module, io, width, tf, meaning, explicit in _sub_sites(family, layer, dims, config):
@@ -440,11 +441,13 @@ class Capture:
     """
 
     def __init__(self, model: torch.nn.Module, sites: dict[str, HookSite], hooks: list[str], sink: Callable[[str, torch.Tensor], None], *,
-                 stop_early: bool = True) -> None:
+                 stop_early: bool = True, stop_after: str | None = None) -> None:
         self.model = model
         self.sites = [sites[h] for h in hooks]
         self.sink = sink
-        self.deepest = max(self.sites, key=lambda s: s.order).hook if stop_early else None
+        # The deepest hook by firing order: from the sites' order, or (with module:PATH hooks, whose
+        # place only a forward tells) the one the dry forward saw fire last.
+        self.deepest = (stop_after if stop_after in hooks else max(self.sites, key=lambda s: s.order).hook) if stop_early else None
         self._handles: list[Any] = []
         self.batch_seq: tuple[int, int] | None = None
 
@@ -458,14 +461,15 @@ class Capture:
         if site.io == "input":
 
             def pre(module, args, kwargs):
-                emit(module, args[0] if args else kwargs["hidden_states"])
+                emit(module, module_input(args, kwargs))
                 if stop:
                     raise _StopForward
 
             return pre
 
         def post(module, args, output):
-            emit(module, _first_tensor(output))
+            t = module_tensor(output)
+            emit(module, t if t is not None else _first_tensor(output))
             if stop:
                 raise _StopForward
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from strata import store
-from strata.pipeline.hooks import Capture, family_of, hook_sites
+from strata.pipeline.hooks import Capture, HookSite, family_of, hook_sites
 from strata.pipeline.models import ResolvedModel, load_model
 from strata.pipeline.packing import Contexts
 from strata.pipeline.sharded import ShardUnit
@@ -58,6 +58,8 @@ class WorkerConfig:
     storage_options: dict[str, Any] | None = None  # what the driver lets this worker have
     fence: int | None = None  # the job's lease generation: commits stop once it is not current
     image: ImagePrep | None = None  # image models: preprocessing (see pipeline.vision)
+    module_sites: dict[str, HookSite] | None = None  # module:PATH hooks (their width found by the driver's dry forward)
+    stop_after: str | None = None  # with module:PATH hooks: the hook that fires last
 
 
 def peak_rss_bytes() -> int:
@@ -79,7 +81,7 @@ class UnitWorker:
         self.model = load_model(cfg.model, device=str(self.device), model_class=img.model_class if img else None)
         self.processor = (load_processor(cfg.model.fetch(), img.processor_overrides, model=cfg.model.id,
                                          trust_remote_code=cfg.model.trust_remote_code) if img else None)
-        self.sites = hook_sites(family_of(cfg.model_type), cfg.n_layers, self.model.config)
+        self.sites = {**hook_sites(family_of(cfg.model_type), cfg.n_layers, self.model.config), **(cfg.module_sites or {})}
         self.writer = store.open(cfg.store_uri, storage_options=cfg.storage_options, create=False).writer(cfg.dataset, fence=cfg.fence)
         self.out_dtype = _STORE_DTYPES[cfg.dtype]
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -130,7 +132,7 @@ class UnitWorker:
                 dst.copy_(src.to(self.out_dtype), non_blocking=True)
             src.record_stream(self.copy_stream)
 
-        with torch.inference_mode(), Capture(self.model, self.sites, hooks, sink) as cap:
+        with torch.inference_mode(), Capture(self.model, self.sites, hooks, sink, stop_after=self.cfg.stop_after) as cap:
             for c0 in range(0, n, per_batch):
                 c1 = min(n, c0 + per_batch)
                 state["r0"], state["r1"] = c0 * s, c1 * s

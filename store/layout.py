@@ -25,7 +25,7 @@ DATASETS = "datasets"
 CATALOG = "catalog"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+=-]{0,199}$")
-_HOOK = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,199}$")
+_HOOK = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,199}(:[A-Za-z_][A-Za-z0-9_.]{0,199}(:input)?)?$")  # module:PATH[:input] hooks too
 
 
 def check_name(name: object, *, what: str = "dataset") -> str:

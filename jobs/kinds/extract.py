@@ -79,7 +79,8 @@ class ExtractKind(JobKind):
             now = DatasetState.planned(target, fingerprint=fp, context_size=spec.tokenize.context_size,
                                        unit_contexts=spec.compute.unit_contexts, meta=pr.meta)
         gained = {h: planned - have[h] for h in [*pr.hooks, None]}
-        after = now.extended({h: planned for h in [*pr.hooks, None]}, widths={h: int(pr.config.hidden_size) for h in pr.hooks})
+        after = now.extended({h: planned for h in [*pr.hooks, None]},
+                             widths={h: int(pr.meta["hook_widths"].get(h) or pr.config.hidden_size) for h in pr.hooks})
         state.add_dataset(base, after, gained)
 
         step = Step(job, f"dataset {target}", lease=target, units=units, hooks=missing,

@@ -654,7 +654,7 @@ def verify_file(storage: Storage, entry: FileEntry) -> str | None:
 
 # -- what records may name --------------------------------------------------------------------
 
-_SAFE_KEY = re.compile(r"^[A-Za-z0-9_.@+=-]+(/[A-Za-z0-9_.@+=-]+)*$")
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9_.@+=-]+(/[A-Za-z0-9_.@+=:-]+)*$")  # ':' after the first part: module:PATH hooks
 
 
 def check_key(key: str, allowed: str | re.Pattern[str] | Callable[[str], bool], *, where: str) -> None:

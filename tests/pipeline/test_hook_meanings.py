@@ -98,3 +98,24 @@ def test_bad_hook_requests_are_one_line(tmp_path, perturbed_gpt2):
 
     assert "blocks.0.attn.hook_result" not in prepare(spec, store.open(spec.store)).hooks  # only when named
     assert not (tmp_path / "acts" / "datasets").exists() or not any((tmp_path / "acts" / "datasets").iterdir())
+
+
+def test_module_path_hooks_store_what_the_module_computes(tmp_path, perturbed_gpt2):
+    hooks = ["module:transformer.h.0.mlp.c_fc", "module:h.1.ln_2:input", "blocks.0.hook_resid_post"]
+    res = run_extract(_spec(tmp_path, perturbed_gpt2, hooks=hooks), progress=False)
+    ds = store.open(str(tmp_path / "acts")).dataset("m")
+    assert sorted(res.hooks) == sorted(["module:h.0.mlp.c_fc", "module:h.1.ln_2:input", "blocks.0.hook_resid_post"])
+    assert ds.info.hooks["module:h.0.mlp.c_fc"].d == 128 and ds.info.hooks["module:h.1.ln_2:input"].d == 32
+    ids = torch.from_numpy(ds.tokens().column("token_id").to_numpy().astype(np.int64).reshape(-1, CTX))
+    model = AutoModel.from_pretrained(perturbed_gpt2, dtype=torch.float32).eval()
+    got = {}
+    model.h[0].mlp.c_fc.register_forward_hook(lambda m, a, o: got.__setitem__("fc", o))
+    model.h[1].ln_2.register_forward_pre_hook(lambda m, a: got.__setitem__("ln2in", a[0]))
+    with torch.no_grad():
+        model(input_ids=ids)
+    np.testing.assert_allclose(ds.read("module:h.0.mlp.c_fc"), got["fc"].reshape(-1, 128).numpy(), atol=1e-5)
+    np.testing.assert_allclose(ds.read("module:h.1.ln_2:input"), got["ln2in"].reshape(-1, 32).numpy(), atol=1e-5)
+    (tmp_path / "typo").mkdir()
+    with pytest.raises(UnknownHookError, match=r"h\.0\.mlp"):
+        run_extract(_spec(tmp_path / "typo", perturbed_gpt2, hooks=["module:h.0.mpl"]), progress=False)
+    assert not (tmp_path / "typo" / "acts" / "datasets").exists()
