@@ -21,7 +21,9 @@ What TransformerLens gives, and what these tests pin:
 - GPT-NeoX with parallel attention and MLP has no ``hook_resid_mid`` in either; its q, k, v come
   from the fused ``query_key_value`` laid out per head (``head_slice``).
 - ``mlp.hook_in`` has no ``HookedTransformer`` name (it is ``TransformerBridge``'s): it is the
-  MLP's input, the second norm's output. ``HookedTransformer``'s ``hook_mlp_in``
+  MLP's input, the second norm's output. ``TransformerBridge.boot_transformers(folder)`` (the raw HF
+  model, hooked) names every Strata hook but ``attn.hook_result``, ``mlp.hook_in`` and
+  ``ln_final.hook_out`` included: all agree. ``HookedTransformer``'s ``hook_mlp_in``
   (``set_use_hook_mlp_in(True)``) is something else: ``resid_mid``, before the norm.
 - ``ln_final.hook_out`` is the HF final norm's output (what the unembedding reads).
 - Gemma-2: ``hook_attn_out`` / ``hook_mlp_out`` are after the post-norms (``ln1_post`` / ``ln2_post``).
@@ -41,6 +43,7 @@ import numpy as np
 import pytest
 import torch
 from transformer_lens import HookedEncoder, HookedTransformer, HookedTransformerConfig
+from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.pretrained.weight_conversions import (
     convert_bert_weights,
     convert_gemma_weights,
@@ -269,6 +272,25 @@ def test_grouped_query_attention_keeps_the_key_value_heads(runs):
             assert sites[f"blocks.{layer}.attn.hook_{k}"].width == h * dh
         # the rotary embedding comes after hook_q / hook_k, in both
         assert (cache[f"blocks.{layer}.attn.hook_rot_k"] - cache[f"blocks.{layer}.attn.hook_k"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_hook_equals_transformer_bridge(perturbed, family):
+    """The bridge wraps the HF model itself: it names mlp.hook_in and ln_final.hook_out too."""
+    folder = perturbed(family)
+    hf = _load(folder)
+    bridge = TransformerBridge.boot_transformers(str(folder), device="cpu")
+    ids = _ids(hf)
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(ids)
+    sites, got = _strata(hf, ids)
+    missing = {h.split(".", 2)[-1] if h.startswith("blocks.") else h for h in sites if h not in cache}
+    assert missing == {"attn.hook_result"}, missing
+    for h in sites:
+        if h in cache:
+            torch.testing.assert_close(got[h], _flat(cache[h]), **TOL, msg=lambda m, h=h: f"{h}: {m}")
+    n = hf.config.num_hidden_layers
+    assert {f"blocks.{n - 1}.mlp.hook_in", "ln_final.hook_out", "ln_final.hook_normalized"} <= set(cache.keys())
 
 
 CTX = 16
