@@ -1,10 +1,11 @@
 """Hook meanings checked against TransformerLens 3.x, offline.
 
-A seeded tiny GPT-2, GPT-NeoX (parallel attention and MLP, partial rotary), Llama-style (grouped-query
-attention: 2 key/value heads for 4 query heads) and Gemma-2 model have every weight perturbed with a
-fixed seed (norm weights not 1, biases not 0: unit norms would hide the difference between a norm's
-normalized input and its output) and are saved again. A ``HookedTransformer`` is built from a ``HookedTransformerConfig`` written out from the
-Hugging Face config, with the HF weights converted by ``transformer_lens.pretrained.weight_conversions``
+A seeded tiny GPT-2, GPT-NeoX (parallel attention and MLP, partial rotary), Llama and Qwen2 (q, k, v
+biases; both grouped-query attention: 2 key/value heads for 4 query heads) and Gemma-2 model have
+every weight perturbed with a fixed seed (norm weights not 1, biases not 0: unit norms would hide the
+difference between a norm's normalized input and its output) and are saved again. A
+``HookedTransformer`` is built from a ``HookedTransformerConfig`` written out from the Hugging Face
+config, with the HF weights converted by ``transformer_lens.pretrained.weight_conversions``
 and ``fold_ln`` / ``center_writing_weights`` / ``center_unembed`` off, so that it holds the same
 function; the HF model runs with ``attn_implementation="eager"`` (``sdpa`` drifts by about 1e-3).
 Every hook that both offer must agree to 1e-5 in float32.
@@ -50,6 +51,7 @@ from transformer_lens.pretrained.weight_conversions import (
     convert_gpt2_weights,
     convert_llama_weights,
     convert_neox_weights,
+    convert_qwen2_weights,
 )
 from transformers import AutoModelForCausalLM, BertForPreTraining
 
@@ -59,7 +61,7 @@ from strata.pipeline.extract import run_extract
 from strata.pipeline.hooks import Capture, family_of, hook_sites
 from strata.pipeline.tiny import synthetic_docs, write_jsonl
 
-FAMILIES = ["gpt2", "gpt_neox", "llama", "gemma2"]
+FAMILIES = ["gpt2", "gpt_neox", "llama", "qwen2", "gemma2"]
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 #: Strata hooks with no HookedTransformer name of the same meaning (checked separately below).
 STRATA_ONLY = {"attn.hook_result", "mlp.hook_in", "ln_final.hook_out"}
@@ -116,15 +118,17 @@ def _transformer_lens(hf, family: str) -> HookedTransformer:
             original_architecture="GPTNeoXForCausalLM", dtype=torch.float32, device="cpu")
         convert = convert_neox_weights
     else:
+        d_head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         rotary = dict(
-            d_model=c.hidden_size, d_head=c.head_dim, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size,
+            d_model=c.hidden_size, d_head=d_head, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size,
             n_layers=c.num_hidden_layers, n_ctx=c.max_position_embeddings, eps=c.rms_norm_eps, d_vocab=c.vocab_size,
             n_key_value_heads=c.num_key_value_heads, normalization_type="RMS", positional_embedding_type="rotary",
-            rotary_adjacent_pairs=False, rotary_dim=c.head_dim, rotary_base=_rope_theta(c), final_rms=True, gated_mlp=True,
+            rotary_adjacent_pairs=False, rotary_dim=d_head, rotary_base=_rope_theta(c), final_rms=True, gated_mlp=True,
             dtype=torch.float32, device="cpu")
-        if family == "llama":
-            cfg = HookedTransformerConfig(**rotary, act_fn=c.hidden_act, original_architecture="LlamaForCausalLM")
-            convert = convert_llama_weights
+        if family in ("llama", "qwen2"):
+            arch = "LlamaForCausalLM" if family == "llama" else "Qwen2ForCausalLM"
+            cfg = HookedTransformerConfig(**rotary, act_fn=c.hidden_act, original_architecture=arch)
+            convert = convert_llama_weights if family == "llama" else convert_qwen2_weights
         else:
             cfg = HookedTransformerConfig(
                 **rotary, act_fn=c.hidden_activation, original_architecture="Gemma2ForCausalLM", use_normalization_before_and_after=True,
@@ -153,6 +157,14 @@ def _strata(hf, ids: torch.Tensor) -> tuple[dict, dict[str, torch.Tensor]]:
     with torch.no_grad(), Capture(hf.base_model, sites, list(sites), lambda h, t: got.__setitem__(h, t.clone()), stop_early=False) as cap:
         cap.forward(input_ids=ids)
     return sites, got
+
+
+def _mlp_norm(hf, family: str, layer: int) -> torch.nn.Module:
+    """The HF norm in front of the MLP of block ``layer``."""
+    if family == "gpt2":
+        return hf.base_model.h[layer].ln_2
+    block = hf.base_model.layers[layer]
+    return block.pre_feedforward_layernorm if family == "gemma2" else block.post_attention_layernorm
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -198,7 +210,7 @@ def test_every_shared_hook_equals_transformer_lens(runs, family):
         compared.append(h)
     per_block = ["hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "hook_attn_out",
                  "hook_resid_mid", "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "hook_resid_post"]
-    if family in ("llama", "gemma2"):
+    if family in ("llama", "qwen2", "gemma2"):
         per_block.append("mlp.hook_pre_linear")
     if family == "gpt_neox":  # parallel attention and MLP: no resid_mid, in either
         per_block.remove("hook_resid_mid")
@@ -227,9 +239,8 @@ def test_attn_result_is_each_heads_write(runs, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mlp_in_is_the_second_norms_output(runs, family):
     hf, tl, ids, sites, got, cache = runs(family)
-    layers = hf.base_model.layers if family != "gpt2" else hf.base_model.h
-    for layer, block in enumerate(layers):
-        norm = block.ln_2 if family == "gpt2" else block.pre_feedforward_layernorm if family == "gemma2" else block.post_attention_layernorm
+    for layer in range(hf.config.num_hidden_layers):
+        norm = _mlp_norm(hf, family, layer)
         # what the MLP's norm reads: resid_mid, or resid_pre with NeoX's parallel attention and MLP
         read = f"blocks.{layer}.hook_resid_pre" if family == "gpt_neox" else f"blocks.{layer}.hook_resid_mid"
         with torch.no_grad():
@@ -257,10 +268,11 @@ def test_ln_final_hook_out_is_the_final_norms_output(runs, family):
         torch.testing.assert_close(tl.unembed(got["ln_final.hook_out"]), hf.get_output_embeddings()(last), **TOL)
 
 
-def test_grouped_query_attention_keeps_the_key_value_heads(runs):
-    hf, tl, ids, sites, got, cache = runs("llama")
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_grouped_query_attention_keeps_the_key_value_heads(runs, family):
+    hf, tl, ids, sites, got, cache = runs(family)
     c = hf.config
-    h, kv, dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    h, kv, dh = c.num_attention_heads, c.num_key_value_heads, tl.cfg.d_head
     assert kv < h and tl.cfg.n_key_value_heads == kv
     b, s = ids.shape
     for layer in range(c.num_hidden_layers):
@@ -295,13 +307,14 @@ def test_every_hook_equals_transformer_bridge(perturbed, family):
 
 CTX = 16
 EXTRACTED = ["blocks.0.hook_resid_mid", "blocks.0.ln2.hook_normalized", "blocks.0.mlp.hook_in", "blocks.*.attn.hook_k",
-             "blocks.1.attn.hook_z", "blocks.1.attn.hook_result", "blocks.1.mlp.hook_pre_linear", "blocks.1.mlp.hook_post",
+             "blocks.1.attn.hook_z", "blocks.1.attn.hook_result", "blocks.1.mlp.hook_pre", "blocks.1.mlp.hook_post",
              "ln_final.hook_normalized", "ln_final.hook_out"]
 
 
-def test_extracted_dataset_equals_transformer_lens(tmp_path, perturbed):
-    """End to end: a local extraction of a perturbed GQA Llama, read back, against run_with_cache on the stored tokens."""
-    folder = perturbed("llama")
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2"])
+def test_extracted_dataset_equals_transformer_lens(tmp_path, perturbed, family):
+    """End to end: a local extraction of a perturbed model, read back, against run_with_cache on the stored tokens."""
+    folder = perturbed(family)
     corpus = write_jsonl(tmp_path / "c.jsonl", synthetic_docs(12, seed=2))
     spec = ExtractSpec(store=str(tmp_path / "acts"), name="tl", model={"id": str(folder)}, corpus={"path": str(corpus)},
                        tokenize={"context_size": CTX}, hooks=EXTRACTED, dtype="float32",
@@ -310,25 +323,20 @@ def test_extracted_dataset_equals_transformer_lens(tmp_path, perturbed):
     ds = store.open(str(tmp_path / "acts")).dataset("tl")
     ids = torch.from_numpy(ds.tokens().column("token_id").to_numpy().astype(np.int64).reshape(-1, CTX))
     hf = _load(folder)
-    tl = _transformer_lens(hf, "llama")
+    tl = _transformer_lens(hf, family)
     tl.set_use_attn_result(True)
     with torch.no_grad():
         _, cache = tl.run_with_cache(ids)
+        mlp_in = _mlp_norm(hf, family, 0)(cache["blocks.0.hook_resid_mid"])  # the HF modules themselves
+        final = hf.base_model.get_submodule(family_of(hf.config.model_type).ln_final)(cache["blocks.1.hook_resid_post"])
     hooks = sorted(ds.info.hooks)
     assert len(hooks) == 11 and "blocks.0.attn.hook_k" in hooks and "blocks.1.attn.hook_k" in hooks
     for h in hooks:
-        if h == "blocks.0.mlp.hook_in":
-            block = hf.model.layers[0]
-            with torch.no_grad():
-                want = block.post_attention_layernorm(cache["blocks.0.hook_resid_mid"])
-        elif h == "ln_final.hook_out":
-            want = cache["ln_final.hook_normalized"] * tl.ln_final.w
-        else:
-            want = _flat(cache[h])
-        want = want.detach().reshape(-1, want.shape[-1]).numpy()
+        want = mlp_in if h == "blocks.0.mlp.hook_in" else final if h == "ln_final.hook_out" else _flat(cache[h])
+        want = want.reshape(-1, want.shape[-1]).numpy()
         assert ds.info.hooks[h].d == want.shape[-1], h
         np.testing.assert_allclose(ds.read(h), want, err_msg=h, **TOL)
-    assert ds.info.hooks["blocks.0.attn.hook_k"].d == hf.config.num_key_value_heads * hf.config.head_dim
+    assert ds.info.hooks["blocks.0.attn.hook_k"].d == tl.cfg.d_head * (tl.cfg.n_key_value_heads or tl.cfg.n_heads)
     assert "before its weight" in ds.info.meta["hook_meanings"]["blocks.0.ln2.hook_normalized"]
 
 
