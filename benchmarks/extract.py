@@ -3,6 +3,7 @@
     python benchmarks/extract.py                  # a few minutes on 2 CPU cores
     python benchmarks/extract.py --layers 6 --d-model 512 --tokens 400000   # bigger
     python benchmarks/extract.py --case vision    # a ViT over generated images instead
+    python benchmarks/extract.py --case capture   # every mlp.hook_post + attn.hook_z vs TransformerLens run_with_cache
     python benchmarks/extract.py --rounds 1 --tokens 8000 --skip-sae-lens --warmup-s 0   # a smoke run
 
 Builds a seeded GPT-2-shaped model locally (no download) and a synthetic corpus, plans the
@@ -46,6 +47,17 @@ kind of process the pipeline computes in, Ray's processes beside it); it reports
 images. Workers do that for a unit before taking the model, while the actor's other call
 computes the previous unit, so it is off the model's critical path as long as it takes less
 time than a forward pass of a unit.
+
+The capture case (``--case capture``) uses the text case's model, tokens and batches and
+stores every layer's ``mlp.hook_post`` and ``attn.hook_z`` (``[tokens, heads * d_head]``). Each
+round runs the canonical case (the pipeline, 1 hook: the last block's resid_post), the capture,
+and TransformerLens in a fresh process with the worker's settings: a ``HookedTransformer``
+built from a ``HookedTransformerConfig`` with the model folder's GPT-2 weights converted by
+``transformer_lens.pretrained.weight_conversions`` (no folding; its logits checked against the
+Hugging Face model's), timed over the same batches with its plain forward pass and then with
+``run_with_cache(names_filter=...)`` keeping the same hooks in memory, both with
+``return_type=None`` (no unembedding, as the bare loop's ``AutoModel``). Bare loops bracket each
+round, as in the text case.
 
 The ``round N: bare ..., pipeline 1 hook ..., all resid_post ...`` lines keep the format of
 earlier versions of this script: ``benchmarks/compare_revisions.py`` reads them.
@@ -608,6 +620,8 @@ def capture_case(a: argparse.Namespace, work: Path, cpus: int) -> None:
         bps = [r.bytes_written * (r.steady_tokens / r.tokens) / r.steady_seconds for r in runs]
         print(f"{label:58s}{spread([r.steady_tokens_per_s for r in runs]):>28s} tokens/s   ratio {spread(ratios, '.2f')}   "
               f"{statistics.median(bps) / 2**20:7.1f} MiB/s written   [job end to end: {spread([r.seconds for r in runs], '.1f')} s]")
+    print(f"{'capture / 1 hook, pipeline runs of the same round:':58s}{'':>28s}            "
+          f"{spread([c.steady_tokens_per_s / o.steady_tokens_per_s for c, o in zip(cap, one, strict=True)], '.2f')}")
     print(f"{'transformer-lens run_with_cache, names filter:':58s}{spread([b.rate for b in tl]):>28s} tokens/s   ratio {spread(r_tl, '.2f')}   "
           f"pipeline capture / transformer-lens {spread(r_cap_tl, '.2f')}")
     fwd = [b.forward_rate for b in tl if b.forward_rate]
