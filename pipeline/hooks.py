@@ -391,19 +391,6 @@ class _StopForward(Exception):
     """Raised from the deepest hook to end the forward pass early (caught by :class:`Capture`)."""
 
 
-def _first_tensor(x: Any) -> torch.Tensor:
-    # transformers 5 decoder layers return a tensor; older code and some modules return tuples.
-    import torch  # lazy: spec checks import this module for `match_hooks` and must not pay for torch
-
-    if isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
-        return x[0]
-    if hasattr(x, "last_hidden_state"):
-        return x.last_hidden_state
-    raise TypeError(f"cannot find the hidden states in a module result of type {type(x).__name__}")
-
-
 def apply_transform(tf: Transform, module: Any, x: torch.Tensor, batch_seq: tuple[int, int] | None = None) -> torch.Tensor:
     """``x`` as the hook stores it (see :class:`Transform`)."""
     import torch  # lazy: spec checks import this module for `match_hooks` and must not pay for torch
@@ -469,7 +456,9 @@ class Capture:
 
         def post(module, args, output):
             t = module_tensor(output)
-            emit(module, t if t is not None else _first_tensor(output))
+            if t is None:
+                raise TypeError(f"cannot find the hidden states in a module result of type {type(output).__name__} (hook {hook!r})")
+            emit(module, t)
             if stop:
                 raise _StopForward
 

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,13 +138,12 @@ def tokenize_shard(job: ShardJob, settings: ShardSettings) -> dict[str, Any]:
         return {**done.meta, "key": job.key, "reused": True, "node": _where_am_i(), "pid": os.getpid()}
     ref = ShardRef.from_listing(job.listing)
     reader = ShardReader(ref, job.src, storage_options=job.corpus_options)
-    counts, ids_l, parts, docs = _tokenize(reader, ref, job.src, settings)
+    counts, parts, docs = _tokenize(reader, ref, job.src, settings)
     meta = {"shard": ref.name, "listing": job.listing, "fingerprint": reader.fingerprint, **counts}
     if job.write:
         assert job.fence is not None and storage is not None
         tokens = [np.concatenate([getattr(p, a) for p in parts]) if parts else np.zeros(0, np.int32) for a in ("ids", "start", "end")]
         write_shard(storage, job.dataset, job.key, ids=tokens[0], start=tokens[1], end=tokens[2], docs=docs, meta=meta, lease=job.fence)
-    del ids_l
     return {**meta, "key": job.key, "reused": False, "node": _where_am_i(), "pid": os.getpid()}
 
 
@@ -161,7 +160,7 @@ class _Batches(TokenSource):
 
 
 def _tokenize(reader: ShardReader, ref: ShardRef, src: CorpusSpec,
-              st: ShardSettings) -> tuple[dict[str, Any], np.ndarray, list[EncodedBatch], pa.Table]:
+              st: ShardSettings) -> tuple[dict[str, Any], list[EncodedBatch], pa.Table]:
     text_field = "text" if st.format == "text" else st.text_field
     id_field = ("id" if st.text_unit == "file" else None) if st.format == "text" else st.id_field
     ids: list[int] = []
@@ -211,7 +210,7 @@ def _tokenize(reader: ShardReader, ref: ShardRef, src: CorpusSpec,
         "partial_docs": partial, "id_min": int(doc_ids.min()) if doc_ids.size else 0, "id_max": int(doc_ids.max()) if doc_ids.size else -1,
         "doc_set": [pairs.total, pairs.count], "fields_seen": sorted(seen_fields),
     }
-    return counts, doc_ids, parts, docs
+    return counts, parts, docs
 
 
 # -- the plan, on the driver ----------------------------------------------------------------------
@@ -249,9 +248,7 @@ class ShardPlan:
         """``(shard, first context, end context)`` of unit ``u`` within its shard."""
         if not 0 <= u < self.units:
             raise IndexError(f"unit {u} is outside the plan's {self.units} units")
-        i = int(np.searchsorted(self.first_unit, u, side="right")) - 1
-        while self.units_of[i] == 0:  # pragma: no cover - searchsorted lands on the last shard starting at u
-            i -= 1
+        i = int(np.searchsorted(self.first_unit, u, side="right")) - 1  # the last shard starting at or before u: it holds u
         c0 = (u - int(self.first_unit[i])) * self.unit_contexts
         return i, c0, min(int(self.contexts[i]), c0 + self.unit_contexts)
 
@@ -416,13 +413,6 @@ class ShardUnit:
             raise CorpusError(f"dataset {self.dataset!r}: tokenized shard {self.key} packs into {len(packer)} contexts, "
                               f"the plan wants [{self.c0}, {self.c1})")
         return packer.contexts(self.c0, self.c1)
-
-
-def iter_shard_jobs(refs: Sequence[ShardRef], settings: ShardSettings, *, src: CorpusSpec, store_uri: str,
-                    store_options: dict[str, Any] | None, corpus_options: dict[str, Any] | None, dataset: str,
-                    fence: Fence | None, write: bool) -> Iterator[ShardJob]:
-    for ref in refs:
-        yield ShardJob(ref.listing(), settings.key_for(ref), src, store_uri, store_options, corpus_options, dataset, fence, write)
 
 
 def known_results(table: pa.Table | None) -> dict[str, dict[str, Any]]:

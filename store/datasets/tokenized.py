@@ -21,7 +21,6 @@ offset, so the whole document index is the parts shifted, by arithmetic
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -167,10 +166,6 @@ def decode_shards_table(data: Any, *, where: str) -> pa.Table:
         return t.select(SHARDS_SCHEMA.names).cast(SHARDS_SCHEMA)
     except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError, OSError, ValueError) as e:
         raise CorruptionError(f"{where}: the shards table is damaged ({e})") from None
-
-
-def listing_of(row: Mapping[str, Any]) -> dict[str, Any]:
-    return json.loads(row["listing"])
 
 
 class ShardedDocuments:
