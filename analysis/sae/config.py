@@ -44,6 +44,8 @@ from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY  # importing sae_lens registers the built-in architectures
 from sae_lens.util import str_to_dtype
 
+from strata.analysis.sae.crosscoder import check_options as check_crosscoder_options  # registers `crosscoder`
+from strata.analysis.sae.transcoder import ARCHITECTURES as TRANSCODERS  # registers `transcoder`, `skip_transcoder`
 from strata.pipeline.hooks import match_hooks
 from strata.pipeline.spec import ComputeSpec, JobSpec, Section
 from strata.store.errors import InvalidNameError
@@ -52,7 +54,7 @@ from strata.store.layout import check_name
 # Fields of sae-lens's config dataclasses that a spec does not set: ``d_in`` is the hook's width
 # (``sae.d_in`` may be given, as a check that it is), ``device`` comes from ``compute.device``,
 # ``metadata`` is written from the dataset's lineage.
-DERIVED_SAE_FIELDS = ("d_in", "device", "metadata")
+DERIVED_SAE_FIELDS = ("d_in", "device", "metadata", "n_sources", "d_out")
 # Bounds that refuse nonsense sizes at load, before anything is allocated (the hook's width, and
 # so the exact memory need, is checked against the machine by :func:`check_memory` when planning).
 # 2**26 latents is above the largest published SAEs (~34M).
@@ -130,7 +132,8 @@ def _check_sae_options(architecture: str, options: dict[str, Any]) -> dict[str, 
     unknown = [k for k in options if k not in types]
     if unknown:
         derived = [k for k in unknown if k in DERIVED_SAE_FIELDS]
-        why = f" (`{derived[0]}` is set by Strata: `device` from `compute.device`, `metadata` from the dataset)" if derived else ""
+        why = (f" (`{derived[0]}` is set by Strata: `device` from `compute.device`, `metadata` from the dataset, "
+               "`n_sources` from `sources`, `d_out` from the out hook)") if derived else ""
         raise ValueError(
             f"`sae.{unknown[0]}` is not an option of architecture {architecture!r}{why}; valid: {', '.join(sorted(types))}"
         )
@@ -164,6 +167,9 @@ def _check_sae_options(architecture: str, options: dict[str, Any]) -> dict[str, 
     k, d_sae = out.get("k"), out.get("d_sae")
     if k is not None and d_sae is not None and k > d_sae:
         raise ValueError(f"`sae.k` ({k}) is larger than `sae.d_sae` ({d_sae})")
+    check = getattr(training_registry()[architecture][1], "check_options", None)  # an architecture's own combination checks
+    if check is not None and architecture in TRANSCODERS:
+        check(out)
     return out
 
 
@@ -289,13 +295,26 @@ class SAECompute(ComputeSpec):
     keys = ("address", "device", "ray", "cpus_per_task", "threads", "lease_stale_s")
 
 
+class Source(Section):
+    """One source of a crosscoder: a hook of a dataset (``dataset`` defaults to the spec's)."""
+
+    dataset: str | None = None
+    """The activation dataset's name in the store (default: the spec's ``dataset``)."""
+    hook: str
+    """The hook (an exact name)."""
+
+
 class SAETrainSpec(JobSpec):
     """``strata sae train``: SAEs of a dataset's hooks, one per hook and sweep combination."""
 
-    dataset: str
-    """The activation dataset's name in the store."""
-    hooks: tuple[str, ...] = Field(min_length=1)
-    """Hooks to train on, globs allowed (matched against the dataset's hooks); one SAE each."""
+    dataset: str | None = None
+    """The activation dataset's name in the store (required unless every source names its own)."""
+    hooks: tuple[str | dict[str, Any], ...] = ()
+    """Hooks to train on, globs allowed (matched against the dataset's hooks); one SAE each.
+    Transcoders: ``{in: HOOK, out: HOOK}`` pairs (exact names; see :func:`transcoder_pair`)."""
+    sources: tuple[Source, ...] | None = None
+    """``architecture: crosscoder`` only: its aligned sources, at least two, in place of ``hooks``
+    (one crosscoder per sweep combination; see :mod:`analysis.sae.crosscoder_run`)."""
     name: str
     """The SAE's name (of one hook without a sweep); otherwise the stem of the derived names."""
     architecture: str = "topk"
@@ -316,7 +335,23 @@ class SAETrainSpec(JobSpec):
     @field_validator("hooks", mode="before")
     @classmethod
     def _one_hook(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
+        return [v] if isinstance(v, (str, dict)) else v
+
+    @field_validator("hooks")
+    @classmethod
+    def _hook_pairs(cls, v: tuple[str | dict[str, Any], ...], info: ValidationInfo) -> tuple[str | dict[str, Any], ...]:
+        return tuple(h if isinstance(h, str) else transcoder_pair(h, dataset=info.data.get("dataset"), where=f"`hooks[{i}]`")
+                     for i, h in enumerate(v))
+
+    @model_validator(mode="after")
+    def _transcoder_hooks(self) -> SAETrainSpec:
+        pairs = [h for h in self.hooks if isinstance(h, dict)]
+        if self.architecture in TRANSCODERS and len(pairs) < len(self.hooks):
+            raise ValueError(f"`architecture: {self.architecture}` takes `hooks: {{in: HOOK, out: HOOK}}` (or a list of such pairs), "
+                             f"not {next(h for h in self.hooks if isinstance(h, str))!r}")
+        if pairs and self.architecture not in TRANSCODERS:
+            raise ValueError(f"`hooks` {{in, out}} pairs are for `architecture: transcoder` or `skip_transcoder`, not {self.architecture!r}")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -370,12 +405,39 @@ class SAETrainSpec(JobSpec):
         return v
 
     @model_validator(mode="after")
+    def _sources(self) -> SAETrainSpec:
+        crosscoder = self.architecture == "crosscoder"
+        if self.sources is None:
+            if crosscoder:
+                raise ValueError("`architecture: crosscoder` needs `sources`: [{dataset: NAME, hook: HOOK}, ...] (at least two)")
+            if not self.hooks:
+                raise ValueError("`hooks` is required: the hooks to train on (names or globs)")
+            if self.dataset is None:
+                raise ValueError("`dataset` is required: the activation dataset's name in the store")
+            return self
+        if not crosscoder:
+            raise ValueError(f"`sources` is for `architecture: crosscoder`, not {self.architecture!r}; use `hooks` for one SAE per hook")
+        if self.hooks:
+            raise ValueError("`hooks` and `sources` are both given: a crosscoder takes `sources` only")
+        if len(self.sources) < 2:
+            raise ValueError(f"`sources` has {len(self.sources)} source(s): a crosscoder needs at least two")
+        missing = [i for i, src in enumerate(self.sources) if src.dataset is None and self.dataset is None]
+        if missing:
+            raise ValueError(f"`sources[{missing[0]}]` names no `dataset` and the spec has none: give one of them")
+        keys = [(src.dataset or self.dataset, src.hook) for src in self.sources]
+        dup = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+        if dup is not None:
+            raise ValueError(f"`sources` names {dup[0]}:{dup[1]} twice: each source is another hook or dataset")
+        check_crosscoder_options(self.sae)
+        return self
+
+    @model_validator(mode="after")
     def _sweep_combinations(self) -> SAETrainSpec:
         # Every combination must be a valid spec: check them all now, not after hours of training.
         for combo in combinations(self):
             if combo:
                 try:
-                    concrete(self, combo, hook=self.hooks[0], name=self.name)
+                    concrete(self, combo, hook=self.hooks[0] if self.hooks else "", name=self.name)
                 except ValidationError as e:
                     what = ", ".join(f"{k}={v!r}" for k, v in combo.items())
                     err = e.errors()[0]
@@ -409,9 +471,22 @@ class Run:
 
     name: str
     hook: str
+    """The SAE's hook; a transcoder's in hook."""
     spec: SAETrainSpec
     params: dict[str, Any]
     """The sweep values of this run (``{}`` without a sweep)."""
+    hook_out: str | None = None
+    """A transcoder's out hook (None for an SAE)."""
+
+    @property
+    def hooks(self) -> tuple[str, ...]:
+        """The hooks the run reads."""
+        return (self.hook,) if self.hook_out is None else (self.hook, self.hook_out)
+
+    @property
+    def data_key(self) -> str:
+        """The key of its rows in a training batch (a transcoder's: in and out side by side)."""
+        return self.hook if self.hook_out is None else joined_key(self.hook, self.hook_out)
 
 
 def combinations(spec: SAETrainSpec) -> list[dict[str, Any]]:
@@ -422,10 +497,10 @@ def combinations(spec: SAETrainSpec) -> list[dict[str, Any]]:
     return [dict(zip(keys, values)) for values in itertools.product(*(spec.sweep[k] for k in keys))]
 
 
-def concrete(spec: SAETrainSpec, params: dict[str, Any], *, hook: str, name: str) -> SAETrainSpec:
+def concrete(spec: SAETrainSpec, params: dict[str, Any], *, hook: str | dict[str, str], name: str) -> SAETrainSpec:
     """The spec of one run: ``params`` (sweep path -> value) applied, one hook, no sweep."""
     raw = spec.model_dump()
-    raw.update(hooks=[hook], name=name, sweep=None)
+    raw.update(hooks=[] if spec.sources else [hook], name=name, sweep=None)
     for path, value in params.items():
         section, _, leaf = path.partition(".")
         if leaf:
@@ -440,6 +515,62 @@ def resolve_hooks(patterns: Sequence[str], available: Sequence[str], *, dataset:
     order. A pattern matching nothing is an error listing the available hooks."""
     return match_hooks(patterns, available,
                        error=lambda p: ValueError(f"`hooks`: {p!r} matches no hook of {dataset}; its hooks: {', '.join(available)}"))
+
+
+_MLP_OUT = re.compile(r"blocks\.(\d+)\.hook_mlp_out")
+
+
+def transcoder_pair(pair: Any, *, dataset: str | None, where: str = "`hooks`") -> dict[str, str]:
+    """A transcoder's ``{in: HOOK, out: HOOK}``, checked, as ``{"in": ..., "out": ...}``. Each
+    side is a hook of the spec's ``dataset`` or ``{dataset: NAME, hook: HOOK}`` naming that same
+    dataset (both hooks of a transcoder come from one dataset). ``in`` may be left out when
+    ``out`` is ``blocks.L.hook_mlp_out``: it is then ``blocks.L.mlp.hook_in``, the MLP's input
+    (``blocks.L.ln2.hook_normalized``, the input before the norm's weight and bias, is accepted
+    too when named)."""
+    if not isinstance(pair, dict) or not set(pair) <= {"in", "out"} or "out" not in pair:
+        got = sorted(pair) if isinstance(pair, dict) else pair
+        raise ValueError(f"{where}: a transcoder's hooks are {{in: HOOK, out: HOOK}} (`in` optional for blocks.L.hook_mlp_out), got {got!r}")
+    out: dict[str, str] = {}
+    for side in ("in", "out"):
+        h = pair.get(side)
+        if h is None:
+            continue
+        if isinstance(h, dict):
+            if set(h) != {"dataset", "hook"} or not all(isinstance(x, str) for x in h.values()):
+                raise ValueError(f"{where}.{side}: a hook name or {{dataset: NAME, hook: HOOK}}, got {h!r}")
+            if dataset is not None and h["dataset"] != dataset:
+                raise ValueError(f"{where}.{side} names dataset {h['dataset']!r}, but a transcoder's in and out hooks come from one "
+                                 f"dataset, the spec's `dataset` {dataset!r} (across datasets, align them into one first)")
+            h = h["hook"]
+        if not isinstance(h, str) or not h or any(c in h for c in "*?["):
+            raise ValueError(f"{where}.{side}: an exact hook name, got {h!r}")
+        out[side] = h
+    if "in" not in out:
+        m = _MLP_OUT.fullmatch(out["out"])
+        if m is None:
+            raise ValueError(f"{where}.in is required: it defaults (to blocks.L.mlp.hook_in) only when `out` is blocks.L.hook_mlp_out, "
+                             f"not {out['out']!r}")
+        out["in"] = f"blocks.{m.group(1)}.mlp.hook_in"
+    if out["in"] == out["out"]:
+        raise ValueError(f"{where}: `in` and `out` are both {out['in']!r}; a transcoder maps one hook to another")
+    return {"in": out["in"], "out": out["out"]}
+
+
+def joined_key(hook_in: str, hook_out: str) -> str:
+    """A transcoder's key in a training batch: its in and out rows side by side."""
+    return f"{hook_in}->{hook_out}"
+
+
+def resolve_pairs(spec: SAETrainSpec, available: Sequence[str], *, dataset: str = "the dataset") -> list[tuple[str, str]]:
+    """A transcoder spec's (in, out) pairs, each hook checked against ``available``."""
+    pairs = []
+    for i, pair in enumerate(spec.hooks):
+        assert isinstance(pair, dict)  # checked when the spec loaded
+        for side in ("in", "out"):
+            if pair[side] not in available:
+                raise ValueError(f"`hooks[{i}].{side}`: {pair[side]!r} is not a hook of {dataset}; its hooks: {', '.join(available)}")
+        pairs.append((pair["in"], pair["out"]))
+    return pairs
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.@+=-]")
@@ -457,6 +588,11 @@ def _fmt_value(v: Any) -> str:
     return _UNSAFE.sub("_", s)
 
 
+def source_label(spec: SAETrainSpec) -> str:
+    """A crosscoder's stand-in for a hook (its runs' ``hook``): ``DATASET:HOOK+DATASET:HOOK...``."""
+    return "+".join(f"{src.dataset or spec.dataset}:{src.hook}" for src in spec.sources or ())
+
+
 def run_name(spec: SAETrainSpec, *, hook: str, params: dict[str, Any], several_hooks: bool) -> str:
     """The derived name of one run (see the module docstring)."""
     parts = [spec.name]
@@ -472,13 +608,26 @@ def run_name(spec: SAETrainSpec, *, hook: str, params: dict[str, Any], several_h
 def expand_runs(spec: SAETrainSpec, available_hooks: Sequence[str], *, dataset: str = "the dataset") -> list[Run]:
     """One :class:`Run` per (hook, sweep combination), hooks outermost, each with its derived
     name. Names are checked (store-safe, unique)."""
-    hooks = resolve_hooks(spec.hooks, available_hooks, dataset=dataset)
-    runs: list[Run] = []
+    if any(isinstance(h, dict) for h in spec.hooks):
+        pairs = resolve_pairs(spec, available_hooks, dataset=dataset)
+        runs = []
+        for hin, hout in pairs:
+            for params in combinations(spec):
+                name = run_name(spec, hook=hout, params=params, several_hooks=len(pairs) > 1)
+                check_name(name, what="SAE")
+                runs.append(Run(name, hin, concrete(spec, params, hook={"in": hin, "out": hout}, name=name), params, hout))
+        return _unique(runs)
+    hooks = [source_label(spec)] if spec.sources else resolve_hooks(spec.hooks, available_hooks, dataset=dataset)
+    runs = []
     for hook in hooks:
         for params in combinations(spec):
             name = run_name(spec, hook=hook, params=params, several_hooks=len(hooks) > 1)
             check_name(name, what="SAE")
             runs.append(Run(name, hook, concrete(spec, params, hook=hook, name=name), params))
+    return _unique(runs)
+
+
+def _unique(runs: list[Run]) -> list[Run]:
     seen: dict[str, Run] = {}
     for r in runs:
         if r.name in seen:
