@@ -72,7 +72,7 @@ def test_sae_options_are_the_sae_lens_config_fields():
 
     for arch in architectures():
         fields = {f.name for f in dataclasses.fields(SAE_TRAINING_CLASS_REGISTRY[arch][1])}
-        derived = {"n_sources"} if arch == "crosscoder" else set()  # set by Strata from `sources`
+        derived = {"n_sources", "d_out"}  # set by Strata: from a crosscoder's `sources`, a transcoder's out hook
         assert set(sae_options(arch)) == fields - {"device", "metadata"} - derived | {"expansion_factor"}
 
 
