@@ -164,6 +164,23 @@ _SUB_ORDER = {
     "mixer.hook_in": 10, "mlp.hook_router_logits": 11, "hook_out_proj": 14,
 }
 
+#: Families whose block hooks fire in another order than :data:`_SUB_ORDER`'s (pre-norm blocks): the
+#: kinds in firing order. Post-LN BERT normalizes after each sub-block: ``attention.output.LayerNorm``
+#: (``ln1``) reads ``resid_mid`` after attention, ``output.LayerNorm`` (``ln2``) reads ``mlp_out`` plus
+#: the MLP's input after the MLP, and its output is the block's output.
+_FAMILY_SUB_ORDER: dict[str, tuple[str, ...]] = {
+    "bert": ("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_result", "hook_attn_out",
+             "hook_resid_mid", "ln1.hook_normalized", "mlp.hook_in", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out",
+             "ln2.hook_normalized", "hook_resid_post"),
+}
+
+
+def sub_order(family: Family) -> dict[str, int]:
+    """Where each hook kind inside a block of ``family`` fires, as a rank (the second part of
+    :attr:`HookSite.order`): the family's own order where it has one, else :data:`_SUB_ORDER`."""
+    own = _FAMILY_SUB_ORDER.get(family.name)
+    return _SUB_ORDER if own is None else {kind: i for i, kind in enumerate(own)}
+
 
 @dataclass(frozen=True)
 class Dims:
@@ -252,14 +269,24 @@ def _sub_sites(family: Family, layer: int, dims: Dims, config: Any) -> list[tupl
             ("mlp.hook_post", f"{b}.mlp.down_proj", "input", dm, None, "gated MLP neurons: act(gate) * up, the down projection's input", False),
         ]
     elif family.name == "bert":
+        # Post-LN: each norm comes after its sub-block (their firing order is _FAMILY_SUB_ORDER's).
+        norm = Transform("normalize", ("layer", eps))
+        ln1, ln2 = f"{b}.attention.output.LayerNorm", f"{b}.output.LayerNorm"
         out += [
             ("attn.hook_q", f"{b}.attention.self.query", "output", h * dh, None, "queries, heads side by side", False),
             ("attn.hook_k", f"{b}.attention.self.key", "output", h * dh, None, "keys, heads side by side", False),
             ("attn.hook_v", f"{b}.attention.self.value", "output", h * dh, None, "values, heads side by side", False),
             ("attn.hook_z", f"{b}.attention.output.dense", "input", h * dh, None, z, False),
             ("attn.hook_result", f"{b}.attention.output.dense", "input", h * d, Transform("result", (h, dh, False)), res, True),
+            ("hook_resid_mid", ln1, "input", d, None,
+             "the residual stream after attention (resid_pre + attn_out): attention.output.LayerNorm's input", False),
+            ("ln1.hook_normalized", ln1, "input", d, norm,
+             "attention.output.LayerNorm's input (resid_mid) normalized, before its weight and bias", False),
+            ("mlp.hook_in", ln1, "output", d, None, "the MLP's input: attention.output.LayerNorm's output", False),
             ("mlp.hook_pre", f"{b}.intermediate.dense", "output", dm, None, "MLP neurons before the activation", False),
             ("mlp.hook_post", f"{b}.output.dense", "input", dm, None, "MLP neurons after the activation", False),
+            ("ln2.hook_normalized", ln2, "input", d, norm,
+             "output.LayerNorm's input (mlp.hook_in + hook_mlp_out) normalized, before its weight and bias", False),
         ]
     elif family.name == "mamba":
         out += [
@@ -309,6 +336,7 @@ def hook_sites(family: Family, n_layers: int, config: Any = None) -> dict[str, H
     hooks inside each block (neurons, attention heads, norms) and every hook's width."""
     dims = Dims.of(config) if config is not None else None
     d = dims.d_model if dims is not None else 0
+    rank = sub_order(family)
     sites = {"hook_embed": HookSite("hook_embed", family.embed, "output", (-1, 0), d, meaning="the token embeddings")}
     for layer in range(n_layers):
         block = f"{family.layers}.{layer}"
@@ -321,11 +349,11 @@ def hook_sites(family: Family, n_layers: int, config: Any = None) -> dict[str, H
             if module is None:  # Mamba: no attention, no MLP
                 continue
             name = f"blocks.{layer}.{hook}"
-            sites[name] = HookSite(name, module, io, (layer, _SUB_ORDER[hook]), d, meaning=meaning)
+            sites[name] = HookSite(name, module, io, (layer, rank[hook]), d, meaning=meaning)
         if dims is not None:
             for kind, module, io, width, tf, meaning, explicit in _sub_sites(family, layer, dims, config):
                 name = f"blocks.{layer}.{kind}"
-                sites[name] = HookSite(name, module, io, (layer, _SUB_ORDER[kind]), width, tf, meaning, explicit)
+                sites[name] = HookSite(name, module, io, (layer, rank[kind]), width, tf, meaning, explicit)
     if family.ln_final is not None:
         if dims is not None and family.modality == "text" and family.name != "bert":
             kind = "rms" if family.name in _RMS_FAMILIES else "layer"
@@ -435,6 +463,11 @@ class Capture:
         # The deepest hook by firing order: from the sites' order, or (with module:PATH hooks, whose
         # place only a forward tells) the one the dry forward saw fire last.
         self.deepest = (stop_after if stop_after in hooks else max(self.sites, key=lambda s: s.order).hook) if stop_early else None
+        if self.deepest is not None:
+            # Hooks on one module's input (or output) fire in the order they are registered, this list's:
+            # stop at the last of them, so that e.g. BERT's resid_mid never cuts off ln1.hook_normalized.
+            at = next((s.module, s.io) for s in self.sites if s.hook == self.deepest)
+            self.deepest = [s for s in self.sites if (s.module, s.io) == at][-1].hook
         self._handles: list[Any] = []
         self.batch_seq: tuple[int, int] | None = None
 

@@ -340,7 +340,9 @@ def test_extracted_dataset_equals_transformer_lens(tmp_path, perturbed, family):
     assert "before its weight" in ds.info.meta["hook_meanings"]["blocks.0.ln2.hook_normalized"]
 
 
-def test_bert_hooks_against_hooked_encoder(tiny_models):
+@pytest.fixture(scope="module")
+def bert_run(tiny_models):
+    """(hf, tl, ids, sites, strata captures, HookedEncoder cache) of a perturbed tiny BERT."""
     hf = BertForPreTraining.from_pretrained(tiny_models("bert"), dtype=torch.float32, attn_implementation="eager").eval()
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
@@ -355,6 +357,7 @@ def test_bert_hooks_against_hooked_encoder(tiny_models):
     tl.load_state_dict(convert_bert_weights(hf, cfg), strict=False)  # only the causal mask buffers are missing
     tl.eval()
     tl.cfg.use_attn_result = True
+    tl.cfg.use_hook_mlp_in = True
     ids = _ids(hf)
     with torch.no_grad():
         _, cache = tl.run_with_cache(ids)
@@ -362,14 +365,66 @@ def test_bert_hooks_against_hooked_encoder(tiny_models):
     got: dict[str, torch.Tensor] = {}
     with torch.no_grad(), Capture(hf.bert, sites, list(sites), lambda h, t: got.__setitem__(h, t.clone()), stop_early=False) as cap:
         cap.forward(input_ids=ids)
+    return hf, tl, ids, sites, got, cache
+
+
+def test_bert_hooks_against_hooked_encoder(bert_run):
+    hf, tl, ids, sites, got, cache = bert_run
     torch.testing.assert_close(got["hook_embed"], cache["embed.hook_embed"], **TOL)
     same = ["hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_result", "hook_attn_out",
-            "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out"]
-    assert {h.split(".", 2)[-1] for h in sites if h.startswith("blocks.")} == {*same, "hook_resid_post"}
-    for layer in range(c.num_hidden_layers):
+            "hook_resid_mid", "ln1.hook_normalized", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "ln2.hook_normalized"]
+    assert {h.split(".", 2)[-1] for h in sites if h.startswith("blocks.")} == {*same, "mlp.hook_in", "hook_resid_post"}
+    for layer in range(hf.config.num_hidden_layers):
         for k in same:
             h = f"blocks.{layer}.{k}"
             torch.testing.assert_close(got[h], _flat(cache[h]), **TOL, msg=lambda m, h=h: f"{h}: {m}")
         post = got[f"blocks.{layer}.hook_resid_post"]
         torch.testing.assert_close(post, cache[f"blocks.{layer}.hook_normalized_resid_post"], **TOL)
         assert (post - cache[f"blocks.{layer}.hook_resid_post"]).abs().max() > 0.05  # TransformerLens's: before the LayerNorm
+        # the perturbation shows: a norm's normalized input is neither its input nor its output
+        for a, b in (("ln1.hook_normalized", "hook_resid_mid"), ("ln1.hook_normalized", "mlp.hook_in"), ("ln2.hook_normalized", "hook_resid_post")):
+            assert (got[f"blocks.{layer}.{a}"] - got[f"blocks.{layer}.{b}"]).abs().max() > 0.05, (layer, a, b)
+
+
+def test_bert_mlp_in_is_the_attention_layernorms_output(bert_run):
+    hf, tl, ids, sites, got, cache = bert_run
+    for layer in range(hf.config.num_hidden_layers):
+        mlp_in = got[f"blocks.{layer}.mlp.hook_in"]
+        with torch.no_grad():  # the HF module itself, on TransformerLens's resid_mid
+            direct = hf.bert.encoder.layer[layer].attention.output.LayerNorm(cache[f"blocks.{layer}.hook_resid_mid"])
+        torch.testing.assert_close(mlp_in, direct, **TOL)
+        ln1 = tl.blocks[layer].ln1  # TransformerLens's ln1.hook_normalized with the norm's weight and bias applied
+        torch.testing.assert_close(mlp_in, cache[f"blocks.{layer}.ln1.hook_normalized"] * ln1.w + ln1.b, **TOL)
+        # HookedEncoder's resid_post is normalized_resid_mid + mlp_out: the MLP's input is the difference
+        torch.testing.assert_close(mlp_in, cache[f"blocks.{layer}.hook_resid_post"] - cache[f"blocks.{layer}.hook_mlp_out"], **TOL)
+        # HookedEncoder's hook_mlp_in (use_hook_mlp_in) is resid_mid, before the LayerNorm: not Strata's mlp.hook_in
+        torch.testing.assert_close(cache[f"blocks.{layer}.hook_mlp_in"], got[f"blocks.{layer}.hook_resid_mid"], **TOL)
+        assert (cache[f"blocks.{layer}.hook_mlp_in"] - mlp_in).abs().max() > 0.05
+
+
+def test_bert_forward_stops_after_the_post_ln_hooks(bert_run):
+    """BERT's norms fire after their sub-block: asking for a norm hook with the sub-block's output
+    (or alone) must run the forward past both, and no further."""
+    hf, tl, ids, sites, got, cache = bert_run
+    ran: list[str] = []
+    handle = hf.bert.encoder.layer[1].register_forward_pre_hook(lambda *a: ran.append("layer 1"))
+    try:
+        for asked, stop_after in (
+            (["blocks.0.ln2.hook_normalized"], None), (["blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"], None),
+            (["blocks.0.ln1.hook_normalized", "blocks.0.hook_attn_out"], None), (["blocks.0.hook_resid_mid", "blocks.0.ln1.hook_normalized"], None),
+            (["blocks.0.mlp.hook_in", "blocks.0.attn.hook_result"], None),
+            # a dry forward (module:PATH hooks) may name either of two hooks on one module's input as the last to fire
+            (["blocks.0.hook_resid_mid", "blocks.0.ln1.hook_normalized"], "blocks.0.hook_resid_mid"),
+        ):
+            hooks = [h for h in sites if h in asked]  # in firing order, as expand_hooks gives them
+            part: dict[str, torch.Tensor] = {}
+            sink = lambda h, t, part=part: part.__setitem__(h, t.clone())  # noqa: E731
+            with torch.no_grad(), Capture(hf.bert, sites, hooks, sink, stop_after=stop_after) as cap:
+                cap.forward(input_ids=ids)
+            assert set(part) == set(asked), asked
+            for h in asked:
+                torch.testing.assert_close(part[h], got[h], rtol=0, atol=0)
+            assert ran == [], asked  # the forward stopped inside block 0
+        torch.testing.assert_close(part["blocks.0.ln1.hook_normalized"], cache["blocks.0.ln1.hook_normalized"], **TOL)
+    finally:
+        handle.remove()
