@@ -417,9 +417,12 @@ VIEWER_JS = r"""
           var idx = SV._index;
           if (!(f >= 0 && f < idx.d_sae)) throw new Error("no feature " + f + ": features are 0\u2013" + (idx.d_sae - 1));
           if (idx.count[f] === 0) return SV.deadData(idx, f);
+          if (idx.exported && idx.exported.indexOf(f) < 0) throw new Error("feature " + f + " was not exported (see --features)");
           return load("data/f" + Math.floor(f / chunk) + ".js").then(function () {
-            var d = SV._feat[f];
-            d.explanation = idx.explanations[String(f)] || null;
+            var d = SV._feat[f], base = SV.deadData(idx, f);
+            ["v", "d_sae", "table", "sae", "dataset", "hook", "encoded_rows", "explanation"].forEach(function (k) {
+              if (d[k] === undefined) d[k] = base[k];
+            });
             return expand(d);
           });
         });
