@@ -17,8 +17,9 @@ import pytest
 import torch
 import transformers
 
-from strata.pipeline.hooks import Capture, HookSite, family_of, hook_sites
-from strata.pipeline.tiny import FAMILIES
+from strata.pipeline.errors import UnknownHookError
+from strata.pipeline.hooks import Capture, HookSite, expand_hooks, family_of, hook_sites
+from strata.pipeline.tiny import FAMILIES, tiny_config
 
 
 def _load(folder) -> torch.nn.Module:
@@ -104,3 +105,15 @@ def test_any_two_hooks_of_a_block_arrive_when_the_forward_stops_early(loaded, fa
     finally:
         handle.remove()
     assert ran == []  # every forward stopped inside block 0
+
+
+def test_globs_pass_over_attn_hook_result_without_an_error():
+    """``attn.hook_result`` is large: a glob never takes it and does not fail for it; naming it does."""
+    config = tiny_config("bert", layers=2, d_model=32, heads=4, max_positions=64, vocab_size=100)
+    sites = hook_sites(family_of("bert"), 2, config)
+    assert expand_hooks(["blocks.*.attn.*"], sites) == [f"blocks.{i}.attn.hook_{k}" for i in range(2) for k in "qkvz"]
+    assert not any(h.endswith("hook_result") for h in expand_hooks(["*"], sites))
+    assert expand_hooks(["blocks.1.*", "blocks.1.attn.hook_result"], sites)[4:8] == [
+        "blocks.1.attn.hook_z", "blocks.1.attn.hook_result", "blocks.1.hook_attn_out", "blocks.1.hook_resid_mid"]
+    with pytest.raises(UnknownHookError, match=r"'blocks\.0\.attn\.hook_res\*'.*only when named: blocks\.\*\.attn\.hook_result$"):
+        expand_hooks(["blocks.0.attn.hook_res*"], sites)  # a glob that could only take hook_result takes nothing
