@@ -29,6 +29,7 @@ from strata.store.errors import CredentialsError, DatasetExistsError, StorageErr
 from strata.store.features.table import FeatureTable, table_names
 from strata.store.saes.handles import SAES, SAEHandle
 from strata.store.storage import Storage, auth_failure, open_storage
+from strata.store.views.summaries import store_html
 
 if TYPE_CHECKING:
     from zarr.abc.store import Store as ZarrStore
@@ -55,6 +56,10 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({self.uri!r})"
+
+    def _repr_html_(self) -> str:
+        """Jupyter's summary: datasets (from the catalog), SAEs, feature tables and analyses."""
+        return store_html(self)
 
     @cached_property
     def zarr_store(self) -> ZarrStore:

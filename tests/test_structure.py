@@ -269,7 +269,7 @@ def test_the_checks_find_private_names_lazy_imports_and_bare_imports(tmp_path: P
 STORE_LAYERS: list[tuple[str, ...]] = [
     ("strata.store.storage", "strata.store.errors", "strata.store.layout", "strata.store.dtypes", "strata.store.root"),
     ("strata.store.commit",),
-    ("strata.store.datasets", "strata.store.features", "strata.store.saes", "strata.store.analyses"),
+    ("strata.store.datasets", "strata.store.features", "strata.store.saes", "strata.store.analyses", "strata.store.views"),
     ("strata.store.lifecycle",),
     ("strata.store.core",),
 ]

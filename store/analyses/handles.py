@@ -16,6 +16,8 @@ from strata.store.datasets import stale
 from strata.store.errors import CorruptionError, FormatVersionError, StaleArtifactError
 from strata.store.root import StoreRoot
 from strata.store.saes.handles import SAES
+from strata.store.views.plots import analysis_plot
+from strata.store.views.summaries import analysis_html
 
 #: The store folder analysis results live in.
 ANALYSES = "analyses"
@@ -55,6 +57,18 @@ class AnalysisHandle:
 
     def __repr__(self) -> str:
         return f"AnalysisHandle({self.name!r}, files={self.artifact.files})"
+
+    def _repr_html_(self) -> str:
+        """Jupyter's summary: kind, inputs (datasets and SAEs with their versions), plots, files
+        and the first rows of the results."""
+        return analysis_html(self)
+
+    def plot(self, metric: str | None = None) -> Any:
+        """The plot stored with the result (its PNG) as a matplotlib Figure, which Jupyter shows
+        inline; with several plots (a layers analysis: one per metric) ``metric`` picks one. An
+        analysis or metric without a plot is a one-line :class:`~strata.store.views.html.ViewError`
+        naming the plots there are."""
+        return analysis_plot(self, metric)
 
     @cached_property
     def meta(self) -> dict[str, Any]:

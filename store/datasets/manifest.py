@@ -12,6 +12,7 @@ from strata.store.commit.protocol import FileEntry
 from strata.store.errors import CorruptionError, DatasetNotFoundError, FormatVersionError
 from strata.store.layout import DATASETS, aux_dir, hook_order, manifest_key
 from strata.store.storage import Storage
+from strata.store.views.info import info_html
 
 FORMAT = "strata.activations"
 # 2: block checksums in commit records (every partial read checked), token files with `row`,
@@ -54,6 +55,15 @@ class DatasetInfo:
     @property
     def capacity_rows(self) -> int:
         return self.num_units * self.unit_rows
+
+    def __repr__(self) -> str:
+        m = self.meta
+        return (f"DatasetInfo({self.name!r}, model={m.get('model')!r}, revision={str(m.get('revision') or '')[:12]!r}, "
+                f"hooks={len(self.hooks)}, units={self.num_units}, context_size={self.context_size}, dtype={self.dtype!r})")
+
+    def _repr_html_(self) -> str:
+        """Jupyter's summary of the manifest (identity and lineage, hooks and widths)."""
+        return info_html(self)
 
     def __getattr__(self, key: str) -> Any:
         # `ds.info.model`, `ds.info.revision`, ...: the identity fields live in `meta`.

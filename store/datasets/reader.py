@@ -27,6 +27,8 @@ from strata.store.datasets.versions import pick
 from strata.store.dtypes import storage_dtype, to_torch
 from strata.store.errors import CorruptionError, DatasetNotFoundError, NotCommittedError, RowOutOfRangeError, UnknownDocumentError
 from strata.store.root import StoreRoot
+from strata.store.views.summaries import dataset_html
+from strata.store.views.tokens import TokenView, token_view
 
 if TYPE_CHECKING:
     import torch
@@ -88,6 +90,19 @@ class ActivationDataset:
     def __repr__(self) -> str:
         units = len(self.commits.records.get(None, {}))
         return f"ActivationDataset({self.name!r}, hooks={len(self.info.hooks)}, committed units={units}/{self.info.num_units})"
+
+    def _repr_html_(self) -> str:
+        """Jupyter's summary: identity and lineage, hooks (d, dtype, rows, committed/total units),
+        bytes on disk and status, from metadata alone (see :mod:`strata.store.views.summaries`)."""
+        return dataset_html(self)
+
+    def show_tokens(self, doc_id: int, *, hook: str | None = None, neuron: int | None = None, sae: str | None = None,
+                    feature: int | None = None) -> TokenView:
+        """Document ``doc_id``'s tokens coloured by one activation, as circuitsvis does: ``neuron``
+        of ``hook``, or ``feature`` of ``sae`` (a feature table of that name encoding this dataset,
+        else the SAE itself encodes the document). Jupyter shows it inline; ``.values`` holds the
+        numbers. An unknown document, hook, neuron or feature is a one-line error naming the valid ones."""
+        return token_view(self, doc_id, hook=hook, neuron=neuron, sae=sae, feature=feature)
 
     # -- commit state (see store.datasets.commits) --------------------------------------------
 

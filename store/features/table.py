@@ -56,6 +56,7 @@ from strata.store.features.merge import INDEX_SCHEMA, Generation, load_generatio
 from strata.store.features.stats import hist_edges
 from strata.store.layout import check_name
 from strata.store.root import StoreRoot
+from strata.store.views.summaries import features_html
 
 if TYPE_CHECKING:
     import torch
@@ -89,6 +90,11 @@ class FeatureTable:
     def __repr__(self) -> str:
         return (f"FeatureTable({self.name!r}, sae={self.info.sae!r}, d_sae={self.info.d_sae}, "
                 f"units={len(self.units)}, merged={len(self.merged_units)})")
+
+    def _repr_html_(self) -> str:
+        """Jupyter's summary: SAE and dataset (with fingerprints), d_sae, what is encoded and
+        merged, and the density summary (from the merged statistics)."""
+        return features_html(self)
 
     # -- state ----------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from strata.store.datasets import stale
 from strata.store.datasets.reader import open_dataset
 from strata.store.errors import CorruptionError, StaleArtifactError
 from strata.store.root import StoreRoot
+from strata.store.views.summaries import sae_html
 
 #: The store folder SAEs live in.
 SAES = "saes"
@@ -32,6 +33,10 @@ class SAEHandle:
     def __repr__(self) -> str:
         lin = self.lineage
         return f"SAEHandle({self.name!r}, dataset={lin.get('dataset')!r}, hook={lin.get('hook')!r})"
+
+    def _repr_html_(self) -> str:
+        """Jupyter's summary: lineage, architecture, metrics (FVU, L0, dead fraction, CE), files."""
+        return sae_html(self)
 
     @property
     def lineage(self) -> dict[str, Any]:
