@@ -56,6 +56,7 @@ from strata.store.features.merge import INDEX_SCHEMA, Generation, load_generatio
 from strata.store.features.stats import hist_edges
 from strata.store.layout import check_name
 from strata.store.root import StoreRoot
+from strata.store.views.feature import FeatureView
 from strata.store.views.summaries import features_html
 
 if TYPE_CHECKING:
@@ -95,6 +96,13 @@ class FeatureTable:
         """Jupyter's summary: SAE and dataset (with fingerprints), d_sae, what is encoded and
         merged, and the density summary (from the merged statistics)."""
         return features_html(self)
+
+    def show(self, feature: int, **options: Any) -> FeatureView:
+        """Feature ``feature`` in the notebook: the served feature page's view (density,
+        histogram, top contexts with token shading, logit effects and neighbours where stored).
+        ``options`` go to :func:`~strata.store.features.view.feature_data` (``top``, ``before``,
+        ``after``, ``bins``). A feature out of range is a one-line :class:`FeatureOutOfRangeError`."""
+        return FeatureView(self, feature, **options)
 
     # -- state ----------------------------------------------------------------------------
 

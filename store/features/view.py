@@ -39,7 +39,7 @@ import logging
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -49,8 +49,9 @@ from strata.store.errors import CorruptionError
 from strata.store.features.format import FEATURES
 from strata.store.features.viewer_js import VIEWER_CSS, VIEWER_JS
 
-if TYPE_CHECKING:
-    from strata.store.features.table import FeatureTable
+# The table imports this module (``fs.show(f)``), so this one names its type without importing it
+# (a TYPE_CHECKING import counts as a cycle in tests/test_structure.py).
+FeatureTable = Any
 
 __all__ = ["feature_data", "feature_html", "app_html", "index_data", "token_index", "load_derived", "write_derived", "load_explanations",
            "Derived", "derived_key", "explanations_key", "json_for_script", "DENSE"]
