@@ -34,6 +34,7 @@ import torch
 from strata import store
 from strata.analysis.sae import checkpoint
 from strata.analysis.sae.config import SAETrainSpec
+from strata.analysis.sae.crosscoder_run import evaluate_crosscoder, plan_crosscoders, train_crosscoder
 from strata.analysis.sae.evaluate import evaluate, load_causal_lm
 from strata.analysis.sae.plan import Plan, PlannedRun, Task, plan
 from strata.analysis.sae.save import commit_sae
@@ -151,9 +152,14 @@ def _run_task(inp: TaskInput) -> list[dict[str, Any]]:
         every=first.train.checkpoint_every, resume_step=step,
     )
     extra = {r.name: {"config_hash": r.config_hash, "checkpoint_every": first.train.checkpoint_every} for r in todo}
-    results = train_pass(ds, [r.run for r in todo], device=inp.device, units=inp.task.units, holdout=inp.task.holdout_units,
-                         checkpointing=ck, lineage_extra=extra)
-    metrics = _evaluate(results, ds, inp.device)
+    if first.sources:  # a crosscoder: aligned sources of one or more datasets (analysis.sae.crosscoder_run)
+        s = store.Store(storage)
+        results = [train_crosscoder(s, r, device=inp.device, checkpointing=ck, lineage_extra=extra[r.name]) for r in todo]
+        metrics = {res.name: evaluate_crosscoder(res, s, device=inp.device) for res in results}
+    else:
+        results = train_pass(ds, [r.run for r in todo], device=inp.device, units=inp.task.units, holdout=inp.task.holdout_units,
+                             checkpointing=ck, lineage_extra=extra)
+        metrics = _evaluate(results, ds, inp.device)
     out = []
     for r, res in zip(todo, results):
         commit_sae(storage, res, metrics=metrics[r.name], meta={"config_hash": r.config_hash, "config": r.config}, lease=inp.fences[r.name])
@@ -238,6 +244,11 @@ def _run_tasks(spec: SAETrainSpec, p: Plan, tasks: list[Task], leases: dict[str,
     return outcomes, use_ray
 
 
+def _plan(spec: SAETrainSpec, s: store.Store, *, fresh: bool) -> Plan:
+    """SAEs and transcoders: :func:`plan`; crosscoders (sources of several datasets): :func:`plan_crosscoders`."""
+    return plan_crosscoders(spec, s, fresh=fresh) if spec.sources else plan(spec, s, fresh=fresh)
+
+
 def run_job(spec: SAETrainSpec, *, fresh: bool = False) -> JobResult:
     """Run an SAE training job end to end (see the module docstring). ``fresh``: delete
     checkpoints instead of resuming from them (also those of another config)."""
@@ -245,7 +256,7 @@ def run_job(spec: SAETrainSpec, *, fresh: bool = False) -> JobResult:
     t0 = time.perf_counter()
     check_store_path(spec)  # reads only `spec.store`
     s = store.open(spec.store, storage_options=spec.storage_options, create=False)
-    p = plan(spec, s, fresh=fresh)
+    p = _plan(spec, s, fresh=fresh)
     # Checkpoints of a committed SAE are left only by a crash between its commit and their deletion.
     leftover = [r.name for r in p.runs if r.status == "done" and checkpoint.committed(s.storage, r.name)]
     todo = [r.name for t in p.tasks for r in t.todo]
@@ -257,7 +268,7 @@ def run_job(spec: SAETrainSpec, *, fresh: bool = False) -> JobResult:
             for name in leftover:
                 checkpoint.prune(s.storage, name, keep=None, lease=leases[name])
             # Planned again under the leases: a job that finished meanwhile left its SAEs committed.
-            p = plan(spec, s, fresh=fresh)
+            p = _plan(spec, s, fresh=fresh)
             tasks = [t for t in p.tasks if t.todo]
             new = [r.name for t in tasks for r in t.todo if r.name not in leases]
             if new:  # the dataset gained a hook matching `hooks` meanwhile

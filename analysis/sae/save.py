@@ -28,7 +28,9 @@ from sae_lens.constants import SPARSITY_FILENAME
 from safetensors.torch import save_file
 
 from strata.analysis.sae.curves import plot_curves
+from strata.analysis.sae.diffing import write_crosscoder
 from strata.store.commit import artifacts, parquet
+from strata.store.saes.crosscoder import CrossCoder
 from strata.store.saes.handles import SAES
 
 if TYPE_CHECKING:
@@ -84,8 +86,11 @@ def save_sae(result: TrainedSAE, folder: str | Path, *, metrics: dict[str, Any] 
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"SAE folder {str(folder)!r} is not empty")
     folder.mkdir(parents=True, exist_ok=True)
-    _held_out_metadata(result.sae, metrics)
-    result.sae.save_model(folder)
+    if isinstance(result.sae, CrossCoder):  # Strata's own layout (store.saes.crosscoder) and the model-diffing outputs
+        write_crosscoder(result.sae, folder, title=result.name)
+    else:
+        _held_out_metadata(result.sae, metrics)
+        result.sae.save_model(folder)
     if result.log_feature_sparsity is not None:
         save_file({"sparsity": result.log_feature_sparsity.detach().cpu().contiguous()}, folder / SPARSITY_FILENAME)
     _write_json(folder / LINEAGE, result.lineage)

@@ -68,7 +68,12 @@ class SAEHandle:
         return self.artifact.local_path()
 
     def load(self, device: str = "cpu") -> Any:
-        """The SAE, through sae-lens (``SAE.load_from_disk``), after checking every file."""
+        """The SAE, through sae-lens (``SAE.load_from_disk``), after checking every file; a
+        crosscoder through Strata's loader (``store.saes.crosscoder``)."""
+        if self.cfg.get("architecture") == "crosscoder":
+            from strata.store.saes.crosscoder import load_crosscoder  # lazy: torch loads in seconds; listing SAEs must not wait
+
+            return load_crosscoder(self.path, device=device)
         from sae_lens import SAE  # lazy: sae-lens (and torch under it) loads in seconds; listing SAEs must not wait
 
         return SAE.load_from_disk(str(self.path), device=device)
