@@ -4,7 +4,9 @@
     strata features ls STORE                                       list feature tables
     strata features show STORE NAME                                one table as JSON: identity, units, generation
     strata features top STORE NAME FEATURE [-k 20] [--json]        a feature's top contexts
-    strata features html STORE NAME --out DIR [--features ...]     static HTML feature pages
+    strata features html STORE NAME --out DIR [--features ...]     static export of the feature viewer (every feature)
+    strata features serve STORE NAME [--port 8000]                 the feature viewer as a local web app, reading the store live
+    strata features derive STORE NAME                              nearest features and logit effects, once per SAE
 
 Reading commands never create a store. Bad input (an unknown store, table or SAE, a feature out
 of range) is one line on stderr and exit code 2, with nothing written.
@@ -150,14 +152,38 @@ def _cmd_html(args: argparse.Namespace) -> int:
         raise SpecError(f"--out {safe(args.out)!r} is an existing file; give a folder (new or holding earlier pages)")
     fs = _open(args.store).features(args.name)
     features = parse_features(args.features, d_sae=fs.d_sae)
-    index = write_pages(fs, out, features=features, k=args.k, max_pages=args.max_pages)
-    print(f"wrote {index} (open it in a browser)")
+    index = write_pages(fs, out, features=features, max_pages=args.max_pages, explanations=args.explanations, neuronpedia=args.neuronpedia)
+    print(f"wrote {index} (open it in a browser; a feature is index.html#f=N)")
+    return 0
+
+
+def _explanations_arg(path: str | None) -> None:
+    if path is not None and not Path(path).is_file():
+        raise SpecError(f"--explanations {safe(path)!r}: no such file (give a JSON-lines file of {{\"feature\": F, \"explanation\": ...}})")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from strata.analysis.features.dashboard.server import serve  # lazy: starlette and uvicorn: only serving needs them
+
+    _explanations_arg(args.explanations)
+    fs = _open(args.store).features(args.name)
+    print(f"serving feature table {safe(repr(fs.name))} ({fs.d_sae} features) at http://{args.host}:{args.port}/ (Ctrl-C stops)")
+    serve(fs, host=args.host, port=args.port, explanations=args.explanations)
+    return 0
+
+
+def _cmd_derive(args: argparse.Namespace) -> int:
+    from strata.analysis.features.dashboard.derive import derive  # lazy: torch and sae-lens: only deriving needs them
+
+    fs = _open(args.store).features(args.name)
+    key = derive(fs, k=args.k)
+    print(f"wrote {key}")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argparse's own type
     """Add this module's subcommands to the `strata` parser."""
-    p = sub.add_parser("features", help="feature tables of SAE latents: encode, ls, show, top, html")
+    p = sub.add_parser("features", help="feature tables of SAE latents: encode, ls, show, top, html, serve, derive")
     fsub = p.add_subparsers(dest="features_command", required=True)
 
     q = fsub.add_parser("encode", help="encode a dataset with a stored SAE into a feature table (spec YAML)")
@@ -188,8 +214,23 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argpars
     q = fsub.add_parser("html", help="write static HTML feature pages")
     q.add_argument("store", help=STORE_HELP)
     q.add_argument("name", help=NAME_HELP)
-    q.add_argument("--out", required=True, help="folder to write index.html and feature-F.html into")
-    q.add_argument("--features", nargs="+", metavar="F", help="features to write pages for: indices and ranges (3 10-12,40)")
-    q.add_argument("-k", type=_positive, default=20, help="top contexts per page")
-    q.add_argument("--max-pages", type=_positive, default=1000, help="without --features: pages for this many of the densest features")
+    q.add_argument("--out", required=True, help="folder to write index.html and data/ into")
+    q.add_argument("--features", nargs="+", metavar="F", help="only these features get data: indices and ranges (3 10-12,40)")
+    q.add_argument("--max-pages", type=_positive, default=None, help="without --features: data for this many of the densest features only")
+    q.add_argument("--explanations", help="a JSON-lines file of explanations (default: the table's explanations.jsonl in the store)")
+    q.add_argument("--neuronpedia", action="store_true", help="also write neuronpedia/batch-N.json (sae-dashboard's Neuronpedia layout)")
     q.set_defaults(func=_cmd_html)
+
+    q = fsub.add_parser("serve", help="serve the feature viewer over a table, reading the store live")
+    q.add_argument("store", help=STORE_HELP)
+    q.add_argument("name", help=NAME_HELP)
+    q.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    q.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    q.add_argument("--explanations", help="a JSON-lines file of explanations (default: the table's explanations.jsonl in the store)")
+    q.set_defaults(func=_cmd_serve)
+
+    q = fsub.add_parser("derive", help="compute a table's nearest features and logit effects (once per SAE) for the viewer")
+    q.add_argument("store", help=STORE_HELP)
+    q.add_argument("name", help=NAME_HELP)
+    q.add_argument("-k", type=_positive, default=10, help="neighbours and logit tokens per feature")
+    q.set_defaults(func=_cmd_derive)

@@ -129,8 +129,9 @@ VIEWER_JS = r"""
       body.textContent = "";
       for (var i = a; i < b; i++) {
         var r = recs[i];
-        body.appendChild(row([r.q !== undefined ? String(r.q) : String(i + 1), fmt(r.act), r.doc + ":" + r.pos, context(r, max)],
-                             "sv-row"));
+        var tr = row([r.q !== undefined ? String(r.q) : String(i + 1), fmt(r.act), r.doc + ":" + r.pos, context(r, max)], cls + "-row");
+        tr.setAttribute("data-row", String(r.row));
+        body.appendChild(tr);
       }
     }};
   }

@@ -1,20 +1,22 @@
 """End to end on the quickstart's shape: extract, train an SAE with sae-lens from the store,
-`strata features encode` with the shipped example spec, top contexts, HTML pages."""
+`strata features encode` with the shipped example spec, top contexts, logit effects from the model, the static export."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from pagesparse import parse
 
 from strata import store
 from strata.analysis.features.external import put_sae
 from strata.jobs.cli import main
 from strata.pipeline.config import ExtractSpec
 from strata.pipeline.extract import run_extract
+from strata.store.features.view import feature_data
 
 pytestmark = [pytest.mark.slow]
 
@@ -79,10 +81,23 @@ def test_extract_train_encode_top_html(quickstart_model, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and all(t["context"].replace("\n", "\\n") in out for t in top[:5])
 
+    # Logit effects from the dataset's own model: W_dec[f] @ W_U', W_U' = diag(ln_f.weight) W_U with rows centred.
+    assert main(["features", "derive", str(acts), "tiny-topk"]) == 0
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(str(quickstart_model))
+    W_U = lm.lm_head.weight.detach().double().numpy().T * lm.transformer.ln_f.weight.detach().double().numpy()[:, None]
+    effects = sae.W_dec.detach().double().numpy()[f] @ (W_U - W_U.mean(axis=1, keepdims=True))
+    d = feature_data(s.features("tiny-topk"), f)
+    assert [t for t, _ in d["logits"]["pos"]] == [fs.token_text(int(i)) for i in np.argsort(-effects, kind="stable")[:10]]
+    assert [v for _, v in d["logits"]["neg"]] == pytest.approx(np.sort(effects)[:10], rel=1e-3, abs=1e-4)
+    assert "fold_ln, center_unembed" in d["logits"]["note"] and len(d["neighbours"]) == 10
+
     pages = tmp_path / "pages"
     assert main(["features", "html", str(acts), "tiny-topk", "--out", str(pages), "--max-pages", "5"]) == 0
-    index = parse((pages / "index.html").read_text())
-    linked = [lnk for lnk in index.links if lnk.startswith("feature-")]
-    assert len(linked) == 5 and all((pages / lnk).exists() for lnk in linked)
-    page = parse((pages / linked[0]).read_text())
-    assert len([r for r in page.rows if r.cls == "top"]) == 20 and len(page.bars) == fs.info.hist["bins"] + 2
+    chunks = [json.loads(re.sub(r"^StrataView\.put\(|\);\n$", "", p.read_text())) for p in (pages / "data").glob("f*.js")]
+    exported = sorted(int(k) for c in chunks for k in c)
+    densest = np.lexsort((np.arange(fs.d_sae), -np.asarray(st["density"])))[:5]
+    assert exported == sorted(densest.tolist()) and (pages / "index.html").exists()
+    page = next(c[str(exported[0])] for c in chunks if str(exported[0]) in c)
+    assert len(page["top"]) == fs.info.top_k and page["logits"] is not None
