@@ -17,7 +17,8 @@ __all__ = ["TokenView", "token_view"]
 
 class TokenView(HTML):
     """A document's tokens coloured by one activation (what ``ds.show_tokens`` returns):
-    ``.tokens`` (texts), ``.values`` (numpy), ``.rows`` (global token rows)."""
+    ``.tokens`` (texts), ``.values`` (numpy), ``.rows`` (global token rows), ``.special`` (BOS,
+    separators: a document that spans contexts has the next context's BOS among its rows)."""
 
     def __init__(self, title: str, texts: list[str], values: np.ndarray, rows: np.ndarray, special: np.ndarray) -> None:
         titles = [f"row {r} · {v:.4g}" for r, v in zip(rows, values)]
@@ -26,7 +27,7 @@ class TokenView(HTML):
         page = f'{CSS}<div class="strata-repr"><div class="strata-head">{esc(title)}</div>' \
                f'<div class="strata-sub">{esc(f"{len(texts)} tokens · max |value| {top:.4g}")}</div>{body}</div>'
         super().__init__(page, f"TokenView({title!r}, tokens={len(texts)}, max={top:.4g})")
-        self.tokens, self.values, self.rows = texts, values, rows
+        self.tokens, self.values, self.rows, self.special = texts, values, rows, special
 
 
 def _doc_rows(ds: Any, hook: str, doc_id: int) -> np.ndarray:
