@@ -22,6 +22,13 @@ Ray. When the pool is done the driver removes orphaned files, builds the merged 
 
 Growth: a rerun encodes only units committed to the dataset since (the SAE never runs over a
 unit twice) and merges them into a new generation; a finished table is a no-op that says so.
+
+Crosscoders (several aligned sources): the table's rows are source 0's rows (its lineage's
+``dataset`` and ``hook``); each is encoded with its aligned rows of every source, paired as in
+training (:func:`strata.store.datasets.aligned.align_tokens`, :class:`AlignedSources`). A row of
+source 0 with no aligned row in every other source (special rows always) is not encoded, as
+special rows are not: it has no latents and does not count in ``encoded_rows`` (densities).
+The merged stats gain ``decoder_norms`` (one value per source, :mod:`store.features.stats`).
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from strata.pipeline.executor import ActorPool, Executor, Task, open_executor, p
 from strata.pipeline.spec import ComputeSpec, JobSpec, Section
 from strata.pipeline.worker import peak_rss_bytes
 from strata.store.commit.lease import Fence
+from strata.store.datasets.aligned import align_tokens, iter_aligned
 from strata.store.errors import CorruptionError, LeaseHeldError
 from strata.store.features.format import FeatureTableExistsError, FeatureTableInfo, load_info, unit_records
 from strata.store.features.merge import build, load_generation
@@ -134,6 +142,26 @@ class EncodeConfig:
     fence: Fence | None = None
 
 
+class AlignedSources:
+    """A crosscoder's inputs unit by unit of source 0: its rows that pair with every other
+    source, and their rows of every source ``[n, n_sources, d]`` (float32)."""
+
+    def __init__(self, s: store.Store, sources: list[dict[str, Any]]) -> None:
+        self.sides = [(s.dataset(src["dataset"]), src["hook"]) for src in sources]
+        self.alignment = align_tokens(self.sides)  # once per worker: every committed unit
+        self.unit_rows = self.sides[0][0].info.unit_rows
+
+    def unit(self, unit: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source-0 rows of ``unit`` that pair, local to the unit; their inputs)."""
+        rows0 = self.alignment.rows[0]
+        a, b = (int(x) for x in np.searchsorted(rows0, [unit * self.unit_rows, (unit + 1) * self.unit_rows]))
+        d = self.sides[0][0].info.hooks[self.sides[0][1]].d
+        if a == b:
+            return np.zeros(0, np.int64), np.zeros((0, len(self.sides), d), np.float32)
+        batch = next(iter(iter_aligned(self.sides, alignment=self.alignment.subset(slice(a, b)), batch_size=b - a, shuffle=False)))
+        return rows0[a:b] - unit * self.unit_rows, np.stack([t.numpy() for t in batch], axis=1)
+
+
 class EncodeWorker:
     """Encodes units with the SAE and commits their sparse tables. A Ray actor in the job; also
     usable in-process. Two calls run at once under a compute lock: one encodes while the other
@@ -150,6 +178,7 @@ class EncodeWorker:
             raise EncodeInputError(f"SAE {cfg.table.sae!r} was replaced since the job started; run the job again")
         self.device = torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
         self.sae = handle.load(device=str(self.device)).eval()
+        self.aligned = AlignedSources(s, handle.cfg["sources"]) if handle.cfg.get("architecture") == "crosscoder" else None
         self.dtype = next(self.sae.parameters()).dtype
         self.writer = FeatureWriter(s.storage, cfg.table, fence=cfg.fence)
         self._compute = threading.Lock()
@@ -162,7 +191,7 @@ class EncodeWorker:
 
         if self.cfg.threads and torch.get_num_threads() != self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)  # in this thread: OpenMP's count is per thread
-        bf16 = self.ds.info.dtype == "bfloat16"
+        bf16 = self.ds.info.dtype == "bfloat16" and x.dtype != np.float32  # a crosscoder's aligned inputs come as float32
         rows, feats, vals = [], [], []
         with torch.inference_mode():
             for b0 in range(0, len(x), self.cfg.batch_rows):
@@ -188,8 +217,12 @@ class EncodeWorker:
             return {"unit": unit, "rows": 0, "status": "already committed", "pid": os.getpid()}
         with self._compute:
             acts = self.ds.unit_array(info.hook, unit)  # memory-mapped, checked in full
-            keep = np.flatnonzero(~self.ds.special_mask(unit)) if info.skip_special else np.arange(acts.shape[0])
-            local, feature, value = self.encode(acts[keep] if keep.size < acts.shape[0] else acts)
+            if self.aligned is not None:  # a crosscoder: source 0's paired rows, with every source's (see the module docstring)
+                keep, x = self.aligned.unit(unit)
+                local, feature, value = self.encode(x)
+            else:
+                keep = np.flatnonzero(~self.ds.special_mask(unit)) if info.skip_special else np.arange(acts.shape[0])
+                local, feature, value = self.encode(acts[keep] if keep.size < acts.shape[0] else acts)
         t1 = time.perf_counter()
         row = keep[local] + unit * info.unit_rows
         status = self.writer.write_unit(unit, rows=int(acts.shape[0]), encoded_rows=int(keep.size), row=row, feature=feature, value=value)

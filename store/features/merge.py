@@ -44,7 +44,7 @@ from strata.store.features.format import (
     generation_dir,
     read_table,
 )
-from strata.store.features.stats import BlockStats, block_stats, hist_edges
+from strata.store.features.stats import DECODER_NORMS, BlockStats, block_stats, decoder_norms, hist_edges
 from strata.store.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ def build(
 
     encoded_rows = sum(int(records[u].extra["encoded_rows"]) for u in units)
     rows = sum(int(records[u].rows) for u in units)
-    entries += _summary_files(storage, prefix, stats, index, d_sae, encoded_rows)
+    entries += _summary_files(storage, prefix, stats, index, d_sae, encoded_rows, norms=decoder_norms(storage, info.sae, info.sae_lineage))
     rec = CommitRecord(None, info.hook, rows, tuple(entries), protocol.writer_identity(), protocol.utcnow(), fence=lease.token,
                        extra={"units": units, "encoded_rows": encoded_rows, "entries": total, "generation": gen,
                               "incremental": base is not None})
@@ -223,7 +223,8 @@ def _put(storage: Storage, key: str, data: bytes, *, block_size: int | None = No
     return FileEntry.of(key, data, block_size=block_size)
 
 
-def _summary_files(storage: Storage, prefix: str, stats: list[BlockStats], index: np.ndarray, d_sae: int, encoded_rows: int) -> list[FileEntry]:
+def _summary_files(storage: Storage, prefix: str, stats: list[BlockStats], index: np.ndarray, d_sae: int, encoded_rows: int, *,
+                   norms: pa.Array | None = None) -> list[FileEntry]:
     count = np.concatenate([s.count for s in stats])
     total = np.concatenate([s.sum for s in stats])
     mx = np.concatenate([s.max for s in stats])
@@ -236,6 +237,8 @@ def _summary_files(storage: Storage, prefix: str, stats: list[BlockStats], index
         "max_activation": mx, "sum_activation": total,
         "hist": pa.ListArray.from_arrays(np.arange(0, d_sae * nb + 1, nb, dtype=np.int32), hist.reshape(-1)),
     })
+    if norms is not None and len(norms) == d_sae:  # a crosscoder's per-source decoder norms (store.features.stats)
+        stats_t = stats_t.append_column(DECODER_NORMS, norms)
     top_t = pa.table({"feature": np.concatenate([s.top_feature for s in stats]), "rank": np.concatenate([s.top_rank for s in stats]),
                       "row": np.concatenate([s.top_row for s in stats]), "value": np.concatenate([s.top_value for s in stats])})
     sample_t = pa.table({"feature": np.concatenate([s.sample_feature for s in stats]),

@@ -25,12 +25,35 @@ What is computed, per feature:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
+
+from strata.store.commit import artifacts, parquet
+
+if TYPE_CHECKING:
+    from strata.store.storage import Storage
 
 HIST_LO = 1e-4
 HIST_HI = 1e4
 HIST_BINS = 64  # 8 per decade
+# The store folder of SAEs (store.saes.handles.SAES; not imported: the handles import the feature views).
+_SAES = "saes"
+#: The stats table's column of a multi-source dictionary (a crosscoder): ``||W_dec[s, i]||`` per source.
+DECODER_NORMS = "decoder_norms"
+DECODER_NORMS_TYPE = pa.list_(pa.float32())
+
+
+def decoder_norms(storage: Storage, sae: str, sae_lineage: dict[str, Any]) -> pa.Array | None:
+    """The ``decoder_norms`` column (list<float32>, one value per source, one row per feature) of
+    a multi-source dictionary's stats, from its committed ``latents.parquet``; None for an SAE."""
+    if sae_lineage.get("architecture") != "crosscoder":
+        return None
+    art = artifacts.get(storage, _SAES, sae)
+    if art is None or "latents.parquet" not in art.files:
+        return None
+    return parquet.read(art.read("latents.parquet")).column(DECODER_NORMS).combine_chunks().cast(DECODER_NORMS_TYPE)
 
 
 def hist_edges(lo: float = HIST_LO, hi: float = HIST_HI, bins: int = HIST_BINS) -> np.ndarray:

@@ -53,7 +53,7 @@ from strata.store.features.format import (
     unit_records,
 )
 from strata.store.features.merge import INDEX_SCHEMA, Generation, load_generation
-from strata.store.features.stats import hist_edges
+from strata.store.features.stats import DECODER_NORMS, DECODER_NORMS_TYPE, hist_edges
 from strata.store.layout import check_name
 from strata.store.root import StoreRoot
 from strata.store.views.feature import FeatureView
@@ -179,6 +179,8 @@ class FeatureTable:
         nb = self.info.hist["bins"] + 2
         schema = pa.schema([("feature", pa.int32()), ("count", pa.int64()), ("density", pa.float64()), ("mean_activation", pa.float64()),
                             ("max_activation", pa.float32()), ("sum_activation", pa.float64()), ("hist", pa.list_(pa.int64()))])
+        if self.info.sae_lineage.get("architecture") == "crosscoder":  # per-source decoder norms (store.features.stats)
+            schema = schema.append(pa.field(DECODER_NORMS, DECODER_NORMS_TYPE))
         t = self._read("stats.parquet", schema)
         if t.num_rows != self.d_sae or not np.array_equal(t.column("feature").to_numpy(), np.arange(self.d_sae)):
             raise CorruptionError(f"feature table {self.name!r}: stats.parquet does not hold one row per feature")

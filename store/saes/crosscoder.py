@@ -69,6 +69,11 @@ class CrossCoder(nn.Module):
         return int(self.cfg["d_sae"])
 
     @property
+    def W_dec(self) -> torch.Tensor:  # noqa: N802 - sae-lens's name, which the dashboards read
+        """The decoder ``[n_sources, d_sae, d_in]`` (``decoder.weight``)."""
+        return self.decoder.weight
+
+    @property
     def device(self) -> torch.device:
         return self.encoder.weight.device
 

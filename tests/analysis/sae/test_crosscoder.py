@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 from strata import store
 from strata.analysis.sae import SAETrainSpec, checkpoint, run_job
 from strata.analysis.sae.diffing import THRESHOLDS
+from strata.pipeline.encode import EncodeSpec, run_encode
 from strata.store.saes.crosscoder import CrossCoder
 
 D, N_SHARED, N_OWN, SAME = 64, 32, 16, 16  # the first SAME shared atoms have one direction in both models
@@ -138,6 +140,31 @@ def test_planted_shared_and_exclusive_atoms_are_recovered_and_classified(models)
     assert [(x["dataset"], x["fingerprint"], x["units"], x["holdout_units"]) for x in lin["sources"]] == [
         (n, fps[n], list(range(UNITS - 1)), [UNITS - 1]) for n in ("model-a", "model-b")]
     assert lin["alignment"]["method"] == "doc_position" and lin["pairs"] + lin["holdout_pairs"] == UNITS * UNIT_CONTEXTS * (CTX - 1)
+
+
+def test_features_encode_takes_crosscoder_latents_with_per_source_decoder_norms(models):
+    root, s, _ = models
+    if "diff" not in s.saes():
+        run_job(spec_of(root, "diff"))
+    r = run_encode(EncodeSpec(store=str(root), sae="diff", top_k=4, compute={"executor": "local", "batch_rows": 100, "num_workers": 1}),
+                   progress=False)
+    assert r.units_run == UNITS
+    fs = s.features("diff")
+    cc = s.sae("diff").load()
+    a, b = s.dataset("model-a"), s.dataset("model-b")
+    # Both datasets hold the same documents in the same rows: source 0's row r pairs with B's row r.
+    special = np.concatenate([a.special_mask(u) for u in range(UNITS)])
+    rows = np.flatnonzero(~special)[::37]
+    x = torch.stack([torch.from_numpy(np.concatenate([ds.unit_array(HOOK, u) for u in range(UNITS)])[rows]) for ds in (a, b)], 1)
+    with torch.no_grad():
+        want = cc.encode(x)
+    torch.testing.assert_close(fs.latents(rows, dense=True), want, rtol=1e-5, atol=1e-5)
+    assert fs.encoded_rows == int((~special).sum())  # special rows never pair: not encoded
+    assert fs.latents(np.flatnonzero(special)[:5], dense=True).abs().sum() == 0
+    st = fs.stats(full=True)
+    norms = np.stack(st.column("decoder_norms").to_pylist())
+    np.testing.assert_allclose(norms, cc.decoder.weight.detach().norm(dim=-1).numpy().T, rtol=1e-6)
+    assert st.schema.field("decoder_norms").type == pa.list_(pa.float32())
 
 
 # -- dictionary_learning's CrossCoder, as its GitHub class lays it out ------------------------------
