@@ -452,7 +452,8 @@ class Capture:
 
     ``sink(hook, tensor)`` is called with each captured tensor ``[batch, seq, d]`` (a view of
     the model's own tensor: copy it before the next forward). Use as a context manager; call
-    :meth:`forward` to run the model up to the deepest hook.
+    :meth:`forward` to run the model up to the deepest hook. A forward in which some hook did
+    not fire (the forward stopped before it, or never reached its module) is a RuntimeError.
     """
 
     def __init__(self, model: torch.nn.Module, sites: dict[str, HookSite], hooks: list[str], sink: Callable[[str, torch.Tensor], None], *,
@@ -470,6 +471,7 @@ class Capture:
             self.deepest = [s for s in self.sites if (s.module, s.io) == at][-1].hook
         self._handles: list[Any] = []
         self.batch_seq: tuple[int, int] | None = None
+        self._fired: set[str] = set()
 
     def _make(self, site: HookSite) -> Callable[..., None]:
         stop = site.hook == self.deepest
@@ -477,6 +479,7 @@ class Capture:
 
         def emit(module: Any, t: Any) -> None:
             sink(hook, t if tf is None else apply_transform(tf, module, t, self.batch_seq))
+            self._fired.add(hook)
 
         if site.io == "input":
 
@@ -518,7 +521,12 @@ class Capture:
     def forward(self, **inputs: Any) -> None:
         first = next((v for v in inputs.values() if hasattr(v, "shape")), None)
         self.batch_seq = (int(first.shape[0]), int(first.shape[1])) if first is not None and len(first.shape) >= 2 else None
+        self._fired.clear()
         try:
             self.model(**inputs)
         except _StopForward:
             pass
+        missing = [s.hook for s in self.sites if s.hook not in self._fired]
+        if missing:  # never store what a hook did not give (a writer's buffer would keep its garbage)
+            raise RuntimeError(f"hooks {describe_hooks(missing)} did not fire in the forward pass"
+                               + (f" (stopped after {self.deepest!r})" if self.deepest is not None else ""))

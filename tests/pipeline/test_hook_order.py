@@ -117,3 +117,13 @@ def test_globs_pass_over_attn_hook_result_without_an_error():
         "blocks.1.attn.hook_z", "blocks.1.attn.hook_result", "blocks.1.hook_attn_out", "blocks.1.hook_resid_mid"]
     with pytest.raises(UnknownHookError, match=r"'blocks\.0\.attn\.hook_res\*'.*only when named: blocks\.\*\.attn\.hook_result$"):
         expand_hooks(["blocks.0.attn.hook_res*"], sites)  # a glob that could only take hook_result takes nothing
+
+
+def test_a_hook_that_did_not_fire_is_an_error_not_a_hole(loaded):
+    """A forward stopped before a hook asked for (a wrong ``stop_after``) fails; it never leaves the hook's rows unwritten."""
+    model, sites, ids, got = loaded("gpt2")
+    hooks = ["blocks.0.hook_resid_pre", "blocks.1.mlp.hook_post", "blocks.1.hook_resid_post"]
+    with torch.no_grad(), Capture(model, sites, hooks, lambda h, t: None, stop_after="blocks.0.hook_resid_pre") as cap:
+        missed = r"^hooks blocks\.1\.mlp\.hook_post, blocks\.1\.hook_resid_post did not fire .*'blocks\.0\.hook_resid_pre'"
+        with pytest.raises(RuntimeError, match=missed):
+            cap.forward(input_ids=ids)

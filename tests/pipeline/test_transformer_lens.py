@@ -53,7 +53,7 @@ from transformer_lens.pretrained.weight_conversions import (
     convert_neox_weights,
     convert_qwen2_weights,
 )
-from transformers import AutoModelForCausalLM, BertForPreTraining
+from transformers import AutoModelForCausalLM, BertForPreTraining, BertModel
 
 from strata import store
 from strata.pipeline.config import ExtractSpec
@@ -340,14 +340,15 @@ def test_extracted_dataset_equals_transformer_lens(tmp_path, perturbed, family):
     assert "before its weight" in ds.info.meta["hook_meanings"]["blocks.0.ln2.hook_normalized"]
 
 
-@pytest.fixture(scope="module")
-def bert_run(tiny_models):
-    """(hf, tl, ids, sites, strata captures, HookedEncoder cache) of a perturbed tiny BERT."""
-    hf = BertForPreTraining.from_pretrained(tiny_models("bert"), dtype=torch.float32, attn_implementation="eager").eval()
+def _perturb(model: torch.nn.Module) -> None:
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
-        for _, p in sorted(hf.named_parameters()):
+        for _, p in sorted(model.named_parameters()):
             p.add_((0.3 if p.ndim == 1 else 0.02) * torch.randn(p.shape, generator=g))
+
+
+def _hooked_encoder(hf: BertForPreTraining) -> HookedEncoder:
+    """A HookedEncoder holding ``hf``'s weights, with ``attn.hook_result`` and ``hook_mlp_in`` on."""
     c = hf.config
     cfg = HookedTransformerConfig(
         d_model=c.hidden_size, d_head=c.hidden_size // c.num_attention_heads, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size,
@@ -358,6 +359,16 @@ def bert_run(tiny_models):
     tl.eval()
     tl.cfg.use_attn_result = True
     tl.cfg.use_hook_mlp_in = True
+    return tl
+
+
+@pytest.fixture(scope="module")
+def bert_run(tiny_models):
+    """(hf, tl, ids, sites, strata captures, HookedEncoder cache) of a perturbed tiny BERT."""
+    hf = BertForPreTraining.from_pretrained(tiny_models("bert"), dtype=torch.float32, attn_implementation="eager").eval()
+    _perturb(hf)
+    c = hf.config
+    tl = _hooked_encoder(hf)
     ids = _ids(hf)
     with torch.no_grad():
         _, cache = tl.run_with_cache(ids)
@@ -428,3 +439,42 @@ def test_bert_forward_stops_after_the_post_ln_hooks(bert_run):
         torch.testing.assert_close(part["blocks.0.ln1.hook_normalized"], cache["blocks.0.ln1.hook_normalized"], **TOL)
     finally:
         handle.remove()
+
+
+BERT_EXTRACTED = ["blocks.0.hook_attn_out", "blocks.0.ln1.hook_normalized", "blocks.*.mlp.hook_in", "blocks.1.hook_mlp_out",
+                  "blocks.1.ln2.hook_normalized", "module:encoder.layer.1.output.LayerNorm:input"]
+
+
+def test_bert_extracted_dataset_equals_hooked_encoder(tmp_path, tiny_models):
+    """End to end: a perturbed BERT's post-LN hooks through `strata extract`, against HookedEncoder on the stored tokens;
+    each norm hook is asked for with the sub-block output that fires before it."""
+    src = tiny_models("bert")
+    model = BertModel.from_pretrained(src, dtype=torch.float32)
+    _perturb(model)
+    folder = tmp_path / "bert"
+    model.save_pretrained(folder)
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab")):
+            (folder / f.name).write_bytes(f.read_bytes())
+    corpus = write_jsonl(tmp_path / "c.jsonl", synthetic_docs(12, seed=2))
+    spec = ExtractSpec(store=str(tmp_path / "acts"), name="bert", model={"id": str(folder)}, corpus={"path": str(corpus)},
+                       tokenize={"context_size": CTX}, hooks=BERT_EXTRACTED, dtype="float32",
+                       compute={"executor": "local", "unit_contexts": 4, "batch_tokens": 64})
+    run_extract(spec, progress=False)
+    ds = store.open(str(tmp_path / "acts")).dataset("bert")
+    ids = torch.from_numpy(ds.tokens().column("token_id").to_numpy().astype(np.int64).reshape(-1, CTX))
+    assert (ds.tokens().column("doc_id").to_numpy() >= 0).all()  # no padding: HookedEncoder runs without a mask
+    tl = _hooked_encoder(BertForPreTraining.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval())
+    with torch.no_grad():
+        _, cache = tl.run_with_cache(ids)
+    want = {h: _flat(cache[h]) for h in ("blocks.0.hook_attn_out", "blocks.0.ln1.hook_normalized", "blocks.1.hook_mlp_out",
+                                         "blocks.1.ln2.hook_normalized")}
+    for layer in range(2):  # the MLP's input: HookedEncoder's resid_post minus its mlp_out (normalized_resid_mid)
+        want[f"blocks.{layer}.mlp.hook_in"] = cache[f"blocks.{layer}.hook_resid_post"] - cache[f"blocks.{layer}.hook_mlp_out"]
+    want["module:encoder.layer.1.output.LayerNorm:input"] = cache["blocks.1.hook_resid_post"]  # HookedEncoder's: before the LayerNorm
+    assert sorted(ds.info.hooks) == sorted(want)
+    for h, w in want.items():
+        np.testing.assert_allclose(ds.read(h), w.reshape(-1, w.shape[-1]).numpy(), err_msg=h, **TOL)
+    meanings = ds.info.meta["hook_meanings"]
+    assert "attention.output.LayerNorm's output" in meanings["blocks.0.mlp.hook_in"]
+    assert "before its weight and bias" in meanings["blocks.1.ln2.hook_normalized"]
