@@ -11,6 +11,11 @@ deepest requested hook by raising :class:`_StopForward` from it.
 NeoX and Llama-style models the attention / MLP module output; for Gemma 2/3 (and OLMo 2) the
 output of the post-attention / post-feedforward norm; for post-LN BERT encoders the output
 projection (``attention.output.dense`` / ``output.dense``) before the residual add and LayerNorm.
+BERT's norms come after their sub-block, and so do their hooks: ``hook_resid_mid`` and
+``ln1.hook_normalized`` are ``attention.output.LayerNorm``'s input (raw, normalized), ``mlp.hook_in``
+its output, ``ln2.hook_normalized`` ``output.LayerNorm``'s normalized input; ``hook_resid_post`` the
+block's output (TransformerLens's ``hook_normalized_resid_post``). Each family fires its hooks in
+its own order (:func:`sub_order`), and the forward stops after the last one asked for.
 
 Vision encoders (image models: one image per context, see :mod:`pipeline.vision`): ``hook_embed``
 is the embeddings module's output (CLS and register tokens, patch embeddings and position

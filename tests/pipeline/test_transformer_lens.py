@@ -28,10 +28,14 @@ What TransformerLens gives, and what these tests pin:
   (``set_use_hook_mlp_in(True)``) is something else: ``resid_mid``, before the norm.
 - ``ln_final.hook_out`` is the HF final norm's output (what the unembedding reads).
 - Gemma-2: ``hook_attn_out`` / ``hook_mlp_out`` are after the post-norms (``ln1_post`` / ``ln2_post``).
-- BERT (post-LN, ``HookedEncoder``): q, k, v, z, result, neurons, ``hook_attn_out``, ``hook_mlp_out``
-  and ``hook_resid_pre`` agree. ``hook_resid_post`` does NOT: TransformerLens's is before the block's
-  output LayerNorm, Strata's is the block's output, after it (TransformerLens's
-  ``hook_normalized_resid_post``, and the next block's ``hook_resid_pre`` in both). Strata's
+- BERT (post-LN, ``HookedEncoder``): q, k, v, z, result, neurons, ``hook_attn_out``, ``hook_mlp_out``,
+  ``hook_resid_pre``, ``hook_resid_mid`` and ``ln1|ln2.hook_normalized`` agree. ``hook_resid_post`` does
+  NOT: TransformerLens's is before the block's output LayerNorm, Strata's is the block's output, after
+  it (TransformerLens's ``hook_normalized_resid_post``, and the next block's ``hook_resid_pre`` in
+  both). ``mlp.hook_in`` (``attention.output.LayerNorm``'s output) has no ``HookedEncoder`` name: it
+  is ``ln1.hook_normalized`` with ln1's weight and bias, and TransformerLens's ``hook_resid_post``
+  minus its ``hook_mlp_out``; ``HookedEncoder``'s ``hook_mlp_in`` is ``resid_mid``, before the norm.
+  The norms fire after their sub-block, and the capture stops in that order. Strata's
   ``hook_embed`` is TransformerLens's ``embed.hook_embed`` (word embeddings only).
 """
 
