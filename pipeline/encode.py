@@ -283,7 +283,9 @@ def prepare(spec: EncodeSpec, s: store.Store) -> tuple[FeatureTableInfo, list[in
         name=spec.table, sae=spec.sae, sae_fingerprint=sae_fingerprint(handle), dataset=ds.name, dataset_fingerprint=ds.info.fingerprint,
         hook=hook, d_in=d, d_sae=int(cfg["d_sae"]), unit_rows=ds.info.unit_rows, top_k=spec.top_k, skip_special=spec.skip_special,
         hist={"lo": HIST_LO, "hi": HIST_HI, "bins": HIST_BINS}, sample=spec.sample.model_dump(), block_features=spec.block_features,
-        sae_lineage={k: lineage.get(k) for k in ("units", "holdout_units", "architecture")},
+        # A transcoder encodes its in hook's rows (lineage `hook`); the table names both of its hooks.
+        sae_lineage={k: lineage.get(k) for k in ("units", "holdout_units", "architecture",
+                                                  *(("hook_in", "hook_out") if lineage.get("hook_out") else ()))},
     )
     return info, units
 
@@ -308,10 +310,12 @@ def _shape(spec: EncodeSpec, ex: Executor) -> ActorPool:
     return pool_shape(shape, num_workers=c.num_workers, cpus_per_worker=c.cpus_per_worker, max_restarts=c.max_restarts)
 
 
-def run_encode(spec: EncodeSpec, *, progress: bool = True, worker_cls: type[EncodeWorker] = EncodeWorker,
+def run_encode(spec: EncodeSpec, *, progress: bool | None = None, worker_cls: type[EncodeWorker] = EncodeWorker,
                on_unit: Callable[[dict[str, Any]], None] | None = None) -> EncodeResult:
-    """Run the job end to end (see the module docstring). ``worker_cls`` and ``on_unit`` are
-    seams for tests and tools."""
+    """Run the job end to end (see the module docstring). ``progress``: ``None`` shows a bar where
+    someone watches (a widget in Jupyter, text on a terminal, nothing otherwise), ``True`` always
+    (``strata features encode``), ``False`` never. ``worker_cls`` and ``on_unit`` are seams for
+    tests and tools."""
     t_start = time.perf_counter()
     s = store.open(spec.store, storage_options=spec.storage_options, create=False)
     info, units, old = check_table(spec, s)

@@ -39,6 +39,7 @@ from strata.analysis.sae.evaluate import evaluate, load_causal_lm
 from strata.analysis.sae.plan import Plan, PlannedRun, Task, plan
 from strata.analysis.sae.save import commit_sae
 from strata.analysis.sae.train import Checkpointing, resolve_device, train_pass
+from strata.analysis.sae.transcoder_eval import evaluate_transcoder
 from strata.pipeline.cluster import in_ray_job
 from strata.pipeline.errors import ClusterError, WorkerError
 from strata.pipeline.executor import Tasks, open_executor
@@ -115,7 +116,11 @@ def _evaluate(results: list[Any], ds: store.ActivationDataset, device: str) -> d
                 log.info("spliced loss skipped: %s", why)
         if ev.ce and model is None:
             ev = ev.updated(ce=False)
-        m = evaluate(r.sae, ds, r.hook, holdout, spec=ev, skip_special=r.spec.data.skip_special, device=device, model=model)
+        if getattr(r, "hook_out", None) is not None:  # a transcoder: its out hook predicted from its in hook
+            m = evaluate_transcoder(r.sae, ds, r.hook, r.hook_out, holdout, spec=ev, skip_special=r.spec.data.skip_special, device=device,
+                                    model=model)
+        else:
+            m = evaluate(r.sae, ds, r.hook, holdout, spec=ev, skip_special=r.spec.data.skip_special, device=device, model=model)
         if r.spec.eval.ce and model is None:
             m["ce_skipped"] = why
         out[r.name] = m

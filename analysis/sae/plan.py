@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from strata.analysis.sae import checkpoint
-from strata.analysis.sae.config import Run, SAETrainSpec, check_memory, check_name, combinations, concrete, resolve_hooks, run_name
+from strata.analysis.sae.config import Run, SAETrainSpec, check_memory, check_name, combinations, concrete, resolve_hooks, resolve_pairs, run_name
 from strata.pipeline.errors import SpecError
 from strata.store.commit import artifacts
 from strata.store.commit.artifacts import ArtifactExistsError
@@ -100,8 +100,10 @@ def d_sae_of(sae_options: dict[str, Any], d_in: int) -> int:
     return max(1, round(float(sae_options["expansion_factor"]) * d_in))
 
 
-def resolved_config(spec: SAETrainSpec, ds: ActivationDataset, *, hook: str, units: list[int], holdout: list[int]) -> dict[str, Any]:
-    """What determines an SAE (see the module docstring), as plain JSON."""
+def resolved_config(spec: SAETrainSpec, ds: ActivationDataset, *, hook: str, units: list[int], holdout: list[int],
+                    hook_out: str | None = None) -> dict[str, Any]:
+    """What determines an SAE (see the module docstring), as plain JSON; a transcoder's also
+    its out hook and width (``hook`` is its in hook)."""
     d_in = ds.info.hooks[hook].d
     raw = spec.model_dump(mode="json", exclude=set(_NOT_CONFIG))
     raw["train"].pop("checkpoint_every", None)
@@ -109,6 +111,7 @@ def resolved_config(spec: SAETrainSpec, ds: ActivationDataset, *, hook: str, uni
     sae["d_sae"] = d_sae_of(spec.sae, d_in)
     return {
         "dataset": ds.name, "fingerprint": ds.info.fingerprint, "hook": hook, "d_in": d_in,
+        **({"hook_out": hook_out, "d_out": ds.info.hooks[hook_out].d} if hook_out is not None else {}),
         "units": list(units), "holdout_units": list(holdout), **raw, "sae": sae,
     }
 
@@ -199,11 +202,17 @@ def plan(spec: SAETrainSpec, s: Store, *, fresh: bool = False) -> Plan:
     """The job's tasks and the state of each SAE (reads only). ``fresh``: checkpoints of another
     config do not block (the job deletes them)."""
     ds = s.dataset(spec.dataset)
+    # (hook, None) per SAE; (in hook, out hook) per transcoder.
+    targets: list[tuple[str, str | None]]
     try:
-        hooks = resolve_hooks(spec.hooks, ds.hooks, dataset=f"dataset {ds.name!r}")
+        if any(isinstance(h, dict) for h in spec.hooks):
+            targets = list(resolve_pairs(spec, ds.hooks, dataset=f"dataset {ds.name!r}"))
+        else:
+            targets = [(h, None) for h in resolve_hooks(spec.hooks, ds.hooks, dataset=f"dataset {ds.name!r}")]
     except ValueError as e:
         raise HookNotFoundError(str(e)) from None
-    for h in hooks:
+    hooks = list(dict.fromkeys(h for t in targets for h in t if h is not None))
+    for h, _ in targets:
         if spec.sae.get("d_in") is not None and spec.sae["d_in"] != ds.info.hooks[h].d:
             raise SpecError(f"`sae.d_in` is {spec.sae['d_in']} but hook {h!r} of dataset {ds.name!r} is {ds.info.hooks[h].d} wide")
     units, holdout = split_units(ds, hooks, spec.data.holdout_units, min_contexts=heldout_contexts_needed(spec))
@@ -211,8 +220,8 @@ def plan(spec: SAETrainSpec, s: Store, *, fresh: bool = False) -> Plan:
     names: dict[str, dict[str, Any]] = {}
     for params in combinations(spec):
         runs = []
-        for hook in hooks:
-            name = run_name(spec, hook=hook, params=params, several_hooks=len(hooks) > 1)
+        for hook, hook_out in targets:
+            name = run_name(spec, hook=hook_out or hook, params=params, several_hooks=len(targets) > 1)
             try:
                 check_name(name, what="SAE")
             except ValueError as e:
@@ -220,17 +229,19 @@ def plan(spec: SAETrainSpec, s: Store, *, fresh: bool = False) -> Plan:
             if name in names:
                 raise SpecError(f"`sweep`: runs {names[name]} and {params} both get the name {name!r}; make the sweep values distinct")
             names[name] = params
-            one = concrete(spec, params, hook=hook, name=name)
+            one = concrete(spec, params, hook={"in": hook, "out": hook_out} if hook_out else hook, name=name)
             d_in = ds.info.hooks[hook].d
             d_sae = d_sae_of(one.sae, d_in)
+            # A transcoder's weights are d_sae x (d_in + d_out): as an SAE of their mean width.
+            width = d_in if hook_out is None else (d_in + ds.info.hooks[hook_out].d + 1) // 2
             try:
-                check_memory(d_in, d_sae, what=f"SAE {name!r}")  # before any weight is allocated
+                check_memory(width, d_sae, what=f"SAE {name!r}")  # before any weight is allocated
             except ValueError as e:
                 raise SpecError(str(e)) from None
             if one.sae.get("k") is not None and one.sae["k"] > d_sae:
                 raise SpecError(f"`sae.k` ({one.sae['k']}) is larger than d_sae ({d_sae} = expansion_factor x d_in {d_in} of {hook!r})")
-            cfg = resolved_config(one, ds, hook=hook, units=units, holdout=holdout)
-            runs.append(PlannedRun(Run(name, hook, one, dict(params)), d_in, cfg, config_hash(cfg)))
+            cfg = resolved_config(one, ds, hook=hook, units=units, holdout=holdout, hook_out=hook_out)
+            runs.append(PlannedRun(Run(name, hook, one, dict(params), hook_out), d_in, cfg, config_hash(cfg)))
         first = runs[0].run.spec
         rows = _rows(ds, units, first.data.skip_special)
         if rows < first.train.batch_size:

@@ -31,7 +31,7 @@ from strata.analysis.sae.curves import plot_curves
 from strata.analysis.sae.diffing import write_crosscoder
 from strata.store.commit import artifacts, parquet
 from strata.store.saes.crosscoder import CrossCoder
-from strata.store.saes.handles import SAES
+from strata.store.saes.handles import SAES, load_folder
 
 if TYPE_CHECKING:
     from strata.analysis.sae.train import TrainedSAE
@@ -96,7 +96,8 @@ def save_sae(result: TrainedSAE, folder: str | Path, *, metrics: dict[str, Any] 
     _write_json(folder / LINEAGE, result.lineage)
     _write_json(folder / METRICS, metrics if metrics is not None else {})
     pq.write_table(result.curves, folder / CURVES)
-    plot_curves(result.curves, folder / CURVES_PNG, title=f"{result.name} ({result.hook})",
+    hooks = result.hook if getattr(result, "hook_out", None) is None else f"{result.hook} -> {result.hook_out}"
+    plot_curves(result.curves, folder / CURVES_PNG, title=f"{result.name} ({hooks})",
                 window=result.spec.train.dead_feature_window)
     log.info("saved SAE %r to %s", result.name, folder)
     return folder
@@ -126,10 +127,11 @@ class SavedSAE:
 
 
 def load_sae(folder: str | Path, *, device: str = "cpu") -> SavedSAE:
-    """Read a folder written by :func:`save_sae` (the SAE through ``SAE.load_from_disk``)."""
+    """Read a folder written by :func:`save_sae` (the SAE through ``SAE.load_from_disk``, or
+    Strata's loader for its own layouts: :func:`store.saes.handles.load_folder`)."""
 
     folder = Path(folder)
-    sae = SAE.load_from_disk(folder, device=device)
+    sae = load_folder(folder, device=device)
     lineage = json.loads((folder / LINEAGE).read_text(encoding="utf-8"))
     metrics = json.loads((folder / METRICS).read_text(encoding="utf-8"))
     return SavedSAE(sae, lineage, metrics, parquet.read(folder / CURVES))

@@ -41,6 +41,7 @@ from strata.analysis.sae.config import Run, SAETrainSpec, combinations, expand_r
 from strata.analysis.sae.curves import RecordingMultiSAETrainer, curves_table
 from strata.analysis.sae.identity import model_identity
 from strata.analysis.sae.plan import d_sae_of, heldout_contexts_needed, split_units
+from strata.store.saes.handles import load_folder
 
 if TYPE_CHECKING:
     from sae_lens import TrainingSAE
@@ -70,6 +71,8 @@ class TrainedSAE:
     """The concrete spec of this SAE (one hook, no sweep)."""
     log_feature_sparsity: torch.Tensor | None = None
     """log10 firing frequency per latent over sae-lens's last sparsity window."""
+    hook_out: str | None = None
+    """A transcoder's out hook (``hook`` is its in hook); None for an SAE."""
 
 
 def resolve_device(device: str) -> str:
@@ -94,12 +97,16 @@ def versions() -> dict[str, str]:
     return out
 
 
-def build_sae(spec: SAETrainSpec, d_in: int, *, device: str = "cpu", metadata: dict[str, Any] | None = None) -> TrainingSAE:
+def build_sae(spec: SAETrainSpec, d_in: int, *, device: str = "cpu", metadata: dict[str, Any] | None = None,
+              d_out: int | None = None) -> TrainingSAE:
     """The untrained sae-lens training SAE of a concrete spec, initialised on the CPU under
     ``torch.manual_seed(spec.train.seed)`` (without touching the global RNG's state), then
-    moved to ``device``. ``metadata`` goes into sae-lens's ``cfg.metadata``."""
+    moved to ``device``. ``metadata`` goes into sae-lens's ``cfg.metadata``; ``d_out``: a
+    transcoder's output width (its out hook's)."""
     sae_cls, cfg_cls = training_registry()[spec.architecture]
     opts = {k: v for k, v in spec.sae.items() if k not in ("expansion_factor", "d_in")}
+    if d_out is not None:
+        opts["d_out"] = d_out
     opts["d_sae"] = d_sae_of(spec.sae, d_in)
     if opts.get("k") is not None and opts["k"] > opts["d_sae"]:
         raise ValueError(f"`sae.k` ({opts['k']}) is larger than d_sae ({opts['d_sae']} = expansion_factor x d_in {d_in})")
@@ -114,11 +121,12 @@ def build_sae(spec: SAETrainSpec, d_in: int, *, device: str = "cpu", metadata: d
 
 def to_inference(sae: TrainingSAE) -> SAE:
     """sae-lens's inference SAE of a training SAE, through its own save/load (the only
-    conversion it offers): exactly what loading the saved folder gives. On the CPU."""
+    conversion it offers): exactly what loading the saved folder gives. On the CPU. (A layout
+    of Strata's own, such as the TopK transcoder's, loads through its loader in ``store/saes/``.)"""
 
     with tempfile.TemporaryDirectory(prefix="strata-sae-") as tmp:
         sae.save_inference_model(tmp)
-        return SAE.load_from_disk(tmp, device="cpu")
+        return load_folder(tmp, device="cpu")
 
 
 def _sae_metadata(ds: ActivationDataset, run: Run) -> dict[str, Any]:
@@ -128,6 +136,7 @@ def _sae_metadata(ds: ActivationDataset, run: Run) -> dict[str, Any]:
     return {
         **model_identity(meta).metadata(),
         "hook_name": run.hook,
+        **({"hook_name_out": run.hook_out} if run.hook_out is not None else {}),
         "context_size": ds.info.context_size,
         "prepend_bos": meta.get("prepend_bos"),
         "exclude_special_tokens": run.spec.data.skip_special,
@@ -135,6 +144,29 @@ def _sae_metadata(ds: ActivationDataset, run: Run) -> dict[str, Any]:
     }
 
 
+
+
+class JoinedBatches:
+    """A batch iterator's dicts with more keys: each ``key`` of ``joins`` holds its hooks' rows
+    side by side (a transcoder's ``[in | out]``). Everything else (``state_dict``,
+    ``load_state_dict``, ``close``, ``hooks``, ``rows_per_epoch``) is the wrapped iterator's, so
+    a checkpoint resumes with the very next batch."""
+
+    def __init__(self, inner: Any, joins: Mapping[str, Sequence[str]]) -> None:
+        self.inner = inner
+        self.joins = {k: tuple(v) for k, v in joins.items()}
+
+    def __iter__(self) -> JoinedBatches:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        batch = dict(next(self.inner))
+        for key, hooks in self.joins.items():
+            batch[key] = torch.cat([batch[h] for h in hooks], dim=-1)
+        return batch
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 @dataclass
@@ -171,6 +203,8 @@ def _lineage(ds: ActivationDataset, r: Run, runs: Sequence[Run], trainer: Any, t
         "model_path": ds.info.meta.get("model_path"),
         "hook": r.hook,
         "d_in": ds.info.hooks[r.hook].d,
+        # A transcoder's both hooks (`hook` is its in hook: what `strata features encode` reads).
+        **({"hook_in": r.hook, "hook_out": r.hook_out, "d_out": ds.info.hooks[r.hook_out].d} if r.hook_out is not None else {}),
         "units": list(units),
         "holdout_units": list(holdout),
         "skip_special": r.spec.data.skip_special,
@@ -238,14 +272,18 @@ def train_pass(
     for r in runs[1:]:
         if r.spec.train != first.train or r.spec.data != first.data:
             raise ValueError(f"runs {runs[0].name!r} and {r.name!r} differ in `train` or `data`; train them in separate passes")
-    hooks = list(dict.fromkeys(r.hook for r in runs))
+    hooks = list(dict.fromkeys(h for r in runs for h in r.hooks))
     units, holdout = list(units), list(holdout)
-    saes = {r.name: build_sae(r.spec, ds.info.hooks[r.hook].d, device=device, metadata=_sae_metadata(ds, r)) for r in runs}
+    saes = {r.name: build_sae(r.spec, ds.info.hooks[r.hook].d, device=device, metadata=_sae_metadata(ds, r),
+                              d_out=ds.info.hooks[r.hook_out].d if r.hook_out is not None else None) for r in runs}
     trainer_cfg = first.train.trainer_config(device)
     data = ds.iter_batches(
         hooks, batch_size=first.train.batch_size, shuffle=True, seed=first.data.shuffle_seed, epochs=None,
         skip_special=first.data.skip_special, buffer_rows=first.data.buffer_rows, drop_last=True, units=units,
     )
+    joins = {r.data_key: r.hooks for r in runs if len(r.hooks) > 1}
+    if joins:
+        data = JoinedBatches(data, joins)
     rows = data.rows_per_epoch
     log.info(
         "training %d SAE(s) on %s of dataset %r: %d units (%s rows per epoch), %d held out, %d steps of %d on %s",
@@ -255,7 +293,7 @@ def train_pass(
     ck = checkpointing
     try:
         trainer = RecordingMultiSAETrainer(
-            cfg=trainer_cfg, saes=saes, hook_names={r.name: r.hook for r in runs}, data_provider=data, log_every=first.train.log_every,
+            cfg=trainer_cfg, saes=saes, hook_names={r.name: r.data_key for r in runs}, data_provider=data, log_every=first.train.log_every,
             checkpoint_every=ck.every if ck else 0, on_checkpoint=_saver(data, ck, progress) if ck else None,
         )
         if ck is not None and ck.resume_step:
@@ -269,7 +307,8 @@ def train_pass(
         lineage = _lineage(ds, r, runs, trainer, trained, units=units, holdout=holdout, rows=rows, device=device, progress=progress,
                            extra=(lineage_extra or {}).get(r.name, {}))
         sparsity = t.log_feature_sparsity if t.n_frac_active_samples > 0 else None
-        out.append(TrainedSAE(r.name, r.hook, to_inference(trained[r.name]), curves_table(t.records), lineage, r.spec, sparsity))
+        out.append(TrainedSAE(r.name, r.hook, to_inference(trained[r.name]), curves_table(t.records), lineage, r.spec, sparsity,
+                              hook_out=r.hook_out))
     return out
 
 
@@ -285,7 +324,7 @@ def train(spec: SAETrainSpec, *, ds: ActivationDataset | None = None) -> list[Tr
     results: dict[str, TrainedSAE] = {}
     for params in combinations(spec):
         group = [r for r in runs if r.params == params]
-        hooks = list(dict.fromkeys(r.hook for r in group))
+        hooks = list(dict.fromkeys(h for r in group for h in r.hooks))
         units, holdout = split_units(ds, hooks, spec.data.holdout_units, min_contexts=heldout_contexts_needed(spec))
         for res in train_pass(ds, group, device=device, units=units, holdout=holdout):
             results[res.name] = res

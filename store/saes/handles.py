@@ -3,6 +3,7 @@ in sae-lens's own layout, with its lineage, metrics and training curves."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,27 @@ from strata.store.views.summaries import sae_html
 
 #: The store folder SAEs live in.
 SAES = "saes"
+# cfg.json architectures of Strata's TopK transcoder layout (store.saes.topk_transcoder.ARCHITECTURES,
+# not imported here: it imports torch, and listing SAEs must not wait for it).
+_TOPK_TRANSCODERS = ("strata_topk_transcoder", "strata_topk_skip_transcoder")
+
+
+def load_folder(path: str | Path, device: str = "cpu") -> Any:
+    """The model of an SAE folder, by its cfg.json ``architecture``: Strata's own layouts through
+    their loaders in ``store/saes/`` (torch and safetensors only), any other through sae-lens's
+    ``SAE.load_from_disk``."""
+    cfg = json.loads((Path(path) / "cfg.json").read_text(encoding="utf-8"))
+    if cfg.get("architecture") in _TOPK_TRANSCODERS:
+        from strata.store.saes import topk_transcoder  # lazy: torch loads in seconds; listing SAEs must not wait
+
+        return topk_transcoder.load(path, device=device)
+    if cfg.get("architecture") == "crosscoder":
+        from strata.store.saes import crosscoder  # lazy: torch loads in seconds; listing SAEs must not wait
+
+        return crosscoder.load_crosscoder(path, device=device)
+    from sae_lens import SAE  # lazy: sae-lens (and torch under it) loads in seconds; listing SAEs must not wait
+
+    return SAE.load_from_disk(str(path), device=device)
 
 
 class SAEHandle:
@@ -68,15 +90,9 @@ class SAEHandle:
         return self.artifact.local_path()
 
     def load(self, device: str = "cpu") -> Any:
-        """The SAE, through sae-lens (``SAE.load_from_disk``), after checking every file; a
-        crosscoder through Strata's loader (``store.saes.crosscoder``)."""
-        if self.cfg.get("architecture") == "crosscoder":
-            from strata.store.saes.crosscoder import load_crosscoder  # lazy: torch loads in seconds; listing SAEs must not wait
-
-            return load_crosscoder(self.path, device=device)
-        from sae_lens import SAE  # lazy: sae-lens (and torch under it) loads in seconds; listing SAEs must not wait
-
-        return SAE.load_from_disk(str(self.path), device=device)
+        """The SAE, through sae-lens (``SAE.load_from_disk``), or through Strata's own loader for
+        Strata's layouts (:func:`load_folder`)."""
+        return load_folder(self.path, device=device)
 
     def check(self) -> None:
         """Check every file of the SAE against its commit record (the weights too, which

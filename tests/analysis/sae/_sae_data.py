@@ -109,8 +109,9 @@ def train_tiny_lm(model_folder: Path, *, steps: int = 150, seed: int = 0) -> Pat
     return model_folder
 
 
-def lm_dataset(root: Path, model_folder: Path, name: str = "lm", *, units: int = 3, meta: dict[str, Any] | None = None) -> store.Store:
-    """Activations of the tiny GPT-2 at ``LM_HOOKS`` on synthetic text (BOS and EOS special),
+def lm_dataset(root: Path, model_folder: Path, name: str = "lm", *, units: int = 3, meta: dict[str, Any] | None = None,
+               hooks: tuple[str, ...] = LM_HOOKS) -> store.Store:
+    """Activations of the tiny GPT-2 at ``hooks`` on synthetic text (BOS and EOS special),
     captured with the pipeline's own hook map and ``Capture`` on the base model (as the
     extraction pipeline does), stored as float32."""
     from transformers import AutoConfig, AutoModel
@@ -119,23 +120,23 @@ def lm_dataset(root: Path, model_folder: Path, name: str = "lm", *, units: int =
     from strata.pipeline.models import folder_revision
 
     cfg = AutoConfig.from_pretrained(model_folder)
-    sites = hook_sites(family_of(cfg.model_type), cfg.num_hidden_layers)
+    sites = hook_sites(family_of(cfg.model_type), cfg.num_hidden_layers, cfg)  # with the config: the norms' hooks too
     model = AutoModel.from_pretrained(model_folder, dtype=torch.float32).eval()
     base_meta = {
         "model": str(model_folder), "revision": folder_revision(str(model_folder)), "model_type": cfg.model_type,
         "n_layers": cfg.num_hidden_layers, "torch_dtype": "float32", "hook_modules": {h: sites[h].describe() for h in sites},
     }
     s = store.open(root)
-    w = s.create_dataset(name, hooks={h: cfg.hidden_size for h in LM_HOOKS}, context_size=LM_CTX, dtype="float32",
+    w = s.create_dataset(name, hooks={h: cfg.hidden_size for h in hooks}, context_size=LM_CTX, dtype="float32",
                          num_units=units, unit_contexts=LM_UNIT_CONTEXTS, meta={**base_meta, **(meta or {})})
     all_ids, all_special = text_contexts(model_folder, units * LM_UNIT_CONTEXTS, seed=7)
     for u in range(units):
         ids = all_ids[u * LM_UNIT_CONTEXTS : (u + 1) * LM_UNIT_CONTEXTS]
         special = all_special[u * LM_UNIT_CONTEXTS : (u + 1) * LM_UNIT_CONTEXTS]
         got: dict[str, torch.Tensor] = {}
-        with torch.no_grad(), Capture(model, sites, list(LM_HOOKS), lambda h, t, got=got: got.__setitem__(h, t.detach().clone())) as cap:
+        with torch.no_grad(), Capture(model, sites, list(hooks), lambda h, t, got=got: got.__setitem__(h, t.detach().clone())) as cap:
             cap.forward(input_ids=torch.from_numpy(ids), use_cache=False)
-        acts = {h: got[h].reshape(-1, cfg.hidden_size).numpy() for h in LM_HOOKS}
+        acts = {h: got[h].reshape(-1, cfg.hidden_size).numpy() for h in hooks}
         w.write_unit(u, tokens=token_table(u, LM_UNIT_CONTEXTS, context_size=LM_CTX, unit_contexts=LM_UNIT_CONTEXTS,
                                            token_ids=ids, special=special), acts=acts)
     return s
