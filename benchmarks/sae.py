@@ -14,6 +14,12 @@ then times:
 2. **several hooks in one pass vs one job per hook**: ``train_pass`` over every hook at once
    against one ``train_pass`` per hook, same steps: total time ratio (one job per hook / one
    pass), and the time per SAE.
+3. **crosscoder fed from the store vs in memory** (``--parts crosscoder``): a TopK crosscoder over
+   two sources of width ``--d`` (two datasets over the same documents, aligned by
+   ``(doc_id, doc_position)`` as a two-model crosscoder is), sae-lens's trainer fed by
+   ``store.iter_aligned`` concatenated ``[x_a | x_b]`` (:class:`ConcatBatches`, as ``strata sae
+   train`` feeds it), against the same trainer fed the very same batches from memory. Only
+   ``fit()`` is timed; weights are checked bit-identical. Target: >= 0.95.
 
 Shared CPUs drift over minutes, so the contenders of each part run once in each of ``--rounds``
 interleaved rounds and the best run of each is reported.
@@ -41,9 +47,11 @@ from _machine import cpu_model, memory_gib  # noqa: E402
 
 from strata import store  # noqa: E402
 from strata.analysis.sae.config import Run, SAETrainSpec  # noqa: E402
+from strata.analysis.sae.crosscoder_run import ConcatBatches, build_crosscoder  # noqa: E402
 from strata.analysis.sae.curves import RecordingMultiSAETrainer  # noqa: E402
 from strata.analysis.sae.plan import split_units  # noqa: E402
 from strata.analysis.sae.train import build_sae, train_pass  # noqa: E402
+from strata.store.datasets.aligned import align_tokens, iter_aligned  # noqa: E402
 
 CTX = 128
 
@@ -74,6 +82,28 @@ def make_dataset(root: Path, *, hooks: list[str], d: int, units: int, unit_conte
                 for h in hooks}
         w.write_unit(u, tokens=tokens, acts=acts)
     return s.dataset("bench")
+
+
+def make_model_pair(root: Path, *, d: int, units: int, unit_contexts: int) -> list[tuple[store.ActivationDataset, str]]:
+    """Two float16 datasets ("models") over the same documents (one tokenizer and corpus
+    fingerprint: they pair by ``(doc_id, doc_position)``), one hook each, sharing half their structure."""
+    s = store.open(root)
+    rng = np.random.default_rng(1)
+    rows = unit_contexts * CTX
+    basis = {m: rng.standard_normal((64, d)).astype(np.float32) for m in ("a", "b")}
+    meta = {"tokenizer": "synthetic", "corpus_fingerprint": "0" * 64}
+    ws = {m: s.create_dataset(f"bench-{m}", hooks={"blocks.0.hook_resid_post": d}, context_size=CTX, dtype="float16", num_units=units,
+                              unit_contexts=unit_contexts, meta={**meta, "model": f"synthetic-{m}"}) for m in ("a", "b")}
+    for u in range(units):
+        r = np.arange(rows)
+        ctx = u * unit_contexts + r // CTX
+        tokens = pa.table({"context_id": ctx, "position": (r % CTX).astype(np.int32), "doc_id": ctx,
+                           "doc_position": (r % CTX).astype(np.int32), "token_id": (r % 1000).astype(np.int32), "special": r % CTX == 0})
+        codes = rng.standard_normal((rows, 64)).astype(np.float32)
+        for m, w in ws.items():
+            acts = (codes @ basis[m] + 0.1 * rng.standard_normal((rows, d)).astype(np.float32)).astype(np.float16)
+            w.write_unit(u, tokens=tokens, acts={"blocks.0.hook_resid_post": acts})
+    return [(s.dataset(f"bench-{m}"), "blocks.0.hook_resid_post") for m in ("a", "b")]
 
 
 def spec_for(root: Path, hooks: list[str], args: argparse.Namespace, steps: int) -> SAETrainSpec:
@@ -150,6 +180,53 @@ def part_hooks(ds: store.ActivationDataset, root: Path, hooks: list[str], args: 
           f"({one / len(hooks):.1f} s per SAE) | one job per hook {sep:.1f} s ({sep / len(hooks):.1f} s per SAE) | {sep / one:.2f} | |")
 
 
+def part_crosscoder(root: Path, args: argparse.Namespace) -> None:
+    sides = make_model_pair(root, d=args.d, units=args.units, unit_contexts=args.unit_contexts)
+    spec = SAETrainSpec.model_validate({
+        "store": str(root), "name": "bench-cc", "architecture": "crosscoder", "sources": [{"dataset": ds.name, "hook": h} for ds, h in sides],
+        "sae": {"expansion_factor": args.expansion, "k": args.k},
+        "train": {"total_training_samples": args.steps * args.batch, "batch_size": args.batch, "lr": 1e-3, "log_every": 10, "checkpoint_every": 0},
+        "compute": {"device": args.device},
+    })
+    al = align_tokens(sides)
+    key = "a+b"
+
+    def provider() -> ConcatBatches:
+        return ConcatBatches(iter_aligned(sides, batch_size=args.batch, shuffle=True, seed=0, epochs=None, drop_last=True, alignment=al), key)
+
+    data = provider()
+    batches = [next(data) for _ in range(args.steps)]
+    data.close()
+
+    def fit(batches_or_none: list | None) -> tuple[float, dict]:
+        cc = build_crosscoder(spec, args.d, 2, device=args.device)
+        feed = provider() if batches_or_none is None else iter(batches_or_none)
+        trainer = RecordingMultiSAETrainer(cfg=spec.train.trainer_config(args.device), saes={"cc": cc}, hook_names={"cc": key},
+                                           data_provider=feed, log_every=spec.train.log_every)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        trainer.fit()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, {k: v.detach().cpu().clone() for k, v in cc.state_dict().items()}
+
+    best = {"store": float("inf"), "memory": float("inf")}
+    for rnd in range(args.rounds):
+        order = ("store", "memory") if rnd % 2 == 0 else ("memory", "store")
+        weights = {}
+        for who in order:
+            dt, weights[who] = fit(None if who == "store" else batches)
+            best[who] = min(best[who], dt)
+            print(f"  round {rnd + 1}: crosscoder {who:6s} {args.steps / dt:7.2f} steps/s", flush=True)
+        if args.device == "cpu":  # CUDA kernels (scatter, atomics) need not be bit-deterministic
+            assert all(torch.equal(weights["store"][k], weights["memory"][k]) for k in weights["store"]), "not the same batches"
+    s_rate, m_rate = args.steps / best["store"], args.steps / best["memory"]
+    print(f"| crosscoder, 2 sources of d={args.d} (d_sae={round(args.expansion * args.d)}, k={args.k}), fed from the store "
+          f"(`iter_aligned`, doc_position) | {s_rate:.2f} steps/s ({s_rate * args.batch:,.0f} pairs/s) | the same trainer fed from "
+          f"memory {m_rate:.2f} steps/s | {s_rate / m_rate:.3f} | >= 0.95 |")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--d", type=int, default=256, help="hook width")
@@ -163,7 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--unit-contexts", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    p.add_argument("--parts", default="fed,hooks")
+    p.add_argument("--parts", default="fed,hooks,crosscoder", help="comma-separated: fed, hooks, crosscoder")
+    p.add_argument("--device", default="cpu", help="the crosscoder part's device (cpu, cuda)")
     p.add_argument("--root", help="where to write the dataset (default: a temporary folder, removed)")
     args = p.parse_args(argv)
     if args.threads:
@@ -181,6 +259,8 @@ def main(argv: list[str] | None = None) -> None:
             part_fed(ds, root, hooks, args)
         if "hooks" in args.parts:
             part_hooks(ds, root, hooks, args)
+        if "crosscoder" in args.parts:
+            part_crosscoder(root, args)
     finally:
         if not args.root:
             shutil.rmtree(root, ignore_errors=True)
