@@ -32,7 +32,13 @@ class SAEKind(JobKind):
 
     def plan(self, state: PlanState, job: Job, ctx: PlanContext) -> Step:
         # lazy: the SAE code imports torch and sae_lens; detecting a spec's kind must not pay for it
-        from strata.analysis.sae.config import combinations, concrete, resolve_hooks, run_name  # lazy: torch, sae_lens: CLI start-up
+        from strata.analysis.sae.config import (  # lazy: torch, sae_lens: CLI start-up
+            combinations,
+            concrete,
+            resolve_hooks,
+            resolve_pairs,
+            run_name,
+        )
         from strata.analysis.sae.plan import (  # lazy: torch, sae_lens: CLI start-up
             config_hash,
             describe_diff,
@@ -43,17 +49,21 @@ class SAEKind(JobKind):
 
         spec = job.spec
         ds = state.dataset(spec.dataset)
-        try:
-            hooks = resolve_hooks(spec.hooks, ds.hooks, dataset=f"dataset {ds.name!r}")
+        try:  # (hook, None) per SAE; (in hook, out hook) per transcoder
+            targets: list[tuple[str, str | None]] = (
+                list(resolve_pairs(spec, ds.hooks, dataset=f"dataset {ds.name!r}")) if any(isinstance(h, dict) for h in spec.hooks)
+                else [(h, None) for h in resolve_hooks(spec.hooks, ds.hooks, dataset=f"dataset {ds.name!r}")])
         except ValueError as e:
             raise SpecError(f"{job.entry}: {e}") from None
+        hooks = list(dict.fromkeys(h for t in targets for h in t if h is not None))
         units, holdout = split_units(ds, hooks, spec.data.holdout_units, min_contexts=heldout_contexts_needed(spec))
         runs: list[Run] = []
         current = job.updated(dataset=ds.name)  # the config records the dataset's (version) name
         for params in combinations(spec):
-            for hook in hooks:
-                name = run_name(spec, hook=hook, params=params, several_hooks=len(hooks) > 1)
-                cfg = resolved_config(concrete(current, params, hook=hook, name=name), ds, hook=hook, units=units, holdout=holdout)
+            for hook, hook_out in targets:
+                name = run_name(spec, hook=hook_out or hook, params=params, several_hooks=len(targets) > 1)
+                one = concrete(current, params, hook={"in": hook, "out": hook_out} if hook_out else hook, name=name)
+                cfg = resolved_config(one, ds, hook=hook, units=units, holdout=holdout, hook_out=hook_out)
                 runs.append((name, hook, cfg, config_hash(cfg)))
 
         def status(name: str, cfg: dict[str, Any], h: str) -> tuple[str, str]:

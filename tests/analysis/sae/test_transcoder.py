@@ -305,3 +305,21 @@ def test_a_hook_missing_from_the_dataset_is_one_line_and_writes_nothing(data):
         assert "\n" not in msg and "is not a hook of dataset 'planted_tc'" in msg and HIN in msg, msg
     assert sorted(p.relative_to(root) for p in Path(root).rglob("*")) == before
     assert "missing" not in s.saes()
+
+
+def test_reprocess_plans_a_transcoder_spec_like_an_sae(data, tmp_path, monkeypatch):
+    import yaml
+
+    from strata.jobs.reprocess import load_pipeline, plan_pipeline
+
+    root, s, _ = data
+    monkeypatch.chdir(tmp_path)
+    spec = raw_spec(root, "tc-plan", architecture="skip_transcoder", sae={"d_sae": 32, "k": 4}, steps=20)
+    spec["hooks"] = {"out": HOUT, "in": HIN}
+    (tmp_path / "tc.yaml").write_text(yaml.safe_dump(spec))
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({"store": str(root), "jobs": ["tc.yaml"]}))
+    [step] = plan_pipeline(load_pipeline("pipeline.yaml")).steps
+    assert step.run and step.names == ["tc-plan"]
+    run_job(SAETrainSpec.model_validate(spec))
+    [step] = plan_pipeline(load_pipeline("pipeline.yaml")).steps  # the same resolved config as the job's: up to date
+    assert not step.run and step.why.startswith("up to date"), step.why
