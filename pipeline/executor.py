@@ -167,10 +167,12 @@ class PoolStats:
 class _Progress:
     """Stats and the progress bar of one pool run."""
 
-    def __init__(self, *, total: int | None, count: int | None, desc: str, unit: str, progress: bool) -> None:
+    def __init__(self, *, total: int | None, count: int | None, desc: str, unit: str, progress: bool | None) -> None:
         tty = sys.stderr.isatty()
         # In a Ray job's log (no terminal) the bar refreshes every 30 s rather than filling the log.
-        self.bar = tqdm(total=total, unit=unit, unit_scale=True, desc=desc, disable=not progress,
+        # progress=None (the Python API's default): tqdm.auto's own choice, a widget in Jupyter, text
+        # on a terminal, nothing when stderr is neither.
+        self.bar = tqdm(total=total, unit=unit, unit_scale=True, desc=desc, disable=None if progress is None else not progress,
                         smoothing=0.1, mininterval=0.5 if tty else 30.0, file=sys.stderr)
         self.count = count
         self.stats = PoolStats()
@@ -376,7 +378,7 @@ class Executor:
 
     def run(self, worker_cls: type, config: Any, tasks: Iterable[Task], *, count: int | None = None,
             total_weight: int | None = None, on_result: Callable[[Task, dict[str, Any]], None] | None = None,
-            check: Callable[[], None] | None = None, desc: str = "", progress: bool = True, unit: str = "tok") -> PoolStats:
+            check: Callable[[], None] | None = None, desc: str = "", progress: bool | None = True, unit: str = "tok") -> PoolStats:
         """Run every task once on workers ``worker_cls(config)``: one per actor of an
         :class:`ActorPool` (dead actors restarted, their tasks retried), or one built here
         (:class:`Local`). ``worker.process(*task.args)`` returns a small dict (``rows``,

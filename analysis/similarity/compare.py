@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow.compute as pc
 import scipy.sparse as sp
+from tqdm.auto import tqdm
 
 from strata.pipeline.executor import Executor, StoreRef
 from strata.pipeline.vision import CLS_TOKEN  # a vision encoder's CLS row (registers -2, -3, ...; patches 0..P-1)
@@ -304,7 +305,7 @@ def _moments_task(ref_a: StoreRef, name_a: str, hook_a: str, ref_b: StoreRef, na
     return {k: m.to_dict() for k, m in parts.items()}
 
 
-def _streamed(plan: ComparePlan, ex: Executor) -> dict[str, Moments]:
+def _streamed(plan: ComparePlan, ex: Executor, progress: bool | None = None) -> dict[str, Moments]:
     al = plan.alignment
     ur = plan.a[0].info.unit_rows
     units = al.rows[0] // ur
@@ -315,7 +316,14 @@ def _streamed(plan: ComparePlan, ex: Executor) -> dict[str, Moments]:
     tasks = [(ra, ds_a.name, hook_a, rb, ds_b.name, hook_b, al.rows[0][r], al.rows[1][r],
               None if test is None else test[r], plan.compute.chunk_rows, plan.settings.precision, "cosine" in plan.metrics) for r in ranges]
     log.info("compare %s vs %s: %d pairs in %d task(s)", _label(plan.a), _label(plan.b), len(al), len(tasks))
-    results = ex.map(_moments_task, tasks)
+    # disable=None: a widget in Jupyter, text on a terminal, nothing otherwise; delay: only a pass that takes a while shows one.
+    with tqdm(total=len(al), unit="row", unit_scale=True, desc=f"compare {_label(plan.a)} vs {_label(plan.b)}",
+              delay=1.0 if progress is None else 0.0,
+              disable=None if progress is None else not progress) as bar:
+        results = []
+        for t, res in zip(tasks, ex.imap(_moments_task, tasks)):
+            results.append(res)
+            bar.update(int(t[6].size))
     keys = results[0].keys()
     return {k: Moments.sum(Moments.from_dict(r[k]) for r in results) for k in keys}
 
@@ -353,8 +361,9 @@ def _linear_values(plan: ComparePlan, parts: dict[str, Moments]) -> dict[str, fl
     return out
 
 
-def run_compare(plan: ComparePlan, executor: Executor | None = None) -> tuple[dict[str, float], dict[str, Any]]:
-    """The metrics of a plan and its provenance (alignment, rows, sample, settings)."""
+def run_compare(plan: ComparePlan, executor: Executor | None = None, *, progress: bool | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+    """The metrics of a plan and its provenance (alignment, rows, sample, settings). ``progress``:
+    a bar over the streamed rows (``None``: where someone watches, see :func:`compare`)."""
     ex = executor or Executor.auto()
     values: dict[str, float] = {}
     if plan.align == "docs":
@@ -370,7 +379,7 @@ def run_compare(plan: ComparePlan, executor: Executor | None = None) -> tuple[di
             values.update(_sampled_values(plan, x[idx], y[idx]))
     else:
         if any(m in STREAM for m in plan.metrics):
-            values.update(_linear_values(plan, _streamed(plan, ex)))
+            values.update(_linear_values(plan, _streamed(plan, ex, progress)))
         if plan.n_sample:
             idx = _sample_index(plan)
             al = plan.alignment
@@ -387,7 +396,7 @@ def run_compare(plan: ComparePlan, executor: Executor | None = None) -> tuple[di
 
 
 def compare(a: Side, b: Side, metrics: Sequence[str] | None = None, *, settings: CompareSettings | None = None,
-            compute: AnalyzeCompute | None = None, use_ray: bool | None = None, **fields: Any) -> dict[str, float]:
+            compute: AnalyzeCompute | None = None, use_ray: bool | None = None, progress: bool | None = None, **fields: Any) -> dict[str, float]:
     """Similarity of ``a = (dsA, hookA)`` and ``b = (dsB, hookB)`` over their aligned rows.
 
     ``metrics``: names from :data:`METRICS` (default ``linear_cka, debiased_cka, svcca,
@@ -398,7 +407,9 @@ def compare(a: Side, b: Side, metrics: Sequence[str] | None = None, *, settings:
     ``settings`` and ``compute``. Returns ``{metric: value}`` (``r2`` as ``r2_a_to_b`` and
     ``r2_b_to_a``) plus ``n`` (rows or documents of the streaming metrics) and, with a sampled
     metric, ``n_sample``. Partial moments run as Ray tasks when Ray is running in this process
-    (``use_ray``), else here.
+    (``use_ray``), else here. ``progress``: a bar over the streamed rows of a pass that takes over a
+    second (``None``: a widget in Jupyter, text on a terminal, nothing when stderr is neither;
+    ``True`` always, ``False`` never).
     """
     plan = plan_compare(a, b, metrics, settings=settings, compute=compute, **fields)
-    return run_compare(plan, Executor.auto(use_ray))[0]
+    return run_compare(plan, Executor.auto(use_ray), progress=progress)[0]

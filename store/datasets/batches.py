@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from strata.store.datasets.manifest import DatasetInfo
 from strata.store.dtypes import storage_dtype, to_torch
@@ -129,13 +130,18 @@ class _Order:
             skip = 0
 
 
+#: Units from which the first pass of an iterator shows progress (``progress=None``): mapping a unit
+#: checks all of its bytes, so a first pass over many units takes a while.
+PROGRESS_UNITS = 16
+
+
 class _Loader:
     """The two loader threads of one run of the iterator. They hold the dataset and the
     order, never the iterator, so an iterator that is dropped is collected and stops them."""
 
     def __init__(self, ds: BatchSource, hooks: list[str], order: _Order, *, batch_size: int, epochs: int | None,
-                 drop_last: bool, dtype: torch.dtype, prefetch: int, skip_special: bool, single: bool) -> None:
-        self.ds, self.hooks, self.order = ds, hooks, order
+                 drop_last: bool, dtype: torch.dtype, prefetch: int, skip_special: bool, single: bool, progress: bool | None = None) -> None:
+        self.ds, self.hooks, self.order, self.progress = ds, hooks, order, progress
         self.batch_size, self.epochs, self.drop_last = batch_size, epochs, drop_last
         self.dtype, self.skip_special, self.single = dtype, skip_special, single
         self.stop_event = threading.Event()
@@ -184,16 +190,31 @@ class _Loader:
         return np.arange(rows)
 
     def _reader(self, epoch: int, skip: int, windows: queue.Queue) -> None:
-        """Map the next windows (checking units the first time) while batches are gathered."""
+        """Map the next windows (checking units the first time) while batches are gathered. The
+        first pass over many units (each checked in full as it is mapped) shows a progress bar."""
+        bar = None
+        if skip == 0 and self.progress is not False and (self.progress or len(self.order.units) >= PROGRESS_UNITS):
+            # disable=None: a widget in Jupyter, text on a terminal, nothing when stderr is neither.
+            bar = tqdm(total=len(self.order.units), unit="unit", desc=f"{self.ds.name}: first pass",
+                       disable=None if self.progress is None else not self.progress)
         try:
             for e, wi, units, skip_rows in self.order.plan(epoch, skip, self.epochs):
                 mapped = {h: [self.ds.unit_array(h, u) for u in units] for h in self.hooks}
+                if bar is not None:
+                    if e == epoch:
+                        bar.update(len(units))
+                    else:
+                        bar.close()
+                        bar = None
                 order = self.order.window_order(e, wi, [self._keep(u) for u in units])[skip_rows:]
                 if not self._put(windows, (e, order, mapped)):
                     return
             self._put(windows, _END)
         except BaseException as exc:  # surfaced in the consumer's thread
             self._put(windows, _Failure(exc))
+        finally:
+            if bar is not None:
+                bar.close()
 
     def _gather(self, window: dict[str, list[np.ndarray]], idx: np.ndarray, out: dict[str, np.ndarray], at: int) -> None:
         """Rows ``idx`` (window positions) into ``out[h][at:]``, straight from the mapped units.
@@ -297,6 +318,11 @@ class BatchIterator:
     ``state_dict()`` after consuming a batch resumes right after it: the next batch after
     ``load_state_dict`` equals the next batch of an uninterrupted run. Use as a context
     manager, or call :meth:`close`, to stop the loader threads promptly.
+
+    ``progress``: a bar over the units of the first pass (each unit is checked in full when first
+    mapped): ``None`` (default) shows it for iterators over at least :data:`PROGRESS_UNITS` units,
+    as a widget in Jupyter or text on a terminal, and nothing when stderr is neither; ``True``
+    always, ``False`` never.
     """
 
     def __init__(
@@ -314,6 +340,7 @@ class BatchIterator:
         dtype: torch.dtype | None = None,
         prefetch: int = 4,
         units: Sequence[int] | None = None,
+        progress: bool | None = None,
     ) -> None:
         self.single = isinstance(hooks, str)
         self.hooks = [hooks] if isinstance(hooks, str) else list(hooks)
@@ -337,7 +364,7 @@ class BatchIterator:
         self.ds = ds
         self.batch_size, self.shuffle, self.seed, self.epochs = batch_size, bool(shuffle), seed, epochs
         self.skip_special, self.buffer_rows, self.drop_last = bool(skip_special), buffer_rows, bool(drop_last)
-        self.dtype, self.prefetch = dtype, prefetch
+        self.dtype, self.prefetch, self.progress = dtype, prefetch, progress
 
         committed = set(ds.committed_units(None))
         for h in self.hooks:
@@ -398,7 +425,7 @@ class BatchIterator:
             epoch, skip = self._epoch, self._batch * self.batch_size
         loader = _Loader(
             self.ds, self.hooks, self._order, batch_size=self.batch_size, epochs=self.epochs, drop_last=self.drop_last,
-            dtype=self.dtype, prefetch=self.prefetch, skip_special=self.skip_special, single=self.single,
+            dtype=self.dtype, prefetch=self.prefetch, skip_special=self.skip_special, single=self.single, progress=self.progress,
         )
         loader.start(epoch, skip)
         self._loader = loader

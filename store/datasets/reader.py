@@ -461,7 +461,7 @@ class ActivationDataset:
         """Shuffled training batches of ``hooks``: a ``[batch, d]`` tensor, or a dict of aligned
         tensors for several hooks. Options (``batch_size=4096, shuffle=True, seed=0, epochs=1,
         skip_special=True, buffer_rows=2**17, drop_last=False, dtype=torch.float32,
-        prefetch=4, units=None``) are those of :class:`store.datasets.batches.BatchIterator`. Use it as
+        prefetch=4, units=None, progress=None``) are those of :class:`store.datasets.batches.BatchIterator`. Use it as
         a context manager (or call ``close()``) to stop its loader threads promptly."""
         return BatchIterator(self, hooks, **options)
 
