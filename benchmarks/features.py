@@ -21,6 +21,10 @@ Two parts:
   page cache) against DuckDB answering the same question with a full scan of the row-major unit
   tables (``read_parquet('units/*.parquet')``), on features of several densities; answers are
   checked equal.
+* **Dashboards.** On the same table: the derived data (neighbours, logit effects) from a seeded
+  16k-latent decoder and a seeded ``W_U`` saved beside it (``sae-16k-seeded.npz``), timed once; the
+  served page data (``GET /api/feature/f`` of `strata features serve`'s app) warm, beside ``fs.top``;
+  the static export of every feature, its time and total size.
 """
 
 from __future__ import annotations
@@ -211,6 +215,50 @@ def bench_queries(root: Path, fs: FeatureTable, args: argparse.Namespace) -> Non
           f"activations {1e3 * (t2 - t1):.2f} ms")
 
 
+# -- dashboards -----------------------------------------------------------------------------------
+
+
+def bench_dashboard(root: Path, fs: FeatureTable, args: argparse.Namespace) -> None:
+    """Derived data from a seeded 16k-latent decoder and a W_U stored beside the table, then the served
+    page data warm (starlette's test client, the app `strata features serve` runs) and the whole export."""
+    from starlette.testclient import TestClient
+
+    from strata.analysis.features.dashboard import derive, export, make_app
+
+    fs = store.open(root / "q").features("q")
+    rng = np.random.default_rng(0)
+    weights = root / "q" / "sae-16k-seeded.npz"  # beside the table: the table was written without an SAE behind it
+    np.savez(weights, W_dec=rng.standard_normal((fs.d_sae, args.dash_d_in)).astype(np.float32),
+             W_U=rng.standard_normal((args.dash_d_in, 1024)).astype(np.float32))
+    w = np.load(weights)
+    t0 = time.perf_counter()
+    derive(fs, decoder=w["W_dec"], unembed=w["W_U"], unembed_note="seeded W_U (benchmark)")
+    t_derive = time.perf_counter() - t0
+    st = fs.stats()
+    order = np.argsort(-st.column("count").to_numpy(), kind="stable")
+    picks = [int(order[i]) for i in (0, 100, 1000, 10000) if i < len(order)]
+    print(f"\ndashboards: derived data (10 neighbours by decoder cosine over {fs.d_sae:,} x {args.dash_d_in} decoder rows, logit effects "
+          f"over a 1024-token W_U) in {t_derive:.1f}s, once per SAE")
+    print("| feature (count) | fs.top(f) warm | served /api/feature/f warm | JSON size |")
+    with TestClient(make_app(fs)) as c:
+        for f in picks:
+            c.get(f"/api/feature/{f}")
+            fs.top(f)
+            t_top = _median_s(lambda f=f: fs.top(f, k=20), args.repeats)
+            t_page = _median_s(lambda f=f: c.get(f"/api/feature/{f}").raise_for_status(), max(5, args.repeats // 5))
+            size = len(c.get(f"/api/feature/{f}").content)
+            print(f"| {f} ({st.column('count')[f].as_py():,}) | {t_top * 1e3:.1f} ms | {t_page * 1e3:.1f} ms | {size / 1e3:.1f} KB |")
+    out = root / "export"
+    t0 = time.perf_counter()
+    export(fs, out)
+    t_exp = time.perf_counter() - t0
+    size = du(out)
+    dead = int((st.column("count").to_numpy() == 0).sum())
+    files = len(list(out.rglob("*")))
+    print(f"  export of every feature: {t_exp:.0f}s ({t_exp / 60:.1f} min; target < 10), {size / 2**20:.1f} MiB in {files} files, "
+          f"{size / fs.d_sae / 1e3:.1f} KB a feature on average (target <= 15), {dead} dead feature(s) listed in the index")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", help="work folder (default: a temporary folder, removed afterwards)")
@@ -229,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bare-passes", type=int, default=3)
     ap.add_argument("--skip-encode", action="store_true")
     ap.add_argument("--skip-queries", action="store_true")
+    ap.add_argument("--skip-dashboard", action="store_true")
+    ap.add_argument("--dash-d-in", type=int, default=768, help="d_in of the seeded decoder the dashboard's derived data is computed from")
     args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     print(f"machine: {machine()}")
@@ -239,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_queries:
             fs = build_query_table(root, args)
             bench_queries(root, fs, args)
+            if not args.skip_dashboard:
+                bench_dashboard(root, fs, args)
     finally:
         if not args.root:
             shutil.rmtree(root, ignore_errors=True)

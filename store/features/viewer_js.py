@@ -403,12 +403,26 @@ VIEWER_JS = r"""
       }
       return loaded[src];
     }
+    function unpack(r) {
+      if (!Array.isArray(r)) return r;
+      var acts = r[5].map(function () { return 0; });
+      r[6].forEach(function (iv) { acts[iv[0]] = iv[1]; });
+      var o = {row: r[0], doc: r[1], pos: r[2], act: r[3], hit: r[4], t: r[5], acts: acts};
+      if (r.length > 7) o.q = r[7];
+      return o;
+    }
     function expand(d) {
-      [d.top, d.sample].forEach(function (recs) {
-        recs.forEach(function (r) {
+      ["top", "sample"].forEach(function (k) {
+        d[k] = d[k].map(unpack);
+        d[k].forEach(function (r) {
           if (!r.tokens) r.tokens = r.t.map(function (i) { return SV._vocab[i]; });
         });
       });
+      var h = d.hist;
+      if (!h.edges) {
+        h.edges = [];
+        for (var i = 0; i <= h.counts.length; i++) h.edges.push(h.lo + (h.hi - h.lo) * i / h.counts.length);
+      }
       return d;
     }
     return {

@@ -10,7 +10,8 @@
 Data files are scripts (``StrataView.put({...})``), not JSON, so the folder opens from disk
 (``file://``), where browsers refuse ``fetch``. Dead features have no data file: the index holds all
 there is to say about them. Token ids replace token text in the per-feature data (the vocabulary is
-written once), which keeps the export near 10 KB a live feature.
+written once), and rows are packed as arrays with only the non-zero values of each window (``_pack``), which keeps
+the export near 10 KB a live feature.
 
 :func:`neuronpedia_batch` lays features out as sae-dashboard's ``NeuronpediaDashboardBatch`` (the JSON
 Neuronpedia imports): logit effects as ``pos_str``/``pos_values``/``neg_str``/``neg_values``, density
@@ -77,6 +78,7 @@ def export(fs: FeatureTable, out: str | Path, *, features: Iterable[int] | None 
             used.update(rec["t"])
         for k in _SHARED:
             d.pop(k, None)
+        _pack(d)
         c = f // chunk
         if by_chunk and c not in by_chunk:
             for old in list(by_chunk):
@@ -98,6 +100,18 @@ def export(fs: FeatureTable, out: str | Path, *, features: Iterable[int] | None 
             (np_dir / f"batch-{b // 128}.json").write_text(json.dumps(batch), encoding="utf-8")
     log.info("exported %d live feature(s) of %d (%d dead) of feature table %r to %s", len(live), fs.d_sae, len(idx["dead"]), fs.name, out)
     return index
+
+
+def _pack(d: dict[str, Any]) -> None:
+    """Shrink compact data in place: each top or sample row becomes ``[row, doc, pos, act, hit, token ids,
+    [[i, value] for the window's non-zero values]]`` (a sample row has its quantile last), and the
+    equal-width histogram's edges become ``lo``/``hi``."""
+    for key in ("top", "sample"):
+        d[key] = [[r["row"], r["doc"], r["pos"], r["act"], r["hit"], r["t"], [[i, a] for i, a in enumerate(r["acts"]) if a]]
+                  + ([r["q"]] if "q" in r else []) for r in d[key]]
+    e = d["hist"].pop("edges")
+    if e:
+        d["hist"]["lo"], d["hist"]["hi"] = e[0], e[-1]
 
 
 # -- SAEDashboard / Neuronpedia ------------------------------------------------------------------

@@ -140,8 +140,16 @@ def test_export_holds_every_feature_compactly(fs, tmp_path):
     for f in (PLANTED, XSS):
         full = feature_data(fs, f)
         got = chunk[str(f)]
-        assert [[vocab[str(t)] for t in r["t"]] for r in got["top"]] == [r["tokens"] for r in full["top"]]
-        assert got["logits"] == full["logits"] and got["neighbours"] == full["neighbours"] and got["hist"] == full["hist"]
+        # Packed rows: [row, doc, pos, act, hit, token ids, [[i, value] non-zero]] (+ quantile for the sample).
+        assert [[vocab[str(t)] for t in r[5]] for r in got["top"]] == [r["tokens"] for r in full["top"]]
+        for packed, r in zip(got["top"] + got["sample"], full["top"] + full["sample"]):
+            acts = [0] * len(packed[5])
+            for i, a in packed[6]:
+                acts[i] = a
+            assert packed[:5] == [r["row"], r["doc"], r["pos"], r["act"], r["hit"]] and acts == r["acts"]
+        assert [p[7] for p in got["sample"]] == [r["q"] for r in full["sample"]]
+        assert got["logits"] == full["logits"] and got["neighbours"] == full["neighbours"] and got["hist"]["counts"] == full["hist"]["counts"]
+        assert (got["hist"]["lo"], got["hist"]["hi"]) == (full["hist"]["edges"][0], full["hist"]["edges"][-1])
     text = "".join(p.read_text() for p in data.iterdir())
     for bad in ("<script", "<img", "<svg", "</"):  # hostile text is escaped inside the data scripts
         assert bad not in text
