@@ -51,6 +51,7 @@ from strata.pipeline.errors import SpecError
 from strata.pipeline.spec import Section
 from strata.store.errors import LeaseHeldError, StrataError
 from strata.store.layout import unit_ranges as ranges
+from strata.store.views.html import esc, page, rows_table, section, status
 
 __all__ = ["Job", "JobEntry", "Pipeline", "PipelineSpec", "Plan", "Step", "execute", "load_pipeline", "plan_pipeline", "ranges",
            "reprocess", "toposort"]
@@ -220,6 +221,17 @@ class Plan:
     @property
     def todo(self) -> list[Step]:
         return [st for st in self.steps if st.run]
+
+    def __repr__(self) -> str:
+        return f"Plan({str(self.pipeline.path)!r}, store={self.store!r}, jobs={len(self.steps)}, to run={len(self.todo)})"
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view of the plan: each job's output, what is missing and why it runs (or is up to date)."""
+        rows = [(st.job.entry, st.output, st.missing,
+                 status("runs", "warn") if st.run else status("up to date", "ok"), esc(st.why)) for st in self.steps]
+        sub = esc(f"{len(self.todo)} of {len(self.steps)} job(s) to run against {self.store}")
+        body = section("jobs", rows_table(["job", "output", "missing", "status", "why"], rows, html_cols=(3, 4)), count=len(rows), open=True)
+        return page("Plan", str(self.pipeline.path), sub, [body])
 
     def table(self) -> str:
         rows = [("JOB", "OUTPUT", "MISSING", "WHY")] + [(st.job.entry, st.output, st.missing, st.why) for st in self.steps]
