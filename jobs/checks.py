@@ -41,9 +41,13 @@ def check_job(kind: str, spec: Any, s: Any) -> None:
         if spec.name in s.datasets():  # a new dataset cannot conflict; its checks need the corpus
             prepare(spec, s)
     elif kind == "sae":
-        from strata.analysis.sae.plan import plan  # lazy: torch, sae_lens: CLI start-up
+        from strata.analysis.sae.crosscoder_run import plan_crosscoders  # lazy: torch, sae_lens: CLI start-up
+        from strata.analysis.sae.plan import plan  # lazy: as above
 
-        if spec.dataset in s.datasets():
+        if spec.sources:  # a crosscoder: checked once every source's dataset is here
+            if all((src.dataset or spec.dataset) in s.datasets() for src in spec.sources):
+                plan_crosscoders(spec, s)
+        elif spec.dataset in s.datasets():
             plan(spec, s)
     elif kind == "features":
         from strata.pipeline.encode import check_table  # lazy: torch: CLI start-up

@@ -40,8 +40,8 @@ import torch
 from strata.analysis.sae.config import Run, SAETrainSpec, check_memory, combinations, concrete, run_name, source_label, training_registry
 from strata.analysis.sae.curves import RecordingMultiSAETrainer, curves_table
 from strata.analysis.sae.diffing import diffing_metrics, latents_table
-from strata.analysis.sae.plan import _NOT_CONFIG, Plan, PlannedRun, Task, _common_resume_step, _state, config_hash, d_sae_of
-from strata.analysis.sae.train import Checkpointing, TrainedSAE, _Progress, _restore, _saver, utc_now, versions
+from strata.analysis.sae.plan import NOT_CONFIG, Plan, PlannedRun, Task, common_resume_step, config_hash, d_sae_of, set_state
+from strata.analysis.sae.train import Checkpointing, Progress, TrainedSAE, checkpoint_saver, resume_pass, utc_now, versions
 from strata.pipeline.errors import SpecError
 from strata.store.datasets.aligned import AlignedBatches, Alignment, align_tokens, iter_aligned
 from strata.store.errors import HookNotFoundError, StrataError
@@ -104,7 +104,7 @@ def split_pairs(sides: Sequence[Side], holdout_units: int, *, alignment: Alignme
 def resolved_config(spec: SAETrainSpec, sides: Sequence[Side], split: Split) -> dict[str, Any]:
     """What determines a crosscoder (see the module docstring), as plain JSON."""
     d = sides[0][0].info.hooks[sides[0][1]].d
-    raw = spec.model_dump(mode="json", exclude=set(_NOT_CONFIG) | {"dataset", "sources"})
+    raw = spec.model_dump(mode="json", exclude=set(NOT_CONFIG) | {"dataset", "sources"})
     raw["train"].pop("checkpoint_every", None)
     sae = {k: v for k, v in raw.pop("sae").items() if k not in ("expansion_factor", "d_in")}
     sae["d_sae"] = d_sae_of(spec.sae, d)
@@ -145,9 +145,9 @@ def plan_crosscoders(spec: SAETrainSpec, s: Store, *, fresh: bool = False) -> Pl
         out.tasks.append(Task(dict(params), [pr], split.units[0], split.holdout_units[0], int(split.train.size)))
     for t in out.tasks:
         for r in t.runs:
-            _state(s, r, fresh=fresh)
+            set_state(s, r, fresh=fresh)
         if not fresh:
-            _common_resume_step(s, t)
+            common_resume_step(s, t)
     return out
 
 
@@ -218,15 +218,16 @@ def train_crosscoder(s: Store, pr: PlannedRun, *, device: str, checkpointing: Ch
                          run.hook)
     log.info("training crosscoder %r on %s: %d aligned pairs (%s), %d held out, %d steps of %d on %s", run.name, run.hook,
              split.train.size, split.alignment.method, split.holdout.size, spec.train.steps, spec.train.batch_size, device)
-    progress = _Progress(utc_now())
+    progress = Progress(utc_now())
     ck = checkpointing
     try:
         trainer = RecordingMultiSAETrainer(
             cfg=spec.train.trainer_config(device), saes={run.name: sae}, hook_names={run.name: run.hook}, data_provider=data,
-            log_every=spec.train.log_every, checkpoint_every=ck.every if ck else 0, on_checkpoint=_saver(data, ck, progress) if ck else None,
+            log_every=spec.train.log_every, checkpoint_every=ck.every if ck else 0,
+            on_checkpoint=checkpoint_saver(data, ck, progress) if ck else None,
         )
         if ck is not None and ck.resume_step:
-            _restore(trainer, data, ck, progress)
+            resume_pass(trainer, data, ck, progress)
         trained = trainer.fit()[run.name]
     finally:
         data.close()

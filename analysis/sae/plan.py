@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 Status = Literal["train", "resume", "done"]
 # Spec keys that say where and how a job runs, not what it trains.
-_NOT_CONFIG = ("store", "storage_options", "compute", "name", "sweep", "hooks")
+NOT_CONFIG = ("store", "storage_options", "compute", "name", "sweep", "hooks")
 
 
 @dataclass
@@ -105,7 +105,7 @@ def resolved_config(spec: SAETrainSpec, ds: ActivationDataset, *, hook: str, uni
     """What determines an SAE (see the module docstring), as plain JSON; a transcoder's also
     its out hook and width (``hook`` is its in hook)."""
     d_in = ds.info.hooks[hook].d
-    raw = spec.model_dump(mode="json", exclude=set(_NOT_CONFIG))
+    raw = spec.model_dump(mode="json", exclude=set(NOT_CONFIG))
     raw["train"].pop("checkpoint_every", None)
     sae = {k: v for k, v in raw.pop("sae").items() if k not in ("expansion_factor", "d_in")}
     sae["d_sae"] = d_sae_of(spec.sae, d_in)
@@ -200,7 +200,9 @@ def _rows(ds: ActivationDataset, units: list[int], skip_special: bool) -> int:
 
 def plan(spec: SAETrainSpec, s: Store, *, fresh: bool = False) -> Plan:
     """The job's tasks and the state of each SAE (reads only). ``fresh``: checkpoints of another
-    config do not block (the job deletes them)."""
+    config do not block (the job deletes them). Crosscoders: :func:`analysis.sae.crosscoder_run.plan_crosscoders`."""
+    if spec.sources:
+        raise SpecError("a crosscoder's `sources` are planned by analysis.sae.crosscoder_run.plan_crosscoders (run_job picks it)")
     ds = s.dataset(spec.dataset)
     # (hook, None) per SAE; (in hook, out hook) per transcoder.
     targets: list[tuple[str, str | None]]
@@ -252,13 +254,13 @@ def plan(spec: SAETrainSpec, s: Store, *, fresh: bool = False) -> Plan:
         out.tasks.append(Task(dict(params), runs, units, holdout, rows))
     for t in out.tasks:
         for r in t.runs:
-            _state(s, r, fresh=fresh)
+            set_state(s, r, fresh=fresh)
         if not fresh:
-            _common_resume_step(s, t)
+            common_resume_step(s, t)
     return out
 
 
-def _state(s: Store, r: PlannedRun, *, fresh: bool) -> None:
+def set_state(s: Store, r: PlannedRun, *, fresh: bool) -> None:
     """Set ``r.status``: done when committed with this config; refuse another config."""
     art = artifacts.get(s.storage, SAES, r.name)
     if art is not None:
@@ -276,7 +278,7 @@ def _state(s: Store, r: PlannedRun, *, fresh: bool) -> None:
             )
 
 
-def _common_resume_step(s: Store, t: Task) -> None:
+def common_resume_step(s: Store, t: Task) -> None:
     """The latest step checkpointed with the right config for every SAE of the task still to
     train (they resume together: one pass, one iterator). A crash between two SAEs' commits of
     one step leaves the step before it common to all (older ones are deleted only after)."""

@@ -185,13 +185,15 @@ class Checkpointing:
 
 
 @dataclass
-class _Progress:
+class Progress:
+    """When a pass started and the steps it resumed at (its lineage's ``started_at``, ``resumed``)."""
+
     started_at: str
     resumes: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _lineage(ds: ActivationDataset, r: Run, runs: Sequence[Run], trainer: Any, trained: Any, *, units: list[int],
-             holdout: list[int], rows: int, device: str, progress: _Progress, extra: Mapping[str, Any]) -> dict[str, Any]:
+             holdout: list[int], rows: int, device: str, progress: Progress, extra: Mapping[str, Any]) -> dict[str, Any]:
     t = trainer.trainers[r.name]
     return {
         "name": r.name,
@@ -229,7 +231,9 @@ def _lineage(ds: ActivationDataset, r: Run, runs: Sequence[Run], trainer: Any, t
     }
 
 
-def _restore(trainer: RecordingMultiSAETrainer, data: Any, ck: Checkpointing, progress: _Progress) -> None:
+def resume_pass(trainer: RecordingMultiSAETrainer, data: Any, ck: Checkpointing, progress: Progress) -> None:
+    """Restore every trainer of a pass, and its data provider's position, from the checkpoints of
+    ``ck.resume_step`` (``data``: anything with ``hooks`` and ``load_state_dict``)."""
     step = ck.resume_step
     assert step is not None
     extra: dict[str, Any] = {}
@@ -247,7 +251,9 @@ def _restore(trainer: RecordingMultiSAETrainer, data: Any, ck: Checkpointing, pr
     log.info("resumed %s at step %d (%d samples)", ", ".join(trainer.trainers), step, trainer.n_training_samples)
 
 
-def _saver(data: Any, ck: Checkpointing, progress: _Progress) -> Any:
+def checkpoint_saver(data: Any, ck: Checkpointing, progress: Progress) -> Any:
+    """The ``on_checkpoint`` callback of a pass: commit every SAE's checkpoint with the data
+    provider's ``state_dict``, then drop older steps."""
     def save(trainer: RecordingMultiSAETrainer, done: int) -> None:
         state = data.state_dict()
         for name, t in trainer.trainers.items():
@@ -289,15 +295,15 @@ def train_pass(
         "training %d SAE(s) on %s of dataset %r: %d units (%s rows per epoch), %d held out, %d steps of %d on %s",
         len(runs), ", ".join(hooks), ds.name, len(units), rows, len(holdout), first.train.steps, first.train.batch_size, device,
     )
-    progress = _Progress(utc_now())
+    progress = Progress(utc_now())
     ck = checkpointing
     try:
         trainer = RecordingMultiSAETrainer(
             cfg=trainer_cfg, saes=saes, hook_names={r.name: r.data_key for r in runs}, data_provider=data, log_every=first.train.log_every,
-            checkpoint_every=ck.every if ck else 0, on_checkpoint=_saver(data, ck, progress) if ck else None,
+            checkpoint_every=ck.every if ck else 0, on_checkpoint=checkpoint_saver(data, ck, progress) if ck else None,
         )
         if ck is not None and ck.resume_step:
-            _restore(trainer, data, ck, progress)
+            resume_pass(trainer, data, ck, progress)
         trained = trainer.fit()
     finally:
         data.close()
@@ -316,6 +322,8 @@ def train(spec: SAETrainSpec, *, ds: ActivationDataset | None = None) -> list[Tr
     """Train every SAE of a spec in memory (nothing is committed; ``strata sae train`` and
     :func:`analysis.sae.job.run_job` commit them): one pass per sweep combination, each over
     every hook. ``ds`` defaults to ``spec.dataset`` of ``spec.store``."""
+    if spec.sources:
+        raise ValueError("crosscoders (`sources`) train through analysis.sae.run_job (`strata sae train`), not train()")
     if ds is None:
 
         ds = store.open(spec.store, storage_options=spec.storage_options, create=False).dataset(spec.dataset)

@@ -14,6 +14,7 @@ from strata.store.datasets import stale
 from strata.store.datasets.reader import open_dataset
 from strata.store.errors import CorruptionError, StaleArtifactError
 from strata.store.root import StoreRoot
+from strata.store.saes.crosscoder import load_crosscoder
 from strata.store.views.summaries import sae_html
 
 #: The store folder SAEs live in.
@@ -33,9 +34,7 @@ def load_folder(path: str | Path, device: str = "cpu") -> Any:
 
         return topk_transcoder.load(path, device=device)
     if cfg.get("architecture") == "crosscoder":
-        from strata.store.saes import crosscoder  # lazy: torch loads in seconds; listing SAEs must not wait
-
-        return crosscoder.load_crosscoder(path, device=device)
+        return load_crosscoder(path, device=device)  # torch only when called (store.saes.crosscoder)
     from sae_lens import SAE  # lazy: sae-lens (and torch under it) loads in seconds; listing SAEs must not wait
 
     return SAE.load_from_disk(str(path), device=device)

@@ -22,6 +22,7 @@ from torch import nn
 from strata import store
 from strata.analysis.sae import SAETrainSpec, checkpoint, run_job
 from strata.analysis.sae.diffing import THRESHOLDS
+from strata.jobs.checks import check_job
 from strata.pipeline.encode import EncodeSpec, run_encode
 from strata.store.saes.crosscoder import CrossCoder
 
@@ -45,9 +46,11 @@ def two_models(root, *, seed: int = 0) -> tuple[store.Store, dict[str, np.ndarra
     atoms = {"shared_a": _unit(rng, N_SHARED), "own_a": _unit(rng, N_OWN), "own_b": _unit(rng, N_OWN)}
     atoms["shared_b"] = np.concatenate([atoms["shared_a"][:SAME], _unit(rng, N_SHARED - SAME)])
     s = store.open(root)
-    meta = {"tokenizer": "tok", "corpus_fingerprint": "c" * 64}
+    def meta(m: str) -> dict[str, str]:
+        return {"tokenizer": "tok", "corpus_fingerprint": ("d" if m == "other-corpus" else "c") * 64, "model": m}
+
     ws = {m: s.create_dataset(m, hooks={HOOK: D * (2 if m == "wide" else 1)}, context_size=CTX, dtype="float32", num_units=UNITS,
-                              unit_contexts=UNIT_CONTEXTS, meta={**meta, "model": m, **({"corpus_fingerprint": "d" * 64} if m == "other-corpus" else {})})
+                              unit_contexts=UNIT_CONTEXTS, meta=meta(m))
           for m in ("model-a", "model-b", "other-corpus", "wide")}
     rows = UNIT_CONTEXTS * CTX
     bos = (np.arange(rows) % CTX) == 0
@@ -277,6 +280,8 @@ def test_a_killed_run_resumes_to_the_same_weights_a_rerun_is_a_noop_another_conf
     assert run_job(resume_spec(root, "killed")).noop
     with pytest.raises(store.ArtifactExistsError, match=r"committed already with another config \(train.lr: 0.003 -> 0.001\)"):
         run_job(resume_spec(root, "killed", lr=1e-3))
+    with pytest.raises(store.ArtifactExistsError, match="another config"):  # `strata submit`'s check refuses it too
+        check_job("sae", resume_spec(root, "killed", lr=1e-3), s)
 
 
 # -- bad input ----------------------------------------------------------------------------------------
