@@ -44,6 +44,7 @@ from sae_lens.saes.topk_sae import act_times_W_dec, calculate_topk_aux_acts
 from sae_lens.saes.transcoder import JumpReLUSkipTranscoderConfig, JumpReLUTranscoderConfig, SkipTranscoderConfig, TranscoderConfig
 from torch import nn
 
+from strata.store.saes.topk_transcoder import DTYPES as TOPK_DTYPES
 from strata.store.saes.topk_transcoder import TopKTranscoder, TopKTranscoderConfig, topk_relu
 
 #: Spec architecture names of transcoders.
@@ -101,6 +102,8 @@ class TranscoderTrainingSAEConfig(TrainingSAEConfig):
             raise ValueError(f"`sae.activation` {act} needs `sae.k` (latents kept per token)")
         if act == "topk" and k is not None and float(k) != int(k):
             raise ValueError(f"`sae.k` of a per-token topk transcoder must be an integer, got {k}")
+        if act == "topk" and options.get("dtype", "float32") not in TOPK_DTYPES:
+            raise ValueError(f"`sae.dtype` of a per-token topk transcoder (saved in Strata's layout) is one of {', '.join(TOPK_DTYPES)}")
         norm = options.get("normalize_activations", "none")
         if norm != "none":
             raise ValueError(f"`sae.normalize_activations` must be none for a transcoder, got {norm!r}")

@@ -15,13 +15,12 @@ from strata.store.datasets.reader import open_dataset
 from strata.store.errors import CorruptionError, StaleArtifactError
 from strata.store.root import StoreRoot
 from strata.store.saes.crosscoder import load_crosscoder
+from strata.store.saes.topk_transcoder import is_topk_transcoder
+from strata.store.saes.topk_transcoder import load as load_topk_transcoder
 from strata.store.views.summaries import sae_html
 
 #: The store folder SAEs live in.
 SAES = "saes"
-# cfg.json architectures of Strata's TopK transcoder layout (store.saes.topk_transcoder.ARCHITECTURES,
-# not imported here: it imports torch, and listing SAEs must not wait for it).
-_TOPK_TRANSCODERS = ("strata_topk_transcoder", "strata_topk_skip_transcoder")
 
 
 def load_folder(path: str | Path, device: str = "cpu") -> Any:
@@ -29,10 +28,8 @@ def load_folder(path: str | Path, device: str = "cpu") -> Any:
     their loaders in ``store/saes/`` (torch and safetensors only), any other through sae-lens's
     ``SAE.load_from_disk``."""
     cfg = json.loads((Path(path) / "cfg.json").read_text(encoding="utf-8"))
-    if cfg.get("architecture") in _TOPK_TRANSCODERS:
-        from strata.store.saes import topk_transcoder  # lazy: torch loads in seconds; listing SAEs must not wait
-
-        return topk_transcoder.load(path, device=device)
+    if is_topk_transcoder(cfg):
+        return load_topk_transcoder(path, device=device)  # torch only when called (store.saes.topk_transcoder)
     if cfg.get("architecture") == "crosscoder":
         return load_crosscoder(path, device=device)  # torch only when called (store.saes.crosscoder)
     from sae_lens import SAE  # lazy: sae-lens (and torch under it) loads in seconds; listing SAEs must not wait

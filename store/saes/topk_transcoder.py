@@ -24,12 +24,15 @@ from __future__ import annotations
 import json
 import types
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+if TYPE_CHECKING:
+    import torch
 
 #: Architecture names (cfg.json's ``architecture``) this module reads and writes.
 TOPK_TRANSCODER = "strata_topk_transcoder"
@@ -37,13 +40,15 @@ TOPK_SKIP_TRANSCODER = "strata_topk_skip_transcoder"
 ARCHITECTURES = (TOPK_TRANSCODER, TOPK_SKIP_TRANSCODER)
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
+#: Weight dtypes of the layout (what safetensors stores through numpy).
+DTYPES = ("float32", "float16", "float64")
 
 
 def topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k`` largest entries of ``pre`` along the last dimension, ReLU'd, zeros elsewhere
     (ties broken as ``torch.topk`` breaks them)."""
-    values, indices = torch.topk(pre, k=k, dim=-1, sorted=False)
-    return torch.zeros_like(pre).scatter(-1, indices, values.relu())
+    values, indices = pre.topk(k, dim=-1, sorted=False)
+    return pre.new_zeros(pre.shape).scatter(-1, indices, values.relu())
 
 
 @dataclass
@@ -76,78 +81,95 @@ class TopKTranscoderConfig:
         missing = [k for k in ("d_in", "d_out", "d_sae", "k") if not isinstance(d.get(k), int) or d[k] < 1]
         if missing:
             raise ValueError(f"cfg.json of a {arch}: {', '.join(missing)} must be positive integers")
+        dtype = str(d.get("dtype", "float32"))
+        if dtype not in DTYPES:
+            raise ValueError(f"cfg.json of a {arch}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         return cls(d_in=d["d_in"], d_out=d["d_out"], d_sae=d["d_sae"], k=d["k"], skip=arch == TOPK_SKIP_TRANSCODER,
-                   dtype=str(d.get("dtype", "float32")), device=str(d.get("device", "cpu")),
-                   metadata=types.SimpleNamespace(**dict(d.get("metadata") or {})))
+                   dtype=dtype, device=str(d.get("device", "cpu")), metadata=types.SimpleNamespace(**dict(d.get("metadata") or {})))
 
 
-class TopKTranscoder(nn.Module):
-    """A per-token TopK transcoder (see the module docstring): ``encode``, ``decode``,
-    ``forward``, ``cfg`` (``d_in``, ``d_out``, ``d_sae``, ``k``), ``save_model`` and
-    ``load_from_disk``, named as sae-lens names them."""
+@cache
+def topk_transcoder_class() -> type:
+    """The :class:`TopKTranscoder` class (an ``nn.Module``), defined on first use."""
+    import torch  # lazy: ~2 s; `import strata.store` (which imports this module) must not pay for it
+    from torch import nn  # lazy: as above
 
-    W_skip: nn.Parameter | None
+    class TopKTranscoder(nn.Module):
+        """A per-token TopK transcoder (see the module docstring): ``encode``, ``decode``,
+        ``forward``, ``cfg`` (``d_in``, ``d_out``, ``d_sae``, ``k``), ``save_model`` and
+        ``load_from_disk``, named as sae-lens names them."""
 
-    def __init__(self, cfg: TopKTranscoderConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        dtype, device = getattr(torch, cfg.dtype), torch.device(cfg.device)
-        self.W_enc = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_sae, dtype=dtype, device=device))
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=device))
-        self.W_dec = nn.Parameter(torch.zeros(cfg.d_sae, cfg.d_out, dtype=dtype, device=device))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_out, dtype=dtype, device=device))
-        self.W_skip = nn.Parameter(torch.zeros(cfg.d_out, cfg.d_in, dtype=dtype, device=device)) if cfg.skip else None
+        W_skip: nn.Parameter | None
 
-    @property
-    def device(self) -> torch.device:
-        return self.W_enc.device
+        def __init__(self, cfg: TopKTranscoderConfig) -> None:
+            super().__init__()
+            self.cfg = cfg
+            dtype, device = getattr(torch, cfg.dtype), torch.device(cfg.device)
+            self.W_enc = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_sae, dtype=dtype, device=device))
+            self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=device))
+            self.W_dec = nn.Parameter(torch.zeros(cfg.d_sae, cfg.d_out, dtype=dtype, device=device))
+            self.b_dec = nn.Parameter(torch.zeros(cfg.d_out, dtype=dtype, device=device))
+            self.W_skip = nn.Parameter(torch.zeros(cfg.d_out, cfg.d_in, dtype=dtype, device=device)) if cfg.skip else None
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.W_enc.dtype
+        @property
+        def device(self) -> torch.device:
+            return self.W_enc.device
 
-    def to(self, *args: Any, **kwargs: Any) -> TopKTranscoder:  # type: ignore[override]
-        out = super().to(*args, **kwargs)
-        self.cfg.device = str(self.W_enc.device)  # as sae-lens's `to` keeps cfg.device current
-        return out
+        @property
+        def dtype(self) -> torch.dtype:
+            return self.W_enc.dtype
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Latents ``[..., d_sae]`` of inputs ``[..., d_in]``."""
-        return topk_relu(x.to(self.dtype) @ self.W_enc + self.b_enc, self.cfg.k)
+        def to(self, *args: Any, **kwargs: Any) -> Any:
+            out = super().to(*args, **kwargs)
+            self.cfg.device = str(self.W_enc.device)  # as sae-lens's `to` keeps cfg.device current
+            return out
 
-    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
-        """The output ``[..., d_out]`` the latents write (the skip path left out)."""
-        return feature_acts @ self.W_dec + self.b_dec
+        def encode(self, x: torch.Tensor) -> torch.Tensor:
+            """Latents ``[..., d_sae]`` of inputs ``[..., d_in]``."""
+            return topk_relu(x.to(self.dtype) @ self.W_enc + self.b_enc, self.cfg.k)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The predicted output ``[..., d_out]`` of inputs ``[..., d_in]``, the skip path included."""
-        out = self.decode(self.encode(x))
-        if self.W_skip is not None:
-            out = out + x.to(self.dtype) @ self.W_skip.T
-        return out
+        def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+            """The output ``[..., d_out]`` the latents write (the skip path left out)."""
+            return feature_acts @ self.W_dec + self.b_dec
 
-    def save_model(self, path: str | Path) -> tuple[Path, Path]:
-        """Write ``cfg.json`` and ``sae_weights.safetensors`` into ``path`` (created)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(weights, path / WEIGHTS_FILENAME)
-        (path / CFG_FILENAME).write_text(json.dumps(self.cfg.to_dict(), default=str), encoding="utf-8")
-        return path / WEIGHTS_FILENAME, path / CFG_FILENAME
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            """The predicted output ``[..., d_out]`` of inputs ``[..., d_in]``, the skip path included."""
+            out = self.decode(self.encode(x))
+            if self.W_skip is not None:
+                out = out + x.to(self.dtype) @ self.W_skip.T
+            return out
 
-    @classmethod
-    def load_from_disk(cls, path: str | Path, device: str = "cpu") -> TopKTranscoder:
-        """Read a folder written by :meth:`save_model`; the weights must match cfg.json's shapes."""
-        path = Path(path)
-        cfg = TopKTranscoderConfig.from_dict(json.loads((path / CFG_FILENAME).read_text(encoding="utf-8")))
-        cfg.device = device
-        model = cls(cfg)
-        state = load_file(str(path / WEIGHTS_FILENAME), device=device)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"{path / WEIGHTS_FILENAME}: weights do not match cfg.json ({str(e).splitlines()[0]})") from None
-        return model
+        def save_model(self, path: str | Path) -> tuple[Path, Path]:
+            """Write ``cfg.json`` and ``sae_weights.safetensors`` into ``path`` (created)."""
+            path = Path(path)
+            path.mkdir(parents=True, exist_ok=True)
+            if self.cfg.dtype not in DTYPES:
+                raise ValueError(f"a TopK transcoder is saved as {', '.join(DTYPES)}, not {self.cfg.dtype}")
+            save_file({k: v.detach().cpu().contiguous().numpy() for k, v in self.state_dict().items()}, str(path / WEIGHTS_FILENAME))
+            (path / CFG_FILENAME).write_text(json.dumps(self.cfg.to_dict(), default=str), encoding="utf-8")
+            return path / WEIGHTS_FILENAME, path / CFG_FILENAME
+
+        @classmethod
+        def load_from_disk(cls, path: str | Path, device: str = "cpu") -> TopKTranscoder:
+            """Read a folder written by :meth:`save_model`; the weights must match cfg.json's shapes."""
+            path = Path(path)
+            cfg = TopKTranscoderConfig.from_dict(json.loads((path / CFG_FILENAME).read_text(encoding="utf-8")))
+            cfg.device = device
+            model = cls(cfg)
+            state = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in load_file(str(path / WEIGHTS_FILENAME)).items()}
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as e:
+                raise ValueError(f"{path / WEIGHTS_FILENAME}: weights do not match cfg.json ({str(e).splitlines()[0]})") from None
+            return model
+
+    return TopKTranscoder
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TopKTranscoder":
+        return topk_transcoder_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_topk_transcoder(cfg: dict[str, Any]) -> bool:
@@ -155,6 +177,6 @@ def is_topk_transcoder(cfg: dict[str, Any]) -> bool:
     return cfg.get("architecture") in ARCHITECTURES
 
 
-def load(path: str | Path, device: str = "cpu") -> TopKTranscoder:
-    """:meth:`TopKTranscoder.load_from_disk`."""
-    return TopKTranscoder.load_from_disk(path, device=device)
+def load(path: str | Path, device: str = "cpu") -> Any:
+    """The TopK transcoder of a folder (``TopKTranscoder.load_from_disk``)."""
+    return topk_transcoder_class().load_from_disk(path, device=device)
