@@ -23,6 +23,7 @@ from typing import Any
 
 from strata import store
 from strata.analysis.features import write_pages
+from strata.analysis.features.dashboard import derive, serve
 from strata.jobs._text import safe
 from strata.jobs.features_encode import main as encode_main
 from strata.pipeline.errors import SpecError
@@ -163,8 +164,6 @@ def _explanations_arg(path: str | None) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from strata.analysis.features.dashboard.server import serve  # lazy: starlette and uvicorn: only serving needs them
-
     _explanations_arg(args.explanations)
     fs = _open(args.store).features(args.name)
     print(f"serving feature table {safe(repr(fs.name))} ({fs.d_sae} features) at http://{args.host}:{args.port}/ (Ctrl-C stops)")
@@ -173,8 +172,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_derive(args: argparse.Namespace) -> int:
-    from strata.analysis.features.dashboard.derive import derive  # lazy: torch and sae-lens: only deriving needs them
-
     fs = _open(args.store).features(args.name)
     key = derive(fs, k=args.k)
     print(f"wrote {key}")

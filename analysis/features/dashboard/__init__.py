@@ -10,12 +10,7 @@ Every page is drawn by the one viewer of :mod:`strata.store.features.view` from 
 
 from strata.analysis.features.dashboard.derive import derive, fold_unembed
 from strata.analysis.features.dashboard.export import export, neuronpedia_batch
+from strata.analysis.features.dashboard.server import make_app, serve
 
-__all__ = ["derive", "fold_unembed", "export", "neuronpedia_batch", "make_app"]
+__all__ = ["derive", "fold_unembed", "export", "neuronpedia_batch", "make_app", "serve"]
 
-
-def make_app(*args, **kwargs):  # noqa: ANN002, ANN003 - forwards to server.make_app
-    """:func:`strata.analysis.features.dashboard.server.make_app` (imported on use: starlette is only needed to serve)."""
-    from strata.analysis.features.dashboard.server import make_app as _make  # lazy: starlette: only serving needs it
-
-    return _make(*args, **kwargs)

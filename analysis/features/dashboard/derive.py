@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from strata.pipeline.hooks import family_of
 from strata.store.features.view import write_derived
 
 if TYPE_CHECKING:
@@ -86,14 +87,16 @@ def logit_effects(W_dec: np.ndarray, W_U: np.ndarray, k: int = 10, *, block: int
 
 def _model_unembed(fs: FeatureTable) -> tuple[np.ndarray | None, str]:
     """The dataset's model's prepared ``W_U`` (see :func:`fold_unembed`), or None and why not."""
-    from strata.analysis.layers.lens import _unembed  # lazy: imports torch and the model families
     from strata.analysis.sae.evaluate import load_causal_lm  # lazy: strata.analysis.sae imports sae_lens (~3 s)
 
     model, why = load_causal_lm(fs.dataset.info.meta)
     if model is None:
         return None, f"no logit effects: {why}"
-    norm, unembed, _ = _unembed(model)
-    W_U = unembed.weight.detach().float().numpy().T  # [d_model, vocab]
+    fam = family_of(model.config.model_type)
+    if fam.ln_final is None:
+        return None, f"no logit effects: model type {model.config.model_type!r} has no final norm in Strata's hook map"
+    norm = model.base_model.get_submodule(fam.ln_final)
+    W_U = model.get_output_embeddings().weight.detach().float().numpy().T  # [d_model, vocab]
     w = getattr(norm, "weight", None)
     gemma = type(norm).__name__.startswith("Gemma")
     return fold_unembed(W_U, None if w is None else w.detach().float().numpy(), gemma=gemma), LOGIT_NOTE

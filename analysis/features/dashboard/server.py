@@ -17,6 +17,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -115,6 +116,4 @@ def make_app(fs: FeatureTable, *, explanations: str | None = None, refresh_s: fl
 
 def serve(fs: FeatureTable, *, host: str = "127.0.0.1", port: int = 8000, explanations: str | None = None) -> None:
     """Serve ``fs`` until interrupted (uvicorn)."""
-    import uvicorn  # lazy: only serving needs the HTTP server
-
     uvicorn.run(make_app(fs, explanations=explanations), host=host, port=port, log_level="warning")
