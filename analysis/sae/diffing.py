@@ -113,17 +113,18 @@ def plot_relative_norms(table: pa.Table, path: str | Path, *, title: str = "", l
         return None
     r = table.column("relative_norm").to_numpy(zero_copy_only=False).astype(np.float64)
     r = r[np.isfinite(r)]
-    fig = Figure(figsize=(6.0, 3.4), dpi=100)
-    fig.subplots_adjust(left=0.11, right=0.97, bottom=0.16, top=0.86)
+    fig = Figure(figsize=(6.0, 3.6), dpi=100)
+    fig.subplots_adjust(left=0.11, right=0.97, bottom=0.15, top=0.85)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     ax.hist(r, bins=50, range=(0.0, 1.0), color="#4c72b0")
     for x in THRESHOLDS.values():
         ax.axvline(x, color="#c44e52", lw=0.8, ls="--")
-    ax.set_xlabel(f"relative decoder norm ({labels[1]}'s share; 0: {labels[0]} only, 1: {labels[1]} only)", fontsize=8)
+    ax.set_xlabel("relative decoder norm r: B's share (0: A only, 1: B only); dashed: class thresholds", fontsize=8)
     ax.set_ylabel("latents", fontsize=8)
     ax.tick_params(labelsize=7)
-    ax.set_title(title or "relative decoder norms", fontsize=10)
+    fig.suptitle(title or "relative decoder norms", fontsize=10)
+    ax.set_title(f"A = {labels[0]}   B = {labels[1]}", fontsize=7)
     path = Path(path)
     fig.savefig(path, format="png")
     return path
