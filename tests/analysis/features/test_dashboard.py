@@ -201,3 +201,20 @@ def test_served_endpoints(fs):
         assert r.status_code == 404 and "features 0..23" in r.json()["error"]
         assert c.get("/api/feature/x").status_code == 400 and c.get("/api/search").status_code == 400
         assert 'StrataView.served("")' in c.get("/").text
+
+
+def test_cli_html_neuronpedia_and_bad_input(fs, tmp_path, capsys):
+    from strata.jobs.cli import main
+
+    uri = fs.store.uri
+    assert main(["features", "html", uri, "ft", "--out", str(tmp_path / "p"), "--neuronpedia"]) == 0
+    batch = json.loads((tmp_path / "p" / "neuronpedia" / "batch-0.json").read_text())
+    assert [f["feature_index"] for f in batch["features"]] == [f for f in range(fs.d_sae) if f != DEAD]
+    capsys.readouterr()
+    assert main(["features", "serve", uri, "ft", "--explanations", str(tmp_path / "nope.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--explanations" in err and "nope.jsonl" in err and "no such file" in err and len(err.splitlines()) == 1
+    # The synthetic table has no SAE behind it: derive says so in one line.
+    assert main(["features", "derive", uri, "ft"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "synthetic" in err and len(err.splitlines()) == 1
