@@ -25,6 +25,10 @@ the name is ``name``, then ``.HOOK`` when the spec resolves to several hooks, th
 Values print as YAML would write them (``3e-05``, ``true``); list values join with ``+``; any
 character outside ``[A-Za-z0-9_.@+=-]`` becomes ``_``. Each expanded run's own spec is a
 concrete spec (one hook, no sweep, ``name`` set to the run's name) that reproduces that SAE.
+
+Transcoders (``architecture: transcoder | skip_transcoder``, :mod:`analysis.sae.transcoder`) take
+``hooks: {in: HOOK, out: HOOK}`` or a list of such pairs (:func:`transcoder_pair`); they are
+named as above with the OUT hook in place of ``HOOK``.
 """
 
 from __future__ import annotations

@@ -323,3 +323,14 @@ def test_reprocess_plans_a_transcoder_spec_like_an_sae(data, tmp_path, monkeypat
     run_job(SAETrainSpec.model_validate(spec))
     [step] = plan_pipeline(load_pipeline("pipeline.yaml")).steps  # the same resolved config as the job's: up to date
     assert not step.run and step.why.startswith("up to date"), step.why
+
+
+def test_a_sweep_over_pairs_names_each_transcoder_by_its_out_hook_and_values(tmp_path):
+    s = SAETrainSpec.model_validate({**raw_spec(tmp_path, "tc", sae={"d_sae": 64, "k": 4}),
+                                     "hooks": [{"out": "blocks.0.hook_mlp_out"}, {"out": "blocks.1.hook_mlp_out"}],
+                                     "sweep": {"sae.k": [2, 4]}})
+    runs = expand_runs(s, [f"blocks.{i}.{h}" for i in (0, 1) for h in ("mlp.hook_in", "hook_mlp_out")])
+    assert [r.name for r in runs] == ["tc.blocks.0.hook_mlp_out.k=2", "tc.blocks.0.hook_mlp_out.k=4",
+                                      "tc.blocks.1.hook_mlp_out.k=2", "tc.blocks.1.hook_mlp_out.k=4"]
+    assert [(r.hook, r.hook_out, r.spec.sae["k"]) for r in runs][1] == ("blocks.0.mlp.hook_in", "blocks.0.hook_mlp_out", 4.0)
+    assert runs[3].data_key == "blocks.1.mlp.hook_in->blocks.1.hook_mlp_out" and runs[3].hooks == ("blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out")
