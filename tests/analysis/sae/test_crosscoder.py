@@ -21,6 +21,7 @@ from torch import nn
 
 from strata import store
 from strata.analysis.sae import SAETrainSpec, checkpoint, run_job
+from strata.analysis.sae.crosscoder_run import plan_crosscoders
 from strata.analysis.sae.diffing import THRESHOLDS
 from strata.jobs.checks import check_job
 from strata.pipeline.encode import EncodeSpec, run_encode
@@ -315,3 +316,18 @@ def test_bad_crosscoder_specs_are_one_line(change, pattern):
     raw.update(change)
     with pytest.raises(ValueError, match=pattern):
         SAETrainSpec.model_validate(raw)
+
+
+def test_a_sweep_plans_one_crosscoder_per_combination_and_the_hash_covers_every_source(models):
+    root, s, _ = models
+    raw = json.loads(spec_of(root, "sw").model_dump_json())
+    p = plan_crosscoders(SAETrainSpec.model_validate({**raw, "sweep": {"sae.k": [2, 4]}}), s)
+    assert [(r.name, r.run.hook, r.status) for r in p.runs] == [
+        ("sw.k=2", f"model-a:{HOOK}+model-b:{HOOK}", "train"), ("sw.k=4", f"model-a:{HOOK}+model-b:{HOOK}", "train")]
+    a, b = (r.config for r in p.runs)
+    assert a["sae"]["k"] == 2 and b["sae"]["k"] == 4 and p.runs[0].config_hash != p.runs[1].config_hash
+    assert [(x["dataset"], x["fingerprint"], x["hook"]) for x in a["sources"]] == [
+        (n, s.dataset(n).info.fingerprint, HOOK) for n in ("model-a", "model-b")]
+    # The same spec over the sources the other way round is another crosscoder.
+    swapped = plan_crosscoders(spec_of(root, "sw", sources=("model-b", "model-a")), s).runs[0]
+    assert swapped.config_hash != plan_crosscoders(spec_of(root, "sw"), s).runs[0].config_hash
