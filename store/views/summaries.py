@@ -115,14 +115,22 @@ def sae_html(h: Any) -> str:
     L0, dead fraction, CE), files and bytes."""
     lin, cfg, metrics = h.lineage, h.cfg, h.metrics
     stale = h.stale_inputs
+    model = {k: lin.get(k) for k in ("model", "revision")}
+    if not all(model.values()) and isinstance(lin.get("dataset"), str) and hasattr(h.store, "manifest"):
+        try:  # the dataset's manifest (metadata) names the model the SAE's activations came from
+            meta = h.store.manifest(lin["dataset"]).meta
+            model = {k: model[k] or meta.get(k) for k in model}
+        except StrataError:
+            pass  # the dataset is gone: stale_inputs says so
     ident = [("dataset", lin.get("dataset")), ("dataset fingerprint", lin.get("dataset_fingerprint") or lin.get("fingerprint")),
-             ("hook", lin.get("hook")), ("model", lin.get("model") or cfg.get("model_name")), ("revision", lin.get("revision")),
+             ("hook", lin.get("hook")), ("hook out", lin.get("hook_out")), ("model", model["model"] or cfg.get("model_name")),
+             ("revision", model["revision"]),
              ("trained on", f"{len(lin.get('units') or [])} unit(s)" if "units" in lin else None),
              ("held out", f"{len(lin.get('holdout_units') or [])} unit(s)" if "holdout_units" in lin else None),
              ("committed", h.artifact.record.committed_at)]
     arch = [(k, cfg.get(k)) for k in ("architecture", "d_in", "d_sae", "k", "dtype", "hook_name", "apply_b_dec_to_input") if k in cfg]
     shown = [(k, metrics[k]) for k in _METRICS if k in metrics]
-    other = [(k, v) for k, v in sorted(lin.items()) if k not in {"dataset", "hook", "model", "revision", "units", "holdout_units"}]
+    other = [(k, v) for k, v in sorted(lin.items()) if k not in {"dataset", "hook", "hook_out", "model", "revision", "units", "holdout_units"}]
     files = [(f.key.rsplit("/", 1)[-1], fmt_bytes(f.nbytes)) for f in h.artifact.record.files]
     total = _files_bytes(h.artifact.record.files)
     secs = [section("identity and lineage", kv_table(ident), open=True),

@@ -165,6 +165,8 @@ def test_sae_and_feature_table_summaries_state_their_figures(acts):
     h, fs = s.sae("sae-x"), s.features("sae-x")
     text = " ".join(inert(h._repr_html_()).text)
     assert "d_sae 64" in text and f"hook {H1}" in text and h.lineage["fingerprint"] in text
+    meta = s.dataset("xss").info.meta  # the model and revision come from the SAE's dataset
+    assert f"model {meta['model']}" in text and f"revision {meta['revision']}" in text
     ftext = " ".join(inert(fs._repr_html_()).text)
     # The density summary against the table's latents read row-major (another path than the merged stats).
     dense = fs.latents(slice(None), dense=True).numpy()
