@@ -88,13 +88,17 @@ def heldout(s: store.Store, units: list[int]) -> tuple[torch.Tensor, torch.Tenso
 # -- (a) planted recovery ------------------------------------------------------------------------
 
 
-def test_a_transcoder_recovers_the_planted_output_atoms(data):
+@pytest.mark.parametrize(("name", "sae", "steps", "cls"), [
+    ("planted", {"d_sae": 64, "l1_coefficient": 0.3}, 800, "Transcoder"),  # ReLU + L1
+    ("planted-btk", {"d_sae": 64, "k": 3}, 1500, "JumpReLUTranscoder"),  # BatchTopK, saved as JumpReLU
+])
+def test_a_transcoder_recovers_the_planted_output_atoms(data, name, sae, steps, cls):
     root, s, a_out = data
-    res = run_job(make_spec(root, "planted", sae={"d_sae": 64, "l1_coefficient": 0.3}, steps=800, batch=256))
+    res = run_job(make_spec(root, name, sae=sae, steps=steps, batch=256))
     m = res.outcomes[0].metrics
-    h = s.sae("planted")
+    h = s.sae(name)
     tc = h.load()
-    assert type(tc).__name__ == "Transcoder" and h.cfg["architecture"] == "transcoder"
+    assert type(tc).__name__ == cls and h.cfg["architecture"] == {"Transcoder": "transcoder", "JumpReLUTranscoder": "jumprelu_transcoder"}[cls]
     assert (h.cfg["d_in"], h.cfg["d_out"], h.cfg["d_sae"]) == (D_IN, D_OUT, 64)
     w = tc.W_dec.detach().numpy()
     cos = a_out @ (w / np.linalg.norm(w, axis=1, keepdims=True).clip(1e-12)).T  # atoms x latents
