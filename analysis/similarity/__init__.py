@@ -4,7 +4,8 @@ Linear metrics (computable from :class:`Moments`, O(d^2) memory whatever ``n``):
 :func:`linear_cka`, :func:`debiased_cka`, :func:`cca`, :func:`svcca`, :func:`pwcca`,
 :func:`procrustes`, :func:`cosine`, :func:`r2` (streaming: :func:`r2_from_moments`).
 Sampled metrics (``n x n`` memory; pass a seeded sample of rows): :func:`rbf_cka`,
-:func:`minibatch_cka`, :func:`mutual_knn`, :func:`rsa`.
+:func:`minibatch_cka`, :func:`mutual_knn`, :func:`rsa`, :func:`cknna` (Huh et al.'s kernel
+alignment of shared nearest neighbours, as REPA reports it; ``k`` is always given).
 
 Inputs are ``[n, d]`` NumPy arrays or torch tensors with rows aligned between ``X`` and ``Y``;
 everything is computed in float64. Streaming use::
@@ -28,6 +29,7 @@ from strata.pipeline.executor import Executor
 from ._blocks import BlockMoments
 from ._cca import RANK_RTOL, cca, pwcca, svcca
 from ._cka import cosine, debiased_cka, linear_cka, procrustes
+from ._cknna import cknna
 from ._moments import Moments
 from ._ridge import r2, r2_from_moments
 from ._sampled import minibatch_cka, mutual_knn, rbf_cka, rsa
@@ -52,6 +54,7 @@ __all__ = [
     "RANK_RTOL",
     "STREAMING_METRICS",
     "cca",
+    "cknna",
     "compare",
     "cosine",
     "debiased_cka",

@@ -16,7 +16,7 @@ the pools used are recorded in the provenance (``alignment.pool``). Then:
   the parts are merged exactly. The values do not depend on the number of tasks or the chunk
   size beyond float64 rounding. ``r2`` fits on the training units and scores on held-out units
   (``holdout``: a seeded fraction of side A's units), both directions;
-* **sampled metrics** (``rbf_cka``, ``minibatch_cka``, ``mutual_knn``, ``rsa``) hold ``n x n``
+* **sampled metrics** (``rbf_cka``, ``minibatch_cka``, ``mutual_knn``, ``rsa``, ``cknna``) hold ``n x n``
   matrices, so they run on a seeded uniform sample of ``sample_rows`` pairs (``n_sample`` in the
   result).
 
@@ -40,6 +40,7 @@ from strata.pipeline.executor import Executor, StoreRef
 from strata.pipeline.vision import CLS_TOKEN  # a vision encoder's CLS row (registers -2, -3, ...; patches 0..P-1)
 from strata.store.datasets.aligned import AlignmentError, align_tokens, check_same_corpus
 
+from ._cknna import cknna
 from ._moments import Moments, check_precision
 from ._ridge import r2_from_moments
 from ._sampled import minibatch_cka, mutual_knn, rbf_cka, rsa
@@ -66,7 +67,7 @@ _RECORDED = ("keep", "ridge", "holdout", "sample_rows", "seed", "sigma_frac", "k
 def min_rows(metric: str, settings: CompareSettings) -> int:
     """Fewest aligned rows ``metric`` is defined on."""
     return {"debiased_cka": 4, "cosine": 1, "rbf_cka": 3, "rsa": 3, "r2": 4,
-            "minibatch_cka": settings.minibatch_size, "mutual_knn": settings.knn_k + 1}.get(metric, 2)
+            "minibatch_cka": settings.minibatch_size, "mutual_knn": settings.knn_k + 1, "cknna": max(4, settings.knn_k + 1)}.get(metric, 2)
 
 
 @dataclass
@@ -343,6 +344,7 @@ def _sampled_values(plan: ComparePlan, x: np.ndarray, y: np.ndarray) -> dict[str
         "minibatch_cka": lambda: minibatch_cka(x, y, batch_size=o.minibatch_size, seed=o.seed),
         "mutual_knn": lambda: mutual_knn(x, y, k=o.knn_k),
         "rsa": lambda: rsa(x, y, metric=o.rsa_metric),  # type: ignore[arg-type]
+        "cknna": lambda: cknna(x, y, k=o.knn_k),
     }
     return {m: float(fns[m]()) for m in plan.metrics if m in SAMPLED}
 

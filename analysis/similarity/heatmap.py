@@ -11,7 +11,7 @@ for ``m`` groups of one dataset, ``m_A m_B`` for two); every value is still exac
 
 **Sample method** (when even one pair of hooks does not fit the budget, when asked for with
 ``method: sample``, and always for the sampled metrics ``rbf_cka``, ``minibatch_cka``,
-``mutual_knn``, ``rsa``): the metric computed in memory on a seeded uniform sample of
+``mutual_knn``, ``rsa``, ``cknna``): the metric computed in memory on a seeded uniform sample of
 ``sample_rows`` aligned rows, the same rows for every hook (``n`` in the results says how many).
 Its error is the metric's sampling error at that ``n``; biased linear CKA is biased upwards at
 small ``n`` (see ``debiased_cka``).
@@ -36,6 +36,7 @@ from strata.store.errors import HookNotFoundError
 from . import _cca, _cka, _sampled
 from ._blocks import BlockMoments
 from ._cca import Spectra
+from ._cknna import cknna
 from ._linalg import eigh_desc
 from ._streaming import from_moments
 from ._tasks import split_ranges
@@ -192,6 +193,8 @@ class HeatmapPlan:
         out = {k: getattr(self.compute if k in _COMPUTE_KEYS else self.settings, k) for k in _RECORDED}
         if "chunk_rows" not in self.compute.model_fields_set:
             out["chunk_rows"] = None
+        if self.settings.metric in ("mutual_knn", "cknna"):  # only where it matters, so other results' records are unchanged
+            out["knn_k"] = self.settings.knn_k
         return out
 
 
@@ -213,7 +216,7 @@ def plan_heatmap(a: tuple[ActivationDataset, Sequence[str]], b: tuple[Activation
     if opts.max_rows is not None:
         rows = [r[: opts.max_rows] for r in rows]
     n = int(rows[0].size)
-    need = 4 if opts.metric == "debiased_cka" else 3 if opts.metric in ("rbf_cka", "rsa") else 2
+    need = {"debiased_cka": 4, "rbf_cka": 3, "rsa": 3, "mutual_knn": opts.knn_k + 1, "cknna": max(4, opts.knn_k + 1)}.get(opts.metric, 2)
     if n < need:
         raise AnalysisError(f"{opts.metric} needs at least {need} aligned rows, but the heatmap's hooks have {n} in common")
     wa = [ds_a.info.hooks[h].d for h in ha]
@@ -300,7 +303,8 @@ def _sampled_heatmap(ds_a: ActivationDataset, ha: list[str], side_b: tuple[Activ
     xb = xa if side_b is None else [np.asarray(side_b[0].read(h, rows=rows[1][idx]), dtype=np.float64) for h in side_b[1]]
     fns = {"linear_cka": _cka.linear_cka, "debiased_cka": _cka.debiased_cka, "cca": _cca.cca, "procrustes": _cka.procrustes,
            "svcca": lambda x, y: _cca.svcca(x, y, keep=opts.keep), "pwcca": _cca.pwcca, "cosine": _cka.cosine,
-           "rbf_cka": _sampled.rbf_cka, "mutual_knn": _sampled.mutual_knn, "rsa": _sampled.rsa,
+           "rbf_cka": _sampled.rbf_cka, "mutual_knn": lambda x, y: _sampled.mutual_knn(x, y, k=opts.knn_k), "rsa": _sampled.rsa,
+           "cknna": lambda x, y: cknna(x, y, k=opts.knn_k),
            "minibatch_cka": lambda x, y: _sampled.minibatch_cka(x, y, batch_size=min(256, k), seed=opts.seed)}
     f = fns[opts.metric]
     for i, x in enumerate(xa):

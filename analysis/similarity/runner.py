@@ -30,7 +30,7 @@ from .errors import AnalysisError
 from .heatmap import match_hooks, plan_heatmap, run_heatmap
 from .matching import match_saes
 from .plots import heatmap_png, lines_png
-from .spec import AnalyzeSpec, CompareSpec, HeatmapSpec, LayersSpec, MatchSpec, ProbeSpec
+from .spec import SAMPLED, AnalyzeSpec, CompareSpec, HeatmapSpec, LayersSpec, MatchSpec, ProbeSpec
 
 if TYPE_CHECKING:
     from strata.pipeline.executor import Executor
@@ -201,7 +201,7 @@ def _run_compare(p: Prepared, ex: Executor) -> tuple[dict[str, bytes], dict[str,
     values, prov = run_compare(p.plan, ex)
     a, b = p.spec.a, p.spec.b
     names = [k for k in values if k not in ("n", "n_sample")]
-    n_of = {k: values.get("n_sample" if k in ("rbf_cka", "minibatch_cka", "mutual_knn", "rsa") else "n") for k in names}
+    n_of = {k: values.get("n_sample" if k in SAMPLED else "n") for k in names}
     table = pa.table({"dataset_a": [a.dataset] * len(names), "hook_a": [a.hook] * len(names), "dataset_b": [b.dataset] * len(names),
                       "hook_b": [b.hook] * len(names), "metric": names, "value": [values[k] for k in names],
                       "n": np.array([int(n_of[k]) for k in names], dtype=np.int64)})

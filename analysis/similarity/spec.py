@@ -32,7 +32,7 @@ from strata.store.layout import check_name
 from .errors import AnalysisError
 
 STREAM: tuple[str, ...] = ("linear_cka", "debiased_cka", "cca", "svcca", "pwcca", "procrustes", "r2", "cosine")
-SAMPLED: tuple[str, ...] = ("rbf_cka", "minibatch_cka", "mutual_knn", "rsa")
+SAMPLED: tuple[str, ...] = ("rbf_cka", "minibatch_cka", "mutual_knn", "rsa", "cknna")
 METRICS: tuple[str, ...] = STREAM + SAMPLED
 DEFAULT_METRICS: tuple[str, ...] = ("linear_cka", "debiased_cka", "svcca", "procrustes")
 HEATMAP_METRICS: tuple[str, ...] = ("linear_cka", "debiased_cka", "cca", "svcca", "pwcca", "procrustes", "cosine", *SAMPLED)
@@ -85,7 +85,7 @@ class CompareSettings(Section):
 
     metrics: list[Metric] = Field(default=["linear_cka", "debiased_cka", "svcca", "procrustes"], min_length=1)  # type: ignore[valid-type]
     """Streaming: linear_cka, debiased_cka, cca, svcca, pwcca, procrustes, r2, cosine; sampled:
-    rbf_cka, minibatch_cka, mutual_knn, rsa."""
+    rbf_cka, minibatch_cka, mutual_knn, rsa, cknna."""
     align: Literal["tokens", "docs"] = "tokens"
     """``tokens``: pair token rows (same dataset, same tokenizer by document position, or by
     character span ends across tokenizers); ``docs``: one row per document, pooled as ``pool`` says."""
@@ -109,7 +109,7 @@ class CompareSettings(Section):
     sigma_frac: float = Field(default=0.8, gt=0)
     """rbf_cka: kernel bandwidth as a fraction of the median pairwise distance."""
     knn_k: int = Field(default=10, gt=0)
-    """mutual_knn: neighbours per row."""
+    """mutual_knn and cknna: neighbours per row (cknna needs >= 2; Huh et al. and REPA use 10)."""
     minibatch_size: int = Field(default=256, ge=4)
     """minibatch_cka: rows per batch."""
     rsa_metric: Literal["correlation", "cosine", "euclidean"] = "correlation"
@@ -134,6 +134,12 @@ class CompareSettings(Section):
     def _pool_needs_docs(self) -> CompareSettings:
         if self.align != "docs" and self.pool not in ("mean", ("mean", "mean")):
             raise ValueError(f"`pool` {self.pool!r} pools documents; it needs `align: docs`")
+        return self
+
+    @model_validator(mode="after")
+    def _cknna_k(self) -> CompareSettings:
+        if "cknna" in self.metrics and self.knn_k < 2:
+            raise ValueError(f"cknna needs `knn_k` >= 2 neighbours per row, got {self.knn_k}")
         return self
 
     @model_serializer(mode="wrap")
@@ -171,6 +177,22 @@ class HeatmapSettings(Section):
     """Seeds the sample method."""
     keep: float = Field(default=0.99, gt=0, le=1)
     """SVCCA's variance fraction."""
+    knn_k: int = Field(default=10, gt=0)
+    """mutual_knn and cknna: neighbours per row (cknna needs >= 2)."""
+
+    @model_validator(mode="after")
+    def _cknna_k(self) -> HeatmapSettings:
+        if self.metric == "cknna" and self.knn_k < 2:
+            raise ValueError(f"cknna needs `knn_k` >= 2 neighbours per row, got {self.knn_k}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        # Results committed before `knn_k` existed have none in their identity: the default is left out.
+        out = handler(self)
+        if self.knn_k == 10:
+            out.pop("knn_k", None)
+        return out
 
 
 class HeatmapSpec(HeatmapSettings, Analysis):
