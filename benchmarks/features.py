@@ -25,6 +25,10 @@ Two parts:
   16k-latent decoder and a seeded ``W_U`` saved beside it (``sae-16k-seeded.npz``), timed once; the
   served page data (``GET /api/feature/f`` of `strata features serve`'s app) warm, beside ``fs.top``;
   the static export of every feature, its time and total size.
+* **Notebook views** (issue 24). On the same table (with the derived data when the dashboard part
+  ran): the feature table's HTML summary (``fs._repr_html_()``: identity, merged state, density
+  summary; target < 50 ms warm) and ``fs.show(f)``'s HTML (a new view each time: the feature's data
+  and the page fragment; target < 200 ms warm), median of ``--repeats`` calls.
 """
 
 from __future__ import annotations
@@ -259,6 +263,25 @@ def bench_dashboard(root: Path, fs: FeatureTable, args: argparse.Namespace) -> N
           f"{size / fs.d_sae / 1e3:.1f} KB a feature on average (target <= 15), {dead} dead feature(s) listed in the index")
 
 
+def bench_notebook(root: Path, args: argparse.Namespace) -> None:
+    """The notebook views' latency, warm: the table opened and each view rendered once first."""
+    fs = store.open(root / "q").features("q")
+    fs._repr_html_()
+    t_sum = _median_s(fs._repr_html_, args.repeats)
+    st = fs.stats()
+    order = np.argsort(-st.column("count").to_numpy(), kind="stable")
+    print(f"\nnotebook views on the {fs.d_sae:,}-feature table ({fs.encoded_rows:,} encoded rows): summary fs._repr_html_() "
+          f"{t_sum * 1e3:.1f} ms warm (target < 50 ms)")
+    print("| feature (count) | fs.show(f) HTML warm | HTML size |")
+    for i in (0, 100, 1000, 10000):
+        if i >= len(order):
+            continue
+        f = int(order[i])
+        page = fs.show(f)._repr_html_()
+        t_show = _median_s(lambda f=f: fs.show(f)._repr_html_(), max(5, args.repeats // 5))
+        print(f"| {f} ({st.column('count')[f].as_py():,}) | {t_show * 1e3:.1f} ms (target < 200) | {len(page) / 1e3:.1f} KB |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", help="work folder (default: a temporary folder, removed afterwards)")
@@ -278,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-encode", action="store_true")
     ap.add_argument("--skip-queries", action="store_true")
     ap.add_argument("--skip-dashboard", action="store_true")
+    ap.add_argument("--skip-notebook", action="store_true")
     ap.add_argument("--dash-d-in", type=int, default=768, help="d_in of the seeded decoder the dashboard's derived data is computed from")
     args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -291,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_queries(root, fs, args)
             if not args.skip_dashboard:
                 bench_dashboard(root, fs, args)
+            if not args.skip_notebook:
+                bench_notebook(root, args)
     finally:
         if not args.root:
             shutil.rmtree(root, ignore_errors=True)

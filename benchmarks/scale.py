@@ -14,6 +14,10 @@
   packing, the document index) — peak driver RSS and tokens/s.
 * ``s3batches``: ``iter_batches`` from an S3 store (moto on loopback) vs the same data on local
   disk, rows/s.
+* ``summary``: the notebook summaries of the ``--units`` dataset of ``open`` (issue 24):
+  ``ds._repr_html_()`` (identity, per-hook rows and committed units, bytes on disk, status, from the
+  commit index alone; target < 50 ms warm), ``ds.info._repr_html_()`` and the store's, median of 20
+  calls after a first one, beside opening the dataset (its baseline: what a notebook pays anyway).
 
 Sharded corpora (issue 23), each measured run in a fresh process (so its peak RSS is its own),
 every figure a ratio against a baseline of the same run; ``--json`` writes the figures:
@@ -61,6 +65,7 @@ from _machine import cpu_model, load_average, memory_gib  # noqa: E402
 
 from strata import store  # noqa: E402
 from strata.store import layout  # noqa: E402
+from strata.store.commit import sealed  # noqa: E402
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -77,14 +82,37 @@ def build_many_units(s: store.Store, name: str, units: int) -> None:
     which records must name exactly)."""
     w = s.create_dataset(name, hooks={HOOK: 8}, context_size=4, dtype="float32", num_units=units, unit_contexts=1)
     w.write_unit(0, tokens=_token_table(0, 4), acts={HOOK: np.zeros((4, 8), np.float32)})
-    tmpl = {part: json.loads(s.storage.read(layout.commit_key(name, part, 0))) for part in (None, HOOK)}
+    # Records are sealed (a checksum of their body): each copy is sealed again after its changes.
+    tmpl = {part: sealed.unseal(json.loads(s.storage.read(layout.commit_key(name, part, 0))), where="unit 0", what="commit record")[0]
+            for part in (None, HOOK)}
     for part, rec in tmpl.items():
         for u in range(1, units):
             rec["unit"] = u
             key0 = layout.shard_key(name, HOOK, 0) if part else layout.tokens_key(name, 0, rec["writer"]["attempt"])
             rec["files"][0]["key"] = layout.shard_key(name, HOOK, u) if part else layout.tokens_key(name, u, rec["writer"]["attempt"])
-            s.storage.write(layout.commit_key(name, part, u), json.dumps(rec).encode())
+            s.storage.write(layout.commit_key(name, part, u), json.dumps(sealed.seal(rec)).encode())
             rec["files"][0]["key"] = key0
+
+
+def bench_summary(root: Path, units: int) -> None:
+    s = store.open(root / "open")  # the open part's dataset when it ran
+    if "many" not in s.datasets():
+        build_many_units(s, "many", units)
+        s.writer("many").compact_commits()
+    t_open = timed(lambda: s.dataset("many"))
+    ds = s.dataset("many")
+    assert len(ds.committed_units(HOOK)) == units
+    html = ds._repr_html_()
+    assert f"{units:,}/{units:,}" in html
+
+    def median_ms(fn) -> float:
+        fn()
+        times = sorted(timed(fn) for _ in range(20))
+        return times[len(times) // 2] * 1e3
+
+    t_ds, t_info, t_store = median_ms(ds._repr_html_), median_ms(ds.info._repr_html_), median_ms(s._repr_html_)
+    print(f"summary of a {units:,}-unit dataset: ds._repr_html_() {t_ds:.1f} ms warm (target < 50 ms), ds.info {t_info:.2f} ms, "
+          f"the store's {t_store:.1f} ms; opening the dataset took {t_open * 1e3:.0f} ms")
 
 
 def timed(fn) -> float:
@@ -633,6 +661,8 @@ def main() -> None:
         parts = set(a.parts.split(","))
         if "open" in parts:
             bench_open(root, a.units)
+        if "summary" in parts:
+            bench_summary(root, a.units)
         if "s3open" in parts:
             bench_open_s3(root, a.s3_units)
         if "plan" in parts:
