@@ -168,3 +168,11 @@ def test_notebook_fragment_renders(fs, tmp_path):
     _no_markup_from_data(dom, XSS_TEXT)
     page = parse(dom)
     assert len([r for r in page.rows if r.cls == "sv-top-row"]) == len(feature_data(fs, XSS)["top"])
+
+
+def test_dead_and_missing_features(fs, base, tmp_path):
+    dom = dump(f"{base}#f={DEAD}", tmp_path)
+    page = parse(dom)
+    assert "Feature 4" in dom and "never fired on the" in dom and not [r for r in page.rows if r.cls == "sv-top-row"]
+    dom = dump(f"{base}#f=99", tmp_path)
+    assert 'data-state="error"' in dom and re.search(r"features (are )?0\D{1,2}23", dom) and "99" in dom
