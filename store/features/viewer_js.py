@@ -2,7 +2,7 @@
 
 ``StrataView.renderFeature(root, data, opts)`` draws one feature's data (:func:`store.features.view.feature_data`);
 ``StrataView.renderIndex`` the index; ``StrataView.app(root, provider)`` routes on the URL's hash
-(``#f=12`` a feature; ``#token=the``, ``#id=5``, ``#dmin=0.01&dmax=0.2``, ``#sort=count`` the index searched)
+(``#f=12`` a feature, ``&per=16&page=2`` its top rows' page; ``#token=the``, ``#id=5``, ``#dmin=0.01&dmax=0.2``, ``#sort=count`` the index searched)
 over a provider: ``StrataView.served(base)`` (JSON endpoints) or ``StrataView.static(base, chunk)``
 (the export's ``data/*.js`` files, which load from disk without a server). Data reaches the page only
 through ``textContent`` and ``setAttribute`` on elements it creates, so corpus text is never markup.
@@ -206,7 +206,7 @@ VIEWER_JS = r"""
       });
       root.appendChild(nt);
     }
-    var size = opts.pageSize || 16, n = d.top.length, page = 0;
+    var size = opts.pageSize || 16, n = d.top.length, page = Math.max(0, Math.min(opts.page || 0, Math.ceil(n / size) - 1));
     root.appendChild(el("h3", null, "Top activations (" + n + " stored)"));
     var pager = el("div", "sv-pager");
     var prev = el("button", "sv-page-prev", "\u2190 higher"), next = el("button", "sv-page-next", "lower \u2192");
@@ -471,7 +471,8 @@ VIEWER_JS = r"""
       if (p.f !== undefined) {
         var f = parseInt(p.f, 10);
         prov.feature(f).then(function (d) {
-          SV.renderFeature(root, d, {index: "#", href: function (g) { return "#f=" + g; }});
+          SV.renderFeature(root, d, {index: "#", href: function (g) { return "#f=" + g; },
+                                     pageSize: parseInt(p.per, 10) || 16, page: (parseInt(p.page, 10) || 1) - 1});
           root.setAttribute("data-state", "ready");
           window.scrollTo(0, 0);
         }, fail);

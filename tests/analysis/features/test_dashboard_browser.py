@@ -176,3 +176,14 @@ def test_dead_and_missing_features(fs, base, tmp_path):
     assert "Feature 4" in dom and "never fired on the" in dom and not [r for r in page.rows if r.cls == "sv-top-row"]
     dom = dump(f"{base}#f=99", tmp_path)
     assert 'data-state="error"' in dom and re.search(r"features (are )?0\D{1,2}23", dom) and "99" in dom
+
+
+def test_top_rows_are_paged(fs, base, tmp_path):
+    f = 20  # a dense feature: all 10 stored top rows
+    rows = fs.top(f, k=fs.info.top_k).column("row").to_pylist()
+    assert len(rows) == 10
+    dom = dump(f"{base}#f={f}&per=4&page=2", tmp_path)
+    assert [int(r.attrs["data-row"]) for r in parse(dom).rows if r.cls == "sv-top-row"] == rows[4:8]
+    assert "rows 5\u20138 of 10" in dom
+    dom = dump(f"{base}#f={f}&per=4&page=9", tmp_path)  # past the end: the last page
+    assert [int(r.attrs["data-row"]) for r in parse(dom).rows if r.cls == "sv-top-row"] == rows[8:]
