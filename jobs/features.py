@@ -28,6 +28,7 @@ from strata.jobs._text import safe
 from strata.jobs.features_encode import main as encode_main
 from strata.pipeline.errors import SpecError
 from strata.store.errors import CorruptionError
+from strata.store.features.view import load_derived
 
 STORE_HELP = "the store: a local folder or s3://bucket/prefix"
 NAME_HELP = "a feature table of the store (see `strata features ls STORE`)"
@@ -153,9 +154,16 @@ def _cmd_html(args: argparse.Namespace) -> int:
         raise SpecError(f"--out {safe(args.out)!r} is an existing file; give a folder (new or holding earlier pages)")
     fs = _open(args.store).features(args.name)
     features = parse_features(args.features, d_sae=fs.d_sae)
+    _hint_derive(fs, args.store)
     index = write_pages(fs, out, features=features, max_pages=args.max_pages, explanations=args.explanations, neuronpedia=args.neuronpedia)
     print(f"wrote {index} (open it in a browser; a feature is index.html#f=N)")
     return 0
+
+
+def _hint_derive(fs: Any, uri: str) -> None:
+    if load_derived(fs) is None:
+        print(f"(no nearest features or logit effects for {safe(repr(fs.name))} yet: `strata features derive {safe(uri)} {safe(fs.name)}` "
+              "computes them once)", file=sys.stderr)
 
 
 def _explanations_arg(path: str | None) -> None:
@@ -166,6 +174,7 @@ def _explanations_arg(path: str | None) -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     _explanations_arg(args.explanations)
     fs = _open(args.store).features(args.name)
+    _hint_derive(fs, args.store)
     print(f"serving feature table {safe(repr(fs.name))} ({fs.d_sae} features) at http://{args.host}:{args.port}/ (Ctrl-C stops)")
     serve(fs, host=args.host, port=args.port, explanations=args.explanations)
     return 0
