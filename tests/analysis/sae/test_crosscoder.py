@@ -24,6 +24,7 @@ from strata.analysis.sae import SAETrainSpec, checkpoint, run_job
 from strata.analysis.sae.crosscoder_run import plan_crosscoders
 from strata.analysis.sae.diffing import THRESHOLDS
 from strata.jobs.checks import check_job
+from strata.jobs.cli import main
 from strata.pipeline.encode import EncodeSpec, run_encode
 from strata.store.saes.crosscoder import CrossCoder
 
@@ -331,3 +332,32 @@ def test_a_sweep_plans_one_crosscoder_per_combination_and_the_hash_covers_every_
     # The same spec over the sources the other way round is another crosscoder.
     swapped = plan_crosscoders(spec_of(root, "sw", sources=("model-b", "model-a")), s).runs[0]
     assert swapped.config_hash != plan_crosscoders(spec_of(root, "sw"), s).runs[0].config_hash
+
+
+def test_strata_sae_train_on_a_crosscoder_spec(models, tmp_path, capsys):
+    root, s, _ = models
+    if "diff" not in s.saes():
+        run_job(spec_of(root, "diff"))
+    spec = tmp_path / "cc.yaml"
+
+    def write(second: str) -> None:
+        spec.write_text(f"""
+store: {root}
+name: diff
+architecture: crosscoder
+sources: [{{dataset: model-a, hook: {HOOK}}}, {{dataset: {second}, hook: {HOOK}}}]
+sae: {{d_sae: 64, k: 4}}
+train: {{total_training_samples: {1200 * 256}, batch_size: 256, lr: 3.0e-3, checkpoint_every: 0, log_every: 50}}
+compute: {{device: cpu}}
+""")
+
+    write("model-b")
+    assert main(["sae", "train", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert f"diff\tmodel-a:{HOOK}+model-b:{HOOK}\tunchanged" in out
+    write("wide")
+    before = s.storage.list("saes")
+    assert main(["sae", "train", str(spec)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("strata: error: `sources` have different widths") and "\n" not in err
+    assert s.storage.list("saes") == before
