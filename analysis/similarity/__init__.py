@@ -22,6 +22,14 @@ Over the store (rows paired by ``store.datasets.aligned``; partial moments as Ra
                        metrics=["linear_cka", "svcca", "rbf_cka"], align="tokens")   # dict of floats
     similarity.layer_heatmap((ds, ["blocks.*.hook_resid_post"]))                    # every hook pair
     similarity.match_saes((saeA, dsA, hookA), (saeB, dsB, hookB))                   # SAE feature matching
+
+Diffusion datasets (one context per (image, timestep)) take a side ``(ds, hook, timestep)``;
+``align="patches"`` pairs two image datasets by patch position; :func:`timestep_heatmap` is a
+metric of every (denoiser hook, timestep) against one encoder layer (REPA's CKNNA picture)::
+
+    similarity.compare((dit, "blocks.1.hook_resid_post", 500), (dino, "blocks.3.hook_resid_post"),
+                       metrics=["cknna"], align="docs", knn_k=10)
+    similarity.timestep_heatmap((dit, ["blocks.*.hook_resid_post"]), (dino, "blocks.3.hook_resid_post"))
 """
 
 from strata.pipeline.executor import Executor
@@ -39,7 +47,8 @@ from .compare import METRICS, compare, plan_compare, run_compare
 from .errors import AnalysisError
 from .heatmap import HeatmapResult, layer_heatmap
 from .matching import match_saes
-from .spec import CompareSettings, HeatmapSettings, MatchSettings
+from .spec import CompareSettings, HeatmapSettings, MatchSettings, TimestepHeatmapSettings
+from .timesteps import TimestepHeatmap, timestep_heatmap
 
 __all__ = [
     "AnalysisError",
@@ -74,4 +83,7 @@ __all__ = [
     "run_compare",
     "split_ranges",
     "svcca",
+    "TimestepHeatmap",
+    "TimestepHeatmapSettings",
+    "timestep_heatmap",
 ]

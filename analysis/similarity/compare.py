@@ -20,6 +20,11 @@ the pools used are recorded in the provenance (``alignment.pool``). Then:
   matrices, so they run on a seeded uniform sample of ``sample_rows`` pairs (``n_sample`` in the
   result).
 
+``align="patches"`` pairs two image datasets' rows by (image, patch position) where their grids
+match (a denoiser against a vision encoder, :mod:`._patches`). A diffusion dataset holds each image
+at several timesteps: a side ``(dataset, hook, timestep)`` reads that timestep's rows only (needed
+to pool or pair an image's rows; the timesteps are recorded in the provenance).
+
 ``max_rows`` keeps the first pairs in side-A row order (the fewest units read). With
 ``align="docs"`` the pooled matrices (``documents x d``) are held in memory.
 """
@@ -42,6 +47,7 @@ from strata.store.datasets.aligned import AlignmentError, align_tokens, check_sa
 
 from ._cknna import cknna
 from ._moments import Moments, check_precision
+from ._patches import align_patches, at_timestep, check_timestep, keep_timesteps, split_side
 from ._ridge import r2_from_moments
 from ._sampled import minibatch_cka, mutual_knn, rbf_cka, rsa
 from ._streaming import from_moments
@@ -58,6 +64,7 @@ log = logging.getLogger(__name__)
 __all__ = ["METRICS", "STREAM", "SAMPLED", "POOLS", "CompareSettings", "ComparePlan", "compare", "plan_compare", "run_compare", "min_rows"]
 
 Side = tuple["ActivationDataset", str]
+SideArg = Side | tuple["ActivationDataset", str, int]  # (dataset, hook) or (dataset, hook, timestep) of a diffusion dataset
 # The compute keys a comparison uses, and the settings recorded in its provenance (in this order).
 _COMPUTE_KEYS = ("chunk_rows", "tasks")
 _RECORDED = ("keep", "ridge", "holdout", "sample_rows", "seed", "sigma_frac", "knn_k", "minibatch_size", "rsa_metric",
@@ -85,6 +92,8 @@ class ComparePlan:
     pool: tuple[str, str] = ("mean", "mean")  # align="docs": how each side's document becomes one row
     n: int = 0
     test_units: list[int] = field(default_factory=list)
+    timesteps: tuple[int | None, int | None] = (None, None)  # a diffusion side's chosen timestep
+    cache: dict[Any, np.ndarray] | None = None  # align="docs": pooled sides shared between plans (timestep heatmaps)
 
     @property
     def n_sample(self) -> int:
@@ -99,6 +108,8 @@ class ComparePlan:
         else:
             out["alignment"] = {"method": "docs", "documents": self.n, "candidates": self.docs.get("candidates"),
                                 "pool": list(self.pool)}
+        if self.timesteps != (None, None):
+            out["timesteps"] = list(self.timesteps)
         return out
 
     def options(self) -> dict[str, Any]:
@@ -130,7 +141,7 @@ def _check_pool(pool: Any, align: str) -> tuple[str, str]:
     return pair  # type: ignore[return-value]
 
 
-def plan_compare(a: Side, b: Side, metrics: Sequence[str] | None = None, *, settings: CompareSettings | None = None,
+def plan_compare(a: SideArg, b: SideArg, metrics: Sequence[str] | None = None, *, settings: CompareSettings | None = None,
                  compute: AnalyzeCompute | None = None, **fields: Any) -> ComparePlan:
     """Check the inputs and pair the rows; raises :class:`AnalysisError` (or the store's
     ``AlignmentError``/``HookNotFoundError``) with a one-line message before any activation is read.
@@ -143,8 +154,8 @@ def plan_compare(a: Side, b: Side, metrics: Sequence[str] | None = None, *, sett
         # The keyword path words its errors for a Python caller (the spec's for a spec file).
         fields["metrics"] = _check_metrics(metrics)
         _check_pool(fields.get("pool", "mean"), fields.get("align", "tokens"))
-        if fields.get("align", "tokens") not in ("tokens", "docs"):
-            raise AnalysisError(f"`align` must be 'tokens' or 'docs', got {fields['align']!r}")
+        if fields.get("align", "tokens") not in ("tokens", "docs", "patches"):
+            raise AnalysisError(f"`align` must be 'tokens', 'docs' or 'patches', got {fields['align']!r}")
         if fields.get("max_rows") is not None and fields["max_rows"] < 1:
             raise AnalysisError(f"`max_rows` must be >= 1, got {fields['max_rows']}")
         if "precision" in fields:
@@ -158,19 +169,25 @@ def plan_compare(a: Side, b: Side, metrics: Sequence[str] | None = None, *, sett
                                  explicit=("metrics", "align", "pool", "max_rows"))
     names, align, max_rows = list(dict.fromkeys(settings.metrics)), settings.align, settings.max_rows
     pools = _check_pool(settings.pool, align)
+    (a, ta), (b, tb) = split_side(a), split_side(b)
     for ds, hook in (a, b):
         ds.check_hook(hook)
+    same = a[0].store.uri == b[0].store.uri and a[0].name == b[0].name
+    for (ds, _), t in ((a, ta), (b, tb)):
+        check_timestep(ds, t, align=align, same_dataset=same)
     da, db = a[0].info.hooks[a[1]].d, b[0].info.hooks[b[1]].d
     if "cosine" in names and da != db:
         raise AnalysisError(f"cosine needs the same width on both sides, but {_label(a)} has d={da} and {_label(b)} d={db}")
-    plan = ComparePlan(a, b, names, align, settings, compute, pool=pools)
-    if align == "tokens":
-        al = align_tokens([a, b])
+    plan = ComparePlan(a, b, names, align, settings, compute, pool=pools, timesteps=(ta, tb))
+    if align in ("tokens", "patches"):
+        al = align_tokens([a, b]) if align == "tokens" else align_patches(a, b, (ta, tb))
+        if align == "tokens" and (ta, tb) != (None, None):
+            al = keep_timesteps(al, [a, b], [ta, tb])
         if max_rows is not None and max_rows < len(al):
             al = al.subset(slice(0, max_rows))
         plan.alignment, plan.n = al, len(al)
     elif align == "docs":
-        plan.docs = _doc_pairs(a, b, pools)
+        plan.docs = _doc_pairs(a, b, pools, (ta, tb))
         ids = plan.docs["ids"][: max_rows or None]
         plan.docs["ids"], plan.n = ids, int(ids.size)
     for m in names:
@@ -199,12 +216,12 @@ def _holdout(plan: ComparePlan) -> list[int]:
 
 
 
-def _side_doc_rows(ds: ActivationDataset, hook: str, pool: str = "mean") -> tuple[np.ndarray, np.ndarray, set[int]]:
+def _side_doc_rows(ds: ActivationDataset, hook: str, pool: str = "mean", timestep: int | None = None) -> tuple[np.ndarray, np.ndarray, set[int]]:
     """(rows, their doc ids) of ``hook``'s committed tokens that ``pool`` reads (``mean``: every
     non-special token; ``cls``: the CLS row; ``last``: the non-special token of largest
     ``doc_position``; one row per document but for ``mean``), and the documents known to be
-    whole (every row in a committed unit)."""
-    t = ds.tokens(hook)
+    whole (every row in a committed unit). ``timestep``: a diffusion dataset's rows at that timestep only."""
+    t = at_timestep(ds.tokens(hook), timestep)
     if pool == "cls":
         cls = pc.and_(t.column("special"), pc.equal(t.column("token_id"), CLS_TOKEN))
         t = t.filter(pc.and_(cls, pc.greater_equal(t.column("doc_id"), 0)))
@@ -238,10 +255,11 @@ def _side_doc_rows(ds: ActivationDataset, hook: str, pool: str = "mean") -> tupl
     return rows, docs, whole
 
 
-def _doc_pairs(a: Side, b: Side, pool: tuple[str, str] = ("mean", "mean")) -> dict[str, Any]:
+def _doc_pairs(a: Side, b: Side, pool: tuple[str, str] = ("mean", "mean"),
+               timesteps: tuple[int | None, int | None] = (None, None)) -> dict[str, Any]:
     check_same_corpus([a, b], by_docs=True)
-    ra, da, wa = _side_doc_rows(*a, pool[0])
-    rb, db, wb = _side_doc_rows(*b, pool[1])
+    ra, da, wa = _side_doc_rows(*a, pool[0], timesteps[0])
+    rb, db, wb = _side_doc_rows(*b, pool[1], timesteps[1])
     ids = np.array(sorted(wa & wb & set(np.unique(da).tolist()) & set(np.unique(db).tolist())), dtype=np.int64)
     if ids.size == 0:
         raise AlignmentError(f"cannot align {_label(a)} with {_label(b)} by documents: no document is wholly committed on both sides")
@@ -265,7 +283,11 @@ def _pooled(plan: ComparePlan, ex: Executor) -> tuple[np.ndarray, np.ndarray]:
     parts = max(1, plan.compute.tasks or ex.default_tasks())
     groups = np.array_split(np.arange(ids.size), min(parts, ids.size))
     out = []
-    for key, (ds, hook) in (("a", plan.a), ("b", plan.b)):
+    for key, (ds, hook), t, pool in (("a", plan.a, plan.timesteps[0], plan.pool[0]), ("b", plan.b, plan.timesteps[1], plan.pool[1])):
+        memo = (ds.store.uri, ds.name, ds.info.fingerprint, hook, t, pool, ids.tobytes())
+        if plan.cache is not None and memo in plan.cache:
+            out.append(plan.cache[memo])
+            continue
         rows, docs = plan.docs[key]
         pos = np.searchsorted(ids, docs)
         inside = (pos < ids.size) & (ids[np.minimum(pos, ids.size - 1)] == docs)
@@ -278,6 +300,8 @@ def _pooled(plan: ComparePlan, ex: Executor) -> tuple[np.ndarray, np.ndarray]:
         sums = np.concatenate([r["sums"] for r in res])
         counts = np.concatenate([r["counts"] for r in res])
         out.append(sums / counts[:, None])
+        if plan.cache is not None:
+            plan.cache[memo] = out[-1]
     return out[0], out[1]
 
 
@@ -397,12 +421,13 @@ def run_compare(plan: ComparePlan, executor: Executor | None = None, *, progress
     return values, plan.provenance()
 
 
-def compare(a: Side, b: Side, metrics: Sequence[str] | None = None, *, settings: CompareSettings | None = None,
+def compare(a: SideArg, b: SideArg, metrics: Sequence[str] | None = None, *, settings: CompareSettings | None = None,
             compute: AnalyzeCompute | None = None, use_ray: bool | None = None, progress: bool | None = None, **fields: Any) -> dict[str, float]:
-    """Similarity of ``a = (dsA, hookA)`` and ``b = (dsB, hookB)`` over their aligned rows.
+    """Similarity of ``a = (dsA, hookA)`` and ``b = (dsB, hookB)`` over their aligned rows; a
+    diffusion dataset's side is ``(ds, hook, timestep)`` (its rows at that timestep).
 
     ``metrics``: names from :data:`METRICS` (default ``linear_cka, debiased_cka, svcca,
-    procrustes``); ``fields``: keys of :class:`CompareSettings` (``align="tokens"`` or ``"docs"``,
+    procrustes``); ``fields``: keys of :class:`CompareSettings` (``align="tokens"``, ``"docs"`` or ``"patches"``,
     ``pool`` with ``align="docs"``: ``mean``, ``cls`` or ``last``, or a pair of them (side a, side b),
     see the module docstring; ``max_rows``, ``sample_rows``, ``seed``, ``ridge``, ``holdout``, ...)
     and of the compute section (``tasks``, ``chunk_rows``), or the sections themselves as

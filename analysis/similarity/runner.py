@@ -30,7 +30,8 @@ from .errors import AnalysisError
 from .heatmap import match_hooks, plan_heatmap, run_heatmap
 from .matching import match_saes
 from .plots import heatmap_png, lines_png
-from .spec import SAMPLED, AnalyzeSpec, CompareSpec, HeatmapSpec, LayersSpec, MatchSpec, ProbeSpec
+from .spec import SAMPLED, AnalyzeSpec, CompareSpec, HeatmapSpec, LayersSpec, MatchSpec, ProbeSpec, TimestepHeatmapSpec
+from .timesteps import plan_timestep_heatmap, run_timestep_heatmap
 
 if TYPE_CHECKING:
     from strata.pipeline.executor import Executor
@@ -121,7 +122,7 @@ def prepare(spec: AnalyzeSpec, s: Store) -> list[Prepared]:
 
 def _prep_compare(a: CompareSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
     da, db = s.dataset(a.a.dataset), s.dataset(a.b.dataset)
-    plan = plan_compare((da, a.a.hook), (db, a.b.hook), settings=a, compute=spec.compute)
+    plan = plan_compare((da, a.a.hook, a.a.timestep), (db, a.b.hook, a.b.timestep), settings=a, compute=spec.compute)
     if plan.alignment is not None:
         ua, ub = plan.alignment.units
     else:
@@ -140,6 +141,14 @@ def _prep_heatmap(a: HeatmapSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
     if plan.side_b is not None:
         inputs.append(_dataset_input(plan.side_b[0], plan.side_b[1], plan.alignment.units[1]))
     return Prepared(a, inputs, plan)
+
+
+def _prep_timesteps(a: TimestepHeatmapSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
+    da, db = s.dataset(a.a.dataset), s.dataset(a.b.dataset)
+    plan = plan_timestep_heatmap((da, a.a.hooks), (db, a.b.hook, a.b.timestep), timesteps=a.a.timesteps, settings=a,
+                                 compute=spec.compute)
+    return Prepared(a, [_dataset_input(da, plan.hooks, _common_units(da, plan.hooks)), _dataset_input(db, [a.b.hook], _common_units(db, [a.b.hook]))],
+                    plan)
 
 
 def _prep_layers(a: LayersSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
@@ -191,7 +200,8 @@ def _prep_match(a: MatchSpec, s: Store, spec: AnalyzeSpec) -> Prepared:
     return Prepared(a, inputs, (sides, al))
 
 
-_PREPARE = {"compare": _prep_compare, "heatmap": _prep_heatmap, "layers": _prep_layers, "probe": _prep_probe, "sae_match": _prep_match}
+_PREPARE = {"compare": _prep_compare, "heatmap": _prep_heatmap, "timestep_heatmap": _prep_timesteps,
+            "layers": _prep_layers, "probe": _prep_probe, "sae_match": _prep_match}
 
 
 # -- compute ----------------------------------------------------------------------------------------
@@ -215,6 +225,16 @@ def _run_heatmap(p: Prepared, ex: Executor) -> tuple[dict[str, bytes], dict[str,
     png = heatmap_png(res.values, res.hooks_a, res.hooks_b, title=title, xlabel=f"hook of {b.dataset}", ylabel=f"hook of {a.dataset}",
                       metric=res.provenance["metric"])
     return {"results.parquet": _parquet(res.table()), "heatmap.png": png}, res.provenance
+
+
+def _run_timesteps(p: Prepared, ex: Executor) -> tuple[dict[str, bytes], dict[str, Any]]:
+    res = run_timestep_heatmap(p.plan, ex)
+    b = p.spec.b
+    files = {"results.parquet": _parquet(res.table())}
+    for m in res.values:
+        n = int(res.n[m].max()) if res.n[m].size else 0
+        files[f"heatmap_{m}.png"] = res.png(m, title=f"{m} of {p.spec.a.dataset} vs {b.dataset}:{b.hook} (n={n:,})")
+    return files, res.provenance
 
 
 def _line_plots(table: pa.Table, title: str, skip: tuple[str, ...] = ("hook",)) -> dict[str, bytes]:
@@ -268,4 +288,5 @@ def _run_match(p: Prepared, ex: Executor) -> tuple[dict[str, bytes], dict[str, A
     return files, {**prov, "summary": summary}
 
 
-_COMPUTE = {"compare": _run_compare, "heatmap": _run_heatmap, "layers": _run_layers, "probe": _run_probe, "sae_match": _run_match}
+_COMPUTE = {"compare": _run_compare, "heatmap": _run_heatmap, "timestep_heatmap": _run_timesteps,
+            "layers": _run_layers, "probe": _run_probe, "sae_match": _run_match}

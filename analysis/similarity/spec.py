@@ -6,6 +6,8 @@
       - {kind: compare, name: cka-0-3, a: {dataset: D, hook: blocks.0.hook_resid_post},
          b: {dataset: D, hook: blocks.3.hook_resid_post}, metrics: [linear_cka, svcca, rbf_cka]}
       - {kind: heatmap, name: layer-cka, a: {dataset: D, hooks: ["blocks.*.hook_resid_post"]}}
+      - {kind: timestep_heatmap, name: repa, a: {dataset: DiT, hooks: ["blocks.*.hook_resid_post"]},
+         b: {dataset: DINO, hook: blocks.3.hook_resid_post}, metrics: [cknna]}
       - {kind: layers, name: geometry, dataset: D, metrics: [norm, anisotropy, logit_lens]}
       - {kind: probe, name: lang-probe, dataset: D, label: lang}
       - {kind: sae_match, name: universal, a: {sae: saeA}, b: {sae: saeB}}
@@ -24,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
-from pydantic import Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_serializer, model_validator
 
 from strata.pipeline.spec import ComputeSpec, JobSpec, Section
 from strata.store.layout import check_name
@@ -55,6 +57,16 @@ class SideSpec(Section):
     """A dataset of the store."""
     hook: str = Field(min_length=1)
     """One of its hooks."""
+    timestep: int | None = Field(default=None, ge=0)
+    """A diffusion dataset: only its rows at this timestep (one of its ``timesteps``)."""
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        # Results committed before `timestep` existed have none in their identity.
+        out = handler(self)
+        if self.timestep is None:
+            out.pop("timestep", None)
+        return out
 
 
 class HooksSpec(Section):
@@ -86,9 +98,10 @@ class CompareSettings(Section):
     metrics: list[Metric] = Field(default=["linear_cka", "debiased_cka", "svcca", "procrustes"], min_length=1)  # type: ignore[valid-type]
     """Streaming: linear_cka, debiased_cka, cca, svcca, pwcca, procrustes, r2, cosine; sampled:
     rbf_cka, minibatch_cka, mutual_knn, rsa, cknna."""
-    align: Literal["tokens", "docs"] = "tokens"
+    align: Literal["tokens", "docs", "patches"] = "tokens"
     """``tokens``: pair token rows (same dataset, same tokenizer by document position, or by
-    character span ends across tokenizers); ``docs``: one row per document, pooled as ``pool`` says."""
+    character span ends across tokenizers); ``docs``: one row per document, pooled as ``pool`` says;
+    ``patches``: image datasets' rows by (image, patch position), where their grids match."""
     pool: Pool | tuple[Pool, Pool] = "mean"
     """``align: docs`` only: how a document becomes one row, for both sides or as ``[a, b]``:
     ``mean`` of its non-special tokens, its ``cls`` token (ViT, CLIP, DINOv2), or its ``last``
@@ -136,11 +149,12 @@ class CompareSettings(Section):
             raise ValueError(f"`pool` {self.pool!r} pools documents; it needs `align: docs`")
         return self
 
-    @model_validator(mode="after")
-    def _cknna_k(self) -> CompareSettings:
-        if "cknna" in self.metrics and self.knn_k < 2:
-            raise ValueError(f"cknna needs `knn_k` >= 2 neighbours per row, got {self.knn_k}")
-        return self
+    @field_validator("knn_k")
+    @classmethod
+    def _cknna_k(cls, v: int, info: ValidationInfo) -> int:
+        if "cknna" in (info.data.get("metrics") or ()) and v < 2:
+            raise ValueError(f"cknna needs >= 2 neighbours per row, got {v}")
+        return v
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict[str, Any]:
@@ -158,6 +172,29 @@ class CompareSpec(CompareSettings, Analysis):
     kind: Literal["compare"]
     a: SideSpec
     b: SideSpec
+
+
+class TimestepHeatmapSettings(CompareSettings):
+    """How ``timestep_heatmap`` measures each (denoiser hook, timestep) against a fixed layer:
+    compare's keys, with CKNNA over pooled images by default."""
+
+    metrics: list[Metric] = Field(default=["cknna"], min_length=1)  # type: ignore[valid-type]
+    """As compare's: one heatmap per metric."""
+    align: Literal["tokens", "docs", "patches"] = "docs"
+    """As compare's; ``docs`` (each image pooled) by default, ``patches`` where the grids match."""
+
+
+class TimestepHooksSpec(HooksSpec):
+    timesteps: list[int] | None = Field(default=None, min_length=1)
+    """Some of the diffusion dataset's timesteps (default: all of them, in its order)."""
+
+
+class TimestepHeatmapSpec(TimestepHeatmapSettings, Analysis):
+    kind: Literal["timestep_heatmap"]
+    a: TimestepHooksSpec
+    """The denoiser's dataset, hooks and timesteps (the heatmap's rows and columns)."""
+    b: SideSpec
+    """The fixed layer (a vision encoder's dataset and hook)."""
 
 
 class HeatmapSettings(Section):
@@ -180,11 +217,12 @@ class HeatmapSettings(Section):
     knn_k: int = Field(default=10, gt=0)
     """mutual_knn and cknna: neighbours per row (cknna needs >= 2)."""
 
-    @model_validator(mode="after")
-    def _cknna_k(self) -> HeatmapSettings:
-        if self.metric == "cknna" and self.knn_k < 2:
-            raise ValueError(f"cknna needs `knn_k` >= 2 neighbours per row, got {self.knn_k}")
-        return self
+    @field_validator("knn_k")
+    @classmethod
+    def _cknna_k(cls, v: int, info: ValidationInfo) -> int:
+        if info.data.get("metric") == "cknna" and v < 2:
+            raise ValueError(f"cknna needs >= 2 neighbours per row, got {v}")
+        return v
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict[str, Any]:
@@ -272,7 +310,7 @@ class MatchSpec(MatchSettings, Analysis):
     b: SAERefSpec
 
 
-AnalysisSpec = Annotated[CompareSpec | HeatmapSpec | LayersSpec | ProbeSpec | MatchSpec, Field(discriminator="kind")]
+AnalysisSpec = Annotated[CompareSpec | HeatmapSpec | TimestepHeatmapSpec | LayersSpec | ProbeSpec | MatchSpec, Field(discriminator="kind")]
 
 
 class AnalyzeCompute(ComputeSpec):

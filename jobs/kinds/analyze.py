@@ -29,6 +29,8 @@ def analysis_refs(a: Any) -> tuple[list[tuple[str, list[str]]], list[str]]:
         return [(a.a.dataset, [a.a.hook]), (a.b.dataset, [a.b.hook])], []
     if a.kind == "heatmap":
         return [(a.a.dataset, list(a.a.hooks))] + ([(a.b.dataset, list(a.b.hooks))] if a.b is not None else []), []
+    if a.kind == "timestep_heatmap":
+        return [(a.a.dataset, list(a.a.hooks)), (a.b.dataset, [a.b.hook])], []
     if a.kind == "sae_match":
         return [], [a.a.sae, a.b.sae]
     return [(a.dataset, list(a.hooks))], []  # layers, probe
