@@ -135,6 +135,40 @@ class ImageSpec(Section):
     other than the model's training size interpolates its position embeddings."""
 
 
+class DiffusionSpec(Section):
+    timesteps: list[int] = Field(min_length=1)
+    """The noise levels: one context per (image, timestep); integers in the scheduler's range
+    (``0 .. num_train_timesteps - 1``)."""
+    noise_seed: int = 0
+    """Seed of the noise: each context's noise comes from a hash of (noise_seed, image id,
+    timestep), so a unit recomputed on any worker is identical."""
+    prompt_field: str | None = None
+    """Text-conditioned models (``UNet2DConditionModel``): the corpus field (its
+    ``caption_field`` or one of its ``keep_fields``) holding each image's prompt."""
+    prompt: str | None = None
+    """Text-conditioned models without ``prompt_field``: the one prompt of every image (``""``:
+    the empty prompt; it must be given explicitly)."""
+    class_field: str | None = None
+    """Class-conditional DiTs: the corpus field holding each image's class (default, and where
+    it is null: the null class)."""
+    grid: int | None = Field(default=None, gt=0)
+    """UNets: resample every hook's map to ``grid x grid`` (bilinear, ``align_corners=False``),
+    so that hooks of different resolutions share rows. Default: the hooks must share one size."""
+
+    @field_validator("timesteps")
+    @classmethod
+    def _distinct(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("a timestep is listed twice")
+        return v
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> DiffusionSpec:
+        if self.prompt is not None and self.prompt_field is not None:
+            raise ValueError("give `prompt_field` (a prompt per image) or `prompt` (one for all), not both")
+        return self
+
+
 class ExtractCompute(ComputeSpec):
     """Extraction's keys of the compute section."""
 
@@ -150,6 +184,9 @@ class ExtractSpec(JobSpec):
     """Text models only: how documents become contexts (an image is always one context)."""
     image: ImageSpec = ImageSpec()
     """Image models only: preprocessing settings beyond the model's image processor."""
+    diffusion: DiffusionSpec | None = None
+    """Diffusion models only (a diffusers pipeline): timesteps, noise seed and conditioning (see
+    :mod:`pipeline.diffusion`)."""
     hooks: list[str] = Field(min_length=1)
     """Hook points, TransformerLens style, globs allowed: ``blocks.*.hook_resid_post``."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"

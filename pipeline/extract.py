@@ -58,8 +58,9 @@ import xxhash
 from strata import store
 from strata.pipeline import models
 from strata.pipeline.cluster import in_ray_job
-from strata.pipeline.config import CorpusSpec, ExtractSpec, ImageSpec
+from strata.pipeline.config import CorpusSpec, ExtractSpec, ImageSpec, TokenizeSpec
 from strata.pipeline.corpus import CorpusScan, iter_corpus, scan_corpus
+from strata.pipeline.diffusion import DiffusionPacker, DiffusionPrep, conditioning, is_pipeline, prepare_diffusion
 from strata.pipeline.errors import CorpusError, SpecError, WorkerError
 from strata.pipeline.executor import Executor, Task, Tasks, open_executor, pool_shape
 from strata.pipeline.hooks import HookSite, expand_hooks, family_of, hook_sites
@@ -146,6 +147,7 @@ class Prepared:
     unit_contexts: int
     context_size: int  # tokens per context: the spec's for text, the model's sequence for an image
     image: ImagePrep | None = None  # image models: preprocessing and token layout
+    diffusion: DiffusionPrep | None = None  # diffusion models: timesteps, noise, conditioning, hooks' maps
     rehook: list[str] = field(default_factory=list)  # hooks the dataset holds with another meaning: captured again
     module_sites: dict[str, HookSite] = field(default_factory=dict)  # module:PATH hooks, probed by a dry forward
     stop_after: str | None = None  # with module:PATH hooks: the hook the dry forward saw fire last
@@ -224,6 +226,8 @@ def open_store(spec: ExtractSpec) -> store.Store:
 def prepare(spec: ExtractSpec, s: store.Store) -> Prepared:
     """Resolve and check everything; raise a one-line error for any bad input. Writes nothing."""
     m = models.resolve(spec.model)
+    if spec.diffusion is not None or is_pipeline(m.folder):
+        return prepare_diffusion_job(spec, s, m)
     config = models.load_config(m)
     model_type = getattr(config, "model_type", "?")
     fam = family_of(model_type)
@@ -330,16 +334,7 @@ def prepare(spec: ExtractSpec, s: store.Store) -> Prepared:
     if img is not None:
         meta["image"] = img.to_dict()
         meta["caption_set_hash"] = scan.caption_set_hash  # type: ignore[attr-defined]
-    if existing is not None:
-        fp = dataset_fingerprint(context_size=ctx_size, dtype=spec.dtype, meta=meta)
-        if fp != existing.info.fingerprint:
-            old = existing.info
-            diff = [f"{k}: {old.meta.get(k)!r} -> {meta[k]!r}" for k in IDENTITY_META_KEYS if old.meta.get(k) != meta[k]]
-            diff += [f"{k}: {a!r} -> {b!r}" for k, a, b in (("context_size", old.context_size, ctx_size), ("dtype", old.dtype, spec.dtype)) if a != b]
-            raise DatasetExistsError(
-                f"dataset {spec.name!r} already exists in {s.uri} with a different identity ({'; '.join(diff)}); "
-                "a changed model, tokenizer, corpus, context, packing or dtype makes a new dataset: choose a new `name`"
-            )
+    check_identity(spec, s, existing, meta, ctx_size)
     rehook: list[str] = []
     if existing is not None:  # a hook stored with another meaning (ln_final.hook_normalized before it took TransformerLens's)
         recorded = existing.info.meta.get("hook_modules") or {}
@@ -355,6 +350,59 @@ def prepare(spec: ExtractSpec, s: store.Store) -> Prepared:
                         rehook=rehook, module_sites=found, stop_after=stop_after, shards=refs, settings=settings)
     return Prepared(spec, s, m, config, tok, hooks, scan, corpus_fp, corpus_docs, meta, existing, unit_contexts, ctx_size, img,
                     rehook=rehook, module_sites=found, stop_after=stop_after)
+
+
+def check_identity(spec: ExtractSpec, s: store.Store, existing: store.ActivationDataset | None, meta: dict[str, Any], ctx_size: int) -> None:
+    """An existing dataset of this name must have this job's identity."""
+    if existing is None:
+        return
+    fp = dataset_fingerprint(context_size=ctx_size, dtype=spec.dtype, meta=meta)
+    if fp != existing.info.fingerprint:
+        old = existing.info
+        diff = [f"{k}: {old.meta.get(k)!r} -> {meta[k]!r}" for k in IDENTITY_META_KEYS if old.meta.get(k) != meta[k]]
+        diff += [f"{k}: {a!r} -> {b!r}" for k, a, b in (("context_size", old.context_size, ctx_size), ("dtype", old.dtype, spec.dtype)) if a != b]
+        raise DatasetExistsError(
+            f"dataset {spec.name!r} already exists in {s.uri} with a different identity ({'; '.join(diff)}); "
+            "a changed model, tokenizer, corpus, context, packing or dtype makes a new dataset: choose a new `name`"
+        )
+
+
+def prepare_diffusion_job(spec: ExtractSpec, s: store.Store, m: models.ResolvedModel) -> Prepared:
+    """:func:`prepare` for a diffusion model (see :mod:`pipeline.diffusion`): one context per
+    (image, timestep); the identity's ``tokenizer`` is the fingerprint of the preprocessing, noise
+    and conditioning."""
+    if spec.tokenize != TokenizeSpec():
+        raise SpecError(f"`tokenize` settings are for text models; model {spec.model.id!r} is a diffusion model")
+    d = prepare_diffusion(spec, m.folder, model=spec.model.id)
+    check_bytes_per_token(d.widths, storage_dtype(spec.dtype).itemsize, spec.max_bytes_per_token)
+    existing = s.dataset(spec.name) if spec.name in s.datasets() else None
+    n_old = int(existing.info.meta.get("corpus_docs", -1)) if existing is not None else -1
+    plan_kind(spec.corpus, existing.info.meta if existing is not None else None)
+    scan = scan_images(spec.corpus, prefix_docs=n_old if n_old > 0 else None)
+    corpus_fp, corpus_docs = scan.fingerprint, scan.docs
+    unit_contexts = spec.compute.unit_contexts
+    if existing is not None:
+        old = existing.info.meta
+        if 0 < n_old <= scan.docs and scan.prefix_fingerprint == old.get("corpus_fingerprint"):
+            corpus_fp, corpus_docs = old["corpus_fingerprint"], n_old
+        unit_contexts = existing.info.unit_contexts
+    c = spec.corpus
+    meta = {
+        "model": m.identity, "revision": m.revision, "tokenizer": d.fingerprint, "corpus_fingerprint": corpus_fp,
+        "packing": "diffusion", "prepend_bos": False, "corpus_docs": corpus_docs,
+        "corpus_scan": {"docs": scan.docs, "fingerprint": scan.fingerprint}, "model_path": m.folder if m.local else None,
+        "corpus": {"path": c.path, "format": c.format, **scan.stats, "image_field": c.image_field, "caption_field": c.caption_field},
+        "modality": "diffusion", "model_type": d.denoiser_class, "family": d.kind, "n_layers": d.n_layers, "d_model": d.d_model,
+        "torch_dtype": spec.model.torch_dtype,
+        "hook_modules": {h: d.module_of(h) for h in d.hooks},
+        "hook_meanings": {h: d.meaning_of(h) for h in d.hooks},
+        "hook_widths": dict(d.widths), "tokenizer_name": None, "special_tokens": {}, "growing": c.growing,
+        "keep_fields": list(c.keep_fields), "doc_set_hash": scan.doc_set_hash, "plan_kind": "documents", "spec": spec.recorded(),
+        "version_of": spec.version_of, "diffusion": d.to_dict(), "timesteps": list(d.timesteps), "caption_set_hash": scan.caption_set_hash,
+    }
+    check_identity(spec, s, existing, meta, d.tokens)
+    return Prepared(spec, s, m, None, None, list(d.hooks), scan, corpus_fp, corpus_docs, meta, existing, unit_contexts, d.tokens,
+                    diffusion=d)
 
 
 def module_sites(m: models.ResolvedModel, sites: dict[str, HookSite], hooks: list[str],
@@ -482,7 +530,7 @@ def plan(p: Prepared, executor: Executor | None = None, *, source: TokenSource |
     ``jobs.reprocess`` moves to the job kinds)."""
     if use_ray:
         raise TypeError("plan(use_ray=True) is gone: pass the job's Executor")
-    if p.image is not None:
+    if p.image is not None or p.diffusion is not None:
         return plan_images(p, executor)
     assert p.tokenizer is not None
     t = p.spec.tokenize
@@ -508,7 +556,7 @@ def plan_images(p: Prepared, executor: Executor | None = None, *, window: int = 
     do not decode, and plan one context per image that does. The document table gets each
     image's ``width``, ``height``, ``source`` (file, or file#row), ``error`` (why it was left out),
     its ``caption`` and the kept fields."""
-    assert p.image is not None
+    assert p.image is not None or p.diffusion is not None
     src = p.spec.corpus
     scan = ImageScan()
     checked: list[tuple[int, int, str | None]] = []
@@ -543,7 +591,12 @@ def plan_images(p: Prepared, executor: Executor | None = None, *, window: int = 
             fields[f] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise CorpusError(f"`corpus` field {f!r}: its values do not form one column type ({e})") from None
-    packer = ImagePacker(ImageSource(src, scan.files, scan.locators), scan.doc_ids, kept, p.image.layout)
+    if p.diffusion is not None:
+        prompts, classes = conditioning(p.diffusion, fields, corpus=src.path)
+        packer: ImagePacker = DiffusionPacker(ImageSource(src, scan.files, scan.locators), scan.doc_ids, kept, p.diffusion, prompts, classes)
+    else:
+        assert p.image is not None
+        packer = ImagePacker(ImageSource(src, scan.files, scan.locators), scan.doc_ids, kept, p.image.layout)
     units = num_units(len(packer), p.unit_contexts, full_only=src.growing)
     docs, dropped, dropped_docs, partial = packer.document_index(fields)
     held = len(packer) - min(len(packer), units * p.unit_contexts)
@@ -644,7 +697,7 @@ def run_extract(
 
     ds = p.existing
     same_docs = ds is not None and ds.info.meta.get("keep_fields", []) == list(spec.corpus.keep_fields) and (
-        p.image is not None or "tokenizer" in ds.info.aux)
+        p.image is not None or p.diffusion is not None or "tokenizer" in ds.info.aux)
     same_corpus = p.scan.docs == p.corpus_docs or (
         ds is not None and ds.info.meta.get("corpus_scan") == {"docs": p.scan.docs, "fingerprint": p.scan.fingerprint})
     if ds is not None and same_docs and same_corpus and not p.rehook and _complete(ds, p.hooks):
@@ -844,7 +897,7 @@ def _run(p: Prepared, pl: Plan | ShardedExtraction, lease: store.Lease, ex: Exec
         store_uri=s.uri, dataset=spec.name, model=p.model, model_type=p.meta["model_type"], n_layers=p.meta["n_layers"],
         d_model=d_model, dtype=spec.dtype, batch_tokens=spec.compute.batch_tokens, threads=shape.threads,
         storage_options=ex.storage_options(spec.storage_options),
-        fence=lease.token, image=p.image, module_sites=p.module_sites, stop_after=p.stop_after,
+        fence=lease.token, image=p.image, module_sites=p.module_sites, stop_after=p.stop_after, diffusion=p.diffusion,
     )
     cs = p.context_size
     # Built lazily, as workers free up: only units in flight have their contexts in memory (a

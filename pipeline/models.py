@@ -63,11 +63,17 @@ def _looks_like_path(model_id: str) -> bool:
 def folder_revision(folder: str) -> str:
     """A hash of a local model folder's weight and config files (names and contents)."""
     h = xxhash.xxh3_128()
-    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and (p.suffix in _WEIGHTS or p.name == "config.json"))
+    root = Path(folder)
+    configs = ("config.json", "model_index.json", "scheduler_config.json")
+    # A diffusers pipeline folder: its components' files, one level down, count too.
+    tree = list(root.iterdir())
+    if (root / "model_index.json").is_file():
+        tree += [q for d in tree if d.is_dir() for q in d.iterdir()]
+    files = sorted((p for p in tree if p.is_file() and (p.suffix in _WEIGHTS or p.name in configs)), key=lambda p: str(p.relative_to(root)))
     if not any(p.suffix in _WEIGHTS for p in files):
         raise ModelNotFoundError(f"model folder {folder!r} holds no weight files ({', '.join(_WEIGHTS)})")
     for p in files:
-        h.update(p.name.encode() + b"\0")
+        h.update(str(p.relative_to(root)).encode() + b"\0")
         with open(p, "rb") as fh:
             while chunk := fh.read(1 << 24):
                 h.update(chunk)

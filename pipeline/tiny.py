@@ -6,6 +6,7 @@ Tests, the quickstart and the benchmarks use these so that nothing is downloaded
     python -m strata.pipeline.tiny ./models/bench --family gpt2 --layers 4 --d-model 384
     python -m strata.pipeline.tiny ./models/tiny-vit --family vit           # a vision encoder (32x32 images)
     python -m strata.pipeline.tiny ./data/shapes --images 48                  # captioned synthetic images
+    python -m strata.pipeline.tiny ./models/tiny-dit --family dit              # a diffusers pipeline (also unet, unet_cond)
 
 The same arguments always give the same weights and tokenizer.
 """
@@ -18,6 +19,7 @@ import random
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -25,6 +27,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 FAMILIES = ("gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "bert", "mamba", "t5", "mixtral")
 VISION_FAMILIES = ("vit", "clip", "siglip", "dinov2", "dinov2_reg")
+DIFFUSION_FAMILIES = ("dit", "unet", "unet_cond")
 
 _SUBJECTS = ("the river|a small robot|my neighbour|the old library|every student|the committee|a red fox|the server|our team|"
              "the orchestra|a quiet village|the telescope").split("|")
@@ -243,10 +246,71 @@ def build_tiny_vision(folder: str | Path, *, family: str = "vit", layers: int = 
     return folder
 
 
+def build_tiny_diffusion(folder: str | Path, *, kind: str = "dit", image_size: int = 16, seed: int = 0, layers: int = 2,
+                         width: int = 32) -> Path:
+    """A seeded diffusers pipeline folder: ``dit`` (a latent DiTTransformer2DModel with a VAE,
+    10 classes), ``unet`` (a pixel-space UNet2DModel) or ``unet_cond`` (a latent
+    UNet2DConditionModel with a VAE, a CLIP text encoder and a locally trained tokenizer),
+    each with a DDPM scheduler, saved with ``save_pretrained`` and a ``model_index.json``."""
+    import diffusers  # lazy: diffusers imports in seconds; only building or loading a diffusion model needs it
+    import torch  # lazy: as above
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    index: dict[str, Any] = {"_class_name": {"dit": "DiTPipeline", "unet": "DDPMPipeline", "unet_cond": "StableDiffusionPipeline"}[kind],
+                             "_diffusers_version": diffusers.__version__}
+    sched = diffusers.DDPMScheduler(num_train_timesteps=1000)
+    sched.save_pretrained(folder / "scheduler")
+    index["scheduler"] = ["diffusers", "DDPMScheduler"]
+    if kind in ("dit", "unet_cond"):
+        vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                      up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                                      norm_num_groups=4, sample_size=image_size)
+        vae.save_pretrained(folder / "vae")
+        index["vae"] = ["diffusers", "AutoencoderKL"]
+    latent = image_size // 2
+    if kind == "dit":
+        heads = max(1, width // 16)
+        dit = diffusers.DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=width // heads, in_channels=4, out_channels=8,
+                                              num_layers=layers, sample_size=latent, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=4)
+        dit.save_pretrained(folder / "transformer")
+        index["transformer"] = ["diffusers", "DiTTransformer2DModel"]
+    elif kind == "unet":
+        unet = diffusers.UNet2DModel(sample_size=image_size, in_channels=3, out_channels=3, block_out_channels=(8, 16, 16),
+                                     down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                                     up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=4,
+                                     attention_head_dim=8)
+        unet.save_pretrained(folder / "unet")
+        index["unet"] = ["diffusers", "UNet2DModel"]
+    elif kind == "unet_cond":
+        import transformers as tf  # lazy: as above
+
+        unet = diffusers.UNet2DConditionModel(sample_size=latent, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                              down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, norm_num_groups=4,
+                                              cross_attention_dim=16, attention_head_dim=4)
+        unet.save_pretrained(folder / "unet")
+        index["unet"] = ["diffusers", "UNet2DConditionModel"]
+        tok = train_tokenizer(synthetic_docs(200, seed=seed) + ["A large red circle on a grey background."], vocab_size=300)
+        tok.model_max_length = 16
+        tok.save_pretrained(folder / "tokenizer")
+        index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]
+        te = tf.CLIPTextModel(tf.CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                num_attention_heads=2, max_position_embeddings=16, projection_dim=16,
+                                                eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id))
+        te.eval().save_pretrained(folder / "text_encoder")
+        index["text_encoder"] = ["transformers", "CLIPTextModel"]
+    else:
+        raise ValueError(f"unknown diffusion kind {kind!r}; valid: dit, unet, unet_cond")
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.tiny", description="Build a tiny seeded model with a locally trained tokenizer.")
     p.add_argument("folder")
-    p.add_argument("--family", default="gpt2", choices=FAMILIES + VISION_FAMILIES)
+    p.add_argument("--family", default="gpt2", choices=FAMILIES + VISION_FAMILIES + DIFFUSION_FAMILIES)
     p.add_argument("--images", type=int, metavar="N", help="write N captioned synthetic images (and metadata.jsonl) to FOLDER instead of a model")
     p.add_argument("--image-size", type=int, default=32, help="vision models: input image side in pixels")
     p.add_argument("--layers", type=int, default=2)
@@ -264,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         out = build_tiny_vision(a.folder, family=a.family, layers=a.layers, d_model=a.d_model, heads=a.heads,
                                 image_size=a.image_size, seed=a.seed)
         print(f"built a tiny {a.family} vision model in {out}")
+        return 0
+    if a.family in DIFFUSION_FAMILIES:
+        out = build_tiny_diffusion(a.folder, kind=a.family, image_size=a.image_size if a.image_size != 32 else 16, seed=a.seed,
+                                   layers=a.layers, width=a.d_model if a.d_model != 64 else 32)
+        print(f"built a tiny {a.family} diffusion pipeline in {out}")
         return 0
     texts = None
     if a.corpus:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from strata import store
+from strata.pipeline.diffusion import DiffusionContexts, DiffusionPrep, DiffusionRunner
 from strata.pipeline.hooks import Capture, HookSite, family_of, hook_sites
 from strata.pipeline.models import ResolvedModel, load_model
 from strata.pipeline.packing import Contexts
@@ -60,6 +61,7 @@ class WorkerConfig:
     image: ImagePrep | None = None  # image models: preprocessing (see pipeline.vision)
     module_sites: dict[str, HookSite] | None = None  # module:PATH hooks (their width found by the driver's dry forward)
     stop_after: str | None = None  # with module:PATH hooks: the hook that fires last
+    diffusion: DiffusionPrep | None = None  # diffusion models: the denoiser, noise and hooks (see pipeline.diffusion)
 
 
 def peak_rss_bytes() -> int:
@@ -78,10 +80,13 @@ class UnitWorker:
         self.cfg = cfg
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         img = cfg.image
-        self.model = load_model(cfg.model, device=str(self.device), model_class=img.model_class if img else None)
+        self.diffusion = (DiffusionRunner(cfg.model.fetch(), cfg.diffusion, self.device, cfg.model.torch_dtype)
+                          if cfg.diffusion is not None else None)
+        self.model = None if self.diffusion else load_model(cfg.model, device=str(self.device), model_class=img.model_class if img else None)
         self.processor = (load_processor(cfg.model.fetch(), img.processor_overrides, model=cfg.model.id,
                                          trust_remote_code=cfg.model.trust_remote_code) if img else None)
-        self.sites = {**hook_sites(family_of(cfg.model_type), cfg.n_layers, self.model.config), **(cfg.module_sites or {})}
+        self.sites = {} if self.diffusion else {**hook_sites(family_of(cfg.model_type), cfg.n_layers, self.model.config),
+                                                **(cfg.module_sites or {})}
         self.writer = store.open(cfg.store_uri, storage_options=cfg.storage_options, create=False).writer(cfg.dataset, fence=cfg.fence)
         self.out_dtype = _STORE_DTYPES[cfg.dtype]
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -96,6 +101,9 @@ class UnitWorker:
         the compute lock, while another unit computes)."""
         if isinstance(contexts, ShardUnit):
             contexts = contexts.load(self.writer.storage)
+        if isinstance(contexts, DiffusionContexts):
+            assert self.diffusion is not None, "a diffusion unit needs a diffusion model"
+            return self.diffusion.prepare(contexts)
         if isinstance(contexts, ImageContexts) and contexts.pixels is None:
             assert self.processor is not None, "an image unit needs an image model"
             contexts.pixels = preprocess(self.processor, contexts.images, ids=contexts.doc_id[:, 0])
@@ -107,6 +115,9 @@ class UnitWorker:
         if self.cfg.threads and torch.get_num_threads() != self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)  # in this thread: OpenMP's count is per thread
         contexts = self.prepare(contexts)
+        if self.diffusion is not None:
+            assert isinstance(contexts, DiffusionContexts)
+            return self.diffusion.compute(contexts, hooks, batch_tokens=self.cfg.batch_tokens, out_dtype=self.out_dtype)
         pixels = torch.from_numpy(contexts.pixels) if isinstance(contexts, ImageContexts) else None
         px_dtype = next(self.model.parameters()).dtype
         n, s = contexts.token_id.shape

@@ -53,6 +53,7 @@ LAZY_OK = {
     "huggingface_hub": "its error types import its HTTP stack (~130 ms); only a hub download needs it",
     "psutil": "optional (ray[default] brings it): stopping a private Ray head works without it",
     "matplotlib": "~0.5 s to import; only the plots need it, and the analyses' workers never draw",
+    "diffusers": "seconds to import; only building or loading a diffusion model needs it",
 }
 
 #: Modules exempt from the function-level-import check while a rewrite of them is under way

@@ -25,11 +25,13 @@ TOKEN_COLUMNS = tuple(TOKEN_SCHEMA.names)
 # Optional: each token's character span in its document's text ([char_start, char_end), -1 for
 # BOS, separators and padding); extraction writes them, cross-tokenizer alignment needs them.
 OPTIONAL_TOKEN_FIELDS = (pa.field("char_start", pa.int32(), nullable=False), pa.field("char_end", pa.int32(), nullable=False))
+# Optional: a diffusion context's timestep (one context per (image, timestep); see pipeline.diffusion).
+TIMESTEP_FIELD = pa.field("timestep", pa.int32(), nullable=False)
 # What a token file holds: the columns above (the optional ones when written) plus `row`, the
 # global row index (unit * unit_rows + position in the unit), so the files join with the
 # activation arrays without Strata.
 ROW_FIELD = pa.field("row", pa.int64(), nullable=False)
-STORED_TOKEN_SCHEMA = pa.schema([*TOKEN_SCHEMA, *OPTIONAL_TOKEN_FIELDS, ROW_FIELD])
+STORED_TOKEN_SCHEMA = pa.schema([*TOKEN_SCHEMA, *OPTIONAL_TOKEN_FIELDS, TIMESTEP_FIELD, ROW_FIELD])
 _DELTA_COLUMNS = ("row", "context_id", "position", "doc_id", "doc_position", "char_start", "char_end")
 
 
@@ -45,6 +47,8 @@ def check_tokens(table: pa.Table, *, unit: int, first_context: int, context_size
     optional = [f for f in OPTIONAL_TOKEN_FIELDS if f.name in table.column_names]
     if 0 < len(optional) < len(OPTIONAL_TOKEN_FIELDS):
         raise WriteMismatchError(f"{what}: token table has {optional[0].name} without the other character-span column")
+    if TIMESTEP_FIELD.name in table.column_names:
+        optional.append(TIMESTEP_FIELD)
     schema = pa.schema([*TOKEN_SCHEMA, *optional])
     try:
         table = table.select(schema.names).cast(schema)
