@@ -211,7 +211,10 @@ def part_crosscoder(root: Path, args: argparse.Namespace) -> None:
         trainer.fit()
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
-        return time.perf_counter() - t0, {k: v.detach().cpu().clone() for k, v in cc.state_dict().items()}
+        dt = time.perf_counter() - t0
+        if isinstance(feed, ConcatBatches):
+            feed.close()
+        return dt, {k: v.detach().cpu().clone() for k, v in cc.state_dict().items()}
 
     best = {"store": float("inf"), "memory": float("inf")}
     ratios = []

@@ -28,10 +28,13 @@ recording trainer and checkpoints (:mod:`analysis.sae.train`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+from collections import deque
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -153,12 +156,22 @@ def plan_crosscoders(spec: SAETrainSpec, s: Store, *, fresh: bool = False) -> Pl
 
 class ConcatBatches:
     """The trainer's data provider: each aligned batch (a tuple of ``[batch, d]`` tensors)
-    concatenated ``[batch, n * d]`` under one key; ``state_dict``/``load_state_dict``/``close``
-    forward to the aligned iterator, so a checkpoint resumes with the very next batch."""
+    concatenated ``[batch, n * d]`` under one key.
 
-    def __init__(self, inner: AlignedBatches, key: str) -> None:
+    ``prefetch`` batches are gathered ahead in one background thread (numpy's gathers release
+    the GIL), so reading the store overlaps the training step, as ``ds.iter_batches``'s loader
+    threads do for SAEs. One thread, in order: the batches are those of the aligned iterator
+    alone. ``state_dict`` is the position after the last batch handed out (not after those
+    prefetched), so a checkpoint resumes with the very next batch; ``load_state_dict`` drops the
+    prefetched ones. ``close`` stops the thread."""
+
+    def __init__(self, inner: AlignedBatches, key: str, *, prefetch: int = 2) -> None:
         self.inner = inner
         self.key = key
+        self.prefetch = max(0, int(prefetch))
+        self._state = inner.state_dict()
+        self._ahead: deque[Future[tuple[torch.Tensor, dict[str, Any]]]] = deque()
+        self._pool: ThreadPoolExecutor | None = None
 
     @property
     def hooks(self) -> list[str]:
@@ -171,16 +184,41 @@ class ConcatBatches:
     def __iter__(self) -> ConcatBatches:
         return self
 
+    def _produce(self) -> tuple[torch.Tensor, dict[str, Any]]:
+        batch = torch.cat(next(self.inner), dim=1)
+        return batch, self.inner.state_dict()
+
     def __next__(self) -> dict[str, torch.Tensor]:
-        return {self.key: torch.cat(next(self.inner), dim=1)}
+        if not self.prefetch:
+            batch, self._state = self._produce()
+            return {self.key: batch}
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="strata-aligned")
+        while len(self._ahead) <= self.prefetch:
+            self._ahead.append(self._pool.submit(self._produce))
+        batch, self._state = self._ahead.popleft().result()
+        return {self.key: batch}
+
+    def _drop_ahead(self) -> None:
+        while self._ahead:
+            fut = self._ahead.pop()
+            if not fut.cancel():
+                with contextlib.suppress(Exception):
+                    fut.result()
 
     def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
+        return dict(self._state)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._drop_ahead()
         self.inner.load_state_dict({k: v for k, v in state.items() if k != "hooks"})
+        self._state = self.inner.state_dict()
 
     def close(self) -> None:
+        self._drop_ahead()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         self.inner.close()
 
 

@@ -21,11 +21,12 @@ from torch import nn
 
 from strata import store
 from strata.analysis.sae import SAETrainSpec, checkpoint, run_job
-from strata.analysis.sae.crosscoder_run import plan_crosscoders
+from strata.analysis.sae.crosscoder_run import ConcatBatches, plan_crosscoders
 from strata.analysis.sae.diffing import THRESHOLDS
 from strata.jobs.checks import check_job
 from strata.jobs.cli import main
 from strata.pipeline.encode import EncodeSpec, run_encode
+from strata.store.datasets.aligned import align_tokens, iter_aligned
 from strata.store.saes.crosscoder import CrossCoder
 
 D, N_SHARED, N_OWN, SAME = 64, 32, 16, 16  # the first SAME shared atoms have one direction in both models
@@ -361,3 +362,27 @@ compute: {{device: cpu}}
     err = capsys.readouterr().err.strip()
     assert err.startswith("strata: error: `sources` have different widths") and "\n" not in err
     assert s.storage.list("saes") == before
+
+
+def test_the_prefetching_feed_gives_the_aligned_batches_and_resumes_after_the_last_one_handed_out(models):
+    root, s, _ = models
+    sides = [(s.dataset(n), HOOK) for n in ("model-a", "model-b")]
+    al = align_tokens(sides)
+
+    def feed(prefetch: int) -> ConcatBatches:
+        return ConcatBatches(iter_aligned(sides, batch_size=100, seed=3, epochs=None, drop_last=True, alignment=al), "k", prefetch=prefetch)
+
+    plain, ahead = feed(0), feed(3)
+    first = [next(plain)["k"] for _ in range(7)]
+    got = [next(ahead)["k"] for _ in range(4)]
+    state = ahead.state_dict()  # three more batches are gathered already
+    assert state["batch"] == 4 and all(torch.equal(a, b) for a, b in zip(first, got))
+    ahead.close()
+    again = feed(2)
+    again.load_state_dict({**state, "hooks": ["k"]})
+    assert all(torch.equal(next(again)["k"], b) for b in first[4:])
+    x = first[0]
+    pairs = al.rows[0].size
+    assert x.shape == (100, 2 * D) and pairs == UNITS * UNIT_CONTEXTS * (CTX - 1)
+    plain.close()
+    again.close()
