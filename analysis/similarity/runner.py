@@ -29,7 +29,7 @@ from .compare import plan_compare, run_compare
 from .errors import AnalysisError
 from .heatmap import match_hooks, plan_heatmap, run_heatmap
 from .matching import match_saes
-from .plots import heatmap_png, lines_png
+from .plots import heatmap_png, lines_png, short_hook
 from .spec import SAMPLED, AnalyzeSpec, CompareSpec, HeatmapSpec, LayersSpec, MatchSpec, ProbeSpec, TimestepHeatmapSpec
 from .timesteps import plan_timestep_heatmap, run_timestep_heatmap
 
@@ -233,7 +233,8 @@ def _run_timesteps(p: Prepared, ex: Executor) -> tuple[dict[str, bytes], dict[st
     files = {"results.parquet": _parquet(res.table())}
     for m in res.values:
         n = int(res.n[m].max()) if res.n[m].size else 0
-        files[f"heatmap_{m}.png"] = res.png(m, title=f"{m} of {p.spec.a.dataset} vs {b.dataset}:{b.hook} (n={n:,})")
+        title = f"{m} ({p.spec.align}, n={n:,}): {p.spec.a.dataset}\nvs {b.dataset} {short_hook(b.hook)}"
+        files[f"heatmap_{m}.png"] = res.png(m, title=title)
     return files, res.provenance
 
 
