@@ -15,13 +15,30 @@ import pytest
 
 from strata import store
 from strata.analysis import similarity as sim
-
-pytestmark = pytest.mark.slow
+from strata.analysis.similarity.spec import TimestepHeatmapSpec
+from strata.jobs.kinds import detect
 
 ROOT = Path(__file__).resolve().parents[2]
 HOOKS = [f"blocks.{i}.hook_resid_post" for i in range(4)]
 
 
+def test_diffusion_examples_fit_together():
+    """dit.yaml and dinov2.yaml extract the same corpus into one store; repa.yaml reads both."""
+    kind, dit, _ = detect(ROOT / "examples" / "dit.yaml")
+    assert kind.name == "extract" and dit.diffusion.timesteps == [100, 500, 900] and dit.corpus.is_images
+    _, dino, _ = detect(ROOT / "examples" / "dinov2.yaml")
+    assert dino.diffusion is None and dino.corpus == dit.corpus and dino.store == dit.store
+    kind, repa, _ = detect(ROOT / "examples" / "repa.yaml")
+    assert kind.name == "analysis" and repa.store == dit.store and len(repa.analyses) == 2
+    for a, align in zip(repa.analyses, ("docs", "patches")):
+        assert isinstance(a, TimestepHeatmapSpec) and a.align == align and a.metrics == ["cknna"] and a.knn_k == 10
+        assert (a.a.dataset, a.b.dataset) == (dit.name, dino.name)
+    script = (ROOT / "examples" / "diffusion_quickstart.sh").read_text()
+    for part in ("examples/dit.yaml", "examples/dinov2.yaml", "examples/repa.yaml", "--family dit", "--family dinov2", "--images 48"):
+        assert part in script, part
+
+
+@pytest.mark.slow
 def test_diffusion_quickstart(tmp_path):
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     (tmp_path / ".venv").symlink_to(ROOT / ".venv")

@@ -120,6 +120,17 @@ def test_timestep_heatmap_cells_are_compares(image_store):
     assert sub.values["cknna"][0, 1] == pytest.approx(res.values["cknna"][0, 0], rel=1e-12)
 
 
+def test_layer_heatmap_of_cknna_is_not_mirrored(image_store):
+    """A heatmap cell of cknna is cknna of the two hooks' rows (k = knn_k); (i, j) and (j, i) differ."""
+    f = image_store
+    res = sim.layer_heatmap((f["dit"], DIT_HOOKS), metric="cknna", knn_k=5, sample_rows=10_000)
+    x0, x1 = (f["acts"][h].astype(np.float32).astype(np.float64) for h in DIT_HOOKS)
+    assert res.method == "sample" and res.n == x0.shape[0] and res.provenance["options"]["knn_k"] == 5
+    assert res.values[0, 1] == pytest.approx(sim.cknna(x0, x1, k=5), rel=1e-9)
+    assert res.values[1, 0] == pytest.approx(sim.cknna(x1, x0, k=5), rel=1e-9)
+    assert res.values[0, 0] == pytest.approx(1.0, abs=1e-12) and res.values[0, 1] != pytest.approx(res.values[1, 0], rel=1e-6)
+
+
 def test_analyze_commits_the_timestep_heatmap(image_store):
     f = image_store
     spec = AnalyzeSpec.model_validate({
