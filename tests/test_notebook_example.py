@@ -82,6 +82,7 @@ def test_the_example_notebook_runs_on_a_real_kernel(work):
     # The SAE the notebook trained is stored with its lineage; its table's summary and feature page name it.
     h = s.sae("explore-topk")
     assert h.lineage["source"] == "examples/explore.ipynb" and h.cfg["d_sae"] == 8 * 128
+    assert h.lineage["units"] == ds.committed_units(HOOK)
     enc = _cell(nb, "from strata.analysis.features.external import put_sae")
     assert any(WIDGET in o.get("data", {}) for o in enc.outputs), "encoding showed no progress widget"
     assert "explore-topk" in _html(enc)
@@ -96,7 +97,8 @@ def test_the_example_notebook_runs_on_a_real_kernel(work):
     assert f"document {doc} · {HOOK} neuron 0" in _html(_cell(nb, "ds.show_tokens(doc, hook=hook, neuron=0)"))
 
     # The comparison it printed, against numpy's CKA over the same (non-special) rows.
-    shown = ast.literal_eval(_cell(nb, "similarity.compare(").outputs[0]["data"]["text/plain"])
+    result = [o for o in _cell(nb, "similarity.compare(").outputs if o.output_type == "execute_result"]  # after a progress widget, when slow
+    shown = ast.literal_eval(result[0]["data"]["text/plain"])
     keep = ~ds.tokens(HOOK).column("special").to_numpy(zero_copy_only=False)
     x = ds.read("blocks.0.hook_resid_post").astype(np.float64)[keep]
     y = ds.read(HOOK).astype(np.float64)[keep]
