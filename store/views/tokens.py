@@ -56,14 +56,25 @@ def _doc_tokens(ds: Any, rows: np.ndarray) -> tuple[list[str], np.ndarray]:
         local = pa.array(rows[sel] - u * ur)
         ids[sel] = t.column("token_id").take(local).to_numpy()
         special[sel] = t.column("special").take(local).to_numpy(zero_copy_only=False)
-    tok = ds.tokenizer()
+    image = ds.info.meta.get("image")
+    tok = ds.tokenizer() if image is None else None
+    grid = ((image or {}).get("layout") or {}).get("grid") or [0, 0]
     cache: dict[int, str] = {}
     texts = []
     for i in ids.tolist():
         if i not in cache:
-            cache[i] = tok.decode([i], skip_special_tokens=False) if tok is not None else f"<{i}>"
+            cache[i] = _patch_text(i, grid) if image is not None else tok.decode([i], skip_special_tokens=False) if tok is not None else f"<{i}>"
         texts.append(cache[i])
     return texts, special
+
+
+def _patch_text(i: int, grid: list[int]) -> str:
+    """An image dataset's token: CLS is -1, register r is -2-r, patches count row-major (as the feature table names them)."""
+    if i == -1:
+        return "<CLS> "
+    if i < -1:
+        return f"<REG {-2 - i}> "
+    return f"<patch {i} ({i // grid[1]}, {i % grid[1]})> " if grid[1] else f"<patch {i}> "
 
 
 def token_view(ds: Any, doc_id: int, *, hook: str | None = None, neuron: int | None = None, sae: str | None = None,

@@ -14,6 +14,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from strata import store
@@ -229,3 +230,21 @@ def test_bad_input_is_one_line_naming_the_valid_choices(acts, call, error, says)
     with pytest.raises(error) as e:
         call(store.open(acts, create=False))
     assert "\n" not in str(e.value) and says in str(e.value), str(e.value)
+
+
+def test_an_image_documents_tokens_are_its_cls_and_patches(tmp_path):
+    s = store.open(tmp_path / "acts")
+    ctx = 5  # CLS and a 2 x 2 grid of patches: one context per image
+    w = s.create_dataset("img", hooks={H0: 4}, context_size=ctx, dtype="float32", num_units=1, unit_contexts=2,
+                         meta={"model": "vit", "revision": "0", "image": {"layout": {"grid": [2, 2]}}})
+    n = 2 * ctx
+    ids = np.tile(np.array([-1, 0, 1, 2, 3], np.int32), 2)
+    tokens = pa.table({"context_id": np.repeat(np.arange(2), ctx).astype(np.int64), "position": np.tile(np.arange(ctx), 2).astype(np.int32),
+                       "doc_id": np.repeat(np.arange(2), ctx).astype(np.int64), "doc_position": np.where(ids < 0, -1, ids).astype(np.int32),
+                       "token_id": ids, "special": ids < 0})
+    x = np.arange(n * 4, dtype=np.float32).reshape(n, 4)
+    w.write_unit(0, tokens=tokens, acts={H0: x})
+    v = s.dataset("img").show_tokens(1, hook=H0, neuron=2)
+    assert v.tokens == ["<CLS> ", "<patch 0 (0, 0)> ", "<patch 1 (0, 1)> ", "<patch 2 (1, 0)> ", "<patch 3 (1, 1)> "]
+    assert v.special.tolist() == [True, False, False, False, False] and np.array_equal(v.values, x[ctx:, 2])
+    assert "&lt;patch 3 (1, 1)&gt;" in v._repr_html_()
