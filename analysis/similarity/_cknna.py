@@ -56,10 +56,13 @@ def _neighbour_mask(kernel: np.ndarray, k: int) -> np.ndarray:
     n = kernel.shape[0]
     score = kernel.copy()
     np.fill_diagonal(score, -np.inf)
-    idx = np.argsort(-score, axis=1, kind="stable")[:, :k]
-    mask = np.zeros((n, n), dtype=bool)
-    mask[np.arange(n)[:, None], idx] = True
-    return mask
+    # The k-th largest value of each row (a partition, not a sort: O(n) a row); everything above
+    # it is in, and of the values equal to it the lowest-index ones fill the remaining places.
+    top = np.argpartition(score, n - k, axis=1)[:, n - k :]
+    kth = np.take_along_axis(score, top, axis=1).min(axis=1, keepdims=True)
+    mask = score > kth
+    tied = score == kth
+    return mask | (tied & (np.cumsum(tied, axis=1) <= k - mask.sum(axis=1, keepdims=True)))
 
 
 def _hsic_unbiased(a: np.ndarray, b: np.ndarray) -> float:

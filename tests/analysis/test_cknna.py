@@ -67,6 +67,22 @@ def test_cknna_equals_the_direct_formula(n, k, seed):
         assert abs(got - sim.cknna(x, y, k=n - 1)) > 1e-6
 
 
+def test_cknna_ties_go_to_the_lower_row_index():
+    """Small-integer features: many equal inner products; the neighbour lists must be the direct
+    formula's (sorted by value, then index)."""
+    r = np.random.default_rng(14)
+    for seed in range(5):
+        x = r.integers(-1, 2, size=(13, 3)).astype(float)
+        y = r.integers(-1, 2, size=(13, 4)).astype(float)
+        try:
+            want = _direct(x, y, 4)
+        except (ValueError, ZeroDivisionError):
+            continue
+        if not np.isfinite(want):
+            continue
+        assert sim.cknna(x, y, k=4) == pytest.approx(want, rel=1e-10, abs=1e-12), seed
+
+
 def test_cknna_is_not_symmetric_but_direct_both_ways():
     x, y = _pair(11, 3, 5, seed=4)
     xy, yx = sim.cknna(x, y, k=3), sim.cknna(y, x, k=3)
