@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,9 @@ def store_html(s: Any) -> str:
 # -- activation datasets ------------------------------------------------------------------------
 
 
+_ROWS = attrgetter("rows")
+
+
 def _hook_counts(ds: Any) -> tuple[list[tuple[str, int, int, int]], int, int]:
     """Per hook ``(hook, units, rows, bytes)`` and the token table's ``(units, rows)``, from the
     commit records (or the commit index) alone: set and sum operations, fast on 100k units."""
@@ -55,11 +59,12 @@ def _hook_counts(ds: Any) -> tuple[list[tuple[str, int, int, int]], int, int]:
     out = []
     for h in ds.hooks:
         recs = records.get(h, {})
-        units = recs.keys() & toks.keys()
-        by_rows = Counter(recs[u].rows for u in units)
+        # A hook's unit counts with its token table (the writer commits that first): usually all do.
+        held = recs.values() if recs.keys() <= toks.keys() else [recs[u] for u in recs.keys() & toks.keys()]
+        by_rows = Counter(map(_ROWS, held))  # units by row count: few distinct counts (the last unit may be short)
         sl = shard_layout(ds.info, h)
-        out.append((h, len(units), sum(r * n for r, n in by_rows.items()), sum(sl.shard_nbytes(r) * n for r, n in by_rows.items())))
-    return out, len(toks), sum(r.rows for r in toks.values())
+        out.append((h, len(held), sum(r * n for r, n in by_rows.items()), sum(sl.shard_nbytes(r) * n for r, n in by_rows.items())))
+    return out, len(toks), sum(map(_ROWS, toks.values()))
 
 
 def _datasetstatus(ds: Any, hooks: list[tuple[str, int, int, int]], tok_units: int) -> tuple[str, str]:
