@@ -29,6 +29,10 @@ unit), then measures:
    peak RSS of each, and the two values (they must agree to rounding).
 3. **Layer heatmap**: linear CKA of every pair of 12 hooks of one dataset (width
    ``--heatmap-d``) in one ``layer_heatmap`` pass vs 66 separate pairwise ``compare`` runs.
+4. **CKNNA** (``similarity.cknna(X, Y, k=10)``, in memory, float64) at ``n`` = 2,048 (compare's
+   default sample) and 4,096 rows of width ``--d``, against the least work any metric of the two
+   inner-product kernels needs: the two Gram matrices ``X Xᵀ`` and ``Y Yᵀ`` (float64 BLAS), timed
+   right before and after each CKNNA run.
 
 Without Ray (``compare`` and ``layer_heatmap`` run their partial-moment tasks in-process when no
 Ray is running: ``use_ray`` defaults to ``ray.is_initialized()``), so a child's peak RSS is the
@@ -479,6 +483,38 @@ def part_heatmap(root: Path, n: int, d: int, hooks: int, pairs_limit: int | None
                     f"{p:.1f} s ({len(pairs)} compare runs{'' if len(run_pairs) == len(pairs) else ', extrapolated'})", f"{p / h:.1f}x faster", "—"))
 
 
+def _grams(x: np.ndarray, y: np.ndarray) -> float:
+    """Seconds to form both inner-product kernels."""
+    t0 = time.perf_counter()
+    x @ x.T
+    y @ y.T
+    return time.perf_counter() - t0
+
+
+def part_cknna(ns: list[int], d: int, rounds: int, summary: list) -> None:
+    from strata.analysis.similarity import cknna
+
+    print(f"\n[4] cknna (k=10) at d={d} vs the two Gram matrices X Xᵀ, Y Yᵀ (float64), in memory; best of {rounds} round(s)", flush=True)
+    rng = np.random.default_rng(4)
+    for n in ns:
+        x = rng.standard_normal((n, d))
+        y = np.tanh(x @ rng.standard_normal((d, d)) / np.sqrt(d)) + 0.5 * rng.standard_normal((n, d))
+
+
+        best = None
+        for _ in range(rounds):
+            before = _grams(x, y)
+            t0 = time.perf_counter()
+            v = cknna(x, y, k=10)
+            t = time.perf_counter() - t0
+            base = (before + _grams(x, y)) / 2
+            if best is None or t / base < best[0] / best[1]:
+                best = (t, base, v)
+        t, base, v = best  # type: ignore[misc]
+        print(f"    n={n:,}: cknna {t:.2f}s (value {v:.4f}) vs Gram matrices {base:.2f}s: {t / base:.1f}x", flush=True)
+        summary.append((f"cknna k=10, n={n:,}, d={d} (in memory)", f"{t:.2f} s", f"{base:.2f} s (X Xᵀ and Y Yᵀ)", f"{t / base:.1f}x the Grams", "—"))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small configuration (< 3 minutes)")
@@ -491,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heatmap-d", type=int, default=256)
     p.add_argument("--heatmap-hooks", type=int, default=12)
     p.add_argument("--heatmap-pairs", type=int, default=None, help="pairwise compares actually run (default all; quick 11), extrapolated")
-    p.add_argument("--parts", default="stream,gram,heatmap", help="comma-separated subset of stream,gram,heatmap")
+    p.add_argument("--parts", default="stream,gram,heatmap,cknna", help="comma-separated subset of stream,gram,heatmap,cknna")
     p.add_argument("--dir", default=None, help="where to write the temporary store (default: the system temp folder)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -527,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
             part_gram(root, gram_n, a.d, 1, summary)
         if "heatmap" in parts:
             part_heatmap(root, heat_n, a.heatmap_d, a.heatmap_hooks, heat_pairs, 1, summary)
+        if "cknna" in parts:
+            part_cknna([2048] if a.quick else [2048, 4096], a.d, 2 if a.quick else 3, summary)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"\nsummary ({'--quick' if a.quick else 'full'} configuration, {time.perf_counter() - t_start:.0f}s in all; "
