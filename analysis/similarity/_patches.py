@@ -50,8 +50,12 @@ def timesteps_of(ds: ActivationDataset) -> list[int] | None:
 
 def check_timestep(ds: ActivationDataset, timestep: int | None, *, align: str, same_dataset: bool = False) -> None:
     """A chosen timestep must be one of the dataset's; a dataset with several needs one, unless two
-    hooks of it pair row by row (``align="tokens"`` within one dataset)."""
+    hooks of it pair row by row (``align="tokens"`` within one dataset), and pairs with another
+    dataset by ``patches`` or ``docs`` only."""
     ts = timesteps_of(ds)
+    if ts is not None and len(ts) > 1 and align == "tokens" and not same_dataset:
+        raise AnalysisError(f"align 'tokens' pairs two datasets' rows by document position, which dataset {ds.name!r} repeats at each of its "
+                            f"timesteps {ts}; use align 'patches' (by image and position, at each side's timestep) or 'docs'")
     if timestep is None:
         if ts is not None and len(ts) > 1 and not (align == "tokens" and same_dataset):
             raise AnalysisError(f"dataset {ds.name!r} holds each image at {len(ts)} timesteps {ts}; align {align!r} needs one: "

@@ -171,6 +171,8 @@ def test_analyze_commits_the_timestep_heatmap(image_store):
     (lambda f: sim.timestep_heatmap((f["dit"], DIT_HOOKS), (f["dino"], ENC), timesteps=[10, 11]),
      r"dataset 'dit' has no rows at timestep 11"),
     (lambda f: sim.plan_compare((f["dit"], DIT_HOOKS[0], "10"), (f["dino"], ENC), align="docs"), r"a side's timestep must be an integer"),
+    (lambda f: sim.plan_compare((f["dit"], DIT_HOOKS[0], 10), (f["dino"], ENC), align="tokens"),
+     r"align 'tokens' pairs two datasets' rows by document position, which dataset 'dit' repeats .* use align 'patches'"),
 ])
 def test_bad_diffusion_comparisons_are_one_line(image_store, call, msg):
     with pytest.raises(AnalysisError, match=msg) as e:
