@@ -3,6 +3,7 @@
     python benchmarks/extract.py                  # a few minutes on 2 CPU cores
     python benchmarks/extract.py --layers 6 --d-model 512 --tokens 400000   # bigger
     python benchmarks/extract.py --case vision    # a ViT over generated images instead
+    python benchmarks/extract.py --case diffusion # a DiT over generated images at several timesteps
     python benchmarks/extract.py --case capture   # every mlp.hook_post + attn.hook_z vs TransformerLens run_with_cache
     python benchmarks/extract.py --rounds 1 --tokens 8000 --skip-sae-lens --warmup-s 0   # a smoke run
 
@@ -47,6 +48,19 @@ kind of process the pipeline computes in, Ray's processes beside it); it reports
 images. Workers do that for a unit before taking the model, while the actor's other call
 computes the previous unit, so it is off the model's critical path as long as it takes less
 time than a forward pass of a unit.
+
+The diffusion case (``--case diffusion``) builds a seeded latent DiT pipeline
+(``pipeline.tiny.build_tiny_diffusion``: a small VAE, ``--diffusion-layers`` blocks of width
+``--diffusion-d``, 2 x 2 latent patches of ``--diffusion-size`` images) and ``--images``
+generated images, and times images x timesteps per second (``--timesteps``; one context per
+(image, timestep); 1 hook: the last block's resid_post) of the pipeline against a bare loop of
+the same denoiser forwards (``DiTTransformer2DModel`` called on the noised latents, timesteps and
+null classes) over the very same batches, prepared before the clock starts (VAE-encoded and
+noised by the pipeline's own code, so the inputs are identical); the pipeline's rate includes
+what the bare loop leaves out: decoding and preprocessing, the VAE encoding (once per image
+and unit), the noise, the hooks' copies and the writes. As in the vision case the bare loop
+runs in a fresh process with the worker's settings bracketing each pipeline run, and in a Ray
+actor holding the worker's CPUs right after it; both ratios are reported.
 
 The capture case (``--case capture``) uses the text case's model, tokens and batches and
 stores every layer's ``mlp.hook_post`` and ``attn.hook_z`` (``[tokens, heads * d_head]``). Each
@@ -97,7 +111,7 @@ from strata.pipeline.config import ExtractSpec  # noqa: E402
 from strata.pipeline.executor import ActorPool, pool_shape  # noqa: E402
 from strata.pipeline.extract import plan, prepare, run_extract  # noqa: E402
 from strata.pipeline.images import ImageSource  # noqa: E402
-from strata.pipeline.tiny import build_tiny, build_tiny_vision, synthetic_docs, synthetic_images, write_jsonl  # noqa: E402
+from strata.pipeline.tiny import build_tiny, build_tiny_diffusion, build_tiny_vision, synthetic_docs, synthetic_images, write_jsonl  # noqa: E402
 from strata.pipeline.vision import load_processor, preprocess  # noqa: E402
 
 CHILD_FLAG = "--baseline-job"  # internal: run one baseline described by a job file, in this fresh process
@@ -187,6 +201,10 @@ def child_main(job_path: str) -> int:
     elif kind == "bare-vision":
         rate = bare_vision_loop(Path(job["folder"]), torch.from_numpy(np.load(job["pixels"])), job["unit_contexts"],
                                 job["per_batch"], job["warmup_s"])
+    elif kind == "bare-diffusion":
+        z = np.load(job["inputs"])
+        rate = bare_diffusion_loop(Path(job["folder"]), torch.from_numpy(z["x_t"]), z["timesteps"], z["classes"], job["unit_contexts"],
+                                   job["per_batch"], job["warmup_s"])
     elif kind == "sae-lens":
         rate = sae_lens_rate(Path(job["folder"]), np.load(job["tokens"]), job["hook_layer"], job["per_batch"], job["d"], Path(job["out"]))
     elif kind == "transformer-lens":
@@ -259,6 +277,21 @@ def bare_vision_loop(folder: Path, pixels: torch.Tensor, unit_contexts: int, per
     batches = [pixels[c].to(dev) for c in unit_batches(len(pixels), unit_contexts, per_batch)]
     dt = timed_loop(lambda b: model(pixel_values=b), batches, -(-unit_contexts // per_batch), warmup_s)
     return len(pixels) / dt
+
+
+def bare_diffusion_loop(folder: Path, x_t: torch.Tensor, timesteps: np.ndarray, classes: np.ndarray, unit_contexts: int, per_batch: int,
+                        warmup_s: float) -> float:
+    """contexts (images x timesteps) per second of a plain loop of the DiT's forwards over already
+    noised latents, in the pipeline's batches."""
+    import diffusers
+
+    dev = device()
+    model = diffusers.DiTTransformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=torch.float32).to(dev).eval()
+    t_all, c_all = torch.from_numpy(timesteps.astype(np.int64)), torch.from_numpy(classes.astype(np.int64))
+    batches = [(x_t[c].to(dev), t_all[c].to(dev), c_all[c].to(dev)) for c in unit_batches(len(x_t), unit_contexts, per_batch)]
+    dt = timed_loop(lambda b: model(b[0], timestep=b[1], class_labels=b[2], return_dict=False), batches, -(-unit_contexts // per_batch),
+                    warmup_s)
+    return len(x_t) / dt
 
 
 def sae_lens_rate(folder: Path, token_id: np.ndarray, hook_layer: int, per_batch: int, d: int, out: Path) -> float:
@@ -354,6 +387,19 @@ class BareVisionActor:
         return bare_vision_loop(self.folder, pixels, unit_contexts, per_batch, 3.0)
 
 
+class BareDiffusionActor:
+    """The bare diffusion loop in a Ray actor holding the pipeline worker's CPUs."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def rate(self, x_t: torch.Tensor, timesteps: np.ndarray, classes: np.ndarray, unit_contexts: int, per_batch: int,
+             threads: int | None) -> float:
+        if threads:
+            torch.set_num_threads(threads)
+        return bare_diffusion_loop(self.folder, x_t, timesteps, classes, unit_contexts, per_batch, 3.0)
+
+
 # -- the two cases -----------------------------------------------------------------------------
 
 
@@ -441,6 +487,91 @@ def vision_case(a: argparse.Namespace, work: Path, cpus: int) -> None:
     print(f"workers' time decoding + preprocessing (round {len(runs) // 2}): {r.prepare_seconds:.2f}s of "
           f"{r.prepare_seconds + r.compute_seconds:.2f}s ({100 * share:.1f}%), done before each unit takes the model, "
           f"overlapping the other unit's forward pass")
+    print(f"peak RSS: bare-loop process {max(b.peak_rss_mib for b in bares):,.0f} MiB, worker "
+          f"{max(x.worker_peak_rss for x in runs) / 2**20:,.0f} MiB; {load_average()} at the end")
+
+
+def diffusion_case(a: argparse.Namespace, work: Path, cpus: int) -> None:
+    import ray  # lazy: only this case starts actors of its own
+
+    from strata.pipeline.diffusion import DiffusionRunner
+
+    folder = work / "dit"
+    if not (folder / "model_index.json").exists():
+        build_tiny_diffusion(folder, kind="dit", image_size=a.diffusion_size, layers=a.diffusion_layers, width=a.diffusion_d, seed=0)
+    imgs = work / "images"
+    if not (imgs / "metadata.jsonl").exists():
+        synthetic_images(imgs, a.images, seed=0, size=a.diffusion_size + a.diffusion_size // 4)
+    timesteps = [int(t) for t in a.timesteps.split(",")]
+    T = len(timesteps)
+
+    def job(name: str) -> ExtractSpec:
+        return ExtractSpec(store=str(work / "acts"), name=name, model={"id": str(folder)}, corpus={"path": str(imgs), "format": "images"},
+                           hooks=[f"blocks.{a.diffusion_layers - 1}.hook_resid_post"], dtype=a.dtype,
+                           diffusion={"timesteps": timesteps, "noise_seed": 0},
+                           compute={"unit_contexts": a.diffusion_unit, "batch_tokens": a.diffusion_batch * 10**6})
+
+    spec = job("plan")
+    p = prepare(spec, store.open(spec.store))
+    d = p.diffusion
+    if d is None:
+        raise RuntimeError(f"the generated DiT in {folder} was not recognised as a diffusion model")
+    tokens = d.tokens
+    spec = spec.updated(compute={"unit_contexts": a.diffusion_unit, "batch_tokens": a.diffusion_batch * tokens})
+    pl = plan(p)
+    n = pl.n_contexts
+    if n <= a.diffusion_unit:
+        raise SystemExit(f"--images x timesteps ({n}) fill at most one unit of --diffusion-unit {a.diffusion_unit}: raise --images")
+    # The bare loop's inputs: the pipeline's own noised latents, per context (before any clock starts).
+    runner = DiffusionRunner(str(folder), d, torch.device("cpu"))
+    ctx = runner.prepare(pl.all_contexts())
+    with torch.inference_mode():
+        x0 = runner.encode(torch.from_numpy(ctx.pixels))
+        x_t = runner.noised(x0[torch.from_numpy(ctx.image_index)], ctx.image_ids[ctx.image_index], ctx.timestep)
+    classes = np.full(n, d.null_class, np.int64)
+    ts_all = np.asarray(ctx.timestep, np.int64)
+    np.savez(work / "inputs.npz", x_t=x_t.numpy(), timesteps=ts_all, classes=classes)
+    del runner, ctx
+    pl.packer.source.remove()
+    print(machine_line(cpus))
+    print(f"model: DiT, {a.diffusion_layers} layers, width {a.diffusion_d}, {a.diffusion_size}x{a.diffusion_size} images -> "
+          f"{a.diffusion_size // 2}x{a.diffusion_size // 2} latents in 2x2 patches ({tokens} tokens); {n // T} images x {T} timesteps "
+          f"= {n} contexts, {a.diffusion_batch} per batch, {a.diffusion_unit} per unit")
+    settings = WorkerSettings.of(pool_shape(ClusterShape(cpus=cpus, gpus=torch.cuda.device_count(), max_node_cpus=cpus)))
+    print(f"each bare loop runs in a fresh process with the worker's settings: {settings.describe()}")
+
+    def bare() -> Baseline:
+        return run_baseline("bare-diffusion", settings, work, folder=str(folder), inputs=str(work / "inputs.npz"),
+                            unit_contexts=a.diffusion_unit, per_batch=a.diffusion_batch, warmup_s=a.warmup_s)
+
+    bares = [bare()]
+    runs: list = []
+    ratios: list[float] = []
+    in_ray: list[float] = []
+    actor_ratios: list[float] = []
+    for rnd in range(a.rounds):
+        with connect(None, num_cpus=cpus, log_to_driver=False):
+            runs.append(run_extract(spec.updated(name=f"dit-{rnd}"), progress=False))
+            actor = ray.remote(num_cpus=settings.num_cpus)(BareDiffusionActor).remote(str(folder))
+            in_ray.append(ray.get(actor.rate.remote(ray.put(x_t), ray.put(ts_all), ray.put(classes), a.diffusion_unit, a.diffusion_batch,
+                                                    settings.threads)))
+        bares.append(bare())
+        before, after = bares[-2].rate, bares[-1].rate
+        r = runs[-1]
+        rate = r.steady_tokens_per_s / tokens
+        ratios.append(rate / ((before + after) / 2))
+        actor_ratios.append(rate / in_ray[-1])
+        print(f"round {rnd}: pipeline {rate:,.1f} contexts/s steady ({r.steady_tokens / tokens:.0f} contexts after the first unit) | bare "
+              f"{before:,.1f} before, {after:,.1f} after | ratio {ratios[-1]:.2f} | bare loop in a Ray actor right after the pipeline "
+              f"{in_ray[-1]:,.1f}: ratio {actor_ratios[-1]:.2f} | load average {os.getloadavg()[0]:.1f}", flush=True)
+    rates = [r.steady_tokens_per_s / tokens for r in runs]
+    print(f"\n{a.rounds} rounds, same pipeline, same {n} (image, timestep) contexts, same batches; median (min..max) over rounds; "
+          f"the bare loop ran at {spread([b.rate for b in bares], ',.1f')} contexts/s over the run:")
+    print(f"pipeline (decode + preprocess + VAE + noise + forward + write): {spread(rates, ',.1f')} images x timesteps / s steady "
+          f"(job end to end: {spread([x.seconds for x in runs], '.1f')} s)")
+    print(f"pipeline vs the bare denoiser loop in a fresh process bracketing it: ratio {spread(ratios, '.2f')}")
+    print(f"pipeline vs the same bare loop in a Ray actor holding the worker's CPUs: ratio {spread(actor_ratios, '.2f')}; "
+          f"that loop ran at {spread(in_ray, ',.1f')} contexts/s")
     print(f"peak RSS: bare-loop process {max(b.peak_rss_mib for b in bares):,.0f} MiB, worker "
           f"{max(x.worker_peak_rss for x in runs) / 2**20:,.0f} MiB; {load_average()} at the end")
 
@@ -637,7 +768,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == [CHILD_FLAG]:
         return child_main(argv[1])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", choices=("text", "vision", "capture"), default="text")
+    ap.add_argument("--case", choices=("text", "vision", "capture", "diffusion"), default="text")
+    ap.add_argument("--timesteps", default="100,500,900", help="diffusion: timesteps, comma-separated")
+    ap.add_argument("--diffusion-layers", type=int, default=6)
+    ap.add_argument("--diffusion-d", type=int, default=256)
+    ap.add_argument("--diffusion-size", type=int, default=64, help="diffusion: image side (the latents are half of it)")
+    ap.add_argument("--diffusion-batch", type=int, default=16, help="diffusion: contexts per forward pass")
+    ap.add_argument("--diffusion-unit", type=int, default=48, help="diffusion: contexts per unit")
     ap.add_argument("--images", type=int, default=512, help="vision: generated images")
     ap.add_argument("--vision-layers", type=int, default=6)
     ap.add_argument("--vision-d", type=int, default=384)
@@ -667,7 +804,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     cpus = os.cpu_count() or 1
     try:
-        {"text": text_case, "vision": vision_case, "capture": capture_case}[a.case](a, work, cpus)
+        {"text": text_case, "vision": vision_case, "capture": capture_case, "diffusion": diffusion_case}[a.case](a, work, cpus)
     finally:
         gc.collect()
         if not a.work:

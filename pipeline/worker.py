@@ -117,7 +117,8 @@ class UnitWorker:
         contexts = self.prepare(contexts)
         if self.diffusion is not None:
             assert isinstance(contexts, DiffusionContexts)
-            return self.diffusion.compute(contexts, hooks, batch_tokens=self.cfg.batch_tokens, out_dtype=self.out_dtype)
+            return self.diffusion.compute(contexts, hooks, batch_tokens=self.cfg.batch_tokens, out_dtype=self.out_dtype,
+                                          pin=self.device.type == "cuda")
         pixels = torch.from_numpy(contexts.pixels) if isinstance(contexts, ImageContexts) else None
         px_dtype = next(self.model.parameters()).dtype
         n, s = contexts.token_id.shape

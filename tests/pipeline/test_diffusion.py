@@ -206,3 +206,19 @@ def test_an_explicit_empty_prompt_conditions_every_image(tmp_path, pipes, shapes
     run_extract(spec, progress=False)
     ds = store.open(tmp_path / "acts").dataset("empty")
     assert ds.info.meta["diffusion"]["prompt"] == "" and ds.tokens().num_rows == 5 * 16
+
+
+def test_the_cli_refuses_a_timestep_out_of_range_in_one_line(tmp_path, pipes, shapes, capsys):
+    import yaml
+
+    from strata.jobs.extract import main
+
+    spec = tmp_path / "d.yaml"
+    spec.write_text(yaml.safe_dump({"store": str(tmp_path / "acts"), "name": "cli", "model": {"id": str(pipes["unet"])},
+                                    "corpus": {"path": str(shapes), "format": "images"}, "hooks": ["mid_block"],
+                                    "diffusion": {"timesteps": [-1, 10]}}))
+    rc = main([str(spec), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("strata: error: ") and err.count("\n") == 1, err
+    assert "`diffusion.timesteps` [-1] are outside the range" in err and "integers 0..999" in err, err
+    assert not (tmp_path / "acts" / "datasets").exists() or store.open(tmp_path / "acts").datasets() == []
