@@ -312,9 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("folder")
     p.add_argument("--family", default="gpt2", choices=FAMILIES + VISION_FAMILIES + DIFFUSION_FAMILIES)
     p.add_argument("--images", type=int, metavar="N", help="write N captioned synthetic images (and metadata.jsonl) to FOLDER instead of a model")
-    p.add_argument("--image-size", type=int, default=32, help="vision models: input image side in pixels")
+    p.add_argument("--image-size", type=int, help="vision models: input image side in pixels (default 32; diffusion pipelines: 16)")
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--d-model", type=int, help="model width (default 64; diffusion pipelines: the DiT's width, 32)")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--max-positions", type=int, default=512)
     p.add_argument("--vocab-size", type=int, default=1024)
@@ -325,13 +325,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {a.images} images to {synthetic_images(a.folder, a.images, seed=a.seed)}")
         return 0
     if a.family in VISION_FAMILIES:
-        out = build_tiny_vision(a.folder, family=a.family, layers=a.layers, d_model=a.d_model, heads=a.heads,
-                                image_size=a.image_size, seed=a.seed)
+        out = build_tiny_vision(a.folder, family=a.family, layers=a.layers, d_model=a.d_model or 64, heads=a.heads,
+                                image_size=a.image_size or 32, seed=a.seed)
         print(f"built a tiny {a.family} vision model in {out}")
         return 0
     if a.family in DIFFUSION_FAMILIES:
-        out = build_tiny_diffusion(a.folder, kind=a.family, image_size=a.image_size if a.image_size != 32 else 16, seed=a.seed,
-                                   layers=a.layers, width=a.d_model if a.d_model != 64 else 32)
+        out = build_tiny_diffusion(a.folder, kind=a.family, image_size=a.image_size or 16, seed=a.seed, layers=a.layers,
+                                   width=a.d_model or 32)
         print(f"built a tiny {a.family} diffusion pipeline in {out}")
         return 0
     texts = None
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(a.corpus, encoding="utf-8") as fh:
             texts = [json.loads(line)["text"] for line in fh if line.strip()]
     out = build_tiny(
-        a.folder, family=a.family, layers=a.layers, d_model=a.d_model, heads=a.heads, max_positions=a.max_positions,
+        a.folder, family=a.family, layers=a.layers, d_model=a.d_model or 64, heads=a.heads, max_positions=a.max_positions,
         vocab_size=a.vocab_size, seed=a.seed, texts=texts,
     )
     print(f"built a tiny {a.family} model in {out}")
