@@ -46,6 +46,7 @@ from PIL import Image
 
 from strata.pipeline.errors import ModelNotFoundError, SpecError
 from strata.pipeline.hooks import match_hooks
+from strata.pipeline.modules import is_module_hook, module_hook_name, module_input, module_tensor, parse_module_hook, resolve_module_path
 from strata.pipeline.vision import ImageContexts, ImageLayout, ImagePacker
 
 INDEX = "model_index.json"
@@ -109,7 +110,7 @@ class DiffusionPrep:
     components: dict[str, list[str]]  # slot -> [library, class] of what the workers load
     hooks: list[str]
     widths: dict[str, int]
-    maps: dict[str, list[int]]  # hook -> its native [h, w] (a DiT's latent patch grid for every hook)
+    maps: dict[str, list[int]]  # every hook of the model -> its native [h, w] (a DiT's latent patch grid for every hook)
     grid: tuple[int, int]  # rows of a context: the common native size, or diffusion.grid
     resample: bool
     size: int  # image side in pixels
@@ -126,6 +127,7 @@ class DiffusionPrep:
     n_layers: int
     d_model: int
     model_id: str = ""
+    module_paths: dict[str, list[str]] = field(default_factory=dict)  # module:PATH hooks -> [resolved path, "input" | "output"]
 
     @property
     def layout(self) -> ImageLayout:
@@ -140,10 +142,16 @@ class DiffusionPrep:
         return self.kind == "unet_cond"
 
     def module_of(self, hook: str) -> str:
-        """The module whose output ``hook`` is, in the pipeline."""
-        return f"{self.denoiser}.{_module_path(self, hook)} (output)"
+        """The module whose output (or input) ``hook`` is, in the pipeline."""
+        io = self.module_paths[hook][1] if hook in self.module_paths else "output"
+        return f"{self.denoiser}.{_module_path(self, hook)} ({io})"
 
     def meaning_of(self, hook: str) -> str:
+        if hook in self.module_paths:
+            h, w = self.maps[hook]
+            path, io = self.module_paths[hook]
+            return (f"the {io} of module {self.denoiser}.{path} (module:PATH), {h}x{w} positions"
+                    + (f", resampled to {self.grid[0]}x{self.grid[1]}, bilinear" if self.resample else ""))
         if self.kind == "dit":
             return f"the residual stream after transformer block {hook.split('.')[1]}, per latent patch"
         h, w = self.maps[hook]
@@ -169,6 +177,7 @@ class DiffusionPrep:
         """What the activations depend on beyond the model and corpus (a dataset's identity)."""
         d = self.to_dict()
         d.pop("components")
+        d["maps"] = {h: v for h, v in d["maps"].items() if h not in self.module_paths}  # hooks asked for are not the identity
         blob = json.dumps(d, sort_keys=True, default=str)
         return f"diffusion-xxh3_128:{xxhash.xxh3_128_hexdigest(blob.encode())}"
 
@@ -249,17 +258,23 @@ def prepare_diffusion(spec: Any, folder: str, *, model: str) -> DiffusionPrep:
         sites = _unet_maps(cfg, side)
         n_layers = len(cfg["block_out_channels"])
         width = int(cfg["block_out_channels"][-1])
-    module_hooks = [h for h in spec.hooks if h.startswith("module:")]
-    if module_hooks:
-        raise SpecError(f"`module:PATH` hooks are for text models; diffusion model {model!r} takes {', '.join(sites)}")
-    hooks = match_hooks(spec.hooks, list(sites), error=lambda p: SpecError(
-        f"unknown hook {p!r} for diffusion model {model!r} ({comp[1]}); valid hooks: {', '.join(sites)}"))
-    maps = {h: sites[h][1] for h in hooks}
-    sizes = {tuple(v) for v in maps.values()}
+    canonical = [h for h in spec.hooks if not is_module_hook(h)]
+    hooks = match_hooks(canonical, list(sites), error=lambda p: SpecError(
+        f"unknown hook {p!r} for diffusion model {model!r} ({comp[1]}); valid hooks: {', '.join(sites)}")) if canonical else []
+    module_paths: dict[str, list[str]] = {}
+    if len(canonical) < len(spec.hooks):
+        found = probe_modules_meta(folder, slot, comp[1], cfg, kind, side, [h for h in spec.hooks if is_module_hook(h)], model=model)
+        for name, (width, hw, path, io) in found.items():
+            sites[name] = (width, hw)
+            module_paths[name] = [path, io]
+            if name not in hooks:
+                hooks.append(name)
+    maps = {h: sites[h][1] for h in sites}  # every hook's, so that the record (and identity) does not depend on the hooks asked
+    sizes = {tuple(maps[h]) for h in hooks}
     if d.grid is not None:
         grid, resample = (int(d.grid), int(d.grid)), True
     elif len(sizes) > 1:
-        by = ", ".join(f"{h}: {m[0]}x{m[1]}" for h, m in maps.items())
+        by = ", ".join(f"{h}: {maps[h][0]}x{maps[h][1]}" for h in hooks)
         raise SpecError(f"hooks of model {model!r} have maps of different sizes ({by}): ask for hooks of one resolution, or set "
                         "`diffusion.grid` (every map is resampled to grid x grid, bilinear)")
     else:
@@ -291,7 +306,68 @@ def prepare_diffusion(spec: Any, folder: str, *, model: str) -> DiffusionPrep:
         scaling_factor=float(vcfg.get("scaling_factor") or 1.0), shift_factor=float(vcfg.get("shift_factor") or 0.0),
         timesteps=[int(t) for t in d.timesteps], noise_seed=int(d.noise_seed), num_train_timesteps=n_train, prompt=d.prompt,
         prompt_field=d.prompt_field, class_field=d.class_field, null_class=null_class, n_layers=n_layers, d_model=width, model_id=model,
+        module_paths=module_paths,
     )
+
+
+def probe_modules_meta(folder: str, slot: str, cls_name: str, cfg: dict[str, Any], kind: str, side: int, names: list[str], *,
+                       model: str) -> dict[str, tuple[int, list[int], str, str]]:
+    """``module:PATH`` hooks of a denoiser: each path resolved in the denoiser, and the shape of
+    what it sees from one forward on PyTorch's ``meta`` device (no weights loaded, no compute).
+    Returns ``{hook name: (width, [h, w], resolved path, io)}``: a map ``[B, C, h, w]`` has width
+    ``C``; tokens ``[B, N, D]`` must form a square grid (``N = g * g``, row-major)."""
+    import diffusers  # lazy: diffusers imports in seconds; only a module:PATH hook of a diffusion model needs it here
+    import torch  # lazy: as above
+
+    klass = getattr(diffusers, cls_name)
+    with torch.device("meta"):
+        net = klass.from_config(cfg)
+    wanted: dict[str, tuple[str, str]] = {}
+    for name in names:
+        path, io = parse_module_hook(name)
+        try:
+            resolved = resolve_module_path(net, path)
+        except Exception as e:
+            raise SpecError(f"hook {name!r} of diffusion model {model!r}: {str(e).splitlines()[0]}") from None
+        wanted[module_hook_name(resolved, io)] = (resolved, io)
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    handles = []
+    for name, (path, io) in wanted.items():
+        mod = net.get_submodule(path)
+        if io == "input":
+            handles.append(mod.register_forward_pre_hook(
+                lambda m, a, k, name=name: shapes.__setitem__(name, _shape(module_tensor(module_input(a, k)))), with_kwargs=True))
+        else:
+            handles.append(mod.register_forward_hook(lambda m, a, o, name=name: shapes.__setitem__(name, _shape(module_tensor(o)))))
+    c = int(cfg.get("in_channels", 4))
+    x = torch.empty(1, c, side, side, device="meta")
+    t = torch.zeros(1, dtype=torch.long, device="meta")
+    with torch.inference_mode():
+        if kind == "dit":
+            net(x, timestep=t, class_labels=torch.zeros(1, dtype=torch.long, device="meta"))
+        elif kind == "unet_cond":
+            net(x, t, encoder_hidden_states=torch.empty(1, 1, int(cfg["cross_attention_dim"]), device="meta"))
+        else:
+            net(x, t)
+    out: dict[str, tuple[int, list[int], str, str]] = {}
+    for name, (path, io) in wanted.items():
+        shape = shapes.get(name)
+        if shape is None:
+            raise SpecError(f"hook {name!r} of diffusion model {model!r}: module {path} does not run in the denoiser's forward "
+                            "(or passes no tensor)")
+        if len(shape) == 4:
+            out[name] = (shape[1], [shape[2], shape[3]], path, io)
+            continue
+        g = int(round(shape[1] ** 0.5)) if len(shape) == 3 else -1
+        if g < 1 or g * g != shape[1]:
+            raise SpecError(f"hook {name!r} of diffusion model {model!r}: module {path}'s {io} is {list(shape)}, neither a map "
+                            "[B, C, h, w] nor a square grid of tokens [B, g*g, D]")
+        out[name] = (shape[2], [g, g], path, io)
+    return out
+
+
+def _shape(t: Any) -> tuple[int, ...] | None:
+    return None if t is None else tuple(int(v) for v in t.shape)
 
 
 # -- preprocessing ---------------------------------------------------------------------------------
@@ -451,6 +527,7 @@ class DiffusionRunner:
             self.tokenizer = _load(folder, "tokenizer", *c["tokenizer"], None, model=m)
             self.text_encoder = _load(folder, "text_encoder", *c["text_encoder"], self.dtype, model=m).to(device).eval().requires_grad_(False)
         self.modules = {h: self.denoiser.get_submodule(_module_path(prep, h)) for h in prep.hooks}
+        self.io = {h: prep.module_paths[h][1] if h in prep.module_paths else "output" for h in prep.hooks}
 
     # -- inputs ---------------------------------------------------------------------------------
 
@@ -507,17 +584,22 @@ class DiffusionRunner:
         state = {"r0": 0, "r1": 0}
         grid = prep.grid
 
-        def make(h: str) -> Any:
-            def post(module: Any, args: Any, output: Any) -> None:
-                x = output[0] if isinstance(output, (tuple, list)) else output
-                if x.dim() == 4:  # a UNet map [B, C, h, w]
-                    if prep.resample:
-                        x = torch.nn.functional.interpolate(x, size=grid, mode="bilinear", align_corners=False)
-                    x = x.permute(0, 2, 3, 1)
-                bufs[h][state["r0"] : state["r1"]].copy_(x.reshape(-1, x.shape[-1]))
-            return post
+        def store(h: str, x: Any) -> None:
+            if x.dim() == 3 and prep.resample:  # square tokens [B, g*g, D] (a module:PATH hook) as a map, to resample
+                g = prep.maps[h][0]
+                x = x.reshape(x.shape[0], g, g, x.shape[2]).permute(0, 3, 1, 2)
+            if x.dim() == 4:  # a UNet map [B, C, h, w]
+                if prep.resample:
+                    x = torch.nn.functional.interpolate(x, size=grid, mode="bilinear", align_corners=False)
+                x = x.permute(0, 2, 3, 1)
+            bufs[h][state["r0"] : state["r1"]].copy_(x.reshape(-1, x.shape[-1]))
 
-        handles = [self.modules[h].register_forward_hook(make(h)) for h in hooks]
+        def make(h: str) -> Any:
+            if self.io[h] == "input":
+                return self.modules[h].register_forward_pre_hook(lambda m, a, k: store(h, module_tensor(module_input(a, k))), with_kwargs=True)
+            return self.modules[h].register_forward_hook(lambda m, a, o: store(h, module_tensor(o)))
+
+        handles = [make(h) for h in hooks]
         try:
             with torch.inference_mode():
                 px = torch.from_numpy(contexts.pixels).to(self.device, dtype=self.dtype)  # type: ignore[arg-type]
@@ -546,6 +628,8 @@ class DiffusionRunner:
 
 
 def _module_path(prep: DiffusionPrep, hook: str) -> str:
+    if hook in prep.module_paths:
+        return prep.module_paths[hook][0]
     if hook.startswith("blocks."):
         return f"transformer_blocks.{hook.split('.')[1]}"
     return hook

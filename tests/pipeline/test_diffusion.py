@@ -222,3 +222,35 @@ def test_the_cli_refuses_a_timestep_out_of_range_in_one_line(tmp_path, pipes, sh
     assert rc == 2 and err.startswith("strata: error: ") and err.count("\n") == 1, err
     assert "`diffusion.timesteps` [-1] are outside the range" in err and "integers 0..999" in err, err
     assert not (tmp_path / "acts" / "datasets").exists() or store.open(tmp_path / "acts").datasets() == []
+
+
+def test_hooks_added_later_are_computed_alone(tmp_path, pipes, shapes):
+    one = _spec(tmp_path, pipes["dit"], shapes, "dit", name="grow", hooks=["blocks.0.hook_resid_post"], diffusion={"timesteps": [20]})
+    run_extract(one, progress=False)
+    before = store.open(tmp_path / "acts").dataset("grow").read("blocks.0.hook_resid_post")
+    r = run_extract(one.updated(hooks=["blocks.*.hook_resid_post"]), progress=False)
+    assert r.hooks_new == ["blocks.1.hook_resid_post"] and r.hooks_committed == ["blocks.0.hook_resid_post"], r.message
+    ds = store.open(tmp_path / "acts").dataset("grow")
+    assert np.array_equal(ds.read("blocks.0.hook_resid_post"), before)
+    assert set(ds.info.hooks) == {"blocks.0.hook_resid_post", "blocks.1.hook_resid_post"}
+    assert run_extract(one, progress=False).noop
+
+
+def test_module_path_hooks_read_what_the_module_sees(tmp_path, pipes, shapes):
+    """``module:PATH`` hooks, shaped by a forward on the meta device: a block's input is the
+    previous block's output, row for row (a DiT's tokens; a UNet's maps, resampled alike)."""
+    dit = _spec(tmp_path, pipes["dit"], shapes, "dit", name="mod-dit", diffusion={"timesteps": [30, 600]},
+                hooks=["blocks.0.hook_resid_post", "module:transformer_blocks.1:input", "module:transformer_blocks.0.attn1"])
+    run_extract(dit, progress=False)
+    ds = store.open(tmp_path / "acts").dataset("mod-dit")
+    assert torch.equal(ds.read("module:transformer_blocks.1:input", as_="torch"), ds.read("blocks.0.hook_resid_post", as_="torch"))
+    assert ds.info.hooks["module:transformer_blocks.0.attn1"].d == 32
+    assert ds.info.meta["hook_modules"]["module:transformer_blocks.1:input"] == "transformer.transformer_blocks.1 (input)"
+    unet = _spec(tmp_path, pipes["unet"], shapes, "unet", name="mod-unet", diffusion={"timesteps": [30], "grid": 8},
+                 hooks=["down_blocks.2", "module:mid_block:input", "module:down_blocks.1.attentions.0"])
+    run_extract(unet, progress=False)
+    du = store.open(tmp_path / "acts").dataset("mod-unet")
+    assert torch.equal(du.read("module:mid_block:input", as_="torch"), du.read("down_blocks.2", as_="torch"))
+    assert du.info.hooks["module:down_blocks.1.attentions.0"].d == 16
+    with pytest.raises(SpecError, match=r"module:nope.*names no module|'module:nope'"):
+        run_extract(_spec(tmp_path, pipes["dit"], shapes, "dit", name="bad", hooks=["module:nope"]), progress=False)
