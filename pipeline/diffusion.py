@@ -244,6 +244,9 @@ def prepare_diffusion(spec: Any, folder: str, *, model: str) -> DiffusionPrep:
         raise SpecError(f"`image.size` {size} does not fit model {model!r}: its VAE downsamples by {vae_scale}, so sizes must be multiples of it")
     side = size // vae_scale
     if kind == "dit":
+        if cfg.get("cross_attention_dim") or cfg.get("caption_channels"):
+            raise SpecError(f"model {model!r}: its {comp[1]} is text-conditioned (PixArt-style); Strata reads class-conditional "
+                            "DiTs (DiTTransformer2DModel, or Transformer2DModel without cross-attention)")
         patch = int(cfg.get("patch_size") or 2)
         if side % patch:
             raise SpecError(f"`image.size` {size} does not fit model {model!r}: its latent side {side} is not a multiple of the patch size {patch}")
