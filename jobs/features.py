@@ -39,6 +39,16 @@ def _open(uri: str) -> Any:
     return store.open(uri, create=False)
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (0-65535), got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (0-65535), got {port}")
+    return port
+
+
 def _positive(text: str) -> int:
     n = int(text)
     if n <= 0:
@@ -230,7 +240,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argpars
     q = fsub.add_parser("serve", help="serve the feature viewer over a table, reading the store live")
     q.add_argument("store", help=STORE_HELP)
     q.add_argument("name", help=NAME_HELP)
-    q.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    q.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000; 0: any free port)")
     q.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     q.add_argument("--explanations", help="a JSON-lines file of explanations (default: the table's explanations.jsonl in the store)")
     q.set_defaults(func=_cmd_serve)

@@ -6,9 +6,10 @@
 
 Everything here reads the store only. What needs the model or the SAE's weights (logit effects,
 nearest features by decoder cosine) is computed once per SAE by analysis code
-(``strata.analysis.features.dashboard.derive``) and written beside the table as
-``features/NAME/dashboard/derived.parquet`` (:func:`write_derived`); :func:`load_derived` reads it
-back, and the data of a feature carries those fields when it exists and matches the table's SAE.
+(``strata.analysis.features.dashboard.derive``) and committed beside the table as the artifact
+``features/NAME/dashboard/derived/`` (``derived.parquet`` and its commit record, :func:`write_derived`);
+:func:`load_derived` reads it back, checked against the record, and the data of a feature carries
+those fields when it exists and matches the table's SAE.
 An optional ``features/NAME/explanations.jsonl`` (``{"feature": 3, "explanation": "..."}`` per line;
 Neuronpedia's ``index``/``description`` keys are read too) gives each feature's explanation.
 
@@ -33,7 +34,6 @@ only (``textContent``, never ``innerHTML`` of data), so corpus text renders as t
 from __future__ import annotations
 
 import html
-import io
 import json
 import logging
 import weakref
@@ -43,8 +43,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from strata.store.commit import artifacts, parquet
 from strata.store.errors import CorruptionError
 from strata.store.features.format import FEATURES
 from strata.store.features.viewer_js import VIEWER_CSS, VIEWER_JS
@@ -63,9 +63,18 @@ DENSE = 0.1
 _UNIT_CACHE = 64
 
 
+_DERIVED_NAME = "derived"
+_DERIVED_FILE = "derived.parquet"
+
+
+def derived_kind(table: str) -> str:
+    """The artifact kind holding a table's derived dashboard data (one artifact, ``derived``)."""
+    return f"{FEATURES}/{table}/dashboard"
+
+
 def derived_key(table: str) -> str:
     """Where a table's derived dashboard data (neighbours, logit effects) lives in the store."""
-    return f"{FEATURES}/{table}/dashboard/derived.parquet"
+    return f"{artifacts.folder(derived_kind(table), _DERIVED_NAME)}/{_DERIVED_FILE}"
 
 
 def explanations_key(table: str) -> str:
@@ -126,12 +135,15 @@ def write_derived(fs: FeatureTable, *, neighbours: np.ndarray, neighbour_cos: np
         schema = schema.append(pa.field("decoder_norms", _LIST_F))
     meta = {"sae_fingerprint": fs.info.sae_fingerprint, "logit_note": logit_note or ""}
     t = pa.table(cols, schema=schema.with_metadata({"strata": json.dumps(meta)}))
-    buf = io.BytesIO()
-    pq.write_table(t, buf, compression="zstd")
-    key = derived_key(fs.name)
-    fs.storage.write(key, buf.getvalue())
+    data = parquet.to_bytes(t)
+    kind = derived_kind(fs.name)
+    # Replaced whole under its lease: readers see the old commit, none, or the new one; never a part.
+    with artifacts.lease(fs.storage, kind, _DERIVED_NAME, owner="strata features derive") as lease:
+        if artifacts.get(fs.storage, kind, _DERIVED_NAME) is not None:
+            artifacts.delete(fs.storage, kind, _DERIVED_NAME, lease=lease)
+        artifacts.put(fs.storage, kind, _DERIVED_NAME, {_DERIVED_FILE: data}, meta=meta, lease=lease)
     _DERIVED.pop(fs, None)
-    return key
+    return derived_key(fs.name)
 
 
 _DERIVED: weakref.WeakKeyDictionary[Any, Derived | None] = weakref.WeakKeyDictionary()
@@ -143,9 +155,11 @@ def load_derived(fs: FeatureTable) -> Derived | None:
         return _DERIVED[fs]
     key = derived_key(fs.name)
     got: Derived | None = None
-    if fs.storage.exists(key):
+    art = artifacts.get(fs.storage, derived_kind(fs.name), _DERIVED_NAME)
+    if art is not None:
+        raw = art.read(_DERIVED_FILE)  # checked against its commit record: damage raises CorruptionError
         try:
-            t = pq.read_table(io.BytesIO(fs.storage.read(key)))
+            t = parquet.read(raw)
             meta = json.loads((t.schema.metadata or {}).get(b"strata", b"{}"))
         except (pa.ArrowInvalid, OSError, ValueError) as e:
             raise CorruptionError(f"feature table {fs.name!r}: {key} is not readable derived data ({str(e).splitlines()[0]})") from None
