@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -43,6 +42,7 @@ import torch
 from strata.analysis.sae.config import Run, SAETrainSpec, check_memory, combinations, concrete, run_name, source_label, training_registry
 from strata.analysis.sae.curves import RecordingMultiSAETrainer, curves_table
 from strata.analysis.sae.diffing import diffing_metrics, latents_table
+from strata.analysis.sae.evaluate import ReconstructionSums
 from strata.analysis.sae.plan import NOT_CONFIG, Plan, PlannedRun, Task, common_resume_step, config_hash, d_sae_of, set_state
 from strata.analysis.sae.train import Checkpointing, Progress, TrainedSAE, checkpoint_saver, resume_pass, utc_now, versions
 from strata.pipeline.errors import SpecError
@@ -295,52 +295,25 @@ def reconstruction_metrics(cc: CrossCoder, sides: Sequence[Side], alignment: Ali
                            dense_threshold: float = 0.1, device: str = "cpu") -> dict[str, Any]:
     """Per-source and overall FVU and MSE, L0, dead and dense fractions of ``cc`` on the pairs
     of ``alignment`` (float64 sums; each FVU against that source's own held-out mean)."""
-    n_src, d, m = cc.n_sources, cc.d_in, cc.d_sae
     home = cc.device
     cc.to(device)
-    rows = 0
-    sum_x = torch.zeros(n_src, d, dtype=torch.float64)
-    sum_x2 = torch.zeros(n_src, dtype=torch.float64)
-    sse = torch.zeros(n_src, dtype=torch.float64)
-    l0 = torch.zeros((), dtype=torch.float64)
-    fired = torch.zeros(m, dtype=torch.int64)
+    sums = ReconstructionSums(cc.n_sources, cc.d_in, cc.d_sae)
     try:
         for batch in iter_aligned(sides, batch_size=batch_size, shuffle=False, epochs=1, alignment=alignment):
             x = torch.stack(batch, dim=1)  # [b, n, d]
             f = cc.encode(x.to(device))
-            x_hat = cc.decode(f).cpu().to(torch.float64)
-            x64 = x.to(torch.float64)
-            rows += x.shape[0]
-            sum_x += x64.sum(0)
-            sum_x2 += x64.pow(2).sum((0, 2))
-            sse += (x_hat - x64).pow(2).sum((0, 2))
-            nz = (f != 0).cpu()
-            l0 += nz.sum()
-            fired += nz.sum(0)
+            sums.add(x, cc.decode(f), f)
     finally:
         cc.to(home)
-    if rows == 0:
+    if sums.rows == 0:
         raise ValueError("no held-out pairs to evaluate on")
-    var = sum_x2 - sum_x.pow(2).sum(-1) / rows
-    fvu_s = [float(sse[i] / var[i]) if var[i] > 0 else math.nan for i in range(n_src)]
-    total_var = float(var.sum())
-    fvu = float(sse.sum()) / total_var if total_var > 0 else math.nan
-    freq = fired.to(torch.float64) / rows
     units = sorted({int(u) for u in np.unique(alignment.rows[0] // sides[0][0].info.unit_rows)})
-    return {
-        "tokens": rows,
-        "mse": float(sse.sum()) / rows,
-        "fvu": fvu,
-        "explained_variance": 1.0 - fvu,
-        "sources": [{"dataset": ds.name, "hook": h, "fvu": fvu_s[i], "explained_variance": 1.0 - fvu_s[i], "mse": float(sse[i]) / rows}
-                    for i, (ds, h) in enumerate(sides)],
-        "l0": float(l0) / rows,
-        "dead_features": int((fired == 0).sum()),
-        "dead_fraction": float((fired == 0).to(torch.float64).mean()),
-        "dead_window": f"fires on none of the {rows:,} held-out aligned tokens (source 0's unit(s) {unit_ranges(units)})",
-        "dense_fraction": float((freq > dense_threshold).to(torch.float64).mean()),
-        "dense_threshold": dense_threshold,
-    }
+    out = sums.metrics(dead_window=f"fires on none of the {sums.rows:,} held-out aligned tokens (source 0's unit(s) {unit_ranges(units)})",
+                       dense_threshold=dense_threshold)
+    fvu_s, rows = sums.source_fvu(), sums.rows
+    out["sources"] = [{"dataset": ds.name, "hook": h, "fvu": fvu_s[i], "explained_variance": 1.0 - fvu_s[i], "mse": float(sums.sse[i]) / rows}
+                      for i, (ds, h) in enumerate(sides)]
+    return out
 
 
 def evaluate_crosscoder(result: TrainedSAE, s: Store, *, device: str = "cpu") -> dict[str, Any]:

@@ -64,6 +64,73 @@ def _reconstruct(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return f, x_hat
 
 
+class ReconstructionSums:
+    """Float64 sums of one held-out pass of a dictionary, from which its metrics follow: per
+    source (one for an SAE or a transcoder, ``n`` for a crosscoder) the target's sum, its squared
+    norm and the squared error; the latents' L0 and which of them fired. Shared by SAEs,
+    transcoders (the target is the out hook) and crosscoders, so every dictionary's ``fvu``,
+    ``l0`` and ``dead_*`` mean the same."""
+
+    def __init__(self, n_sources: int, d: int, d_sae: int) -> None:
+        self.rows = 0
+        self.sum_x = torch.zeros(n_sources, d, dtype=torch.float64)
+        self.sum_x2 = torch.zeros(n_sources, dtype=torch.float64)
+        self.sse = torch.zeros(n_sources, dtype=torch.float64)
+        self.l0 = torch.zeros((), dtype=torch.float64)
+        self.fired = torch.zeros(d_sae, dtype=torch.int64)
+
+    def add(self, target: torch.Tensor, prediction: torch.Tensor, latents: torch.Tensor) -> None:
+        """One batch: ``target`` and ``prediction`` ``[b, d]`` (one source) or ``[b, n, d]``; ``latents`` ``[b, d_sae]``."""
+        if target.dim() == 2:
+            target, prediction = target[:, None], prediction[:, None]
+        x64 = target.to(torch.float64)
+        self.rows += target.shape[0]
+        self.sum_x += x64.sum(0)
+        self.sum_x2 += x64.pow(2).sum((0, 2))
+        self.sse += (prediction.detach().cpu().to(torch.float64) - x64).pow(2).sum((0, 2))
+        if latents.is_sparse:
+            latents = latents.to_dense()
+        nz = (latents != 0).cpu()
+        self.l0 += nz.sum()
+        self.fired += nz.sum(0)
+
+    def source_fvu(self) -> list[float]:
+        """Each source's FVU against its own held-out mean."""
+        var = self.sum_x2 - self.sum_x.pow(2).sum(-1) / self.rows
+        return [float(self.sse[i] / var[i]) if var[i] > 0 else math.nan for i in range(var.shape[0])]
+
+    def metrics(self, *, dead_window: str, dense_threshold: float) -> dict[str, Any]:
+        """``tokens``, ``mse``, ``mse_per_dim``, ``fvu``, ``explained_variance``, ``l0``, ``dead_*``,
+        ``dense_*`` over every source (see the module docstring)."""
+        n = self.rows
+        if n == 0:
+            raise ValueError("no held-out rows to evaluate on")
+        total_var = float((self.sum_x2 - self.sum_x.pow(2).sum(-1) / n).sum())
+        sse = float(self.sse.sum())
+        fvu = sse / total_var if total_var > 0 else math.nan
+        freq = self.fired.to(torch.float64) / n
+        return {
+            "tokens": n,
+            "mse": sse / n,
+            "mse_per_dim": sse / (n * self.sum_x.numel()),
+            "fvu": fvu,
+            "explained_variance": 1.0 - fvu,
+            "l0": float(self.l0) / n,
+            # Strata's one definition of a dead latent, used everywhere (cfg.json's
+            # `num_dead_features` is rewritten to it at save): it fires on no held-out token.
+            "dead_features": int((self.fired == 0).sum()),
+            "dead_fraction": float((self.fired == 0).to(torch.float64).mean()),
+            "dead_window": dead_window,
+            "dense_fraction": float((freq > dense_threshold).to(torch.float64).mean()),
+            "dense_threshold": dense_threshold,
+        }
+
+
+def heldout_window(n: int, units: list[int], skip_special: bool) -> str:
+    """Which tokens ``dead`` was measured on (``metrics.json``'s ``dead_window``)."""
+    return f"fires on none of the {n:,} held-out tokens of unit(s) {unit_ranges(units)}" + (" (special tokens left out)" if skip_special else "")
+
+
 @torch.no_grad()
 def reconstruction_metrics(
     sae: SAE, ds: ActivationDataset, hook: str, units: list[int], *, batch_size: int = 4096, skip_special: bool = True,
@@ -74,49 +141,18 @@ def reconstruction_metrics(
         raise ValueError("no held-out units to evaluate on (`data.holdout_units` is 0)")
     was_training = sae.training
     sae.eval()
-    d_in, d_sae = ds.info.hooks[hook].d, int(sae.cfg.d_sae)
-    n = 0
-    sum_x = torch.zeros(d_in, dtype=torch.float64)
-    sum_x2 = torch.zeros((), dtype=torch.float64)
-    sse = torch.zeros((), dtype=torch.float64)
-    l0 = torch.zeros((), dtype=torch.float64)
-    fired = torch.zeros(d_sae, dtype=torch.int64)
+    sums = ReconstructionSums(1, ds.info.hooks[hook].d, int(sae.cfg.d_sae))
     it = ds.iter_batches(hook, batch_size=batch_size, shuffle=False, epochs=1, skip_special=skip_special, units=units)
     try:
         for x in it:
             f, x_hat = _reconstruct(sae, x)
-            x64 = x.to(torch.float64)
-            n += x.shape[0]
-            sum_x += x64.sum(0)
-            sum_x2 += x64.pow(2).sum()
-            sse += (x_hat.detach().cpu().to(torch.float64) - x64).pow(2).sum()
-            nz = (f != 0).cpu()
-            l0 += nz.sum()
-            fired += nz.sum(0)
+            sums.add(x, x_hat, f)
     finally:
         it.close()
         sae.train(was_training)
-    if n == 0:
+    if sums.rows == 0:
         raise ValueError(f"units {units} of hook {hook!r} hold no rows to evaluate on")
-    total_var = float(sum_x2 - sum_x.pow(2).sum() / n)
-    fvu = float(sse) / total_var if total_var > 0 else math.nan
-    freq = fired.to(torch.float64) / n
-    return {
-        "tokens": n,
-        "mse": float(sse) / n,
-        "mse_per_dim": float(sse) / (n * d_in),
-        "fvu": fvu,
-        "explained_variance": 1.0 - fvu,
-        "l0": float(l0) / n,
-        # Strata's one definition of a dead latent, used everywhere (cfg.json's
-        # `num_dead_features` is rewritten to it at save): it fires on no held-out token.
-        "dead_features": int((fired == 0).sum()),
-        "dead_fraction": float((fired == 0).to(torch.float64).mean()),
-        "dead_window": f"fires on none of the {n:,} held-out tokens of unit(s) {unit_ranges(units)}"
-                       + (" (special tokens left out)" if skip_special else ""),
-        "dense_fraction": float((freq > dense_threshold).to(torch.float64).mean()),
-        "dense_threshold": dense_threshold,
-    }
+    return sums.metrics(dead_window=heldout_window(sums.rows, units, skip_special), dense_threshold=dense_threshold)
 
 
 # -- the spliced language-model loss ---------------------------------------------------------------

@@ -28,9 +28,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from strata.analysis.sae.config import EvalSpec
-from strata.analysis.sae.evaluate import Replace, heldout_contexts, hook_site, load_causal_lm, next_token_ce
+from strata.analysis.sae.evaluate import (
+    ReconstructionSums,
+    Replace,
+    heldout_contexts,
+    heldout_window,
+    hook_site,
+    load_causal_lm,
+    next_token_ce,
+)
 from strata.pipeline.hooks import HookSite, apply_transform
-from strata.store.layout import unit_ranges
 
 if TYPE_CHECKING:
     from strata.store import ActivationDataset
@@ -60,52 +67,18 @@ def transcoder_metrics(
         raise ValueError("no held-out units to evaluate on (`data.holdout_units` is 0)")
     was_training = tc.training
     tc.eval()
-    d_out, d_sae = ds.info.hooks[hook_out].d, int(tc.cfg.d_sae)
-    n = 0
-    sum_y = torch.zeros(d_out, dtype=torch.float64)
-    sum_y2 = torch.zeros((), dtype=torch.float64)
-    sse = torch.zeros((), dtype=torch.float64)
-    l0 = torch.zeros((), dtype=torch.float64)
-    fired = torch.zeros(d_sae, dtype=torch.int64)
+    sums = ReconstructionSums(1, ds.info.hooks[hook_out].d, int(tc.cfg.d_sae))
     it = ds.iter_batches([hook_in, hook_out], batch_size=batch_size, shuffle=False, epochs=1, skip_special=skip_special, units=units)
     try:
         for batch in it:
-            x, y = batch[hook_in], batch[hook_out]
-            xd = x.to(tc.device)
-            f = tc.encode(xd)
-            y_hat = tc.forward(xd)
-            if f.is_sparse:
-                f = f.to_dense()
-            y64 = y.to(torch.float64)
-            n += y.shape[0]
-            sum_y += y64.sum(0)
-            sum_y2 += y64.pow(2).sum()
-            sse += (y_hat.detach().cpu().to(torch.float64) - y64).pow(2).sum()
-            nz = (f != 0).cpu()
-            l0 += nz.sum()
-            fired += nz.sum(0)
+            xd = batch[hook_in].to(tc.device)
+            sums.add(batch[hook_out], tc.forward(xd), tc.encode(xd))
     finally:
         it.close()
         tc.train(was_training)
-    if n == 0:
+    if sums.rows == 0:
         raise ValueError(f"units {units} of hooks {hook_in!r}, {hook_out!r} hold no rows to evaluate on")
-    total_var = float(sum_y2 - sum_y.pow(2).sum() / n)
-    fvu = float(sse) / total_var if total_var > 0 else math.nan
-    freq = fired.to(torch.float64) / n
-    return {
-        "tokens": n,
-        "mse": float(sse) / n,
-        "mse_per_dim": float(sse) / (n * d_out),
-        "fvu": fvu,
-        "explained_variance": 1.0 - fvu,
-        "l0": float(l0) / n,
-        "dead_features": int((fired == 0).sum()),
-        "dead_fraction": float((fired == 0).to(torch.float64).mean()),
-        "dead_window": f"fires on none of the {n:,} held-out tokens of unit(s) {unit_ranges(units)}"
-                       + (" (special tokens left out)" if skip_special else ""),
-        "dense_fraction": float((freq > dense_threshold).to(torch.float64).mean()),
-        "dense_threshold": dense_threshold,
-    }
+    return sums.metrics(dead_window=heldout_window(sums.rows, units, skip_special), dense_threshold=dense_threshold)
 
 
 @contextlib.contextmanager
