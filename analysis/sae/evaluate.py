@@ -352,6 +352,12 @@ def spliced_ce(
     clean, n = next_token_ce(model, ids, special, **kw)
     spliced, _ = next_token_ce(model, ids, special, site=site, replace=sae_replace(sae), **kw)
     zero, _ = next_token_ce(model, ids, special, site=site, replace=torch.zeros_like, **kw)
+    return loss_figures(clean, spliced, zero, contexts=int(ids.shape[0]), tokens=n)
+
+
+def loss_figures(clean: float, spliced: float, zero: float, *, contexts: int, tokens: int) -> dict[str, Any]:
+    """``metrics.json``'s spliced-loss fields: the three losses, the spliced one's excess over the
+    clean one, and the loss recovered ``(zero - spliced) / (zero - clean)``."""
     denom = zero - clean
     return {
         "ce_clean": clean,
@@ -359,8 +365,8 @@ def spliced_ce(
         "ce_zero_ablated": zero,
         "ce_delta": spliced - clean,
         "loss_recovered": (zero - spliced) / denom if denom != 0 else math.nan,
-        "ce_contexts": int(ids.shape[0]),
-        "ce_tokens": n,
+        "ce_contexts": contexts,
+        "ce_tokens": tokens,
     }
 
 

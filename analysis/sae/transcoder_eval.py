@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +34,7 @@ from strata.analysis.sae.evaluate import (
     heldout_window,
     hook_site,
     load_causal_lm,
+    loss_figures,
     next_token_ce,
 )
 from strata.pipeline.hooks import HookSite, apply_transform
@@ -155,16 +155,7 @@ def transcoder_spliced_ce(
     with capture(model, site_in, got):
         spliced, _ = next_token_ce(model, ids, special, site=site_out, replace=spliced_out, **kw)
     zero, _ = next_token_ce(model, ids, special, site=site_out, replace=torch.zeros_like, **kw)
-    denom = zero - clean
-    return {
-        "ce_clean": clean,
-        "ce_spliced": spliced,
-        "ce_zero_ablated": zero,
-        "ce_delta": spliced - clean,
-        "loss_recovered": (zero - spliced) / denom if denom != 0 else math.nan,
-        "ce_contexts": int(ids.shape[0]),
-        "ce_tokens": n,
-    }
+    return loss_figures(clean, spliced, zero, contexts=int(ids.shape[0]), tokens=n)
 
 
 def evaluate_transcoder(
