@@ -21,7 +21,20 @@ Models: a diffusers pipeline folder (``model_index.json`` naming the denoiser, V
 and any text encoder and tokenizer) or a hub id of one. Denoisers: ``UNet2DModel`` (pixel
 space, or latent with a VAE), ``UNet2DConditionModel`` (with its text encoder when
 ``prompt_field`` is set; an explicit ``prompt`` otherwise, ``""`` for the empty prompt) and
-``DiTTransformer2DModel`` (class-conditional: ``class_field``, or the null class).
+``DiTTransformer2DModel`` (class-conditional: ``class_field``, or the null class) and the SD3
+MMDiT ``SD3Transformer2DModel`` (a StableDiffusion3Pipeline folder, kind ``mmdit``).
+
+An MMDiT is flow matching (``FlowMatchEulerDiscreteScheduler``): a timestep ``t`` of the spec is
+one of the scheduler's ``num_train_timesteps`` training steps, ``1 .. N`` (``N``: pure noise); it
+noises with ``x_t = (1 - sigma) x_0 + sigma eps``, ``sigma = scheduler.sigmas[N - t]`` (shifted
+by the scheduler's ``shift``), and the transformer is given ``scheduler.timesteps[N - t]``
+(``sigma * N``), which is what ``scheduler.scale_noise`` and the pipeline do. Its prompt
+(``prompt_field`` or an explicit ``prompt``; required, as for a text-conditioned UNet) is encoded
+by ``StableDiffusion3Pipeline.encode_prompt`` itself (two CLIP encoders and the T5 encoder;
+``encoder_hidden_states`` and ``pooled_projections``), without classifier-free guidance.
+``blocks.{l}.hook_resid_post`` is the image stream (``hidden_states``) that joint block ``l``
+returns, over the latent patch tokens; the context stream (the prompt's tokens) has other rows
+and is not a hook.
 
 Hooks: for a DiT, ``blocks.{l}.hook_resid_post`` (the output of transformer block ``l``) over the
 latent patch tokens; for a UNet, ``down_blocks.{i}``, ``mid_block`` and ``up_blocks.{i}`` (each
@@ -51,8 +64,11 @@ from strata.pipeline.vision import ImageContexts, ImageLayout, ImagePacker
 
 INDEX = "model_index.json"
 UNET_KINDS = {"UNet2DModel": "unet", "UNet2DConditionModel": "unet_cond"}
-TRANSFORMER_KINDS = {"DiTTransformer2DModel": "dit", "Transformer2DModel": "dit"}
+TRANSFORMER_KINDS = {"DiTTransformer2DModel": "dit", "Transformer2DModel": "dit", "SD3Transformer2DModel": "mmdit"}
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+MMDIT_TEXT = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 DENOISER_SLOTS = ("transformer", "unet")
+MMDIT_MAX_SEQ = 256  # StableDiffusion3Pipeline's default T5 length (capped by tokenizer_3.model_max_length)
 RESAMPLE = {"mode": "bilinear", "align_corners": False, "antialias": False, "function": "torch.nn.functional.interpolate"}
 
 
@@ -104,7 +120,7 @@ def _load_config(folder: str, sub: str, *, model: str) -> dict[str, Any]:
 class DiffusionPrep:
     """A diffusion extraction, resolved before anything runs (shipped to every worker)."""
 
-    kind: str  # "unet" | "unet_cond" | "dit"
+    kind: str  # "unet" | "unet_cond" | "dit" | "mmdit"
     denoiser: str  # the pipeline's slot: "unet" | "transformer"
     denoiser_class: str
     components: dict[str, list[str]]  # slot -> [library, class] of what the workers load
@@ -139,7 +155,7 @@ class DiffusionPrep:
 
     @property
     def conditional(self) -> bool:
-        return self.kind == "unet_cond"
+        return self.kind in ("unet_cond", "mmdit")
 
     def module_of(self, hook: str) -> str:
         """The module whose output (or input) ``hook`` is, in the pipeline."""
@@ -154,6 +170,8 @@ class DiffusionPrep:
                     + (f", resampled to {self.grid[0]}x{self.grid[1]}, bilinear" if self.resample else ""))
         if self.kind == "dit":
             return f"the residual stream after transformer block {hook.split('.')[1]}, per latent patch"
+        if self.kind == "mmdit":
+            return f"the image stream (hidden_states) after joint transformer block {hook.split('.')[1]}, per latent patch"
         h, w = self.maps[hook]
         return f"the output map of {hook} ({h}x{w}" + (f", resampled to {self.grid[0]}x{self.grid[1]}, bilinear)" if self.resample else ")")
 
@@ -165,6 +183,11 @@ class DiffusionPrep:
                      "torch.Generator('cpu').manual_seed(xxh64('{noise_seed}:{doc_id}:{timestep}') & (2**63 - 1))",
             "preprocess": {"convert": "RGB", "resize": "shorter side to size, bicubic", "crop": "center", "size": self.size,
                            "range": [-1, 1]},
+            **({"noise": "x_t = (1 - sigma) * x0 + sigma * eps; sigma = scheduler.sigmas[num_train_timesteps - timestep] (flow matching, "
+                         "as scheduler.scale_noise); the transformer's timestep: scheduler.timesteps[num_train_timesteps - timestep]; eps "
+                         "~ N(0, 1) from torch.Generator('cpu').manual_seed(xxh64('{noise_seed}:{doc_id}:{timestep}') & (2**63 - 1))",
+                "text": {"encode": "StableDiffusion3Pipeline.encode_prompt", "classifier_free_guidance": False,
+                         "max_sequence_length": MMDIT_MAX_SEQ}} if self.kind == "mmdit" else {}),
             "latent": self.latent, "vae": {"latents": "latent_dist.mean", "scaling_factor": self.scaling_factor,
                                            "shift_factor": self.shift_factor} if self.latent else None,
             "prompt": self.prompt, "prompt_field": self.prompt_field, "class_field": self.class_field, "null_class": self.null_class,
@@ -227,11 +250,16 @@ def prepare_diffusion(spec: Any, folder: str, *, model: str) -> DiffusionPrep:
         raise SpecError(f"model {model!r}: its {INDEX} names no scheduler (the noise levels come from it)")
     sched = _load_config(folder, "scheduler", model=model)
     n_train = int(sched.get("num_train_timesteps", 1000))
-    bad = [t for t in d.timesteps if not 0 <= t < n_train]
+    flow = sched_c[1] == FLOW_SCHEDULER
+    if kind == "mmdit" and not flow:
+        raise SpecError(f"model {model!r}: its {comp[1]} has the scheduler {sched_c[1]}; Strata reads an MMDiT with the flow-matching "
+                        f"{FLOW_SCHEDULER} only")
+    lo, hi = (1, n_train) if flow else (0, n_train - 1)
+    bad = [t for t in d.timesteps if not lo <= t <= hi]
     if bad:
         raise SpecError(f"`diffusion.timesteps` {bad} are outside the range of the scheduler of {model!r} ({sched_c[1]}): "
-                        f"integers 0..{n_train - 1}")
-    if sched.get("prediction_type") == "flow" or "shift" in sched and "beta_schedule" not in sched:
+                        f"integers {lo}..{hi}" + (f" (flow matching: training step t has sigma = sigmas[{n_train} - t])" if flow else ""))
+    if kind != "mmdit" and (flow or sched.get("prediction_type") == "flow" or "shift" in sched and "beta_schedule" not in sched):
         raise SpecError(f"model {model!r}: its scheduler {sched_c[1]} is flow matching; Strata noises with a DDPM-style "
                         "alphas_cumprod schedule only")
     vae_c = _component(index, "vae")
@@ -243,8 +271,8 @@ def prepare_diffusion(spec: Any, folder: str, *, model: str) -> DiffusionPrep:
     if size % vae_scale:
         raise SpecError(f"`image.size` {size} does not fit model {model!r}: its VAE downsamples by {vae_scale}, so sizes must be multiples of it")
     side = size // vae_scale
-    if kind == "dit":
-        if cfg.get("cross_attention_dim") or cfg.get("caption_channels"):
+    if kind in ("dit", "mmdit"):
+        if kind == "dit" and (cfg.get("cross_attention_dim") or cfg.get("caption_channels")):
             raise SpecError(f"model {model!r}: its {comp[1]} is text-conditioned (PixArt-style); Strata reads class-conditional "
                             "DiTs (DiTTransformer2DModel, or Transformer2DModel without cross-attention)")
         patch = int(cfg.get("patch_size") or 2)
@@ -285,16 +313,19 @@ def prepare_diffusion(spec: Any, folder: str, *, model: str) -> DiffusionPrep:
     null_class = None
     if kind == "dit":
         null_class = int(cfg.get("num_embeds_ada_norm") or 1000)
-    if kind != "unet_cond" and (d.prompt is not None or d.prompt_field is not None):
+    if kind not in ("unet_cond", "mmdit") and (d.prompt is not None or d.prompt_field is not None):
         raise SpecError(f"`diffusion.prompt` / `prompt_field` are for text-conditioned models; model {model!r} ({comp[1]}) takes none")
     if kind != "dit" and d.class_field is not None:
         raise SpecError(f"`diffusion.class_field` is for class-conditional DiTs; model {model!r} is a {comp[1]}")
-    if kind == "unet_cond":
+    if kind in ("unet_cond", "mmdit"):
         if d.prompt is None and d.prompt_field is None:
             raise SpecError(f"model {model!r} is text-conditioned ({comp[1]}): set `diffusion.prompt_field` (a corpus field holding "
                             "each image's prompt) or an explicit `diffusion.prompt` (\"\" for the empty prompt)")
-        if _component(index, "text_encoder") is None or _component(index, "tokenizer") is None:
-            raise SpecError(f"model {model!r} is text-conditioned but its {INDEX} names no text_encoder and tokenizer")
+        need = MMDIT_TEXT[:4] if kind == "mmdit" else ("text_encoder", "tokenizer")
+        missing = [n for n in need if _component(index, n) is None]
+        if missing:
+            raise SpecError(f"model {model!r} is text-conditioned but its {INDEX} names no {', '.join(missing)}: Strata conditions it "
+                            f"with its own text encoders only ({', '.join(need)})")
     c = spec.corpus
     for what, f in (("prompt_field", d.prompt_field), ("class_field", d.class_field)):
         if f is not None and f != c.caption_field and f not in c.keep_fields:
@@ -302,6 +333,8 @@ def prepare_diffusion(spec: Any, folder: str, *, model: str) -> DiffusionPrep:
                             f"(they are {[c.caption_field, *c.keep_fields]})")
     comps = {s: list(_component(index, s)) for s in (slot, "vae", "scheduler", "text_encoder", "tokenizer")  # type: ignore[misc, arg-type]
              if _component(index, s) is not None and (s not in ("text_encoder", "tokenizer") or kind == "unet_cond")}
+    if kind == "mmdit":
+        comps.update({s: list(_component(index, s)) for s in MMDIT_TEXT if _component(index, s) is not None})  # type: ignore[arg-type]
     vcfg = vae_cfg or {}
     return DiffusionPrep(
         kind=kind, denoiser=slot, denoiser_class=comp[1], components=comps, hooks=hooks, widths={h: sites[h][0] for h in hooks},  # type: ignore[arg-type]
@@ -350,6 +383,9 @@ def probe_modules_meta(folder: str, slot: str, cls_name: str, cfg: dict[str, Any
             net(x, timestep=t, class_labels=torch.zeros(1, dtype=torch.long, device="meta"))
         elif kind == "unet_cond":
             net(x, t, encoder_hidden_states=torch.empty(1, 1, int(cfg["cross_attention_dim"]), device="meta"))
+        elif kind == "mmdit":
+            net(hidden_states=x, timestep=t.float(), encoder_hidden_states=torch.empty(1, 3, int(cfg["joint_attention_dim"]), device="meta"),
+                pooled_projections=torch.empty(1, int(cfg["pooled_projection_dim"]), device="meta"))
         else:
             net(x, t)
     out: dict[str, tuple[int, list[int], str, str]] = {}
@@ -362,6 +398,10 @@ def probe_modules_meta(folder: str, slot: str, cls_name: str, cfg: dict[str, Any
             out[name] = (shape[1], [shape[2], shape[3]], path, io)
             continue
         g = int(round(shape[1] ** 0.5)) if len(shape) == 3 else -1
+        if kind == "mmdit" and len(shape) == 3 and shape[1] != (side // int(cfg.get("patch_size") or 2)) ** 2:
+            raise SpecError(f"hook {name!r} of diffusion model {model!r}: module {path}'s {io} is {list(shape)}, not the image stream's "
+                            f"{(side // int(cfg.get('patch_size') or 2)) ** 2} latent patch tokens (a joint block's output leads with the "
+                            "context stream, the prompt's tokens; its image stream is blocks.{l}.hook_resid_post)")
         if g < 1 or g * g != shape[1]:
             raise SpecError(f"hook {name!r} of diffusion model {model!r}: module {path}'s {io} is {list(shape)}, neither a map "
                             "[B, C, h, w] nor a square grid of tokens [B, g*g, D]")
@@ -521,11 +561,24 @@ class DiffusionRunner:
         self.denoiser = _load(folder, prep.denoiser, *c[prep.denoiser], self.dtype, model=m).to(device).eval().requires_grad_(False)
         self.vae = _load(folder, "vae", *c["vae"], self.dtype, model=m).to(device).eval().requires_grad_(False) if prep.latent else None
         sched = _load(folder, "scheduler", *c["scheduler"], None, model=m)
+        self.scheduler = sched
         ac = getattr(sched, "alphas_cumprod", None)
+        if prep.kind == "mmdit":  # flow matching: sigmas and the transformer's timesteps of the training steps (see the module doc)
+            self.sigmas = torch.as_tensor(sched.sigmas, dtype=torch.float32).cpu()
+            self.model_timesteps = torch.as_tensor(sched.timesteps, dtype=torch.float32).cpu()
+            ac = self.sigmas
         if ac is None:
             raise SpecError(f"model {m!r}: its scheduler {c['scheduler'][1]} has no alphas_cumprod (flow matching is not supported)")
         self.alphas_cumprod = torch.as_tensor(ac, dtype=torch.float32)
         self.text_encoder = self.tokenizer = None
+        self.sd3: Any = None
+        if prep.kind == "mmdit":
+            import diffusers  # lazy: as torch above
+
+            text = {s: _load(folder, s, *c[s], self.dtype if s.startswith("text") else None, model=m) for s in MMDIT_TEXT if s in c}
+            text = {s: v.to(device).eval().requires_grad_(False) if s.startswith("text") else v for s, v in text.items()}
+            self.sd3 = diffusers.StableDiffusion3Pipeline(transformer=self.denoiser, scheduler=sched, vae=self.vae,
+                                                          **{s: text.get(s) for s in MMDIT_TEXT})
         if prep.kind == "unet_cond":
             self.tokenizer = _load(folder, "tokenizer", *c["tokenizer"], None, model=m)
             self.text_encoder = _load(folder, "text_encoder", *c["text_encoder"], self.dtype, model=m).to(device).eval().requires_grad_(False)
@@ -555,6 +608,10 @@ class DiffusionRunner:
         torch = self.torch
         eps = torch.stack([context_noise(self.prep.noise_seed, int(d), int(t), tuple(x0.shape[1:])) for d, t in zip(doc_ids, timesteps)])
         eps = eps.to(x0.device, dtype=x0.dtype)
+        if self.prep.kind == "mmdit":
+            shape = (-1,) + (1,) * (x0.dim() - 1)
+            sigma = self.sigmas[self.prep.num_train_timesteps - torch.as_tensor(np.asarray(timesteps))].to(x0.device, dtype=x0.dtype).reshape(shape)
+            return (1.0 - sigma) * x0 + sigma * eps
         ab = self.alphas_cumprod.to(x0.device, dtype=x0.dtype)[torch.as_tensor(np.asarray(timesteps), device=x0.device)]
         shape = (-1,) + (1,) * (x0.dim() - 1)
         return ab.sqrt().reshape(shape) * x0 + (1 - ab).sqrt().reshape(shape) * eps
@@ -565,8 +622,18 @@ class DiffusionRunner:
         ids = tok(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids  # type: ignore[misc]
         return self.text_encoder(ids.to(self.device))[0]  # type: ignore[misc]
 
-    def forward(self, x_t: Any, timesteps: Any, *, classes: Any = None, embeds: Any = None) -> Any:
+    def mmdit_embeds(self, prompts: list[str]) -> tuple[Any, Any]:
+        """``(encoder_hidden_states, pooled_projections)`` of prompts, by ``StableDiffusion3Pipeline.encode_prompt``."""
+        tok3 = self.sd3.tokenizer_3
+        n = min(MMDIT_MAX_SEQ, int(getattr(tok3, "model_max_length", MMDIT_MAX_SEQ) or MMDIT_MAX_SEQ)) if tok3 is not None else MMDIT_MAX_SEQ
+        e, _, pooled, _ = self.sd3.encode_prompt(prompts, None, None, device=self.device, do_classifier_free_guidance=False, max_sequence_length=n)
+        return e, pooled
+
+    def forward(self, x_t: Any, timesteps: Any, *, classes: Any = None, embeds: Any = None, pooled: Any = None) -> Any:
         """The denoiser's forward on noised inputs (what direct use of diffusers calls)."""
+        if self.prep.kind == "mmdit":
+            mt = self.model_timesteps[self.prep.num_train_timesteps - self.torch.as_tensor(np.asarray(timesteps))].to(x_t.device, dtype=x_t.dtype)
+            return self.denoiser(hidden_states=x_t, timestep=mt, encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
         t = self.torch.as_tensor(np.asarray(timesteps), device=x_t.device)
         if self.prep.kind == "dit":
             return self.denoiser(x_t, timestep=t, class_labels=classes, return_dict=False)[0]
@@ -600,6 +667,8 @@ class DiffusionRunner:
         def make(h: str) -> Any:
             if self.io[h] == "input":
                 return self.modules[h].register_forward_pre_hook(lambda m, a, k: store(h, module_tensor(module_input(a, k))), with_kwargs=True)
+            if prep.kind == "mmdit" and h not in prep.module_paths:  # a joint block returns (context stream, image stream)
+                return self.modules[h].register_forward_hook(lambda m, a, o: store(h, o[1]))
             return self.modules[h].register_forward_hook(lambda m, a, o: store(h, module_tensor(o)))
 
         handles = [make(h) for h in hooks]
@@ -607,12 +676,17 @@ class DiffusionRunner:
             with torch.inference_mode():
                 px = torch.from_numpy(contexts.pixels).to(self.device, dtype=self.dtype)  # type: ignore[arg-type]
                 x0 = torch.cat([self.encode(px[i : i + per_batch]) for i in range(0, len(px), per_batch)]) if len(px) else px
-                emb_all = None
-                if prep.kind == "unet_cond":
+                emb_all = pooled_all = None
+                if prep.conditional:
                     prompts = contexts.prompts if contexts.prompts is not None else [prep.prompt or ""] * len(contexts.image_ids)
                     uniq = sorted(set(prompts))
-                    e = self.prompt_embeds(uniq)
-                    emb_all = e[torch.as_tensor([uniq.index(p) for p in prompts], device=e.device)]
+                    at = [uniq.index(p) for p in prompts]
+                    if prep.kind == "mmdit":
+                        e, pe = self.mmdit_embeds(uniq)
+                        pooled_all = pe[torch.as_tensor(at, device=pe.device)]
+                    else:
+                        e = self.prompt_embeds(uniq)
+                    emb_all = e[torch.as_tensor(at, device=e.device)]
                 img = contexts.image_index
                 for c0 in range(0, n, per_batch):
                     c1 = min(n, c0 + per_batch)
@@ -623,7 +697,8 @@ class DiffusionRunner:
                     if prep.kind == "dit":
                         cl = contexts.classes[img[c0:c1]] if contexts.classes is not None else np.full(c1 - c0, prep.null_class)
                         classes = torch.as_tensor(cl, device=self.device)
-                    self.forward(x_t, contexts.timestep[c0:c1], classes=classes, embeds=None if emb_all is None else emb_all[sel])
+                    self.forward(x_t, contexts.timestep[c0:c1], classes=classes, embeds=None if emb_all is None else emb_all[sel],
+                                 pooled=None if pooled_all is None else pooled_all[sel])
         finally:
             for hd in handles:
                 hd.remove()

@@ -6,7 +6,7 @@ Tests, the quickstart and the benchmarks use these so that nothing is downloaded
     python -m strata.pipeline.tiny ./models/bench --family gpt2 --layers 4 --d-model 384
     python -m strata.pipeline.tiny ./models/tiny-vit --family vit           # a vision encoder (32x32 images)
     python -m strata.pipeline.tiny ./data/shapes --images 48                  # captioned synthetic images
-    python -m strata.pipeline.tiny ./models/tiny-dit --family dit              # a diffusers pipeline (also unet, unet_cond)
+    python -m strata.pipeline.tiny ./models/tiny-dit --family dit              # a diffusers pipeline (also unet, unet_cond, mmdit)
 
 The same arguments always give the same weights and tokenizer.
 """
@@ -27,7 +27,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 FAMILIES = ("gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "bert", "mamba", "t5", "mixtral")
 VISION_FAMILIES = ("vit", "clip", "siglip", "dinov2", "dinov2_reg")
-DIFFUSION_FAMILIES = ("dit", "unet", "unet_cond")
+DIFFUSION_FAMILIES = ("dit", "unet", "unet_cond", "mmdit")
 
 _SUBJECTS = ("the river|a small robot|my neighbour|the old library|every student|the committee|a red fox|the server|our team|"
              "the orchestra|a quiet village|the telescope").split("|")
@@ -251,15 +251,23 @@ def build_tiny_diffusion(folder: str | Path, *, kind: str = "dit", image_size: i
     """A seeded diffusers pipeline folder: ``dit`` (a latent DiTTransformer2DModel with a VAE,
     10 classes), ``unet`` (a pixel-space UNet2DModel) or ``unet_cond`` (a latent
     UNet2DConditionModel with a VAE, a CLIP text encoder and a locally trained tokenizer),
-    each with a DDPM scheduler, saved with ``save_pretrained`` and a ``model_index.json``."""
+    each with a DDPM scheduler, or ``mmdit`` (a StableDiffusion3Pipeline folder: an
+    SD3Transformer2DModel, a 16-channel VAE with SD3's ``shift_factor`` / ``scaling_factor``, a
+    FlowMatchEulerDiscreteScheduler (``shift`` 3) and SD3's three text encoders, two
+    CLIPTextModelWithProjection and a T5EncoderModel, with locally trained tokenizers), saved with
+    ``save_pretrained`` and a ``model_index.json``."""
     import diffusers  # lazy: diffusers imports in seconds; only building or loading a diffusion model needs it
     import torch  # lazy: as above
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    index: dict[str, Any] = {"_class_name": {"dit": "DiTPipeline", "unet": "DDPMPipeline", "unet_cond": "StableDiffusionPipeline"}[kind],
-                             "_diffusers_version": diffusers.__version__}
+    if kind not in DIFFUSION_FAMILIES:
+        raise ValueError(f"unknown diffusion kind {kind!r}; valid: {', '.join(DIFFUSION_FAMILIES)}")
+    index: dict[str, Any] = {"_class_name": {"dit": "DiTPipeline", "unet": "DDPMPipeline", "unet_cond": "StableDiffusionPipeline",
+                                             "mmdit": "StableDiffusion3Pipeline"}[kind], "_diffusers_version": diffusers.__version__}
+    if kind == "mmdit":
+        return _tiny_mmdit(folder, index, image_size=image_size, seed=seed, layers=layers, width=width)
     sched = diffusers.DDPMScheduler(num_train_timesteps=1000)
     sched.save_pretrained(folder / "scheduler")
     index["scheduler"] = ["diffusers", "DDPMScheduler"]
@@ -301,8 +309,52 @@ def build_tiny_diffusion(folder: str | Path, *, kind: str = "dit", image_size: i
                                                 eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id))
         te.eval().save_pretrained(folder / "text_encoder")
         index["text_encoder"] = ["transformers", "CLIPTextModel"]
-    else:
-        raise ValueError(f"unknown diffusion kind {kind!r}; valid: dit, unet, unet_cond")
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+def _tiny_mmdit(folder: Path, index: dict[str, Any], *, image_size: int, seed: int, layers: int, width: int) -> Path:
+    """The ``mmdit`` pipeline of :func:`build_tiny_diffusion` (torch is seeded by the caller)."""
+    import diffusers  # lazy: diffusers imports in seconds; only building or loading a diffusion model needs it
+    import transformers as tf  # lazy: as above
+
+    diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(folder / "scheduler")
+    index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=16,
+                                  norm_num_groups=4, sample_size=image_size, scaling_factor=1.5305, shift_factor=0.0609,
+                                  use_quant_conv=False, use_post_quant_conv=False)
+    vae.save_pretrained(folder / "vae")
+    index["vae"] = ["diffusers", "AutoencoderKL"]
+    latent = image_size // 2
+    heads = max(1, width // 8)
+    t5_dim, clip_dims, proj = 32, (16, 16), 8
+    mm = diffusers.SD3Transformer2DModel(sample_size=latent, patch_size=2, in_channels=16, out_channels=16, num_layers=layers,
+                                         attention_head_dim=width // heads, num_attention_heads=heads, joint_attention_dim=t5_dim,
+                                         caption_projection_dim=width // heads * heads, pooled_projection_dim=proj * len(clip_dims),
+                                         pos_embed_max_size=max(8, latent // 2))
+    mm.save_pretrained(folder / "transformer")
+    index["transformer"] = ["diffusers", "SD3Transformer2DModel"]
+    texts = synthetic_docs(200, seed=seed) + ["A large red circle on a grey background."]
+    for sub, d in zip(("", "_2"), clip_dims):
+        tok = train_tokenizer(texts, vocab_size=300)
+        tok.model_max_length = 16
+        tok.save_pretrained(folder / f"tokenizer{sub}")
+        index[f"tokenizer{sub}"] = ["transformers", "PreTrainedTokenizerFast"]
+        te = tf.CLIPTextModelWithProjection(tf.CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=d, intermediate_size=2 * d, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=16, projection_dim=proj, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+            pad_token_id=tok.pad_token_id))
+        te.eval().save_pretrained(folder / f"text_encoder{sub}")
+        index[f"text_encoder{sub}"] = ["transformers", "CLIPTextModelWithProjection"]
+    tok3 = train_tokenizer(texts, vocab_size=300)
+    tok3.model_max_length = 32
+    tok3.save_pretrained(folder / "tokenizer_3")
+    index["tokenizer_3"] = ["transformers", "PreTrainedTokenizerFast"]
+    t5 = tf.T5EncoderModel(tf.T5Config(vocab_size=len(tok3), d_model=t5_dim, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                       pad_token_id=tok3.pad_token_id, eos_token_id=tok3.eos_token_id, decoder_start_token_id=tok3.pad_token_id))
+    t5.eval().save_pretrained(folder / "text_encoder_3")
+    index["text_encoder_3"] = ["transformers", "T5EncoderModel"]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
 
