@@ -138,12 +138,12 @@ class ImageSpec(Section):
 class DiffusionSpec(Section):
     timesteps: list[int] = Field(min_length=1)
     """The noise levels: one context per (image, timestep); integers in the scheduler's range
-    (``0 .. num_train_timesteps - 1``)."""
+    (``0 .. num_train_timesteps - 1``; for a flow-matching MMDiT, training steps ``1 .. num_train_timesteps``)."""
     noise_seed: int = 0
     """Seed of the noise: each context's noise comes from a hash of (noise_seed, image id,
     timestep), so a unit recomputed on any worker is identical."""
     prompt_field: str | None = None
-    """Text-conditioned models (``UNet2DConditionModel``): the corpus field (its
+    """Text-conditioned models (``UNet2DConditionModel``, ``SD3Transformer2DModel``): the corpus field (its
     ``caption_field`` or one of its ``keep_fields``) holding each image's prompt."""
     prompt: str | None = None
     """Text-conditioned models without ``prompt_field``: the one prompt of every image (``""``:

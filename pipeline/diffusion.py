@@ -229,7 +229,8 @@ def prepare_diffusion(spec: Any, folder: str, *, model: str) -> DiffusionPrep:
     d = spec.diffusion
     if not is_pipeline(folder):
         raise SpecError(f"`diffusion` is for diffusers pipelines; model {model!r} has no {INDEX} (it is not a denoiser): give a "
-                        "pipeline folder or hub id with a unet or transformer (UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel)")
+                        "pipeline folder or hub id with a unet or transformer (UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel, "
+                        "SD3Transformer2DModel)")
     index = read_index(folder, model=model)
     slot = next((s for s in DENOISER_SLOTS if _component(index, s) is not None), None)
     comp = _component(index, slot) if slot else None
