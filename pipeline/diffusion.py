@@ -187,7 +187,9 @@ class DiffusionPrep:
                          "as scheduler.scale_noise); the transformer's timestep: scheduler.timesteps[num_train_timesteps - timestep]; eps "
                          "~ N(0, 1) from torch.Generator('cpu').manual_seed(xxh64('{noise_seed}:{doc_id}:{timestep}') & (2**63 - 1))",
                 "text": {"encode": "StableDiffusion3Pipeline.encode_prompt", "classifier_free_guidance": False,
-                         "max_sequence_length": MMDIT_MAX_SEQ}} if self.kind == "mmdit" else {}),
+                         "max_sequence_length": MMDIT_MAX_SEQ, "t5": "text_encoder_3" in self.components,
+                         "without_t5": "zeros in the T5 rows (what encode_prompt does without text_encoder_3)"}}
+               if self.kind == "mmdit" else {}),
             "latent": self.latent, "vae": {"latents": "latent_dist.mean", "scaling_factor": self.scaling_factor,
                                            "shift_factor": self.shift_factor} if self.latent else None,
             "prompt": self.prompt, "prompt_field": self.prompt_field, "class_field": self.class_field, "null_class": self.null_class,

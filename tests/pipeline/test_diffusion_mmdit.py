@@ -143,3 +143,31 @@ def test_mmdit_module_path_hooks(tmp_path, mmdit, shapes):
     assert torch.equal(ds.read("module:transformer_blocks.1:input", as_="torch"), ds.read("blocks.0.hook_resid_post", as_="torch"))
     with pytest.raises(SpecError, match=r"^hook .module:transformer_blocks\.0. .*is \[1, 3, 32\], not the image stream.s 16 latent patch tokens"):
         run_extract(_spec(tmp_path, mmdit, shapes, name="mm-bad", hooks=["module:transformer_blocks.0"]), progress=False)
+
+
+def test_an_mmdit_without_t5_is_encoded_as_diffusers_does(tmp_path, mmdit, shapes):
+    """Without ``text_encoder_3`` SD3's ``encode_prompt`` fills the T5 rows with zeros (256 of
+    them); the extraction records that and matches the pipeline loaded without T5."""
+    f = tmp_path / "no_t5"
+    shutil.copytree(mmdit, f)
+    shutil.rmtree(f / "text_encoder_3")
+    shutil.rmtree(f / "tokenizer_3")
+    index = json.loads((f / "model_index.json").read_text())
+    index["text_encoder_3"] = index["tokenizer_3"] = [None, None]
+    (f / "model_index.json").write_text(json.dumps(index))
+    run_extract(_spec(tmp_path, f, shapes, name="no-t5", diffusion={"timesteps": [300], "noise_seed": 3, "prompt_field": "caption"}),
+                progress=False)
+    ds = store.open(tmp_path / "acts").dataset("no-t5")
+    assert ds.info.meta["diffusion"]["text"]["t5"] is False and ds.info.meta["diffusion"]["text"]["max_sequence_length"] == 256
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(f, text_encoder_3=None, tokenizer_3=None)
+    encode = pipe.encode_prompt
+    pipe.encode_prompt = lambda *a, **k: encode(*a, **{**k, "max_sequence_length": 256})
+    cs = ds.info.context_size
+    did = int(ds.tokens().column("doc_id").to_numpy()[cs])  # the second context's image
+    d = next(x for x in ds.docs().to_pylist() if x["doc_id"] == did)
+    path = Path(d["source"])
+    caption = next(json.loads(line)["caption"] for line in (shapes / "metadata.jsonl").read_text().splitlines()
+                   if json.loads(line)["file_name"] == path.name)
+    ref = _direct(pipe, path, did, 300, caption)
+    for h in ds.info.hooks:
+        torch.testing.assert_close(ds.read(h, as_="torch")[cs : 2 * cs], ref[h], rtol=1e-5, atol=1e-5)
