@@ -322,6 +322,21 @@ def heldout_contexts(ds: ActivationDataset, units: list[int], max_contexts: int)
     return ids, special, mask
 
 
+def model_or_skip(
+    ds: ActivationDataset, units: list[int], model: torch.nn.Module | None, device: str
+) -> tuple[torch.nn.Module | None, dict[str, Any]]:
+    """The model a spliced loss runs (``model``, else the dataset's causal LM when it is on this
+    machine), or None and the ``{"ce_skipped": why}`` result when there is none or nothing is held out."""
+    if not units:
+        return None, {"ce_skipped": "no held-out units (`data.holdout_units` is 0)"}
+    if model is None:
+        model, why = load_causal_lm(ds.info.meta, device=device)
+        if model is None:
+            log.info("spliced loss skipped: %s", why)
+            return None, {"ce_skipped": why}
+    return model, {}
+
+
 def spliced_ce(
     sae: SAE, ds: ActivationDataset, hook: str, units: list[int], *, model: torch.nn.Module | None = None,
     contexts: int = 64, batch_contexts: int = 8, device: str = "cpu",
@@ -329,13 +344,9 @@ def spliced_ce(
     """Clean, spliced and zero-ablated next-token loss on held-out contexts, and the loss
     recovered. ``model`` defaults to the dataset's model, when it is on this machine;
     otherwise the result is ``{"ce_skipped": why}``."""
-    if not units:
-        return {"ce_skipped": "no held-out units (`data.holdout_units` is 0)"}
+    model, skipped = model_or_skip(ds, units, model, device)
     if model is None:
-        model, why = load_causal_lm(ds.info.meta, device=device)
-        if model is None:
-            log.info("spliced loss skipped: %s", why)
-            return {"ce_skipped": why}
+        return skipped
     try:
         site = hook_site(model, hook, ds.info.meta)
     except Exception as e:

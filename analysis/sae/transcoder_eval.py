@@ -33,8 +33,8 @@ from strata.analysis.sae.evaluate import (
     heldout_contexts,
     heldout_window,
     hook_site,
-    load_causal_lm,
     loss_figures,
+    model_or_skip,
     next_token_ce,
 )
 from strata.pipeline.hooks import HookSite, apply_transform
@@ -116,13 +116,9 @@ def transcoder_spliced_ce(
 ) -> dict[str, Any]:
     """Clean, spliced and zero-ablated next-token loss on held-out contexts, the out hook's
     activation replaced by ``replace(in hook's activation)`` (see the module docstring)."""
-    if not units:
-        return {"ce_skipped": "no held-out units (`data.holdout_units` is 0)"}
+    model, skipped = model_or_skip(ds, units, model, device)
     if model is None:
-        model, why = load_causal_lm(ds.info.meta, device=device)
-        if model is None:
-            log.info("spliced loss skipped: %s", why)
-            return {"ce_skipped": why}
+        return skipped
     try:
         site_in = hook_site(model, hook_in, ds.info.meta)
         site_out = hook_site(model, hook_out, ds.info.meta)
